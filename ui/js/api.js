@@ -1,0 +1,143 @@
+// HTTP/WebSocket client for the BWR-DNC serve API. Relative URLs only, so the UI works behind
+// any host, port or path prefix the static files are mounted under.
+
+/** Error carrying the server's own message (FastAPI `detail`, or `error`/`message`). */
+export class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// The UI is served at <prefix>/ui/; the API lives at <prefix>/.
+const DIR = new URL(".", location.href).pathname;
+const BASE = DIR.endsWith("/ui/") ? DIR.slice(0, -3) : DIR;
+export const apiUrl = (path) => BASE.replace(/\/$/, "") + path;
+
+/** Turn any error body into one readable line (handles FastAPI's 422 list of {loc, msg}). */
+export function errorMessage(body, status) {
+  if (body == null || body === "") return `HTTP ${status}`;
+  if (typeof body === "string") return body;
+  const d = body.detail ?? body.error ?? body.message ?? body;
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) {
+    return d.map((e) => {
+      if (typeof e !== "object" || e === null) return String(e);
+      const loc = Array.isArray(e.loc) ? e.loc.filter((p) => p !== "body").join(".") : "";
+      return (loc ? loc + ": " : "") + (e.msg ?? JSON.stringify(e));
+    }).join("; ");
+  }
+  if (typeof d === "object") return d.message ?? d.msg ?? JSON.stringify(d);
+  return String(d);
+}
+
+async function readBody(res) {
+  const text = await res.text();
+  try { return text ? JSON.parse(text) : null; } catch { return text; }
+}
+
+/** fetch + JSON; throws ApiError with the server's message on any non-2xx status. */
+export async function request(method, path, body) {
+  const opts = { method, headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(apiUrl(path), opts);
+  } catch (e) {
+    throw new ApiError(0, `network error: ${e.message}`);
+  }
+  const data = await readBody(res);
+  if (!res.ok) throw new ApiError(res.status, errorMessage(data, res.status));
+  return data;
+}
+
+export const getJSON = (path) => request("GET", path);
+export const postJSON = (path, body = {}) => request("POST", path, body);
+
+/** Accept a bare list or an object wrapping one (`{states: [...]}`, `{items: [...]}`, ...). */
+export function asList(data, ...keys) {
+  if (Array.isArray(data)) return data;
+  if (data && typeof data === "object") {
+    for (const k of [...keys, "items", "data", "results"]) if (Array.isArray(data[k])) return data[k];
+  }
+  return [];
+}
+
+/** Parse one SSE `data:` payload: JSON object, `[DONE]`, or plain text treated as a token. */
+export function parseSSEData(payload) {
+  if (payload === "[DONE]") return { done: true };
+  try {
+    const v = JSON.parse(payload);
+    if (v && typeof v === "object") return v;
+    return { token: String(v) };
+  } catch {
+    return { token: payload };
+  }
+}
+
+/** Token text of one streamed event, whatever the server calls it (incl. OpenAI-style chunks). */
+export function tokenText(ev) {
+  if (typeof ev.token === "string") return ev.token;
+  if (typeof ev.text === "string" && !ev.done) return ev.text;
+  if (typeof ev.delta === "string") return ev.delta;
+  const c = ev.choices?.[0];
+  return c?.text ?? c?.delta?.content ?? "";
+}
+
+/**
+ * POST /v1/generate with stream=true; calls onEvent(ev) for every SSE event. Resolves with the
+ * final event (`done`) or null. A JSON (non-streamed) reply becomes one event carrying its text.
+ */
+export async function streamGenerate(body, onEvent, signal) {
+  let res;
+  try {
+    res = await fetch(apiUrl("/v1/generate"), {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      body: JSON.stringify({ ...body, stream: true }),
+      signal,
+    });
+  } catch (e) {
+    throw new ApiError(0, `network error: ${e.message}`);
+  }
+  if (!res.ok) throw new ApiError(res.status, errorMessage(await readBody(res), res.status));
+  if (!(res.headers.get("content-type") || "").includes("text/event-stream")) {
+    const data = await readBody(res);
+    const ev = { token: data?.text ?? data?.completion ?? "", ...data, done: true };
+    onEvent(ev);
+    return ev;
+  }
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "", final = null;
+  const flush = (block) => {
+    const data = block.split(/\r?\n/).filter((l) => l.startsWith("data:"))
+      .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+    if (!data) return;
+    const ev = parseSSEData(data);
+    if (ev.error) throw new ApiError(ev.status ?? 500, errorMessage(ev, 500));
+    onEvent(ev);
+    if (ev.done) final = ev;
+  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += value;
+    let i;
+    while ((i = buf.search(/\r?\n\r?\n/)) >= 0) {
+      const m = buf.slice(i).match(/^\r?\n\r?\n/)[0];
+      flush(buf.slice(0, i));
+      buf = buf.slice(i + m.length);
+    }
+  }
+  if (buf.trim()) flush(buf);
+  return final;
+}
+
+/** WebSocket URL for a path, ws:// or wss:// to match the page. */
+export function wsUrl(path) {
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${proto}//${location.host}${apiUrl(path)}`;
+}

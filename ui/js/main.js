@@ -1,0 +1,372 @@
+// Wires the panels to the API. Every server shape is read defensively: the UI shows what it finds.
+import { ApiError, asList, getJSON, postJSON, request, streamGenerate, tokenText, wsUrl } from "./api.js";
+import { bars, lineChart, scatter, LEVEL_COLORS } from "./charts.js";
+
+const $ = (id) => document.getElementById(id);
+const LEVELS = ["L0", "L1", "L2"];
+const ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
+let modelConfig = {};
+let selected = null;
+
+function showError(box, err) {
+  box.hidden = !err;
+  box.textContent = err ? (err instanceof ApiError && err.status ? `${err.status}: ` : "") + (err.message ?? err) : "";
+}
+
+const fmtNum = (v) => (typeof v === "number" && !Number.isInteger(v) ? +v.toPrecision(4) : v).toLocaleString();
+
+function fmtTime(t) {
+  if (t == null || t === "") return "";
+  const d = typeof t === "number" ? new Date(t < 1e12 ? t * 1000 : t) : new Date(t);
+  return isNaN(d) ? String(t) : d.toLocaleTimeString();
+}
+
+/** Render any JSON value as nested definition lists (objects) and compact lists (arrays). */
+function renderKV(container, value) {
+  container.replaceChildren(kvNode(value, 0));
+}
+function kvNode(v, depth) {
+  if (v === null || typeof v !== "object") {
+    const s = document.createElement("span");
+    s.textContent = typeof v === "number" ? fmtNum(v) : String(v);
+    return s;
+  }
+  if (Array.isArray(v) && v.every((x) => x === null || typeof x !== "object")) {
+    const s = document.createElement("span");
+    s.textContent = v.length > 16 ? `[${v.slice(0, 16).map(fmtNum).join(", ")}, … ${v.length} items]` : `[${v.map(fmtNum).join(", ")}]`;
+    return s;
+  }
+  const dl = document.createElement("dl");
+  for (const [k, x] of Object.entries(v)) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = k;
+    if (x && typeof x === "object" && depth < 3 && !(Array.isArray(x) && x.every((y) => typeof y !== "object"))) {
+      const det = document.createElement("details");
+      const sum = document.createElement("summary");
+      sum.textContent = Array.isArray(x) ? `${x.length} items` : `${Object.keys(x).length} fields`;
+      det.append(sum, kvNode(x, depth + 1));
+      dd.appendChild(det);
+    } else dd.appendChild(kvNode(x, depth + 1));
+    dl.append(dt, dd);
+  }
+  return dl;
+}
+
+// ---- levels: find per-level slot counts whatever the server calls them ----------------------
+const num = (x) => (typeof x === "number" ? x : x && typeof x === "object" ? (x.slots ?? x.used ?? x.count ?? x.valid) : undefined);
+const cap = (x) => (x && typeof x === "object" ? (x.capacity ?? x.max ?? x.max_slots) : undefined);
+
+/** -> [{label, value, max}] for L0..L2, or [] if the object has no level information. */
+function levelsOf(obj) {
+  if (!obj || typeof obj !== "object") return [];
+  for (const key of ["levels", "slots", "slots_per_level", "level_slots", "slot_counts"]) {
+    const v = obj[key];
+    if (Array.isArray(v) && v.length) {
+      return v.map((x, i) => ({ label: x?.level != null ? `L${String(x.level).replace(/^L/i, "")}` : LEVELS[i] ?? `L${i}`, value: num(x) ?? 0, max: cap(x) }));
+    }
+    if (v && typeof v === "object") {
+      const ks = Object.keys(v).filter((k) => /^(l|level_?)?\d$/i.test(k));
+      if (ks.length) return ks.sort().map((k) => ({ label: `L${k.slice(-1)}`, value: num(v[k]) ?? 0, max: cap(v[k]) }));
+    }
+  }
+  const flat = [0, 1, 2].map((i) => obj[`slots_l${i}`] ?? obj[`l${i}_slots`] ?? obj[`L${i}`] ?? obj[`l${i}`] ?? obj[`mem/slots_l${i}`]);
+  if (flat.some((x) => x != null)) return flat.map((x, i) => ({ label: LEVELS[i], value: num(x) ?? 0, max: cap(x) }));
+  for (const key of ["summary", "bank", "memory", "stats"]) {
+    const r = levelsOf(obj[key]);
+    if (r.length) return r;
+  }
+  return [];
+}
+
+/** Fill missing capacities from the model config (per layer, per sequence). */
+function withCapacity(levels, layers = 1) {
+  return levels.map((l, i) => {
+    const c = l.max ?? (modelConfig[`l${i}_slots`] ? modelConfig[`l${i}_slots`] * layers : undefined);
+    return { ...l, max: c && c >= l.value ? c : undefined };
+  });
+}
+
+const stateId = (s) => s?.state_id ?? s?.id ?? s?.session_id;
+
+// ---- header ----------------------------------------------------------------------------------
+async function refreshHealth() {
+  const badge = $("health-status");
+  try {
+    const h = await getJSON("/health");
+    const status = String(h?.status ?? "unknown");
+    badge.textContent = status;
+    badge.className = "badge " + (/^(ok|healthy|ready|up)$/i.test(status) ? "ok" : "warn");
+    badge.title = JSON.stringify(h);
+  } catch (e) {
+    badge.textContent = e.status ? `error ${e.status}` : "unreachable";
+    badge.className = "badge bad";
+    badge.title = e.message;
+  }
+}
+
+async function refreshStats() {
+  try {
+    const s = await getJSON("/model/stats");
+    modelConfig = s?.config ?? {};
+    const params = s?.params ?? s?.parameters ?? s?.n_params ?? s?.num_parameters;
+    const bits = [params != null && `${fmtNum(params)} params`, s?.device, s?.preset ?? s?.checkpoint].filter(Boolean);
+    $("model-stats-summary").textContent = "model: " + (bits.join(" · ") || "stats");
+    renderKV($("model-stats"), s);
+  } catch (e) {
+    $("model-stats-summary").textContent = `model: stats unavailable (${e.message})`;
+  }
+}
+
+// ---- generate --------------------------------------------------------------------------------
+let controller = null;
+
+async function onGenerate(ev) {
+  ev.preventDefault();
+  const out = $("gen-output"), meta = $("gen-meta");
+  showError($("gen-error"), null);
+  const sid = $("state-id").value.trim();
+  const body = {
+    prompt: $("prompt").value,
+    max_new_tokens: Number.parseInt($("max-new-tokens").value, 10),
+    temperature: Number.parseFloat($("temperature").value),
+    state_id: sid || null,
+  };
+  // The server validates everything; the UI only refuses what JSON cannot carry.
+  if (Number.isNaN(body.max_new_tokens)) body.max_new_tokens = $("max-new-tokens").value;
+  if (Number.isNaN(body.temperature)) body.temperature = $("temperature").value;
+  out.textContent = "";
+  meta.textContent = "streaming…";
+  $("generate-btn").disabled = true;
+  $("stop-btn").disabled = false;
+  controller = new AbortController();
+  const t0 = performance.now();
+  let n = 0;
+  try {
+    const final = await streamGenerate(body, (e) => {
+      const t = tokenText(e);
+      if (t && !e.done) { out.textContent += t; n++; }
+      else if (e.done && t && !n) out.textContent += t; // non-streamed reply
+    }, controller.signal);
+    const secs = (performance.now() - t0) / 1000;
+    const nTok = final?.tokens ?? final?.n_tokens ?? final?.usage?.completion_tokens ?? n;
+    meta.textContent = `${typeof nTok === "number" ? nTok : n} tokens in ${secs.toFixed(2)} s` +
+      (final?.finish_reason ? ` · ${final.finish_reason}` : "");
+    if (sid) { await refreshStates(); await selectState(stateId(final) ?? sid); }
+  } catch (e) {
+    meta.textContent = "";
+    if (e.name === "AbortError") meta.textContent = "stopped";
+    else showError($("gen-error"), e);
+  } finally {
+    $("generate-btn").disabled = false;
+    $("stop-btn").disabled = true;
+    controller = null;
+  }
+}
+
+// ---- sessions --------------------------------------------------------------------------------
+async function refreshStates() {
+  showError($("states-error"), null);
+  let list;
+  try {
+    list = asList(await getJSON("/v1/states"), "states", "sessions");
+  } catch (e) { showError($("states-error"), e); return; }
+  const tbody = $("states-list");
+  tbody.replaceChildren();
+  $("states-empty").hidden = list.length > 0;
+  for (const s of list) {
+    const id = stateId(typeof s === "string" ? { state_id: s } : s);
+    const tr = document.createElement("tr");
+    tr.dataset.stateId = id;
+    tr.dataset.testid = "state-row";
+    tr.tabIndex = 0;
+    tr.setAttribute("aria-selected", String(id === selected));
+    const lv = levelsOf(s).map((l) => l.value).join(" / ");
+    const cells = [id, s.tokens ?? s.tokens_seen ?? s.n_tokens ?? "", lv, fmtTime(s.updated_at ?? s.updated ?? s.last_access ?? s.modified)];
+    for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+    tr.addEventListener("click", () => selectState(id));
+    tr.addEventListener("keydown", (k) => { if (k.key === "Enter" || k.key === " ") { k.preventDefault(); selectState(id); } });
+    tbody.appendChild(tr);
+  }
+  if (selected && !list.some((s) => stateId(s) === selected)) clearSelection();
+}
+
+function clearSelection() {
+  selected = null;
+  $("state-detail-box").hidden = true;
+  $("memory-bars").replaceChildren();
+  $("memory-empty").hidden = false;
+  $("mem-for").textContent = "";
+  $("cluster-btn").disabled = true;
+}
+
+async function selectState(id) {
+  if (!id) return;
+  selected = id;
+  for (const tr of $("states-list").children) tr.setAttribute("aria-selected", String(tr.dataset.stateId === id));
+  $("state-detail-box").hidden = false;
+  $("state-detail-id").textContent = id;
+  $("state-action-msg").textContent = "";
+  $("cluster-btn").disabled = false;
+  $("mem-for").textContent = `· ${id}`;
+  try {
+    const d = await getJSON(`/v1/state/${encodeURIComponent(id)}`);
+    renderKV($("state-detail"), d);
+    const layers = d?.n_memory_layers ?? d?.memory_layers ?? d?.summary?.n_layers;
+    const levels = withCapacity(levelsOf(d), typeof layers === "number" ? layers : 1);
+    bars($("memory-bars"), levels, { unit: " slots" });
+    $("memory-empty").hidden = levels.length > 0;
+    if (!levels.length) $("memory-empty").textContent = "This session reports no per-level slot counts.";
+  } catch (e) {
+    $("state-action-msg").textContent = e.message;
+  }
+}
+
+async function stateAction(kind) {
+  if (!selected) return;
+  const id = selected, msg = $("state-action-msg"), path = `/v1/state/${encodeURIComponent(id)}`;
+  msg.textContent = kind === "compact" ? "compacting…" : "deleting…";
+  try {
+    if (kind === "compact") {
+      const r = await postJSON(`${path}/compact`, {});
+      await refreshStates();
+      await selectState(id);
+      msg.textContent = "compacted" + (r && typeof r === "object" ? ": " + summarise(r) : "");
+    } else {
+      await request("DELETE", path);
+      clearSelection();
+      await refreshStates();
+    }
+  } catch (e) { msg.textContent = e.message; }
+}
+
+const summarise = (o) => Object.entries(o).filter(([, v]) => typeof v !== "object").slice(0, 4).map(([k, v]) => `${k}=${fmtNum(v)}`).join(", ");
+
+async function onCluster() {
+  if (!selected) return;
+  const msg = $("cluster-msg");
+  msg.textContent = "clustering…";
+  try {
+    const r = await postJSON("/research/state-clustering", { state_id: selected });
+    const pts = asList(r, "points", "coords", "embedding").filter((p) => Array.isArray(p) && p.length >= 2);
+    const levels = r?.levels ?? [], labels = r?.labels ?? r?.clusters ?? [];
+    const groups = levels.length ? levels.map((l) => (typeof l === "number" ? `L${l}` : l)) : labels;
+    const titles = pts.map((_, i) => [groups[i] != null && `level ${groups[i]}`, labels[i] != null && `cluster ${labels[i]}`].filter(Boolean).join(", "));
+    const keys = scatter($("cluster-plot"), pts, groups, titles, { xLabel: "component 1", yLabel: "component 2" });
+    $("cluster-legend").innerHTML = keys.map((k, i) => `<span><i style="background:${LEVEL_COLORS[i % LEVEL_COLORS.length]}"></i>${k}</span>`).join("");
+    const nClusters = new Set(labels.map(String)).size;
+    msg.textContent = `${pts.length} slots` + (nClusters ? ` · ${nClusters} clusters` : "");
+  } catch (e) { msg.textContent = e.message; }
+}
+
+// ---- live ------------------------------------------------------------------------------------
+const lossPts = [];
+let wsDelay = 1000;
+
+function logEvent(text, cls = "") {
+  const log = $("live-log"), li = document.createElement("li");
+  li.textContent = `${new Date().toLocaleTimeString()} ${text}`;
+  if (cls) li.className = cls;
+  log.prepend(li);
+  while (log.children.length > 100) log.lastChild.remove();
+}
+
+function onLive(msg) {
+  let ev;
+  try { ev = JSON.parse(msg.data); } catch { logEvent(String(msg.data)); return; }
+  const type = String(ev.type ?? ev.event ?? ev.kind ?? "");
+  const m = ev.metrics ?? ev.data ?? ev;
+  const loss = m?.loss ?? m?.train_loss ?? m?.["train/loss"];
+  const step = m?.step ?? m?.global_step ?? ev.step;
+  if (typeof loss === "number" && typeof step === "number" && !/gen/i.test(type)) {
+    lossPts.push({ x: step, y: loss });
+    if (lossPts.length > 2000) lossPts.shift();
+    lossPts.sort((a, b) => a.x - b.x);
+    lineChart($("loss-chart"), lossPts, { xLabel: "step", yLabel: "loss" });
+    $("loss-empty").hidden = true;
+    logEvent(`step ${step} loss ${fmtNum(loss)}`, "metric");
+  } else {
+    const who = ev.state_id ? ` [${ev.state_id}]` : "";
+    const text = ev.text ?? ev.token ?? ev.prompt ?? "";
+    logEvent(`${type || "event"}${who} ${text ? JSON.stringify(String(text).slice(0, 80)) : summarise(ev)}`, "gen");
+  }
+}
+
+function connectLive() {
+  const badge = $("ws-status");
+  let ws;
+  try { ws = new WebSocket(wsUrl("/ws/live")); } catch { return; }
+  ws.onopen = () => { badge.textContent = "live"; badge.className = "badge ok"; wsDelay = 1000; };
+  ws.onmessage = onLive;
+  ws.onclose = () => {
+    badge.textContent = "offline"; badge.className = "badge warn";
+    setTimeout(connectLive, wsDelay);
+    wsDelay = Math.min(wsDelay * 2, 30000);
+  };
+}
+
+// ---- attention -------------------------------------------------------------------------------
+async function onAnalyze(ev) {
+  ev.preventDefault();
+  showError($("analyze-error"), null);
+  $("analyze-meta").textContent = "analysing…";
+  try {
+    const r = await postJSON("/research/analyze-text", { text: $("analyze-text").value });
+    const toks = r?.tokens ?? [], loss = r?.loss ?? r?.losses ?? r?.token_loss ?? [];
+    const finite = loss.filter((x) => typeof x === "number" && isFinite(x));
+    const hi = Math.max(1e-6, ...finite);
+    const box = $("analyze-tokens");
+    box.replaceChildren();
+    toks.forEach((t, i) => {
+      const s = document.createElement("span");
+      s.className = "tok";
+      s.textContent = typeof t === "string" ? t : String(t?.text ?? t);
+      const l = loss[i];
+      if (typeof l === "number" && isFinite(l)) {
+        s.style.background = `hsla(${120 - 120 * Math.min(1, l / hi)}, 75%, 55%, 0.45)`;
+        s.title = `loss ${l.toFixed(3)}`;
+        s.dataset.loss = l;
+      }
+      box.appendChild(s);
+    });
+    $("analyze-scale").hidden = !toks.length;
+    const mass = r?.memory_read_mass ?? r?.memory_mass ?? r?.level_mass ?? r?.memory_reads ?? r?.mem_level_mass;
+    let levels = [];
+    if (Array.isArray(mass)) {
+      // Either per level [3], or per token [[3] ...]: average over tokens.
+      const rows = mass.every(Array.isArray) ? mass : [mass];
+      const n = Math.max(...rows.map((x) => x.length));
+      levels = Array.from({ length: n }, (_, j) => ({ label: LEVELS[j] ?? `L${j}`, value: rows.reduce((a, x) => a + (x[j] ?? 0), 0) / rows.length, max: 1 }));
+    } else if (mass && typeof mass === "object") {
+      levels = Object.entries(mass).map(([k, v]) => ({ label: k.toUpperCase().replace(/^LEVEL_?/, "L"), value: Number(Array.isArray(v) ? v.reduce((a, b) => a + b, 0) / v.length : v), max: 1 }));
+    }
+    bars($("analyze-levels"), levels.map((l) => ({ ...l, label: `${l.label} read mass` })));
+    const mean = finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : null;
+    $("analyze-meta").textContent = `${toks.length} tokens` + (mean != null ? ` · mean loss ${mean.toFixed(3)}` : "");
+  } catch (e) {
+    $("analyze-meta").textContent = "";
+    showError($("analyze-error"), e);
+  }
+}
+
+// ---- start -----------------------------------------------------------------------------------
+function start() {
+  $("health-refresh").addEventListener("click", refreshHealth);
+  $("generate-form").addEventListener("submit", onGenerate);
+  $("stop-btn").addEventListener("click", () => controller?.abort());
+  $("states-refresh").addEventListener("click", refreshStates);
+  $("compact-btn").addEventListener("click", () => stateAction("compact"));
+  $("delete-btn").addEventListener("click", () => stateAction("delete"));
+  $("cluster-btn").addEventListener("click", onCluster);
+  $("analyze-form").addEventListener("submit", onAnalyze);
+  $("state-id").addEventListener("input", (e) => {
+    const v = e.target.value.trim();
+    e.target.setCustomValidity(!v || ID_RE.test(v) ? "" : "letters, digits, _ and -, up to 64");
+  });
+  refreshHealth();
+  refreshStats();
+  refreshStates();
+  connectLive();
+  setInterval(refreshHealth, 15000);
+}
+
+start();
