@@ -168,13 +168,14 @@ async function refreshStates() {
   showError($("states-error"), null);
   let list;
   try {
-    list = asList(await getJSON("/v1/states"), "states", "sessions");
+    list = asList(await getJSON("/v1/states"), "states", "sessions")
+      .map((s) => (typeof s === "string" ? { state_id: s } : s));
   } catch (e) { showError($("states-error"), e); return; }
   const tbody = $("states-list");
   tbody.replaceChildren();
   $("states-empty").hidden = list.length > 0;
   for (const s of list) {
-    const id = stateId(typeof s === "string" ? { state_id: s } : s);
+    const id = stateId(s);
     const tr = document.createElement("tr");
     tr.dataset.stateId = id;
     tr.dataset.testid = "state-row";
@@ -188,6 +189,7 @@ async function refreshStates() {
     tbody.appendChild(tr);
   }
   if (selected && !list.some((s) => stateId(s) === selected)) clearSelection();
+  if (!selected && list.length) await selectState(stateId(list[0]));
 }
 
 function clearSelection() {
