@@ -1,0 +1,71 @@
+"""Basic layers: RMSNorm, SwiGLU and rotary position embeddings (RoPE) as pure functions.
+
+RoPE follows the gpt-fast style: a cos/sin table is precomputed once per (length, device, dtype)
+and applied with :func:`apply_rope`. :func:`rope_shift` re-rotates keys that were rotated at one
+position so they sit at another, which lets a carried KV window move into the next segment's frame
+without recomputing it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim: ``x / rms(x) * weight`` (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN: ``w2(silu(w1 x) * w3 x)``; w1 and w3 are fused into one matmul."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.dropout(self.w2(F.silu(gate) * up))
+
+
+_ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_table(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[length, head_dim/2]`` in float32, cached and grown by powers of two."""
+    size = 1 << max(6, (max(length, 1) - 1).bit_length())
+    key = (size, head_dim, float(theta), str(device))
+    if key not in _ROPE_CACHE:
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+        pos = torch.arange(size, device=device, dtype=torch.float64)
+        angles = torch.outer(pos, freqs)
+        _ROPE_CACHE[key] = (angles.cos().float(), angles.sin().float())
+    cos, sin = _ROPE_CACHE[key]
+    return cos[:length], sin[:length]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of ``x [B, H, T, Dh]`` by ``cos/sin [T, Dh/2]``."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def rope_shift(x: torch.Tensor, shift: int, head_dim: int, theta: float) -> torch.Tensor:
+    """Move already-rotated ``x [B, H, T, Dh]`` by ``-shift`` positions (rotation by -shift*freq)."""
+    if shift == 0 or x.shape[-2] == 0:
+        return x
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float64) / head_dim))
+    ang = -float(shift) * freqs
+    return apply_rope(x, ang.cos().float(), ang.sin().float())

@@ -1,0 +1,78 @@
+"""LearnedCompressor: Perceiver-style 2:1 compression of groups of memory slots.
+
+A group of ``G`` raw slots (keys and values, per head) becomes ``G/2`` slots. Each output slot's
+query is the mean of a pair of adjacent raw slots plus a learned per-position query; it
+cross-attends over the whole group. Output = pooled pair + a learned correction whose projection
+starts at zero, so an untrained compressor is exactly mean pooling (a sane prior) and training only
+has to learn what pooling loses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class LearnedCompressor(nn.Module):
+    def __init__(self, head_dim: int, group: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.group = group
+        self.n_out = group // 2
+        self.query = nn.Parameter(torch.zeros(self.n_out, head_dim))
+        self.q_proj = nn.Linear(head_dim, head_dim, bias=False)
+        self.k_proj = nn.Linear(head_dim, head_dim, bias=False)
+        self.out_k = nn.Linear(head_dim, head_dim, bias=False)
+        self.out_v = nn.Linear(head_dim, head_dim, bias=False)
+        nn.init.zeros_(self.out_k.weight)
+        nn.init.zeros_(self.out_v.weight)
+
+    def forward(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values: [B, H, ng, G, Dh]; valid: [B, ng, G] bool.
+
+        Returns compressed keys/values [B, H, ng, G/2, Dh].
+        """
+        b, h, ng, g, d = keys.shape
+        w = valid[:, None, :, :, None].to(keys.dtype)  # [B, 1, ng, G, 1]
+        pair_w = w.view(b, 1, ng, g // 2, 2, 1)
+        denom = pair_w.sum(-2).clamp_min(1.0)
+        pooled_k = (keys.view(b, h, ng, g // 2, 2, d) * pair_w).sum(-2) / denom  # [B,H,ng,G/2,Dh]
+        pooled_v = (values.view(b, h, ng, g // 2, 2, d) * pair_w).sum(-2) / denom
+        q = self.q_proj(pooled_k + self.query)                                      # [B,H,ng,G/2,Dh]
+        k = self.k_proj(keys)                                                       # [B,H,ng,G,Dh]
+        logits = torch.einsum("bhnod,bhngd->bhnog", q, k) / math.sqrt(d)
+        logits = logits.masked_fill(~valid[:, None, :, None, :], -1e4)
+        attn = logits.softmax(-1)
+        ctx_k = torch.einsum("bhnog,bhngd->bhnod", attn, keys)
+        ctx_v = torch.einsum("bhnog,bhngd->bhnod", attn, values)
+        return pooled_k + self.out_k(ctx_k), pooled_v + self.out_v(ctx_v)
+
+
+def reconstruction_loss(
+    queries: torch.Tensor,
+    raw_k: torch.Tensor,
+    raw_v: torch.Tensor,
+    raw_valid: torch.Tensor,
+    comp_k: torch.Tensor,
+    comp_v: torch.Tensor,
+    comp_valid: torch.Tensor,
+) -> torch.Tensor:
+    """Attention over compressed slots should reproduce attention over the raw ones.
+
+    queries: [B, H, Tq, Dh] (detached: this loss trains the compressor only);
+    raw_k/raw_v: [B, H, R, Dh] with raw_valid [B, R]; comp_*: [B, H, R/2, Dh], comp_valid [B, R/2].
+    Returns the mean squared error of the two read-outs, normalised by the target's power.
+    """
+    scale = 1.0 / math.sqrt(queries.shape[-1])
+
+    def read(k, v, valid):
+        logits = torch.einsum("bhqd,bhsd->bhqs", queries.float(), k.float()) * scale
+        logits = logits.masked_fill(~valid[:, None, None, :], -1e4)
+        return torch.einsum("bhqs,bhsd->bhqd", logits.softmax(-1), v.float())
+
+    with torch.no_grad():
+        target = read(raw_k.detach(), raw_v.detach(), raw_valid)
+    pred = read(comp_k, comp_v, comp_valid)
+    return ((pred - target) ** 2).mean() / (target.pow(2).mean() + 1e-6)

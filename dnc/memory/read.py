@@ -1,0 +1,160 @@
+"""MemoryRead: the memory layer of a block — reads the StateBank and produces its writes.
+
+Read logit of query t for slot s (per head):
+    q_t . (k_s + level_emb[level_s] + age_emb[bucket(age_s)]) / sqrt(Dh)
+      + router_logprob[t, level_s] + sal_scale * log(salience_s)
+plus a learned *null slot* that lets a query read nothing. The router and salience terms are
+folded into extra query/key channels (``q' = [q/sqrt(Dh), router, 1]``, ``k' = [k, onehot, bias]``)
+so the dense read is one fused SDPA call with no [T, S] mask tensor. The top-k read computes the
+logits explicitly and keeps each query's k best slots; with k >= S both are the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .bank import LEVELS, StateBank
+
+
+@dataclass
+class ReadView:
+    """The bank as seen by reads during one segment (constant until the segment is committed)."""
+
+    keys: torch.Tensor    # [B, H, S+1, Dq] augmented keys, slot 0 = null slot
+    values: torch.Tensor  # [B, H, S+1, Dq] values zero-padded to Dq (slot 0 = zeros)
+    levels: torch.Tensor  # [S] level id of each real slot
+    n_slots: int          # S
+
+
+class MemoryRead(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, max_age_buckets: int, write_pool: int, init_std: float = 0.02):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.write_pool = write_pool
+        self.max_age_buckets = max_age_buckets
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_write = nn.Linear(d_model, d_model, bias=False)
+        self.v_write = nn.Linear(d_model, d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        from .router import LevelRouter
+
+        self.router = LevelRouter(d_model, n_heads)
+        self.level_emb = nn.Parameter(torch.zeros(LEVELS, n_heads, self.head_dim))
+        self.age_emb = nn.Parameter(torch.zeros(max_age_buckets, n_heads, self.head_dim))
+        self.null_key = nn.Parameter(torch.randn(n_heads, self.head_dim) * init_std)
+        self.sal_scale = nn.Parameter(torch.full((n_heads,), 0.1))
+        # augmented width: Dh + LEVELS router channels + 1 bias channel, padded to a multiple of 8
+        self.aug_dim = ((self.head_dim + LEVELS + 1 + 7) // 8) * 8
+
+    # ------------------------------------------------------------------ writes
+    def write_kv(self, h: torch.Tensor, valid: torch.Tensor | None = None):
+        """h: [B, T, D] normed inputs of the segment -> keys/values [B, H, T/p, Dh], valid [B, T/p]."""
+        b, t, _ = h.shape
+        p = self.write_pool
+        k = self.k_write(h).view(b, t, self.n_heads, self.head_dim)
+        v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=h.device)
+        if p > 1:
+            w = valid.view(b, t // p, p, 1, 1).to(k.dtype)
+            den = w.sum(2).clamp_min(1.0)
+            k = (k.view(b, t // p, p, self.n_heads, self.head_dim) * w).sum(2) / den
+            v = (v.view(b, t // p, p, self.n_heads, self.head_dim) * w).sum(2) / den
+            valid = valid.view(b, t // p, p).any(-1)
+        return k.transpose(1, 2), v.transpose(1, 2), valid
+
+    def queries(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [B, T, D] -> raw read queries [B, H, T, Dh]."""
+        b, t, _ = h.shape
+        return self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    # ------------------------------------------------------------------ reads
+    def build_view(self, bank: StateBank) -> ReadView:
+        flat, level_ids = bank.flat()
+        b, h, s, d = flat.keys.shape
+        dtype = self.null_key.dtype if s == 0 else flat.keys.dtype
+        dev = self.null_key.device
+        if s:
+            bucket = torch.log2(flat.age.clamp_min(0) + 1).floor().long().clamp_max(self.max_age_buckets - 1)  # [B,S]
+            k = flat.keys + self.level_emb[level_ids].permute(1, 0, 2).unsqueeze(0).to(dtype) \
+                + self.age_emb[bucket].permute(0, 2, 1, 3).to(dtype)                                   # [B,H,S,Dh]
+            bias = self.sal_scale.view(1, h, 1) * torch.log(flat.salience.clamp_min(1e-4)).unsqueeze(1)  # [B,H,S]
+            bias = bias.masked_fill(~flat.valid.unsqueeze(1), -1e4)
+            onehot = F.one_hot(level_ids, LEVELS).to(dtype).view(1, 1, s, LEVELS).expand(b, h, s, LEVELS)
+            pad = self.aug_dim - d - LEVELS - 1
+            kaug = torch.cat([k, onehot, bias.unsqueeze(-1).to(dtype), k.new_zeros(b, h, s, pad)], -1)
+            vals = F.pad(flat.values, (0, self.aug_dim - d))
+        else:
+            b = flat.keys.shape[0]
+            kaug = torch.zeros(b, self.n_heads, 0, self.aug_dim, device=dev, dtype=dtype)
+            vals = kaug
+        null = F.pad(self.null_key, (0, self.aug_dim - self.head_dim)).to(kaug.dtype)
+        null = null.view(1, self.n_heads, 1, self.aug_dim).expand(kaug.shape[0], -1, -1, -1)
+        kaug = torch.cat([null, kaug], 2)
+        vals = torch.cat([torch.zeros_like(null), vals.to(kaug.dtype)], 2)
+        return ReadView(kaug, vals, level_ids, s)
+
+    def augment_queries(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """[q / sqrt(Dh), router log-probs, 1, 0-pad] -> [B, H, T, Dq]."""
+        b, hh, t, d = q.shape
+        route = self.router(h).to(q.dtype)                                      # [B,H,T,3]
+        pad = self.aug_dim - d - LEVELS - 1
+        return torch.cat([q / math.sqrt(d), route, q.new_ones(b, hh, t, 1), q.new_zeros(b, hh, t, pad)], -1)
+
+    def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
+                trace: bool = False):
+        """Read the bank.
+
+        h: [B, T, D] normed hidden states; ``sample``: bool [T] positions whose attention mass
+        feeds the salience statistics. Returns (update [B, T, D], mass [B, S] or None, trace dict).
+        """
+        b, t, dm = h.shape
+        q = self.augment_queries(h, self.queries(h))
+        kv_k, kv_v = view.keys.to(q.dtype), view.values.to(q.dtype)
+        s_tot = kv_k.shape[2]
+        if topk and topk < s_tot:
+            out = self._read_topk(q, kv_k, kv_v, topk)
+        else:
+            out = F.scaled_dot_product_attention(q, kv_k, kv_v, scale=1.0)
+        out = out[..., : self.head_dim].transpose(1, 2).reshape(b, t, dm)
+        update = self.out(out)
+        mass = None
+        info: dict = {}
+        if view.n_slots and ((sample is not None and bool(sample.any())) or trace):
+            with torch.no_grad():
+                qs = q if sample is None else q[:, :, sample]
+                probs = self.probs(qs, kv_k, topk)                               # [B,H,Ts,S+1]
+                mass = probs[..., 1:].float().sum((1, 2))                         # [B,S]
+                if trace:
+                    pall = self.probs(q, kv_k, topk)[..., 1:].float()             # [B,H,T,S]
+                    lvl_mass = torch.stack([pall[..., view.levels == i].sum(-1) for i in range(LEVELS)], -1)
+                    k = min(4, view.n_slots)
+                    top = pall.mean(1).topk(k, dim=-1)
+                    info = {"mem_level_mass": lvl_mass.mean(1),
+                            "mem_top_slots": (top.indices, top.values, view.levels[top.indices])}
+        return update, mass, info
+
+    @staticmethod
+    def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0) -> torch.Tensor:
+        """Explicit read probabilities [B, H, T, S+1] (top-k: zero outside each query's top k)."""
+        logits = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float())
+        if topk and topk < k.shape[2]:
+            thresh = logits.topk(topk, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < thresh, float("-inf"))
+        return logits.softmax(-1)
+
+    @staticmethod
+    def _read_topk(q, k, v, topk: int) -> torch.Tensor:
+        """Each query attends to its ``topk`` highest-logit slots only. Returns [B, H, T, Dq]."""
+        logits = torch.einsum("bhtd,bhsd->bhts", q, k)
+        top = logits.topk(topk, dim=-1)                                          # [B,H,T,k]
+        w = top.values.float().softmax(-1).to(v.dtype)
+        b, h, t, kk = top.indices.shape
+        gathered = v.gather(2, top.indices.reshape(b, h, t * kk, 1).expand(-1, -1, -1, v.shape[-1]))
+        return torch.einsum("bhtk,bhtkd->bhtd", w, gathered.view(b, h, t, kk, v.shape[-1]))

@@ -1,0 +1,485 @@
+"""DNC: a segment-recurrent Transformer with a hierarchical learned memory (StateBank).
+
+Input of any length is processed in segments of ``segment_len`` tokens. Each block does
+``x += LocalAttn(norm(x))`` (causal, RoPE, within the segment plus an optional carried KV window),
+``x += MemoryRead(norm(x))`` on memory layers, ``x += SwiGLU(norm(x))``. After each segment the
+memory layers write the segment into their StateBank (L0), which compresses/evicts on overflow.
+The bank is constant within a segment, so a full forward pass and token-by-token decoding compute
+the same function (tested). With ``memory=False`` and one segment spanning the input the same code
+is the plain Transformer baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .attention import KVCache, causal_attention
+from .config import DNCConfig
+from .layers import RMSNorm, SwiGLU, apply_rope, rope_shift, rope_table
+from .memory import LearnedCompressor, MemoryRead, ReadView, StateBank, get_policy
+
+STATE_FORMAT_VERSION = 1
+
+
+# ================================================================================== state
+@dataclass
+class LayerState:
+    """Per-block recurrent state: local KV cache, memory bank and the segment's pending writes."""
+
+    cache: KVCache
+    bank: StateBank | None = None
+    write_buf: list = field(default_factory=list)   # normed memory inputs [B, t, D] of this segment
+    mass: torch.Tensor | None = None                 # read mass [B, S] accumulated this segment
+    view: ReadView | None = None                     # cached read view of the bank for this segment
+
+
+class DNCState:
+    """Everything a sequence carries from one call to the next (memory + partial segment)."""
+
+    def __init__(self, layers: list[LayerState], batch_size: int, seg_pos: int = 0, tokens_seen: int = 0,
+                 segments: int = 0):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.seg_pos = seg_pos
+        self.tokens_seen = tokens_seen
+        self.segments = segments
+
+    # ------------------------------------------------------------------ introspection
+    def banks(self) -> list[tuple[int, StateBank]]:
+        return [(i, ls.bank) for i, ls in enumerate(self.layers) if ls.bank is not None]
+
+    def nbytes(self) -> int:
+        """Bytes held by the memory banks (all memory layers and levels)."""
+        return sum(b.nbytes() for _, b in self.banks())
+
+    def cache_nbytes(self) -> int:
+        return sum(ls.cache.k.numel() * ls.cache.k.element_size() * 2 for ls in self.layers)
+
+    def summary(self) -> dict:
+        layers = []
+        for i, bank in self.banks():
+            layers.append({
+                "layer": i,
+                "slots": bank.sizes,
+                "valid_slots": bank.valid_counts(),
+                "capacity": list(bank.capacities),
+                "mean_salience": [float(l.salience.mean()) if l.n else 0.0 for l in bank.levels],
+                "bytes": bank.nbytes(),
+            })
+        return {"tokens_seen": self.tokens_seen, "segments": self.segments, "segment_position": self.seg_pos,
+                "bank_bytes": self.nbytes(), "cache_bytes": self.cache_nbytes(), "layers": layers}
+
+    # ------------------------------------------------------------------ persistence
+    def export(self) -> dict:
+        """A versioned flat dict of CPU tensors (safe for safetensors/torch.save)."""
+        out: dict = {"format_version": torch.tensor(STATE_FORMAT_VERSION),
+                     "batch_size": torch.tensor(self.batch_size), "seg_pos": torch.tensor(self.seg_pos),
+                     "tokens_seen": torch.tensor(self.tokens_seen), "segments": torch.tensor(self.segments)}
+        for i, ls in enumerate(self.layers):
+            out[f"cache.{i}.k"] = ls.cache.k.detach().cpu().contiguous().clone()
+            out[f"cache.{i}.v"] = ls.cache.v.detach().cpu().contiguous().clone()
+            out[f"cache.{i}.carry_len"] = torch.tensor(ls.cache.carry_len)
+            if ls.bank is not None:
+                out.update(ls.bank.export(f"bank.{i}"))
+                if ls.write_buf:
+                    out[f"pending.{i}.h"] = torch.cat(ls.write_buf, 1).detach().cpu().contiguous().clone()
+                if ls.mass is not None:
+                    out[f"pending.{i}.mass"] = ls.mass.detach().cpu().contiguous().clone()
+        return out
+
+    @classmethod
+    def from_export(cls, d: dict, config: DNCConfig, device=None, dtype=torch.float32) -> "DNCState":
+        """Rebuild a state exported by :meth:`export` for a model with ``config``."""
+        if "format_version" not in d:
+            raise ValueError("not a DNC state export: 'format_version' is missing")
+        ver = int(d["format_version"])
+        if ver != STATE_FORMAT_VERSION:
+            raise ValueError(f"state format version {ver} is not supported (expected {STATE_FORMAT_VERSION})")
+        device = torch.device(device or "cpu")
+        layers = []
+        caps = (config.l0_slots, config.l1_slots, config.l2_slots)
+        for i in range(config.n_layers):
+            try:
+                k, v = d[f"cache.{i}.k"], d[f"cache.{i}.v"]
+            except KeyError:
+                raise ValueError(f"state export has no cache for layer {i}: was it made by a model with "
+                                 f"{config.n_layers} layers?") from None
+            if k.shape[1] != config.n_heads or k.shape[3] != config.head_dim:
+                raise ValueError(f"cache.{i} has shape {tuple(k.shape)}, which does not fit n_heads="
+                                 f"{config.n_heads}, head_dim={config.head_dim}")
+            ls = LayerState(KVCache(k.to(device, dtype), v.to(device, dtype), int(d[f"cache.{i}.carry_len"])))
+            if i in config.memory_layer_ids:
+                ls.bank = StateBank.from_export(d, f"bank.{i}", caps, device, dtype)
+                if f"pending.{i}.h" in d:
+                    ls.write_buf = [d[f"pending.{i}.h"].to(device, dtype)]
+                if f"pending.{i}.mass" in d:
+                    ls.mass = d[f"pending.{i}.mass"].to(device)
+            elif any(key.startswith(f"bank.{i}.") for key in d):
+                raise ValueError(f"state export has a memory bank for layer {i}, which has no memory in this config")
+            layers.append(ls)
+        return cls(layers, int(d["batch_size"]), int(d["seg_pos"]), int(d["tokens_seen"]), int(d["segments"]))
+
+    def merge_duplicates(self, threshold: float = 0.98) -> int:
+        """Merge near-identical slots in every bank. Returns the number of slots merged away."""
+        n = sum(bank.merge_duplicates(threshold) for _, bank in self.banks())
+        for ls in self.layers:
+            ls.view = None
+        return n
+
+
+@dataclass
+class DNCOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    recon_loss: torch.Tensor | None = None
+    state: DNCState | None = None
+    metrics: dict = field(default_factory=dict)
+    trace: list | None = None
+
+
+# ================================================================================== blocks
+class LocalAttention(nn.Module):
+    def __init__(self, cfg: DNCConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.impl = cfg.n_heads, cfg.head_dim, cfg.attn_impl
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, past_k, past_v, cos, sin, want_probs: bool = False):
+        """x: [B, t, D]; past_k/v: [B, H, p, Dh] (carried window + earlier tokens of this segment).
+
+        Returns (update [B, t, D], k [B, H, t, Dh], v, probs [B, H, t, p+t] or None).
+        """
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kk = torch.cat([past_k.to(k.dtype), k], 2) if past_k.shape[2] else k
+        vv = torch.cat([past_v.to(v.dtype), v], 2) if past_v.shape[2] else v
+        y = causal_attention(q, kk, vv, self.impl)
+        probs = None
+        if want_probs:
+            with torch.no_grad():
+                s = torch.einsum("bhqd,bhkd->bhqk", q.float(), kk.float()) / math.sqrt(self.head_dim)
+                past = kk.shape[2] - t
+                mask = torch.arange(kk.shape[2], device=x.device)[None] <= torch.arange(t, device=x.device)[:, None] + past
+                probs = s.masked_fill(~mask, float("-inf")).softmax(-1)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, d))), k, v, probs
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DNCConfig, has_memory: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model)
+        self.attn = LocalAttention(cfg)
+        self.mem_norm = RMSNorm(cfg.d_model) if has_memory else None
+        self.mem = MemoryRead(cfg.d_model, cfg.n_heads, cfg.max_age_buckets, cfg.write_pool, cfg.init_std) if has_memory else None
+        self.ffn_norm = RMSNorm(cfg.d_model)
+        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
+
+    def forward(self, x, past_k, past_v, cos, sin, view, sample, topk: int, trace: bool = False):
+        """One block on a chunk. Pure (no state mutation) so it can be checkpointed.
+
+        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict).
+        """
+        a, k, v, probs = self.attn(self.attn_norm(x), past_k, past_v, cos, sin, want_probs=trace)
+        x = x + a
+        mem_in, mass, info = None, None, {}
+        m = None
+        if self.mem is not None:
+            mem_in = self.mem_norm(x)
+            m, mass, info = self.mem(mem_in, view, sample, topk, trace)
+            x = x + m
+        f = self.ffn(self.ffn_norm(x))
+        x = x + f
+        if trace:
+            info = dict(info)
+            info["attn_update_norm"] = a.detach().float().norm(dim=-1)
+            info["mem_update_norm"] = (m.detach().float().norm(dim=-1) if m is not None
+                                       else torch.zeros_like(info["attn_update_norm"]))
+            info["ffn_update_norm"] = f.detach().float().norm(dim=-1)
+            if probs is not None and probs.shape[-1] <= 512:
+                info["local_attn"] = probs
+        return x, k, v, mem_in, mass, info
+
+
+# ================================================================================== model
+class DNC(nn.Module):
+    def __init__(self, config: DNCConfig):
+        super().__init__()
+        self.config = cfg = config
+        mem_ids = set(cfg.memory_layer_ids)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i in mem_ids) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # one compressor per level transition (L0->L1, L1->L2), shared by all memory layers
+        self.compressors = nn.ModuleList(LearnedCompressor(cfg.head_dim, cfg.compress_group) for _ in range(2)) \
+            if cfg.memory else nn.ModuleList()
+        self.policy = get_policy(cfg.eviction)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
+            if name.endswith(("attn.out.weight", "ffn.w2.weight", "mem.out.weight")):
+                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear) and not isinstance(m, type(None)):
+            if m.weight.abs().sum() == 0 and getattr(m, "_keep_zero", False):
+                return
+            nn.init.normal_(m.weight, 0.0, self.config.init_std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, self.config.init_std)
+        elif isinstance(m, LearnedCompressor):  # zero correction: starts as mean pooling
+            nn.init.zeros_(m.out_k.weight)
+            nn.init.zeros_(m.out_v.weight)
+        elif isinstance(m, MemoryRead):
+            nn.init.zeros_(m.router.proj.weight)
+            nn.init.zeros_(m.router.proj.bias)
+
+    # ------------------------------------------------------------------ helpers
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def init_state(self, batch_size: int = 1, device=None, dtype=None) -> DNCState:
+        cfg = self.config
+        device = device or self.device
+        dtype = dtype or self.embed.weight.dtype
+        layers = []
+        for blk in self.blocks:
+            ls = LayerState(KVCache.empty(batch_size, cfg.n_heads, cfg.head_dim, device, dtype))
+            if blk.mem is not None:
+                ls.bank = StateBank.empty(batch_size, cfg.n_heads, cfg.head_dim,
+                                          (cfg.l0_slots, cfg.l1_slots, cfg.l2_slots), device, dtype)
+            layers.append(ls)
+        return DNCState(layers, batch_size)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, state: DNCState | None = None,
+                return_state: bool = False, trace: bool = False, last_logits_only: bool = False) -> DNCOutput:
+        """tokens: [B, T] -> DNCOutput (logits [B, T, V], or [B, 1, V] with last_logits_only)."""
+        cfg = self.config
+        b, t_total = tokens.shape
+        keep_state = state is not None or return_state
+        if state is None:
+            state = self.init_state(b, tokens.device)
+        elif state.batch_size != b:
+            raise ValueError(f"state was made for batch size {state.batch_size}, got tokens of batch {b}")
+        logits, traces = [], []
+        recon = tokens.new_zeros((), dtype=torch.float32)
+        counters = {"compressed": 0, "evicted": 0}
+        t0 = 0
+        while t0 < t_total:
+            n = min(t_total - t0, cfg.segment_len - state.seg_pos)
+            lg, tr = self._forward_chunk(tokens[:, t0:t0 + n], state, trace)
+            logits.append(lg[:, -1:] if last_logits_only else lg)
+            if trace:
+                traces = tr  # keep the last chunk's trace (shapes per chunk)
+            t0 += n
+            if state.seg_pos == cfg.segment_len:
+                stats = self._commit_segment(state)
+                recon = recon + stats["recon_loss"]
+                counters["compressed"] += stats["compressed"]
+                counters["evicted"] += stats["evicted"]
+        if last_logits_only:
+            logits = logits[-1:]
+        logits = torch.cat(logits, 1) if len(logits) > 1 else logits[0]
+        out = DNCOutput(logits=logits, recon_loss=recon, state=state if keep_state else None,
+                        trace=traces if trace else None)
+        if targets is not None:
+            tgt = targets
+            if loss_mask is not None:
+                tgt = tgt.masked_fill(~loss_mask.bool(), -100)
+            lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+            # keep every parameter in the graph (DDP/FSDP require it even when nothing was compressed)
+            touch = sum(p.sum() for p in self.compressors.parameters()) * 0.0 if len(self.compressors) else 0.0
+            out.lm_loss = lm
+            out.loss = lm + cfg.recon_weight * recon + touch
+        out.metrics = self._metrics(state, counters)
+        return out
+
+    def _forward_chunk(self, tokens: torch.Tensor, state: DNCState, trace: bool):
+        cfg = self.config
+        b, n = tokens.shape
+        x = self.embed(tokens)
+        pos0 = state.layers[0].cache.length  # carried window + tokens of this segment so far
+        cos, sin = rope_table(pos0 + n, cfg.head_dim, cfg.rope_theta, x.device)
+        cos, sin = cos[pos0:], sin[pos0:]
+        stride = max(1, cfg.segment_len // 64)  # salience statistics from a fixed subset of positions
+        seg_positions = torch.arange(state.seg_pos, state.seg_pos + n, device=x.device)
+        sample = (seg_positions % stride) == (stride - 1)
+        traces = []
+        for blk, ls in zip(self.blocks, state.layers):
+            if blk.mem is not None and ls.view is None:
+                ls.view = blk.mem.build_view(ls.bank)
+            args = (x, ls.cache.k, ls.cache.v, cos, sin, ls.view, sample, cfg.mem_topk)
+            if cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not trace:
+                x, k, v, mem_in, mass, info = checkpoint(blk, *args, use_reentrant=False)
+            else:
+                x, k, v, mem_in, mass, info = blk(*args, trace=trace)
+            ls.cache.append(k, v)
+            if mem_in is not None:
+                ls.write_buf.append(mem_in)
+                if mass is not None:
+                    ls.mass = mass if ls.mass is None else ls.mass + mass
+            traces.append(info)
+        state.seg_pos += n
+        state.tokens_seen += n
+        return self._logits(x), traces
+
+    def _commit_segment(self, state: DNCState) -> dict:
+        """End of a segment: write memory layers' banks, carry the KV window, cut BPTT."""
+        cfg = self.config
+        recon = torch.zeros((), device=self.device)
+        compressed = evicted = 0
+        state.segments += 1
+        cut = state.segments % cfg.bptt_segments == 0
+        for blk, ls in zip(self.blocks, state.layers):
+            if blk.mem is not None:
+                ls.bank.apply_read_mass(ls.mass, cfg.salience_decay)
+                h = torch.cat(ls.write_buf, 1)
+                k, v, valid = blk.mem.write_kv(h)
+                rq = None
+                if self.training and torch.is_grad_enabled():
+                    stride = max(1, h.shape[1] // 16)
+                    rq = blk.mem.queries(h[:, stride - 1::stride]).detach()
+                stats = ls.bank.write(k, v, valid, compressors=self.compressors, policy=self.policy,
+                                      protect_salient=cfg.protect_salient, group=cfg.compress_group,
+                                      recon_queries=rq)
+                recon = recon + stats["recon_loss"]
+                compressed += stats["compressed"]
+                evicted += stats["evicted"]
+                ls.write_buf, ls.mass, ls.view = [], None, None
+                if cut:
+                    ls.bank.detach_()
+            # carry the last kv_window keys/values, moved into the next segment's position frame
+            w = min(cfg.kv_window, ls.cache.length)
+            if w:
+                shift = ls.cache.length - w
+                ls.cache = KVCache(rope_shift(ls.cache.k[:, :, -w:], shift, cfg.head_dim, cfg.rope_theta),
+                                   ls.cache.v[:, :, -w:], w)
+            else:
+                ls.cache = KVCache(ls.cache.k[:, :, :0], ls.cache.v[:, :, :0], 0)
+            if cut:
+                ls.cache.detach_()
+        state.seg_pos = 0
+        return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
+
+    @torch.no_grad()
+    def _metrics(self, state: DNCState, counters: dict) -> dict:
+        banks = state.banks()
+        if not banks:
+            return {}
+        m = {f"mem/slots_l{i}": sum(b.valid_counts()[i] for _, b in banks) / len(banks) for i in range(3)}
+        div = []
+        for _, bank in banks:
+            lvl = bank.levels[0]
+            if lvl.n >= 2:
+                k = F.normalize(lvl.keys[0].float().permute(1, 0, 2).reshape(lvl.n, -1)[-256:], dim=-1)
+                sim = k @ k.T
+                n = sim.shape[0]
+                div.append(1.0 - float((sim.sum() - n) / (n * (n - 1))))
+        if div:
+            m["mem/slot_diversity"] = sum(div) / len(div)
+        m["mem/compressions"] = float(counters["compressed"])
+        m["mem/evictions"] = float(counters["evicted"])
+        return m
+
+    # ------------------------------------------------------------------ memory maintenance
+    @torch.no_grad()
+    def compact_state(self, state: DNCState, keep_l0: int = 0) -> dict:
+        """Push L0 slots down the hierarchy through the compressors until at most ``keep_l0`` (rounded
+        to the compress group) raw slots remain. Used off the request path by the memory manager.
+        Returns {"compressed": n, "evicted": n}."""
+        cfg = self.config
+        g = cfg.compress_group
+        moved = {"compressed": 0, "evicted": 0}
+        for (i, bank), blk in [((i, b), self.blocks[i]) for i, b in state.banks()]:
+            l0 = bank.levels[0]
+            r = ((l0.n - keep_l0) // g) * g
+            if r <= 0:
+                continue
+            # re-use the write path: treat the oldest r L0 slots as overflow by shrinking capacity
+            caps = bank.capacities
+            bank.capacities = (l0.n - r, caps[1], caps[2])
+            empty_k = l0.keys[:, :, :0]
+            stats = bank.write(empty_k, empty_k.clone(), l0.valid[:, :0], compressors=self.compressors,
+                               policy=self.policy, protect_salient=cfg.protect_salient, group=g)
+            bank.clock -= 1  # compaction is not a segment: keep ages/clock as they were
+            for lvl in bank.levels:
+                lvl.age = lvl.age - 1.0
+            bank.capacities = caps
+            moved["compressed"] += stats["compressed"]
+            moved["evicted"] += stats["evicted"]
+            state.layers[i].view = None
+        return moved
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate_stream(self, prompt_ids, state: DNCState | None = None, max_new_tokens: int = 64,
+                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                        stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None) -> Iterator[int]:
+        """Stream new token ids for one sequence. The prompt (and each generated token) is fed
+        through ``state``, which is updated in place; the last token is fed too, so the state
+        afterwards holds the whole exchange."""
+        was_training = self.training
+        self.eval()
+        try:
+            ids = torch.as_tensor(list(prompt_ids) if not torch.is_tensor(prompt_ids) else prompt_ids,
+                                  dtype=torch.long, device=self.device).view(1, -1)
+            if state is None:
+                state = self.init_state(1)
+            if ids.shape[1] == 0:
+                raise ValueError("prompt must contain at least one token")
+            logits = self(ids, state=state, last_logits_only=True).logits[:, -1]
+            stops = set(int(s) for s in stop_tokens)
+            for _ in range(max_new_tokens):
+                tok = sample_next(logits, temperature, top_k, top_p, generator)
+                yield tok
+                logits = self(torch.tensor([[tok]], device=self.device), state=state,
+                              last_logits_only=True).logits[:, -1]
+                if tok in stops:
+                    break
+        finally:
+            self.train(was_training)
+
+    def generate(self, prompt_ids, state: DNCState | None = None, **kw) -> list[int]:
+        return list(self.generate_stream(prompt_ids, state=state, **kw))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> int:
+    """Sample one id from logits [1, V] (greedy when temperature <= 0)."""
+    logits = logits.float().view(-1)
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k and top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
+        logits = logits.scatter(0, idx, sorted_logits.masked_fill(remove, float("-inf")))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
