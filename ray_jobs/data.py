@@ -1,0 +1,148 @@
+"""Ray Data glue for ``--corpus``: files (local or fsspec, text or Parquet) -> byte windows -> workers.
+
+The driver expands the globs, holds a deterministic fraction of files out for bits-per-byte
+evaluation, and builds a streaming ``ray.data.Dataset`` of fixed-length byte windows
+(``{"tokens": uint8 [max_len + 1]}``). ``TorchTrainer(datasets={"train": ds})`` splits it across
+workers; each worker turns ``ray.train.get_dataset_shard("train")`` into endless LM batches with
+:func:`shard_batches`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".yaml", ".yml", ".html", ".csv")
+
+
+def stdlib_files() -> list[str]:
+    """This interpreter's standard library ``.py`` sources (no site-packages): a corpus every
+    machine has."""
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return out
+
+
+def expand_corpus(patterns: Sequence[str]) -> list[str]:
+    """Expand paths/globs (``**`` allowed; local or any fsspec protocol) into sorted file URIs.
+    ``stdlib`` stands for :func:`stdlib_files`. Raises ``FileNotFoundError`` naming the pattern
+    that matched nothing."""
+    import fsspec
+
+    files: list[str] = []
+    for pat in patterns:
+        pat = pat.strip()
+        if pat == "stdlib":
+            files.extend(stdlib_files())
+            continue
+        fs, path = fsspec.core.url_to_fs(pat)
+        proto = pat.split("://", 1)[0] + "://" if "://" in pat else ""
+        matches = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
+        expanded: list[str] = []
+        for m in matches:
+            if fs.isdir(m):
+                expanded.extend(f for f in fs.find(m) if f.endswith(TEXT_SUFFIXES + (".parquet",)))
+            else:
+                expanded.append(m)
+        if not expanded:
+            raise FileNotFoundError(f"--corpus pattern {pat!r} matched no files")
+        files.extend(proto + m if proto and not m.startswith(proto) else m for m in expanded)
+    return sorted(dict.fromkeys(files))
+
+
+def split_holdout(files: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/held-out split by a hash of each path (stable across machines and runs).
+    At least one file is held out when ``fraction > 0`` and there are two or more files."""
+    if fraction <= 0 or len(files) < 2:
+        return list(files), []
+    def h(f: str) -> float:
+        return int(hashlib.sha1(os.path.basename(f).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    held = [f for f in files if h(f) < fraction]
+    if not held:
+        held = [min(files, key=h)]
+    train = [f for f in files if f not in set(held)]
+    return train, held
+
+
+def read_bytes(files: Sequence[str], max_bytes: int, text_column: str = "text") -> bytes:
+    """Up to ``max_bytes`` of the files' text, concatenated (Parquet: the text column)."""
+    import fsspec
+
+    out = bytearray()
+    for f in files:
+        if len(out) >= max_bytes:
+            break
+        if f.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with fsspec.open(f, "rb") as fh:
+                table = pq.read_table(fh, columns=[text_column])
+            for t in table.column(text_column).to_pylist():
+                out += (t or "").encode("utf-8") + b"\n\n"
+        else:
+            with fsspec.open(f, "rb") as fh:
+                out += fh.read() + b"\n\n"
+    return bytes(out[:max_bytes])
+
+
+def _windows(batch: dict[str, np.ndarray], window: int, column: str) -> dict[str, np.ndarray]:
+    parts = []
+    for v in batch[column]:
+        if v is None:
+            continue
+        parts.append(v.encode("utf-8") if isinstance(v, str) else bytes(v))
+        parts.append(b"\n\n")
+    buf = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    n = len(buf) // window
+    return {"tokens": buf[: n * window].reshape(n, window).copy()}
+
+
+def build_dataset(files: Sequence[str], max_len: int, text_column: str = "text"):
+    """A streaming Ray Dataset of ``{"tokens": uint8[max_len + 1]}`` byte windows.
+
+    Text-like files go through ``ray.data.read_binary_files`` (bytes, so any encoding survives the
+    byte tokenizer), Parquet through ``ray.data.read_parquet``; both are cut into windows in
+    ``map_batches``."""
+    import ray.data
+
+    window = max_len + 1
+    parquet = [f for f in files if f.endswith(".parquet")]
+    text = [f for f in files if not f.endswith(".parquet")]
+    sets = []
+    if text:
+        ds = ray.data.read_binary_files(text)
+        sets.append(ds.map_batches(_windows, fn_kwargs={"window": window, "column": "bytes"},
+                                   batch_format="numpy", batch_size=64))
+    if parquet:
+        ds = ray.data.read_parquet(parquet, columns=[text_column])
+        sets.append(ds.map_batches(_windows, fn_kwargs={"window": window, "column": text_column},
+                                   batch_format="numpy", batch_size=256))
+    if not sets:
+        raise ValueError("no corpus files to read")
+    return sets[0] if len(sets) == 1 else sets[0].union(*sets[1:])
+
+
+def shard_batches(shard: Any, batch_size: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless LM batches from a worker's dataset shard: ``tokens``/``targets`` LongTensor [B, L]
+    (next-byte prediction). Each pass over the shard is one epoch with its own shuffle seed."""
+    epoch = 0
+    while True:
+        n = 0
+        for b in shard.iter_torch_batches(batch_size=batch_size, dtypes={"tokens": torch.long}, drop_last=True,
+                                          local_shuffle_buffer_size=max(4 * batch_size, 64),
+                                          local_shuffle_seed=seed * 1000 + epoch):
+            w = b["tokens"]
+            n += 1
+            yield {"tokens": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()}
+        if n == 0:
+            raise RuntimeError(f"the corpus shard yielded no batch of {batch_size} windows: "
+                               "use more corpus files, a smaller batch_size or fewer workers")
+        epoch += 1

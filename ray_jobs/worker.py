@@ -1,0 +1,129 @@
+"""The per-worker training loop Ray Train runs in each worker process.
+
+It applies the parallelism (DDP through ``ray.train.torch.prepare_model``, or FSDP2
+``fully_shard`` per block), restores from ``ray.train.get_checkpoint()`` (a restarted worker
+group or a rerun with the same run name), and runs :class:`dnc.train.Trainer` with a report
+callback that calls ``ray.train.report`` on every rank at the same steps (it is a barrier).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+class _RayBar:
+    """tqdm-like adapter over ``ray.experimental.tqdm_ray`` (rendered by the driver)."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        from ray.experimental.tqdm_ray import tqdm
+
+        self._desc = desc
+        self._bar = tqdm(total=total, desc=desc, unit="step")
+        if initial:
+            self._bar.update(initial)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix_str(self, s: str) -> None:
+        self._bar.set_description(f"{self._desc} {s}")
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def parallelize_fn(strategy: str, device: torch.device, world_size: int):
+    """``model -> model`` applying DDP (via Ray) or FSDP2 to a model already on ``device``."""
+    if strategy == "fsdp":
+        def apply_fsdp(model: nn.Module) -> nn.Module:
+            from torch.distributed.fsdp import fully_shard
+
+            from dnc.train import transformer_blocks
+
+            if world_size == 1:
+                return model
+            # One FSDP unit per block (all-gathered just before it runs, resharded after), then
+            # the root for embeddings/norm/head and everything else outside the blocks.
+            for block in transformer_blocks(model):
+                fully_shard(block)
+            fully_shard(model)
+            return model
+        return apply_fsdp
+
+    def apply_ddp(model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        # Memory paths are data dependent (nothing to compress in early segments), so some
+        # parameters get no gradient in a step: DDP must look for them.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    return apply_ddp
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point. ``config``: ``job`` (JobConfig dict), ``train`` (final TrainConfig
+    dict), ``has_corpus``, ``eval_text`` (held-out bytes or None)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from dnc.train import MetricsLogger, Trainer, TrainConfig, read_train_state
+    from ray_jobs.config import JobConfig
+    from ray_jobs.data import shard_batches
+
+    job = JobConfig.model_validate(config["job"])
+    tcfg = TrainConfig(**config["train"])
+    model_cfg = job.model_cfg()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(job.run.cpus_per_worker)))
+
+    corpus = None
+    if config.get("has_corpus"):
+        shard = ray.train.get_dataset_shard("train")
+        corpus = shard_batches(shard, tcfg.batch_size, seed=tcfg.seed)
+
+    def report(step: int, metrics: dict[str, float], ckpt_dir: str | None) -> None:
+        if ckpt_dir is None:
+            ray.train.report(metrics)
+        else:
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir),
+                             checkpoint_dir_name=f"step_{step:08d}")
+
+    checkpoint = ray.train.get_checkpoint()
+    logger = None
+
+    def run(resume_dir: str | None) -> None:
+        nonlocal logger
+        if rank == 0:
+            resume_step = read_train_state(resume_dir).step if resume_dir else None
+            logger = MetricsLogger(job.run_dir, job.run.name,
+                                   {"model": model_cfg.to_dict(), "train": tcfg.to_dict(),
+                                    "run": job.run.model_dump()},
+                                   wandb=job.run.wandb, resume_step=resume_step, project=job.run.wandb_project)
+            logger.log({"event/start": 1.0, "world_size": float(world),
+                        "resumed_from": float(resume_step if resume_step is not None else -1)},
+                       resume_step or 0)
+        trainer = Trainer(tcfg, model_cfg, run_name=job.run.name, device=device, rank=rank, world_size=world,
+                          parallelize=parallelize_fn(job.run.strategy, device, world), resume_from=resume_dir,
+                          corpus_batches=corpus, eval_text=config.get("eval_text"), logger=logger,
+                          progress=job.run.progress,
+                          progress_factory=lambda total, initial, desc: _RayBar(total, initial, desc))
+        if rank == 0 and resume_dir:
+            print(f"[ray_jobs.worker] resumed from {resume_dir} at step {trainer.step} "
+                  f"(stage {trainer.state.data.get('stage')})", flush=True)
+        trainer.run(report)
+
+    try:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                run(d)
+        else:
+            run(None)
+    finally:
+        if logger is not None:
+            logger.close()
