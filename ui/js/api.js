@@ -1,7 +1,7 @@
 // HTTP/WebSocket client for the BWR-DNC serve API. Relative URLs only, so the UI works behind
 // any host, port or path prefix the static files are mounted under.
 
-/** Error carrying the server's own message (FastAPI `detail`, or `error`/`message`). */
+/** Error carrying the server's own message (`error.message`, FastAPI `detail`, or `message`). */
 export class ApiError extends Error {
   constructor(status, message) {
     super(message);
@@ -18,6 +18,8 @@ export const apiUrl = (path) => BASE.replace(/\/$/, "") + path;
 export function errorMessage(body, status) {
   if (body == null || body === "") return `HTTP ${status}`;
   if (typeof body === "string") return body;
+  // OpenAI-style envelope {"error": {"message": ...}} first: it carries the fullest message.
+  if (typeof body.error?.message === "string") return body.error.message;
   const d = body.detail ?? body.error ?? body.message ?? body;
   if (typeof d === "string") return d;
   if (Array.isArray(d)) {

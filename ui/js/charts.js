@@ -39,12 +39,16 @@ function frame(svg, xs, ys, { w = 480, h = 220, pad = 36, xLabel = "", yLabel = 
   return { g, sx, sy };
 }
 
-/** Line chart of [{x, y}] points. */
-export function lineChart(svg, pts, opts = {}) {
-  const { g, sx, sy } = frame(svg, pts.map((p) => p.x), pts.map((p) => p.y), opts);
-  if (!pts.length) return;
-  const d = pts.map((p, i) => `${i ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join("");
-  el("path", { d, class: "line", fill: "none", stroke: opts.color || LEVEL_COLORS[0] }, g);
+/** Line chart of several series [{name, points: [{x, y}]}], one colour each. */
+export function lineChart(svg, series, opts = {}) {
+  const all = series.flatMap((s) => s.points);
+  const { g, sx, sy } = frame(svg, all.map((p) => p.x), all.map((p) => p.y), opts);
+  series.forEach((s, k) => {
+    if (!s.points.length) return;
+    const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join("");
+    const path = el("path", { d, class: "line", fill: "none", stroke: LEVEL_COLORS[k % LEVEL_COLORS.length] }, g);
+    el("title", {}, path).textContent = s.name;
+  });
 }
 
 /** Scatter of [[x, y], ...] coloured by `groups[i]` (e.g. memory level); titles give tooltips. */

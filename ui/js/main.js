@@ -8,6 +8,8 @@ const ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 let modelConfig = {};
 let selected = null;
 
+const escapeHtml = (t) => String(t).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
 function showError(box, err) {
   box.hidden = !err;
   box.textContent = err ? (err instanceof ApiError && err.status ? `${err.status}: ` : "") + (err.message ?? err) : "";
@@ -232,13 +234,25 @@ async function stateAction(kind) {
       const r = await postJSON(`${path}/compact`, {});
       await refreshStates();
       await selectState(id);
-      msg.textContent = "compacted" + (r && typeof r === "object" ? ": " + summarise(r) : "");
+      msg.textContent = "compacted" + compactSummary(r);
     } else {
       await request("DELETE", path);
       clearSelection();
       await refreshStates();
     }
   } catch (e) { msg.textContent = e.message; }
+}
+
+function compactSummary(r) {
+  if (!r || typeof r !== "object") return "";
+  const bits = [];
+  if (r.levels_before && r.levels_after) {
+    const lv = (x) => asList(x).map((l) => l.slots ?? l).join("/");
+    bits.push(`slots ${lv(r.levels_before)} → ${lv(r.levels_after)}`);
+  }
+  if (typeof r.merged === "number") bits.push(`${r.merged} merged`);
+  if (r.bytes_before != null && r.bytes_after != null) bits.push(`${fmtNum(r.bytes_before)} → ${fmtNum(r.bytes_after)} B`);
+  return bits.length ? ": " + bits.join(", ") : r.moved ? ": " + summarise(r.moved) : "";
 }
 
 const summarise = (o) => Object.entries(o).filter(([, v]) => typeof v !== "object").slice(0, 4).map(([k, v]) => `${k}=${fmtNum(v)}`).join(", ");
@@ -253,15 +267,23 @@ async function onCluster() {
     const levels = r?.levels ?? [], labels = r?.labels ?? r?.clusters ?? [];
     const groups = levels.length ? levels.map((l) => (typeof l === "number" ? `L${l}` : l)) : labels;
     const titles = pts.map((_, i) => [groups[i] != null && `level ${groups[i]}`, labels[i] != null && `cluster ${labels[i]}`].filter(Boolean).join(", "));
-    const keys = scatter($("cluster-plot"), pts, groups, titles, { xLabel: "component 1", yLabel: "component 2" });
-    $("cluster-legend").innerHTML = keys.map((k, i) => `<span><i style="background:${LEVEL_COLORS[i % LEVEL_COLORS.length]}"></i>${k}</span>`).join("");
+    if (!pts.length) {
+      $("cluster-plot").replaceChildren();
+      $("cluster-legend").replaceChildren();
+      msg.textContent = r?.message ?? "no slots to cluster";
+      return;
+    }
+    const ev = r?.explained_variance ?? [];
+    const axis = (i) => `PC${i + 1}` + (typeof ev[i] === "number" ? ` (${(100 * ev[i]).toFixed(0)}% var)` : "");
+    const keys = scatter($("cluster-plot"), pts, groups, titles, { xLabel: axis(0), yLabel: axis(1) });
+    $("cluster-legend").innerHTML = keys.map((k, i) => `<span><i style="background:${LEVEL_COLORS[i % LEVEL_COLORS.length]}"></i>${escapeHtml(k)}</span>`).join("");
     const nClusters = new Set(labels.map(String)).size;
     msg.textContent = `${pts.length} slots` + (nClusters ? ` · ${nClusters} clusters` : "");
   } catch (e) { msg.textContent = e.message; }
 }
 
 // ---- live ------------------------------------------------------------------------------------
-const lossPts = [];
+const lossRuns = new Map(); // run_id -> [{x: step, y: loss}]
 let wsDelay = 1000;
 
 function logEvent(text, cls = "") {
@@ -280,17 +302,27 @@ function onLive(msg) {
   const loss = m?.loss ?? m?.train_loss ?? m?.["train/loss"];
   const step = m?.step ?? m?.global_step ?? ev.step;
   if (typeof loss === "number" && typeof step === "number" && !/gen/i.test(type)) {
-    lossPts.push({ x: step, y: loss });
-    if (lossPts.length > 2000) lossPts.shift();
-    lossPts.sort((a, b) => a.x - b.x);
-    lineChart($("loss-chart"), lossPts, { xLabel: "step", yLabel: "loss" });
-    $("loss-empty").hidden = true;
-    logEvent(`step ${step} loss ${fmtNum(loss)}`, "metric");
+    const run = String(ev.run_id ?? "default");
+    if (!lossRuns.has(run)) lossRuns.set(run, []);
+    const pts = lossRuns.get(run);
+    if (pts.length && step <= pts[pts.length - 1].x) pts.splice(pts.findIndex((p) => p.x >= step)); // run restarted
+    pts.push({ x: step, y: loss });
+    if (pts.length > 2000) pts.shift();
+    drawLoss();
+    logEvent(`${run} step ${step} loss ${fmtNum(loss)}`, "metric");
   } else {
     const who = ev.state_id ? ` [${ev.state_id}]` : "";
     const text = ev.text ?? ev.token ?? ev.prompt ?? "";
     logEvent(`${type || "event"}${who} ${text ? JSON.stringify(String(text).slice(0, 80)) : summarise(ev)}`, "gen");
   }
+}
+
+function drawLoss() {
+  const series = [...lossRuns].map(([name, points]) => ({ name, points }));
+  lineChart($("loss-chart"), series, { xLabel: "step", yLabel: "loss" });
+  $("loss-empty").hidden = series.length > 0;
+  $("loss-legend").innerHTML = series.length > 1
+    ? series.map((s, i) => `<span><i style="background:${LEVEL_COLORS[i % LEVEL_COLORS.length]}"></i>${escapeHtml(s.name)}</span>`).join("") : "";
 }
 
 function connectLive() {
@@ -315,6 +347,7 @@ async function onAnalyze(ev) {
     const r = await postJSON("/research/analyze-text", { text: $("analyze-text").value });
     const toks = r?.tokens ?? [], loss = r?.loss ?? r?.losses ?? r?.token_loss ?? [];
     const finite = loss.filter((x) => typeof x === "number" && isFinite(x));
+    const mass = r?.memory_read_mass ?? r?.memory_mass ?? r?.level_mass ?? r?.mem_level_mass;
     const hi = Math.max(1e-6, ...finite);
     const box = $("analyze-tokens");
     box.replaceChildren();
@@ -322,16 +355,18 @@ async function onAnalyze(ev) {
       const s = document.createElement("span");
       s.className = "tok";
       s.textContent = typeof t === "string" ? t : String(t?.text ?? t);
-      const l = loss[i];
+      const l = loss[i], tips = [];
       if (typeof l === "number" && isFinite(l)) {
         s.style.background = `hsla(${120 - 120 * Math.min(1, l / hi)}, 75%, 55%, 0.45)`;
-        s.title = `loss ${l.toFixed(3)}`;
+        tips.push(`loss ${l.toFixed(3)}`);
         s.dataset.loss = l;
       }
+      const m = Array.isArray(mass?.[i]) ? mass[i] : null;
+      if (m) tips.push("memory read " + m.map((v, j) => `${LEVELS[j] ?? j} ${(+v).toFixed(2)}`).join(" "));
+      if (tips.length) s.title = tips.join(" · ");
       box.appendChild(s);
     });
     $("analyze-scale").hidden = !toks.length;
-    const mass = r?.memory_read_mass ?? r?.memory_mass ?? r?.level_mass ?? r?.memory_reads ?? r?.mem_level_mass;
     let levels = [];
     if (Array.isArray(mass)) {
       // Either per level [3], or per token [[3] ...]: average over tokens.
@@ -342,8 +377,9 @@ async function onAnalyze(ev) {
       levels = Object.entries(mass).map(([k, v]) => ({ label: k.toUpperCase().replace(/^LEVEL_?/, "L"), value: Number(Array.isArray(v) ? v.reduce((a, b) => a + b, 0) / v.length : v), max: 1 }));
     }
     bars($("analyze-levels"), levels.map((l) => ({ ...l, label: `${l.label} read mass` })));
-    const mean = finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : null;
-    $("analyze-meta").textContent = `${toks.length} tokens` + (mean != null ? ` · mean loss ${mean.toFixed(3)}` : "");
+    const mean = r?.mean_loss ?? (finite.length ? finite.reduce((a, b) => a + b, 0) / finite.length : null);
+    $("analyze-meta").textContent = `${toks.length} tokens` + (mean != null ? ` · mean loss ${mean.toFixed(3)}` : "") +
+      (typeof r?.perplexity === "number" ? ` · perplexity ${fmtNum(r.perplexity)}` : "");
   } catch (e) {
     $("analyze-meta").textContent = "";
     showError($("analyze-error"), e);
