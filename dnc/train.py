@@ -991,6 +991,24 @@ class Trainer:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def _pad_to_common_length(self, micro: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Right-pad every micro-batch to the longest one across ranks (FSDP runs one all-gather
+        per unit per segment, so all ranks must run the same number of segments). Padding is
+        ``<pad>`` with target -100 after the content: it changes no loss."""
+        lens = torch.tensor([b["tokens"].shape[1] for b in micro], dtype=torch.long)
+        torch.distributed.all_reduce(lens, op=torch.distributed.ReduceOp.MAX)
+        out = []
+        for b, T in zip(micro, lens.tolist()):
+            extra = T - b["tokens"].shape[1]
+            if extra > 0:
+                b = dict(b)
+                b["tokens"] = F.pad(b["tokens"], (0, extra), value=self.tokenizer.pad_id)
+                b["targets"] = F.pad(b["targets"], (0, extra), value=IGNORE_INDEX)
+                if b.get("loss_mask") is not None:
+                    b["loss_mask"] = F.pad(b["loss_mask"], (0, extra), value=False)
+            out.append(b)
+        return out
+
     def _next_batch(self) -> tuple[dict[str, torch.Tensor], list[str] | None]:
         use_corpus = self.corpus_batches is not None and (
             self.data is None or self.data_rng.random() < self.cfg.corpus_ratio)
@@ -1100,6 +1118,8 @@ class Trainer:
                 b, tasks = self._next_batch()
                 micro.append(b)
                 task_lists.append(tasks)
+            if self._dist() and _is_fsdp(self.model):
+                micro = self._pad_to_common_length(micro)
             m = train_step(self.model, micro, self.optimizer, clip=cfg.grad_clip, bf16=cfg.bf16, device=self.device)
             self.state.step += 1
             losses = m.pop("sample_losses")
@@ -1127,7 +1147,7 @@ class Trainer:
                 avg = {k: v / n_window for k, v in window.items() if k != "tokens"}
                 avg = self._all_mean(avg)
                 dt = max(1e-9, time.time() - t_window)
-                tok = tokens_window * self.world_size
+                tok = sum(self._gather(tokens_window))
                 self.state.tokens_seen += tok
                 self.state.elapsed_s += dt
                 metrics.update({f"train/{k}" if not k.startswith("mem/") else k: v for k, v in avg.items()})
@@ -1207,6 +1227,28 @@ def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a DNC (what FSDP shards and ``compile`` wraps one by one)."""
     return [b for bl in _block_lists(model) for b in bl]
+
+
+def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bool = False) -> nn.Module:
+    """FSDP2 (``fully_shard``) per block, in place; needs an initialised process group.
+
+    Each block's local attention and SwiGLU (most of its weights) is one FSDP unit, all-gathered
+    right before it runs. The memory-read module stays in the root unit with the embeddings and
+    compressors: the segment loop calls ``MemoryRead.build_view``/``write_kv``/``queries`` outside
+    ``Block.forward``, where a block-level unit would still be sharded. Ranks must run the same
+    number of segments per step (FSDP all-gathers per call): :class:`Trainer` pads batches to a
+    common length under FSDP. ``mp_bf16``: bf16 compute params, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if mp_bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        units = [getattr(block, n) for n in ("attn", "ffn") if isinstance(getattr(block, n, None), nn.Module)]
+        for u in units or [block]:
+            fully_shard(u, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(model, **kw)
+    return model
 
 
 # ==============================================================================================

@@ -79,6 +79,8 @@ class RunSection(BaseModel):
     """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """``ddp`` (``ray.train.torch.prepare_model``) or ``fsdp`` (FSDP2 ``fully_shard`` per block)."""
+    ddp_find_unused: bool = False
+    """DDP ``find_unused_parameters`` (the DNC keeps every parameter in the graph, so off)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (lower it to leave CPUs for Ray Data on small machines)."""
     max_failures: int = 2

@@ -35,30 +35,19 @@ class _RayBar:
         self._bar.close()
 
 
-def parallelize_fn(strategy: str, device: torch.device, world_size: int):
+def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_unused: bool = False):
     """``model -> model`` applying DDP (via Ray) or FSDP2 to a model already on ``device``."""
     if strategy == "fsdp":
-        def apply_fsdp(model: nn.Module) -> nn.Module:
-            from torch.distributed.fsdp import fully_shard
+        def fsdp(model: nn.Module) -> nn.Module:
+            from dnc.train import apply_fsdp
 
-            from dnc.train import transformer_blocks
-
-            if world_size == 1:
-                return model
-            # One FSDP unit per block (all-gathered just before it runs, resharded after), then
-            # the root for embeddings/norm/head and everything else outside the blocks.
-            for block in transformer_blocks(model):
-                fully_shard(block)
-            fully_shard(model)
-            return model
-        return apply_fsdp
+            return apply_fsdp(model) if world_size > 1 else model
+        return fsdp
 
     def apply_ddp(model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        # Memory paths are data dependent (nothing to compress in early segments), so some
-        # parameters get no gradient in a step: DDP must look for them.
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     return apply_ddp
 
 
@@ -109,7 +98,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "resumed_from": float(resume_step if resume_step is not None else -1)},
                        resume_step or 0)
         trainer = Trainer(tcfg, model_cfg, run_name=job.run.name, device=device, rank=rank, world_size=world,
-                          parallelize=parallelize_fn(job.run.strategy, device, world), resume_from=resume_dir,
+                          parallelize=parallelize_fn(job.run.strategy, device, world, job.run.ddp_find_unused), resume_from=resume_dir,
                           corpus_batches=corpus, eval_text=config.get("eval_text"), logger=logger,
                           progress=job.run.progress,
                           progress_factory=lambda total, initial, desc: _RayBar(total, initial, desc))
