@@ -292,7 +292,7 @@ class TextInput(Strict):
 
 
 class AnalyzeTextRequest(TextInput):
-    top_slots: int = Field(4, ge=1, le=32, description="Memory slots reported per token and layer.")
+    top_slots: int = Field(4, ge=1, le=4, description="Memory slots reported per token and layer (the trace keeps 4).")
 
 
 class GradientAnalysisRequest(TextInput):

@@ -35,7 +35,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .bank_store import BankStore, digest
+from .bank_store import BankStore, StorageError, digest
 from .errors import Busy, Conflict, NotFound, session_not_found
 
 logger = logging.getLogger("serve.session_bank")
@@ -253,8 +253,9 @@ class SessionBankShard:
             if not s.offloaded:
                 return
             header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
-            if header["seq"] != s.seq:
-                raise RuntimeError(f"snapshot of {s.state_id} is at seq {header['seq']}, expected {s.seq}")
+            if header["seq"] != s.seq or digest(payload) != s.digest:
+                raise StorageError(f"snapshot of {s.state_id} does not match its session (seq {header['seq']} vs "
+                                   f"{s.seq}, digest {digest(payload)} vs {s.digest})")
             s.payload, s.offloaded = payload, False
             self.counters["restores"] += 1
 

@@ -1,0 +1,145 @@
+"""The Serve application: ``Ingress`` (FastAPI, HTTP + WebSocket) in front of ``Generator``.
+
+    serve run serve.app:build_app                          # untrained tiny model, seed 0
+    serve run serve.app:build_app checkpoint=runs/ckpt     # a trained checkpoint (path or fsspec URI)
+    serve deploy serve/config.yaml                         # on a running cluster
+
+Every argument of :class:`AppArgs` can be given as ``key=value`` to ``serve run`` or under
+``args:`` in serve/config.yaml.
+"""
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+
+from .generator import Generator
+from .live import Broadcaster, get_hub
+from .modeling import ModelSpec
+from .routes import ApiContext, Limits, create_api
+from .session_bank import BankClient, BankConfig, check_layout
+
+REPO_UI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui")
+
+
+class AppArgs(BaseModel):
+    """Arguments of :func:`build_app` (``serve run serve.app:build_app key=value ...``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str | None = Field(None, description="Checkpoint dir/URI; none = untrained preset model.")
+    preset: Literal["tiny", "small", "base"] = Field("tiny", description="Preset of the untrained model.")
+    seed: int = Field(0, description="Seed of the untrained model's weights.")
+    model_name: str = "bwr-dnc"
+    storage: str = Field("runs/serve-storage", description="Session-bank storage: local dir or fsspec URI.")
+    bank_shards: int = Field(2, ge=1, le=256)
+    memory_budget_mb: float = Field(256.0, gt=0, description="Bank bytes each shard keeps in memory.")
+    session_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    manager_interval_s: float = Field(5.0, ge=0, description="Memory-manager period (0 = off).")
+    auto_compact: bool = True
+    compact_idle_s: float = Field(30.0, ge=0)
+    namespace: str = "bwr-dnc"
+    generator_replicas: int = Field(1, ge=1)
+    generator_num_cpus: float = Field(1.0, ge=0)
+    generator_num_gpus: float | None = Field(None, ge=0, description="None = 1 if the cluster has a GPU.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    torch_threads: int = Field(0, ge=0, description="torch threads per generator (0 = Ray's default).")
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_new_tokens: int = Field(512, ge=1, le=4096)
+    max_prompt_tokens: int = Field(8192, ge=1)
+    max_research_tokens: int = Field(2048, ge=2)
+    ui_dir: str | None = Field(REPO_UI, description="Static UI folder served at /ui (none = no UI).")
+    live_interval_s: float = Field(2.0, gt=0)
+
+    @field_validator("storage")
+    @classmethod
+    def _abs_storage(cls, v: str) -> str:
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+
+    @field_validator("checkpoint", "ui_dir", mode="before")
+    @classmethod
+    def _none(cls, v: Any) -> Any:
+        return None if v in ("", "none", "None", "null") else v
+
+    # ---- derived settings -------------------------------------------------------------------
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(checkpoint=self.checkpoint, preset=self.preset, seed=self.seed)
+
+    def bank_config(self) -> BankConfig:
+        return BankConfig(storage=self.storage, num_shards=self.bank_shards, namespace=self.namespace,
+                          model=self.model_spec().to_dict(), memory_budget_bytes=int(self.memory_budget_mb * 2**20),
+                          session_ttl_s=self.session_ttl_s, manager_interval_s=self.manager_interval_s,
+                          auto_compact=self.auto_compact, compact_idle_s=self.compact_idle_s)
+
+    def hub_name(self) -> str:
+        return f"dnc-live-hub-{self.bank_config().fingerprint()}"
+
+    def num_gpus(self) -> float:
+        if self.generator_num_gpus is not None:
+            return self.generator_num_gpus
+        try:
+            import ray
+
+            if ray.is_initialized():
+                return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        except Exception:
+            pass
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """FastAPI ingress. Holds handles only (Generator, SessionBank shards, live hub); no model."""
+
+    def __init__(self, generator, args: dict[str, Any]):
+        a = AppArgs(**args)
+        bank_cfg = a.bank_config()
+        hub_ns, hub_name = a.namespace, a.hub_name()
+        self._hub = None
+
+        def hub():
+            if self._hub is None:
+                self._hub = get_hub(hub_ns, hub_name)
+            return self._hub
+        self.ctx = ApiContext(generator=generator, bank=BankClient(bank_cfg), hub=hub, live=Broadcaster(),
+                              limits=Limits(a.max_new_tokens, a.max_prompt_tokens, a.max_research_tokens),
+                              model_name=a.model_name, ui_dir=a.ui_dir, live_interval_s=a.live_interval_s,
+                              started=time.time())
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.ctx)
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`)."""
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    check_layout(a.storage, a.bank_shards)
+    gen_settings = {"model": a.model_spec().to_dict(), "bank": asdict(a.bank_config()),
+                    "hub_namespace": a.namespace, "hub_name": a.hub_name(), "device": a.device,
+                    "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
+                    "torch_threads": a.torch_threads, "model_name": a.model_name}
+    generator = Generator.options(
+        num_replicas=a.generator_replicas,
+        ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
+    ).bind(gen_settings)
+    return Ingress.bind(generator, a.model_dump())
+
+
+def teardown(args: dict[str, Any] | None = None) -> None:
+    """Shut Serve down and remove this app's detached actors (shards, live hub); storage stays."""
+    import ray
+
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    serve.shutdown()
+    BankClient(a.bank_config()).kill_all()
+    try:
+        ray.kill(ray.get_actor(a.hub_name(), namespace=a.namespace), no_restart=True)
+    except ValueError:
+        pass
