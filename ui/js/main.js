@@ -17,6 +17,13 @@ function showError(box, err) {
 
 const fmtNum = (v) => (typeof v === "number" && !Number.isInteger(v) ? +v.toPrecision(4) : v).toLocaleString();
 
+function fmtBytes(b) {
+  const u = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (b >= 1024 && i < u.length - 1) { b /= 1024; i++; }
+  return `${i ? b.toFixed(1) : b} ${u[i]}`;
+}
+
 function fmtTime(t) {
   if (t == null || t === "") return "";
   const d = typeof t === "number" ? new Date(t < 1e12 ? t * 1000 : t) : new Date(t);
@@ -198,6 +205,7 @@ function clearSelection() {
   selected = null;
   $("state-detail-box").hidden = true;
   $("memory-bars").replaceChildren();
+  $("memory-facts").textContent = "";
   $("memory-empty").hidden = false;
   $("mem-for").textContent = "";
   $("cluster-btn").disabled = true;
@@ -218,6 +226,14 @@ async function selectState(id) {
     const layers = d?.n_memory_layers ?? d?.memory_layers ?? d?.summary?.n_layers;
     const levels = withCapacity(levelsOf(d), typeof layers === "number" ? layers : 1);
     bars($("memory-bars"), levels, { unit: " slots" });
+    const facts = [
+      d?.tokens_seen != null && `${fmtNum(d.tokens_seen)} tokens seen`,
+      d?.turns != null && `${fmtNum(d.turns)} turns`,
+      d?.bank_bytes != null && `${fmtBytes(d.bank_bytes)} bank`,
+      d?.offloaded && "offloaded to storage",
+      d?.shard != null && `shard ${d.shard}`,
+    ].filter(Boolean);
+    $("memory-facts").textContent = facts.join(" · ");
     $("memory-empty").hidden = levels.length > 0;
     if (!levels.length) $("memory-empty").textContent = "This session reports no per-level slot counts.";
   } catch (e) {
@@ -298,6 +314,8 @@ function onLive(msg) {
   let ev;
   try { ev = JSON.parse(msg.data); } catch { logEvent(String(msg.data)); return; }
   const type = String(ev.type ?? ev.event ?? ev.kind ?? "");
+  if (type === "hello") { logEvent(`connected (subscriber ${ev.subscriber ?? "?"})`); return; }
+  if (type === "metrics") { showServing(ev.generator ?? ev); return; } // periodic: a status line, not the log
   const m = ev.metrics ?? ev.data ?? ev;
   const loss = m?.loss ?? m?.train_loss ?? m?.["train/loss"];
   const step = m?.step ?? m?.global_step ?? ev.step;
@@ -309,12 +327,30 @@ function onLive(msg) {
     pts.push({ x: step, y: loss });
     if (pts.length > 2000) pts.shift();
     drawLoss();
-    logEvent(`${run} step ${step} loss ${fmtNum(loss)}`, "metric");
+    if (!ev.backlog) logEvent(`${run} step ${step} loss ${fmtNum(loss)}`, "metric");
   } else {
     const who = ev.state_id ? ` [${ev.state_id}]` : "";
+    const rate = typeof ev.tokens_per_s === "number" ? ` ${ev.tokens}tok ${ev.tokens_per_s.toFixed(0)}tok/s` : "";
     const text = ev.text ?? ev.token ?? ev.prompt ?? "";
-    logEvent(`${type || "event"}${who} ${text ? JSON.stringify(String(text).slice(0, 80)) : summarise(ev)}`, "gen");
+    logEvent(`${type || "event"}${who}${rate} ${text ? JSON.stringify(String(text).slice(0, 80)) : summarise(ev)}`, "gen");
+    // Another client changed a session: refresh the list (debounced, never on every token).
+    if (ev.state_id && /gen|state|compact/i.test(type)) {
+      clearTimeout(statesTimer);
+      statesTimer = setTimeout(() => refreshStates().then(() => selected && selectState(selected)), 500);
+    }
   }
+}
+let statesTimer = null;
+
+function showServing(g) {
+  const parts = [
+    g.requests != null && `${fmtNum(g.requests)} requests`,
+    g.tokens_generated != null && `${fmtNum(g.tokens_generated)} tokens`,
+    typeof g.tokens_per_s_mean === "number" && `${g.tokens_per_s_mean.toFixed(1)} tok/s`,
+    typeof g.latency_ms_p50 === "number" && `p50 ${g.latency_ms_p50.toFixed(0)} ms`,
+    typeof g.ttft_ms_p50 === "number" && `TTFT ${g.ttft_ms_p50.toFixed(0)} ms`,
+  ].filter(Boolean);
+  $("live-serving").textContent = parts.length ? "serving: " + parts.join(" · ") : "";
 }
 
 function drawLoss() {
@@ -348,7 +384,9 @@ async function onAnalyze(ev) {
     const toks = r?.tokens ?? [], loss = r?.loss ?? r?.losses ?? r?.token_loss ?? [];
     const finite = loss.filter((x) => typeof x === "number" && isFinite(x));
     const mass = r?.memory_read_mass ?? r?.memory_mass ?? r?.level_mass ?? r?.mem_level_mass;
-    const hi = Math.max(1e-6, ...finite);
+    // Colour relative to this text's range: an untrained model's losses are all high, yet differ.
+    const lo = finite.length ? Math.min(...finite) : 0, hi = finite.length ? Math.max(...finite) : 1;
+    const rel = (l) => (hi > lo ? (l - lo) / (hi - lo) : 0.5);
     const box = $("analyze-tokens");
     box.replaceChildren();
     toks.forEach((t, i) => {
@@ -357,7 +395,7 @@ async function onAnalyze(ev) {
       s.textContent = typeof t === "string" ? t : String(t?.text ?? t);
       const l = loss[i], tips = [];
       if (typeof l === "number" && isFinite(l)) {
-        s.style.background = `hsla(${120 - 120 * Math.min(1, l / hi)}, 75%, 55%, 0.45)`;
+        s.style.background = `hsla(${120 - 120 * rel(l)}, 75%, 55%, 0.45)`;
         tips.push(`loss ${l.toFixed(3)}`);
         s.dataset.loss = l;
       }
@@ -366,7 +404,9 @@ async function onAnalyze(ev) {
       if (tips.length) s.title = tips.join(" · ");
       box.appendChild(s);
     });
-    $("analyze-scale").hidden = !toks.length;
+    $("analyze-scale").hidden = !finite.length;
+    $("loss-lo").textContent = `loss ${lo.toFixed(2)}`;
+    $("loss-hi").textContent = `${hi.toFixed(2)}`;
     let levels = [];
     if (Array.isArray(mass)) {
       // Either per level [3], or per token [[3] ...]: average over tokens.
