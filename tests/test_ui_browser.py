@@ -59,14 +59,16 @@ def server(request):
     # Another module's Serve instance may still hold its own port: start ours from scratch.
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    app = build_app({"storage": str(storage), "bank_shards": 1, "namespace": "bwr-dnc-ui-test",
-                     "torch_threads": 1, "live_interval_s": 1.0})
-    serve.run(app, name="dnc-ui-test", route_prefix="/", blocking=False)
+    args = {"storage": str(storage), "bank_shards": 1, "namespace": "bwr-dnc-ui-test",
+            "torch_threads": 1, "live_interval_s": 1.0}
+    serve.run(build_app(args), name="dnc-ui-test", route_prefix="/", blocking=False)
     try:
         _wait_http(f"{BASE}/health")
         yield BASE
     finally:
-        serve.shutdown()
+        from serve.app import teardown  # serve.shutdown() + this app's detached actors
+
+        teardown(args)
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +192,25 @@ def test_invalid_input_shows_server_message(page, field, value, expect_text):
     expect(err).to_be_visible(timeout=30_000)
     expect(err).to_contain_text(expect_text)
     assert err.text_content().startswith(("4",)), "the HTTP 4xx status is shown with the message"
+
+
+def test_owner_scopes_the_session_list(page):
+    from playwright.sync_api import expect
+
+    sid = f"ui-owned-{int(time.time())}"
+    page.fill("#owner", "ui-alice")
+    page.dispatch_event("#owner", "change")
+    page.fill("#max-new-tokens", "4")
+    page.fill("#state-id", sid)
+    page.click("#generate-btn")
+    row = page.locator(f'tr[data-state-id="{sid}"]')
+    expect(row).to_be_visible(timeout=120_000)
+    page.fill("#owner", "ui-bob")
+    page.dispatch_event("#owner", "change")
+    expect(row).to_have_count(0, timeout=30_000)
+    page.fill("#owner", "ui-alice")
+    page.dispatch_event("#owner", "change")
+    expect(row).to_be_visible(timeout=30_000)
+    page.click("#delete-btn")
+    expect(row).to_have_count(0, timeout=30_000)
+    page.evaluate("localStorage.removeItem('dnc-owner')")

@@ -14,6 +14,11 @@ const DIR = new URL(".", location.href).pathname;
 const BASE = DIR.endsWith("/ui/") ? DIR.slice(0, -3) : DIR;
 export const apiUrl = (path) => BASE.replace(/\/$/, "") + path;
 
+// Sessions belong to an owner (X-Owner header; the server's default is "anonymous").
+let owner = "";
+export const setOwner = (o) => { owner = (o || "").trim(); };
+const ownerHeader = () => (owner ? { "X-Owner": owner } : {});
+
 /** Turn any error body into one readable line (handles FastAPI's 422 list of {loc, msg}). */
 export function errorMessage(body, status) {
   if (body == null || body === "") return `HTTP ${status}`;
@@ -40,7 +45,7 @@ async function readBody(res) {
 
 /** fetch + JSON; throws ApiError with the server's message on any non-2xx status. */
 export async function request(method, path, body) {
-  const opts = { method, headers: { Accept: "application/json" } };
+  const opts = { method, headers: { Accept: "application/json", ...ownerHeader() } };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -98,7 +103,7 @@ export async function streamGenerate(body, onEvent, signal) {
   try {
     res = await fetch(apiUrl("/v1/generate"), {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+      headers: { "Content-Type": "application/json", Accept: "text/event-stream", ...ownerHeader() },
       body: JSON.stringify({ ...body, stream: true }),
       signal,
     });

@@ -1,5 +1,5 @@
 // Wires the panels to the API. Every server shape is read defensively: the UI shows what it finds.
-import { ApiError, asList, getJSON, postJSON, request, streamGenerate, tokenText, wsUrl } from "./api.js";
+import { ApiError, asList, getJSON, postJSON, request, setOwner, streamGenerate, tokenText, wsUrl } from "./api.js";
 import { bars, lineChart, scatter, LEVEL_COLORS } from "./charts.js";
 
 const $ = (id) => document.getElementById(id);
@@ -439,6 +439,15 @@ function start() {
   $("state-id").addEventListener("input", (e) => {
     const v = e.target.value.trim();
     e.target.setCustomValidity(!v || ID_RE.test(v) ? "" : "letters, digits, _ and -, up to 64");
+  });
+  const ownerInput = $("owner");
+  ownerInput.value = localStorage.getItem("dnc-owner") ?? "";
+  setOwner(ownerInput.value);
+  ownerInput.addEventListener("change", () => {
+    localStorage.setItem("dnc-owner", ownerInput.value.trim());
+    setOwner(ownerInput.value);
+    clearSelection();
+    refreshStates();
   });
   refreshHealth();
   refreshStats();
