@@ -49,7 +49,9 @@ function kvNode(v, depth) {
   for (const [k, x] of Object.entries(v)) {
     const dt = document.createElement("dt"), dd = document.createElement("dd");
     dt.textContent = k;
-    if (x && typeof x === "object" && depth < 3 && !(Array.isArray(x) && x.every((y) => typeof y !== "object"))) {
+    if (typeof x === "number" && x > 1e9 && x < 1e11 && /(_at|^ts|time|timestamp)$/.test(k)) {
+      dd.textContent = new Date(x * 1000).toLocaleString(); // unix seconds
+    } else if (x && typeof x === "object" && depth < 3 && !(Array.isArray(x) && x.every((y) => typeof y !== "object"))) {
       const det = document.createElement("details");
       const sum = document.createElement("summary");
       sum.textContent = Array.isArray(x) ? `${x.length} items` : `${Object.keys(x).length} fields`;
@@ -222,6 +224,7 @@ async function selectState(id) {
   $("mem-for").textContent = `· ${id}`;
   try {
     const d = await getJSON(`/v1/state/${encodeURIComponent(id)}`);
+    if (selected !== id) return; // another session was picked while this one loaded
     renderKV($("state-detail"), d);
     const layers = d?.n_memory_layers ?? d?.memory_layers ?? d?.summary?.n_layers;
     const levels = withCapacity(levelsOf(d), typeof layers === "number" ? layers : 1);
@@ -234,10 +237,27 @@ async function selectState(id) {
       d?.shard != null && `shard ${d.shard}`,
     ].filter(Boolean);
     $("memory-facts").textContent = facts.join(" · ");
+    renderHistory(asList(d?.history ?? [], "turns"));
     $("memory-empty").hidden = levels.length > 0;
     if (!levels.length) $("memory-empty").textContent = "This session reports no per-level slot counts.";
   } catch (e) {
-    $("state-action-msg").textContent = e.message;
+    if (selected === id) $("state-action-msg").textContent = e.message;
+  }
+}
+
+/** Turns of a session, newest first: what happened to its memory and when. */
+function renderHistory(turns) {
+  const body = $("state-history").tBodies[0];
+  body.replaceChildren();
+  $("state-history").hidden = !turns.length;
+  for (const t of [...turns].reverse().slice(0, 20)) {
+    const tr = body.insertRow();
+    const ms = t.duration_ms ?? t.duration;
+    for (const c of [t.seq ?? "", t.kind ?? t.type ?? "", fmtTime(t.at ?? t.t ?? t.time),
+      t.new_tokens ?? "", t.tokens_seen ?? "", typeof ms === "number" ? ms.toFixed(0) : ""]) {
+      tr.insertCell().textContent = c;
+    }
+    tr.title = [t.prompt_preview, t.completion_preview].filter(Boolean).join(" → ");
   }
 }
 
