@@ -90,9 +90,10 @@ def _write_json(uri: str, obj: Any) -> None:
         f.write(json.dumps(obj, indent=1, default=str))
 
 
-def run_training(job: JobConfig, *, address: str | None = None) -> dict[str, Any]:
+def run_training(job: JobConfig, *, address: str | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) the job on Ray Train; returns a summary dict (metrics, checkpoint path,
-    run dir). Raises ``ray.train.TrainingFailedError`` when the run fails past ``max_failures``."""
+    run dir). Raises ``ray.train.TrainingFailedError`` when the run fails past ``max_failures``.
+    ``callbacks``: Ray Train ``UserCallback``s (``tune.sweep`` passes ``TuneReportCallback``)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,6 +133,7 @@ def run_training(job: JobConfig, *, address: str | None = None) -> dict[str, Any
             name=job.run.name, storage_path=job.storage_path,
             failure_config=FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
+            callbacks=list(callbacks or []),
             worker_runtime_env={"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
                                              "WANDB_SILENT": "true"}}),
         datasets=datasets,

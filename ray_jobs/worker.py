@@ -51,6 +51,41 @@ def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_un
     return apply_ddp
 
 
+def _ckpt_step(checkpoint: Any) -> int:
+    if checkpoint is None:
+        return -1
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else -1
+
+
+def newest_complete_checkpoint(run_dir: str, newer_than: int = -1) -> str | None:
+    """The newest ``<run_dir>/step_N`` with ``N > newer_than`` whose files are all there: model,
+    optimizer, ``train_state.json`` and one RNG file per rank of the run that wrote it."""
+    import fsspec
+
+    from dnc.train import TrainState
+
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    if not fs.exists(root):
+        return None
+    steps = []
+    for d in fs.ls(root, detail=False):
+        name = d.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("step_") and name[5:].isdigit() and int(name[5:]) > newer_than:
+            steps.append((int(name[5:]), d))
+    for _, d in sorted(steps, reverse=True):
+        try:
+            with fs.open(f"{d}/train_state.json", "r") as f:
+                st = TrainState.from_json(f.read())
+        except (FileNotFoundError, ValueError):
+            continue
+        need = ["model.safetensors", "config.json", "optimizer.pt",
+                *[f"rng/rank_{r:05d}.pt" for r in range(st.world_size)]]
+        if all(fs.exists(f"{d}/{n}") for n in need):
+            return d if "://" not in run_dir else fs.unstrip_protocol(d)
+    return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``job`` (JobConfig dict), ``train`` (final TrainConfig
     dict), ``has_corpus``, ``eval_text`` (held-out bytes or None)."""
@@ -77,13 +112,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         corpus = shard_batches(shard, tcfg.batch_size, seed=tcfg.seed)
 
     def report(step: int, metrics: dict[str, float], ckpt_dir: str | None) -> None:
-        if ckpt_dir is None:
-            ray.train.report(metrics)
-        else:
+        # Only checkpoint steps go to Ray (same steps on every rank: report is a barrier). Metrics
+        # of the other log steps go to JSONL/W&B only: the controller takes one queued report per
+        # poll, and reports still queued when a worker dies are lost, so frequent metric-only
+        # reports would delay (and on a crash drop) the checkpoint registrations behind them.
+        if ckpt_dir is not None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(ckpt_dir),
                              checkpoint_dir_name=f"step_{step:08d}")
 
     checkpoint = ray.train.get_checkpoint()
+    newer = newest_complete_checkpoint(job.run_dir, newer_than=_ckpt_step(checkpoint))
+    if newer is not None:
+        # Written and uploaded before a crash, but its report was still queued on the worker
+        # when it died, so the controller never registered it: resume from it anyway.
+        print(f"[ray_jobs.worker] resuming from {newer} (newer than Ray's registered checkpoint)", flush=True)
+        checkpoint = Checkpoint(newer)
     logger = None
 
     def run(resume_dir: str | None) -> None:
