@@ -1,10 +1,10 @@
 """MemoryRead: the memory layer of a block — reads the StateBank and produces its writes.
 
 Read logit of query t for slot s (per head):
-    q_t . (k_s + level_emb[level_s] + age_emb[bucket(age_s)]) / sqrt(Dh)
+    tau * q_t . (k_s + level_emb[level_s] + age_emb[bucket(age_s)])     (q, k unit-norm)
       + router_logprob[t, level_s] + sal_scale * log(salience_s)
 plus a learned *null slot* that lets a query read nothing. The router and salience terms are
-folded into extra query/key channels (``q' = [q/sqrt(Dh), router, 1]``, ``k' = [k, onehot, bias]``)
+folded into extra query/key channels (``q' = [tau*q, router, 1]``, ``k' = [k, onehot, bias]``)
 so the dense read is one fused SDPA call with no [T, S] mask tensor. The top-k read computes the
 logits explicitly and keeps each query's k best slots; with k >= S both are the same function.
 """
@@ -40,6 +40,11 @@ class MemoryRead(nn.Module):
         self.max_age_buckets = max_age_buckets
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_write = nn.Linear(d_model, d_model, bias=False)
+        # token shift: a slot's key also sees the previous token, so a slot is addressable by the
+        # context that preceded it (makes associative recall a one-step lookup)
+        self.k_shift = nn.Linear(d_model, d_model, bias=False)
+        # keys and queries are unit-normalised per head; a learned per-head temperature sets sharpness
+        self.q_scale = nn.Parameter(torch.full((n_heads,), 8.0))
         self.v_write = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         from .router import LevelRouter
@@ -57,7 +62,9 @@ class MemoryRead(nn.Module):
         """h: [B, T, D] normed inputs of the segment -> keys/values [B, H, T/p, Dh], valid [B, T/p]."""
         b, t, _ = h.shape
         p = self.write_pool
-        k = self.k_write(h).view(b, t, self.n_heads, self.head_dim)
+        h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))  # previous token within the segment (zeros first)
+        k = (self.k_write(h) + self.k_shift(h_prev)).view(b, t, self.n_heads, self.head_dim)
+        k = F.normalize(k.float(), dim=-1).to(h.dtype)
         v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
         if valid is None:
             valid = torch.ones(b, t, dtype=torch.bool, device=h.device)
@@ -70,9 +77,11 @@ class MemoryRead(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2), valid
 
     def queries(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, D] -> raw read queries [B, H, T, Dh]."""
+        """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature."""
         b, t, _ = h.shape
-        return self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        q = F.normalize(q.float(), dim=-1) * self.q_scale.view(1, -1, 1, 1).float()
+        return q.to(h.dtype)
 
     # ------------------------------------------------------------------ reads
     def build_view(self, bank: StateBank) -> ReadView:
@@ -101,11 +110,11 @@ class MemoryRead(nn.Module):
         return ReadView(kaug, vals, level_ids, s)
 
     def augment_queries(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """[q / sqrt(Dh), router log-probs, 1, 0-pad] -> [B, H, T, Dq]."""
+        """[q, router log-probs, 1, 0-pad] -> [B, H, T, Dq] (q already carries its temperature)."""
         b, hh, t, d = q.shape
         route = self.router(h).to(q.dtype)                                      # [B,H,T,3]
         pad = self.aug_dim - d - LEVELS - 1
-        return torch.cat([q / math.sqrt(d), route, q.new_ones(b, hh, t, 1), q.new_zeros(b, hh, t, pad)], -1)
+        return torch.cat([q, route, q.new_ones(b, hh, t, 1), q.new_zeros(b, hh, t, pad)], -1)
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
                 trace: bool = False):
