@@ -10,52 +10,33 @@ workers; each worker turns ``ray.train.get_dataset_shard("train")`` into endless
 from __future__ import annotations
 
 import hashlib
-import os
-import sysconfig
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".json", ".jsonl", ".c", ".h", ".yaml", ".yml", ".html", ".csv")
+def expand_corpus(patterns: Sequence[str], holdout: float = 0.05) -> tuple[list[str], list[str]]:
+    """``--corpus`` patterns -> (training files, held-out files).
 
+    Each pattern is a path, directory or glob on any fsspec filesystem
+    (:func:`dnc.data.corpus.resolve_paths`), or ``stdlib``: this interpreter's standard library
+    source, split by top-level module (:func:`dnc.data.corpus.stdlib_source_files`, about one
+    module in ten held out). Other files are held out by a stable hash (:func:`split_holdout`).
+    Raises ``FileNotFoundError`` naming a pattern that matches nothing."""
+    from dnc.data.corpus import resolve_paths, stdlib_source_files
 
-def stdlib_files() -> list[str]:
-    """This interpreter's standard library ``.py`` sources (no site-packages): a corpus every
-    machine has."""
-    root = sysconfig.get_paths()["stdlib"]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
-    return out
-
-
-def expand_corpus(patterns: Sequence[str]) -> list[str]:
-    """Expand paths/globs (``**`` allowed; local or any fsspec protocol) into sorted file URIs.
-    ``stdlib`` stands for :func:`stdlib_files`. Raises ``FileNotFoundError`` naming the pattern
-    that matched nothing."""
-    import fsspec
-
-    files: list[str] = []
+    train: list[str] = []
+    held: list[str] = []
+    other: list[str] = []
     for pat in patterns:
         pat = pat.strip()
         if pat == "stdlib":
-            files.extend(stdlib_files())
-            continue
-        fs, path = fsspec.core.url_to_fs(pat)
-        proto = pat.split("://", 1)[0] + "://" if "://" in pat else ""
-        matches = fs.glob(path) if any(c in path for c in "*?[") else ([path] if fs.exists(path) else [])
-        expanded: list[str] = []
-        for m in matches:
-            if fs.isdir(m):
-                expanded.extend(f for f in fs.find(m) if f.endswith(TEXT_SUFFIXES + (".parquet",)))
-            else:
-                expanded.append(m)
-        if not expanded:
-            raise FileNotFoundError(f"--corpus pattern {pat!r} matched no files")
-        files.extend(proto + m if proto and not m.startswith(proto) else m for m in expanded)
-    return sorted(dict.fromkeys(files))
+            train += stdlib_source_files("train")
+            held += stdlib_source_files("eval")
+        elif pat:
+            other += resolve_paths(pat)
+    tr, he = split_holdout(sorted(dict.fromkeys(other)), holdout)
+    return sorted(dict.fromkeys(train + tr)), sorted(dict.fromkeys(held + he))
 
 
 def split_holdout(files: Sequence[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -63,13 +44,14 @@ def split_holdout(files: Sequence[str], fraction: float) -> tuple[list[str], lis
     At least one file is held out when ``fraction > 0`` and there are two or more files."""
     if fraction <= 0 or len(files) < 2:
         return list(files), []
+
     def h(f: str) -> float:
-        return int(hashlib.sha1(os.path.basename(f).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        return int(hashlib.sha1(f.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     held = [f for f in files if h(f) < fraction]
     if not held:
         held = [min(files, key=h)]
-    train = [f for f in files if f not in set(held)]
-    return train, held
+    keep = set(held)
+    return [f for f in files if f not in keep], held
 
 
 def read_bytes(files: Sequence[str], max_bytes: int, text_column: str = "text") -> bytes:

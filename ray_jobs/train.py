@@ -111,8 +111,7 @@ def run_training(job: JobConfig, *, address: str | None = None, callbacks: list 
     datasets = None
     eval_text = None
     if job.run.corpus:
-        files = rdata.expand_corpus(job.run.corpus)
-        train_files, held = rdata.split_holdout(files, job.run.corpus_holdout)
+        train_files, held = rdata.expand_corpus(job.run.corpus, job.run.corpus_holdout)
         print(f"[ray_jobs.train] corpus: {len(train_files)} training files, {len(held)} held out for bits/byte")
         datasets = {"train": rdata.build_dataset(train_files, tcfg.max_len, job.run.corpus_text_column)}
         if held and tcfg.corpus_eval_bytes:

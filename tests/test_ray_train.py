@@ -117,16 +117,26 @@ def test_stop_and_resubmit_same_name_continues_step_and_stage(ray_cluster, tmp_p
 
 
 @pytest.mark.slow
-def test_fsdp_two_workers_gloo_runs_and_checkpoints(ray_cluster, tmp_path):
+def test_fsdp_two_workers_gloo_with_stdlib_corpus_through_ray_data(ray_cluster, tmp_path):
+    """FSDP2 on CPU (gloo) runs and checkpoints one unsharded model; half the steps train on
+    standard-library source streamed by Ray Data; held-out files are scored in bits per byte."""
+    import sysconfig
+
     from dnc.checkpoint import load_checkpoint
     from ray_jobs.train import run_training
 
-    job = make_job(tmp_path, "fsdp", train={"total_steps": 4}, run={"strategy": "fsdp"})
+    stdlib = sysconfig.get_paths()["stdlib"]
+    job = make_job(tmp_path, "fsdp", train={"total_steps": 6, "eval_interval": 3, "corpus_ratio": 0.5,
+                                            "corpus_eval_bytes": 4096},
+                   run={"strategy": "fsdp", "corpus": [f"{stdlib}/json/*.py", f"{stdlib}/email/*.py"],
+                        "corpus_holdout": 0.1, "cpus_per_worker": 0.5})   # leave a CPU to Ray Data
     summary = run_training(job)
-    assert summary["metrics"]["step"] == 4
-    ck = os.path.join(job.run_dir, "step_00000004")
+    assert summary["metrics"]["step"] == 6
+    ck = os.path.join(job.run_dir, "step_00000006")
     model, _ = load_checkpoint(ck)                 # gathered into one unsharded checkpoint
-    assert sum(p.numel() for p in model.parameters()) == model.num_params()
+    assert model.config.d_model == 128
     assert sorted(os.listdir(os.path.join(ck, "rng"))) == ["rank_00000.pt", "rank_00001.pt"]
     rows = train_rows(job.run_dir)
-    assert [r["step"] for r in rows] == [2, 4] and all(r["train/loss"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [2, 4, 6] and all(r["train/loss"] > 0 for r in rows)
+    bpb = [r["eval/bpb"] for r in read_metrics(job.run_dir) if "eval/bpb" in r]
+    assert len(bpb) == 2 and all(0 < b < 9 for b in bpb)

@@ -210,3 +210,39 @@ def test_fault_switch_raises_once(tmp_path):
         fit(cfg, preset("tiny"), run_dir=str(tmp_path / "r"), progress=False)
     out = fit(cfg, preset("tiny"), run_dir=str(tmp_path / "r"), progress=False)   # resumes from step 2
     assert out["step"] == 4
+
+
+# ------------------------------------------------------------------------------ CLIs around it
+def test_evaluate_cli_writes_json_markdown_and_heatmap(tmp_path):
+    from ray_jobs.evaluate import main, parse_lengths
+
+    assert parse_lengths("1k,4k,512,1M") == [1024, 4096, 512, 1024 ** 2]
+    fit(tiny_train(total_steps=2), preset("tiny"), run_dir=str(tmp_path / "run"), progress=False)
+    out = tmp_path / "eval"
+    rc = main(["--checkpoint", str(tmp_path / "run"), "--lengths", "64,96", "--tasks", "copy,needle",
+               "--n", "1", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["checkpoint"].endswith("step_00000002")
+    assert set(report["accuracy"]) == {"copy", "needle"} and set(report["accuracy"]["copy"]) == {"64", "96"}
+    assert "| copy |" in (out / "eval.md").read_text()
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_train_scaling_bench_help_dry_run_and_cpu_smoke(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "bench" / "train_scaling.py")
+    for args in (["--help"], ["--dry-run", "--device", "cuda"]):
+        r = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert "flops_per_token" in r.stdout
+    out = tmp_path / "ts.json"
+    r = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "2", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["results"]["single"]["tokens_per_s"] > 0 and "| single | 1 |" in r.stdout
