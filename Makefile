@@ -25,7 +25,7 @@ browser-deps:
 	  || echo "WARNING: could not install chromium; browser tests will fail"; }
 
 run: $(STAMP)
-	WANDB_MODE=offline $(PY) -m dnc.cli demo
+	WANDB_MODE=offline $(PY) -m ray_jobs.cli demo
 
 test: $(STAMP) browser-deps
 	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)

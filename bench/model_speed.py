@@ -1,0 +1,282 @@
+"""DNC vs the plain-Transformer baseline: training throughput, prefill, decode, memory.
+
+For each preset, in one run (same process, same device):
+  * training: forward+backward tokens/s, MFU (CUDA) and peak memory at each ``--train-lengths``;
+  * prefill: tokens/s and peak memory at each ``--prefill-lengths`` (baseline up to ``--baseline-max``);
+  * decode: median latency per token after a context of each ``--decode-contexts``;
+  * state size: DNC bank bytes vs the baseline's KV-cache bytes at the same context.
+The baseline is the same code with memory off and one segment spanning the input.
+Writes ``bench/results/model_speed_<device>.json`` and prints a markdown table.
+
+Examples:
+    python bench/model_speed.py --device cpu                      # tiny preset, small lengths
+    python bench/model_speed.py --device cuda --presets small,base --dtype bf16 \
+        --train-lengths 2048,8192,32768 --prefill-lengths 4096,32768,131072,524288,1048576 \
+        --decode-contexts 4096,32768,131072,1048576
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dnc.config import preset  # noqa: E402
+from dnc.model import DNC  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def ints(s: str) -> list[int]:
+    out = []
+    for part in s.split(","):
+        part = part.strip().lower()
+        if part:
+            mult = 1024 * 1024 if part.endswith("m") else 1024 if part.endswith("k") else 1
+            out.append(int(float(part.rstrip("km")) * mult))
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb(device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process high-water mark
+    except Exception:
+        return None
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Median seconds per call, measured after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def flops_per_token(model: DNC, attended: float) -> float:
+    """6N (weights, fwd+bwd) + 12 * layers * d * attended (attention scores and values, fwd+bwd)."""
+    cfg = model.config
+    n = model.num_params(exclude_embedding=True) + cfg.vocab_size * cfg.d_model  # lm head matmul
+    return 6 * n + 12 * cfg.n_layers * cfg.d_model * attended
+
+
+def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) -> DNC:
+    cfg = preset(name)
+    if not memory:
+        cfg = cfg.baseline(seq_len)
+    torch.manual_seed(0)
+    model = DNC(cfg).to(device)
+    if dtype is not None and device.type == "cuda":
+        model = model.to(dtype)
+    if compile_:
+        for blk in model.blocks:
+            blk.forward = torch.compile(blk.forward, dynamic=True)
+    return model
+
+
+def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
+    model = build(name, memory, seq_len, device, None, args.compile).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    b = args.batch
+    x = torch.randint(0, 256, (b, seq_len), device=device)
+    ac = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and dtype == torch.bfloat16) \
+        else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with ac:
+            loss = model(x, targets=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak(device)
+    try:
+        sec = timed(step, device, args.warmup, args.iters)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    cfg = model.config
+    attended = seq_len / 2 if not memory else (cfg.segment_len / 2 + cfg.kv_window
+                                               + cfg.bank_slots * len(cfg.memory_layer_ids) / cfg.n_layers)
+    tps = b * seq_len / sec
+    out = {"tokens_per_s": tps, "step_s": sec, "peak_mb": peak_mb(device)}
+    if device.type == "cuda":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        if peak:
+            out["mfu"] = tps * flops_per_token(model, attended) / (peak * 1e12)
+    del model, opt
+    return out
+
+
+@torch.no_grad()
+def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -> dict:
+    model = build(name, memory, ctx + args.decode_steps + 8, device, dtype, False).eval()
+    chunk = model.config.segment_len if memory else ctx
+    x = torch.randint(0, 256, (1, ctx), device=device)
+
+    def prefill():
+        st = model.init_state(1)
+        for i in range(0, ctx, chunk):
+            model(x[:, i:i + chunk], state=st, last_logits_only=True)
+        return st
+
+    reset_peak(device)
+    try:
+        sec = timed(prefill, device, 1, args.prefill_iters)
+        state = prefill()
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    out = {"prefill_tokens_per_s": ctx / sec, "prefill_s": sec, "peak_mb": peak_mb(device),
+           "bank_bytes": state.nbytes(), "kv_cache_bytes": state.cache_nbytes()}
+    if decode:
+        tok = torch.randint(0, 256, (1, 1), device=device)
+        lat = []
+        for _ in range(args.decode_steps):
+            sync(device)
+            t = time.perf_counter()
+            model(tok, state=state, last_logits_only=True)
+            sync(device)
+            lat.append(time.perf_counter() - t)
+        lat = lat[2:]  # warm-up
+        out["decode_ms_median"] = 1e3 * statistics.median(lat)
+        out["decode_ms_mean"] = 1e3 * statistics.fmean(lat)
+    del model, state
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--presets", default=None, help="comma list (default: tiny on CPU, small,base on CUDA)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="CUDA compute dtype")
+    p.add_argument("--train-lengths", default=None, help="e.g. 2k,8k,32k")
+    p.add_argument("--prefill-lengths", default=None, help="e.g. 4k,32k,128k,512k,1m")
+    p.add_argument("--decode-contexts", default=None, help="e.g. 4k,32k,128k,1m")
+    p.add_argument("--baseline-max", default=None, help="longest baseline prefill/decode context (e.g. 128k)")
+    p.add_argument("--baseline-train-max", default=None, help="longest baseline training length")
+    p.add_argument("--batch", type=int, default=1, help="sequences per training step")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--prefill-iters", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=34)
+    p.add_argument("--compile", action="store_true", help="torch.compile each block for training")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if (cuda and args.dtype == "bf16") else None
+    presets = (args.presets or ("small,base" if cuda else "tiny")).split(",")
+    train_lengths = ints(args.train_lengths or ("2k,8k,32k" if cuda else "256,1k,4k"))
+    prefill_lengths = ints(args.prefill_lengths or ("4k,32k,128k,512k,1m" if cuda else "1k,4k,16k,64k"))
+    decode_ctx = ints(args.decode_contexts or ("4k,32k,128k,1m" if cuda else "1k,4k,16k,64k"))
+    base_max = ints(args.baseline_max or ("128k" if cuda else "16k"))[0]
+    base_train_max = ints(args.baseline_train_max or ("32k" if cuda else "4k"))[0]
+    if not cuda:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+    results = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+               "torch": torch.__version__, "dtype": args.dtype if cuda else "fp32",
+               "commit": _commit(), "args": vars(args), "rows": []}
+    for name in presets:
+        for L in train_lengths:
+            for memory in (True, False):
+                if not memory and L > base_train_max:
+                    continue
+                r = bench_train(name, L, memory, args, device, dtype)
+                results["rows"].append({"preset": name, "kind": "train", "model": "dnc" if memory else "baseline",
+                                        "length": L, **r})
+                print(json.dumps(results["rows"][-1]), flush=True)
+        for L in sorted(set(prefill_lengths) | set(decode_ctx)):
+            for memory in (True, False):
+                if not memory and L > base_max:
+                    continue
+                r = bench_prefill_decode(name, L, memory, args, device, dtype, decode=L in decode_ctx)
+                results["rows"].append({"preset": name, "kind": "infer", "model": "dnc" if memory else "baseline",
+                                        "length": L, **r})
+                print(json.dumps(results["rows"][-1]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if cuda else "cpu"
+    (out / f"model_speed_{tag}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / f"model_speed_{tag}.md").write_text(table)
+    print(table)
+    return 0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def _fmt(v, spec="{:,.0f}"):
+    return "—" if v is None else ("OOM" if v == "oom" else spec.format(v))
+
+
+def markdown(results: dict) -> str:
+    rows = results["rows"]
+    lines = [f"Device: {results['device']}, torch {results['torch']}, {results['dtype']}, commit {results['commit']}", ""]
+    lines += ["| preset | length | DNC train tok/s | base train tok/s | ratio | DNC MFU | base MFU | DNC peak MB | base peak MB |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    get = lambda kind, model, pr, L: next((r for r in rows if r["kind"] == kind and r["model"] == model  # noqa: E731
+                                           and r["preset"] == pr and r["length"] == L), {})
+    for pr in dict.fromkeys(r["preset"] for r in rows):
+        for L in sorted({r["length"] for r in rows if r["kind"] == "train" and r["preset"] == pr}):
+            d, b = get("train", "dnc", pr, L), get("train", "baseline", pr, L)
+            ratio = d.get("tokens_per_s") / b["tokens_per_s"] if d.get("tokens_per_s") and b.get("tokens_per_s") else None
+            lines.append(f"| {pr} | {L:,} | {_fmt(d.get('tokens_per_s'))} | {_fmt(b.get('tokens_per_s'))} | "
+                         f"{_fmt(ratio, '{:.2f}x')} | {_fmt(d.get('mfu'), '{:.1%}')} | {_fmt(b.get('mfu'), '{:.1%}')} | "
+                         f"{_fmt(d.get('peak_mb'))} | {_fmt(b.get('peak_mb'))} |")
+    lines += ["", "| preset | context | DNC prefill tok/s | base prefill tok/s | ratio | DNC decode ms | base decode ms | "
+              "DNC bank MB | base KV MB | KV/bank |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for pr in dict.fromkeys(r["preset"] for r in rows):
+        for L in sorted({r["length"] for r in rows if r["kind"] == "infer" and r["preset"] == pr}):
+            d, b = get("infer", "dnc", pr, L), get("infer", "baseline", pr, L)
+            ratio = d.get("prefill_tokens_per_s") / b["prefill_tokens_per_s"] \
+                if d.get("prefill_tokens_per_s") and b.get("prefill_tokens_per_s") else None
+            bank = d.get("bank_bytes")
+            kv = b.get("kv_cache_bytes")
+            lines.append(
+                f"| {pr} | {L:,} | {_fmt(d.get('prefill_tokens_per_s'))} | {_fmt(b.get('prefill_tokens_per_s'))} | "
+                f"{_fmt(ratio, '{:.2f}x')} | {_fmt(d.get('decode_ms_median'), '{:.2f}')} | "
+                f"{_fmt(b.get('decode_ms_median'), '{:.2f}')} | {_fmt(bank / 2**20 if bank else None, '{:.1f}')} | "
+                f"{_fmt(kv / 2**20 if kv else None, '{:.1f}')} | {_fmt(kv / bank if kv and bank else None, '{:.0f}x')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
