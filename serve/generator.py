@@ -109,9 +109,10 @@ class GeneratorSettings:
     hub_name: str = "dnc-live-hub"
     device: str = "auto"
     max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.02
     torch_threads: int = 0
     model_name: str = "bwr-dnc"
+    stream_chunk_ms: float = 15.0
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -179,36 +180,57 @@ class Generator:
                        "tokens_seen": st.get("tokens_seen"), "owner": r.owner})
 
     # ------------------------------------------------------------------ single-sequence streaming
+    @staticmethod
+    def _step_chunk(it, asm: TextAssembler, stop_ids: list[int], max_tokens: int, budget_s: float):
+        """Up to ``max_tokens`` tokens (or ``budget_s`` of work) from ``it``, on the model thread.
+        Stop sequences are checked token by token here, so the state never runs past one.
+        Returns ([(token, text delta)], finish or None, exhausted)."""
+        out: list[tuple[int, str]] = []
+        finish = None
+        t_end = time.perf_counter() + budget_s
+        while len(out) < max_tokens:
+            tok = next(it, _END)
+            if tok is _END:
+                return out, finish, True
+            out.append((tok, asm.push(tok)))
+            if tok in stop_ids:
+                finish = "eos"  # the model feeds it and stops by itself
+            elif asm.stopped:
+                next(it, _END)  # feed the last token into the state, drop the one sampled after it
+                return out, "stop", True
+            if time.perf_counter() > t_end:
+                break
+        return out, finish, False
+
     async def _stream_one(self, r: GenRequest, state, t0: float) -> AsyncIterator[dict[str, Any]]:
-        """Token events for one sequence, then an internal ``result`` event. ``state`` is updated in
-        place and afterwards holds exactly the prompt and the emitted tokens."""
+        """``tokens`` events (a chunk of one or more tokens each), then an internal ``result`` event.
+        ``state`` is updated in place and afterwards holds exactly the prompt and the emitted tokens.
+        The first chunk is one token (time to first token); later ones hold what the model made in
+        ~``stream_chunk_ms``, which saves a thread hop and a Ray message per token while other
+        requests still get the model between chunks."""
         it = self.lm.model.generate_stream(r.prompt_ids, state=state, max_new_tokens=r.max_new_tokens,
                                            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                                            stop_tokens=r.stop_ids, generator=self._rng(r.seed))
         asm = TextAssembler(r.stop)
         ids: list[int] = []
-        finish, ttft = "length", None
+        finish, ttft, done = "length", None, False
         try:
-            while True:
-                tok = await self._run(next, it, _END)
-                if tok is _END:
-                    break
-                ids.append(tok)
-                if ttft is None:
+            while not done:
+                first = not ids
+                chunk, fin, done = await self._run(self._step_chunk, it, asm, r.stop_ids, 1 if first else 64,
+                                                   self.settings.stream_chunk_ms / 1e3)
+                if chunk and ttft is None:
                     ttft = time.perf_counter() - t0
-                delta = asm.push(tok)
-                yield {"type": "token", "token": delta, "token_id": tok, "index": len(ids) - 1}
-                if tok in r.stop_ids:
-                    finish = "eos"  # the model feeds it and stops by itself
-                elif asm.stopped:
-                    finish = "stop"
-                    await self._run(next, it, _END)  # feed the last token into the state, drop the next
-                    break
+                items = [{"token": d, "token_id": t, "index": len(ids) + k} for k, (t, d) in enumerate(chunk)]
+                ids += [t for t, _ in chunk]
+                finish = fin or finish
+                if items:
+                    yield {"type": "tokens", "items": items}
         finally:
             await self._run(it.close)
         tail = asm.finish()
         if tail:
-            yield {"type": "token", "token": tail, "token_id": None, "index": len(ids)}
+            yield {"type": "tokens", "items": [{"token": tail, "token_id": None, "index": len(ids)}]}
         yield {**self._finish(r, ids, asm.text, finish, t0, ttft), "type": "result"}
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[dict[str, Any]]:
@@ -265,12 +287,11 @@ class Generator:
             logits = model(torch.tensor([r.prompt_ids for r in reqs], device=dev), state=state,
                            last_logits_only=True).logits[:, -1]
             for _ in range(max(r.max_new_tokens for r in reqs)):
-                step = []
+                step = self._sample_rows(logits, reqs, active, gens, sample_next)
                 for i, r in enumerate(reqs):
                     if not active[i]:
-                        step.append(0)  # finished rows ride along; their output is ignored
-                        continue
-                    tok = sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, gens[i])
+                        continue  # finished rows ride along; their output is ignored
+                    tok = step[i]
                     out[i].append(tok)
                     asms[i].push(tok)
                     if tok in r.stop_ids:
@@ -279,7 +300,6 @@ class Generator:
                         finish[i], active[i] = "stop", False
                     elif len(out[i]) >= r.max_new_tokens:
                         active[i] = False
-                    step.append(tok)
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 if not any(active):
@@ -294,7 +314,29 @@ class Generator:
             results.append(res)
         return results
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    @staticmethod
+    def _sample_rows(logits, reqs: list[GenRequest], active: list[bool], gens, sample_next) -> list[int]:
+        """Next token of every active row: greedy rows with one argmax, plain unseeded sampling
+        with one multinomial, the rest (top-k/top-p/seeded) row by row. One device sync per group."""
+        toks = [0] * len(reqs)
+        greedy = [i for i, r in enumerate(reqs) if active[i] and r.temperature <= 0]
+        plain = [i for i, r in enumerate(reqs) if active[i] and r.temperature > 0 and not r.top_k
+                 and r.top_p >= 1.0 and gens[i] is None]
+        done = set(greedy) | set(plain)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                toks[i] = t
+        if plain:
+            temp = torch.tensor([reqs[i].temperature for i in plain], device=logits.device)
+            probs = (logits[plain].float() / temp[:, None]).softmax(-1)
+            for i, t in zip(plain, torch.multinomial(probs, 1).squeeze(1).tolist()):
+                toks[i] = t
+        for i, r in enumerate(reqs):
+            if active[i] and i not in done:
+                toks[i] = sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, gens[i])
+        return toks
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batched(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
         self.counters["batches"] += 1
         self.counters["batched_requests"] += len(reqs)

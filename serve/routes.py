@@ -73,6 +73,13 @@ def _sid(state_id: str) -> str:
                             "state_id") from None
 
 
+def _public_events(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Generator streams chunks (``tokens`` with several items); clients get one event per token."""
+    if ev.get("type") == "tokens":
+        return [{"type": "token", **item} for item in ev["items"]]
+    return [ev]
+
+
 def _sse(obj: Any) -> bytes:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
 
@@ -192,10 +199,12 @@ def create_api(ctx: ApiContext) -> FastAPI:
         first, rest = await _first_and_rest(gen)
 
         async def events():
-            yield _sse(first)
+            for e in _public_events(first):
+                yield _sse(e)
             try:
                 async for ev in rest:
-                    yield _sse(ev)
+                    for e in _public_events(ev):
+                        yield _sse(e)
             except Exception as e:  # mid-stream: the status line is gone, report in-band
                 yield _sse(_error_event(e))
         return _streaming(events(), gen)
@@ -261,9 +270,10 @@ def create_api(ctx: ApiContext) -> FastAPI:
                         if include_usage:
                             yield _sse(done_chunk(ev, True, usage_only=True))
                         break
-                    c = chunk(ev)
-                    if c is not None:
-                        yield _sse(c)
+                    for e in _public_events(ev):
+                        c = chunk(e)
+                        if c is not None:
+                            yield _sse(c)
                     ev = await rest.__anext__()
             except StopAsyncIteration:
                 pass

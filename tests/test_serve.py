@@ -135,14 +135,16 @@ def test_generate_streamed_with_session(client):
 
 
 def test_stop_sequences_end_generation(client):
-    out = _gen(client, prompt="abc", n=60, temperature=1.0, seed=11)
+    out = _gen(client, "stop-a", prompt="abc", n=60, temperature=1.0, seed=11)
     text = out["text"]
     stop = next((text[i:i + 1] for i in range(5, len(text)) if text[i:i + 1].isprintable() and text[i] != "\ufffd"), None)
     if stop is None:
         pytest.skip("sampled text has no printable character to stop at")
-    again = _gen(client, prompt="abc", n=60, temperature=1.0, seed=11, stop=[stop])
+    again = _gen(client, "stop-b", prompt="abc", n=60, temperature=1.0, seed=11, stop=[stop])
     assert again["finish_reason"] == "stop" and stop not in again["text"]
     assert text.startswith(again["text"])
+    # the session's memory holds exactly the prompt and the tokens up to the stop
+    assert again["state"]["tokens_seen"] == 3 + again["tokens"] < 3 + out["tokens"]
 
 
 # ------------------------------------------------------------------------------ OpenAI

@@ -1,0 +1,119 @@
+"""Serving pieces without Ray: text streaming with stop sequences, the live fan-out (a slow
+subscriber is dropped, the others keep receiving), batched decoding == single-sequence decoding,
+request validation messages, k-means."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from serve import schemas as S
+from serve.generator import Generator, TextAssembler
+from serve.live import Broadcaster, LiveHub
+from serve.research import kmeans
+
+
+def test_text_assembler_utf8_and_stop_sequences():
+    asm = TextAssembler()
+    euro = "€".encode()  # 3 bytes: nothing is emitted until the character is complete
+    assert [asm.push(b) for b in euro] == ["", "", "€"]
+    asm = TextAssembler(stop=["END"])
+    out = "".join(asm.push(b) for b in b"abcEN")
+    assert out == "abc"  # "EN" is held back: it may become the stop sequence
+    assert asm.push(ord("D")) == "" and asm.stopped and asm.text == "abc"
+    asm = TextAssembler(stop=["END"])
+    out = "".join(asm.push(b) for b in b"abcENx") + asm.finish()
+    assert out == "abcENx" and not asm.stopped  # a false start is released
+    asm = TextAssembler(stop=["\n\n"])
+    assert "".join(asm.push(b) for b in b"line\n") == "line"
+    assert asm.finish() == "\n"
+
+
+def test_broadcaster_drops_slow_subscriber_only():
+    async def main():
+        live = Broadcaster(queue_size=4)
+        fast, slow = live.subscribe(), live.subscribe()
+        got = []
+
+        async def send(ev):
+            got.append(ev)
+        fast.task = asyncio.create_task(live.pump(fast, send))
+        slow.task = asyncio.create_task(asyncio.sleep(3600))  # never reads
+        for i in range(10):
+            live.publish({"i": i})
+            await asyncio.sleep(0.002)  # the fast pump keeps up
+        await asyncio.sleep(0.01)
+        assert [e["i"] for e in got] == list(range(10))
+        assert slow.dropped and slow.task.cancelled() or slow.task.cancelling()
+        assert not fast.dropped and live.stats()["dropped"] == 1 and live.stats()["subscribers"] == 1
+        # a send that hangs (client stopped reading its socket) is dropped by the timeout
+        stuck = live.subscribe()
+
+        async def hang(ev):
+            await asyncio.sleep(3600)
+        stuck.task = asyncio.create_task(live.pump(stuck, hang, send_timeout_s=0.05))
+        live.publish({"i": 10})
+        await asyncio.sleep(0.2)
+        assert stuck.dropped and not fast.dropped
+        fast.task.cancel()
+    asyncio.run(main())
+
+
+def test_live_hub_long_poll_and_steps():
+    async def main():
+        hub = LiveHub(max_events=10)
+        waiter = asyncio.create_task(hub.poll(0, timeout_s=5))
+        await asyncio.sleep(0.01)
+        await hub.publish({"type": "training_step", "run_id": "r", "step": 1, "metrics": {"loss": 2.0}})
+        seq, events = await waiter
+        assert seq == 1 and events[0]["step"] == 1
+        assert (await hub.poll(1, timeout_s=0.01)) == (1, [])
+        assert [e["step"] for e in await hub.training_steps("r")] == [1]
+        assert (await hub.summary())["runs"]["r"]["steps"] == 1
+    asyncio.run(main())
+
+
+def test_batched_decoding_matches_generate_stream(tmp_path):
+    cls = Generator.func_or_class
+    g = cls({"model": {"preset": "tiny", "seed": 0}, "bank": {"storage": str(tmp_path)}, "device": "cpu"})
+    from serve.generator import GenRequest
+
+    prompts = [list(b"same length A"), list(b"same length B"), list(b"same length C")]
+    reqs = [GenRequest(prompt_ids=p, max_new_tokens=n, temperature=0.0, stop_ids=[g.tok.eos_id])
+            for p, n in zip(prompts, (6, 9, 4))]
+    outs = g._decode_group(reqs)
+    for r, out in zip(reqs, outs):
+        single = g.lm.model.generate(r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=0.0,
+                                     stop_tokens=r.stop_ids)
+        assert out["token_ids"] == single and out["tokens"] == r.max_new_tokens
+        assert out["batch_size"] == 3
+
+
+def test_request_validation_messages():
+    with pytest.raises(ValidationError, match=r"state_id must match \[A-Za-z0-9_-\]\{1,64\}"):
+        S.GenerateRequest(prompt="x", state_id="no spaces")
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        S.GenerateRequest(prompt="x", max_new_tokens=0)
+    with pytest.raises(ValidationError, match="Extra inputs|extra"):
+        S.GenerateRequest(prompt="x", tempreature=1)
+    step = S.TrainingStepRequest.model_validate({"run_id": "r1", "step": 3, "loss": 2.5, "lr": 1e-3})
+    assert step.metrics == {"loss": 2.5, "lr": 1e-3}
+    with pytest.raises(ValidationError, match="finite"):
+        S.TrainingStepRequest(step=1, metrics={"loss": float("nan")})
+    with pytest.raises(ValidationError, match="exactly one prompt"):
+        S.CompletionRequest(prompt=["a", "b"])
+    assert S.CompletionRequest(prompt=["a"], stop="x", foo="ignored").stop == ["x"]
+    with pytest.raises(ValidationError, match="exactly one of state_id or text"):
+        S.StateClusteringRequest(k=2)
+
+
+def test_kmeans_separates_blobs():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 4, generator=g) * 0.1 + torch.tensor([5.0, 0, 0, 0])
+    b = torch.randn(30, 4, generator=g) * 0.1 - torch.tensor([5.0, 0, 0, 0])
+    labels, inertia = kmeans(torch.cat([a, b]), 2)
+    assert len(set(labels[:30].tolist())) == 1 and len(set(labels[30:].tolist())) == 1
+    assert labels[0] != labels[-1] and inertia < 10
