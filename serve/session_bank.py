@@ -178,6 +178,8 @@ class SessionBankShard:
                 self.store.delete_snapshot(s.state_id)
                 del self.sessions[s.state_id]
         self.counters["recovered_records"] = n
+        # every restart opens a new epoch: fold the old ones into snapshots at the next manager pass
+        self._fold_epochs = len(self.store.epochs()) >= 3
         self.store.start_epoch()
         if n or self.sessions:
             logger.info("shard %d restored %d sessions (%d WAL records)", self.index, len(self.sessions), n)
@@ -505,7 +507,8 @@ class SessionBankShard:
                     done["compacted"] += 1
                 except (Busy, Conflict, NotFound):
                     pass
-        await self._maybe_checkpoint(force=False)
+        await self._maybe_checkpoint(force=self._fold_epochs)
+        self._fold_epochs = False
         await self._enforce_budget()
         return done
 
