@@ -1138,7 +1138,10 @@ class Trainer:
 
             is_last = self.step >= stop
             metrics: dict[str, float] = {}
-            if self.step % cfg.eval_interval == 0 or is_last:
+            # Evaluate on the interval and at the end of the schedule, not at an early --max-steps
+            # stop: evaluation adapts the curriculum, so an extra one would make a stopped-and-resumed
+            # run differ from an uninterrupted one.
+            if self.step % cfg.eval_interval == 0 or self.step >= cfg.total_steps:
                 metrics.update(self.evaluate())
                 if self.schedule.plateau.update(self.state.loss_ema):
                     metrics["lr/plateau_reduced"] = 1.0

@@ -155,7 +155,7 @@ def test_ray_job_submit_to_separate_head_succeeds(tmp_path):
             [ray_bin, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
              "--runtime-env", "cluster/runtime_env.yaml", "--",
              "python", "-m", "ray_jobs.train", "--config", "configs/train/tiny.yaml", "--storage", storage,
-             "--name", "jobsubmit", "--max-steps", "4", "--wandb", "off",
+             "--name", "jobsubmit", "--max-steps", "4", "--num-workers", "1", "--wandb", "off",
              "--set", "train.batch_size=4", "--set", "train.max_len=96", "--set", "train.log_interval=2",
              "--set", "train.checkpoint_interval=2", "--set", "train.eval_interval=4",
              "--set", "train.eval_samples=1", "--set", "run.progress=false"],
