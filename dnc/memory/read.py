@@ -40,9 +40,6 @@ class MemoryRead(nn.Module):
         self.max_age_buckets = max_age_buckets
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_write = nn.Linear(d_model, d_model, bias=False)
-        # token shift: a slot's key also sees the previous token, so a slot is addressable by the
-        # context that preceded it (makes associative recall a one-step lookup)
-        self.k_shift = nn.Linear(d_model, d_model, bias=False)
         # keys and queries are unit-normalised per head; a learned per-head temperature sets sharpness
         self.q_scale = nn.Parameter(torch.full((n_heads,), 8.0))
         self.v_write = nn.Linear(d_model, d_model, bias=False)
@@ -62,8 +59,11 @@ class MemoryRead(nn.Module):
         """h: [B, T, D] normed inputs of the segment -> keys/values [B, H, T/p, Dh], valid [B, T/p]."""
         b, t, _ = h.shape
         p = self.write_pool
+        # Token shift with a tied projection: a slot's key also carries the *query* projection of
+        # the previous token, so a later query "like token t-1" finds the slot of what followed it.
+        # This is the induction prior associative recall needs, built into the write path.
         h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))  # previous token within the segment (zeros first)
-        k = (self.k_write(h) + self.k_shift(h_prev)).view(b, t, self.n_heads, self.head_dim)
+        k = (self.k_write(h) + self.q_proj(h_prev)).view(b, t, self.n_heads, self.head_dim)
         k = F.normalize(k.float(), dim=-1).to(h.dtype)
         v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
         if valid is None:
