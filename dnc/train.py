@@ -1107,6 +1107,7 @@ class Trainer:
             return dict(self.state.last_metrics)
         bar = self._make_progress(stop)
         window: dict[str, float] = {}
+        pending: dict[str, float] = {}
         n_window = 0
         t_window = time.time()
         attempt_start = time.time()
@@ -1137,15 +1138,17 @@ class Trainer:
             self._maybe_fail()
 
             is_last = self.step >= stop
-            metrics: dict[str, float] = {}
+            metrics = pending   # evaluation results wait for the next log step
             # Evaluate on the interval and at the end of the schedule, not at an early --max-steps
             # stop: evaluation adapts the curriculum, so an extra one would make a stopped-and-resumed
             # run differ from an uninterrupted one.
             if self.step % cfg.eval_interval == 0 or self.step >= cfg.total_steps:
+                t_eval = time.time()
                 metrics.update(self.evaluate())
                 if self.schedule.plateau.update(self.state.loss_ema):
                     metrics["lr/plateau_reduced"] = 1.0
                 self._update_stage_fields()
+                t_window += time.time() - t_eval   # throughput counts training time only
             if self.step % cfg.log_interval == 0 or is_last:
                 avg = {k: v / n_window for k, v in window.items() if k != "tokens"}
                 avg = self._all_mean(avg)
@@ -1162,6 +1165,7 @@ class Trainer:
                                 "curriculum/stage_index": float(self.state.data.get("stage_index", -1))})
                 self.state.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
                 window, n_window, tokens_window, t_window = {}, 0, 0, time.time()
+                pending = {}
                 ckpt_dir = None
                 if self.step % cfg.checkpoint_interval == 0 or is_last:
                     ckpt_dir = tempfile.mkdtemp(prefix=f"dnc-ckpt-{self.step:06d}-r{self.rank}-")
