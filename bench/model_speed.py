@@ -108,7 +108,7 @@ def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) 
 def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
     model = build(name, memory, seq_len, device, None, args.compile).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    b = args.batch
+    b = max(1, args.tokens_per_step // seq_len)
     x = torch.randint(0, 256, (b, seq_len), device=device)
     ac = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and dtype == torch.bfloat16) \
         else torch.autocast("cpu", enabled=False)
@@ -129,7 +129,7 @@ def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
     attended = seq_len / 2 if not memory else (cfg.segment_len / 2 + cfg.kv_window
                                                + cfg.bank_slots * len(cfg.memory_layer_ids) / cfg.n_layers)
     tps = b * seq_len / sec
-    out = {"tokens_per_s": tps, "step_s": sec, "peak_mb": peak_mb(device)}
+    out = {"tokens_per_s": tps, "step_s": sec, "batch": b, "peak_mb": peak_mb(device)}
     if device.type == "cuda":
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         if peak:
@@ -147,7 +147,7 @@ def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -
     def prefill():
         st = model.init_state(1)
         for i in range(0, ctx, chunk):
-            model(x[:, i:i + chunk], state=st, last_logits_only=True)
+            model(x[:, i:i + chunk], state=st, last_logits_only=True, metrics=False)
         return st
 
     reset_peak(device)
@@ -164,7 +164,7 @@ def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -
         for _ in range(args.decode_steps):
             sync(device)
             t = time.perf_counter()
-            model(tok, state=state, last_logits_only=True)
+            model(tok, state=state, last_logits_only=True, metrics=False)
             sync(device)
             lat.append(time.perf_counter() - t)
         lat = lat[2:]  # warm-up
@@ -184,12 +184,15 @@ def main(argv=None) -> int:
     p.add_argument("--decode-contexts", default=None, help="e.g. 4k,32k,128k,1m")
     p.add_argument("--baseline-max", default=None, help="longest baseline prefill/decode context (e.g. 128k)")
     p.add_argument("--baseline-train-max", default=None, help="longest baseline training length")
-    p.add_argument("--batch", type=int, default=1, help="sequences per training step")
+    p.add_argument("--tokens-per-step", type=int, default=None,
+                   help="training tokens per step; batch = max(1, this / length) (default 64k CUDA, 4k CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--prefill-iters", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=34)
     p.add_argument("--compile", action="store_true", help="torch.compile each block for training")
+    p.add_argument("--no-infer", action="store_true", help="training rows only")
+    p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
 
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     decode_ctx = ints(args.decode_contexts or ("4k,32k,128k,1m" if cuda else "1k,4k,16k,64k"))
     base_max = ints(args.baseline_max or ("128k" if cuda else "16k"))[0]
     base_train_max = ints(args.baseline_train_max or ("32k" if cuda else "4k"))[0]
+    args.tokens_per_step = args.tokens_per_step or (65536 if cuda else 4096)
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
 
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
                 results["rows"].append({"preset": name, "kind": "train", "model": "dnc" if memory else "baseline",
                                         "length": L, **r})
                 print(json.dumps(results["rows"][-1]), flush=True)
-        for L in sorted(set(prefill_lengths) | set(decode_ctx)):
+        for L in ([] if args.no_infer else sorted(set(prefill_lengths) | set(decode_ctx))):
             for memory in (True, False):
                 if not memory and L > base_max:
                     continue
@@ -227,7 +231,7 @@ def main(argv=None) -> int:
                 print(json.dumps(results["rows"][-1]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if cuda else "cpu"
+    tag = ("cuda" if cuda else "cpu") + (f"_{args.tag}" if args.tag else "")
     (out / f"model_speed_{tag}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / f"model_speed_{tag}.md").write_text(table)

@@ -46,8 +46,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: st
         return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v.float()).to(q.dtype)
     if past == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if tq == 1:  # a single decode query sees every cached key: no mask at all
-        return F.scaled_dot_product_attention(q, k, v)
+    if tq == 1:
+        # A decode step: one query sees every cached key. Plain matmuls here, because fused
+        # kernels (cuDNN SDPA) build a new plan for every new key length, i.e. every token.
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(tq, tk, q.device))
 
 

@@ -231,9 +231,7 @@ class DNC(nn.Module):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def _init_weights(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Linear) and not isinstance(m, type(None)):
-            if m.weight.abs().sum() == 0 and getattr(m, "_keep_zero", False):
-                return
+        if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, self.config.init_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -275,8 +273,12 @@ class DNC(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, state: DNCState | None = None,
-                return_state: bool = False, trace: bool = False, last_logits_only: bool = False) -> DNCOutput:
-        """tokens: [B, T] -> DNCOutput (logits [B, T, V], or [B, 1, V] with last_logits_only)."""
+                return_state: bool = False, trace: bool = False, last_logits_only: bool = False,
+                metrics: bool = True) -> DNCOutput:
+        """tokens: [B, T] -> DNCOutput (logits [B, T, V], or [B, 1, V] with last_logits_only).
+
+        ``metrics=False`` skips the memory statistics (they synchronise with the device), which
+        generation does for every token."""
         cfg = self.config
         b, t_total = tokens.shape
         keep_state = state is not None or return_state
@@ -314,7 +316,7 @@ class DNC(nn.Module):
             touch = sum(p.sum() for p in self.compressors.parameters()) * 0.0 if len(self.compressors) else 0.0
             out.lm_loss = lm
             out.loss = lm + cfg.recon_weight * recon + touch
-        out.metrics = self._metrics(state, counters)
+        out.metrics = self._metrics(state, counters) if metrics else {}
         return out
 
     def _forward_chunk(self, tokens: torch.Tensor, state: DNCState, trace: bool):
@@ -325,8 +327,9 @@ class DNC(nn.Module):
         cos, sin = rope_table(pos0 + n, cfg.head_dim, cfg.rope_theta, x.device)
         cos, sin = cos[pos0:], sin[pos0:]
         stride = max(1, cfg.segment_len // 64)  # salience statistics from a fixed subset of positions
-        seg_positions = torch.arange(state.seg_pos, state.seg_pos + n, device=x.device)
-        sample = (seg_positions % stride) == (stride - 1)
+        # chosen on the host (no device sync): positions p with p % stride == stride - 1
+        first = (stride - 1 - state.seg_pos % stride) % stride
+        sample = torch.arange(first, n, stride, device=x.device) if first < n else None
         traces = []
         for blk, ls in zip(self.blocks, state.layers):
             if blk.mem is not None and ls.view is None:
@@ -450,13 +453,13 @@ class DNC(nn.Module):
                 state = self.init_state(1)
             if ids.shape[1] == 0:
                 raise ValueError("prompt must contain at least one token")
-            logits = self(ids, state=state, last_logits_only=True).logits[:, -1]
+            logits = self(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
             stops = set(int(s) for s in stop_tokens)
             for _ in range(max_new_tokens):
                 tok = sample_next(logits, temperature, top_k, top_p, generator)
                 yield tok
                 logits = self(torch.tensor([[tok]], device=self.device), state=state,
-                              last_logits_only=True).logits[:, -1]
+                              last_logits_only=True, metrics=False).logits[:, -1]
                 if tok in stops:
                     break
         finally:
