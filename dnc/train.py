@@ -1217,7 +1217,13 @@ class Trainer:
 
 
 def _compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each transformer block in place (the segment/memory loop stays eager)."""
+    """``torch.compile`` each transformer block in place (the segment/memory loop stays eager).
+
+    Blocks see a few shape families (segment length, bank size as it fills, memory/no-memory
+    blocks), so the recompile limit is raised above dynamo's default of 8."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
     for blocks in _block_lists(model):
         for b in blocks:
             b.compile()
