@@ -221,6 +221,7 @@ def main(argv=None) -> int:
                 results["rows"].append({"preset": name, "kind": "train", "model": "dnc" if memory else "baseline",
                                         "length": L, **r})
                 print(json.dumps(results["rows"][-1]), flush=True)
+                save(results, args, cuda)
         for L in ([] if args.no_infer else sorted(set(prefill_lengths) | set(decode_ctx))):
             for memory in (True, False):
                 if not memory and L > base_max:
@@ -229,14 +230,20 @@ def main(argv=None) -> int:
                 results["rows"].append({"preset": name, "kind": "infer", "model": "dnc" if memory else "baseline",
                                         "length": L, **r})
                 print(json.dumps(results["rows"][-1]), flush=True)
+                save(results, args, cuda)
+    print(save(results, args, cuda))
+    return 0
+
+
+def save(results: dict, args, cuda: bool) -> str:
+    """Write JSON + markdown after every row, so a run cut short keeps what it measured."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("cuda" if cuda else "cpu") + (f"_{args.tag}" if args.tag else "")
     (out / f"model_speed_{tag}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / f"model_speed_{tag}.md").write_text(table)
-    print(table)
-    return 0
+    return table
 
 
 def _commit() -> str:
