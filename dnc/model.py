@@ -313,7 +313,7 @@ class DNC(nn.Module):
                 tgt = tgt.masked_fill(~loss_mask.bool(), -100)
             lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
             # keep every parameter in the graph (DDP/FSDP require it even when nothing was compressed)
-            touch = sum(p.sum() for p in self.compressors.parameters()) * 0.0 if len(self.compressors) else 0.0
+            touch = sum(p.sum() for p in self._maybe_unused_params()) * 0.0
             out.lm_loss = lm
             out.loss = lm + cfg.recon_weight * recon + touch
         out.metrics = self._metrics(state, counters) if metrics else {}
@@ -386,6 +386,15 @@ class DNC(nn.Module):
                 ls.cache.detach_()
         state.seg_pos = 0
         return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
+
+    def _maybe_unused_params(self) -> list:
+        """Parameters a step may not use (compressors before any overflow; slot embeddings while
+        the bank is empty). DDP and FSDP need every parameter in the graph."""
+        params = list(self.compressors.parameters())
+        for blk in self.blocks:
+            if blk.mem is not None:
+                params += [blk.mem.level_emb, blk.mem.age_emb, blk.mem.sal_scale]
+        return params
 
     @torch.no_grad()
     def _metrics(self, state: DNCState, counters: dict) -> dict:
