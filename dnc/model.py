@@ -389,11 +389,12 @@ class DNC(nn.Module):
 
     def _maybe_unused_params(self) -> list:
         """Parameters a step may not use (compressors before any overflow; slot embeddings while
-        the bank is empty). DDP and FSDP need every parameter in the graph."""
+        the bank is empty; write projections when nothing written is read back in this step). DDP and FSDP need every parameter in the graph."""
         params = list(self.compressors.parameters())
         for blk in self.blocks:
             if blk.mem is not None:
-                params += [blk.mem.level_emb, blk.mem.age_emb, blk.mem.sal_scale]
+                params += [blk.mem.level_emb, blk.mem.age_emb, blk.mem.sal_scale, blk.mem.k_write.weight,
+                           blk.mem.v_write.weight]
         return params
 
     @torch.no_grad()
