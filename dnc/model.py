@@ -426,21 +426,10 @@ class DNC(nn.Module):
         cfg = self.config
         g = cfg.compress_group
         moved = {"compressed": 0, "evicted": 0}
-        for (i, bank), blk in [((i, b), self.blocks[i]) for i, b in state.banks()]:
-            l0 = bank.levels[0]
-            r = ((l0.n - keep_l0) // g) * g
-            if r <= 0:
-                continue
-            # re-use the write path: treat the oldest r L0 slots as overflow by shrinking capacity
-            caps = bank.capacities
-            bank.capacities = (l0.n - r, caps[1], caps[2])
-            empty_k = l0.keys[:, :, :0]
-            stats = bank.write(empty_k, empty_k.clone(), l0.valid[:, :0], compressors=self.compressors,
-                               policy=self.policy, protect_salient=cfg.protect_salient, group=g)
-            bank.clock -= 1  # compaction is not a segment: keep ages/clock as they were
-            for lvl in bank.levels:
-                lvl.age = lvl.age - 1.0
-            bank.capacities = caps
+        for i, bank in state.banks():
+            count = ((bank.levels[0].n - keep_l0) // g) * g
+            stats = bank.compact(count, compressors=self.compressors, policy=self.policy,
+                                 protect_salient=cfg.protect_salient, group=g)
             moved["compressed"] += stats["compressed"]
             moved["evicted"] += stats["evicted"]
             state.layers[i].view = None

@@ -24,7 +24,6 @@ def ray_cluster(tmp_path_factory):
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
-            _temp_dir=None,
             runtime_env={"env_vars": {"WANDB_MODE": "offline"}},
         )
     yield ray

@@ -156,18 +156,34 @@ class StateBank:
         Overflow cascades: L0 -> compress 2:1 -> L1 -> compress 2:1 -> L2 -> evict by ``policy``.
         Returns {"recon_loss": tensor, "compressed": int, "evicted": int}.
         """
-        b = keys.shape[0]
-        dev = keys.device
+        b, m = keys.shape[0], keys.shape[2]
         with torch.no_grad():
             for lvl in self.levels:
                 lvl.age = lvl.age + 1.0
-        m = keys.shape[2]
-        f32 = dict(device=dev, dtype=torch.float32)
+        f32 = dict(device=keys.device, dtype=torch.float32)
         incoming = BankLevel(keys, values, torch.ones(b, m, **f32), torch.zeros(b, m, **f32),
                              torch.zeros(b, m, **f32), torch.full((b, m), float(self.clock), **f32), valid)
-        recon = keys.new_zeros((), dtype=torch.float32)
+        stats = self._insert(0, incoming, compressors, policy, protect_salient, group, recon_queries)
+        self.clock += 1
+        return stats
+
+    def compact(self, count: int, *, compressors, policy, protect_salient: float, group: int) -> dict:
+        """Compress ``count`` L0 slots (a multiple of ``group``; lowest keep score first) into L1,
+        cascading further down as needed. Not a segment: ages and the clock stay as they are."""
+        if count <= 0:
+            return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0}
+        self.levels[0], spilled, recon = self._spill(0, count, compressors[0], protect_salient, group, None)
+        stats = self._insert(1, spilled, compressors, policy, protect_salient, group, None)
+        stats["compressed"] += count
+        return stats
+
+    def _insert(self, start: int, incoming: BankLevel, compressors, policy, protect_salient: float, group: int,
+                recon_queries) -> dict:
+        """Append ``incoming`` to level ``start``, making room by compressing into the next level
+        (L0, L1) or by eviction (L2), recursively."""
+        recon = incoming.keys.new_zeros((), dtype=torch.float32)
         compressed = evicted = 0
-        for i in range(LEVELS):
+        for i in range(start, LEVELS):
             lvl = self.levels[i]
             over = lvl.n + incoming.n - self.capacities[i]
             nxt = None
@@ -176,25 +192,30 @@ class StateBank:
                     r = min(int(math.ceil(over / group)) * group, lvl.n - lvl.n % group)
                     if r < over:
                         raise RuntimeError(f"level {i} cannot make room for {incoming.n} slots; raise its capacity")
-                    with torch.no_grad():
-                        keep = protect_salient * torch.log(lvl.salience.clamp_min(1e-6)) - torch.log1p(lvl.age)
-                        drop_idx, kept_idx = _drop_order(keep, lvl.valid, r)
-                    out = lvl.select(drop_idx)
-                    nxt, loss = self._compress(out, compressors[i], group, recon_queries)
+                    lvl, nxt, loss = self._spill(i, r, compressors[i], protect_salient, group, recon_queries)
                     recon = recon + loss
                     compressed += r
                 else:
                     with torch.no_grad():
                         keep = policy.keep_scores(lvl, self.clock, self.alpha)
                         _, kept_idx = _drop_order(keep, lvl.valid, over)
+                    lvl = lvl.select(kept_idx)
                     evicted += over
-                lvl = lvl.select(kept_idx)
             self.levels[i] = BankLevel.cat(lvl, incoming)
             if nxt is None:
                 break
             incoming = nxt
-        self.clock += 1
         return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
+
+    def _spill(self, i: int, count: int, compressor, protect_salient: float, group: int, recon_queries):
+        """Take the ``count`` slots of level ``i`` with the lowest keep score (old and unsalient first)
+        and compress them 2:1. Returns (level i without them, compressed slots, recon loss)."""
+        lvl = self.levels[i]
+        with torch.no_grad():
+            keep = protect_salient * torch.log(lvl.salience.clamp_min(1e-6)) - torch.log1p(lvl.age)
+            drop_idx, kept_idx = _drop_order(keep, lvl.valid, count)
+        compressed, loss = self._compress(lvl.select(drop_idx), compressor, group, recon_queries)
+        return lvl.select(kept_idx), compressed, loss
 
     @staticmethod
     def _compress(out: BankLevel, compressor, group: int, recon_queries) -> tuple[BankLevel, torch.Tensor]:

@@ -11,7 +11,6 @@ logits explicitly and keeps each query's k best slots; with k >= S both are the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bank import LEVELS, StateBank
+from .router import LevelRouter
 
 
 @dataclass
@@ -44,8 +44,6 @@ class MemoryRead(nn.Module):
         self.q_scale = nn.Parameter(torch.full((n_heads,), 8.0))
         self.v_write = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
-        from .router import LevelRouter
-
         self.router = LevelRouter(d_model, n_heads)
         self.level_emb = nn.Parameter(torch.zeros(LEVELS, n_heads, self.head_dim))
         self.age_emb = nn.Parameter(torch.zeros(max_age_buckets, n_heads, self.head_dim))
