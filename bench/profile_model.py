@@ -1,21 +1,260 @@
 """Profile one DNC training step and a few decode steps with torch.profiler; prints the top ops.
 
     python bench/profile_model.py --preset small --length 8192 --device cuda
+
+``--count-ops`` instead counts the aten ops the model dispatches (a proxy for CUDA kernel launches
+that needs no GPU) per segment, for training forward+backward, no-grad prefill and single-token
+decode, for the DNC and its memory-less baseline; prints a table and writes JSON:
+
+    python bench/profile_model.py --count-ops --preset small --label after
+
+The count runs on CPU with the preset shrunk (``--shrink``: segment length and bank capacities
+divided by it, width reduced) so it takes seconds; the per-segment op *structure* is unchanged
+(same layers, memory layers, write pooling, compression group and level ratios), so the counts
+are those of the full-size model.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "op_counts_cpu.json"
+
+# ops that launch no kernel on a GPU: allocation and metadata only (views are detected by schema)
+_NO_KERNEL = {"detach", "empty", "empty_strided", "empty_like", "lift_fresh", "_to_copy_noop", "set_",
+              "resize_", "_reshape_alias", "alias", "_unsafe_view"}
+# ops that make the host wait for the device (and break CUDA-graph capture)
+_HOST_SYNC = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "allclose", "unique",
+              "_unique2", "masked_select", "repeat_interleave"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op dispatched while active (forward and autograd backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+        self.active = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        was, self.active = self.active, False
+        try:
+            yield
+        finally:
+            self.active = was
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active:
+            self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        total = kernels = syncs = 0
+        by_name: Counter = Counter()
+        for func, n in self.ops.items():
+            if isinstance(func, str):  # counted by hand (a fused kernel), e.g. "_fused_rms_norm"
+                total += n
+                kernels += n
+                by_name[func] += n
+                continue
+            name = func.overloadpacket.__name__
+            total += n
+            if name in _HOST_SYNC:
+                syncs += n
+            if func.is_view or name in _NO_KERNEL:
+                continue
+            kernels += n
+            by_name[name] += n
+        return {"aten_ops": total, "kernel_ops": kernels, "host_syncs": syncs,
+                "top": dict(by_name.most_common(12))}
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """``F.rms_norm`` counted as the CUDA build runs it: one ``_fused_rms_norm`` kernel forward
+    and one ``_fused_rms_norm_backward`` backward. The CPU build decomposes it into ~6 ops each
+    way, which would inflate every count with norms the memory path does not own."""
+
+    counter: "OpCounter | None" = None
+    original = torch.nn.functional.rms_norm
+
+    @staticmethod
+    def forward(ctx, x, weight, shape, eps):
+        c = _FusedRMSNorm.counter
+        with c.paused():
+            xd, wd = x.detach().requires_grad_(x.requires_grad), weight.detach().requires_grad_(weight.requires_grad)
+            with torch.enable_grad():
+                y = _FusedRMSNorm.original(xd, shape, wd, eps)
+        c.ops["_fused_rms_norm"] += 1
+        ctx.saved = (xd, wd, y)
+        return y.detach()
+
+    @staticmethod
+    def backward(ctx, gy):
+        xd, wd, y = ctx.saved
+        c = _FusedRMSNorm.counter
+        with c.paused():
+            gx, gw = torch.autograd.grad(y, (xd, wd), gy, allow_unused=True)
+        c.ops["_fused_rms_norm_backward"] += 1
+        return gx, gw, None, None
+
+
+def _rms_norm(x, shape, weight=None, eps=None):
+    if weight is None or not torch.is_grad_enabled():
+        c = _FusedRMSNorm.counter
+        with c.paused():
+            y = _FusedRMSNorm.original(x, shape, weight, eps)
+        c.ops["_fused_rms_norm"] += 1
+        return y
+    return _FusedRMSNorm.apply(x, weight, tuple(shape), eps)
+
+
+def count(fn) -> dict:
+    """Run ``fn`` and count the aten ops it dispatches (``rms_norm`` as the fused CUDA kernel)."""
+    c = OpCounter()
+    _FusedRMSNorm.counter = c
+    torch.nn.functional.rms_norm = _rms_norm
+    try:
+        with c:
+            fn()
+    finally:
+        torch.nn.functional.rms_norm = _FusedRMSNorm.original
+    return c.summary()
+
+
+def shrunk_config(name: str, shrink: int, memory: bool = True, **overrides):
+    """The preset with segment length and bank capacities divided by ``shrink`` (same ratios)."""
+    base = preset(name)
+    kw = dict(d_model=16 * base.n_heads, segment_len=base.segment_len // shrink,
+              l0_slots=base.l0_slots // shrink, l1_slots=base.l1_slots // shrink,
+              l2_slots=base.l2_slots // shrink, kv_window=base.kv_window // shrink)
+    kw.update(overrides)
+    cfg = preset(name, **kw)
+    return cfg if memory else cfg.baseline(cfg.segment_len)
+
+
+def count_ops(a) -> dict:
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = shrunk_config(a.preset, a.shrink)
+    seg = cfg.segment_len
+    n_seg = a.segments
+    results: dict = {"config": {k: v for k, v in cfg.to_dict().items() if k in (
+        "d_model", "n_layers", "n_heads", "segment_len", "l0_slots", "l1_slots", "l2_slots", "write_pool",
+        "compress_group", "memory_layers", "kv_window", "mem_topk", "eviction")},
+        "segments": n_seg, "modes": {}}
+    # bank is full after (l0 + 2*l1 + 4*l2) raw slots: from then on every segment compresses + evicts
+    fill_segments = -(-(cfg.l0_slots + 2 * cfg.l1_slots + 4 * cfg.l2_slots) * cfg.write_pool // seg) + 1
+
+    for kind in ("dnc", "baseline"):
+        torch.manual_seed(0)
+        m_cfg = cfg if kind == "dnc" else cfg.baseline(n_seg * seg)
+        model = DNC(m_cfg).train()
+        x = torch.randint(0, 256, (a.batch, n_seg * seg))
+        modes = {}
+        per = n_seg if kind == "dnc" else 1  # the baseline's whole input is one segment
+
+        def train_step(state=None):
+            out = model(x, targets=x, state=state)
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        train_step()  # warm-up (lazy inits, caches)
+        modes["train_fwd_bwd_fresh"] = count(train_step)
+        with torch.no_grad():
+            modes["train_fwd_fresh"] = count(lambda: model(x, targets=x))
+        if kind == "dnc":
+            # a full bank: every segment compresses L0->L1->L2 and evicts from L2 (with recon loss)
+            def full_state():
+                s = model.init_state(a.batch)
+                with torch.no_grad():
+                    model(torch.randint(0, 256, (a.batch, fill_segments * seg)), state=s, metrics=False)
+                return s
+            s = full_state()
+            modes["train_fwd_bwd_fullbank"] = count(lambda: train_step(s))
+        model.eval()
+        with torch.no_grad():
+            if kind == "dnc":
+                s = full_state()
+                modes["prefill_fullbank"] = count(lambda: model(x, state=s, last_logits_only=True, metrics=False))
+                s = full_state()
+                modes["prefill_fresh"] = count(lambda: model(x, state=model.init_state(a.batch),
+                                                             last_logits_only=True, metrics=False))
+                # decode: a token in the middle of a segment, and the token that ends a segment
+                model(x[:, : seg // 2], state=s, metrics=False)
+                tok = x[:, :1]
+                modes["decode_token"] = count(lambda: model(tok, state=s, last_logits_only=True, metrics=False))
+                model(x[:, : seg - s.seg_pos - 1], state=s, metrics=False)
+                assert s.seg_pos == seg - 1
+                modes["decode_boundary_token"] = count(
+                    lambda: model(tok, state=s, last_logits_only=True, metrics=False))
+            else:
+                modes["prefill_fresh"] = count(lambda: model(x, last_logits_only=True, metrics=False))
+                s = model.init_state(a.batch)
+                model(x[:, : seg // 2], state=s, metrics=False)
+                tok = x[:, :1]
+                modes["decode_token"] = count(lambda: model(tok, state=s, last_logits_only=True, metrics=False))
+        for name, r in modes.items():
+            segs = 1 if name.startswith("decode") else per
+            r["segments"] = segs
+            r["kernel_ops_per_segment"] = round(r["kernel_ops"] / segs, 1)
+        results["modes"][kind] = modes
+    return results
+
+
+def print_table(res: dict, before: dict | None) -> None:
+    print(f"aten ops (kernel-launching: views/allocations excluded) per segment; config {res['config']}; "
+          f"{res['segments']} segments per call")
+    hdr = "| model | mode | kernel ops / seg | all aten ops | host syncs |" + (" before / seg | ratio |" if before else "")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for kind, modes in res["modes"].items():
+        for mode, r in modes.items():
+            row = f"| {kind} | {mode} | {r['kernel_ops_per_segment']:,} | {r['aten_ops']:,} | {r['host_syncs']} |"
+            if before:
+                b = before.get("modes", {}).get(kind, {}).get(mode)
+                if b:
+                    row += f" {b['kernel_ops_per_segment']:,} | {b['kernel_ops_per_segment'] / max(r['kernel_ops_per_segment'], 1):.2f}x |"
+                else:
+                    row += " - | - |"
+            print(row)
+
+
+def main_count(a) -> int:
+    t = time.perf_counter()
+    res = count_ops(a)
+    res["command"] = "python bench/profile_model.py --count-ops " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in (("preset", a.preset), ("shrink", a.shrink),
+                                                     ("segments", a.segments), ("batch", a.batch), ("label", a.label)))
+    res["torch"] = torch.__version__
+    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    before = stored.get("before") if a.label != "before" else None
+    print_table(res, before)
+    if a.details:
+        for kind, modes in res["modes"].items():
+            for mode, r in modes.items():
+                print(kind, mode, r["top"])
+    stored[a.label] = res
+    if not a.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+        print(f"wrote {RESULTS} [{a.label}] in {time.perf_counter() - t:.1f}s")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -26,7 +265,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--baseline", action="store_true")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--count-ops", action="store_true", help="count aten ops per segment on CPU (see above)")
+    p.add_argument("--shrink", type=int, default=16, help="--count-ops: divide segment/bank sizes by this")
+    p.add_argument("--segments", type=int, default=4, help="--count-ops: segments per call (4 = an 8k step of small)")
+    p.add_argument("--label", default="after", help="--count-ops: key of the JSON entry (before/after)")
+    p.add_argument("--details", action="store_true", help="--count-ops: print the most frequent ops per mode")
+    p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
+    if a.count_ops:
+        return main_count(a)
     dev = torch.device(a.device)
     cfg = preset(a.preset)
     if a.baseline:
