@@ -533,10 +533,9 @@ def long_context_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Pat
         lengths = sorted({c["length"] for c in pcells})
         depths = sorted({c["depth"] for c in pcells})
         w = 1.6 + 0.55 * len(lengths)
-        fig, axes = plt.subplots(1, len(models), figsize=(w * len(models) + 0.8, 0.9 + 0.28 * len(depths)),
-                                 squeeze=False)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#d9d9d9")
+        fig, axes = plt.subplots(1, len(models), figsize=(w * len(models) + 0.8, max(2.6, 1.2 + 0.26 * len(depths))),
+                                 squeeze=False, layout="constrained")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
         im = None
         for ax, m in zip(axes[0], models):
             grid = np.full((len(depths), len(lengths)), np.nan)
@@ -554,7 +553,7 @@ def long_context_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Pat
                     v = grid[i, j]
                     ax.text(j, i, "n/a" if np.isnan(v) else f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
                             color="black" if np.isnan(v) or v >= 0.6 else "white")
-        fig.colorbar(im, ax=list(axes[0]), fraction=0.04, pad=0.02, label="exact match")
+        fig.colorbar(im, ax=list(axes[0]), fraction=0.05, pad=0.02, label="exact match")
         out.append(("Passkey accuracy, needle depth x context length (grey = not run)",
                     _save(fig, plots / f"{stem}_passkey.png")))
 

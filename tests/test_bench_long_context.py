@@ -1,0 +1,98 @@
+"""bench/long_context.py end to end on the tiny preset (train both models for one step, evaluate
+every suite at tiny lengths), and bench/report.py rebuilding a README from its JSON plus a
+model_speed result, twice, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+@pytest.fixture(scope="module")
+def lc_run(tmp_path_factory) -> Path:
+    """One tiny run of bench/long_context.py; returns its output folder."""
+    out = tmp_path_factory.mktemp("long_context")
+    cmd = [sys.executable, str(BENCH / "long_context.py"), "--preset", "tiny", "--max-len", "128",
+           "--train-minutes", "0.5", "--max-steps", "1", "--set", "log_interval=1", "--set", "eval_interval=1",
+           "--set", "eval_samples=1", "--set", "corpus_eval_bytes=1024",
+           "--passkey-lengths", "128,256", "--depths", "0,1", "--n", "1",
+           "--recall-lengths", "256", "--n-recall", "1",
+           "--mqar-pairs", "8", "--mqar-len", "64", "--n-mqar", "1",
+           "--bpb-context", "128", "--bpb-bytes", "2048",
+           "--device", "cpu", "--threads", "1", "--tag", "test", "--out", str(out), "--work-dir", str(out / "runs")]
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="2")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Targets" in proc.stdout  # the markdown report is printed at the end
+    return out
+
+
+def test_long_context_json(lc_run: Path):
+    res = json.loads((lc_run / "long_context_test.json").read_text())
+    assert res["benchmark"] == "long_context" and res["status"] == "complete"
+    assert res["command"].startswith("python bench/long_context.py --preset tiny")
+    assert res["env"]["torch"] and res["env"]["device_type"] == "cpu" and "commit" in res["env"]
+    assert res["train_config"]["dnc"]["max_len"] == 128 and res["train_config"]["dnc"]["max_steps"] == 1
+    assert set(res["models"]) == {"dnc", "baseline"}
+    dnc, base = res["models"]["dnc"], res["models"]["baseline"]
+    assert dnc["config"]["memory"] is True and base["config"]["memory"] is False
+    assert base["eval_segment_len"] >= 256  # one segment spans the longest baseline input
+    for m in (dnc, base):
+        t = m["training"]
+        assert t["steps"] == 1 and t["tokens_seen"] > 0 and t["final_stage"] == "foundation"
+        assert t["stages"] and t["stages"][0]["stage"] == "foundation"  # the eval at step 1
+        assert all(0.0 <= a <= 1.0 for a in t["stages"][0]["last_acc"].values())
+
+    cells = res["cells"]
+    by = lambda suite: [c for c in cells if c["suite"] == suite]  # noqa: E731
+    assert len(by("passkey")) == 2 * 2 * 2  # lengths x depths x models
+    assert len(by("relational_2hop")) == len(by("kv_retrieval")) == 2
+    for c in by("passkey") + by("relational_2hop") + by("kv_retrieval") + by("mqar"):
+        assert c["status"] == "ok" and 0.0 <= c["acc"] <= 1.0 and c["n"] == 1
+    mq = by("mqar")
+    assert len(mq) == 2 and all(0.0 <= c["query_acc"] <= 1.0 and c["queries"] == 8 for c in mq)
+    assert mq[0]["length"] == 67 and "raised" in mq[0]["note"]  # 8 pairs + 8 queries do not fit 64 tokens
+    bpb = by("bpb")
+    assert len(bpb) == 2 and all(math.isfinite(c["bpb"]) and c["bpb"] > 0 for c in bpb)
+
+    assert [t["met"] for t in res["targets"]][1] is None  # no 16k recall cell in this run
+    assert all(t["met"] in (True, False, None) for t in res["targets"])
+    assert (lc_run / "long_context_test.md").read_text().count("| target |") == 1
+    assert (lc_run / "long_context_test_passkey.png").stat().st_size > 0
+    assert (lc_run / "long_context_test_accuracy.png").stat().st_size > 0
+
+
+def test_report_rebuilds_readme(lc_run: Path, tmp_path: Path):
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(lc_run / "long_context_test.json", results)
+    shutil.copy(BENCH / "results" / "model_speed_cuda.json", results)
+    readme = tmp_path / "README.md"
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert report.main(args) == 0
+    text = readme.read_text()
+    assert "## Long-context accuracy" in text and "## DNC vs the Transformer baseline" in text
+    assert "python bench/long_context.py --preset tiny" in text  # the command stored in the JSON
+    assert "python bench/model_speed.py --device cuda" in text  # documented in the top-level README
+    for png in ("long_context_test_passkey", "long_context_test_accuracy", "model_speed_cuda_throughput",
+                "model_speed_cuda_memory", "model_speed_cuda_decode", "model_speed_cuda_state_bytes"):
+        assert f"](results/plots/{png}.png)" in text
+    pngs = {p.name: p.read_bytes() for p in (results / "plots").glob("*.png")}
+    assert len(pngs) == 6 and sum(len(b) for b in pngs.values()) < 1_000_000
+
+    assert report.main(args) == 0  # same inputs -> same README and the same PNG bytes
+    assert readme.read_text() == text
+    assert {p.name: p.read_bytes() for p in (results / "plots").glob("*.png")} == pngs
