@@ -28,7 +28,9 @@ Examples:
         --passkey-lengths 256,1k --depths 0,0.5,1 --recall-lengths 512 --mqar-len 512 \\
         --n 1 --n-recall 2 --n-mqar 2 --bpb-context 256 --bpb-bytes 16384 --out /tmp/lc
 
-    # evaluate existing weights (run dirs or step_* checkpoint dirs), no training
+    # the same split into three shorter commands (train, train, evaluate); run dirs or step_* dirs
+    python bench/long_context.py --preset small --train-only --skip-baseline
+    python bench/long_context.py --preset small --train-only --checkpoint runs/long_context/small_h100/dnc
     python bench/long_context.py --checkpoint runs/long_context/small_h100/dnc \\
         --baseline-checkpoint runs/long_context/small_h100/baseline
 """
@@ -39,7 +41,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default=None, help="DNC run dir or checkpoint dir: skip DNC training")
     g.add_argument("--baseline-checkpoint", default=None, help="baseline run dir or checkpoint dir: skip its training")
     g.add_argument("--skip-baseline", action="store_true", help="no baseline at all")
+    g.add_argument("--train-only", action="store_true",
+                   help="stop after training (evaluate later with --checkpoint / --baseline-checkpoint)")
     g.add_argument("--resume", action="store_true",
                    help="continue training in existing run dirs (default: start them afresh)")
     g.add_argument("--work-dir", default="runs/long_context", help="run dirs go to <work-dir>/<tag>/{dnc,baseline}")
@@ -256,7 +259,7 @@ def training_summary(ckpt: str, run_dir: str | None, wall_s: float | None) -> di
     if os.path.exists(os.path.join(ckpt, "train_state.json")):
         st = read_train_state(ckpt)
         out.update(steps=st.step, tokens_seen=st.tokens_seen, train_minutes=st.elapsed_s / 60,
-                   final_stage=st.data.get("stage"), world_size=st.world_size)
+                   final_stage=st.data.get("stage"), world_size=st.world_size, train_config=st.train_config)
     rows = read_metrics(run_dir) if run_dir else []
     stages: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -415,13 +418,16 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader]
             run.add(cell)
             continue
         t0 = time.time()
+        error = None
         try:
             res = [answer(readers[name], s) for s in samples]
         except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
             if not is_oom(e):
                 raise
+            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if error is not None:  # outside the except block: its traceback no longer pins the state
             free_memory(run.device)
-            cell.update(acc=None, status="oom", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            cell.update(acc=None, status="oom", error=error, seconds=time.time() - t0)
             log(f"{suite} {fmt_len(length)} {extra} {name}: out of memory")
             run.add(cell)
             continue
@@ -485,42 +491,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         corpus = []
     work = Path(args.work_dir) / run.tag
 
-    ckpts: dict[str, tuple[str, str | None, float | None, bool]] = {}
+    models: dict[str, DNC] = {}
+
+    def register(name: str, ckpt: str, run_dir: str | None, wall: float | None, given: bool) -> None:
+        """Load the weights for evaluation and record the model, its training and its train config."""
+        m, _ = load_checkpoint(ckpt, map_location="cpu")
+        if m.config.memory != (name == "dnc"):
+            raise SystemExit(f"error: {ckpt} is {'a memory' if m.config.memory else 'a memory-less'} model; "
+                             f"--{'checkpoint' if name == 'dnc' else 'baseline-checkpoint'} needs "
+                             f"{'memory on' if name == 'dnc' else 'memory off (the baseline)'}")
+        training = training_summary(ckpt, run_dir, wall)
+        trained_with = training.pop("train_config", None)
+        if given:  # what it was really trained with, not this invocation's settings
+            run.res["train_config"][name] = trained_with
+            run.res["train_config"].setdefault("from_checkpoint", []).append(name)
+        models[name] = for_long_inputs(m, ds).to(device).eval()
+        run.res["models"][name] = {"config": m.config.to_dict(), "params": m.num_params(), "checkpoint": ckpt,
+                                   "checkpoint_given": given, "training": training,
+                                   "eval_segment_len": models[name].config.segment_len}
+        run.render(f"trained {name}")
+
     if args.checkpoint:
         c, rd = resolve_checkpoint(args.checkpoint)
-        ckpts["dnc"] = (c, rd, None, True)
-        dnc_cfg = load_checkpoint(c, map_location="cpu")[0].config
+        register("dnc", c, rd, None, True)
+        dnc_cfg = models["dnc"].config
     else:
         dnc_cfg = model_config_for(tcfg, args.preset, **model_overrides)
         c, wall = train_one("dnc", tcfg, dnc_cfg, work / "dnc", corpus, held_out, device, args.resume)
-        ckpts["dnc"] = (c, str(work / "dnc"), wall, False)
-    run.res["phase"] = "trained dnc"
+        register("dnc", c, str(work / "dnc"), wall, False)
     if want_base:
+        base_cfg = baseline_config(dnc_cfg, tcfg_base.max_len)
         if args.baseline_checkpoint:
             c, rd = resolve_checkpoint(args.baseline_checkpoint)
-            ckpts["baseline"] = (c, rd, None, True)
+            register("baseline", c, rd, None, True)
         else:
-            base_cfg = baseline_config(dnc_cfg, tcfg_base.max_len)
             c, wall = train_one("baseline", tcfg_base, base_cfg, work / "baseline", corpus, held_out, device,
                                 args.resume)
-            ckpts["baseline"] = (c, str(work / "baseline"), wall, False)
-
-    models: dict[str, DNC] = {}
-    for name, (c, rd, wall, given) in ckpts.items():
-        m, _ = load_checkpoint(c, map_location="cpu")
-        if m.config.memory != (name == "dnc"):
-            raise SystemExit(f"error: {c} is {'a memory' if m.config.memory else 'a memory-less'} model; "
-                             f"--{'checkpoint' if name == 'dnc' else 'baseline-checkpoint'} needs "
-                             f"{'memory on' if name == 'dnc' else 'memory off (the baseline)'}")
-        run.res["models"][name] = {"config": m.config.to_dict(), "params": m.num_params(), "checkpoint": c,
-                                   "checkpoint_given": given, "training": training_summary(c, rd, wall)}
-        models[name] = for_long_inputs(m, ds).to(device).eval()
-        run.res["models"][name]["eval_segment_len"] = models[name].config.segment_len
-    if {"dnc", "baseline"} <= set(models) and not args.checkpoint and not args.baseline_checkpoint:
-        run.res["notes"].append(
-            f"The trainer pads curriculum batches to a multiple of segment_len: {dnc_cfg.segment_len} tokens per "
-            f"row for the DNC, {baseline_config(dnc_cfg, tcfg_base.max_len).segment_len} for the baseline.")
-    run.render("trained")
+            register("baseline", c, str(work / "baseline"), wall, False)
+        if not args.checkpoint and not args.baseline_checkpoint:
+            run.res["notes"].append(
+                f"The trainer pads curriculum batches to a multiple of segment_len: {dnc_cfg.segment_len} tokens "
+                f"per row for the DNC, {base_cfg.segment_len} for the baseline.")
+    if args.train_only:
+        run.res["status"] = "trained (--train-only)"
+        run.render("trained")
+        runs = {n: run.res["models"][n]["training"]["run_dir"] or run.res["models"][n]["checkpoint"] for n in models}
+        log(f"wrote {run.json_path}; evaluate with --checkpoint {runs['dnc']}"
+            + (f" --baseline-checkpoint {runs['baseline']}" if "baseline" in runs else ""))
+        return 0
     readers = {n: GreedyReader(m, m.config.segment_len if m.config.memory else ds["prefill_chunk"], device)
                for n, m in models.items()}
 
@@ -566,8 +584,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             if not is_oom(e):
                 raise
-            free_memory(device)
             cell.update(bpb=None, status="oom", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        if cell["status"] == "oom":
+            free_memory(device)
         cell["seconds"] = time.time() - t0
         log(f"bits per byte {name} at {fmt_len(ctx)}: {cell['bpb'] if cell['bpb'] is None else round(cell['bpb'], 4)}")
         run.add(cell)

@@ -25,7 +25,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -239,7 +239,8 @@ def model_speed_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Path
     out = []
     specs = [
         ("throughput", "Throughput vs context length",
-         [("train", "tokens_per_s", 1.0, "tokens/s", "training"), ("infer", "prefill_tokens_per_s", 1.0, "tokens/s", "prefill")]),
+         [("train", "tokens_per_s", 1.0, "tokens/s", "training"),
+          ("infer", "prefill_tokens_per_s", 1.0, "tokens/s", "prefill")]),
         ("memory", "Peak memory vs context length",
          [("train", "peak_mb", 1.0, "peak MB", "training"), ("infer", "peak_mb", 1.0, "peak MB", "prefill")]),
         ("decode", "Decode latency per token vs context length",
@@ -259,7 +260,8 @@ def model_speed_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Path
         fig, ax = plt.subplots(figsize=(4.6, 3.2))
         xs_all = []
         for pr in presets:
-            for model, key, style, label in (("dnc", "bank_bytes", "-", "DNC bank"), ("baseline", "kv_cache_bytes", "--", "baseline KV")):
+            for model, key, style, label in (("dnc", "bank_bytes", "-", "DNC bank"),
+                                             ("baseline", "kv_cache_bytes", "--", "baseline KV")):
                 xs, ys = series("infer", model, pr, key)
                 if xs:
                     ax.plot(xs, [y / 2**20 for y in ys], style, marker="o", ms=3, color=colors[pr], label=f"{pr} {label}")
@@ -289,7 +291,8 @@ def train_scaling_tables(res: dict) -> list[str]:
             rows.append([mode, "—", "—", "—", "—", "—", "—", "—", f"failed: {msg}"])
             continue
         sc = derived.get(f"scaling/{mode}")
-        rows.append([mode, str(r.get("world", "—")), fmt_num(r.get("tokens_per_s")), fmt_num(r.get("tokens_per_s_per_gpu")),
+        rows.append([mode, str(r.get("world", "—")), fmt_num(r.get("tokens_per_s")),
+                     fmt_num(r.get("tokens_per_s_per_gpu")),
                      fmt_num(r.get("step_ms"), "{:.1f}"), fmt_num(r.get("mfu"), "{:.1%}"),
                      fmt_num(sc, "{:.2f}x") if sc else "-", fmt_num(r.get("peak_mem_gb"), "{:.1f}"), ""])
     lines = md_table(["mode", "GPUs", "tokens/s", "tokens/s/GPU", "step ms", "MFU", "scaling vs 1 GPU", "peak GiB",
@@ -394,7 +397,8 @@ def long_context_targets(res: dict) -> list[dict[str, Any]]:
     c = next(iter(_cells(res, "mqar", "dnc")), None)
     a = c.get("query_acc") if c else None
     out.append({"target": f"MQAR >= {T['mqar']:.0%} (per-query exact match)",
-                "measured": "not run" if a is None else f"{fmt_pct(a)} per query, {fmt_pct(c.get('sample_acc'))} all-correct",
+                "measured": "not run" if a is None
+                else f"{fmt_pct(a)} per query, {fmt_pct(c.get('sample_acc'))} all-correct",
                 "met": None if a is None else a >= T["mqar"]})
 
     d = next((c.get("bpb") for c in _cells(res, "bpb", "dnc")), None)

@@ -96,3 +96,30 @@ def test_report_rebuilds_readme(lc_run: Path, tmp_path: Path):
     assert report.main(args) == 0  # same inputs -> same README and the same PNG bytes
     assert readme.read_text() == text
     assert {p.name: p.read_bytes() for p in (results / "plots").glob("*.png")} == pngs
+
+
+def test_cells_record_out_of_memory_and_skips(tmp_path: Path, monkeypatch):
+    """A CUDA OOM in one cell is recorded (acc null) and the run goes on; baseline cells above
+    --baseline-max-len are recorded as skipped without running."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    import long_context as lc
+
+    args = lc.build_parser().parse_args(["--out", str(tmp_path), "--tag", "unit", "--device", "cpu"])
+    run = lc.Run(args, [], torch.device("cpu"), {"baseline_max_len": 1024})
+
+    def fake_answer(reader, sample):
+        if reader == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return True, 1, 1
+
+    monkeypatch.setattr(lc, "answer", fake_answer)
+    models, readers = {"dnc": None, "baseline": None}, {"dnc": "fine", "baseline": "oom"}
+    for length in (512, 2048):
+        lc.run_cells(run, models, readers, "passkey", length, [None, None], {"depth": 0.0})
+    cells = json.loads(run.json_path.read_text())["cells"]
+    assert [(c["model"], c["length"], c["status"]) for c in cells] == [
+        ("dnc", 512, "ok"), ("baseline", 512, "oom"), ("dnc", 2048, "ok"), ("baseline", 2048, "skipped")]
+    assert cells[0]["acc"] == 1.0 and cells[1]["acc"] is None and cells[3]["acc"] is None
+    assert "OutOfMemoryError" in cells[1]["error"]
