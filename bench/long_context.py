@@ -482,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_budget = hasattr(tcfg, "max_minutes")
     if not has_budget:
         run.res["notes"].append("TrainConfig has no max_minutes here: training ran to max_steps / total_steps.")
+        log(f"WARNING: this dnc.train.TrainConfig has no max_minutes; the wall-clock budget is ignored and "
+            f"training runs to step {tcfg.stop_step} (use --max-steps)")
     tcfg_base = tcfg.replace(max_minutes=ds["baseline_minutes"]) if has_budget else tcfg
     run.res["train_config"] = {"source": yaml_path, "dnc": tcfg.to_dict(), "baseline": tcfg_base.to_dict()}
     want_base = not args.skip_baseline

@@ -336,6 +336,49 @@ def serve_load_tables(res: dict) -> list[str]:
 
 
 # ==============================================================================================
+# op_counts (bench/profile_model.py --count-ops)
+# ==============================================================================================
+def op_counts_tables(res: dict) -> list[str]:
+    """Kernel-launching ops per segment and host syncs per (model, measurement), one column pair
+    per label the script was run with (e.g. before / after an optimisation)."""
+    labels = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get("modes"), dict)]
+    if not labels:
+        return [f"No `modes` in this file (top-level keys: {', '.join(sorted(res))}).", ""]
+    keys = list(dict.fromkeys((m, x) for lb in labels for m, xs in res[lb]["modes"].items() for x in xs))
+    header = ["model", "measurement"]
+    for lb in labels:
+        header += [f"{lb}: kernel ops / segment", f"{lb}: host syncs"]
+    if len(labels) > 1:
+        header.append(f"{labels[-1]} / {labels[0]}")
+    rows = []
+    for m, x in keys:
+        r = [m, x]
+        vals = []
+        for lb in labels:
+            d = res[lb]["modes"].get(m, {}).get(x, {})
+            vals.append(d.get("kernel_ops_per_segment"))
+            r += [fmt_num(d.get("kernel_ops_per_segment"), "{:,.1f}"), fmt_num(d.get("host_syncs"))]
+        if len(labels) > 1:
+            r.append(fmt_num(vals[-1] / vals[0] if vals[0] and vals[-1] else None, "{:.2f}x"))
+        rows.append(r)
+    cfg = res[labels[0]].get("config", {})
+    lines = [f"Counted on CPU with the preset shrunk ({', '.join(f'{k}={v}' for k, v in cfg.items())}); "
+             "the per-segment op structure is that of the full-size model.", ""]
+    return lines + md_table(header, rows, "ll" + "r" * (len(header) - 2)) + [""]
+
+
+def op_counts_command(res: dict) -> tuple[str, str] | None:
+    """The script's documented ``--count-ops`` example, once per label in the file."""
+    src = (HERE / "profile_model.py").read_text(encoding="utf-8") if (HERE / "profile_model.py").exists() else ""
+    ex = re.search(r"^\s*(python bench/profile_model\.py[^\n]*--count-ops[^\n]*)", src, flags=re.M)
+    labels = [k for k, v in res.items() if isinstance(v, dict) and "modes" in v]
+    if not ex or not labels:
+        return None
+    cmds = [re.sub(r"--label \S+", f"--label {lb}", ex.group(1).strip()) for lb in labels]
+    return "\n".join(cmds), "the example in bench/profile_model.py, one run per label"
+
+
+# ==============================================================================================
 # long_context (bench/long_context.py): summary, targets, tables, plots
 # ==============================================================================================
 MODELS = ("dnc", "baseline")
@@ -703,7 +746,7 @@ def rebuild_command(script: str, args: dict[str, Any], flags: dict[str, bool]) -
 # Benchmarks
 # ==============================================================================================
 def _kind(name: str, res: dict) -> str:
-    for k in ("long_context", "model_speed", "train_scaling", "serve_load"):
+    for k in ("long_context", "model_speed", "train_scaling", "serve_load", "op_counts"):
         if name.startswith(k) or res.get("benchmark") == k:
             return k
     return "other"
@@ -722,6 +765,8 @@ def _env_line(kind: str, res: dict) -> str:
                 f"torch not recorded; commit {res.get('commit') or 'unknown'}")
     if kind == "long_context":
         return _summary_line(res)
+    if kind == "op_counts":
+        return "Device: CPU (op counts do not depend on the device); torch and commit not recorded"
     return "Device: not recorded"
 
 
@@ -761,6 +806,15 @@ KINDS: dict[str, dict[str, Any]] = {
         "args": lambda r: r.get("args", {}),
         "tables": lambda r: long_context_tables(r, "####"), "targets": None, "plots": long_context_plots,
     },
+    "op_counts": {
+        "title": "Kernel launches per segment (`bench/profile_model.py --count-ops`)",
+        "script": "profile_model",
+        "what": ("The aten ops the model dispatches per segment (a proxy for CUDA kernel launches that needs "
+                 "no GPU) and the host-device synchronisations, for training forward+backward, no-grad "
+                 "prefill and single-token decode, DNC vs the memory-less baseline."),
+        "args": lambda r: {}, "command": op_counts_command,
+        "tables": op_counts_tables, "targets": None, "plots": None,
+    },
 }
 
 
@@ -773,14 +827,18 @@ def render_result(name: str, res: dict, plots: Path, readme_dir: Path, documente
         return lines + [f"Written by {', '.join(writers) or 'an unknown script'}; report.py has no renderer for "
                         f"this format yet (top-level keys: {', '.join(sorted(res))}).", ""]
     args = spec["args"](res)
-    flags = script_flags(HERE / f"{kind}.py")
+    script = spec.get("script", kind)
+    flags = script_flags(HERE / f"{script}.py")
+    own = spec.get("command", lambda r: None)(res)
     if res.get("command"):
         cmd, source = res["command"], "stored in the result"
+    elif own is not None:
+        cmd, source = own
     else:
-        cmd = next((c for c in documented.get(kind, []) if command_agrees(c, args, flags)), None)
+        cmd = next((c for c in documented.get(script, []) if command_agrees(c, args, flags)), None)
         source = "documented in README.md"
         if cmd is None:
-            cmd, source = rebuild_command(kind, args, flags), "rebuilt from the arguments stored in the result"
+            cmd, source = rebuild_command(script, args, flags), "rebuilt from the arguments stored in the result"
     lines += [f"Command ({source}):", "", "```bash", cmd, "```", "", _env_line(kind, res), ""]
     lines += spec["tables"](res)
     if spec["targets"]:
@@ -827,6 +885,16 @@ def build(results_dir: Path, readme: Path, plots: Path, source_readme: Path) -> 
             lines += [KINDS[k]["what"], ""]
         for name, res in by_kind[k]:
             lines += render_result(name, res, plots, readme.parent, documented)
+    missing = [k for k in KINDS if k not in by_kind]
+    if missing:
+        lines += ["## Not yet measured", ""]
+        for k in missing:
+            script = KINDS[k].get("script", k)
+            src = (HERE / f"{script}.py").read_text(encoding="utf-8") if (HERE / f"{script}.py").exists() else ""
+            ex = re.search(rf"^\s*(python bench/{script}\.py[^\n]*)", src, flags=re.M)
+            lines += [f"- {KINDS[k]['title']}: no result in `{rel_results}/` yet"
+                      + (f"; run `{ex.group(1).strip()}`" if ex else "") + "."]
+        lines += [""]
     text = "\n".join(lines).rstrip("\n") + "\n"
     new_pngs = set(plots.glob("*.png")) if plots.exists() else set()
     written = {Path(p) for p in re.findall(r"\]\(([^)]+\.png)\)", text)}
