@@ -168,6 +168,16 @@ def git_commit() -> str | None:
         return None
 
 
+def git_dirty() -> list[str] | None:
+    """Tracked files with uncommitted changes (the commit alone does not describe the code then)."""
+    try:
+        out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                      text=True, stderr=subprocess.DEVNULL)
+    except Exception:
+        return None
+    return sorted(line[3:] for line in out.splitlines() if line.strip())
+
+
 # ==============================================================================================
 # Training
 # ==============================================================================================
@@ -383,7 +393,7 @@ class Run:
             "env": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
                     else (platform.processor() or platform.machine() or "cpu"),
                     "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "commit": git_commit()},
+                    "cpus": os.cpu_count(), "commit": git_commit(), "uncommitted": git_dirty()},
             "config": {k: ds[k] for k in ds} | {"preset": args.preset},
             "args": vars(args), "status": "running", "phase": "start",
             "train_config": {}, "models": {}, "notes": [], "cells": [],

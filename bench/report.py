@@ -455,8 +455,9 @@ def long_context_targets(res: dict) -> list[dict[str, Any]]:
 
 def _summary_line(res: dict) -> str:
     env = res.get("env", {})
-    return (f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; commit {env.get('commit') or 'unknown'}; "
-            f"preset `{res.get('config', {}).get('preset', '?')}`; status: {res.get('status', '?')}")
+    dirty = f" (+ uncommitted changes to {len(env['uncommitted'])} files)" if env.get("uncommitted") else ""
+    return (f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; commit {env.get('commit') or 'unknown'}"
+            f"{dirty}; preset `{res.get('config', {}).get('preset', '?')}`; status: {res.get('status', '?')}")
 
 
 def long_context_tables(res: dict, heading: str = "###") -> list[str]:
@@ -616,7 +617,7 @@ def long_context_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Pat
             if cs:
                 series.append((s, m, [c[0] for c in cs], [c[1] for c in cs]))
     if series:
-        fig, ax = plt.subplots(figsize=(5.2, 3.2))
+        fig, ax = plt.subplots(figsize=(6.4, 3.2), layout="constrained")
         colors = {"passkey": "C0", "relational_2hop": "C1", "kv_retrieval": "C2"}
         for s, m, xs, ys in series:
             ax.plot(xs, ys, "-" if m == "dnc" else "--", marker="o", ms=3, color=colors[s], label=f"{s} {MODEL_LABEL[m]}")
@@ -626,8 +627,7 @@ def long_context_plots(res: dict, plots: Path, stem: str) -> list[tuple[str, Pat
         ax.set_ylabel("exact match")
         ax.set_title("accuracy vs context length (DNC solid, baseline dashed)", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, handlelength=3)
-        fig.tight_layout()
+        ax.legend(fontsize=7, handlelength=3, loc="center left", bbox_to_anchor=(1.01, 0.5))
         out.append(("Accuracy vs context length", _save(fig, plots / f"{stem}_accuracy.png")))
     return out
 
