@@ -43,6 +43,11 @@ class DNCConfig:
     """Dropout on attention/FFN outputs during training."""
     tie_embeddings: bool = True
     """Share the input embedding with the output projection."""
+    key_shift: bool = True
+    """Local-attention keys also carry the *query* projection of the previous token (a tied token
+    shift, as the memory keys do): a query "like token t-1" then finds the token that followed it,
+    which is the induction/copy/lookup step every long-range task needs. Without it a model must
+    first grow previous-token heads, which answer-only losses teach slowly."""
 
     # --- memory ------------------------------------------------------------------------------
     memory: bool = True

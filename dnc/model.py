@@ -25,7 +25,7 @@ from .config import DNCConfig
 from .layers import RMSNorm, SwiGLU, apply_rope, rope_shift, rope_table
 from .memory import LearnedCompressor, MemoryRead, ReadView, StateBank, get_policy
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
 
 
 # ================================================================================== state
@@ -38,6 +38,7 @@ class LayerState:
     write_buf: list = field(default_factory=list)   # normed memory inputs [B, t, D] of this segment
     mass: torch.Tensor | None = None                 # read mass [B, S] accumulated this segment
     view: ReadView | None = None                     # cached read view of the bank for this segment
+    prev_x: torch.Tensor | None = None               # normed attention input of the last token [B, 1, D]
 
 
 class DNCState:
@@ -86,6 +87,8 @@ class DNCState:
             out[f"cache.{i}.k"] = ls.cache.k.detach().cpu().contiguous().clone()
             out[f"cache.{i}.v"] = ls.cache.v.detach().cpu().contiguous().clone()
             out[f"cache.{i}.carry_len"] = torch.tensor(ls.cache.carry_len)
+            if ls.prev_x is not None:
+                out[f"shift.{i}"] = ls.prev_x.detach().cpu().contiguous().clone()
             if ls.bank is not None:
                 out.update(ls.bank.export(f"bank.{i}"))
                 if ls.write_buf:
@@ -115,6 +118,8 @@ class DNCState:
                 raise ValueError(f"cache.{i} has shape {tuple(k.shape)}, which does not fit n_heads="
                                  f"{config.n_heads}, head_dim={config.head_dim}")
             ls = LayerState(KVCache(k.to(device, dtype), v.to(device, dtype), int(d[f"cache.{i}.carry_len"])))
+            if f"shift.{i}" in d:
+                ls.prev_x = d[f"shift.{i}"].to(device, dtype)
             if i in config.memory_layer_ids:
                 ls.bank = StateBank.from_export(d, f"bank.{i}", caps, device, dtype)
                 if f"pending.{i}.h" in d:
@@ -150,17 +155,28 @@ class LocalAttention(nn.Module):
     def __init__(self, cfg: DNCConfig):
         super().__init__()
         self.n_heads, self.head_dim, self.impl = cfg.n_heads, cfg.head_dim, cfg.attn_impl
+        self.key_shift = cfg.key_shift
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, past_k, past_v, cos, sin, want_probs: bool = False):
-        """x: [B, t, D]; past_k/v: [B, H, p, Dh] (carried window + earlier tokens of this segment).
+    def forward(self, x, past_k, past_v, cos, sin, x_prev=None, want_probs: bool = False):
+        """x: [B, t, D]; past_k/v: [B, H, p, Dh] (carried window + earlier tokens of this segment);
+        x_prev: [B, 1, D] the input of the token before ``x[:, 0]`` (None at the stream start).
 
         Returns (update [B, t, D], k [B, H, t, Dh], v, probs [B, H, t, p+t] or None).
         """
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.key_shift:
+            # tied token shift: key_t += query projection of token t-1, before RoPE places the key
+            # at position t. Within the chunk that is q shifted by one; the chunk's first token
+            # takes the previous chunk's last input from the state (zeros at the stream start).
+            if x_prev is None:
+                q_first = q.new_zeros(b, self.n_heads, 1, self.head_dim)
+            else:
+                q_first = F.linear(x_prev, self.qkv.weight[:d]).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k + torch.cat([q_first.to(q.dtype), q[:, :, :-1]], 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kk = torch.cat([past_k.to(k.dtype), k], 2) if past_k.shape[2] else k
         vv = torch.cat([past_v.to(v.dtype), v], 2) if past_v.shape[2] else v
@@ -185,12 +201,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
 
-    def forward(self, x, past_k, past_v, cos, sin, view, sample, topk: int, trace: bool = False):
+    def forward(self, x, past_k, past_v, cos, sin, view, sample, topk: int, x_prev=None, trace: bool = False):
         """One block on a chunk. Pure (no state mutation) so it can be checkpointed.
 
-        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict).
+        x_prev: [B, 1, D] normed attention input of the previous token (None at the stream start).
+        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D]).
         """
-        a, k, v, probs = self.attn(self.attn_norm(x), past_k, past_v, cos, sin, want_probs=trace)
+        xn = self.attn_norm(x)
+        a, k, v, probs = self.attn(xn, past_k, past_v, cos, sin, x_prev, want_probs=trace)
         x = x + a
         mem_in, mass, info = None, None, {}
         m = None
@@ -208,7 +226,7 @@ class Block(nn.Module):
             info["ffn_update_norm"] = f.detach().float().norm(dim=-1)
             if probs is not None and probs.shape[-1] <= 512:
                 info["local_attn"] = probs
-        return x, k, v, mem_in, mass, info
+        return x, k, v, mem_in, mass, info, xn[:, -1:]
 
 
 # ================================================================================== model
@@ -334,11 +352,11 @@ class DNC(nn.Module):
         for blk, ls in zip(self.blocks, state.layers):
             if blk.mem is not None and ls.view is None:
                 ls.view = blk.mem.build_view(ls.bank)
-            args = (x, ls.cache.k, ls.cache.v, cos, sin, ls.view, sample, cfg.mem_topk)
+            args = (x, ls.cache.k, ls.cache.v, cos, sin, ls.view, sample, cfg.mem_topk, ls.prev_x)
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not trace:
-                x, k, v, mem_in, mass, info = checkpoint(blk, *args, use_reentrant=False)
+                x, k, v, mem_in, mass, info, ls.prev_x = checkpoint(blk, *args, use_reentrant=False)
             else:
-                x, k, v, mem_in, mass, info = blk(*args, trace=trace)
+                x, k, v, mem_in, mass, info, ls.prev_x = blk(*args, trace=trace)
             ls.cache.append(k, v)
             if mem_in is not None:
                 ls.write_buf.append(mem_in)
@@ -384,6 +402,8 @@ class DNC(nn.Module):
                 ls.cache = KVCache(ls.cache.k[:, :, :0], ls.cache.v[:, :, :0], 0)
             if cut:
                 ls.cache.detach_()
+                if ls.prev_x is not None:
+                    ls.prev_x = ls.prev_x.detach()
         state.seg_pos = 0
         return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
 

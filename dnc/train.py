@@ -55,6 +55,9 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this global step without changing the schedule (None = ``total_steps``);
     rerunning with a larger value resumes."""
+    max_minutes: float | None = None
+    """Wall-clock budget of one attempt (evaluation included): at the first log step past it the
+    run checkpoints and stops, without changing the schedule. Rerunning resumes with a new budget."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices (norms, biases and embeddings get none)."""
     beta1: float = 0.9
@@ -64,7 +67,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 = no clipping)."""
     batch_size: int = 8
-    """Sequences per micro-batch per worker."""
+    """Sequences per micro-batch per worker (corpus text always; curriculum tasks unless
+    ``batch_tokens`` is set)."""
+    batch_tokens: int | None = None
+    """Curriculum token budget per micro-batch per worker: a batch holds
+    ``max(1, batch_tokens // stage.max_len)`` sequences, so short early stages train on many
+    samples per step and long late ones on few (None = always ``batch_size``)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (global batch = batch_size*grad_accum*workers)."""
     max_len: int = 256
@@ -126,10 +134,12 @@ class TrainConfig:
         need(0 <= self.warmup_steps <= self.total_steps,
              f"warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}")
         need(self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        need(self.max_minutes is None or self.max_minutes > 0, f"max_minutes must be > 0, got {self.max_minutes}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.batch_tokens is None or self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}")
         for name in ("log_interval", "eval_interval", "checkpoint_interval"):
@@ -511,8 +521,14 @@ class TaskSource:
         self.rng = np.random.default_rng([cfg.seed, 1 + rank])
 
     # -- batches ---------------------------------------------------------------------------------
-    def next_batch(self, batch_size: int) -> tuple[dict[str, torch.Tensor], list[str]]:
-        b = self.curriculum.sample_batch(batch_size, rng=self.rng)
+    def batch_size(self) -> int:
+        """Sequences per batch in the current stage (``batch_tokens`` / the stage's longest sample)."""
+        if self.cfg.batch_tokens is None:
+            return self.cfg.batch_size
+        return max(1, self.cfg.batch_tokens // self.curriculum.stage.max_len)
+
+    def next_batch(self) -> tuple[dict[str, torch.Tensor], list[str]]:
+        b = self.curriculum.sample_batch(self.batch_size(), rng=self.rng)
         return {k: b[k] for k in ("tokens", "targets", "loss_mask")}, list(b["tasks"])
 
     def record(self, tasks: Sequence[str], losses: Sequence[float], step: int) -> None:
@@ -1014,7 +1030,7 @@ class Trainer:
             self.data is None or self.data_rng.random() < self.cfg.corpus_ratio)
         if use_corpus:
             return next(self.corpus_batches), None
-        return self.data.next_batch(self.cfg.batch_size)
+        return self.data.next_batch()
 
     def _eval_model(self) -> nn.Module | None:
         """A model rank 0 can run alone: the bare module (plain/DDP) or, under FSDP, an unsharded
@@ -1138,6 +1154,11 @@ class Trainer:
             self._maybe_fail()
 
             is_last = self.step >= stop
+            if cfg.max_minutes is not None and self.step % cfg.log_interval == 0 and not is_last:
+                # Every rank must stop at the same step (collectives), so the ranks agree on the clock.
+                over = float(time.time() - attempt_start > 60.0 * cfg.max_minutes)
+                is_last = self._all_mean({"over": over})["over"] > 0
+                stop = self.step if is_last else stop
             metrics = pending   # evaluation results wait for the next log step
             # Evaluate on the interval and at the end of the schedule, not at an early --max-steps
             # stop: evaluation adapts the curriculum, so an extra one would make a stopped-and-resumed

@@ -217,6 +217,27 @@ def test_fault_switch_raises_once(tmp_path):
     assert out["step"] == 4
 
 
+def test_max_minutes_stops_early_with_a_checkpoint_and_resume_continues(tmp_path):
+    run = str(tmp_path / "r")
+    cfg = tiny_train(total_steps=8, max_minutes=1e-6)   # over budget at the first log step
+    out = fit(cfg, preset("tiny"), run_dir=run, progress=False)
+    assert out["step"] == 2
+    assert read_train_state(latest_checkpoint(run)).step == 2
+    out = fit(cfg.replace(max_minutes=None), preset("tiny"), run_dir=run, progress=False)
+    assert out["step"] == 8
+
+
+def test_batch_tokens_sizes_curriculum_batches_by_stage_length():
+    from dnc.train import TaskSource
+
+    src = TaskSource(tiny_train(max_len=256, batch_tokens=1024), rank=0, pad_to_multiple=1)
+    n = src.batch_size()
+    assert n == 1024 // src.curriculum.stage.max_len
+    batch, tasks = src.next_batch()
+    assert batch["tokens"].shape[0] == len(tasks) == n
+    assert TaskSource(tiny_train(), rank=0, pad_to_multiple=1).batch_size() == 4   # falls back to batch_size
+
+
 # ------------------------------------------------------------------------------ CLIs around it
 def test_evaluate_cli_writes_json_markdown_and_heatmap(tmp_path):
     from ray_jobs.evaluate import main, parse_lengths
