@@ -7,11 +7,13 @@ Three levels: L0 holds raw slots (1x), L1 slots compressed 2:1 from L0 (2x), L2 
 All sequences of a batch hold the same *number* of slot positions per level (so tensors stay
 rectangular), while ``valid`` says per sequence which positions hold real content. Slots within a
 level are kept in write order (oldest first). All selection is batched (topk/gather): there is no
-Python loop over slots, only over the three levels.
+Python loop over slots. The bank stores all levels packed (see :class:`StateBank`), so a segment's
+write is a fixed, small number of ops whatever overflows.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -76,48 +78,108 @@ def _drop_order(keep: torch.Tensor, valid: torch.Tensor, count: int) -> tuple[to
     """Split positions into the ``count`` lowest-keep-score ones (invalid first) and the rest.
 
     keep, valid: [B, n]. Returns (dropped [B, count], kept [B, n - count]); both sorted ascending,
-    i.e. in write order, so compressed groups are made of slots written close together.
+    i.e. in write order. (The bank itself does this for all levels at once in ``_cascade``.)
     """
-    score = keep.masked_fill(~valid, float("-inf"))
-    dropped = torch.topk(score, count, dim=1, largest=False).indices.sort(dim=1).values
-    is_dropped = torch.zeros_like(valid).scatter_(1, dropped, True)
-    # stable argsort puts kept positions (False) first, in ascending order
-    kept = torch.argsort(is_dropped.to(torch.int8), dim=1, stable=True)[:, : valid.shape[1] - count]
-    return dropped, kept
+    score = torch.where(valid, keep, float("-inf"))
+    is_dropped = torch.zeros_like(valid, dtype=torch.int8).scatter_(
+        1, torch.topk(score, count, dim=1, largest=False).indices, 1)
+    # stable argsort puts kept positions (0) first, then dropped ones (1), each in ascending order
+    order = torch.argsort(is_dropped, dim=1, stable=True)
+    return order[:, valid.shape[1] - count:], order[:, : valid.shape[1] - count]
+
+
+# ------------------------------------------------------------------------------------ constants
+# Small per-(shape, device) constants, made once: building them per segment would cost a kernel
+# launch each (and a host->device copy for python-built tensors). Never modified in place.
+@functools.lru_cache(maxsize=512)
+def _level_ids(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """LongTensor [S]: the level of every slot of a bank whose levels hold ``sizes`` slots."""
+    return torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)]).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """[4, 1, 1] float32 vectors over META_FIELDS used to update all metadata rows in one op."""
+    def vec(*xs):
+        return torch.tensor(xs, dtype=torch.float32).view(4, 1, 1).to(device)
+    return {
+        "age_step": vec(0.0, 1.0, 0.0, 0.0),    # write: every slot ages by one segment
+        "new_slot": vec(1.0, 0.0, 0.0, 0.0),    # a new slot: salience 1, age 0, access 0 ...
+        "clock_row": vec(0.0, 0.0, 0.0, 1.0),   # ... and last_access = clock (added times the clock)
+        "pair_scale": vec(1.0, 0.5, 1.0, 1.0),  # merged pair: age is the mean (sum / 2), access the sum
+        "pair_max": torch.tensor([True, False, False, True]).view(4, 1, 1).to(device),  # salience, last_access: max
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _zero(device: torch.device) -> torch.Tensor:
+    return torch.zeros((), device=device)
 
 
 class StateBank:
-    """The three levels of one memory layer plus the bank clock and the adaptive policy weight."""
+    """The three levels of one memory layer plus the bank clock and the adaptive policy weight.
+
+    Storage is *packed* so each bookkeeping step is one op over all levels instead of one per
+    level and field (on a GPU every op is a kernel launch, and the per-segment write path is made
+    of many tiny ones):
+
+    - ``kv``    [2, B, H, S, Dh]: keys (``kv[0]``) and values (``kv[1]``) of all slots,
+      levels concatenated L0 | L1 | L2 (S = sum of ``sizes``);
+    - ``meta``  [4, B, S] float32: salience, age, access, last_access (``META_FIELDS`` order);
+    - ``valid`` [B, S] bool; ``sizes``: slots per level (host ints).
+
+    ``levels`` gives per-level :class:`BankLevel` *views* (in-place edits reach the bank;
+    assigning a level's attribute does not: assign ``bank.levels = [...]`` to repack).
+    """
 
     def __init__(self, levels: list[BankLevel], capacities: tuple[int, int, int], clock: int = 0,
                  alpha: torch.Tensor | None = None):
-        self.levels = levels
         self.capacities = tuple(capacities)
         self.clock = clock
+        self.levels = levels
         self.alpha = alpha if alpha is not None else torch.full(
-            (levels[0].keys.shape[0],), 0.5, device=levels[0].keys.device)
+            (self.kv.shape[1],), 0.5, device=self.kv.device)
 
     @classmethod
     def empty(cls, batch, heads, head_dim, capacities, device, dtype) -> "StateBank":
         return cls([BankLevel.empty(batch, heads, head_dim, device, dtype) for _ in range(LEVELS)], capacities)
 
+    # ---------------------------------------------------------------------------------- storage
+    @property
+    def levels(self) -> list[BankLevel]:
+        out, a = [], 0
+        for n in self.sizes:
+            out.append(self._view(a, a + n))
+            a += n
+        return out
+
+    @levels.setter
+    def levels(self, levels: list[BankLevel]) -> None:
+        self.kv = torch.stack([torch.cat([lvl.keys for lvl in levels], 2), torch.cat([lvl.values for lvl in levels], 2)])
+        self.meta = torch.stack([torch.cat([getattr(lvl, f).float() for lvl in levels], 1) for f in META_FIELDS])
+        self.valid = torch.cat([lvl.valid for lvl in levels], 1)
+        self.sizes = [lvl.n for lvl in levels]
+
+    def _view(self, a: int, b: int, meta: torch.Tensor | None = None) -> BankLevel:
+        """Slots ``a:b`` of the packed storage as a BankLevel of views."""
+        meta = self.meta if meta is None else meta
+        return BankLevel(self.kv[0, :, :, a:b], self.kv[1, :, :, a:b], *meta[:, :, a:b].unbind(0), self.valid[:, a:b])
+
     # ---------------------------------------------------------------------------------- reading
     def flat(self) -> tuple[BankLevel, torch.Tensor]:
-        """All levels concatenated (L0, L1, L2) and the level id of each slot ``[S]``."""
-        flat = self.levels[0]
-        for lvl in self.levels[1:]:
-            flat = BankLevel.cat(flat, lvl)
-        level_ids = torch.cat([torch.full((lvl.n,), i, dtype=torch.long, device=self.levels[0].keys.device)
-                               for i, lvl in enumerate(self.levels)])
-        return flat, level_ids
+        """All levels concatenated (L0, L1, L2; views, no copy) and the level id of each slot ``[S]``."""
+        return self._view(0, self.kv.shape[3]), self.level_ids()
 
-    @property
-    def sizes(self) -> list[int]:
-        return [lvl.n for lvl in self.levels]
+    def level_ids(self) -> torch.Tensor:
+        """LongTensor [S]: level of each slot (a cached constant: do not modify)."""
+        return _level_ids(tuple(self.sizes), self.kv.device)
 
     def valid_counts(self) -> list[float]:
-        """Mean number of valid slots per sequence in each level."""
-        return [float(lvl.valid.float().sum(1).mean()) if lvl.n else 0.0 for lvl in self.levels]
+        """Mean number of valid slots per sequence in each level (one device sync)."""
+        if not self.kv.shape[3]:
+            return [0.0] * LEVELS
+        counts = torch.stack([v.float().sum(1).mean() for v in self.valid.split(self.sizes, 1)])
+        return [c if n else 0.0 for c, n in zip(counts.tolist(), self.sizes)]
 
     @torch.no_grad()
     def apply_read_mass(self, mass: torch.Tensor, decay: float) -> None:
@@ -126,27 +188,25 @@ class StateBank:
         if mass is None or mass.shape[1] == 0:
             return
         mass = mass.float()
-        valid = torch.cat([lvl.valid for lvl in self.levels], 1)
+        valid = self.valid
+        salience, age, access, last_access = self.meta.unbind(0)
         n_valid = valid.float().sum(1, keepdim=True).clamp_min(1.0)
         share = mass / mass.sum(1, keepdim=True).clamp_min(1e-12) * n_valid  # uniform read -> 1.0
-        share = share.masked_fill(~valid, 0.0)
-        accessed = (share > 1.0) & valid
+        share = torch.where(valid, share, 0.0)
+        accessed = share > 1.0  # (invalid slots have share 0)
         # adaptive policy weight: attention drawn to younger-than-average slots favours recency
-        flat, _ = self.flat()
-        mean_age = (flat.age * valid).sum(1) / n_valid.squeeze(1)
+        mean_age = (age * valid).sum(1) / n_valid.squeeze(1)
         w = share / share.sum(1, keepdim=True).clamp_min(1e-12)
-        read_age = (flat.age * w).sum(1)
+        read_age = (age * w).sum(1)
         recent_pref = ((mean_age - read_age) / (mean_age + 1.0)).clamp(-0.5, 0.5)
         self.alpha = (0.9 * self.alpha + 0.1 * (0.5 + recent_pref)).clamp(0.0, 1.0)
-        offset = 0
-        for lvl in self.levels:
-            s = slice(offset, offset + lvl.n)
-            offset += lvl.n
+        self.meta = torch.stack([
             # bounded EMA in float32 (accumulated sums overflow in long runs)
-            lvl.salience = (decay * lvl.salience + (1 - decay) * share[:, s]).clamp(1e-4, 1e4)
-            lvl.access = lvl.access + accessed[:, s].float()
-            lvl.last_access = torch.where(accessed[:, s], torch.full_like(lvl.last_access, float(self.clock)),
-                                          lvl.last_access)
+            (decay * salience + (1 - decay) * share).clamp(1e-4, 1e4),
+            age,
+            access + accessed,
+            torch.where(accessed, float(self.clock), last_access),
+        ])
 
     # ---------------------------------------------------------------------------------- writing
     def write(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, *, compressors, policy,
@@ -156,14 +216,18 @@ class StateBank:
         Overflow cascades: L0 -> compress 2:1 -> L1 -> compress 2:1 -> L2 -> evict by ``policy``.
         Returns {"recon_loss": tensor, "compressed": int, "evicted": int}.
         """
-        b, m = keys.shape[0], keys.shape[2]
+        return self.write_packed(torch.stack([keys, values]), valid, compressors=compressors, policy=policy,
+                                 protect_salient=protect_salient, group=group, recon_queries=recon_queries)
+
+    def write_packed(self, kv: torch.Tensor, valid: torch.Tensor, *, compressors, policy, protect_salient: float,
+                     group: int, recon_queries: torch.Tensor | None = None) -> dict:
+        """:meth:`write` with keys and values packed as ``kv [2, B, H, m, Dh]``."""
+        const = _meta_constants(self.kv.device)
         with torch.no_grad():
-            for lvl in self.levels:
-                lvl.age = lvl.age + 1.0
-        f32 = dict(device=keys.device, dtype=torch.float32)
-        incoming = BankLevel(keys, values, torch.ones(b, m, **f32), torch.zeros(b, m, **f32),
-                             torch.zeros(b, m, **f32), torch.full((b, m), float(self.clock), **f32), valid)
-        stats = self._insert(0, incoming, compressors, policy, protect_salient, group, recon_queries)
+            self.meta = self.meta + const["age_step"]
+            new_meta = torch.add(const["new_slot"], const["clock_row"], alpha=self.clock).expand(-1, kv.shape[1], kv.shape[3])
+        stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
+                              protect_salient=protect_salient, group=group, recon_queries=recon_queries)
         self.clock += 1
         return stats
 
@@ -172,86 +236,125 @@ class StateBank:
         cascading further down as needed. Not a segment: ages and the clock stay as they are."""
         if count <= 0:
             return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0}
-        self.levels[0], spilled, recon = self._spill(0, count, compressors[0], protect_salient, group, None)
-        stats = self._insert(1, spilled, compressors, policy, protect_salient, group, None)
-        stats["compressed"] += count
-        return stats
+        return self._cascade(None, start=1, compact=count, compressors=compressors, policy=policy,
+                             protect_salient=protect_salient, group=group, recon_queries=None)
 
-    def _insert(self, start: int, incoming: BankLevel, compressors, policy, protect_salient: float, group: int,
-                recon_queries) -> dict:
-        """Append ``incoming`` to level ``start``, making room by compressing into the next level
-        (L0, L1) or by eviction (L2), recursively."""
-        recon = incoming.keys.new_zeros((), dtype=torch.float32)
-        compressed = evicted = 0
+    def _plan(self, incoming: int, start: int, compact: int, group: int) -> tuple[list[int], list[int]]:
+        """Host-side overflow plan from the level sizes alone (no device work): how many existing
+        slots each level drops (compresses into the next level, or evicts from L2) and how many
+        slots each level receives."""
+        drop, recv = [0] * LEVELS, [0] * LEVELS
+        recv[0] = incoming
+        if compact:
+            drop[0], recv[1] = compact, compact // 2
         for i in range(start, LEVELS):
-            lvl = self.levels[i]
-            over = lvl.n + incoming.n - self.capacities[i]
-            nxt = None
-            if over > 0:
-                if i < LEVELS - 1:
-                    r = min(int(math.ceil(over / group)) * group, lvl.n - lvl.n % group)
-                    if r < over:
-                        raise RuntimeError(f"level {i} cannot make room for {incoming.n} slots; raise its capacity")
-                    lvl, nxt, loss = self._spill(i, r, compressors[i], protect_salient, group, recon_queries)
-                    recon = recon + loss
-                    compressed += r
-                else:
-                    with torch.no_grad():
-                        keep = policy.keep_scores(lvl, self.clock, self.alpha)
-                        _, kept_idx = _drop_order(keep, lvl.valid, over)
-                    lvl = lvl.select(kept_idx)
-                    evicted += over
-            self.levels[i] = BankLevel.cat(lvl, incoming)
-            if nxt is None:
+            n = self.sizes[i]
+            over = n + recv[i] - self.capacities[i]
+            if over <= 0:
                 break
-            incoming = nxt
-        return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
+            if i < LEVELS - 1:
+                r = min(int(math.ceil(over / group)) * group, n - n % group)
+                if r < over:
+                    raise RuntimeError(f"level {i} cannot make room for {recv[i]} slots; raise its capacity")
+                drop[i], recv[i + 1] = r, r // 2
+            else:
+                drop[i] = over
+        return drop, recv
 
-    def _spill(self, i: int, count: int, compressor, protect_salient: float, group: int, recon_queries):
-        """Take the ``count`` slots of level ``i`` with the lowest keep score (old and unsalient first)
-        and compress them 2:1. Returns (level i without them, compressed slots, recon loss)."""
-        lvl = self.levels[i]
-        with torch.no_grad():
-            keep = protect_salient * torch.log(lvl.salience.clamp_min(1e-6)) - torch.log1p(lvl.age)
-            drop_idx, kept_idx = _drop_order(keep, lvl.valid, count)
-        compressed, loss = self._compress(lvl.select(drop_idx), compressor, group, recon_queries)
-        return lvl.select(kept_idx), compressed, loss
+    def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
+                 recon_queries, compact: int = 0) -> dict:
+        """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
+        ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
+        the next level (L0, L1) or by eviction (L2).
 
-    @staticmethod
-    def _compress(out: BankLevel, compressor, group: int, recon_queries) -> tuple[BankLevel, torch.Tensor]:
-        """Compress ``out`` (r slots in write order) 2:1 in groups of ``group`` adjacent slots."""
-        b, h, r, d = out.keys.shape
-        ng = r // group
-        ck, cv = compressor(out.keys.view(b, h, ng, group, d), out.values.view(b, h, ng, group, d),
-                            out.valid.view(b, ng, group))
-        ck, cv = ck.reshape(b, h, r // 2, d), cv.reshape(b, h, r // 2, d)
+        Every level picks the slots it drops from its own existing slots, so all levels are decided
+        up front: one stable argsort orders the bank as [kept L0 | kept L1 | kept L2 | dropped L0 |
+        dropped L1 | evicted L2], one gather per packed tensor applies it, the dropped blocks are
+        compressed, and one cat per packed tensor builds the new bank
+        [kept L0, incoming | kept L1, compressed L0 | kept L2, compressed L1].
+        """
+        sizes = list(self.sizes)
+        drop, recv = self._plan(incoming[0].shape[3] if incoming is not None else 0, start, compact, group)
+        kv, meta, valid = self.kv, self.meta, self.valid
+        b = kv.shape[1]
+        kept = [n - d for n, d in zip(sizes, drop)]
+        if any(drop):
+            with torch.no_grad():
+                bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+                # sort key: level id for kept slots, LEVELS + level id for dropped ones
+                key = _level_ids(tuple(sizes), kv.device).expand(b, -1).clone()
+                spill = [i for i in range(LEVELS - 1) if drop[i]]
+                if spill:  # keep score of L0/L1 slots: salient ones stay, old ones go first
+                    lo, hi = bounds[spill[0]], bounds[spill[-1] + 1]
+                    score = torch.log(meta[0, :, lo:hi].clamp_min(1e-6))
+                    if protect_salient != 1.0:
+                        score = protect_salient * score
+                    score = torch.where(valid[:, lo:hi], score - torch.log1p(meta[1, :, lo:hi]), float("-inf"))
+                    for i in spill:
+                        idx = torch.topk(score[:, bounds[i] - lo:bounds[i + 1] - lo], drop[i], dim=1, largest=False).indices
+                        key[:, bounds[i]:bounds[i + 1]].scatter_(1, idx, LEVELS + i)
+                if drop[LEVELS - 1]:
+                    i = LEVELS - 1
+                    lvl = self._view(bounds[i], bounds[i + 1], meta)
+                    score = torch.where(lvl.valid, policy.keep_scores(lvl, self.clock, self.alpha), float("-inf"))
+                    idx = torch.topk(score, drop[i], dim=1, largest=False).indices
+                    key[:, bounds[i]:].scatter_(1, idx, LEVELS + i)
+                order = torch.argsort(key, dim=1, stable=True)  # [B, S]
+                meta = meta.gather(2, order.unsqueeze(0).expand(len(META_FIELDS), -1, -1))
+                valid = valid.gather(1, order)
+            kv = kv.gather(3, order[None, :, None, :, None].expand_as(kv))
+        kept_at = [0, kept[0], kept[0] + kept[1]]
+        drop_at = [sum(kept), sum(kept) + drop[0], sum(kept) + drop[0] + drop[1]]
 
-        def pairs(x):
-            return x.view(b, r // 2, 2)
+        recon = []
+        new = [incoming, None, None]  # what each level receives
+        spill = [i for i in range(LEVELS - 1) if drop[i]]
+        if spill:
+            lo, hi = drop_at[spill[0]], drop_at[spill[-1]] + drop[spill[-1]]
+            with torch.no_grad():  # metadata of merged pairs, both levels' dropped blocks at once
+                const = _meta_constants(kv.device)
+                pairs = meta[:, :, lo:hi].reshape(len(META_FIELDS), b, -1, 2)
+                pair_meta = torch.where(const["pair_max"], pairs.amax(-1), pairs.sum(-1) * const["pair_scale"])
+                pair_valid = valid[:, lo:hi].reshape(b, -1, 2).any(-1)
+            for i in spill:
+                a, r = drop_at[i], drop[i]
+                raw_valid = valid[:, a:a + r]
+                comp = compressors[i].compress_packed(kv[:, :, :, a:a + r], raw_valid)
+                c = slice((a - lo) // 2, (a - lo + r) // 2)
+                new[i + 1] = (comp, pair_meta[:, :, c], pair_valid[:, c])
+                if recon_queries is not None and recon_queries.shape[2] > 0:
+                    from .compressor import reconstruction_loss
 
-        with torch.no_grad():
-            pv = pairs(out.valid)
-            new = BankLevel(
-                ck, cv,
-                pairs(out.salience).amax(-1),       # a salient member keeps the merged slot salient
-                pairs(out.age).mean(-1),
-                pairs(out.access).sum(-1),
-                pairs(out.last_access).amax(-1),
-                pv.any(-1),
-            )
-        loss = ck.new_zeros((), dtype=torch.float32)
-        if recon_queries is not None and recon_queries.shape[2] > 0:
-            from .compressor import reconstruction_loss
+                    recon.append(reconstruction_loss(recon_queries, kv[0, :, :, a:a + r], kv[1, :, :, a:a + r],
+                                                     raw_valid, comp[0], comp[1], pair_valid[:, c]))
 
-            loss = reconstruction_loss(recon_queries, out.keys, out.values, out.valid, ck, cv, new.valid)
-        return new, loss
+        pieces: list[list[torch.Tensor]] = [[], [], []]  # kv, meta, valid pieces in the new order
+        for i in range(LEVELS):
+            parts = []
+            if kept[i]:
+                a = kept_at[i]
+                parts.append((kv[:, :, :, a:a + kept[i]], meta[:, :, a:a + kept[i]], valid[:, a:a + kept[i]]))
+            if new[i] is not None and new[i][0].shape[3]:
+                parts.append(new[i])
+            for p in parts:
+                for j in range(3):
+                    pieces[j].append(p[j])
+        if pieces[0]:
+            self.kv = torch.cat(pieces[0], 3) if len(pieces[0]) > 1 else pieces[0][0]
+            self.meta = torch.cat(pieces[1], 2) if len(pieces[1]) > 1 else pieces[1][0]
+            self.valid = torch.cat(pieces[2], 1) if len(pieces[2]) > 1 else pieces[2][0]
+        else:
+            self.kv, self.meta, self.valid = kv[:, :, :, :0], meta[:, :, :0], valid[:, :0]
+        self.sizes = [k + r for k, r in zip(kept, recv)]
+        loss = recon[0] if len(recon) == 1 else (sum(recon) if recon else _zero(kv.device))
+        return {"recon_loss": loss, "compressed": drop[0] + drop[1], "evicted": drop[2]}
 
     # ---------------------------------------------------------------------------------- misc
     def detach_(self) -> None:
-        self.levels = [lvl.detach() for lvl in self.levels]
+        self.kv, self.meta, self.valid = self.kv.detach(), self.meta.detach(), self.valid.detach()
 
     def nbytes(self) -> int:
-        return sum(lvl.nbytes() for lvl in self.levels)
+        return sum(t.numel() * t.element_size() for t in (self.kv, self.meta, self.valid))
 
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {f"{prefix}.clock": torch.tensor(self.clock),
@@ -283,7 +386,8 @@ class StateBank:
         """Invalidate slots whose key *and* value are near-copies (cosine >= threshold) of a newer
         valid slot in the same level, folding their salience/access into it. Returns the count."""
         merged = 0
-        for lvl in self.levels:
+        levels = self.levels  # views; edited per level below, then packed again
+        for lvl in levels:
             if lvl.n < 2:
                 continue
             k = torch.nn.functional.normalize(lvl.keys.float().flatten(start_dim=3).permute(0, 2, 1, 3).flatten(2), dim=-1)
@@ -303,4 +407,6 @@ class StateBank:
             lvl.access = lvl.access + gain_a
             lvl.valid = lvl.valid & ~has
             merged += int(has.sum())
+        if merged:
+            self.levels = levels
         return merged

@@ -34,20 +34,33 @@ class LearnedCompressor(nn.Module):
 
         Returns compressed keys/values [B, H, ng, G/2, Dh].
         """
-        b, h, ng, g, d = keys.shape
-        w = valid[:, None, :, :, None].to(keys.dtype)  # [B, 1, ng, G, 1]
-        pair_w = w.view(b, 1, ng, g // 2, 2, 1)
+        out = self.compress_groups(torch.stack([keys, values]), valid)
+        return out[0], out[1]
+
+    def compress_packed(self, kv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """kv: [2, B, H, r, Dh] keys and values of r raw slots in write order (r a multiple of
+        ``group``), valid [B, r] -> [2, B, H, r/2, Dh]: adjacent groups of ``group`` slots, 2:1."""
+        two, b, h, r, d = kv.shape
+        ng = r // self.group
+        out = self.compress_groups(kv.reshape(2, b, h, ng, self.group, d), valid.reshape(b, ng, self.group))
+        return out.reshape(2, b, h, r // 2, d)
+
+    def compress_groups(self, kv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """kv: [2, B, H, ng, G, Dh] (keys, values), valid [B, ng, G] -> [2, B, H, ng, G/2, Dh].
+
+        Keys and values go through pooling and the attention read-out together (one op each
+        instead of two)."""
+        _, b, h, ng, g, d = kv.shape
+        keys = kv[0]
+        pair_w = valid.view(b, 1, ng, g // 2, 2, 1).to(kv.dtype)
         denom = pair_w.sum(-2).clamp_min(1.0)
-        pooled_k = (keys.view(b, h, ng, g // 2, 2, d) * pair_w).sum(-2) / denom  # [B,H,ng,G/2,Dh]
-        pooled_v = (values.view(b, h, ng, g // 2, 2, d) * pair_w).sum(-2) / denom
-        q = self.q_proj(pooled_k + self.query)                                      # [B,H,ng,G/2,Dh]
+        pooled = (kv.view(2, b, h, ng, g // 2, 2, d) * pair_w).sum(-2) / denom      # [2,B,H,ng,G/2,Dh]
+        q = self.q_proj(pooled[0] + self.query)                                     # [B,H,ng,G/2,Dh]
         k = self.k_proj(keys)                                                       # [B,H,ng,G,Dh]
-        logits = torch.einsum("bhnod,bhngd->bhnog", q, k) / math.sqrt(d)
-        logits = logits.masked_fill(~valid[:, None, :, None, :], -1e4)
-        attn = logits.softmax(-1)
-        ctx_k = torch.einsum("bhnog,bhngd->bhnod", attn, keys)
-        ctx_v = torch.einsum("bhnog,bhngd->bhnod", attn, values)
-        return pooled_k + self.out_k(ctx_k), pooled_v + self.out_v(ctx_v)
+        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)                # [B,H,ng,G/2,G]
+        attn = torch.where(valid[:, None, :, None, :], logits, -1e4).softmax(-1)
+        ctx = torch.matmul(attn, kv)                                                # [2,B,H,ng,G/2,Dh]
+        return pooled + torch.stack([self.out_k(ctx[0]), self.out_v(ctx[1])])
 
 
 def reconstruction_loss(
@@ -69,7 +82,7 @@ def reconstruction_loss(
 
     def read(k, v, valid):
         logits = torch.einsum("bhqd,bhsd->bhqs", queries.float(), k.float()) * scale
-        logits = logits.masked_fill(~valid[:, None, None, :], -1e4)
+        logits = torch.where(valid[:, None, None, :], logits, -1e4)
         return torch.einsum("bhqs,bhsd->bhqd", logits.softmax(-1), v.float())
 
     with torch.no_grad():
