@@ -34,8 +34,9 @@ from dnc.model import DNC  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_counts_cpu.json"
 
-# ops that launch no kernel on a GPU: allocation and metadata only (views are detected by schema)
-_NO_KERNEL = {"detach", "empty", "empty_strided", "empty_like", "lift_fresh", "_to_copy_noop", "set_",
+# ops that launch no kernel on a GPU: allocation and metadata only (views are detected by schema);
+# scalar_tensor wraps a python number as a CPU 0-dim tensor (torch.where(c, x, 0.0)), a kernel argument
+_NO_KERNEL = {"detach", "scalar_tensor", "empty", "empty_strided", "empty_like", "lift_fresh", "_to_copy_noop", "set_",
               "resize_", "_reshape_alias", "alias", "_unsafe_view"}
 # ops that make the host wait for the device (and break CUDA-graph capture)
 _HOST_SYNC = {"_local_scalar_dense", "nonzero", "item", "is_nonzero", "equal", "allclose", "unique",

@@ -40,6 +40,7 @@ class SwiGLU(nn.Module):
 
 
 _ROPE_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_ROPE_FULL_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rope_table(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +56,18 @@ def rope_table(length: int, head_dim: int, theta: float, device: torch.device) -
     return cos[:length], sin[:length]
 
 
+def rope_table_full(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables for :func:`apply_rope_full`: ``[cos, cos]`` and ``[-sin, sin]``, each
+    ``[length, head_dim]`` float32 (the :func:`rope_table` values, cached the same way)."""
+    size = 1 << max(6, (max(length, 1) - 1).bit_length())
+    key = (size, head_dim, float(theta), str(device))
+    if key not in _ROPE_FULL_CACHE:
+        cos, sin = rope_table(size, head_dim, theta, device)
+        _ROPE_FULL_CACHE[key] = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+    cos2, sin2 = _ROPE_FULL_CACHE[key]
+    return cos2[:length], sin2[:length]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of ``x [B, H, T, Dh]`` by ``cos/sin [T, Dh/2]``."""
     x1, x2 = x.float().chunk(2, dim=-1)
@@ -62,10 +75,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.to(x.dtype)
 
 
+def apply_rope_full(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` with full-width tables from :func:`rope_table_full`: 4 ops instead of 7
+    (``x * [cos, cos] + swap_halves(x) * [-sin, sin]`` is the same arithmetic, term for term).
+    x: [..., T, Dh]; any leading dims (e.g. q and k stacked, [2, B, H, T, Dh])."""
+    xf = x.float()
+    out = xf * cos2 + xf.roll(x.shape[-1] // 2, -1) * sin2
+    return out.to(x.dtype)
+
+
+_SHIFT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def rope_shift(x: torch.Tensor, shift: int, head_dim: int, theta: float) -> torch.Tensor:
     """Move already-rotated ``x [B, H, T, Dh]`` by ``-shift`` positions (rotation by -shift*freq)."""
     if shift == 0 or x.shape[-2] == 0:
         return x
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float64) / head_dim))
-    ang = -float(shift) * freqs
-    return apply_rope(x, ang.cos().float(), ang.sin().float())
+    key = (shift, head_dim, float(theta), str(x.device))
+    if key not in _SHIFT_CACHE:  # one entry per (segment length - window): a handful per run
+        freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=x.device, dtype=torch.float64) / head_dim))
+        ang = -float(shift) * freqs
+        cos, sin = ang.cos().float(), ang.sin().float()
+        _SHIFT_CACHE[key] = (torch.cat([cos, cos]), torch.cat([-sin, sin]))
+    return apply_rope_full(x, *_SHIFT_CACHE[key])

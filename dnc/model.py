@@ -11,6 +11,7 @@ is the plain Transformer baseline.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, causal_attention
 from .config import DNCConfig
-from .layers import RMSNorm, SwiGLU, apply_rope, rope_shift, rope_table
+from .layers import RMSNorm, SwiGLU, apply_rope_full, rope_shift, rope_table_full
 from .memory import LearnedCompressor, MemoryRead, ReadView, StateBank, get_policy
 
 STATE_FORMAT_VERSION = 2
@@ -150,6 +151,12 @@ class DNCOutput:
     trace: list | None = None
 
 
+@functools.lru_cache(maxsize=256)
+def _positions(first: int, n: int, stride: int, device: torch.device) -> torch.Tensor:
+    """LongTensor of chunk positions first, first+stride, ... < n (cached: made once per shape)."""
+    return torch.arange(first, n, stride, device=device)
+
+
 # ================================================================================== blocks
 class LocalAttention(nn.Module):
     def __init__(self, cfg: DNCConfig):
@@ -162,9 +169,11 @@ class LocalAttention(nn.Module):
 
     def forward(self, x, past_k, past_v, cos, sin, x_prev=None, want_probs: bool = False):
         """x: [B, t, D]; past_k/v: [B, H, p, Dh] (carried window + earlier tokens of this segment);
+        cos/sin: [t, Dh] full-width RoPE tables (``layers.rope_table_full``) of the chunk's positions;
         x_prev: [B, 1, D] the input of the token before ``x[:, 0]`` (None at the stream start).
 
-        Returns (update [B, t, D], k [B, H, t, Dh], v, probs [B, H, t, p+t] or None).
+        Returns (update [B, t, D], keys [B, H, p+t, Dh], values (past and this chunk's: the layer's
+        new KV cache), probs [B, H, t, p+t] or None).
         """
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -172,12 +181,14 @@ class LocalAttention(nn.Module):
             # tied token shift: key_t += query projection of token t-1, before RoPE places the key
             # at position t. Within the chunk that is q shifted by one; the chunk's first token
             # takes the previous chunk's last input from the state (zeros at the stream start).
-            if x_prev is None:
-                q_first = q.new_zeros(b, self.n_heads, 1, self.head_dim)
+            if x_prev is None:  # zeros for the first key: one pad op
+                shift = F.pad(q[:, :, :-1], (0, 0, 1, 0))
             else:
                 q_first = F.linear(x_prev, self.qkv.weight[:d]).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k + torch.cat([q_first.to(q.dtype), q[:, :, :-1]], 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                shift = q_first.to(q.dtype) if t == 1 else torch.cat([q_first.to(q.dtype), q[:, :, :-1]], 2)
+            k = k + shift
+        # q and k rotated together (one stack, then 4 ops instead of 2 x 7); unbind's backward is one stack
+        q, k = apply_rope_full(torch.stack([q, k]), cos, sin).unbind(0)
         kk = torch.cat([past_k.to(k.dtype), k], 2) if past_k.shape[2] else k
         vv = torch.cat([past_v.to(v.dtype), v], 2) if past_v.shape[2] else v
         y = causal_attention(q, kk, vv, self.impl)
@@ -188,7 +199,7 @@ class LocalAttention(nn.Module):
                 past = kk.shape[2] - t
                 mask = torch.arange(kk.shape[2], device=x.device)[None] <= torch.arange(t, device=x.device)[:, None] + past
                 probs = s.masked_fill(~mask, float("-inf")).softmax(-1)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, d))), k, v, probs
+        return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, d))), kk, vv, probs
 
 
 class Block(nn.Module):
@@ -205,7 +216,8 @@ class Block(nn.Module):
         """One block on a chunk. Pure (no state mutation) so it can be checkpointed.
 
         x_prev: [B, 1, D] normed attention input of the previous token (None at the stream start).
-        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D]).
+        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D]);
+        k/v [B, H, p+t, Dh] are the layer's new KV cache (past and this chunk's, concatenated once).
         """
         xn = self.attn_norm(x)
         a, k, v, probs = self.attn(xn, past_k, past_v, cos, sin, x_prev, want_probs=trace)
@@ -305,7 +317,7 @@ class DNC(nn.Module):
         elif state.batch_size != b:
             raise ValueError(f"state was made for batch size {state.batch_size}, got tokens of batch {b}")
         logits, traces = [], []
-        recon = tokens.new_zeros((), dtype=torch.float32)
+        recon_terms = []
         counters = {"compressed": 0, "evicted": 0}
         t0 = 0
         while t0 < t_total:
@@ -317,12 +329,13 @@ class DNC(nn.Module):
             t0 += n
             if state.seg_pos == cfg.segment_len:
                 stats = self._commit_segment(state)
-                recon = recon + stats["recon_loss"]
+                recon_terms += stats["recon_terms"]
                 counters["compressed"] += stats["compressed"]
                 counters["evicted"] += stats["evicted"]
         if last_logits_only:
             logits = logits[-1:]
         logits = torch.cat(logits, 1) if len(logits) > 1 else logits[0]
+        recon = sum(recon_terms[1:], recon_terms[0]) if recon_terms else tokens.new_zeros((), dtype=torch.float32)
         out = DNCOutput(logits=logits, recon_loss=recon, state=state if keep_state else None,
                         trace=traces if trace else None)
         if targets is not None:
@@ -331,7 +344,9 @@ class DNC(nn.Module):
                 tgt = tgt.masked_fill(~loss_mask.bool(), -100)
             lm = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100)
             # keep every parameter in the graph (DDP/FSDP require it even when nothing was compressed)
-            touch = sum(p.sum() for p in self._maybe_unused_params()) * 0.0
+            # (one cat + one sum rather than a sum per parameter: fewer ops forward and backward)
+            unused = [p.reshape(-1) for p in self._maybe_unused_params()]
+            touch = torch.cat(unused).sum() * 0.0 if unused else 0.0
             out.lm_loss = lm
             out.loss = lm + cfg.recon_weight * recon + touch
         out.metrics = self._metrics(state, counters) if metrics else {}
@@ -342,12 +357,12 @@ class DNC(nn.Module):
         b, n = tokens.shape
         x = self.embed(tokens)
         pos0 = state.layers[0].cache.length  # carried window + tokens of this segment so far
-        cos, sin = rope_table(pos0 + n, cfg.head_dim, cfg.rope_theta, x.device)
+        cos, sin = rope_table_full(pos0 + n, cfg.head_dim, cfg.rope_theta, x.device)
         cos, sin = cos[pos0:], sin[pos0:]
         stride = max(1, cfg.segment_len // 64)  # salience statistics from a fixed subset of positions
         # chosen on the host (no device sync): positions p with p % stride == stride - 1
         first = (stride - 1 - state.seg_pos % stride) % stride
-        sample = torch.arange(first, n, stride, device=x.device) if first < n else None
+        sample = _positions(first, n, stride, x.device) if first < n else None
         traces = []
         for blk, ls in zip(self.blocks, state.layers):
             if blk.mem is not None and ls.view is None:
@@ -357,7 +372,7 @@ class DNC(nn.Module):
                 x, k, v, mem_in, mass, info, ls.prev_x = checkpoint(blk, *args, use_reentrant=False)
             else:
                 x, k, v, mem_in, mass, info, ls.prev_x = blk(*args, trace=trace)
-            ls.cache.append(k, v)
+            ls.cache = KVCache(k, v, ls.cache.carry_len)  # the block already concatenated past + new
             if mem_in is not None:
                 ls.write_buf.append(mem_in)
                 if mass is not None:
@@ -370,7 +385,7 @@ class DNC(nn.Module):
     def _commit_segment(self, state: DNCState) -> dict:
         """End of a segment: write memory layers' banks, carry the KV window, cut BPTT."""
         cfg = self.config
-        recon = torch.zeros((), device=self.device)
+        recon_terms = []
         compressed = evicted = 0
         state.segments += 1
         cut = state.segments % cfg.bptt_segments == 0
@@ -378,15 +393,16 @@ class DNC(nn.Module):
             if blk.mem is not None:
                 ls.bank.apply_read_mass(ls.mass, cfg.salience_decay)
                 h = torch.cat(ls.write_buf, 1)
-                k, v, valid = blk.mem.write_kv(h)
+                kv, valid = blk.mem.write_kv_packed(h)
                 rq = None
                 if self.training and torch.is_grad_enabled():
                     stride = max(1, h.shape[1] // 16)
                     rq = blk.mem.queries(h[:, stride - 1::stride]).detach()
-                stats = ls.bank.write(k, v, valid, compressors=self.compressors, policy=self.policy,
-                                      protect_salient=cfg.protect_salient, group=cfg.compress_group,
-                                      recon_queries=rq)
-                recon = recon + stats["recon_loss"]
+                stats = ls.bank.write_packed(kv, valid, compressors=self.compressors, policy=self.policy,
+                                             protect_salient=cfg.protect_salient, group=cfg.compress_group,
+                                             recon_queries=rq)
+                if rq is not None and stats["compressed"]:
+                    recon_terms.append(stats["recon_loss"])
                 compressed += stats["compressed"]
                 evicted += stats["evicted"]
                 ls.write_buf, ls.mass, ls.view = [], None, None
@@ -405,7 +421,8 @@ class DNC(nn.Module):
                 if ls.prev_x is not None:
                     ls.prev_x = ls.prev_x.detach()
         state.seg_pos = 0
-        return {"recon_loss": recon, "compressed": compressed, "evicted": evicted}
+        recon = sum(recon_terms[1:], recon_terms[0]) if recon_terms else torch.zeros((), device=self.device)
+        return {"recon_loss": recon, "recon_terms": recon_terms, "compressed": compressed, "evicted": evicted}
 
     def _maybe_unused_params(self) -> list:
         """Parameters a step may not use (compressors before any overflow; slot embeddings while

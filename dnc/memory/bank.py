@@ -168,7 +168,8 @@ class StateBank:
     # ---------------------------------------------------------------------------------- reading
     def flat(self) -> tuple[BankLevel, torch.Tensor]:
         """All levels concatenated (L0, L1, L2; views, no copy) and the level id of each slot ``[S]``."""
-        return self._view(0, self.kv.shape[3]), self.level_ids()
+        # unbind, not kv[0]/kv[1]: its backward is one stack instead of two zero-fill + copy pairs
+        return BankLevel(*self.kv.unbind(0), *self.meta.unbind(0), self.valid), self.level_ids()
 
     def level_ids(self) -> torch.Tensor:
         """LongTensor [S]: level of each slot (a cached constant: do not modify)."""
@@ -303,37 +304,44 @@ class StateBank:
                 meta = meta.gather(2, order.unsqueeze(0).expand(len(META_FIELDS), -1, -1))
                 valid = valid.gather(1, order)
             kv = kv.gather(3, order[None, :, None, :, None].expand_as(kv))
-        kept_at = [0, kept[0], kept[0] + kept[1]]
-        drop_at = [sum(kept), sum(kept) + drop[0], sum(kept) + drop[0] + drop[1]]
+        # the blocks [kept L0, kept L1, kept L2, dropped L0, dropped L1, evicted L2] of the (gathered)
+        # bank; one split each (the backward of a split is one cat, of each slice a zero-fill + copy)
+        block_sizes = kept + drop
+        kv_blocks = kv.split(block_sizes, 3)
+        meta_blocks = meta.split(block_sizes, 2)
+        valid_blocks = valid.split(block_sizes, 1)
 
         recon = []
         new = [incoming, None, None]  # what each level receives
         spill = [i for i in range(LEVELS - 1) if drop[i]]
         if spill:
-            lo, hi = drop_at[spill[0]], drop_at[spill[-1]] + drop[spill[-1]]
+            first, last = LEVELS + spill[0], LEVELS + spill[-1]
             with torch.no_grad():  # metadata of merged pairs, both levels' dropped blocks at once
                 const = _meta_constants(kv.device)
+                lo = sum(block_sizes[:first])
+                hi = sum(block_sizes[:last + 1])
                 pairs = meta[:, :, lo:hi].reshape(len(META_FIELDS), b, -1, 2)
                 pair_meta = torch.where(const["pair_max"], pairs.amax(-1), pairs.sum(-1) * const["pair_scale"])
                 pair_valid = valid[:, lo:hi].reshape(b, -1, 2).any(-1)
-            for i in spill:
-                a, r = drop_at[i], drop[i]
-                raw_valid = valid[:, a:a + r]
-                comp = compressors[i].compress_packed(kv[:, :, :, a:a + r], raw_valid)
-                c = slice((a - lo) // 2, (a - lo + r) // 2)
-                new[i + 1] = (comp, pair_meta[:, :, c], pair_valid[:, c])
+                pair_sizes = [drop[i] // 2 for i in spill]
+                pair_meta, pair_valid = pair_meta.split(pair_sizes, 2), pair_valid.split(pair_sizes, 1)
+            for j, i in enumerate(spill):
+                raw_kv, raw_valid = kv_blocks[LEVELS + i], valid_blocks[LEVELS + i]
+                comp = compressors[i].compress_packed(raw_kv, raw_valid)
+                new[i + 1] = (comp, pair_meta[j], pair_valid[j])
                 if recon_queries is not None and recon_queries.shape[2] > 0:
                     from .compressor import reconstruction_loss
 
-                    recon.append(reconstruction_loss(recon_queries, kv[0, :, :, a:a + r], kv[1, :, :, a:a + r],
-                                                     raw_valid, comp[0], comp[1], pair_valid[:, c]))
+                    raw_k, raw_v = raw_kv.detach().unbind(0)
+                    comp_k, comp_v = comp.unbind(0)
+                    recon.append(reconstruction_loss(recon_queries, raw_k, raw_v, raw_valid, comp_k, comp_v,
+                                                     pair_valid[j]))
 
         pieces: list[list[torch.Tensor]] = [[], [], []]  # kv, meta, valid pieces in the new order
         for i in range(LEVELS):
             parts = []
             if kept[i]:
-                a = kept_at[i]
-                parts.append((kv[:, :, :, a:a + kept[i]], meta[:, :, a:a + kept[i]], valid[:, a:a + kept[i]]))
+                parts.append((kv_blocks[i], meta_blocks[i], valid_blocks[i]))
             if new[i] is not None and new[i][0].shape[3]:
                 parts.append(new[i])
             for p in parts:

@@ -60,7 +60,8 @@ class LearnedCompressor(nn.Module):
         logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)                # [B,H,ng,G/2,G]
         attn = torch.where(valid[:, None, :, None, :], logits, -1e4).softmax(-1)
         ctx = torch.matmul(attn, kv)                                                # [2,B,H,ng,G/2,Dh]
-        return pooled + torch.stack([self.out_k(ctx[0]), self.out_v(ctx[1])])
+        ctx_k, ctx_v = ctx.unbind(0)  # (unbind's backward is one stack; two selects' are 2 x 2 ops)
+        return pooled + torch.stack([self.out_k(ctx_k), self.out_v(ctx_v)])
 
 
 def reconstruction_loss(

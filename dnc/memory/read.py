@@ -11,6 +11,7 @@ logits explicitly and keeps each query's k best slots; with k >= S both are the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,38 @@ class ReadView:
     values: torch.Tensor  # [B, H, S+1, Dq] values zero-padded to Dq (slot 0 = zeros)
     levels: torch.Tensor  # [S] level id of each real slot
     n_slots: int          # S
+
+
+@functools.lru_cache(maxsize=64)
+def _all_valid(b: int, m: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(b, m, dtype=torch.bool, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _query_tail(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, 1, width]: the constant query channels after the router's: bias weight 1, zero pad."""
+    return F.pad(torch.ones(1, 1, 1, 1), (0, width - 1)).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _view_constants(sizes: tuple[int, ...], buckets: int, pad: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Constants of a read view for a bank with level ``sizes`` (cached: do not modify).
+
+    onehot_lvl [S, 3] (level of each slot), onehot_lvl_null [1, 1, S+1, 3] (with the null slot's
+    zero row first), pad [1, 1, 1, pad] zeros, age_lo/age_hi [A] float32 bucket edges of age + 1."""
+    level_ids = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
+    onehot = F.one_hot(level_ids, LEVELS).to(dtype)
+    lo = 2.0 ** torch.arange(buckets, dtype=torch.float32)
+    hi = torch.cat([lo[1:], torch.tensor([float("inf")])])
+    return {"onehot_lvl": onehot.to(device), "onehot_lvl_null": F.pad(onehot, (0, 0, 1, 0)).view(1, 1, -1, LEVELS).to(device),
+            "pad": torch.zeros(1, 1, 1, pad, dtype=dtype, device=device), "age_lo": lo.to(device), "age_hi": hi.to(device)}
+
+
+def _age_onehot(age: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Bool [..., A]: the age bucket ``min(floor(log2(age + 1)), A - 1)`` one-hot, found by comparing
+    ``age + 1`` with the power-of-two bucket edges (exact, and no index scatter)."""
+    x = (age.clamp_min(0) + 1).unsqueeze(-1)
+    return (x >= lo) & (x < hi)
 
 
 class MemoryRead(nn.Module):
@@ -55,6 +88,11 @@ class MemoryRead(nn.Module):
     # ------------------------------------------------------------------ writes
     def write_kv(self, h: torch.Tensor, valid: torch.Tensor | None = None):
         """h: [B, T, D] normed inputs of the segment -> keys/values [B, H, T/p, Dh], valid [B, T/p]."""
+        kv, valid = self.write_kv_packed(h, valid)
+        return kv[0], kv[1], valid
+
+    def write_kv_packed(self, h: torch.Tensor, valid: torch.Tensor | None = None):
+        """h: [B, T, D] -> (kv [2, B, H, T/p, Dh] keys and values, valid [B, T/p]) as the bank stores them."""
         b, t, _ = h.shape
         p = self.write_pool
         # Token shift with a tied projection: a slot's key also carries the *query* projection of
@@ -64,15 +102,17 @@ class MemoryRead(nn.Module):
         k = (self.k_write(h) + self.q_proj(h_prev)).view(b, t, self.n_heads, self.head_dim)
         k = F.normalize(k.float(), dim=-1).to(h.dtype)
         v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
-        if valid is None:
-            valid = torch.ones(b, t, dtype=torch.bool, device=h.device)
+        kv = torch.stack([k, v])                                                # [2, B, T, H, Dh]
         if p > 1:
-            w = valid.view(b, t // p, p, 1, 1).to(k.dtype)
-            den = w.sum(2).clamp_min(1.0)
-            k = (k.view(b, t // p, p, self.n_heads, self.head_dim) * w).sum(2) / den
-            v = (v.view(b, t // p, p, self.n_heads, self.head_dim) * w).sum(2) / den
-            valid = valid.view(b, t // p, p).any(-1)
-        return k.transpose(1, 2), v.transpose(1, 2), valid
+            if valid is None:  # every token valid: the masked mean is a plain mean (same numbers)
+                kv = kv.view(2, b, t // p, p, self.n_heads, self.head_dim).sum(3) / p
+            else:
+                w = valid.view(1, b, t // p, p, 1, 1).to(kv.dtype)
+                kv = (kv.view(2, b, t // p, p, self.n_heads, self.head_dim) * w).sum(3) / w.sum(3).clamp_min(1.0)
+                valid = valid.view(b, t // p, p).any(-1)
+        if valid is None:
+            valid = _all_valid(b, t // p, h.device)
+        return kv.transpose(2, 3), valid
 
     def queries(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature."""
@@ -83,41 +123,41 @@ class MemoryRead(nn.Module):
 
     # ------------------------------------------------------------------ reads
     def build_view(self, bank: StateBank) -> ReadView:
+        """The augmented keys/values every read of this segment uses (see the module docstring).
+
+        Constant parts (level one-hot channels, zero padding, the value of the null slot) are cached
+        tensors; the rest is a handful of ops whatever the number of levels."""
         flat, level_ids = bank.flat()
         b, h, s, d = flat.keys.shape
         dtype = self.null_key.dtype if s == 0 else flat.keys.dtype
-        dev = self.null_key.device
+        const = _view_constants(tuple(bank.sizes), self.max_age_buckets, self.aug_dim - d - LEVELS - 1,
+                                flat.keys.device, dtype)
+        null = self.null_key.to(dtype).view(1, h, 1, d).expand(b, -1, -1, -1)
         if s:
-            bucket = torch.log2(flat.age.clamp_min(0) + 1).floor().long().clamp_max(self.max_age_buckets - 1)  # [B,S]
             # embeddings looked up as one-hot matmuls: the backward of advanced indexing into a
             # handful of rows is a slow serialised scatter on GPU (18% of a training step)
-            onehot_age = F.one_hot(bucket, self.max_age_buckets).to(dtype)                         # [B,S,A]
-            onehot_lvl = F.one_hot(level_ids, LEVELS).to(dtype)                                     # [S,3]
+            onehot_age = _age_onehot(flat.age, const["age_lo"], const["age_hi"]).to(dtype)          # [B,S,A]
             emb = onehot_age @ self.age_emb.view(self.max_age_buckets, -1).to(dtype) \
-                + (onehot_lvl @ self.level_emb.view(LEVELS, -1).to(dtype)).unsqueeze(0)            # [B,S,H*Dh]
+                + (const["onehot_lvl"] @ self.level_emb.view(LEVELS, -1).to(dtype)).unsqueeze(0)   # [B,S,H*Dh]
             k = flat.keys + emb.view(b, s, h, d).transpose(1, 2)                                    # [B,H,S,Dh]
             bias = self.sal_scale.view(1, h, 1) * torch.log(flat.salience.clamp_min(1e-4)).unsqueeze(1)  # [B,H,S]
-            bias = bias.masked_fill(~flat.valid.unsqueeze(1), -1e4)
-            onehot = onehot_lvl.view(1, 1, s, LEVELS).expand(b, h, s, LEVELS)
-            pad = self.aug_dim - d - LEVELS - 1
-            kaug = torch.cat([k, onehot, bias.unsqueeze(-1).to(dtype), k.new_zeros(b, h, s, pad)], -1)
-            vals = F.pad(flat.values, (0, self.aug_dim - d))
+            bias = torch.where(flat.valid.unsqueeze(1), bias, -1e4).to(dtype)
+            # slot 0 is the null slot: key null_key, zero bias/one-hot channels, zero value
+            keys = torch.cat([null, k], 2)
+            bias = F.pad(bias, (1, 0))
         else:
-            b = flat.keys.shape[0]
-            kaug = torch.zeros(b, self.n_heads, 0, self.aug_dim, device=dev, dtype=dtype)
-            vals = kaug
-        null = F.pad(self.null_key, (0, self.aug_dim - self.head_dim)).to(kaug.dtype)
-        null = null.view(1, self.n_heads, 1, self.aug_dim).expand(kaug.shape[0], -1, -1, -1)
-        kaug = torch.cat([null, kaug], 2)
-        vals = torch.cat([torch.zeros_like(null), vals.to(kaug.dtype)], 2)
+            keys, bias = null, torch.zeros(b, h, 1, device=null.device, dtype=dtype)
+        kaug = torch.cat([keys, const["onehot_lvl_null"].expand(b, h, -1, -1), bias.unsqueeze(-1),
+                          const["pad"].expand(b, h, s + 1, -1)], -1)                            # [B,H,S+1,Dq]
+        vals = F.pad(flat.values.to(dtype), (0, self.aug_dim - d, 1, 0))
         return ReadView(kaug, vals, level_ids, s)
 
     def augment_queries(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """[q, router log-probs, 1, 0-pad] -> [B, H, T, Dq] (q already carries its temperature)."""
         b, hh, t, d = q.shape
         route = self.router(h).to(q.dtype)                                      # [B,H,T,3]
-        pad = self.aug_dim - d - LEVELS - 1
-        return torch.cat([q, route, q.new_ones(b, hh, t, 1), q.new_zeros(b, hh, t, pad)], -1)
+        tail = _query_tail(self.aug_dim - d - LEVELS, q.device, q.dtype)       # [1, 0, ..., 0]
+        return torch.cat([q, route, tail.expand(b, hh, t, -1)], -1)
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
                 trace: bool = False):
