@@ -389,25 +389,49 @@ class DNC(nn.Module):
         compressed = evicted = 0
         state.segments += 1
         cut = state.segments % cfg.bptt_segments == 0
-        for blk, ls in zip(self.blocks, state.layers):
-            if blk.mem is not None:
-                ls.bank.apply_read_mass(ls.mass, cfg.salience_decay)
-                h = torch.cat(ls.write_buf, 1)
-                kv, valid = blk.mem.write_kv_packed(h)
-                rq = None
-                if self.training and torch.is_grad_enabled():
-                    stride = max(1, h.shape[1] // 16)
-                    rq = blk.mem.queries(h[:, stride - 1::stride]).detach()
-                stats = ls.bank.write_packed(kv, valid, compressors=self.compressors, policy=self.policy,
-                                             protect_salient=cfg.protect_salient, group=cfg.compress_group,
-                                             recon_queries=rq)
+        mem = [(blk, ls) for blk, ls in zip(self.blocks, state.layers) if blk.mem is not None]
+        writes = []  # per memory layer: (kv [2,B,H,m,Dh], valid [B,m], recon queries or None)
+        for blk, ls in mem:
+            h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
+            kv, valid = blk.mem.write_kv_packed(h)
+            rq = None
+            if self.training and torch.is_grad_enabled():
+                stride = max(1, h.shape[1] // 16)
+                rq = blk.mem.queries(h[:, stride - 1::stride]).detach()
+            writes.append((kv, valid, rq))
+        write_kw = dict(compressors=self.compressors, policy=self.policy, protect_salient=cfg.protect_salient,
+                        group=cfg.compress_group)
+        banks = [ls.bank for _, ls in mem]
+        masses = [ls.mass for _, ls in mem]
+        # All memory layers' banks have the same shape (same writes, same capacities), so they are
+        # written as one bank of L*B rows: one set of bookkeeping/compression ops, not one per layer.
+        group = StateBank.stack(banks) if len(banks) > 1 and len({m is None for m in masses}) == 1 else None
+        if group is not None:
+            group.apply_read_mass(None if masses[0] is None else torch.cat(masses, 0), cfg.salience_decay)
+            rqs = [w[2] for w in writes]
+            stats = group.write_packed(torch.cat([w[0] for w in writes], 1), torch.cat([w[1] for w in writes], 0),
+                                       recon_queries=None if rqs[0] is None else torch.cat(rqs, 0),
+                                       recon_groups=len(banks), **write_kw)
+            if rqs[0] is not None and stats["compressed"]:
+                recon_terms.append(stats["recon_loss"])
+            compressed += stats["compressed"] * len(banks)
+            evicted += stats["evicted"] * len(banks)
+            if cut:
+                group.detach_()
+            group.unstack(banks)
+        else:
+            for bank, mass, (kv, valid, rq) in zip(banks, masses, writes):
+                bank.apply_read_mass(mass, cfg.salience_decay)
+                stats = bank.write_packed(kv, valid, recon_queries=rq, **write_kw)
                 if rq is not None and stats["compressed"]:
                     recon_terms.append(stats["recon_loss"])
                 compressed += stats["compressed"]
                 evicted += stats["evicted"]
-                ls.write_buf, ls.mass, ls.view = [], None, None
                 if cut:
-                    ls.bank.detach_()
+                    bank.detach_()
+        for _, ls in mem:
+            ls.write_buf, ls.mass, ls.view = [], None, None
+        for ls in state.layers:
             # carry the last kv_window keys/values, moved into the next segment's position frame
             w = min(cfg.kv_window, ls.cache.length)
             if w:
@@ -439,17 +463,21 @@ class DNC(nn.Module):
         banks = state.banks()
         if not banks:
             return {}
-        m = {f"mem/slots_l{i}": sum(b.valid_counts()[i] for _, b in banks) / len(banks) for i in range(3)}
-        div = []
+        # every statistic stays on the device until one .tolist(): a single host sync per call
+        stats = [torch.stack([v.float().sum(1).mean() for v in b.valid.split(b.sizes, 1)]) for _, b in banks]
+        n_div = 0
         for _, bank in banks:
             lvl = bank.levels[0]
             if lvl.n >= 2:
                 k = F.normalize(lvl.keys[0].float().permute(1, 0, 2).reshape(lvl.n, -1)[-256:], dim=-1)
                 sim = k @ k.T
                 n = sim.shape[0]
-                div.append(1.0 - float((sim.sum() - n) / (n * (n - 1))))
-        if div:
-            m["mem/slot_diversity"] = sum(div) / len(div)
+                stats.append((1.0 - (sim.sum() - n) / (n * (n - 1))).view(1))
+                n_div += 1
+        values = torch.cat(stats).tolist()
+        m = {f"mem/slots_l{i}": sum(values[3 * j + i] for j in range(len(banks))) / len(banks) for i in range(3)}
+        if n_div:
+            m["mem/slot_diversity"] = sum(values[3 * len(banks):]) / n_div
         m["mem/compressions"] = float(counters["compressed"])
         m["mem/evictions"] = float(counters["evicted"])
         return m

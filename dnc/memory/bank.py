@@ -165,6 +165,45 @@ class StateBank:
         meta = self.meta if meta is None else meta
         return BankLevel(self.kv[0, :, :, a:b], self.kv[1, :, :, a:b], *meta[:, :, a:b].unbind(0), self.valid[:, a:b])
 
+    # ---------------------------------------------------------------------------------- groups
+    @classmethod
+    def stack(cls, banks: list["StateBank"]) -> "StateBank | None":
+        """One bank holding ``banks`` side by side along the batch dim (rows ``l*B .. (l+1)*B`` are
+        bank ``l``), so their segment bookkeeping runs as one set of ops instead of one per bank.
+        Every op of the write path works row by row, so this is the same computation. None when
+        the banks differ in level sizes, capacities, clock or batch (then write them one by one).
+
+        The group made last time is reused as is (no copy) while every bank still holds the views
+        :meth:`unstack` gave it."""
+        first = banks[0]
+        group = getattr(first, "_group", None)
+        if group is not None and len(group._members) == len(banks) and all(
+                m[0] is bank and bank.kv is m[1] and bank.meta is m[2] and bank.valid is m[3] and bank.alpha is m[4]
+                and bank.sizes == group.sizes and bank.clock == group.clock
+                for m, bank in zip(group._members, banks)):
+            return group
+        if any(bk.sizes != first.sizes or bk.capacities != first.capacities or bk.clock != first.clock
+               or bk.kv.shape[1] != first.kv.shape[1] or bk.kv.dtype != first.kv.dtype for bk in banks[1:]):
+            return None
+        group = cls.__new__(cls)
+        group.capacities, group.clock, group.sizes = first.capacities, first.clock, list(first.sizes)
+        group.kv = torch.cat([bk.kv for bk in banks], 1)
+        group.meta = torch.cat([bk.meta for bk in banks], 1)
+        group.valid = torch.cat([bk.valid for bk in banks], 0)
+        group.alpha = torch.cat([bk.alpha for bk in banks], 0)
+        group._members = []
+        return group
+
+    def unstack(self, banks: list["StateBank"]) -> None:
+        """Give each of ``banks`` its rows of this group (views; one split per tensor)."""
+        b = self.kv.shape[1] // len(banks)
+        parts = zip(self.kv.split(b, 1), self.meta.split(b, 1), self.valid.split(b, 0), self.alpha.split(b, 0))
+        self._members = []
+        for bank, (kv, meta, valid, alpha) in zip(banks, parts):
+            bank.kv, bank.meta, bank.valid, bank.alpha = kv, meta, valid, alpha
+            bank.sizes, bank.clock, bank._group = list(self.sizes), self.clock, self
+            self._members.append((bank, kv, meta, valid, alpha))
+
     # ---------------------------------------------------------------------------------- reading
     def flat(self) -> tuple[BankLevel, torch.Tensor]:
         """All levels concatenated (L0, L1, L2; views, no copy) and the level id of each slot ``[S]``."""
@@ -221,14 +260,16 @@ class StateBank:
                                  protect_salient=protect_salient, group=group, recon_queries=recon_queries)
 
     def write_packed(self, kv: torch.Tensor, valid: torch.Tensor, *, compressors, policy, protect_salient: float,
-                     group: int, recon_queries: torch.Tensor | None = None) -> dict:
-        """:meth:`write` with keys and values packed as ``kv [2, B, H, m, Dh]``."""
+                     group: int, recon_queries: torch.Tensor | None = None, recon_groups: int = 1) -> dict:
+        """:meth:`write` with keys and values packed as ``kv [2, B, H, m, Dh]``. ``recon_groups``: for
+        a :meth:`stack` of that many banks, the reconstruction loss is the sum of the banks' losses."""
         const = _meta_constants(self.kv.device)
         with torch.no_grad():
             self.meta = self.meta + const["age_step"]
             new_meta = torch.add(const["new_slot"], const["clock_row"], alpha=self.clock).expand(-1, kv.shape[1], kv.shape[3])
         stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
-                              protect_salient=protect_salient, group=group, recon_queries=recon_queries)
+                              protect_salient=protect_salient, group=group, recon_queries=recon_queries,
+                              recon_groups=recon_groups)
         self.clock += 1
         return stats
 
@@ -263,7 +304,7 @@ class StateBank:
         return drop, recv
 
     def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
-                 recon_queries, compact: int = 0) -> dict:
+                 recon_queries, compact: int = 0, recon_groups: int = 1) -> dict:
         """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
         ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
         the next level (L0, L1) or by eviction (L2).
@@ -335,7 +376,7 @@ class StateBank:
                     raw_k, raw_v = raw_kv.detach().unbind(0)
                     comp_k, comp_v = comp.unbind(0)
                     recon.append(reconstruction_loss(recon_queries, raw_k, raw_v, raw_valid, comp_k, comp_v,
-                                                     pair_valid[j]))
+                                                     pair_valid[j], groups=recon_groups))
 
         pieces: list[list[torch.Tensor]] = [[], [], []]  # kv, meta, valid pieces in the new order
         for i in range(LEVELS):

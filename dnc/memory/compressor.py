@@ -72,12 +72,15 @@ def reconstruction_loss(
     comp_k: torch.Tensor,
     comp_v: torch.Tensor,
     comp_valid: torch.Tensor,
+    groups: int = 1,
 ) -> torch.Tensor:
     """Attention over compressed slots should reproduce attention over the raw ones.
 
     queries: [B, H, Tq, Dh] (detached: this loss trains the compressor only);
     raw_k/raw_v: [B, H, R, Dh] with raw_valid [B, R]; comp_*: [B, H, R/2, Dh], comp_valid [B, R/2].
-    Returns the mean squared error of the two read-outs, normalised by the target's power.
+    Returns the mean squared error of the two read-outs, normalised by the target's power;
+    with ``groups`` > 1 the batch is that many equal blocks (stacked banks) and the result is the
+    sum of their losses.
     """
     scale = 1.0 / math.sqrt(queries.shape[-1])
 
@@ -89,4 +92,7 @@ def reconstruction_loss(
     with torch.no_grad():
         target = read(raw_k.detach(), raw_v.detach(), raw_valid)
     pred = read(comp_k, comp_v, comp_valid)
-    return ((pred - target) ** 2).mean() / (target.pow(2).mean() + 1e-6)
+    if groups == 1:
+        return ((pred - target) ** 2).mean() / (target.pow(2).mean() + 1e-6)
+    err = ((pred - target) ** 2).reshape(groups, -1).mean(1)
+    return (err / (target.pow(2).reshape(groups, -1).mean(1) + 1e-6)).sum()
