@@ -11,7 +11,11 @@ decode, for the DNC and its memory-less baseline; prints a table and writes JSON
 The count runs on CPU with the preset shrunk (``--shrink``: segment length and bank capacities
 divided by it, width reduced) so it takes seconds; the per-segment op *structure* is unchanged
 (same layers, memory layers, write pooling, compression group and level ratios), so the counts
-are those of the full-size model.
+are those of the full-size model. ``rms_norm`` is counted as the CUDA build's fused kernel (1 op
+forward, 1 backward). Caveats of the proxy: composite backward ops such as ``select_backward`` /
+``slice_backward`` count as 1 but are 2 kernels (zero fill + copy); "host syncs" counts aten ops
+that read device values (``item``, ``nonzero``, ...; on CPU also ``one_hot``'s range checks, which
+CUDA skips) but not ``Tensor.tolist()``, which bypasses the dispatcher.
 """
 
 from __future__ import annotations
