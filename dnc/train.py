@@ -936,7 +936,9 @@ class Trainer:
         self.model = parallelize(model) if parallelize else model
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg)
-        self.data = TaskSource(cfg, rank, self.model_config.segment_len) if cfg.corpus_ratio < 1.0 else None
+        # Pad task batches to a multiple of 64 tokens, not of a segment: a 256-token sample padded
+        # to a 2048-token segment would spend 8x the compute on padding.
+        self.data = TaskSource(cfg, rank, min(64, self.model_config.segment_len)) if cfg.corpus_ratio < 1.0 else None
         self.state = TrainState(train_config=cfg.to_dict(), model_config=self.model_config.to_dict(),
                                 world_size=world_size, run_name=run_name)
         # Chooses corpus vs task batches. Identical on every rank: Ray Data's streaming split

@@ -175,7 +175,7 @@ class Curriculum:
             stages: a directory of stage YAMLs (default: the repo's ``configs/curriculum``) or a
                 list of :class:`Stage`.
             seed: seed of the sampler's rng (its full state is in ``state_dict``).
-            pad_to_multiple: batches are padded to a multiple of this (use ``segment_len``).
+            pad_to_multiple: batches are padded to a multiple of this (e.g. 64: few distinct shapes, little padding).
             loss_ema_decay: decay of the per-task loss EMA.
             loss_power: task sampling weight is ``stage weight * (ema / mean ema) ** loss_power``,
                 clipped to ``loss_factor_clip``: tasks with the highest recent loss come up more.
