@@ -161,6 +161,8 @@ def device_tag(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("DNC_COMMIT"):   # set where the tree travels without .git (the GPU machine)
+        return os.environ["DNC_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip() or None

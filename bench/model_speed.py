@@ -247,6 +247,8 @@ def save(results: dict, args, cuda: bool) -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("DNC_COMMIT"):   # set where the tree travels without .git (the GPU machine)
+        return os.environ["DNC_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()

@@ -242,6 +242,7 @@ def environment() -> dict[str, Any]:
                                        text=True, timeout=10).stdout.strip() or None
     except Exception:
         env["commit"] = None
+    env["commit"] = os.environ.get("DNC_COMMIT") or env["commit"]   # the GPU machine's tree has no .git
     return env
 
 
