@@ -172,6 +172,8 @@ def git_commit() -> str | None:
 
 def git_dirty() -> list[str] | None:
     """Tracked files with uncommitted changes (the commit alone does not describe the code then)."""
+    if os.environ.get("DNC_COMMIT"):   # a tree exported from that commit: no git state to ask
+        return []
     try:
         out = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                       text=True, stderr=subprocess.DEVNULL)
@@ -371,10 +373,10 @@ def free_memory(device: torch.device) -> None:
 
 def mqar_min_length(n_pairs: int, value_len: int = 1) -> int:
     """Shortest MQAR sample holding ``n_pairs`` pairs and as many queries (layout of
-    ``dnc.data.tasks.mqar``: bos, pairs ``<key>K<value>V``, sep, queries ``<query>K<answer>V``, eos;
+    ``dnc.data.tasks.mqar``: bos, pairs ``<key>KV``, sep, queries ``<query>KV``, eos;
     keys are 1 letter up to 16 pairs, else 2)."""
     key_len = 1 if n_pairs <= 16 else 2
-    return 3 + 2 * n_pairs * (2 + key_len + value_len)
+    return 3 + 2 * n_pairs * (1 + key_len + value_len)
 
 
 # ==============================================================================================

@@ -17,6 +17,7 @@ from dnc.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 ALL_TASKS = sorted(TASKS)
+KEY_LETTERS = {ord(c) for c in "ABCDEFGHIJKLMNOP"}
 
 
 def _check_invariants(s: Sample, length: int) -> None:
@@ -27,7 +28,10 @@ def _check_invariants(s: Sample, length: int) -> None:
     np.testing.assert_array_equal(s.tokens[s.loss_mask], s.answer)
     assert s.answer[-1] == EOS and s.tokens[-1] == EOS
     assert s.loss_mask[s.answer_start] and not s.loss_mask[: s.answer_start].any()
-    assert s.tokens[s.answer_start - 1] == TOK.token_id("<answer>")
+    # What precedes the answer: the <answer> marker, or for the lookup tasks the words the
+    # answer followed earlier (the key; the needle's "the pass key is ").
+    before = {"kv_retrieval": KEY_LETTERS, "mqar": KEY_LETTERS, "needle": {ord(" ")}}
+    assert s.tokens[s.answer_start - 1] in before.get(s.task, {TOK.token_id("<answer>")})
     # Only the answer spans are masked, and they cover the mask exactly.
     m = np.zeros(length, bool)
     for a, b in s.meta["answer_spans"]:
@@ -117,10 +121,10 @@ def test_kv_retrieval_prefix_len():
     keys = np.flatnonzero(s.tokens == KEY)
     assert len(keys) == 10 and keys.max() < P
     assert s.tokens[P] == TOK.sep_id
-    # Query at the very end: <query> K K <answer> V V <eos>.
-    tail = s.tokens[-(1 + 2 + 1 + s.meta["value_len"] + 1):]
+    # Query at the very end: <query> K K V V <eos>.
+    tail = s.tokens[-(1 + 2 + s.meta["value_len"] + 1):]
     assert tail[0] == TOK.token_id("<query>")
-    pairs = dict(re.findall(r"<key>([A-P]{2})<value>([0-9]+)",
+    pairs = dict(re.findall(r"<key>([A-P]{2})([0-9]+)",
                             TOK.decode(s.tokens[:P], skip_special=False)))
     assert len(pairs) == 10
     key = TOK.decode(tail[1:3])

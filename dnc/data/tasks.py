@@ -18,14 +18,14 @@ Layout (``<x>`` are special tokens of :class:`dnc.tokenizer.ByteTokenizer`, the 
 task          layout                                                                 difficulty 0 -> 1
 ============  =====================================================================  ===============================================
 copy          ``<bos><key>S<sep> ... <query><answer>[S<eos>]``                       ``len(S)`` 4 -> 32
-kv_retrieval  ``<bos>(<key>K<value>V)*n ... <sep> ... <query>K<answer>[V<eos>]``     ``n_pairs`` 2 -> 32, ``value_len`` 1 -> 4
+kv_retrieval  ``<bos>(<key>KV)*n ... <sep> ... <query>K[V<eos>]``                    ``n_pairs`` 2 -> 32, ``value_len`` 1 -> 4
 fill_blank    records ``"ABC: w1 w2 w3.\\n"`` in filler, then                         ``n_records`` 1 -> 8, ``n_words`` 3 -> 6
               ``<query>ABC: w1 <blank> w3.<answer>[w2<eos>]``
-needle        ``<needle>the pass key is 12345.`` at ``depth``, decoys                ``n_decoys`` ("the room number is 48213.") 0 -> 4
-              ``<query>what is the pass key?<answer>[12345<eos>]``
+needle        ``<needle>the pass key is 12345.`` at ``depth``, decoys, then          ``n_decoys`` ("the room number is 48213.") 0 -> 4
+              ``<query>the pass key is [12345<eos>]``
 relational    facts ``"Ann is the parent of Bob."`` in filler, then                   ``hops`` 1 -> 3, extra people 0 -> 6
               ``<query>who is the grandparent of Cy?<answer>[Ann<eos>]``
-mqar          ``<bos>(<key>K<value>V)*n<sep> ... (<query>K<answer>[V])*q[<eos>]``     ``n_pairs`` 2 -> 32 (``n_queries`` = ``n_pairs``)
+mqar          ``<bos>(<key>KV)*n<sep> ... (<query>K[V])*q[<eos>]``                    ``n_pairs`` 2 -> 32 (``n_queries`` = ``n_pairs``)
 ============  =====================================================================  ===============================================
 
 Alphabets (small on purpose, so a tiny model can learn the tasks):
@@ -61,7 +61,6 @@ SEP = _TOK.sep_id
 QUERY = _TOK.token_id("<query>")
 ANSWER = _TOK.token_id("<answer>")
 KEY = _TOK.token_id("<key>")
-VALUE = _TOK.token_id("<value>")
 NEEDLE = _TOK.token_id("<needle>")
 BLANK = _TOK.token_id("<blank>")
 
@@ -348,17 +347,20 @@ def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5,
                  prefix_len: int | None = None) -> Sample:
     """Key/value pairs at the start, filler, then one key asked at the very end.
 
-    ``<bos>(<key>K<value>V)*n [filler to prefix_len] <sep> filler <query>K<answer>[V<eos>]``.
+    ``<bos>(<key>KV)*n [filler to prefix_len] <sep> filler <query>K[V<eos>]``.
+    The value follows its key directly, in the facts and in the question alike (keys are
+    letters, values digits): the answer is then "what followed this key before", a single
+    induction step, instead of a lookup across marker tokens, which trains several times slower.
     With ``prefix_len`` every pair lies in ``tokens[:prefix_len]`` and the query in the last
-    ``key_len + value_len + 3`` tokens, so the pair-to-question distance is set by ``length``.
+    ``key_len + value_len + 2`` tokens, so the pair-to-question distance is set by ``length``.
     Difficulty: ``n_pairs`` 2 -> 32 and ``value_len`` 1 -> 4 digits."""
     _check_common(length, difficulty)
     rng = _as_rng(rng)
     explicit = n_pairs is not None
     vlen = value_len if value_len is not None else _lerp(1, 4, difficulty)
     n = n_pairs if explicit else _lerp(2, 32, difficulty)
-    pair = 2 + key_len + vlen
-    tail = 1 + 3 + key_len + vlen  # sep + query K answer V eos
+    pair = 1 + key_len + vlen
+    tail = 1 + 2 + key_len + vlen  # sep + query K V eos
     budget = (prefix_len if prefix_len is not None else length - tail) - 1  # minus bos
     if prefix_len is not None and prefix_len + tail > length:
         raise _too_short("kv_retrieval", length, prefix_len + tail, f"prefix_len={prefix_len}")
@@ -371,8 +373,7 @@ def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5,
     keys = _distinct_codes(rng, n, key_len, KEY_ALPHABET)
     vals = _random_codes(rng, n, vlen, VALUE_ALPHABET)
     q = int(rng.integers(0, n))
-    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys,
-                            np.full((n, 1), VALUE, np.int32), vals], axis=1).reshape(-1)
+    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys, vals], axis=1).reshape(-1)
     b = _Builder()
     b.add(BOS)
     b.add(pairs)
@@ -382,7 +383,6 @@ def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5,
     b.add(filler(rng, length - b.n - (tail - 1)))
     b.add(QUERY)
     b.add(keys[q])
-    b.add(ANSWER)
     b.add(vals[q], answer=True)
     b.add(EOS, answer=True)
     return b.build("kv_retrieval", dict(
@@ -451,7 +451,8 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     """Passkey retrieval: a 5-digit number hidden at ``depth`` (fraction 0..1 of the haystack,
     random when None) of filler text, asked at the end.
 
-    ``<bos> ... <needle>the pass key is 12345. ... <query>what is the pass key?<answer>[12345<eos>]``.
+    ``<bos> ... <needle>the pass key is 12345. ... <query>the pass key is [12345<eos>]``.
+    The question repeats the needle's own words, so the answer continues text seen before.
     ``meta["needle_pos"]`` is the index of the passkey's first digit. Difficulty adds decoy
     numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4."""
     _check_common(length, difficulty)
@@ -465,7 +466,7 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     prefix = _enc("the pass key is ")
     ins = [np.concatenate([[NEEDLE], prefix, key, _enc(". ")])]
     ins += [_enc(f"the room number is {int(x)}. ") for x in nums[1:]]
-    question = np.concatenate([[QUERY], _enc("what is the pass key?"), [ANSWER]])
+    question = np.concatenate([[QUERY], prefix])
     fixed = 1 + len(question) + len(key) + 1
 
     def need(k: int) -> int:
@@ -565,7 +566,8 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     queries (distinct keys while ``n_queries <= n_pairs``); every query's value is an answer
     span, the final ``<eos>`` closes the last one. Exact match = every query right.
 
-    ``<bos>(<key>K<value>V)*n<sep> filler (<query>K<answer>[V])*q [<eos>]``.
+    ``<bos>(<key>KV)*n<sep> filler (<query>K[V])*q [<eos>]`` (values follow keys directly,
+    as in :func:`kv_retrieval`).
     Difficulty: ``n_pairs`` 2 -> 32; ``n_queries`` defaults to ``n_pairs``; keys are 1 letter
     up to 16 pairs, else 2."""
     _check_common(length, difficulty)
@@ -576,7 +578,7 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     def sizes(n_: int) -> tuple[int, int, int]:
         kl = key_len if key_len is not None else (1 if n_ <= 16 else 2)
         nq = n_queries if n_queries is not None else n_
-        return kl, nq, 1 + n_ * (2 + kl + value_len) + 1 + nq * (2 + kl + value_len) + 1
+        return kl, nq, 1 + n_ * (1 + kl + value_len) + 1 + nq * (1 + kl + value_len) + 1
 
     kl, nq, need = sizes(n)
     if not explicit:
@@ -588,8 +590,7 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     keys = _distinct_codes(rng, n, kl, KEY_ALPHABET)
     vals = _random_codes(rng, n, value_len, VALUE_ALPHABET)
     qs = (rng.permutation(n)[:nq] if nq <= n else rng.integers(0, n, size=nq))
-    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys,
-                            np.full((n, 1), VALUE, np.int32), vals], axis=1).reshape(-1)
+    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys, vals], axis=1).reshape(-1)
     b = _Builder()
     b.add(BOS)
     b.add(pairs)
@@ -598,7 +599,6 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     for i in qs:
         b.add(QUERY)
         b.add(keys[i])
-        b.add(ANSWER)
         b.add(vals[i], answer=True)
     b.add(EOS, answer=True)
     return b.build("mqar", dict(difficulty=float(difficulty), length=int(length), n_pairs=n,
