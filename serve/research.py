@@ -358,27 +358,31 @@ def explain_decision(model, ids: list[int], state=None, position: int = -1, targ
         _, _, base, _ = run_segments(model, ids[:seg_start], _copy_state(start, model), trace=False)
     seg_ids = ids[seg_start:]
     work = _copy_state(base, model)
-    leaves = []  # (layer, level, keys, values, valid, age, salience) of the bank the segment reads
+    # The bank stores all levels' keys and values packed in one leaf tensor kv [2, B, H, S, Dh]
+    # (levels in order along S); per-level objects are views of it, so the gradient is taken there.
+    leaves = []  # (layer, kv leaf, level sizes, per-level (valid, age, salience) copies)
     for li, bank in work.banks():
-        for lv, level in enumerate(bank.levels):
-            if level.n:
-                level.keys.requires_grad_(True)
-                level.values.requires_grad_(True)
-                leaves.append((li, lv, level.keys, level.values, level.valid.clone(), level.age.clone(),
-                               level.salience.clone()))
+        if sum(bank.sizes):
+            kv = bank.kv.detach().requires_grad_(True)
+            bank.kv = kv
+            leaves.append((li, kv, list(bank.sizes),
+                           [(lvl.valid.clone(), lvl.age.clone(), lvl.salience.clone()) for lvl in bank.levels]))
     with torch.enable_grad():
         seg_logits = model(torch.tensor([seg_ids], device=model.device), state=work).logits[0, -1].float()
         if leaves:
             seg_logits[tgt].backward()
     # memory slots: gradient x (key, value), then ablation of the top ones
     slots = []
-    for li, lv, keys, values, valid, age, sal in leaves:
-        if keys.grad is None:
+    for li, kv, sizes, meta in leaves:
+        if kv.grad is None:
             continue
-        sc = ((keys.grad * keys.detach()).sum((1, 3)) + (values.grad * values.detach()).sum((1, 3)))[0]  # [n]
-        for j in torch.nonzero(valid[0]).flatten().tolist():
-            slots.append({"layer": li, "level": lv, "slot": j, "grad_score": float(sc[j]),
-                          "age": float(age[0, j]), "salience": float(sal[0, j])})
+        sc = (kv.grad * kv.detach()).sum((0, 2, 4))[0]  # [S]: keys and values, all heads and dims
+        off = 0
+        for lv, (n, (valid, age, sal)) in enumerate(zip(sizes, meta)):
+            for j in torch.nonzero(valid[0]).flatten().tolist():
+                slots.append({"layer": li, "level": lv, "slot": j, "grad_score": float(sc[off + j]),
+                              "age": float(age[0, j]), "salience": float(sal[0, j])})
+            off += n
     slots.sort(key=lambda s: abs(s["grad_score"]), reverse=True)
     slots = slots[:top_k]
     base_logit = float(seg_logits[tgt].detach())

@@ -27,7 +27,7 @@ def lc_run(tmp_path_factory) -> Path:
            "--set", "eval_samples=1", "--set", "corpus_eval_bytes=1024",
            "--passkey-lengths", "128,256", "--depths", "0,1", "--n", "1",
            "--recall-lengths", "256", "--n-recall", "1",
-           "--mqar-pairs", "8", "--mqar-len", "64", "--n-mqar", "1",
+           "--mqar-pairs", "12", "--mqar-len", "64", "--n-mqar", "1",
            "--bpb-context", "128", "--bpb-bytes", "2048",
            "--device", "cpu", "--threads", "1", "--tag", "test", "--out", str(out), "--work-dir", str(out / "runs")]
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="2")
@@ -60,8 +60,8 @@ def test_long_context_json(lc_run: Path):
     for c in by("passkey") + by("relational_2hop") + by("kv_retrieval") + by("mqar"):
         assert c["status"] == "ok" and 0.0 <= c["acc"] <= 1.0 and c["n"] == 1
     mq = by("mqar")
-    assert len(mq) == 2 and all(0.0 <= c["query_acc"] <= 1.0 and c["queries"] == 8 for c in mq)
-    assert mq[0]["length"] == 67 and "raised" in mq[0]["note"]  # 8 pairs + 8 queries do not fit 64 tokens
+    assert len(mq) == 2 and all(0.0 <= c["query_acc"] <= 1.0 and c["queries"] == 12 for c in mq)
+    assert mq[0]["length"] == 75 and "raised" in mq[0]["note"]  # 12 pairs + 12 queries do not fit 64 tokens
     bpb = by("bpb")
     assert len(bpb) == 2 and all(math.isfinite(c["bpb"]) and c["bpb"] > 0 for c in bpb)
 
