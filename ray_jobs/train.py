@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", action="append",
                    help="text/Parquet files by path or glob (repeatable, fsspec URIs ok; 'stdlib' = "
                         "Python's standard library source)")
-    p.add_argument("--corpus-ratio", type=float, help="fraction of steps on corpus text (train.corpus_ratio)")
+    p.add_argument("--corpus-ratio", type=float, help="fraction of steps on corpus text (train.corpus_ratio; 0.5 when --corpus is given and the config sets none)")
     p.add_argument("--wandb", choices=["auto", "on", "off"], help="W&B on rank 0 (offline unless WANDB_MODE)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.lr=1e-3 --set model.overrides.d_model=64")
@@ -65,12 +65,14 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         train["max_steps"] = args.max_steps
     if args.corpus_ratio is not None:
         train["corpus_ratio"] = args.corpus_ratio
-    elif args.corpus:
-        train["corpus_ratio"] = 0.5
     if train:
         over["train"] = train
     over = deep_merge(over, parse_set(args.sets))
-    return load_job_config(args.config, over)
+    job = load_job_config(args.config, over)
+    if args.corpus and not job.train.get("corpus_ratio"):
+        # a corpus given without a ratio, to a config that names none: half the steps on text
+        job = load_job_config(args.config, deep_merge(over, {"train": {"corpus_ratio": 0.5}}))
+    return job
 
 
 def _init_ray(address: str | None) -> None:

@@ -272,3 +272,16 @@ def test_train_scaling_bench_help_dry_run_and_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["results"]["single"]["tokens_per_s"] > 0 and "| single | 1 |" in r.stdout
+
+
+@pytest.mark.parametrize("argv, ratio", [
+    (["--config", "configs/train/small.yaml", "--corpus", "stdlib"], 0.25),           # the config's own ratio
+    (["--config", "configs/train/tiny.yaml", "--corpus", "stdlib"], 0.5),             # none set: half the steps
+    (["--config", "configs/train/tiny.yaml", "--corpus", "stdlib", "--corpus-ratio", "0.1"], 0.1),
+    (["--config", "configs/train/tiny.yaml"], 0.0),                                   # no corpus, no text steps
+])
+def test_train_cli_corpus_ratio_defaults(argv, ratio):
+    from ray_jobs.train import build_parser, job_from_args
+
+    job = job_from_args(build_parser().parse_args(argv))
+    assert job.train_config.corpus_ratio == ratio
