@@ -64,6 +64,7 @@ from report import fmt_len, long_context_markdown, long_context_plots, long_cont
 from dnc.config import DNCConfig  # noqa: E402
 from dnc.data import tasks as task_lib  # noqa: E402
 from dnc.model import DNC  # noqa: E402
+from ray_jobs.evaluate import parse_lengths  # noqa: E402  (4k/1M suffixes, as every CLI here)
 
 SUITE_SEED = {"passkey": 1, "relational_2hop": 2, "kv_retrieval": 3, "mqar": 4}
 """Per-suite component of the sample seed (samples depend only on seed, suite, length, cell)."""
@@ -127,22 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--tag", default=None, help="result name suffix (default: <preset>_<gpu or cpu>)")
     o.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON, markdown and plots")
     return p
-
-
-def parse_lengths(text: str) -> list[int]:
-    """``"4k,16k,1M"`` -> ``[4096, 16384, 1048576]``."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM]?)", part)
-        if not m:
-            raise ValueError(f"bad length {part!r}: use numbers with an optional k/M suffix, e.g. 4k,1M")
-        out.append(int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1 << 20}[m.group(2).lower()]))
-    if not out:
-        raise ValueError(f"no lengths in {text!r}")
-    return out
 
 
 def one_length(text: str, what: str) -> int:

@@ -1,7 +1,8 @@
 """Basic layers: RMSNorm, SwiGLU and rotary position embeddings (RoPE) as pure functions.
 
 RoPE follows the gpt-fast style: a cos/sin table is precomputed once per (length, device, dtype)
-and applied with :func:`apply_rope`. :func:`rope_shift` re-rotates keys that were rotated at one
+and applied with :func:`apply_rope_full` (:func:`apply_rope` is its half-table reference, used by the
+tests). :func:`rope_shift` re-rotates keys that were rotated at one
 position so they sit at another, which lets a carried KV window move into the next segment's frame
 without recomputing it.
 """

@@ -71,7 +71,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
     job = load_job_config(args.config, over)
     if args.corpus and not job.train.get("corpus_ratio"):
         # a corpus given without a ratio, to a config that names none: half the steps on text
-        job = load_job_config(args.config, deep_merge(over, {"train": {"corpus_ratio": 0.5}}))
+        job.train["corpus_ratio"] = 0.5
     return job
 
 

@@ -144,3 +144,12 @@ def test_config_validation_messages():
     with pytest.raises(ConfigError, match="unknown config fields"):
         DNCConfig.from_dict({"d_modle": 3})
     assert DNCConfig.from_dict(preset("small").to_dict()) == preset("small")
+
+
+def test_full_width_rope_equals_half_table_reference():
+    from dnc.layers import apply_rope, apply_rope_full, rope_table, rope_table_full
+
+    x = torch.randn(2, 3, 40, 16)
+    cos, sin = rope_table(40, 16, 10000.0, x.device)
+    cos2, sin2 = rope_table_full(40, 16, 10000.0, x.device)
+    torch.testing.assert_close(apply_rope_full(x, cos2[:40], sin2[:40]), apply_rope(x, cos[:40], sin[:40]))
