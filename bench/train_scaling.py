@@ -76,7 +76,7 @@ def bench_worker(a: dict[str, Any], rank: int, world: int, device_str: str, stra
     import torch.distributed as dist
 
     from dnc.model import DNC
-    from dnc.train import TrainConfig, _compile_blocks, apply_fsdp, build_optimizer, train_step
+    from dnc.train import TrainConfig, _compile_blocks, apply_fsdp, build_optimizer, reduce_grads_in_bf16, train_step
 
     device = torch.device(device_str)
     if device.type == "cuda":
@@ -89,15 +89,18 @@ def bench_worker(a: dict[str, Any], rank: int, world: int, device_str: str, stra
     n_params = model.num_params()
     if a.get("compile"):
         _compile_blocks(model)
+    bf16_reduce = a.get("grad_reduce") == "bf16"
     if world > 1 and strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     elif world > 1 and strategy == "fsdp":
-        model = apply_fsdp(model)
+        model = apply_fsdp(model, mp_bf16=a.get("fsdp_bf16_params", False), reduce_bf16=bf16_reduce)
     elif world > 1 and strategy == "ray-ddp":
         import ray.train.torch
 
         model = ray.train.torch.prepare_model(model)
+    if world > 1 and strategy in ("ddp", "ray-ddp") and bf16_reduce:
+        reduce_grads_in_bf16(model)
     tcfg = TrainConfig(lr=3e-4, warmup_steps=0, total_steps=10_000, bf16=a.get("bf16", True))
     opt = build_optimizer(model, tcfg)
     g = torch.Generator().manual_seed(1234 + rank)
@@ -275,7 +278,8 @@ def add_derived(report: dict[str, Any], peak: float | None) -> None:
 def markdown(report: dict[str, Any]) -> str:
     c, env = report["config"], report["env"]
     lines = [f"Training throughput: preset `{c['preset']}`, {c['seq_len']} tokens x batch {c['batch_size']} per GPU, "
-             f"{'bf16' if c['bf16'] else 'fp32'}, compile={c['compile']}, {c['steps']} timed steps; "
+             f"{'bf16' if c['bf16'] else 'fp32'}, compile={c['compile']}, gradient reduce {c.get('grad_reduce', 'fp32')}"
+             f"{', FSDP bf16 params' if c.get('fsdp_bf16_params') else ''}, {c['steps']} timed steps; "
              f"{env.get('gpu') or c['device']}, torch {env['torch']}, ray {env.get('ray')}, commit {env.get('commit')}",
              "", "| mode | GPUs | tokens/s | tokens/s/GPU | step ms | MFU | scaling vs 1 GPU | peak GiB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -312,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda if available")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32")
+    p.add_argument("--grad-reduce", choices=["fp32", "bf16"], default="fp32",
+                   help="gradient all-reduce dtype for DDP/FSDP (bf16 halves the bytes; default fp32)")
+    p.add_argument("--fsdp-bf16-params", action="store_true",
+                   help="FSDP all-gathers and computes parameters in bf16 (MixedPrecisionPolicy)")
     p.add_argument("--no-memory", action="store_true", help="the Transformer baseline (memory off, one segment)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU for MFU "
@@ -345,7 +353,8 @@ def resolve_args(ns: argparse.Namespace) -> dict[str, Any]:
             "segment_len": ns.segment_len, "batch_size": ns.batch_size or (2 if cpu else 8), "steps": ns.steps,
             "warmup": ns.warmup if ns.warmup is not None else (10 if ns.compile else (1 if cpu else 5)),
             "gpus": ns.gpus, "modes": modes, "device": device, "compile": ns.compile, "bf16": not ns.no_bf16,
-            "no_memory": ns.no_memory, "grad_checkpointing": ns.grad_checkpointing, "storage": ns.storage,
+            "grad_reduce": ns.grad_reduce, "fsdp_bf16_params": ns.fsdp_bf16_params, "no_memory": ns.no_memory,
+            "grad_checkpointing": ns.grad_checkpointing, "storage": ns.storage,
             "verbose": ns.verbose, "cpus_per_worker": 1 if cpu else 8, "peak_tflops": ns.peak_tflops}
 
 

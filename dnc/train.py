@@ -1265,7 +1265,20 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return [b for bl in _block_lists(model) for b in bl]
 
 
-def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bool = False) -> nn.Module:
+def reduce_grads_in_bf16(ddp_model: nn.Module) -> nn.Module:
+    """All-reduce a DDP model's gradients in bf16: half the bytes of fp32 on the wire, cast back
+    into the fp32 buckets after the sum (DDP's ``bf16_compress_hook``). Worth it when the
+    all-reduce is bandwidth-bound (PCIe, cross-node); NCCL only. Returns the model."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        raise TypeError(f"reduce_grads_in_bf16 needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
+    ddp_model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return ddp_model
+
+
+def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bool = False,
+               reduce_bf16: bool = False) -> nn.Module:
     """FSDP2 (``fully_shard``) per block, in place; needs an initialised process group.
 
     Each block's local attention and SwiGLU (most of its weights) is one FSDP unit, all-gathered
@@ -1273,12 +1286,14 @@ def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bo
     compressors: the segment loop calls ``MemoryRead.build_view``/``write_kv``/``queries`` outside
     ``Block.forward``, where a block-level unit would still be sharded. Ranks must run the same
     number of segments per step (FSDP all-gathers per call): :class:`Trainer` pads batches to a
-    common length under FSDP. ``mp_bf16``: bf16 compute params, fp32 gradient reduction."""
+    common length under FSDP. ``mp_bf16``: parameters all-gathered and computed in bf16 (half the
+    bytes), gradients reduced in fp32, or in bf16 too with ``reduce_bf16``."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = {}
     if mp_bf16:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.bfloat16 if reduce_bf16 else torch.float32)
     for block in transformer_blocks(model):
         units = [getattr(block, n) for n in ("attn", "ffn") if isinstance(getattr(block, n, None), nn.Module)]
         for u in units or [block]:

@@ -81,6 +81,9 @@ class RunSection(BaseModel):
     """``ddp`` (``ray.train.torch.prepare_model``) or ``fsdp`` (FSDP2 ``fully_shard`` per block)."""
     ddp_find_unused: bool = False
     """DDP ``find_unused_parameters`` (the DNC keeps every parameter in the graph, so off)."""
+    grad_reduce: Literal["fp32", "bf16"] = "fp32"
+    """Gradient all-reduce dtype on GPUs: ``bf16`` halves the bytes (DDP comm hook; FSDP then also
+    all-gathers bf16 parameters). CPU workers (gloo) always reduce in fp32."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (lower it to leave CPUs for Ray Data on small machines)."""
     max_failures: int = 2

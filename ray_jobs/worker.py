@@ -35,19 +35,25 @@ class _RayBar:
         self._bar.close()
 
 
-def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_unused: bool = False):
-    """``model -> model`` applying DDP (via Ray) or FSDP2 to a model already on ``device``."""
+def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_unused: bool = False,
+                   grad_reduce: str = "fp32"):
+    """``model -> model`` applying DDP (via Ray) or FSDP2 to a model already on ``device``;
+    ``grad_reduce="bf16"`` all-reduces gradients in bf16 (NCCL; FSDP also gathers bf16 params)."""
+    bf16 = grad_reduce == "bf16" and device.type == "cuda"
     if strategy == "fsdp":
         def fsdp(model: nn.Module) -> nn.Module:
             from dnc.train import apply_fsdp
 
-            return apply_fsdp(model) if world_size > 1 else model
+            return apply_fsdp(model, mp_bf16=bf16, reduce_bf16=bf16) if world_size > 1 else model
         return fsdp
 
     def apply_ddp(model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+        from dnc.train import reduce_grads_in_bf16
+
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
+        return reduce_grads_in_bf16(model) if bf16 and world_size > 1 else model
     return apply_ddp
 
 
@@ -141,7 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "resumed_from": float(resume_step if resume_step is not None else -1)},
                        resume_step or 0)
         trainer = Trainer(tcfg, model_cfg, run_name=job.run.name, device=device, rank=rank, world_size=world,
-                          parallelize=parallelize_fn(job.run.strategy, device, world, job.run.ddp_find_unused), resume_from=resume_dir,
+                          parallelize=parallelize_fn(job.run.strategy, device, world, job.run.ddp_find_unused,
+                                                     job.run.grad_reduce),
+                          resume_from=resume_dir,
                           corpus_batches=corpus, eval_text=config.get("eval_text"), logger=logger,
                           progress=job.run.progress,
                           progress_factory=lambda total, initial, desc: _RayBar(total, initial, desc))
