@@ -522,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         register("dnc", c, str(work / "dnc"), wall, False)
     if want_base:
         base_cfg = baseline_config(dnc_cfg, tcfg_base.max_len)
+        # curriculum stages are given in segments: the baseline trains on the DNC's token lengths
+        tcfg_base = tcfg_base.replace(curriculum_segment_len=tcfg_base.curriculum_segment_len or dnc_cfg.segment_len)
+        run.res["train_config"]["baseline"] = tcfg_base.to_dict()
         if args.baseline_checkpoint:
             c, rd = resolve_checkpoint(args.baseline_checkpoint)
             register("baseline", c, rd, None, True)

@@ -95,6 +95,9 @@ class TrainConfig:
     """Folder with one YAML per curriculum stage (relative paths also resolve against the repo)."""
     curriculum_start: str | None = None
     """Stage to start a fresh run in (None = the first stage)."""
+    curriculum_segment_len: int | None = None
+    """Tokens per segment for stage lengths given in segments (None = the model's ``segment_len``).
+    Set it to the DNC's to train the one-segment baseline on the same token lengths."""
     corpus_ratio: float = 0.0
     """Fraction of steps that train on corpus text instead of curriculum tasks (needs a corpus)."""
     corpus_eval_bytes: int = 65536
@@ -148,6 +151,8 @@ class TrainConfig:
              f"checkpoint_interval ({self.checkpoint_interval}) must be a multiple of "
              f"log_interval ({self.log_interval}): checkpoints ride on metric reports")
         need(self.eval_samples >= 1, f"eval_samples must be >= 1, got {self.eval_samples}")
+        need(self.curriculum_segment_len is None or self.curriculum_segment_len >= 1,
+             f"curriculum_segment_len must be >= 1 (or null = the model's), got {self.curriculum_segment_len}")
         need(0.0 <= self.corpus_ratio <= 1.0, f"corpus_ratio must be in [0, 1], got {self.corpus_ratio}")
         need(self.corpus_eval_bytes >= 0, "corpus_eval_bytes must be >= 0")
         need(self.plateau_patience >= 0, f"plateau_patience must be >= 0 (0 = off), got {self.plateau_patience}")
@@ -500,13 +505,14 @@ class TaskSource:
     Every rank keeps an identical curriculum: losses from all ranks are gathered before
     ``record``, and the evaluation (rank 0) result is broadcast. Each rank draws its samples from
     its own numpy generator (``sample_batch(rng=...)`` leaves the curriculum's rng untouched), so
-    ranks see different data. Stages whose lengths exceed ``TrainConfig.max_len`` are clamped."""
+    ranks see different data. Stage lengths given in segments become tokens of ``segment_len``;
+    stages whose lengths exceed ``TrainConfig.max_len`` are clamped."""
 
-    def __init__(self, cfg: TrainConfig, rank: int, pad_to_multiple: int):
+    def __init__(self, cfg: TrainConfig, rank: int, pad_to_multiple: int, segment_len: int):
         from dnc.data.curriculum import Curriculum, load_stages
 
         self.cfg, self.rank = cfg, rank
-        stages = load_stages(resolve_path(cfg.curriculum_dir))
+        stages = load_stages(resolve_path(cfg.curriculum_dir), segment_len=segment_len)
         for st in stages:
             if st.max_len > cfg.max_len:
                 st.max_len = cfg.max_len
@@ -938,7 +944,9 @@ class Trainer:
         self.schedule = LRSchedule(cfg)
         # Pad task batches to a multiple of 64 tokens, not of a segment: a 256-token sample padded
         # to a 2048-token segment would spend 8x the compute on padding.
-        self.data = TaskSource(cfg, rank, min(64, self.model_config.segment_len)) if cfg.corpus_ratio < 1.0 else None
+        self.data = TaskSource(cfg, rank, min(64, self.model_config.segment_len),
+                               cfg.curriculum_segment_len or self.model_config.segment_len) \
+            if cfg.corpus_ratio < 1.0 else None
         self.state = TrainState(train_config=cfg.to_dict(), model_config=self.model_config.to_dict(),
                                 world_size=world_size, run_name=run_name)
         # Chooses corpus vs task batches. Identical on every rank: Ray Data's streaming split

@@ -28,13 +28,28 @@ def test_default_stage_files_load_in_order():
     stages = load_stages()
     assert default_stage_dir().is_dir()
     assert [s.name for s in stages] == STAGE_NAMES
-    # Lengths grow stage by stage; the first fits the tiny CPU preset (segment_len 32).
-    assert stages[0].min_len >= 32 and stages[0].max_len <= 512
-    assert stages[-1].max_len >= 4096
+    # Lengths are in segments and grow stage by stage; the first already spans more than one.
+    assert all(s.length_unit == "segments" for s in stages)
+    assert 1 < stages[0].min_len and stages[0].max_len <= 8
     for a, b in zip(stages, stages[1:]):
         assert a.max_len <= b.max_len
-    cur = Curriculum()  # checks every task fits its stage's min_len
-    assert cur.stage.name == "foundation"
+    for seg in (32, 2048):  # tiny and small: every task fits its stage's min_len (checked on build)
+        cur = Curriculum(segment_len=seg)
+        assert cur.stage.name == "foundation"
+        assert cur.stage.length_unit == "tokens" and cur.stage.min_len == round(stages[0].min_len * seg)
+
+
+def test_stage_lengths_in_segments_need_a_segment_len():
+    with pytest.raises(ValueError, match="segment_len"):
+        Curriculum()
+    st = Stage(name="s", tasks={"mqar": 1.0}, min_len=1.5, max_len=4, length_unit="segments")
+    tok = st.in_tokens(32)
+    assert (tok.min_len, tok.max_len, tok.length_unit) == (48, 128, "tokens")
+    assert st.min_len == 1.5  # in_tokens returns a copy
+    with pytest.raises(ValueError, match="length_unit"):
+        Stage(name="s", tasks={"mqar": 1.0}, min_len=1, max_len=2, length_unit="lines")
+    with pytest.raises(ValueError, match="whole numbers"):
+        Stage(name="s", tasks={"mqar": 1.0}, min_len=64.5, max_len=128)
 
 
 def test_stage_validation_errors(tmp_path):

@@ -230,12 +230,12 @@ def test_max_minutes_stops_early_with_a_checkpoint_and_resume_continues(tmp_path
 def test_batch_tokens_sizes_curriculum_batches_by_stage_length():
     from dnc.train import TaskSource
 
-    src = TaskSource(tiny_train(max_len=256, batch_tokens=1024), rank=0, pad_to_multiple=1)
+    src = TaskSource(tiny_train(max_len=256, batch_tokens=1024), rank=0, pad_to_multiple=1, segment_len=32)
     n = src.batch_size()
     assert n == 1024 // src.curriculum.stage.max_len
     batch, tasks = src.next_batch()
     assert batch["tokens"].shape[0] == len(tasks) == n
-    assert TaskSource(tiny_train(), rank=0, pad_to_multiple=1).batch_size() == 4   # falls back to batch_size
+    assert TaskSource(tiny_train(), rank=0, pad_to_multiple=1, segment_len=32).batch_size() == 4   # falls back to batch_size
 
 
 # ------------------------------------------------------------------------------ CLIs around it

@@ -4,8 +4,10 @@ eval accuracy. The whole state is a small JSON-serialisable dict, and restoring 
 next batches exactly (the sampler's rng state is part of it).
 
 Recurrent memories are hard to train from scratch on long inputs (RMT/ARMT use a curriculum over
-the number of segments), so the first stage spans only 2-8 segments of the tiny preset
-(``segment_len`` 32, 128 raw L0 slots = 4 segments) and later stages grow towards 8k tokens.
+the number of segments), so stage lengths are given in *segments* of the model being trained
+(``length_unit: segments``): the first stage spans 1-4 segments, i.e. part of every batch needs
+the memory from the first step on, whatever the preset's ``segment_len`` (32 tokens for tiny,
+2048 for small). Stages may also give plain token lengths (``length_unit: tokens``, the default).
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ class Stage:
     """Stage name (e.g. ``foundation``); unique within a curriculum."""
     tasks: dict[str, float]
     """Task name (a key of :data:`dnc.data.tasks.TASKS`) -> sampling weight (>= 0, sum > 0)."""
-    min_len: int
-    """Shortest sample in tokens (answer included)."""
-    max_len: int
-    """Longest sample in tokens."""
+    min_len: float
+    """Shortest sample (answer included), in ``length_unit``s."""
+    max_len: float
+    """Longest sample, in ``length_unit``s."""
     difficulty: tuple[float, float] = (0.0, 1.0)
     """``(low, high)`` range inside ``[0, 1]`` the adaptive difficulty moves in; starts at low."""
     promote_at: float = 0.9
@@ -56,6 +58,9 @@ class Stage:
     """Fixed task knobs per task, e.g. ``{"relational": {"hops": 1}}``."""
     description: str = ""
     """Free text for people and the UI."""
+    length_unit: str = "tokens"
+    """``tokens`` or ``segments`` (multiples of the model's ``segment_len``, resolved to tokens by
+    :meth:`in_tokens` when the curriculum is built for a model)."""
 
     def __post_init__(self) -> None:
         self.difficulty = (float(self.difficulty[0]), float(self.difficulty[1]))
@@ -74,9 +79,14 @@ class Stage:
         if any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"{where}: task weights must be >= 0 with a positive sum, "
                              f"got {self.tasks}")
-        if not 1 <= self.min_len <= self.max_len:
-            raise ValueError(f"{where}: need 1 <= min_len <= max_len, got {self.min_len}, "
-                             f"{self.max_len}")
+        if self.length_unit not in ("tokens", "segments"):
+            raise ValueError(f"{where}: length_unit must be 'tokens' or 'segments', got {self.length_unit!r}")
+        if self.length_unit == "tokens" and (self.min_len != int(self.min_len) or self.max_len != int(self.max_len)):
+            raise ValueError(f"{where}: token lengths must be whole numbers, got {self.min_len}, {self.max_len}")
+        positive = self.min_len >= 1 if self.length_unit == "tokens" else self.min_len > 0
+        if not positive or self.min_len > self.max_len:
+            raise ValueError(f"{where}: need {'1 <=' if self.length_unit == 'tokens' else '0 <'} min_len "
+                             f"<= max_len, got {self.min_len}, {self.max_len}")
         lo, hi = self.difficulty
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"{where}: difficulty must be [low, high] with 0 <= low <= high <= 1, "
@@ -86,9 +96,25 @@ class Stage:
         if self.min_steps < 0 or self.batch_size < 1 or self.n_buckets < 1:
             raise ValueError(f"{where}: need min_steps >= 0, batch_size >= 1, n_buckets >= 1")
 
+    def in_tokens(self, segment_len: int) -> "Stage":
+        """This stage with its lengths in tokens (a copy when given in segments)."""
+        if self.length_unit == "tokens":
+            return self
+        if segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {segment_len}")
+        lo = max(1, round(self.min_len * segment_len))
+        return dataclasses.replace(self, min_len=lo, max_len=max(lo, round(self.max_len * segment_len)),
+                                   length_unit="tokens")
+
+    def _need_tokens(self) -> None:
+        if self.length_unit != "tokens":
+            raise ValueError(f"curriculum stage {self.name!r} gives lengths in segments: build the "
+                             f"curriculum with segment_len=<the model's segment_len>")
+
     def check_feasible(self) -> None:
         """Generate every task once at ``min_len`` and the hardest difficulty, so a stage whose
         lengths cannot hold its tasks fails at load time rather than mid-training."""
+        self._need_tokens()
         for t in self.active_tasks:
             try:
                 generate(t, np.random.default_rng(0), self.min_len, self.difficulty[1],
@@ -105,6 +131,7 @@ class Stage:
     def bucket_edges(self) -> list[tuple[int, int]]:
         """``n_buckets`` inclusive ``(lo, hi)`` token ranges covering ``[min_len, max_len]``,
         geometric so every bucket has about the same relative padding."""
+        self._need_tokens()
         n = max(1, min(self.n_buckets, self.max_len - self.min_len + 1))
         edges = np.unique(np.round(np.geomspace(self.min_len, self.max_len + 1, n + 1)).astype(int))
         out = [(int(a), int(b) - 1) for a, b in zip(edges[:-1], edges[1:])]
@@ -126,9 +153,9 @@ class Stage:
         return cls(**dict(d))
 
 
-def load_stages(directory: str | Path | None = None) -> list[Stage]:
+def load_stages(directory: str | Path | None = None, segment_len: int | None = None) -> list[Stage]:
     """All ``*.yaml`` stages of ``directory`` (default :func:`default_stage_dir`), sorted by
-    ``order`` then name."""
+    ``order`` then name; with ``segment_len``, lengths given in segments are resolved to tokens."""
     import yaml
 
     d = Path(directory) if directory is not None else default_stage_dir()
@@ -146,7 +173,7 @@ def load_stages(directory: str | Path | None = None) -> list[Stage]:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{f}: {e}") from None
     stages.sort(key=lambda s: (s.order, s.name))
-    return stages
+    return [s.in_tokens(segment_len) for s in stages] if segment_len else stages
 
 
 class Curriculum:
@@ -154,7 +181,7 @@ class Curriculum:
 
     Typical loop::
 
-        cur = Curriculum(seed=0, pad_to_multiple=cfg.segment_len)
+        cur = Curriculum(seed=0, pad_to_multiple=64, segment_len=cfg.segment_len)
         for step in range(n):
             batch = cur.sample_batch(32)                 # tensors + batch["tasks"]
             ...                                          # per-task mean losses
@@ -169,7 +196,7 @@ class Curriculum:
                  pad_to_multiple: int = 1, loss_ema_decay: float = 0.9, loss_power: float = 1.0,
                  loss_factor_clip: tuple[float, float] = (0.25, 4.0), difficulty_step: float = 0.1,
                  raise_at: float = 0.9, lower_at: float = 0.5, difficulty_jitter: float = 0.05,
-                 check: bool = True) -> None:
+                 check: bool = True, segment_len: int | None = None) -> None:
         """
         Args:
             stages: a directory of stage YAMLs (default: the repo's ``configs/curriculum``) or a
@@ -184,11 +211,17 @@ class Curriculum:
             difficulty_jitter: each sample's difficulty is the task's current one +- this
                 (uniform, clipped to the stage range), so the model sees a spread.
             check: generate each task once at its stage's ``min_len`` to fail early.
+            segment_len: the model's segment length, which resolves stage lengths given in
+                segments (required when a stage has ``length_unit: segments``).
         """
         if stages is None or isinstance(stages, (str, Path)):
             self.stages = load_stages(stages)
         else:
             self.stages = [s if isinstance(s, Stage) else Stage.from_dict(s) for s in stages]
+        if segment_len:
+            self.stages = [s.in_tokens(segment_len) for s in self.stages]
+        for s in self.stages:
+            s._need_tokens()
         if not self.stages:
             raise ValueError("a curriculum needs at least one stage")
         names = [s.name for s in self.stages]
