@@ -7,6 +7,7 @@ A config is saved with every checkpoint (``to_dict``/``from_dict``) so a model c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -65,6 +66,12 @@ class DNCConfig:
     """Tokens pooled into one L0 slot on write (1 = one slot per token)."""
     compress_group: int = 8
     """Raw slots compressed together by the LearnedCompressor (2:1, so ``group/2`` outputs)."""
+    mem_temperature: float = 0.0
+    """Initial read temperature: the learned per-head scale of the unit-norm query-key cosine
+    (0 = auto, ``1.5 * ln(bank_slots + 1)``). A slot's key carries the previous token's query
+    projection next to its own, so a perfect match has cosine ~0.7 rather than 1; with the scale at
+    ``1.5 ln S`` that slot outweighs all S others. A fixed scale of 8 (tiny's auto value) caps a
+    perfect match at ~7% of the read over small's 3,584 slots, which also starves its gradient."""
     mem_topk: int = 0
     """Slots each query reads when the bank holds more than this (0 = dense read over all)."""
     eviction: EvictionPolicyName = "hybrid"
@@ -130,6 +137,7 @@ class DNCConfig:
             for i in self.memory_layer_ids:
                 need(0 <= i < self.n_layers, f"memory_layers entry {i} is outside [0, {self.n_layers})")
         need(self.mem_topk >= 0, f"mem_topk must be >= 0, got {self.mem_topk}")
+        need(self.mem_temperature >= 0, f"mem_temperature must be >= 0 (0 = auto), got {self.mem_temperature}")
         need(0.0 <= self.salience_decay < 1.0, "salience_decay must be in [0, 1)")
         need(self.bptt_segments >= 1, "bptt_segments must be >= 1")
 
@@ -142,6 +150,11 @@ class DNCConfig:
     def ffn_hidden(self) -> int:
         h = int(self.ffn_mult * self.d_model)
         return ((h + 63) // 64) * 64
+
+    @property
+    def read_temperature(self) -> float:
+        """Initial memory-read temperature (``mem_temperature``, or its auto value)."""
+        return self.mem_temperature or 1.5 * math.log(self.bank_slots + 1)
 
     @property
     def memory_layer_ids(self) -> tuple[int, ...]:

@@ -65,7 +65,8 @@ def _age_onehot(age: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
 
 
 class MemoryRead(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, max_age_buckets: int, write_pool: int, init_std: float = 0.02):
+    def __init__(self, d_model: int, n_heads: int, max_age_buckets: int, write_pool: int, init_std: float = 0.02,
+                 temperature: float = 8.0):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -74,7 +75,8 @@ class MemoryRead(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_write = nn.Linear(d_model, d_model, bias=False)
         # keys and queries are unit-normalised per head; a learned per-head temperature sets sharpness
-        self.q_scale = nn.Parameter(torch.full((n_heads,), 8.0))
+        # (initialised from the bank size: DNCConfig.mem_temperature)
+        self.q_scale = nn.Parameter(torch.full((n_heads,), float(temperature)))
         self.v_write = nn.Linear(d_model, d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.router = LevelRouter(d_model, n_heads)
