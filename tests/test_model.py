@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,6 +146,18 @@ def test_config_validation_messages():
     with pytest.raises(ConfigError, match="unknown config fields"):
         DNCConfig.from_dict({"d_modle": 3})
     assert DNCConfig.from_dict(preset("small").to_dict()) == preset("small")
+    with pytest.raises(ConfigError, match="mem_temperature"):
+        DNCConfig(mem_temperature=-1.0)
+
+
+def test_read_temperature_grows_with_the_bank():
+    """Auto temperature 1.5 ln(S+1): tiny keeps ~8, a bigger bank starts sharper; an explicit value wins."""
+    tiny, small = preset("tiny"), preset("small")
+    assert tiny.read_temperature == pytest.approx(1.5 * math.log(tiny.bank_slots + 1))
+    assert 7.5 < tiny.read_temperature < 8.5 < 12 < small.read_temperature
+    assert preset("tiny", mem_temperature=5.0).read_temperature == 5.0
+    model = DNC(preset("tiny", mem_temperature=5.0))
+    assert all(float(b.mem.q_scale.min()) == 5.0 for b in model.blocks if b.mem is not None)
 
 
 def test_full_width_rope_equals_half_table_reference():
