@@ -239,7 +239,7 @@ def train_one(label: str, tcfg, mcfg: DNCConfig, run_dir: Path, corpus: list[byt
 
 def resolve_checkpoint(path: str) -> tuple[str, str | None]:
     """(checkpoint dir, run dir holding metrics.jsonl or None) for a run dir or a checkpoint dir."""
-    from ray_jobs.evaluate import resolve_checkpoint as resolve
+    from dnc.checkpoint import resolve_checkpoint as resolve
 
     ckpt = resolve(path)
     for cand in (path, os.path.dirname(ckpt.rstrip("/")), os.path.dirname(os.path.dirname(ckpt.rstrip("/")))):

@@ -336,6 +336,24 @@ def serve_load_tables(res: dict) -> list[str]:
 
 
 # ==============================================================================================
+# segment_transfer (bench/segment_transfer.py)
+# ==============================================================================================
+def segment_transfer_tables(res: dict) -> list[str]:
+    """Exact match per task x sample length, one row per segment length the checkpoint ran at."""
+    tasks = res.get("tasks", [])
+    spans = res.get("spans_in_segments", [])
+    header = ["segment_len", "lengths"] + [f"{t} @ {s:g} seg" for t in tasks for s in spans]
+    rows = []
+    for r in res.get("rows", []):
+        acc, lengths = r.get("accuracy", {}), r.get("lengths", [])
+        cells = [fmt_num(acc.get(t, {}).get(str(L), acc.get(t, {}).get(L)), "{:.2f}") for t in tasks for L in lengths]
+        rows.append([str(r.get("segment_len")), "/".join(map(str, lengths))] + cells)
+    note = (f"Checkpoint trained with segment_len {res.get('trained_segment_len')}; {res.get('n')} samples "
+            f"per cell, difficulty {res.get('difficulty')}.")
+    return [note, ""] + md_table(header, rows) + [""]
+
+
+# ==============================================================================================
 # op_counts (bench/profile_model.py --count-ops)
 # ==============================================================================================
 def op_counts_tables(res: dict) -> list[str]:
@@ -746,7 +764,7 @@ def rebuild_command(script: str, args: dict[str, Any], flags: dict[str, bool]) -
 # Benchmarks
 # ==============================================================================================
 def _kind(name: str, res: dict) -> str:
-    for k in ("long_context", "model_speed", "train_scaling", "serve_load", "op_counts"):
+    for k in ("long_context", "model_speed", "train_scaling", "serve_load", "op_counts", "segment_transfer"):
         if name.startswith(k) or res.get("benchmark") == k:
             return k
     return "other"
@@ -767,6 +785,8 @@ def _env_line(kind: str, res: dict) -> str:
         return _summary_line(res)
     if kind == "op_counts":
         return "Device: CPU (op counts do not depend on the device); torch and commit not recorded"
+    if kind == "segment_transfer":
+        return f"Device: CPU; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}"
     return "Device: not recorded"
 
 
@@ -805,6 +825,14 @@ KINDS: dict[str, dict[str, Any]] = {
                  "per byte on held-out stdlib source. The baseline runs only where it fits."),
         "args": lambda r: r.get("args", {}),
         "tables": lambda r: long_context_tables(r, "####"), "targets": None, "plots": long_context_plots,
+    },
+    "segment_transfer": {
+        "title": "A trained memory at other segment lengths (`bench/segment_transfer.py`)",
+        "what": ("One checkpoint evaluated unchanged with other segment lengths (bank capacities scaled to "
+                 "hold as many segments): greedy exact match on curriculum tasks whose facts sit 1.5-4 "
+                 "segments before the question."),
+        "args": lambda r: {"checkpoint": r.get("checkpoint"), "n": r.get("n")},
+        "tables": segment_transfer_tables, "targets": None, "plots": None,
     },
     "op_counts": {
         "title": "Kernel launches per segment (`bench/profile_model.py --count-ops`)",

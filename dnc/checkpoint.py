@@ -110,3 +110,19 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu"):
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{epath} is corrupt (not valid JSON): {e}") from e
     return model, extra
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint dir as given, or the newest ``step_*`` (then ``checkpoints/step_*``) inside a run dir."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if fs.exists(f"{root}/config.json"):
+        return path
+    for sub in ("", "checkpoints/"):
+        base = f"{root}/{sub}".rstrip("/")
+        if not fs.exists(base):
+            continue
+        steps = sorted(d for d in fs.ls(base, detail=False)
+                       if d.rstrip("/").rsplit("/", 1)[-1].startswith("step_") and fs.exists(f"{d}/config.json"))
+        if steps:
+            return steps[-1] if "://" not in path else fs.unstrip_protocol(steps[-1])
+    raise FileNotFoundError(f"{path} is neither a checkpoint (config.json) nor a run dir with step_* checkpoints")

@@ -95,6 +95,11 @@ class TrainConfig:
     """Folder with one YAML per curriculum stage (relative paths also resolve against the repo)."""
     curriculum_start: str | None = None
     """Stage to start a fresh run in (None = the first stage)."""
+    init_from: str | None = None
+    """Start a *fresh* run from the weights of this checkpoint (a ``step_*`` directory or a run
+    directory, local or fsspec URI); optimizer, schedule and curriculum start anew. The model
+    config is this run's own, and only its parameter shapes must match: a run can, e.g., learn the
+    memory with 512-token segments and continue at 2048. Ignored when the run resumes."""
     curriculum_segment_len: int | None = None
     """Tokens per segment for stage lengths given in segments (None = the model's ``segment_len``).
     Set it to the DNC's to train the one-segment baseline on the same token lengths."""
@@ -936,6 +941,10 @@ class Trainer:
                 self.model_config = model.config
         else:
             model = DNC(model_config)
+            if cfg.init_from:
+                used = load_weights_from(model, cfg.init_from)
+                if rank == 0:
+                    print(f"[dnc.train] fresh run initialised from the weights of {used}")
         model.to(self.device)
         if cfg.compile:
             _compile_blocks(model)
@@ -1308,6 +1317,30 @@ def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bo
             fully_shard(u, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def load_weights_from(model: nn.Module, source: str) -> str:
+    """Copy the weights of checkpoint ``source`` (a ``step_*`` dir, or a run dir of Ray Train or
+    :func:`fit`: its newest checkpoint) into ``model``. Raises ConfigError naming the first
+    mismatching parameters when the shapes differ. Returns the checkpoint path used."""
+    from dnc.checkpoint import load_checkpoint, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(resolve_path(source))
+    except FileNotFoundError:
+        raise ConfigError(f"init_from {source!r} is neither a checkpoint nor a run directory with "
+                          f"checkpoints") from None
+    src, _ = load_checkpoint(path, map_location="cpu")
+    theirs, ours = src.state_dict(), model.state_dict()
+    bad = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(v.shape)}"
+           for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
+    bad += [f"{k} (not in this model)" for k in theirs if k not in ours]
+    if bad:
+        raise ConfigError(f"init_from {source!r}: parameter shapes differ from this model's config "
+                          f"(keep d_model, n_layers, n_heads, memory_layers, ...): {'; '.join(bad[:4])}"
+                          + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    model.load_state_dict(theirs)
+    return path
 
 
 # ==============================================================================================

@@ -37,24 +37,6 @@ def parse_lengths(text: str) -> list[int]:
     return out
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint dir as given, or the newest ``step_*`` (then ``checkpoints/step_*``) inside a run dir."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path)
-    if fs.exists(f"{root}/config.json"):
-        return path
-    for sub in ("", "checkpoints/"):
-        base = f"{root}/{sub}".rstrip("/")
-        if not fs.exists(base):
-            continue
-        steps = sorted(d for d in fs.ls(base, detail=False)
-                       if d.rstrip("/").rsplit("/", 1)[-1].startswith("step_") and fs.exists(f"{d}/config.json"))
-        if steps:
-            return steps[-1] if "://" not in path else fs.unstrip_protocol(steps[-1])
-    raise FileNotFoundError(f"{path} is neither a checkpoint (config.json) nor a run dir with step_* checkpoints")
-
-
 _MODELS: dict[tuple[str, str], Any] = {}
 
 
@@ -172,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from dnc.checkpoint import resolve_checkpoint
     from dnc.data.tasks import TASKS
 
     args = build_parser().parse_args(argv)

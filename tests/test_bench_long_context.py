@@ -123,3 +123,23 @@ def test_cells_record_out_of_memory_and_skips(tmp_path: Path, monkeypatch):
         ("dnc", 512, "ok"), ("baseline", 512, "oom"), ("dnc", 2048, "ok"), ("baseline", 2048, "skipped")]
     assert cells[0]["acc"] == 1.0 and cells[1]["acc"] is None and cells[3]["acc"] is None
     assert "OutOfMemoryError" in cells[1]["error"]
+
+
+def test_segment_transfer_evaluates_one_checkpoint_at_other_segment_lengths(tmp_path):
+    from dnc.checkpoint import save_checkpoint
+    from dnc.config import preset
+    from dnc.model import DNC
+
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), DNC(preset("tiny")))
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(BENCH / "segment_transfer.py"), "--checkpoint", ckpt, "--segments", "16,64",
+           "--tasks", "mqar", "--n", "1", "--tag", "t", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "segment_transfer_t.json").read_text())
+    assert [r["segment_len"] for r in res["rows"]] == [16, 64] and res["trained_segment_len"] == 32
+    assert [r["lengths"] for r in res["rows"]] == [[24, 64], [96, 256]]
+    for r in res["rows"]:
+        assert all(0.0 <= v <= 1.0 for v in r["accuracy"]["mqar"].values())
+    bad = subprocess.run(cmd[:4] + ["--segments", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode != 0 and "comma-separated" in bad.stderr

@@ -227,6 +227,23 @@ def test_max_minutes_stops_early_with_a_checkpoint_and_resume_continues(tmp_path
     assert out["step"] == 8
 
 
+def test_init_from_starts_a_fresh_run_from_weights_with_another_segment_len(tmp_path):
+    first = str(tmp_path / "seg32")
+    fit(tiny_train(total_steps=4), preset("tiny"), run_dir=first, progress=False)
+    from dnc.checkpoint import load_checkpoint
+
+    trained, _ = load_checkpoint(latest_checkpoint(first))
+    longer = preset("tiny", segment_len=64)           # same parameter shapes, longer segments
+    t = Trainer(tiny_train(init_from=first), longer, device="cpu", progress=False)
+    assert t.state.step == 0 and t.model.config.segment_len == 64
+    for (name, a), b in zip(trained.state_dict().items(), t.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="parameter shapes differ"):
+        Trainer(tiny_train(init_from=first), preset("tiny", d_model=64), device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="neither a checkpoint nor a run directory"):
+        Trainer(tiny_train(init_from=str(tmp_path / "nothing")), preset("tiny"), device="cpu", progress=False)
+
+
 def test_batch_tokens_sizes_curriculum_batches_by_stage_length():
     from dnc.train import TaskSource
 

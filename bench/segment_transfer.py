@@ -1,0 +1,103 @@
+"""Does a trained memory still work at other segment lengths? Evaluates one checkpoint, unchanged,
+with ``segment_len`` set to each of ``--segments`` (bank capacities raised to hold as many
+segments as the checkpoint's), on tasks whose facts sit 1.5-4 segments before the question.
+
+    python bench/segment_transfer.py --checkpoint runs/curriculum-tiny-cpu --segments 32,64,128
+
+No weight's shape depends on ``segment_len``, so a model whose memory was learnt with short
+segments (cheap: few slots to search) can run with long ones; this measures what carries over.
+Prints a table and writes ``bench/results/segment_transfer_<tag>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="step_* directory or run directory (its newest checkpoint)")
+    p.add_argument("--segments", default="32,64,128", help="segment lengths to evaluate at (comma-separated)")
+    p.add_argument("--spans", default="1.5,4", help="sample lengths in segments")
+    p.add_argument("--tasks", default="mqar,kv_retrieval,needle", help="curriculum tasks (comma-separated)")
+    p.add_argument("--n", type=int, default=32, help="samples per task x length")
+    p.add_argument("--difficulty", type=float, default=0.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tag", default="cpu")
+    p.add_argument("--out", default=str(HERE / "results"))
+    return p
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    return r.stdout.strip() or None
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+
+    from dnc.checkpoint import load_checkpoint, resolve_checkpoint
+    from dnc.model import DNC
+    from dnc.train import evaluate_tasks
+
+    try:
+        segments = [int(x) for x in a.segments.split(",") if x.strip()]
+        spans = [float(x) for x in a.spans.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit("error: --segments takes integers and --spans numbers, comma-separated (e.g. 32,64)")
+    if not segments or min(segments) < 1 or not spans or min(spans) <= 0:
+        raise SystemExit("error: --segments and --spans need positive values")
+    try:
+        path = resolve_checkpoint(a.checkpoint)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}")
+    trained, _ = load_checkpoint(path, map_location="cpu")
+    base = trained.config
+    ratio = max(1, base.l0_slots * base.write_pool // base.segment_len)  # raw segments L0 holds
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    rows = []
+    print(f"checkpoint {path} (trained with segment_len {base.segment_len}); {a.n} samples per cell", flush=True)
+    for seg in segments:
+        cfg = base.replace(segment_len=seg, l0_slots=max(base.l0_slots, ratio * seg // base.write_pool),
+                           l1_slots=max(base.l1_slots, ratio * seg // (2 * base.write_pool)),
+                           l2_slots=max(base.l2_slots, ratio * seg // (4 * base.write_pool)))
+        model = DNC(cfg)
+        model.load_state_dict(trained.state_dict())
+        model.to(a.device).eval()
+        lengths = [max(8, round(s * seg)) for s in spans]
+        t0 = time.time()
+        acc = evaluate_tasks(model, tasks, lengths, n=a.n, difficulty=a.difficulty, device=torch.device(a.device),
+                             task_kwargs={"kv_retrieval": {"key_len": 1}})
+        row = {"segment_len": seg, "lengths": lengths, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        cells = ", ".join(f"{t} " + "/".join(f"{acc[t][L]:.2f}" for L in lengths) for t in tasks)
+        print(f"segment_len {seg:>5} (lengths {'/'.join(map(str, lengths))}): {cells}", flush=True)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import shlex
+
+    res = {"benchmark": "segment_transfer", "command": shlex.join(["python", "bench/segment_transfer.py"] + list(
+               sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": base.segment_len,
+           "spans_in_segments": spans, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
+           "torch": torch.__version__, "commit": os.environ.get("DNC_COMMIT") or _git_commit()}
+    dest = out / f"segment_transfer_{a.tag}.json"
+    dest.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
