@@ -5,9 +5,10 @@ next batches exactly (the sampler's rng state is part of it).
 
 Recurrent memories are hard to train from scratch on long inputs (RMT/ARMT use a curriculum over
 the number of segments), so stage lengths are given in *segments* of the model being trained
-(``length_unit: segments``): the first stage spans 1-4 segments, i.e. part of every batch needs
-the memory from the first step on, whatever the preset's ``segment_len`` (32 tokens for tiny,
-2048 for small). Stages may also give plain token lengths (``length_unit: tokens``, the default).
+(``length_unit: segments``): the first stage spans 1.5-4 segments, so its facts sit in earlier
+segments than its questions and the memory is needed from the first step on, whatever the
+preset's ``segment_len`` (32 tokens for tiny, 2048 for small). Stages may also give plain token
+lengths (``length_unit: tokens``, the default).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class Stage:
         self.tasks = {str(k): float(v) for k, v in self.tasks.items()}
         self.task_kwargs = {str(k): dict(v or {}) for k, v in (self.task_kwargs or {}).items()}
         self.validate()
+        if self.length_unit == "tokens":  # whole numbers (validated): keep them ints for the generators
+            self.min_len, self.max_len = int(self.min_len), int(self.max_len)
 
     def validate(self) -> None:
         where = f"curriculum stage {self.name!r}"
