@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from report import fmt_len, long_context_markdown, long_context_plots, long_context_targets, passkey_by_length  # noqa: E402
+from report import fmt_len, git_commit, long_context_markdown, long_context_plots, long_context_targets, passkey_by_length  # noqa: E402
 
 from dnc.config import DNCConfig  # noqa: E402
 from dnc.data import tasks as task_lib  # noqa: E402
@@ -143,16 +143,6 @@ def device_tag(device: torch.device) -> str:
         return device.type
     m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", torch.cuda.get_device_name(device))
     return m.group(1).lower() if m else "cuda"
-
-
-def git_commit() -> str | None:
-    if os.environ.get("DNC_COMMIT"):   # set where the tree travels without .git (the GPU machine)
-        return os.environ["DNC_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip() or None
-    except Exception:
-        return None
 
 
 def git_dirty() -> list[str] | None:

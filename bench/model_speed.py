@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -247,13 +246,9 @@ def save(results: dict, args, cuda: bool) -> str:
 
 
 def _commit() -> str:
-    if os.environ.get("DNC_COMMIT"):   # set where the tree travels without .git (the GPU machine)
-        return os.environ["DNC_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
+    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+
+    return git_commit() or "unknown"
 
 
 def _fmt(v, spec="{:,.0f}"):

@@ -30,6 +30,21 @@ from typing import Any, Iterable
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+
+def git_commit() -> str | None:
+    """The commit the benchmarked code is at: ``$DNC_COMMIT`` where the tree travels without
+    ``.git`` (the GPU machine), else ``git rev-parse --short HEAD``; None when neither is known.
+    Every benchmark script records it with its results."""
+    import subprocess
+
+    if os.environ.get("DNC_COMMIT"):
+        return os.environ["DNC_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip() or None
+    except Exception:
+        return None
+
 # ==============================================================================================
 # Small formatting helpers
 # ==============================================================================================

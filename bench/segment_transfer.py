@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:
-    sys.path.insert(0, str(HERE.parent))
+for _p in (str(HERE.parent), str(HERE)):  # the project (dnc) and bench/ (report)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-    return r.stdout.strip() or None
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     import torch
+    from report import git_commit
 
     from dnc.checkpoint import load_checkpoint, resolve_checkpoint
     from dnc.model import DNC
@@ -92,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"benchmark": "segment_transfer", "command": shlex.join(["python", "bench/segment_transfer.py"] + list(
                sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": base.segment_len,
            "spans_in_segments": spans, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
-           "torch": torch.__version__, "commit": os.environ.get("DNC_COMMIT") or _git_commit()}
+           "torch": torch.__version__, "commit": git_commit()}
     dest = out / f"segment_transfer_{a.tag}.json"
     dest.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {dest}")

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from typing import Any
@@ -243,10 +242,9 @@ def main(argv=None) -> dict[str, Any]:
     md = table(rows, base)
     print()
     print(md)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = None
+    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+
+    commit = git_commit()
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
               "host": platform.node(), "cpus": os.cpu_count(), "url": url, "args": vars(args),
               "in_process": base, "results": rows, "markdown": md}

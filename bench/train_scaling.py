@@ -240,12 +240,9 @@ def environment() -> dict[str, Any]:
         env["ray"] = ray.__version__
     except ImportError:
         env["ray"] = None
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        env["commit"] = None
-    env["commit"] = os.environ.get("DNC_COMMIT") or env["commit"]   # the GPU machine's tree has no .git
+    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+
+    env["commit"] = git_commit()
     return env
 
 

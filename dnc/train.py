@@ -510,14 +510,15 @@ class TaskSource:
     Every rank keeps an identical curriculum: losses from all ranks are gathered before
     ``record``, and the evaluation (rank 0) result is broadcast. Each rank draws its samples from
     its own numpy generator (``sample_batch(rng=...)`` leaves the curriculum's rng untouched), so
-    ranks see different data. Stage lengths given in segments become tokens of ``segment_len``;
-    stages whose lengths exceed ``TrainConfig.max_len`` are clamped."""
+    ranks see different data. Stage lengths given in segments become tokens of
+    ``TrainConfig.curriculum_segment_len`` or else the model's ``segment_len``; stages whose lengths
+    exceed ``TrainConfig.max_len`` are clamped."""
 
     def __init__(self, cfg: TrainConfig, rank: int, pad_to_multiple: int, segment_len: int):
         from dnc.data.curriculum import Curriculum, load_stages
 
         self.cfg, self.rank = cfg, rank
-        stages = load_stages(resolve_path(cfg.curriculum_dir), segment_len=segment_len)
+        stages = load_stages(resolve_path(cfg.curriculum_dir), segment_len=cfg.curriculum_segment_len or segment_len)
         for st in stages:
             if st.max_len > cfg.max_len:
                 st.max_len = cfg.max_len
@@ -953,8 +954,7 @@ class Trainer:
         self.schedule = LRSchedule(cfg)
         # Pad task batches to a multiple of 64 tokens, not of a segment: a 256-token sample padded
         # to a 2048-token segment would spend 8x the compute on padding.
-        self.data = TaskSource(cfg, rank, min(64, self.model_config.segment_len),
-                               cfg.curriculum_segment_len or self.model_config.segment_len) \
+        self.data = TaskSource(cfg, rank, min(64, self.model_config.segment_len), self.model_config.segment_len) \
             if cfg.corpus_ratio < 1.0 else None
         self.state = TrainState(train_config=cfg.to_dict(), model_config=self.model_config.to_dict(),
                                 world_size=world_size, run_name=run_name)
@@ -1321,8 +1321,8 @@ def apply_fsdp(model: nn.Module, reshard_after_forward: bool = True, mp_bf16: bo
 
 def load_weights_from(model: nn.Module, source: str) -> str:
     """Copy the weights of checkpoint ``source`` (a ``step_*`` dir, or a run dir of Ray Train or
-    :func:`fit`: its newest checkpoint) into ``model``. Raises ConfigError naming the first
-    mismatching parameters when the shapes differ. Returns the checkpoint path used."""
+    :func:`fit`: its newest checkpoint) into ``model``. Raises ConfigError naming the mismatching
+    parameters when the shapes differ. Returns the checkpoint path used."""
     from dnc.checkpoint import load_checkpoint, resolve_checkpoint
 
     try:
@@ -1331,15 +1331,11 @@ def load_weights_from(model: nn.Module, source: str) -> str:
         raise ConfigError(f"init_from {source!r} is neither a checkpoint nor a run directory with "
                           f"checkpoints") from None
     src, _ = load_checkpoint(path, map_location="cpu")
-    theirs, ours = src.state_dict(), model.state_dict()
-    bad = [f"{k} {tuple(theirs[k].shape) if k in theirs else 'missing'} vs {tuple(v.shape)}"
-           for k, v in ours.items() if k not in theirs or theirs[k].shape != v.shape]
-    bad += [f"{k} (not in this model)" for k in theirs if k not in ours]
-    if bad:
+    try:
+        model.load_state_dict(src.state_dict())  # strict: torch names every missing/mismatching tensor
+    except RuntimeError as e:
         raise ConfigError(f"init_from {source!r}: parameter shapes differ from this model's config "
-                          f"(keep d_model, n_layers, n_heads, memory_layers, ...): {'; '.join(bad[:4])}"
-                          + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
-    model.load_state_dict(theirs)
+                          f"(keep d_model, n_layers, n_heads, memory_layers, ...): {e}") from None
     return path
 
 
