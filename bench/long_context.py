@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of steps on Python-stdlib text instead of curriculum tasks; default 0.25")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a TrainConfig field (YAML value), e.g. --set lr=1e-3; repeatable")
+    g.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DNCConfig field of the preset (YAML value), e.g. --model-set segment_len=512; "
+                        "repeatable")
     g.add_argument("--checkpoint", default=None, help="DNC run dir or checkpoint dir: skip DNC training")
     g.add_argument("--baseline-checkpoint", default=None, help="baseline run dir or checkpoint dir: skip its training")
     g.add_argument("--skip-baseline", action="store_true", help="no baseline at all")
@@ -183,11 +186,12 @@ def train_config(args, ds: dict[str, Any]) -> tuple[Any, dict[str, Any], str | N
         section["max_steps"] = args.max_steps
     if "max_minutes" in fields:
         section["max_minutes"] = args.train_minutes
-    for kv in args.overrides:
-        if "=" not in kv:
-            raise ValueError(f"--set takes KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        section[k.strip()] = yaml.safe_load(v)
+    for flag, pairs, target in (("--set", args.overrides, section), ("--model-set", args.model_overrides, model_overrides)):
+        for kv in pairs:
+            if "=" not in kv:
+                raise ValueError(f"{flag} takes KEY=VALUE, got {kv!r}")
+            k, v = kv.split("=", 1)
+            target[k.strip()] = yaml.safe_load(v)
     return TrainConfig.from_dict(section), model_overrides, str(path) if path.exists() else None
 
 
