@@ -287,6 +287,8 @@ class GreedyReader:
 
     def __init__(self, model: DNC, chunk: int, device: torch.device):
         self.model, self.chunk, self.device = model, int(chunk), device
+        if device.type == "cuda" and model.config.memory:
+            model.enable_cuda_graphs()  # a whole-segment chunk is one graph launch (dnc.cuda_graphs)
 
     def _feed(self, state, ids: np.ndarray) -> int:
         """Feed ``ids`` [n] through ``state``; returns the greedy next token after them."""

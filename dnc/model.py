@@ -256,6 +256,7 @@ class DNC(nn.Module):
         self.compressors = nn.ModuleList(LearnedCompressor(cfg.head_dim, cfg.compress_group) for _ in range(2)) \
             if cfg.memory else nn.ModuleList()
         self.policy = get_policy(cfg.eviction)
+        self._segment_graphs = None  # dnc.cuda_graphs.SegmentGraphs once enable_cuda_graphs() is called
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("attn.out.weight", "ffn.w2.weight", "mem.out.weight")):
@@ -297,6 +298,18 @@ class DNC(nn.Module):
             layers.append(ls)
         return DNCState(layers, batch_size)
 
+    def enable_cuda_graphs(self, enabled: bool = True) -> "DNC":
+        """Replay whole-segment inference steps as CUDA graphs (``dnc.cuda_graphs``): the same
+        function, one launch per segment instead of ~1,000. Used by ``forward`` under ``no_grad`` in
+        eval mode on CUDA for chunks that are one whole segment; everything else runs eagerly.
+        Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors."""
+        from .cuda_graphs import SegmentGraphs
+
+        if self._segment_graphs is not None:
+            self._segment_graphs.clear()
+        self._segment_graphs = SegmentGraphs(self) if enabled else None
+        return self
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
         return F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
@@ -321,8 +334,16 @@ class DNC(nn.Module):
         recon_terms = []
         counters = {"compressed": 0, "evicted": 0}
         t0 = 0
+        graphs = None if trace else self._segment_graphs
         while t0 < t_total:
             n = min(t_total - t0, cfg.segment_len - state.seg_pos)
+            if graphs is not None and graphs.eligible(tokens[:, t0:t0 + n], state):
+                lg, stats = graphs.step(tokens[:, t0:t0 + n], state)  # forward + commit, one graph launch
+                logits.append(lg[:, -1:] if last_logits_only else lg)
+                counters["compressed"] += stats["compressed"]
+                counters["evicted"] += stats["evicted"]
+                t0 += n
+                continue
             lg, tr = self._forward_chunk(tokens[:, t0:t0 + n], state, trace)
             logits.append(lg[:, -1:] if last_logits_only else lg)
             if trace:

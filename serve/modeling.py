@@ -73,6 +73,8 @@ def load_model(spec: ModelSpec, device: str = "auto") -> LoadedModel:
     model.eval()
     digest = weights_digest(model)
     model.to(resolve_device(device))
+    if model.device.type == "cuda":
+        model.enable_cuda_graphs()  # prompts are prefilled a whole segment per graph launch
     return LoadedModel(model, spec, dict(extra or {}), digest)
 
 

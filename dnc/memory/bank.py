@@ -126,7 +126,8 @@ class StateBank:
     - ``kv``    [2, B, H, S, Dh]: keys (``kv[0]``) and values (``kv[1]``) of all slots,
       levels concatenated L0 | L1 | L2 (S = sum of ``sizes``);
     - ``meta``  [4, B, S] float32: salience, age, access, last_access (``META_FIELDS`` order);
-    - ``valid`` [B, S] bool; ``sizes``: slots per level (host ints).
+    - ``valid`` [B, S] bool; ``sizes``: slots per level (host ints);
+    - ``clock`` (host int) and ``clock_t`` (the same as a float32 0-d device tensor): segments written.
 
     ``levels`` gives per-level :class:`BankLevel` *views* (in-place edits reach the bank;
     assigning a level's attribute does not: assign ``bank.levels = [...]`` to repack).
@@ -139,6 +140,9 @@ class StateBank:
         self.levels = levels
         self.alpha = alpha if alpha is not None else torch.full(
             (self.kv.shape[1],), 0.5, device=self.kv.device)
+        # the clock on the device too: the metadata ops read it from there, so a captured CUDA graph
+        # of a segment step (dnc.cuda_graphs) advances it instead of baking in one value
+        self.clock_t = torch.full((), float(clock), device=self.kv.device)
 
     @classmethod
     def empty(cls, batch, heads, head_dim, capacities, device, dtype) -> "StateBank":
@@ -191,6 +195,7 @@ class StateBank:
         group.meta = torch.cat([bk.meta for bk in banks], 1)
         group.valid = torch.cat([bk.valid for bk in banks], 0)
         group.alpha = torch.cat([bk.alpha for bk in banks], 0)
+        group.clock_t = first.clock_t  # equal clocks (checked above)
         group._members = []
         return group
 
@@ -201,7 +206,7 @@ class StateBank:
         self._members = []
         for bank, (kv, meta, valid, alpha) in zip(banks, parts):
             bank.kv, bank.meta, bank.valid, bank.alpha = kv, meta, valid, alpha
-            bank.sizes, bank.clock, bank._group = list(self.sizes), self.clock, self
+            bank.sizes, bank.clock, bank.clock_t, bank._group = list(self.sizes), self.clock, self.clock_t, self
             self._members.append((bank, kv, meta, valid, alpha))
 
     # ---------------------------------------------------------------------------------- reading
@@ -245,7 +250,7 @@ class StateBank:
             (decay * salience + (1 - decay) * share).clamp(1e-4, 1e4),
             age,
             access + accessed,
-            torch.where(accessed, float(self.clock), last_access),
+            torch.where(accessed, self.clock_t, last_access),
         ])
 
     # ---------------------------------------------------------------------------------- writing
@@ -266,11 +271,12 @@ class StateBank:
         const = _meta_constants(self.kv.device)
         with torch.no_grad():
             self.meta = self.meta + const["age_step"]
-            new_meta = torch.add(const["new_slot"], const["clock_row"], alpha=self.clock).expand(-1, kv.shape[1], kv.shape[3])
+            new_meta = (const["new_slot"] + const["clock_row"] * self.clock_t).expand(-1, kv.shape[1], kv.shape[3])
         stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
                               protect_salient=protect_salient, group=group, recon_queries=recon_queries,
                               recon_groups=recon_groups)
         self.clock += 1
+        self.clock_t = self.clock_t + 1
         return stats
 
     def compact(self, count: int, *, compressors, policy, protect_salient: float, group: int) -> dict:
@@ -338,7 +344,7 @@ class StateBank:
                 if drop[LEVELS - 1]:
                     i = LEVELS - 1
                     lvl = self._view(bounds[i], bounds[i + 1], meta)
-                    score = torch.where(lvl.valid, policy.keep_scores(lvl, self.clock, self.alpha), float("-inf"))
+                    score = torch.where(lvl.valid, policy.keep_scores(lvl, self.clock_t, self.alpha), float("-inf"))
                     idx = torch.topk(score, drop[i], dim=1, largest=False).indices
                     key[:, bounds[i]:].scatter_(1, idx, LEVELS + i)
                 order = torch.argsort(key, dim=1, stable=True)  # [B, S]

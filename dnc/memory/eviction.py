@@ -17,11 +17,12 @@ def _z(x: torch.Tensor) -> torch.Tensor:
 
 
 class EvictionPolicy:
-    """Base interface. ``now`` is the bank's segment counter (the clock of ``last_access``)."""
+    """Base interface. ``now`` is the bank's segment counter (the clock of ``last_access``): an int
+    or a 0-d tensor on the level's device."""
 
     name = "base"
 
-    def keep_scores(self, level: BankLevel, now: int, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    def keep_scores(self, level: BankLevel, now: int | torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 

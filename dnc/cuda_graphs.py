@@ -1,0 +1,194 @@
+"""CUDA graphs for whole-segment inference steps (prefill).
+
+A full segment through the DNC is ~1,000 small ops at batch 1: eight blocks, the memory reads and
+the bank's write / compress / evict bookkeeping. Launched one by one from Python they take ~9 ms
+per 2,048-token segment of the ``small`` preset on an H100, several times the GPU work itself. For
+a given *layout* of the state (level sizes, KV carry, batch, dtype) a segment step has static
+shapes and no host synchronisation, so it is captured once as a CUDA graph and replayed as one
+launch.
+
+:class:`SegmentGraphs` runs one full segment (``state.seg_pos == 0``, tokens ``[B, segment_len]``)
+and commits it, as ``model(tokens, state=state)`` does, returning its logits ``[B, T, V]``. A layout seen for the first time runs eagerly; the second time it is captured, after
+an eager warm-up on the graph's own input buffers (which also fills the model's cached constants);
+from then on it is replayed. The state never aliases graph memory: its tensors are copied into the
+graph's inputs and the results are copied out into fresh tensors, so any number of states (serving
+sessions) can share the graphs. Host-side bookkeeping (level sizes, counters) is a function of the
+layout, so it is recorded at capture and applied after each replay.
+
+Only for inference (``torch.no_grad``, eval mode) on CUDA. Graphs hold pointers to the parameters:
+after replacing parameter tensors (``model.to(dtype)``, not an in-place ``load_state_dict``) call
+:meth:`SegmentGraphs.clear`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import KVCache
+
+
+def _state_tensors(state) -> list[torch.Tensor]:
+    """Every tensor a segment step reads from or writes to ``state``, in a fixed order."""
+    out = []
+    for ls in state.layers:
+        out += [ls.cache.k, ls.cache.v]
+        if ls.prev_x is not None:
+            out.append(ls.prev_x)
+        if ls.bank is not None:
+            out += [ls.bank.kv, ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t]
+    return out
+
+
+def _assign(state, tensors: list[torch.Tensor], host: list[tuple]) -> None:
+    """Point ``state`` at ``tensors`` (the order of :func:`_state_tensors` for a state whose layers all
+    carry ``prev_x``, as after a step) and apply the recorded host bookkeeping ``host``."""
+    it = iter(tensors)
+    for ls, (carry_len, sizes) in zip(state.layers, host):
+        ls.cache = KVCache(next(it), next(it), carry_len)
+        ls.prev_x = next(it)
+        if ls.bank is not None:
+            bank = ls.bank
+            bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = (next(it) for _ in range(5))
+            bank.sizes = list(sizes)
+            bank.clock += 1
+            bank._group = None
+        ls.write_buf, ls.mass, ls.view = [], None, None
+
+
+def _shallow_state(state, tensors: list[torch.Tensor]):
+    """A new state object with ``state``'s host fields over ``tensors`` (the :func:`_state_tensors`
+    order of ``state``): what the warm-up and the capture run on."""
+    from .memory import StateBank
+    from .model import DNCState, LayerState
+
+    it = iter(tensors)
+    layers = []
+    for ls in state.layers:
+        new = LayerState(KVCache(next(it), next(it), ls.cache.carry_len))
+        if ls.prev_x is not None:
+            new.prev_x = next(it)
+        if ls.bank is not None:
+            bank = StateBank.__new__(StateBank)
+            bank.capacities, bank.clock, bank.sizes = ls.bank.capacities, ls.bank.clock, list(ls.bank.sizes)
+            bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = (next(it) for _ in range(5))
+            new.bank = bank
+        layers.append(new)
+    return DNCState(layers, state.batch_size, 0, state.tokens_seen, state.segments)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)  # a few launches for all of them
+    else:
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor                 # static input [B, segment_len]
+    inputs: list[torch.Tensor]           # static inputs, the :func:`_state_tensors` order
+    outputs: list[torch.Tensor]          # logits [B, T, V], then the state's tensors after the step
+    host: list[tuple] = field(default_factory=list)  # per layer (carry_len, bank sizes or None)
+    stats: dict = field(default_factory=dict)        # the commit's counters (compressed, evicted)
+
+
+class SegmentGraphs:
+    """Captured segment steps of one model, keyed by state layout (see the module docstring)."""
+
+    def __init__(self, model, max_graphs: int = 32):
+        self.model = model
+        self.max_graphs = max_graphs
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+        self.replays = 0
+        self.eager = 0
+        self._lock = threading.Lock()  # one step at a time: captures and the shared buffers are not reentrant
+
+    def clear(self) -> None:
+        """Drop every captured graph (their memory is freed with them)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.pool = None
+
+    # ------------------------------------------------------------------ eligibility
+    def eligible(self, tokens: torch.Tensor, state) -> bool:
+        """True when ``tokens`` are one whole segment starting a segment, on CUDA, for inference."""
+        m = self.model
+        return (tokens.is_cuda and not m.training and not torch.is_grad_enabled() and state.seg_pos == 0
+                and tokens.shape[1] == m.config.segment_len
+                and all(not ls.write_buf and ls.mass is None for ls in state.layers))
+
+    def _layout(self, tokens: torch.Tensor, state) -> tuple:
+        parts: list = [tuple(tokens.shape), tokens.device, self.model.embed.weight.data_ptr(),
+                       torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
+        for ls in state.layers:
+            parts.append((tuple(ls.cache.k.shape), ls.cache.k.dtype, ls.cache.carry_len, ls.prev_x is None,
+                          None if ls.bank is None else (tuple(ls.bank.sizes), ls.bank.kv.dtype, ls.bank.kv.shape[1])))
+        return tuple(parts)
+
+    # ------------------------------------------------------------------ the step
+    def _run_eager(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
+        logits, _ = self.model._forward_chunk(tokens, state, trace=False)
+        stats = self.model._commit_segment(state)
+        return logits, {"compressed": stats["compressed"], "evicted": stats["evicted"]}
+
+    def step(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
+        """One segment ``tokens [B, segment_len]`` into ``state`` (updated in place, committed).
+
+        Returns (logits [B, segment_len, V], {"compressed": n, "evicted": n})."""
+        with self._lock:
+            return self._step(tokens, state)
+
+    def _step(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
+        key = self._layout(tokens, state)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key not in self.seen or len(self.graphs) >= self.max_graphs:
+                self.seen.add(key)
+                self.eager += 1
+                return self._run_eager(tokens, state)
+            entry = self._capture(key, tokens, state)
+        entry.tokens.copy_(tokens)
+        _copy_all(entry.inputs, _state_tensors(state))
+        entry.graph.replay()
+        out = [torch.empty_like(t) for t in entry.outputs]
+        _copy_all(out, entry.outputs)
+        _assign(state, out[1:], entry.host)
+        state.tokens_seen += tokens.shape[1]
+        state.segments += 1
+        self.replays += 1
+        return out[0], dict(entry.stats)
+
+    def _capture(self, key: tuple, tokens: torch.Tensor, state) -> _Graph:
+        static_tokens = tokens.clone()
+        inputs = [t.clone() for t in _state_tensors(state)]
+        # The caller's autocast, without its weight-cast cache: a graph must cast the weights itself
+        # rather than read casts cached (and later freed) outside the graph's memory.
+        amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                             cache_enabled=False)
+        # warm-up on a side stream (as torch.cuda.graph requires): fills cached constants, picks kernels
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), amp:
+            warm = _shallow_state(state, inputs)
+            _, stats = self._run_eager(static_tokens, warm)
+        torch.cuda.current_stream().wait_stream(side)
+        _copy_all(inputs, _state_tensors(state))  # in case the warm-up wrote into its inputs
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        work = _shallow_state(state, inputs)
+        # thread_local: a serving process may run CUDA work on other threads while this one captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), amp:
+            logits, _ = self._run_eager(static_tokens, work)
+            outputs = [logits] + _state_tensors(work)
+        host = [(ls.cache.carry_len, None if ls.bank is None else tuple(ls.bank.sizes)) for ls in work.layers]
+        entry = _Graph(graph, static_tokens, inputs, outputs, host, stats)
+        self.graphs[key] = entry
+        return entry
