@@ -139,7 +139,7 @@ def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
 
 @torch.no_grad()
 def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -> dict:
-    model = build(name, memory, ctx + args.decode_steps + 8, device, dtype, False).eval()
+    model = build(name, memory, ctx + args.decode_steps + 8, device, dtype, args.compile_infer).eval()
     chunk = model.config.segment_len if memory else ctx
     x = torch.randint(0, 256, (1, ctx), device=device)
 
@@ -199,6 +199,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-iters", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=34)
     p.add_argument("--compile", action="store_true", help="torch.compile each block for training")
+    p.add_argument("--compile-infer", action="store_true",
+                   help="torch.compile each block for prefill and decode too (DNC and baseline)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="DNC prefill replays each whole segment as a CUDA graph (dnc.cuda_graphs); default on")
     p.add_argument("--compare-eager", action="store_true",
