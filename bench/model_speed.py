@@ -99,6 +99,11 @@ def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) 
     if dtype is not None and device.type == "cuda":
         model = model.to(dtype)
     if compile_:
+        # every Block shares one forward code object, so each block's compiled variants (memory or
+        # not, first segment or not) count against dynamo's per-code limit: base has 12 blocks
+        for knob in ("cache_size_limit", "recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
         for blk in model.blocks:
             blk.forward = torch.compile(blk.forward, dynamic=True)
     return model
