@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-chunk", type=int, default=4096,
                    help="baseline prefill chunk in tokens (the DNC uses its segment_len); default 4096")
     e.add_argument("--seed", type=int, default=1234, help="sample seed")
+    e.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DNCConfig field of the evaluated DNC only, one that no weight's shape depends "
+                        "on, e.g. --eval-set l0_slots=65536 (a raw level 32 segments deep); repeatable")
     o = p.add_argument_group("output")
     o.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     o.add_argument("--threads", type=int, default=None,
@@ -186,13 +189,22 @@ def train_config(args, ds: dict[str, Any]) -> tuple[Any, dict[str, Any], str | N
         section["max_steps"] = args.max_steps
     if "max_minutes" in fields:
         section["max_minutes"] = args.train_minutes
-    for flag, pairs, target in (("--set", args.overrides, section), ("--model-set", args.model_overrides, model_overrides)):
-        for kv in pairs:
-            if "=" not in kv:
-                raise ValueError(f"{flag} takes KEY=VALUE, got {kv!r}")
-            k, v = kv.split("=", 1)
-            target[k.strip()] = yaml.safe_load(v)
+    section.update(parse_pairs("--set", args.overrides))
+    model_overrides.update(parse_pairs("--model-set", args.model_overrides))
     return TrainConfig.from_dict(section), model_overrides, str(path) if path.exists() else None
+
+
+def parse_pairs(flag: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (values read as YAML) -> dict; ValueError naming ``flag`` otherwise."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
 
 
 def baseline_config(cfg: DNCConfig, seq_len: int) -> DNCConfig:
@@ -474,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---------------------------------------------------------------------------------- training
     tcfg, model_overrides, yaml_path = train_config(args, ds)
+    eval_overrides = parse_pairs("--eval-set", args.eval_overrides)
     has_budget = hasattr(tcfg, "max_minutes")
     if not has_budget:
         run.res["notes"].append("TrainConfig has no max_minutes here: training ran to max_steps / total_steps.")
@@ -502,10 +515,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if given:  # what it was really trained with, not this invocation's settings
             run.res["train_config"][name] = trained_with
             run.res["train_config"].setdefault("from_checkpoint", []).append(name)
-        models[name] = for_long_inputs(m, ds).to(device).eval()
+        models[name] = for_long_inputs(m, ds, eval_overrides if name == "dnc" else {}).to(device).eval()
         run.res["models"][name] = {"config": m.config.to_dict(), "params": m.num_params(), "checkpoint": ckpt,
                                    "checkpoint_given": given, "training": training,
-                                   "eval_segment_len": models[name].config.segment_len}
+                                   "eval_segment_len": models[name].config.segment_len,
+                                   "eval_config": models[name].config.to_dict()}
         run.render(f"trained {name}")
 
     if args.checkpoint:
@@ -598,12 +612,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def for_long_inputs(model: DNC, ds: dict[str, Any]) -> DNC:
+def for_long_inputs(model: DNC, ds: dict[str, Any], overrides: dict[str, Any] | None = None) -> DNC:
     """The baseline with one segment spanning every input it will see (its trained segment_len
-    would cut attention at the training length; the weights do not depend on it). The DNC as is."""
+    would cut attention at the training length; the weights do not depend on it). The DNC as is,
+    or with ``overrides`` (``--eval-set``) applied to its config and the same weights."""
     cfg = model.config
     if cfg.memory:
-        return model
+        if not overrides:
+            return model
+        m = DNC(cfg.replace(**overrides))
+        try:
+            m.load_state_dict(model.state_dict())
+        except RuntimeError as e:
+            raise SystemExit(f"error: --eval-set {overrides} changes weight shapes; only fields such as "
+                             f"l0_slots/l1_slots/l2_slots/segment_len/eviction can change at evaluation:\n{e}") from None
+        return m
     longest = max([L for L in ds["passkey_lengths"] + ds["recall_lengths"] if L <= ds["baseline_max_len"]]
                   + [mqar_min_length(ds["mqar_pairs"]), ds["mqar_len"], ds["bpb_context"], cfg.segment_len])
     new = baseline_config(cfg, longest)

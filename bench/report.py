@@ -357,12 +357,12 @@ def segment_transfer_tables(res: dict) -> list[str]:
     """Exact match per task x sample length, one row per segment length the checkpoint ran at."""
     tasks = res.get("tasks", [])
     spans = res.get("spans_in_segments", [])
-    header = ["segment_len", "lengths"] + [f"{t} @ {s:g} seg" for t in tasks for s in spans]
+    header = ["segment_len", "L0 slots", "lengths"] + [f"{t} @ {s:g} seg" for t in tasks for s in spans]
     rows = []
     for r in res.get("rows", []):
         acc, lengths = r.get("accuracy", {}), r.get("lengths", [])
         cells = [fmt_num(acc.get(t, {}).get(str(L), acc.get(t, {}).get(L)), "{:.2f}") for t in tasks for L in lengths]
-        rows.append([str(r.get("segment_len")), "/".join(map(str, lengths))] + cells)
+        rows.append([str(r.get("segment_len")), fmt_num(r.get("l0_slots"), "{:,}"), "/".join(map(str, lengths))] + cells)
     note = (f"Checkpoint trained with segment_len {res.get('trained_segment_len')}; {res.get('n')} samples "
             f"per cell, difficulty {res.get('difficulty')}.")
     return [note, ""] + md_table(header, rows) + [""]

@@ -4,6 +4,13 @@ segments as the checkpoint's), on tasks whose facts sit 1.5-4 segments before th
 
     python bench/segment_transfer.py --checkpoint runs/curriculum-tiny-cpu --segments 32,64,128
 
+``--l0-segments`` also varies how many segments the raw level L0 holds (L1/L2 scaled alike): a
+fact further back than that has been compressed 2:1 or 4:1, so the same checkpoint at the same
+segment length shows what compression costs exact recall, e.g.
+
+    python bench/segment_transfer.py --checkpoint runs/curriculum-tiny-cpu --segments 32 \
+        --spans 2,4,8,16 --tasks needle,kv_retrieval --l0-segments 4,16 --tag tiny_cpu_l0
+
 No weight's shape depends on ``segment_len``, so a model whose memory was learnt with short
 segments (cheap: few slots to search) can run with long ones; this measures what carries over.
 Prints a table and writes ``bench/results/segment_transfer_<tag>.json``.
@@ -29,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="step_* directory or run directory (its newest checkpoint)")
     p.add_argument("--segments", default="32,64,128", help="segment lengths to evaluate at (comma-separated)")
     p.add_argument("--spans", default="1.5,4", help="sample lengths in segments")
+    p.add_argument("--l0-segments", default="", help="raw segments L0 holds, comma-separated (default: the checkpoint's)")
     p.add_argument("--tasks", default="mqar,kv_retrieval,needle", help="curriculum tasks (comma-separated)")
     p.add_argument("--n", type=int, default=32, help="samples per task x length")
     p.add_argument("--difficulty", type=float, default=0.0)
@@ -50,10 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         segments = [int(x) for x in a.segments.split(",") if x.strip()]
         spans = [float(x) for x in a.spans.split(",") if x.strip()]
+        l0_segments = [int(x) for x in a.l0_segments.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit("error: --segments takes integers and --spans numbers, comma-separated (e.g. 32,64)")
-    if not segments or min(segments) < 1 or not spans or min(spans) <= 0:
-        raise SystemExit("error: --segments and --spans need positive values")
+        raise SystemExit("error: --segments and --l0-segments take integers and --spans numbers, "
+                         "comma-separated (e.g. 32,64)")
+    if not segments or min(segments) < 1 or not spans or min(spans) <= 0 or min(l0_segments, default=1) < 1:
+        raise SystemExit("error: --segments, --spans and --l0-segments need positive values")
     try:
         path = resolve_checkpoint(a.checkpoint)
     except FileNotFoundError as e:
@@ -64,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     rows = []
     print(f"checkpoint {path} (trained with segment_len {base.segment_len}); {a.n} samples per cell", flush=True)
-    for seg in segments:
-        cfg = base.replace(segment_len=seg, l0_slots=max(base.l0_slots, ratio * seg // base.write_pool),
-                           l1_slots=max(base.l1_slots, ratio * seg // (2 * base.write_pool)),
-                           l2_slots=max(base.l2_slots, ratio * seg // (4 * base.write_pool)))
+    for seg, raw in [(s, r) for s in segments for r in (l0_segments or [ratio])]:
+        floor = raw == ratio  # the checkpoint's own ratio: never below its capacities
+        cfg = base.replace(segment_len=seg,
+                           l0_slots=max(base.l0_slots if floor else 0, raw * seg // base.write_pool),
+                           l1_slots=max(base.l1_slots if floor else 0, raw * seg // (2 * base.write_pool)),
+                           l2_slots=max(base.l2_slots if floor else 0, raw * seg // (4 * base.write_pool)))
         model = DNC(cfg)
         model.load_state_dict(trained.state_dict())
         model.to(a.device).eval()
@@ -75,10 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         acc = evaluate_tasks(model, tasks, lengths, n=a.n, difficulty=a.difficulty, device=torch.device(a.device),
                              task_kwargs={"kv_retrieval": {"key_len": 1}})
-        row = {"segment_len": seg, "lengths": lengths, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
+        row = {"segment_len": seg, "l0_slots": cfg.l0_slots, "lengths": lengths, "accuracy": acc,
+               "seconds": round(time.time() - t0, 1)}
         rows.append(row)
         cells = ", ".join(f"{t} " + "/".join(f"{acc[t][L]:.2f}" for L in lengths) for t in tasks)
-        print(f"segment_len {seg:>5} (lengths {'/'.join(map(str, lengths))}): {cells}", flush=True)
+        print(f"segment_len {seg:>5}, L0 {cfg.l0_slots:>5} slots (lengths {'/'.join(map(str, lengths))}): {cells}",
+              flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import shlex
