@@ -364,7 +364,9 @@ def segment_transfer_tables(res: dict) -> list[str]:
         cells = [fmt_num(acc.get(t, {}).get(str(L), acc.get(t, {}).get(L)), "{:.2f}") for t in tasks for L in lengths]
         rows.append([str(r.get("segment_len")), fmt_num(r.get("l0_slots"), "{:,}"), "/".join(map(str, lengths))] + cells)
     note = (f"Checkpoint trained with segment_len {res.get('trained_segment_len')}; {res.get('n')} samples "
-            f"per cell, difficulty {res.get('difficulty')}.")
+            f"per cell, difficulty {res.get('difficulty')}"
+            + (f"; evaluated with {', '.join(f'{k}={v}' for k, v in res['overrides'].items())}" if res.get("overrides") else "")
+            + ".")
     return [note, ""] + md_table(header, rows) + [""]
 
 

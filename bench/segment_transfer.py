@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="step_* directory or run directory (its newest checkpoint)")
     p.add_argument("--segments", default="32,64,128", help="segment lengths to evaluate at (comma-separated)")
     p.add_argument("--spans", default="1.5,4", help="sample lengths in segments")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DNCConfig field that no weight's shape depends on, e.g. write_importance=50")
     p.add_argument("--l0-segments", default="", help="raw segments L0 holds, comma-separated (default: the checkpoint's)")
     p.add_argument("--tasks", default="mqar,kv_retrieval,needle", help="curriculum tasks (comma-separated)")
     p.add_argument("--n", type=int, default=32, help="samples per task x length")
@@ -69,7 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     trained, _ = load_checkpoint(path, map_location="cpu")
-    base = trained.config
+    import yaml
+
+    overrides = {}
+    for kv in a.overrides:
+        if "=" not in kv:
+            raise SystemExit(f"error: --set takes KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
+    try:
+        base = trained.config.replace(**overrides)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"error: --set {overrides}: {e}")
     ratio = max(1, base.l0_slots * base.write_pool // base.segment_len)  # raw segments L0 holds
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     rows = []
@@ -81,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
                            l1_slots=max(base.l1_slots if floor else 0, raw * seg // (2 * base.write_pool)),
                            l2_slots=max(base.l2_slots if floor else 0, raw * seg // (4 * base.write_pool)))
         model = DNC(cfg)
-        model.load_state_dict(trained.state_dict())
+        try:
+            model.load_state_dict(trained.state_dict())
+        except RuntimeError as e:
+            raise SystemExit(f"error: --set {overrides} changes the shape of the checkpoint's weights:\n{e}")
         model.to(a.device).eval()
         lengths = [max(8, round(s * seg)) for s in spans]
         t0 = time.time()
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = {"benchmark": "segment_transfer", "command": shlex.join(["python", "bench/segment_transfer.py"] + list(
                sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": base.segment_len,
-           "spans_in_segments": spans, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
+           "spans_in_segments": spans, "overrides": overrides, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
            "torch": torch.__version__, "commit": git_commit()}
     dest = out / f"segment_transfer_{a.tag}.json"
     dest.write_text(json.dumps(res, indent=1, default=str))

@@ -209,7 +209,7 @@ class Block(nn.Module):
         self.attn = LocalAttention(cfg)
         self.mem_norm = RMSNorm(cfg.d_model) if has_memory else None
         self.mem = MemoryRead(cfg.d_model, cfg.n_heads, cfg.max_age_buckets, cfg.write_pool, cfg.init_std,
-                              cfg.read_temperature) if has_memory else None
+                              cfg.read_temperature, importance=cfg.write_importance > 0) if has_memory else None
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
 
@@ -422,7 +422,10 @@ class DNC(nn.Module):
                 rq = blk.mem.queries(h[:, stride - 1::stride]).detach()
             writes.append((kv, valid, rq))
         write_kw = dict(compressors=self.compressors, policy=self.policy, protect_salient=cfg.protect_salient,
-                        group=cfg.compress_group)
+                        group=cfg.compress_group, importance_weight=cfg.write_importance)
+        # per memory layer, its importance weights for every row of its bank: [B, 2, H, Dh] (None = off)
+        imp_w = [blk.mem.importance_w.detach().float().unsqueeze(0).expand(state.batch_size, -1, -1, -1)
+                 if cfg.write_importance else None for blk, _ in mem]
         banks = [ls.bank for _, ls in mem]
         masses = [ls.mass for _, ls in mem]
         # All memory layers' banks have the same shape (same writes, same capacities), so they are
@@ -433,7 +436,8 @@ class DNC(nn.Module):
             rqs = [w[2] for w in writes]
             stats = group.write_packed(torch.cat([w[0] for w in writes], 1), torch.cat([w[1] for w in writes], 0),
                                        recon_queries=None if rqs[0] is None else torch.cat(rqs, 0),
-                                       recon_groups=len(banks), **write_kw)
+                                       recon_groups=len(banks),
+                                       importance_w=torch.cat(imp_w, 0) if cfg.write_importance else None, **write_kw)
             if rqs[0] is not None and stats["compressed"]:
                 recon_terms.append(stats["recon_loss"])
             compressed += stats["compressed"] * len(banks)
@@ -442,9 +446,9 @@ class DNC(nn.Module):
                 group.detach_()
             group.unstack(banks)
         else:
-            for bank, mass, (kv, valid, rq) in zip(banks, masses, writes):
+            for bank, mass, (kv, valid, rq), w in zip(banks, masses, writes, imp_w):
                 bank.apply_read_mass(mass, cfg.salience_decay)
-                stats = bank.write_packed(kv, valid, recon_queries=rq, **write_kw)
+                stats = bank.write_packed(kv, valid, recon_queries=rq, importance_w=w, **write_kw)
                 if rq is not None and stats["compressed"]:
                     recon_terms.append(stats["recon_loss"])
                 compressed += stats["compressed"]
@@ -478,6 +482,8 @@ class DNC(nn.Module):
             if blk.mem is not None:
                 params += [blk.mem.level_emb, blk.mem.age_emb, blk.mem.sal_scale, blk.mem.k_write.weight,
                            blk.mem.v_write.weight]
+                if blk.mem.importance_w is not None:
+                    params.append(blk.mem.importance_w)
         return params
 
     @torch.no_grad()

@@ -107,6 +107,32 @@ def test_salient_slots_stay_uncompressed_longer():
     assert any(torch.equal(oldest, k) for k in bank.levels[0].keys[0, 0])
 
 
+@pytest.mark.parametrize("level_index", [0, 2])
+def test_important_slots_stay_raw_and_are_evicted_last(level_index):
+    """A learned importance (key . w[0] + value . w[1], head mean) times ``importance_weight`` keeps
+    the oldest slot of L0 raw while its peers compress, and keeps it in a full L2 under LRU."""
+    comps = torch.nn.ModuleList([LearnedCompressor(D, 2), LearnedCompressor(D, 2)])
+    empty = lambda: BankLevel.empty(1, H, D, "cpu", torch.float32)  # noqa: E731
+    lvl = level(4, [0.0, 1.0, 2.0, 3.0], [0.0] * 4, [1.0] * 4)  # slot 0 oldest and least recently used
+    lvl.age = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    lvl.keys[..., 0] = 0.0
+    lvl.keys[0, :, 0, 0] = 1.0  # only slot 0 has a key along the importance direction
+    marked = lvl.keys[0, 0, 0].clone()
+    w = torch.zeros(1, 2, H, D)
+    w[0, 0, :, 0] = 1.0
+    levels = [lvl, empty(), empty()] if level_index == 0 else [level(2, [9.0] * 2, [0.0] * 2, [1.0] * 2),
+                                                                level(2, [9.0] * 2, [0.0] * 2, [1.0] * 2), lvl]
+    caps = (4, 4, 4) if level_index == 0 else (2, 2, 4)
+    for weight, kept in ((0.0, False), (10.0, True)):
+        bank = StateBank([BankLevel(*(t.clone() for t in (x.keys, x.values, x.salience, x.age, x.access,
+                                                          x.last_access, x.valid))) for x in levels], capacities=caps)
+        bank.write_packed(torch.stack([torch.zeros(1, H, 2, D), torch.randn(1, H, 2, D)]),
+                          torch.ones(1, 2, dtype=torch.bool), compressors=comps, policy=get_policy("lru"),
+                          protect_salient=1.0, group=2, importance_w=w, importance_weight=weight)
+        assert bank.sizes == ([4, 1, 0] if level_index == 0 else [2, 1, 4])
+        assert any(torch.equal(marked, k) for k in bank.levels[level_index].keys[0, 0]) == kept, weight
+
+
 def test_merge_duplicates_and_compaction():
     torch.manual_seed(0)
     m = DNC(preset("tiny", segment_len=16, l0_slots=64, l1_slots=32, l2_slots=16)).eval()

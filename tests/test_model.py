@@ -31,11 +31,16 @@ def test_causality(kv_window):
         assert not torch.allclose(out[:, j:], base[:, j:])
 
 
-@pytest.mark.parametrize("kv_window", [0, 8])
-def test_incremental_equals_full(kv_window):
+@pytest.mark.parametrize("kv_window,write_importance", [(0, 0.0), (8, 0.0), (0, 2.0)])
+def test_incremental_equals_full(kv_window, write_importance):
     """Token-by-token decoding through the state equals one full forward, across segment
     boundaries, compressions and evictions (70 tokens = 4+ segments of 16, banks overflow)."""
-    m = make(kv_window=kv_window)
+    m = make(kv_window=kv_window, write_importance=write_importance)
+    if write_importance:  # non-zero importance weights, so the keep scores really use them
+        with torch.no_grad():
+            for blk in m.blocks:
+                if blk.mem is not None:
+                    blk.mem.importance_w.normal_(0.0, 1.0)
     x = torch.randint(0, 256, (2, 90))
     full = m(x).logits
     state = m.init_state(2)
@@ -148,6 +153,8 @@ def test_config_validation_messages():
     assert DNCConfig.from_dict(preset("small").to_dict()) == preset("small")
     with pytest.raises(ConfigError, match="mem_temperature"):
         DNCConfig(mem_temperature=-1.0)
+    with pytest.raises(ConfigError, match="write_importance"):
+        DNCConfig(write_importance=-0.5)
 
 
 def test_read_temperature_grows_with_the_bank():

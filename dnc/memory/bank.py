@@ -265,16 +265,21 @@ class StateBank:
                                  protect_salient=protect_salient, group=group, recon_queries=recon_queries)
 
     def write_packed(self, kv: torch.Tensor, valid: torch.Tensor, *, compressors, policy, protect_salient: float,
-                     group: int, recon_queries: torch.Tensor | None = None, recon_groups: int = 1) -> dict:
+                     group: int, recon_queries: torch.Tensor | None = None, recon_groups: int = 1,
+                     importance_w: torch.Tensor | None = None, importance_weight: float = 0.0) -> dict:
         """:meth:`write` with keys and values packed as ``kv [2, B, H, m, Dh]``. ``recon_groups``: for
-        a :meth:`stack` of that many banks, the reconstruction loss is the sum of the banks' losses."""
+        a :meth:`stack` of that many banks, the reconstruction loss is the sum of the banks' losses.
+        ``importance_w [B, 2, H, Dh]``: per row, weights of a learned slot importance (the head mean of
+        ``key . w[0] + value . w[1]``) that is added, times ``importance_weight``, to the keep scores
+        of L0/L1 compression and L2 eviction (``DNCConfig.write_importance``)."""
         const = _meta_constants(self.kv.device)
         with torch.no_grad():
             self.meta = self.meta + const["age_step"]
             new_meta = (const["new_slot"] + const["clock_row"] * self.clock_t).expand(-1, kv.shape[1], kv.shape[3])
         stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
                               protect_salient=protect_salient, group=group, recon_queries=recon_queries,
-                              recon_groups=recon_groups)
+                              recon_groups=recon_groups,
+                              importance=(importance_w, importance_weight) if importance_w is not None and importance_weight else None)
         self.clock += 1
         self.clock_t = self.clock_t + 1
         return stats
@@ -310,7 +315,8 @@ class StateBank:
         return drop, recv
 
     def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
-                 recon_queries, compact: int = 0, recon_groups: int = 1) -> dict:
+                 recon_queries, compact: int = 0, recon_groups: int = 1,
+                 importance: tuple[torch.Tensor, float] | None = None) -> dict:
         """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
         ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
         the next level (L0, L1) or by eviction (L2).
@@ -326,6 +332,14 @@ class StateBank:
         kv, meta, valid = self.kv, self.meta, self.valid
         b = kv.shape[1]
         kept = [n - d for n, d in zip(sizes, drop)]
+
+        def importance_bonus(lo: int, hi: int) -> torch.Tensor | float:
+            """importance_weight x the head-mean learned importance of slots lo:hi, [B, hi - lo]."""
+            if importance is None:
+                return 0.0
+            w, weight = importance
+            return torch.einsum("tbhsd,bthd->bs", kv[:, :, :, lo:hi].float(), w) * (weight / kv.shape[2])
+
         if any(drop):
             with torch.no_grad():
                 bounds = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
@@ -337,14 +351,16 @@ class StateBank:
                     score = torch.log(meta[0, :, lo:hi].clamp_min(1e-6))
                     if protect_salient != 1.0:
                         score = protect_salient * score
-                    score = torch.where(valid[:, lo:hi], score - torch.log1p(meta[1, :, lo:hi]), float("-inf"))
+                    score = score - torch.log1p(meta[1, :, lo:hi]) + importance_bonus(lo, hi)
+                    score = torch.where(valid[:, lo:hi], score, float("-inf"))
                     for i in spill:
                         idx = torch.topk(score[:, bounds[i] - lo:bounds[i + 1] - lo], drop[i], dim=1, largest=False).indices
                         key[:, bounds[i]:bounds[i + 1]].scatter_(1, idx, LEVELS + i)
                 if drop[LEVELS - 1]:
                     i = LEVELS - 1
                     lvl = self._view(bounds[i], bounds[i + 1], meta)
-                    score = torch.where(lvl.valid, policy.keep_scores(lvl, self.clock_t, self.alpha), float("-inf"))
+                    score = policy.keep_scores(lvl, self.clock_t, self.alpha) + importance_bonus(bounds[i], bounds[i + 1])
+                    score = torch.where(lvl.valid, score, float("-inf"))
                     idx = torch.topk(score, drop[i], dim=1, largest=False).indices
                     key[:, bounds[i]:].scatter_(1, idx, LEVELS + i)
                 order = torch.argsort(key, dim=1, stable=True)  # [B, S]

@@ -66,7 +66,7 @@ def _age_onehot(age: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
 
 class MemoryRead(nn.Module):
     def __init__(self, d_model: int, n_heads: int, max_age_buckets: int, write_pool: int, init_std: float = 0.02,
-                 temperature: float = 8.0):
+                 temperature: float = 8.0, importance: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -84,6 +84,9 @@ class MemoryRead(nn.Module):
         self.age_emb = nn.Parameter(torch.zeros(max_age_buckets, n_heads, self.head_dim))
         self.null_key = nn.Parameter(torch.randn(n_heads, self.head_dim) * init_std)
         self.sal_scale = nn.Parameter(torch.full((n_heads,), 0.1))
+        # learned slot importance (DNCConfig.write_importance): weights on a slot's [key; value] per
+        # head, added to its read logit (which trains them) and used by the bank's keep scores
+        self.importance_w = nn.Parameter(torch.zeros(2, n_heads, self.head_dim)) if importance else None
         # augmented width: Dh + LEVELS router channels + 1 bias channel, padded to a multiple of 8
         self.aug_dim = ((self.head_dim + LEVELS + 1 + 7) // 8) * 8
 
@@ -116,6 +119,10 @@ class MemoryRead(nn.Module):
             valid = _all_valid(b, t // p, h.device)
         return kv.transpose(2, 3), valid
 
+    def slot_importance(self, kv: torch.Tensor) -> torch.Tensor:
+        """kv [2, B, H, S, Dh] (a bank's packed keys and values) -> importance [B, H, S] float32."""
+        return torch.einsum("tbhsd,thd->bhs", kv.float(), self.importance_w.float())
+
     def queries(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature."""
         b, t, _ = h.shape
@@ -143,6 +150,8 @@ class MemoryRead(nn.Module):
                 + (const["onehot_lvl"] @ self.level_emb.view(LEVELS, -1).to(dtype)).unsqueeze(0)   # [B,S,H*Dh]
             k = flat.keys + emb.view(b, s, h, d).transpose(1, 2)                                    # [B,H,S,Dh]
             bias = self.sal_scale.view(1, h, 1) * torch.log(flat.salience.clamp_min(1e-4)).unsqueeze(1)  # [B,H,S]
+            if self.importance_w is not None:
+                bias = bias + self.slot_importance(bank.kv)
             bias = torch.where(flat.valid.unsqueeze(1), bias, -1e4).to(dtype)
             # slot 0 is the null slot: key null_key, zero bias/one-hot channels, zero value
             keys = torch.cat([null, k], 2)
