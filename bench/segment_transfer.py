@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spans", default="1.5,4", help="sample lengths in segments")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DNCConfig field that no weight's shape depends on, e.g. write_importance=50")
-    p.add_argument("--l0-segments", default="", help="raw segments L0 holds, comma-separated (default: the checkpoint's)")
+    p.add_argument("--l0-segments", default="", help="raw segments L0 holds, comma-separated (empty: the checkpoint's)")
     p.add_argument("--tasks", default="mqar,kv_retrieval,needle", help="curriculum tasks (comma-separated)")
     p.add_argument("--n", type=int, default=32, help="samples per task x length")
     p.add_argument("--difficulty", type=float, default=0.0)
