@@ -424,8 +424,7 @@ class DNC(nn.Module):
         write_kw = dict(compressors=self.compressors, policy=self.policy, protect_salient=cfg.protect_salient,
                         group=cfg.compress_group, importance_weight=cfg.write_importance)
         # per memory layer, its importance weights for every row of its bank: [B, 2, H, Dh] (None = off)
-        imp_w = [blk.mem.importance_w.detach().float().unsqueeze(0).expand(state.batch_size, -1, -1, -1)
-                 if cfg.write_importance else None for blk, _ in mem]
+        imp_w = [blk.mem.importance_rows(state.batch_size) for blk, _ in mem]
         banks = [ls.bank for _, ls in mem]
         masses = [ls.mass for _, ls in mem]
         # All memory layers' banks have the same shape (same writes, same capacities), so they are
@@ -437,7 +436,7 @@ class DNC(nn.Module):
             stats = group.write_packed(torch.cat([w[0] for w in writes], 1), torch.cat([w[1] for w in writes], 0),
                                        recon_queries=None if rqs[0] is None else torch.cat(rqs, 0),
                                        recon_groups=len(banks),
-                                       importance_w=torch.cat(imp_w, 0) if cfg.write_importance else None, **write_kw)
+                                       importance_w=None if imp_w[0] is None else torch.cat(imp_w, 0), **write_kw)
             if rqs[0] is not None and stats["compressed"]:
                 recon_terms.append(stats["recon_loss"])
             compressed += stats["compressed"] * len(banks)
@@ -522,7 +521,9 @@ class DNC(nn.Module):
         for i, bank in state.banks():
             count = ((bank.levels[0].n - keep_l0) // g) * g
             stats = bank.compact(count, compressors=self.compressors, policy=self.policy,
-                                 protect_salient=cfg.protect_salient, group=g)
+                                 protect_salient=cfg.protect_salient, group=g,
+                                 importance_w=self.blocks[i].mem.importance_rows(state.batch_size),
+                                 importance_weight=cfg.write_importance)
             moved["compressed"] += stats["compressed"]
             moved["evicted"] += stats["evicted"]
             state.layers[i].view = None

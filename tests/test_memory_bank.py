@@ -133,6 +133,25 @@ def test_important_slots_stay_raw_and_are_evicted_last(level_index):
         assert any(torch.equal(marked, k) for k in bank.levels[level_index].keys[0, 0]) == kept, weight
 
 
+def test_compaction_keeps_important_slots_raw():
+    """compact() (the memory manager's off-path compression) honours the learned importance too."""
+    comps = torch.nn.ModuleList([LearnedCompressor(D, 2), LearnedCompressor(D, 2)])
+    empty = lambda: BankLevel.empty(1, H, D, "cpu", torch.float32)  # noqa: E731
+    w = torch.zeros(1, 2, H, D)
+    w[0, 0, :, 0] = 1.0
+    for weight, kept in ((0.0, False), (10.0, True)):
+        lvl = level(4, [0.0] * 4, [0.0] * 4, [1.0] * 4)
+        lvl.age = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # slot 0 oldest: compressed first without importance
+        lvl.keys[..., 0] = 0.0
+        lvl.keys[0, :, 0, 0] = 1.0
+        marked = lvl.keys[0, 0, 0].clone()
+        bank = StateBank([lvl, empty(), empty()], capacities=(4, 4, 4))
+        bank.compact(2, compressors=comps, policy=get_policy("lru"), protect_salient=1.0, group=2,
+                     importance_w=w, importance_weight=weight)
+        assert bank.sizes == [2, 1, 0]
+        assert any(torch.equal(marked, k) for k in bank.levels[0].keys[0, 0]) == kept, weight
+
+
 def test_merge_duplicates_and_compaction():
     torch.manual_seed(0)
     m = DNC(preset("tiny", segment_len=16, l0_slots=64, l1_slots=32, l2_slots=16)).eval()

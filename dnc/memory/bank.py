@@ -284,13 +284,16 @@ class StateBank:
         self.clock_t = self.clock_t + 1
         return stats
 
-    def compact(self, count: int, *, compressors, policy, protect_salient: float, group: int) -> dict:
-        """Compress ``count`` L0 slots (a multiple of ``group``; lowest keep score first) into L1,
-        cascading further down as needed. Not a segment: ages and the clock stay as they are."""
+    def compact(self, count: int, *, compressors, policy, protect_salient: float, group: int,
+                importance_w: torch.Tensor | None = None, importance_weight: float = 0.0) -> dict:
+        """Compress ``count`` L0 slots (a multiple of ``group``; lowest keep score first, with the
+        learned importance as in :meth:`write_packed`) into L1, cascading further down as needed.
+        Not a segment: ages and the clock stay as they are."""
         if count <= 0:
             return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0}
         return self._cascade(None, start=1, compact=count, compressors=compressors, policy=policy,
-                             protect_salient=protect_salient, group=group, recon_queries=None)
+                             protect_salient=protect_salient, group=group, recon_queries=None,
+                             importance=(importance_w, importance_weight) if importance_w is not None and importance_weight else None)
 
     def _plan(self, incoming: int, start: int, compact: int, group: int) -> tuple[list[int], list[int]]:
         """Host-side overflow plan from the level sizes alone (no device work): how many existing

@@ -123,6 +123,13 @@ class MemoryRead(nn.Module):
         """kv [2, B, H, S, Dh] (a bank's packed keys and values) -> importance [B, H, S] float32."""
         return torch.einsum("tbhsd,thd->bhs", kv.float(), self.importance_w.float())
 
+    def importance_rows(self, batch: int) -> torch.Tensor | None:
+        """The importance weights for each of ``batch`` bank rows as the bank's keep scores take them,
+        ``[B, 2, H, Dh]`` float32 and detached (the keep decision is not differentiable); None when off."""
+        if self.importance_w is None:
+            return None
+        return self.importance_w.detach().float().unsqueeze(0).expand(batch, -1, -1, -1)
+
     def queries(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature."""
         b, t, _ = h.shape
