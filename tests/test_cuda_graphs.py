@@ -53,9 +53,14 @@ def test_enabled_graphs_leave_cpu_inference_unchanged():
 
 
 @cuda
-@pytest.mark.parametrize("autocast", [False, True])
-def test_graph_replay_matches_eager_segments_and_state(autocast):
-    model = _model("cuda")
+@pytest.mark.parametrize("autocast,write_importance", [(False, 0.0), (True, 0.0), (False, 50.0)])
+def test_graph_replay_matches_eager_segments_and_state(autocast, write_importance):
+    model = _model("cuda", write_importance=write_importance)
+    if write_importance:  # non-zero importance weights, so the keep scores really use them
+        with torch.no_grad():
+            for blk in model.blocks:
+                if blk.mem is not None:
+                    blk.mem.importance_w.normal_(0.0, 1.0)
     x = torch.randint(0, 256, (2, 32 * 12), device="cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast)
     with torch.no_grad(), amp:
