@@ -59,7 +59,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from report import fmt_len, git_commit, long_context_markdown, long_context_plots, long_context_targets, passkey_by_length  # noqa: E402
+from report import (fmt_len, git_commit, long_context_markdown, long_context_plots, long_context_targets,  # noqa: E402
+                    parse_pairs, passkey_by_length)
 
 from dnc.config import DNCConfig  # noqa: E402
 from dnc.data import tasks as task_lib  # noqa: E402
@@ -192,19 +193,6 @@ def train_config(args, ds: dict[str, Any]) -> tuple[Any, dict[str, Any], str | N
     section.update(parse_pairs("--set", args.overrides))
     model_overrides.update(parse_pairs("--model-set", args.model_overrides))
     return TrainConfig.from_dict(section), model_overrides, str(path) if path.exists() else None
-
-
-def parse_pairs(flag: str, pairs: Sequence[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (values read as YAML) -> dict; ValueError naming ``flag`` otherwise."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for kv in pairs:
-        if "=" not in kv:
-            raise ValueError(f"{flag} takes KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
-    return out
 
 
 def baseline_config(cfg: DNCConfig, seq_len: int) -> DNCConfig:
@@ -620,13 +608,11 @@ def for_long_inputs(model: DNC, ds: dict[str, Any], overrides: dict[str, Any] | 
     if cfg.memory:
         if not overrides:
             return model
-        m = DNC(cfg.replace(**overrides))
         try:
-            m.load_state_dict(model.state_dict())
-        except RuntimeError as e:
-            raise SystemExit(f"error: --eval-set {overrides} changes weight shapes; only fields such as "
-                             f"l0_slots/l1_slots/l2_slots/segment_len/eviction can change at evaluation:\n{e}") from None
-        return m
+            return model.reconfigured(**overrides)
+        except ValueError as e:  # ConfigError: an invalid value or a change of weight shapes
+            raise SystemExit(f"error: --eval-set: {e}\n(only fields such as l0_slots/l1_slots/l2_slots/"
+                             f"segment_len/eviction/write_importance can change at evaluation)") from None
     longest = max([L for L in ds["passkey_lengths"] + ds["recall_lengths"] if L <= ds["baseline_max_len"]]
                   + [mqar_min_length(ds["mqar_pairs"]), ds["mqar_len"], ds["bpb_context"], cfg.segment_len])
     new = baseline_config(cfg, longest)

@@ -45,6 +45,20 @@ def git_commit() -> str | None:
     except Exception:
         return None
 
+def parse_pairs(flag: str, pairs: Iterable[str]) -> dict[str, Any]:
+    """Repeated ``KEY=VALUE`` command-line values (each value read as YAML) -> dict, for the
+    benchmark scripts' config overrides; ValueError naming ``flag`` for a malformed one."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise ValueError(f"{flag} takes KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
 # ==============================================================================================
 # Small formatting helpers
 # ==============================================================================================

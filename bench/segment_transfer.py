@@ -51,10 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     import torch
-    from report import git_commit
+    from report import git_commit, parse_pairs
 
     from dnc.checkpoint import load_checkpoint, resolve_checkpoint
-    from dnc.model import DNC
     from dnc.train import evaluate_tasks
 
     try:
@@ -71,34 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}")
     trained, _ = load_checkpoint(path, map_location="cpu")
-    import yaml
-
-    overrides = {}
-    for kv in a.overrides:
-        if "=" not in kv:
-            raise SystemExit(f"error: --set takes KEY=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1)
-        overrides[k.strip()] = yaml.safe_load(v)
     try:
+        overrides = parse_pairs("--set", a.overrides)
         base = trained.config.replace(**overrides)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"error: --set {overrides}: {e}")
+        raise SystemExit(f"error: --set: {e}")
     ratio = max(1, base.l0_slots * base.write_pool // base.segment_len)  # raw segments L0 holds
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     rows = []
-    print(f"checkpoint {path} (trained with segment_len {base.segment_len}); {a.n} samples per cell", flush=True)
+    print(f"checkpoint {path} (trained with segment_len {trained.config.segment_len}); {a.n} samples per cell",
+          flush=True)
     for seg, raw in [(s, r) for s in segments for r in (l0_segments or [ratio])]:
         floor = raw == ratio  # the checkpoint's own ratio: never below its capacities
-        cfg = base.replace(segment_len=seg,
-                           l0_slots=max(base.l0_slots if floor else 0, raw * seg // base.write_pool),
-                           l1_slots=max(base.l1_slots if floor else 0, raw * seg // (2 * base.write_pool)),
-                           l2_slots=max(base.l2_slots if floor else 0, raw * seg // (4 * base.write_pool)))
-        model = DNC(cfg)
+        changes = dict(segment_len=seg,
+                       l0_slots=max(base.l0_slots if floor else 0, raw * seg // base.write_pool),
+                       l1_slots=max(base.l1_slots if floor else 0, raw * seg // (2 * base.write_pool)),
+                       l2_slots=max(base.l2_slots if floor else 0, raw * seg // (4 * base.write_pool)))
         try:
-            model.load_state_dict(trained.state_dict())
-        except RuntimeError as e:
-            raise SystemExit(f"error: --set {overrides} changes the shape of the checkpoint's weights:\n{e}")
-        model.to(a.device).eval()
+            model = trained.reconfigured(**{**overrides, **changes}).to(a.device).eval()
+        except ValueError as e:  # ConfigError: --set changed the shape of the checkpoint's weights
+            raise SystemExit(f"error: --set: {e}")
+        cfg = model.config
         lengths = [max(8, round(s * seg)) for s in spans]
         t0 = time.time()
         acc = evaluate_tasks(model, tasks, lengths, n=a.n, difficulty=a.difficulty, device=torch.device(a.device),
@@ -114,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     import shlex
 
     res = {"benchmark": "segment_transfer", "command": shlex.join(["python", "bench/segment_transfer.py"] + list(
-               sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": base.segment_len,
+               sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": trained.config.segment_len,
            "spans_in_segments": spans, "overrides": overrides, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
            "torch": torch.__version__, "commit": git_commit()}
     dest = out / f"segment_transfer_{a.tag}.json"

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, causal_attention
-from .config import DNCConfig
+from .config import ConfigError, DNCConfig
 from .layers import RMSNorm, SwiGLU, apply_rope_full, rope_shift, rope_table_full
 from .memory import LearnedCompressor, MemoryRead, ReadView, StateBank, get_policy
 
@@ -297,6 +297,17 @@ class DNC(nn.Module):
                                           (cfg.l0_slots, cfg.l1_slots, cfg.l2_slots), device, dtype)
             layers.append(ls)
         return DNCState(layers, batch_size)
+
+    def reconfigured(self, **changes) -> "DNC":
+        """A new model with ``config.replace(**changes)`` and a copy of these weights, e.g. another
+        ``segment_len`` or bank capacity (no weight's shape depends on them). Raises ConfigError
+        naming the parameters when a change alters weight shapes."""
+        model = DNC(self.config.replace(**changes))
+        try:
+            model.load_state_dict(self.state_dict())  # strict: torch names every mismatching tensor
+        except RuntimeError as e:
+            raise ConfigError(f"{changes} changes the shapes of the weights: {e}") from None
+        return model.to(self.device)
 
     def enable_cuda_graphs(self, enabled: bool = True) -> "DNC":
         """Replay whole-segment inference steps as CUDA graphs (``dnc.cuda_graphs``): the same

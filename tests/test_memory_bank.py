@@ -107,25 +107,35 @@ def test_salient_slots_stay_uncompressed_longer():
     assert any(torch.equal(oldest, k) for k in bank.levels[0].keys[0, 0])
 
 
+def marked_level(last_access) -> tuple[BankLevel, torch.Tensor, torch.Tensor]:
+    """Four slots aged 4, 3, 2, 1 (slot 0 oldest) of which only slot 0 has a key along the
+    importance direction. Returns (level, slot 0's key, importance weights w [1, 2, H, D])."""
+    lvl = level(4, last_access, [0.0] * 4, [1.0] * 4)
+    lvl.age = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    lvl.keys[..., 0] = 0.0
+    lvl.keys[0, :, 0, 0] = 1.0
+    w = torch.zeros(1, 2, H, D)
+    w[0, 0, :, 0] = 1.0
+    return lvl, lvl.keys[0, 0, 0].clone(), w
+
+
+def empty_level() -> BankLevel:
+    return BankLevel.empty(1, H, D, "cpu", torch.float32)
+
+
 @pytest.mark.parametrize("level_index", [0, 2])
 def test_important_slots_stay_raw_and_are_evicted_last(level_index):
     """A learned importance (key . w[0] + value . w[1], head mean) times ``importance_weight`` keeps
     the oldest slot of L0 raw while its peers compress, and keeps it in a full L2 under LRU."""
     comps = torch.nn.ModuleList([LearnedCompressor(D, 2), LearnedCompressor(D, 2)])
-    empty = lambda: BankLevel.empty(1, H, D, "cpu", torch.float32)  # noqa: E731
-    lvl = level(4, [0.0, 1.0, 2.0, 3.0], [0.0] * 4, [1.0] * 4)  # slot 0 oldest and least recently used
-    lvl.age = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
-    lvl.keys[..., 0] = 0.0
-    lvl.keys[0, :, 0, 0] = 1.0  # only slot 0 has a key along the importance direction
-    marked = lvl.keys[0, 0, 0].clone()
-    w = torch.zeros(1, 2, H, D)
-    w[0, 0, :, 0] = 1.0
-    levels = [lvl, empty(), empty()] if level_index == 0 else [level(2, [9.0] * 2, [0.0] * 2, [1.0] * 2),
-                                                                level(2, [9.0] * 2, [0.0] * 2, [1.0] * 2), lvl]
-    caps = (4, 4, 4) if level_index == 0 else (2, 2, 4)
     for weight, kept in ((0.0, False), (10.0, True)):
-        bank = StateBank([BankLevel(*(t.clone() for t in (x.keys, x.values, x.salience, x.age, x.access,
-                                                          x.last_access, x.valid))) for x in levels], capacities=caps)
+        lvl, marked, w = marked_level([0.0, 1.0, 2.0, 3.0])  # slot 0 also least recently used
+        if level_index == 0:
+            levels, caps = [lvl, empty_level(), empty_level()], (4, 4, 4)
+        else:
+            full = lambda: level(2, [9.0] * 2, [0.0] * 2, [1.0] * 2)  # noqa: E731
+            levels, caps = [full(), full(), lvl], (2, 2, 4)
+        bank = StateBank(levels, capacities=caps)
         bank.write_packed(torch.stack([torch.zeros(1, H, 2, D), torch.randn(1, H, 2, D)]),
                           torch.ones(1, 2, dtype=torch.bool), compressors=comps, policy=get_policy("lru"),
                           protect_salient=1.0, group=2, importance_w=w, importance_weight=weight)
@@ -136,16 +146,9 @@ def test_important_slots_stay_raw_and_are_evicted_last(level_index):
 def test_compaction_keeps_important_slots_raw():
     """compact() (the memory manager's off-path compression) honours the learned importance too."""
     comps = torch.nn.ModuleList([LearnedCompressor(D, 2), LearnedCompressor(D, 2)])
-    empty = lambda: BankLevel.empty(1, H, D, "cpu", torch.float32)  # noqa: E731
-    w = torch.zeros(1, 2, H, D)
-    w[0, 0, :, 0] = 1.0
     for weight, kept in ((0.0, False), (10.0, True)):
-        lvl = level(4, [0.0] * 4, [0.0] * 4, [1.0] * 4)
-        lvl.age = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # slot 0 oldest: compressed first without importance
-        lvl.keys[..., 0] = 0.0
-        lvl.keys[0, :, 0, 0] = 1.0
-        marked = lvl.keys[0, 0, 0].clone()
-        bank = StateBank([lvl, empty(), empty()], capacities=(4, 4, 4))
+        lvl, marked, w = marked_level([0.0] * 4)  # slot 0 oldest: compressed first without importance
+        bank = StateBank([lvl, empty_level(), empty_level()], capacities=(4, 4, 4))
         bank.compact(2, compressors=comps, policy=get_policy("lru"), protect_salient=1.0, group=2,
                      importance_w=w, importance_weight=weight)
         assert bank.sizes == [2, 1, 0]

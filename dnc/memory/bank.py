@@ -278,8 +278,7 @@ class StateBank:
             new_meta = (const["new_slot"] + const["clock_row"] * self.clock_t).expand(-1, kv.shape[1], kv.shape[3])
         stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
                               protect_salient=protect_salient, group=group, recon_queries=recon_queries,
-                              recon_groups=recon_groups,
-                              importance=(importance_w, importance_weight) if importance_w is not None and importance_weight else None)
+                              recon_groups=recon_groups, importance_w=importance_w, importance_weight=importance_weight)
         self.clock += 1
         self.clock_t = self.clock_t + 1
         return stats
@@ -293,7 +292,7 @@ class StateBank:
             return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0}
         return self._cascade(None, start=1, compact=count, compressors=compressors, policy=policy,
                              protect_salient=protect_salient, group=group, recon_queries=None,
-                             importance=(importance_w, importance_weight) if importance_w is not None and importance_weight else None)
+                             importance_w=importance_w, importance_weight=importance_weight)
 
     def _plan(self, incoming: int, start: int, compact: int, group: int) -> tuple[list[int], list[int]]:
         """Host-side overflow plan from the level sizes alone (no device work): how many existing
@@ -319,7 +318,7 @@ class StateBank:
 
     def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
                  recon_queries, compact: int = 0, recon_groups: int = 1,
-                 importance: tuple[torch.Tensor, float] | None = None) -> dict:
+                 importance_w: torch.Tensor | None = None, importance_weight: float = 0.0) -> dict:
         """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
         ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
         the next level (L0, L1) or by eviction (L2).
@@ -338,10 +337,9 @@ class StateBank:
 
         def importance_bonus(lo: int, hi: int) -> torch.Tensor | float:
             """importance_weight x the head-mean learned importance of slots lo:hi, [B, hi - lo]."""
-            if importance is None:
+            if importance_w is None or not importance_weight:
                 return 0.0
-            w, weight = importance
-            return torch.einsum("tbhsd,bthd->bs", kv[:, :, :, lo:hi].float(), w) * (weight / kv.shape[2])
+            return torch.einsum("tbhsd,bthd->bs", kv[:, :, :, lo:hi].float(), importance_w) * (importance_weight / kv.shape[2])
 
         if any(drop):
             with torch.no_grad():
