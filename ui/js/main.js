@@ -136,15 +136,18 @@ async function onGenerate(ev) {
   const out = $("gen-output"), meta = $("gen-meta");
   showError($("gen-error"), null);
   const sid = $("state-id").value.trim();
+  const seed = $("seed").value.trim();
   const body = {
     prompt: $("prompt").value,
     max_new_tokens: Number.parseInt($("max-new-tokens").value, 10),
     temperature: Number.parseFloat($("temperature").value),
     state_id: sid || null,
+    seed: seed === "" ? null : Number(seed),
   };
   // The server validates everything; the UI only refuses what JSON cannot carry.
   if (Number.isNaN(body.max_new_tokens)) body.max_new_tokens = $("max-new-tokens").value;
   if (Number.isNaN(body.temperature)) body.temperature = $("temperature").value;
+  if (Number.isNaN(body.seed)) body.seed = seed;
   out.textContent = "";
   meta.textContent = "streaming…";
   $("generate-btn").disabled = true;
