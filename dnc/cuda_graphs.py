@@ -39,12 +39,15 @@ def _state_tensors(state) -> list[torch.Tensor]:
             out.append(ls.prev_x)
         if ls.bank is not None:
             out += [ls.bank.kv, ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t]
+            if ls.prev_write is not None:
+                out.append(ls.prev_write)
     return out
 
 
 def _assign(state, tensors: list[torch.Tensor], host: list[tuple]) -> None:
     """Point ``state`` at ``tensors`` (the order of :func:`_state_tensors` for a state whose layers all
-    carry ``prev_x``, as after a step) and apply the recorded host bookkeeping ``host``."""
+    carry ``prev_x`` and whose memory layers carry ``prev_write``, as after a step) and apply the
+    recorded host bookkeeping ``host``."""
     it = iter(tensors)
     for ls, (carry_len, sizes) in zip(state.layers, host):
         ls.cache = KVCache(next(it), next(it), carry_len)
@@ -52,6 +55,7 @@ def _assign(state, tensors: list[torch.Tensor], host: list[tuple]) -> None:
         if ls.bank is not None:
             bank = ls.bank
             bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = (next(it) for _ in range(5))
+            ls.prev_write = next(it)
             bank.sizes = list(sizes)
             bank.clock += 1
             bank._group = None
@@ -75,6 +79,8 @@ def _shallow_state(state, tensors: list[torch.Tensor]):
             bank.capacities, bank.clock, bank.sizes = ls.bank.capacities, ls.bank.clock, list(ls.bank.sizes)
             bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = (next(it) for _ in range(5))
             new.bank = bank
+            if ls.prev_write is not None:
+                new.prev_write = next(it)
         layers.append(new)
     return DNCState(layers, state.batch_size, 0, state.tokens_seen, state.segments)
 
@@ -128,7 +134,7 @@ class SegmentGraphs:
         parts: list = [tuple(tokens.shape), tokens.device, self.model.embed.weight.data_ptr(),
                        torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
         for ls in state.layers:
-            parts.append((tuple(ls.cache.k.shape), ls.cache.k.dtype, ls.cache.carry_len, ls.prev_x is None,
+            parts.append((tuple(ls.cache.k.shape), ls.cache.k.dtype, ls.cache.carry_len, ls.prev_x is None, ls.prev_write is None,
                           None if ls.bank is None else (tuple(ls.bank.sizes), ls.bank.kv.dtype, ls.bank.kv.shape[1])))
         return tuple(parts)
 

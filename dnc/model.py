@@ -40,6 +40,7 @@ class LayerState:
     mass: torch.Tensor | None = None                 # read mass [B, S] accumulated this segment
     view: ReadView | None = None                     # cached read view of the bank for this segment
     prev_x: torch.Tensor | None = None               # normed attention input of the last token [B, 1, D]
+    prev_write: torch.Tensor | None = None           # normed memory input of the last committed token [B, 1, D]
 
 
 class DNCState:
@@ -92,6 +93,8 @@ class DNCState:
                 out[f"shift.{i}"] = ls.prev_x.detach().cpu().contiguous().clone()
             if ls.bank is not None:
                 out.update(ls.bank.export(f"bank.{i}"))
+                if ls.prev_write is not None:
+                    out[f"write_shift.{i}"] = ls.prev_write.detach().cpu().contiguous().clone()
                 if ls.write_buf:
                     out[f"pending.{i}.h"] = torch.cat(ls.write_buf, 1).detach().cpu().contiguous().clone()
                 if ls.mass is not None:
@@ -123,6 +126,8 @@ class DNCState:
                 ls.prev_x = d[f"shift.{i}"].to(device, dtype)
             if i in config.memory_layer_ids:
                 ls.bank = StateBank.from_export(d, f"bank.{i}", caps, device, dtype)
+                if f"write_shift.{i}" in d:  # absent in states saved before it existed: zeros, as then
+                    ls.prev_write = d[f"write_shift.{i}"].to(device, dtype)
                 if f"pending.{i}.h" in d:
                     ls.write_buf = [d[f"pending.{i}.h"].to(device, dtype)]
                 if f"pending.{i}.mass" in d:
@@ -426,7 +431,8 @@ class DNC(nn.Module):
         writes = []  # per memory layer: (kv [2,B,H,m,Dh], valid [B,m], recon queries or None)
         for blk, ls in mem:
             h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
-            kv, valid = blk.mem.write_kv_packed(h)
+            kv, valid = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
+            ls.prev_write = h[:, -1:]
             rq = None
             if self.training and torch.is_grad_enabled():
                 stride = max(1, h.shape[1] // 16)
@@ -480,6 +486,8 @@ class DNC(nn.Module):
                 ls.cache.detach_()
                 if ls.prev_x is not None:
                     ls.prev_x = ls.prev_x.detach()
+                if ls.prev_write is not None:
+                    ls.prev_write = ls.prev_write.detach()
         state.seg_pos = 0
         recon = sum(recon_terms[1:], recon_terms[0]) if recon_terms else torch.zeros((), device=self.device)
         return {"recon_loss": recon, "recon_terms": recon_terms, "compressed": compressed, "evicted": evicted}

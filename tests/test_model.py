@@ -56,6 +56,23 @@ def test_incremental_equals_full(kv_window, write_importance):
     assert state.banks()[0][1].levels[1].n > 0, "test must exercise compression"
 
 
+def test_write_keys_do_not_depend_on_where_a_segment_ends():
+    """A slot's key carries the previous token's query projection; a segment's first slot takes
+    the previous segment's last token (the state's ``prev_write``), so a fact that straddles a
+    segment boundary is written as if it did not."""
+    m = make()
+    mem = next(b.mem for b in m.blocks if b.mem is not None)
+    h = torch.randn(2, 16, m.config.d_model)
+    whole, _ = mem.write_kv_packed(h)
+    first, _ = mem.write_kv_packed(h[:, :7])
+    rest, _ = mem.write_kv_packed(h[:, 7:], h_before=h[:, 6:7])
+    torch.testing.assert_close(torch.cat([first, rest], 3), whole)
+    state = m.init_state(2)
+    m(torch.randint(0, 256, (2, 20)), state=state)  # one commit, 4 tokens into the next segment
+    for blk, ls in zip(m.blocks, state.layers):
+        assert (ls.prev_write is not None) == (blk.mem is not None)
+
+
 def test_state_export_roundtrip_continues_identically():
     m = make()
     x = torch.randint(0, 256, (1, 75))

@@ -91,19 +91,27 @@ class MemoryRead(nn.Module):
         self.aug_dim = ((self.head_dim + LEVELS + 1 + 7) // 8) * 8
 
     # ------------------------------------------------------------------ writes
-    def write_kv(self, h: torch.Tensor, valid: torch.Tensor | None = None):
+    def write_kv(self, h: torch.Tensor, valid: torch.Tensor | None = None, h_before: torch.Tensor | None = None):
         """h: [B, T, D] normed inputs of the segment -> keys/values [B, H, T/p, Dh], valid [B, T/p]."""
-        kv, valid = self.write_kv_packed(h, valid)
+        kv, valid = self.write_kv_packed(h, valid, h_before)
         return kv[0], kv[1], valid
 
-    def write_kv_packed(self, h: torch.Tensor, valid: torch.Tensor | None = None):
-        """h: [B, T, D] -> (kv [2, B, H, T/p, Dh] keys and values, valid [B, T/p]) as the bank stores them."""
+    def write_kv_packed(self, h: torch.Tensor, valid: torch.Tensor | None = None, h_before: torch.Tensor | None = None):
+        """h: [B, T, D] -> (kv [2, B, H, T/p, Dh] keys and values, valid [B, T/p]) as the bank stores them.
+
+        h_before: [B, 1, D] the normed input of the token before ``h[:, 0]`` (the previous
+        segment's last), or None at the stream start (zeros)."""
         b, t, _ = h.shape
         p = self.write_pool
         # Token shift with a tied projection: a slot's key also carries the *query* projection of
         # the previous token, so a later query "like token t-1" finds the slot of what followed it.
-        # This is the induction prior associative recall needs, built into the write path.
-        h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))  # previous token within the segment (zeros first)
+        # This is the induction prior associative recall needs, built into the write path. The
+        # segment's first slot takes the previous segment's last token: with zeros there, a fact
+        # that straddles a segment boundary could not be read past it (passkey digits, 0/10 before).
+        if h_before is None:
+            h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
+        else:
+            h_prev = torch.cat([h_before.to(h.dtype), h[:, :-1]], 1)
         k = (self.k_write(h) + self.q_proj(h_prev)).view(b, t, self.n_heads, self.head_dim)
         k = F.normalize(k.float(), dim=-1).to(h.dtype)
         v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
