@@ -403,6 +403,12 @@ class Run:
         self.save()
 
 
+def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
+    """True when a passkey sample's digits are split between two segments of ``segment_len``."""
+    start = sample.meta["needle_pos"]
+    return start // segment_len != (start + len(sample.meta["passkey"]) - 1) // segment_len
+
+
 def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader], suite: str, length: int,
               samples: list[task_lib.Sample], extra: dict[str, Any]) -> None:
     """Evaluate every model on the same ``samples`` and record one cell per model."""
@@ -428,6 +434,11 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader]
             continue
         correct = sum(r[0] for r in res)
         cell.update(correct=correct, acc=correct / len(samples), status="ok", seconds=time.time() - t0)
+        if suite == "passkey" and model.config.memory:
+            # needles whose digits cross a segment boundary: their second part is written in a
+            # segment whose local attention never saw the first (kv_window carries some across)
+            cross = [crosses_segment(x, model.config.segment_len) for x in samples]
+            cell.update(boundary_n=sum(cross), boundary_correct=sum(r[0] for r, c in zip(res, cross) if c))
         if suite == "mqar":
             q_right, q_total = sum(r[1] for r in res), sum(r[2] for r in res)
             cell.update(queries=q_total, query_correct=q_right, query_acc=q_right / q_total, sample_acc=cell["acc"])

@@ -561,6 +561,14 @@ def long_context_tables(res: dict, heading: str = "###") -> list[str]:
             rows.append(["**all**"] + [fmt_pct(bl[Ln]["acc"]) if Ln in bl else "" for Ln in lengths])
             L += [f"{MODEL_LABEL[m]}:", ""]
             L += md_table(["depth"] + [fmt_len(x) for x in lengths], rows) + [""]
+            cross = [c for c in pcells if c["model"] == m and "boundary_n" in c]
+            n_cross = sum(c["boundary_n"] for c in cross)
+            if n_cross:
+                right = sum(c["boundary_correct"] for c in cross)
+                rest_n = sum(c["n"] for c in cross) - n_cross
+                rest = sum(c["correct"] for c in cross) - right
+                L += [f"Needles whose digits cross a segment boundary: {right}/{n_cross} ({fmt_pct(right / n_cross)}); "
+                      f"the others: {rest}/{rest_n}" + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
 
     # recall
     rcells = [c for s in RECALL_SUITES for c in _cells(res, s)]

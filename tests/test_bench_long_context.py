@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -59,6 +60,9 @@ def test_long_context_json(lc_run: Path):
     assert len(by("relational_2hop")) == len(by("kv_retrieval")) == 2
     for c in by("passkey") + by("relational_2hop") + by("kv_retrieval") + by("mqar"):
         assert c["status"] == "ok" and 0.0 <= c["acc"] <= 1.0 and c["n"] == 1
+    for c in by("passkey"):  # the DNC's cells count needles that cross a segment boundary
+        assert ("boundary_n" in c) == (c["model"] == "dnc")
+        assert c["model"] != "dnc" or 0 <= c["boundary_correct"] <= c["boundary_n"] <= c["n"]
     mq = by("mqar")
     assert len(mq) == 2 and all(0.0 <= c["query_acc"] <= 1.0 and c["queries"] == 12 for c in mq)
     assert mq[0]["length"] == 75 and "raised" in mq[0]["note"]  # 12 pairs + 12 queries do not fit 64 tokens
@@ -115,7 +119,8 @@ def test_cells_record_out_of_memory_and_skips(tmp_path: Path, monkeypatch):
         return True, 1, 1
 
     monkeypatch.setattr(lc, "answer", fake_answer)
-    models, readers = {"dnc": None, "baseline": None}, {"dnc": "fine", "baseline": "oom"}
+    no_memory = SimpleNamespace(config=SimpleNamespace(memory=False))  # what run_cells reads of a model
+    models, readers = {"dnc": no_memory, "baseline": no_memory}, {"dnc": "fine", "baseline": "oom"}
     for length in (512, 2048):
         lc.run_cells(run, models, readers, "passkey", length, [None, None], {"depth": 0.0})
     cells = json.loads(run.json_path.read_text())["cells"]
@@ -143,3 +148,13 @@ def test_segment_transfer_evaluates_one_checkpoint_at_other_segment_lengths(tmp_
         assert all(0.0 <= v <= 1.0 for v in r["accuracy"]["mqar"].values())
     bad = subprocess.run(cmd[:4] + ["--segments", "x"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode != 0 and "comma-separated" in bad.stderr
+
+
+def test_a_needle_crosses_a_segment_when_its_digits_are_split():
+    sys.path.insert(0, str(BENCH))
+    import long_context as lc
+
+    needle = lambda pos: SimpleNamespace(meta={"needle_pos": pos, "passkey": "12345"})  # noqa: E731
+    assert not lc.crosses_segment(needle(27), 32)  # digits at 27..31
+    assert lc.crosses_segment(needle(28), 32) and lc.crosses_segment(needle(31), 32)
+    assert not lc.crosses_segment(needle(32), 32) and not lc.crosses_segment(needle(28), 64)
