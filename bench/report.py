@@ -505,8 +505,11 @@ def long_context_targets(res: dict) -> list[dict[str, Any]]:
 def _summary_line(res: dict) -> str:
     env = res.get("env", {})
     dirty = f" (+ uncommitted changes to {len(env['uncommitted'])} files)" if env.get("uncommitted") else ""
+    # a given checkpoint brings its own model: --preset (recorded either way) did not choose it
+    ckpt = res.get("args", {}).get("checkpoint")
+    model = f"checkpoint `{ckpt}`" if ckpt else f"preset `{res.get('config', {}).get('preset', '?')}`"
     return (f"Device: {env.get('device', '?')}; torch {env.get('torch', '?')}; commit {env.get('commit') or 'unknown'}"
-            f"{dirty}; preset `{res.get('config', {}).get('preset', '?')}`; status: {res.get('status', '?')}")
+            f"{dirty}; {model}; status: {res.get('status', '?')}")
 
 
 def long_context_tables(res: dict, heading: str = "###") -> list[str]:
