@@ -106,8 +106,8 @@ class MemoryRead(nn.Module):
         # Token shift with a tied projection: a slot's key also carries the *query* projection of
         # the previous token, so a later query "like token t-1" finds the slot of what followed it.
         # This is the induction prior associative recall needs, built into the write path. The
-        # segment's first slot takes the previous segment's last token: with zeros there, a fact
-        # that straddles a segment boundary could not be read past it (passkey digits, 0/10 before).
+        # segment's first slot takes the previous segment's last token, so a key does not depend on
+        # where a segment ends (zeros only at the stream start).
         if h_before is None:
             h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
         else:
