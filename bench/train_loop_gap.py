@@ -1,0 +1,145 @@
+"""Where the curriculum loop loses time: the model's own training step against the loop, at the
+loop's own batch shapes (issue 11: "the curriculum loop's tokens/s vs the model's own training step
+at the same shapes, >= 0.9x").
+
+Three timings over the same sequence of batches (the loop's mix of curriculum and corpus batches,
+drawn once with the training config's seeds):
+  step    ``train_step`` on batches generated beforehand and already on the device: the model alone;
+  step+h2d  the same batches moved from host memory each step (what the loop must pay at least);
+  loop    generate each batch when it is needed, move it, ``train_step``, feed the per-task losses
+          back to the curriculum (what ``Trainer.run`` does per step, minus logging/checkpoints).
+
+    python bench/train_loop_gap.py --config configs/train/small.yaml --model-set segment_len=512 --steps 40
+
+Writes ``bench/results/train_loop_gap_<tag>.json`` (argv, device, torch, commit) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from report import git_commit, parse_pairs  # noqa: E402
+
+from dnc.model import DNC  # noqa: E402
+from dnc.train import TaskSource, TrainConfig, build_optimizer, corpus_windows, model_config_for, train_step  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/train/small.yaml", help="training YAML (its model and train sections)")
+    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DNCConfig field, e.g. segment_len=512 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a TrainConfig field (repeatable)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per mode; default 40")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first; default 5")
+    p.add_argument("--corpus-ratio", type=float, default=0.25, help="share of corpus batches (as the run); default 0.25")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--tag", default=None, help="result name suffix (default: gpu or cpu name)")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
+    return p
+
+
+def stdlib_corpus() -> list[bytes]:
+    from dnc.data.corpus import stdlib_source_files
+
+    return [Path(f).read_bytes() for f in stdlib_source_files("train")]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    raw = yaml.safe_load((ROOT / args.config).read_text() if not Path(args.config).is_absolute()
+                         else Path(args.config).read_text())
+    section = dict(raw.get("train") or {})
+    section["corpus_ratio"] = args.corpus_ratio
+    section.update(parse_pairs("--set", args.overrides))
+    cfg = TrainConfig.from_dict(section)
+    overrides = dict((raw.get("model") or {}).get("overrides") or {})
+    overrides.update(parse_pairs("--model-set", args.model_overrides))
+    mcfg = model_config_for(cfg, (raw.get("model") or {}).get("preset", "small"), **overrides)
+    torch.manual_seed(cfg.seed)
+    model = DNC(mcfg).to(device)
+    opt = build_optimizer(model, cfg)
+    bf16 = cfg.bf16 and device.type == "cuda"
+
+    n_total = args.warmup + args.steps
+    source = TaskSource(cfg, 0, min(64, mcfg.segment_len), mcfg.segment_len)
+    corpus = corpus_windows(stdlib_corpus(), cfg.max_len, cfg.batch_size, seed=cfg.seed)
+    mix = np.random.default_rng([cfg.seed, 10_000])
+    plan = [bool(mix.random() < cfg.corpus_ratio) for _ in range(n_total)]
+
+    def draw(use_corpus: bool):
+        return (next(corpus), None) if use_corpus else source.next_batch()
+
+    pre = [draw(c) for c in plan]
+    shapes = [tuple(b["tokens"].shape) for b, _ in pre]
+    tokens = [int(b["tokens"].numel()) for b, _ in pre]
+
+    def timed(mode: str) -> list[float]:
+        times = []
+        on_device = [({k: v.to(device) for k, v in b.items()}, t) for b, t in pre] if mode == "step" else None
+        gen_source = TaskSource(cfg, 0, min(64, mcfg.segment_len), mcfg.segment_len)
+        gen_corpus = corpus_windows(stdlib_corpus(), cfg.max_len, cfg.batch_size, seed=cfg.seed) if mode == "loop" else None
+        for i in range(n_total):
+            sync(device)
+            t0 = time.perf_counter()
+            if mode == "step":
+                batch, tasks = on_device[i]
+            elif mode == "step+h2d":
+                batch, tasks = pre[i]
+            else:
+                batch, tasks = (next(gen_corpus), None) if plan[i] else gen_source.next_batch()
+            m = train_step(model, batch, opt, clip=cfg.grad_clip, bf16=bf16, device=device)
+            if mode == "loop" and tasks is not None:
+                gen_source.record(tasks, m["sample_losses"].tolist(), i)
+            sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        return times
+
+    results = {}
+    for mode in ("step", "step+h2d", "loop"):
+        t = timed(mode)
+        tok = sum(tokens[args.warmup:])
+        results[mode] = {"seconds": sum(t), "median_step_s": statistics.median(t), "tokens": tok,
+                         "tokens_per_s": tok / sum(t)}
+        print(f"{mode:9s} {tok / sum(t) / 1e3:9.1f}k tokens/s  median step {statistics.median(t) * 1e3:7.1f} ms",
+              flush=True)
+    ratio = results["loop"]["tokens_per_s"] / results["step"]["tokens_per_s"]
+    print(f"loop / step = {ratio:.3f} over {args.steps} steps ({sum(plan[args.warmup:])} corpus batches)")
+    tag = args.tag or (torch.cuda.get_device_name(device).split()[-1].lower() if device.type == "cuda" else "cpu")
+    out = Path(args.out) / f"train_loop_gap_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "argv": ["bench/train_loop_gap.py", *argv], "commit": git_commit(), "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "model_config": mcfg.to_dict(), "train_config": cfg.to_dict(), "shapes": [list(s) for s in shapes],
+        "corpus_batches": plan, "results": results, "loop_over_step": ratio}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
