@@ -49,7 +49,7 @@ def corpus_text() -> bytes:
 def run_curve(**train_overrides: Any) -> list[float]:
     """The per-step training loss of the seeded tiny run (``train/loss`` at every step)."""
     from dnc.config import preset
-    from dnc.train import Trainer, TrainConfig, corpus_windows
+    from dnc.training import Trainer, TrainConfig, corpus_windows
 
     cfg = TrainConfig(**{**TRAIN, **train_overrides})
     old_threads = torch.get_num_threads()
