@@ -5,7 +5,7 @@ One run does three things:
   1. Train (skipped for a model whose checkpoint is given): the ``--preset`` DNC on the curriculum
      of ``configs/train/<preset>.yaml`` (its ``train`` section; ``--max-len``, budget and
      ``--set`` override it), mixed with Python-stdlib source text (``--corpus-ratio``), for
-     ``--train-minutes`` of wall time, in this process on one device (``dnc.train.fit``, no Ray).
+     ``--train-minutes`` of wall time, in this process on one device (``dnc.training.fit``, no Ray).
      Then the baseline with the same config for ``--baseline-minutes``: the same preset with
      memory off and one segment of ``--max-len`` tokens (full causal attention), the convention of
      ``bench/model_speed.py`` (``DNCConfig.baseline``).
@@ -172,7 +172,7 @@ def train_config(args, ds: dict[str, Any]) -> tuple[Any, dict[str, Any], str | N
     overrides and the YAML path used (None without one)."""
     import yaml
 
-    from dnc.train import TrainConfig
+    from dnc.training import TrainConfig
 
     path = Path(args.config) if args.config else ROOT / "configs" / "train" / f"{args.preset}.yaml"
     section: dict[str, Any] = {}
@@ -212,8 +212,8 @@ def stdlib_texts() -> tuple[list[bytes], bytes]:
 
 def train_one(label: str, tcfg, mcfg: DNCConfig, run_dir: Path, corpus: list[bytes] | None, eval_text: bytes,
               device: torch.device, resume: bool) -> tuple[str, float]:
-    """Run ``dnc.train.fit``; returns (newest checkpoint dir, wall seconds)."""
-    from dnc.train import fit, latest_checkpoint
+    """Run ``dnc.training.fit``; returns (newest checkpoint dir, wall seconds)."""
+    from dnc.training import fit, latest_checkpoint
 
     if run_dir.exists() and not resume:
         shutil.rmtree(run_dir)  # this script's own run dir: a fresh run per invocation
@@ -245,7 +245,7 @@ def resolve_checkpoint(path: str) -> tuple[str, str | None]:
 def training_summary(ckpt: str, run_dir: str | None, wall_s: float | None) -> dict[str, Any]:
     """Steps, time, tokens, final stage (``train_state.json``) and the curriculum evaluations of
     ``metrics.jsonl`` grouped by the stage they evaluated."""
-    from dnc.train import read_metrics, read_train_state
+    from dnc.training import read_metrics, read_train_state
 
     out: dict[str, Any] = {"checkpoint": ckpt, "run_dir": run_dir,
                            "wall_minutes": None if wall_s is None else wall_s / 60}
@@ -307,7 +307,7 @@ class GreedyReader:
     @torch.no_grad()
     def pieces(self, sample: task_lib.Sample) -> list[list[int]]:
         """One list of ``span length`` predicted tokens per answer span of ``sample``."""
-        from dnc.train import autocast_ctx
+        from dnc.training import autocast_ctx
 
         spans = sample.meta["answer_spans"]
         out = []
@@ -481,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run(args, argv, device, ds)
     log(f"results -> {run.json_path}")
     from dnc.checkpoint import load_checkpoint
-    from dnc.train import bits_per_byte, model_config_for
+    from dnc.training import model_config_for, text_bits_per_byte
 
     # ---------------------------------------------------------------------------------- training
     tcfg, model_overrides, yaml_path = train_config(args, ds)
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_budget = hasattr(tcfg, "max_minutes")
     if not has_budget:
         run.res["notes"].append("TrainConfig has no max_minutes here: training ran to max_steps / total_steps.")
-        log(f"WARNING: this dnc.train.TrainConfig has no max_minutes; the wall-clock budget is ignored and "
+        log(f"WARNING: this dnc.training.TrainConfig has no max_minutes; the wall-clock budget is ignored and "
             f"training runs to step {tcfg.stop_step} (use --max-steps)")
     tcfg_base = tcfg.replace(max_minutes=ds["baseline_minutes"]) if has_budget else tcfg
     run.res["train_config"] = {"source": yaml_path, "dnc": tcfg.to_dict(), "baseline": tcfg_base.to_dict()}
@@ -591,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "bytes": (avail // (ctx + 1)) * ctx}
         t0 = time.time()
         try:
-            cell["bpb"] = bits_per_byte(model, held_out, ctx, max_bytes=args.bpb_bytes, batch_size=args.bpb_batch,
+            cell["bpb"] = text_bits_per_byte(model, held_out, ctx, max_bytes=args.bpb_bytes, batch_size=args.bpb_batch,
                                         device=device, bf16=True)
             cell["status"] = "ok"
         except Exception as e:  # noqa: BLE001

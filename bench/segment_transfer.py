@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from report import git_commit, parse_pairs
 
     from dnc.checkpoint import load_checkpoint, resolve_checkpoint
-    from dnc.train import evaluate_tasks
+    from dnc.training import task_accuracy
 
     try:
         segments = [int(x) for x in a.segments.split(",") if x.strip()]
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = model.config
         lengths = [max(8, round(s * seg)) for s in spans]
         t0 = time.time()
-        acc = evaluate_tasks(model, tasks, lengths, n=a.n, difficulty=a.difficulty, device=torch.device(a.device),
+        acc = task_accuracy(model, tasks, lengths, n=a.n, difficulty=a.difficulty, device=torch.device(a.device),
                              task_kwargs={"kv_retrieval": {"key_len": 1}})
         row = {"segment_len": seg, "l0_slots": cfg.l0_slots, "lengths": lengths, "accuracy": acc,
                "seconds": round(time.time() - t0, 1)}

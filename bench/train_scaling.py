@@ -6,7 +6,7 @@ under torchrun, in one run. Writes ``bench/results/train_scaling.json`` and prin
     python bench/train_scaling.py --dry-run            # the plan, params, FLOPs/token; runs nothing
     python bench/train_scaling.py --device cpu --steps 2   # tiny CPU smoke run of the same code
 
-Every mode runs the real training step (``dnc.train.train_step``: bf16 autocast, clipping, AdamW
+Every mode runs the real training step (``dnc.training.train_step``: bf16 autocast, clipping, AdamW
 fused on CUDA) on random tokens with every position counted, so data loading is not measured.
 
 MFU = tokens/s x FLOPs/token / (GPUs x peak bf16 dense FLOP/s), with the PaLM convention
@@ -76,7 +76,8 @@ def bench_worker(a: dict[str, Any], rank: int, world: int, device_str: str, stra
     import torch.distributed as dist
 
     from dnc.model import DNC
-    from dnc.train import TrainConfig, _compile_blocks, apply_fsdp, build_optimizer, reduce_grads_in_bf16, train_step
+    from dnc.parallel import apply_fsdp, compile_blocks, reduce_grads_in_bf16
+    from dnc.training import TrainConfig, build_optimizer, train_step
 
     device = torch.device(device_str)
     if device.type == "cuda":
@@ -88,7 +89,7 @@ def bench_worker(a: dict[str, Any], rank: int, world: int, device_str: str, stra
     model = DNC(cfg).to(device)
     n_params = model.num_params()
     if a.get("compile"):
-        _compile_blocks(model)
+        compile_blocks(model)
     bf16_reduce = a.get("grad_reduce") == "bf16"
     if world > 1 and strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(

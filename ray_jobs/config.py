@@ -3,7 +3,7 @@
 Three sections::
 
     model: {preset: tiny, overrides: {...DNCConfig fields...}}
-    train: {...dnc.train.TrainConfig fields...}
+    train: {...dnc.training.TrainConfig fields...}
     run:   {name, storage, num_workers, gpu, strategy, ...}   (RunSection below)
 
 Errors name the field and what is allowed (``train.lr: lr must be a positive number, got -1``).
@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dnc.config import PRESETS, ConfigError, DNCConfig, preset
-from dnc.train import TrainConfig
+from dnc.training import TrainConfig
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 

@@ -45,7 +45,7 @@ def _eval_cell(ckpt: str, task: str, length: int, n: int, difficulty: float | No
     import torch
 
     from dnc.checkpoint import load_checkpoint
-    from dnc.train import evaluate_tasks
+    from dnc.training import evaluate
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     key = (ckpt, str(dev))
@@ -54,8 +54,8 @@ def _eval_cell(ckpt: str, task: str, length: int, n: int, difficulty: float | No
         _MODELS[key] = model.to(dev).eval()
     model = _MODELS[key]
     t0 = time.time()
-    res = evaluate_tasks(model, [task], [length], n=n, seed=seed, difficulty=difficulty, device=dev)
-    return task, length, res[task][length], time.time() - t0
+    res = evaluate(model, tasks=[task], lengths=[length], n=n, seed=seed, difficulty=difficulty, device=dev)
+    return task, length, res["accuracy"][task][length], time.time() - t0
 
 
 def evaluate_checkpoint(ckpt: str, tasks: Sequence[str], lengths: Sequence[int], n: int = 16, *,

@@ -2,7 +2,7 @@
 
 It applies the parallelism (DDP through ``ray.train.torch.prepare_model``, or FSDP2
 ``fully_shard`` per block), restores from ``ray.train.get_checkpoint()`` (a restarted worker
-group or a rerun with the same run name), and runs :class:`dnc.train.Trainer` with a report
+group or a rerun with the same run name), and runs :class:`dnc.training.Trainer` with a report
 callback that calls ``ray.train.report`` on every rank at the same steps (it is a barrier).
 """
 
@@ -42,7 +42,7 @@ def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_un
     bf16 = grad_reduce == "bf16" and device.type == "cuda"
     if strategy == "fsdp":
         def fsdp(model: nn.Module) -> nn.Module:
-            from dnc.train import apply_fsdp
+            from dnc.parallel import apply_fsdp
 
             return apply_fsdp(model, mp_bf16=bf16, reduce_bf16=bf16) if world_size > 1 else model
         return fsdp
@@ -50,7 +50,7 @@ def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_un
     def apply_ddp(model: nn.Module) -> nn.Module:
         import ray.train.torch
 
-        from dnc.train import reduce_grads_in_bf16
+        from dnc.parallel import reduce_grads_in_bf16
 
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
         return reduce_grads_in_bf16(model) if bf16 and world_size > 1 else model
@@ -69,7 +69,7 @@ def newest_complete_checkpoint(run_dir: str, newer_than: int = -1) -> str | None
     optimizer, ``train_state.json`` and one RNG file per rank of the run that wrote it."""
     import fsspec
 
-    from dnc.train import TrainState
+    from dnc.training import TrainState
 
     fs, root = fsspec.core.url_to_fs(run_dir)
     if not fs.exists(root):
@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dnc.train import MetricsLogger, Trainer, TrainConfig, read_train_state
+    from dnc.training import MetricsLogger, Trainer, TrainConfig, read_train_state
     from ray_jobs.config import JobConfig
     from ray_jobs.data import shard_batches
 

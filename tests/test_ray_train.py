@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dnc.train import read_metrics, read_train_state
+from dnc.training import read_metrics, read_train_state
 from ray_jobs.config import JobConfigError, load_job_config
 
 pytestmark = pytest.mark.ray
@@ -53,7 +53,7 @@ def test_bf16_gradient_reduce_needs_a_ddp_model():
     # (the hook itself needs NCCL: it is measured on GPUs by bench/train_scaling.py --grad-reduce bf16)
     import torch
 
-    from dnc.train import reduce_grads_in_bf16
+    from dnc.parallel import reduce_grads_in_bf16
 
     with pytest.raises(TypeError, match="DistributedDataParallel"):
         reduce_grads_in_bf16(torch.nn.Linear(2, 2))

@@ -1,4 +1,4 @@
-"""Unit tests for dnc/train.py (no Ray): config validation, schedule, plateau, step, evaluation,
+"""Unit tests for dnc/training/ (no Ray): config validation, schedule, plateau, step, evaluation,
 checkpoints and exact resume of the single-process loop."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from dnc.config import ConfigError, preset
-from dnc.train import (LRSchedule, MetricsLogger, PlateauDetector, TrainConfig, TrainState, Trainer,
-                       bits_per_byte, build_optimizer, corpus_windows, evaluate_tasks, fit, latest_checkpoint,
-                       per_sample_loss, read_metrics, read_train_state, train_step)
+from dnc.training import (LRSchedule, MetricsLogger, PlateauDetector, TrainConfig, TrainState, Trainer,
+                          build_optimizer, corpus_windows, fit, latest_checkpoint, per_sample_loss, read_metrics,
+                          read_train_state, task_accuracy, text_bits_per_byte, train_step)
 
 
 def tiny_train(**kw) -> TrainConfig:
@@ -122,15 +122,15 @@ def test_build_optimizer_groups_and_train_step_lowers_loss():
 
 
 # ------------------------------------------------------------------------------ evaluation
-def test_evaluate_tasks_and_bits_per_byte_shapes():
+def test_task_accuracy_and_text_bits_per_byte_shapes():
     from dnc.model import DNC
 
     torch.manual_seed(0)
     model = DNC(preset("tiny"))
-    res = evaluate_tasks(model, ["copy", "needle"], [64, 96], n=2)
+    res = task_accuracy(model, ["copy", "needle"], [64, 96], n=2)
     assert set(res) == {"copy", "needle"} and set(res["copy"]) == {64, 96}
     assert all(0.0 <= a <= 1.0 for r in res.values() for a in r.values())
-    bpb = bits_per_byte(model, b"def f(x):\n    return x + 1\n" * 40, context_len=64)
+    bpb = text_bits_per_byte(model, b"def f(x):\n    return x + 1\n" * 40, context_len=64)
     # an untrained model is close to uniform over 272 ids: about log2(272) = 8.09 bits
     assert 6.0 < bpb < 9.5
     assert model.training   # evaluation restores the mode
@@ -207,7 +207,7 @@ def test_fit_resume_is_exact(tmp_path):
 
 
 def test_fault_switch_raises_once(tmp_path):
-    from dnc.train import InjectedFault
+    from dnc.training import InjectedFault
 
     marker = str(tmp_path / "fault")
     cfg = tiny_train(total_steps=4, fail_at_step=3, fail_mode="raise", fail_marker=marker)
@@ -245,7 +245,7 @@ def test_init_from_starts_a_fresh_run_from_weights_with_another_segment_len(tmp_
 
 
 def test_batch_tokens_sizes_curriculum_batches_by_stage_length():
-    from dnc.train import TaskSource
+    from dnc.training import TaskSource
 
     src = TaskSource(tiny_train(max_len=256, batch_tokens=1024), rank=0, pad_to_multiple=1, segment_len=32)
     n = src.batch_size()

@@ -5,7 +5,7 @@
 
 Two ways to run a trial (Ray 2.60: ``Tuner(trainer)`` is gone, Tune runs a function):
 
-- ``inprocess`` (default): the trial function runs :class:`dnc.train.Trainer` itself and reports
+- ``inprocess`` (default): the trial function runs :class:`dnc.training.Trainer` itself and reports
   with ``ray.tune.report`` at every log step (fine-grained ASHA decisions; one process per trial).
 - ``ray_train``: the trial function builds and fits a ``TorchTrainer`` (DDP/FSDP workers, exactly
   as ``ray_jobs.train``) with ``TuneReportCallback`` forwarding its reports (checkpoint steps) to Tune.
@@ -158,11 +158,11 @@ def _trial_job(config: dict[str, Any]):
 
 
 def trial_inprocess(config: dict[str, Any]) -> None:
-    """One trial in this process: ``dnc.train.Trainer`` reporting to Tune at each log step."""
+    """One trial in this process: ``dnc.training.Trainer`` reporting to Tune at each log step."""
     import torch
     from ray import tune
 
-    from dnc.train import MetricsLogger, Trainer, read_train_state
+    from dnc.training import MetricsLogger, Trainer, read_train_state
 
     job = _trial_job(config)
     ctx = tune.get_context()
