@@ -143,7 +143,10 @@ class DNC(nn.Module):
         self.compressors = nn.ModuleList(LearnedCompressor(cfg.head_dim, cfg.compress_group) for _ in range(2)) \
             if cfg.memory else nn.ModuleList()
         self.policy = get_policy(cfg.eviction)
-        self._segment_graphs = None  # dnc.cuda_graphs.SegmentGraphs once enable_cuda_graphs() is called
+        # Optional runner of whole segment steps, applied from outside (gpt-fast style): an object with
+        # ``eligible(tokens, state) -> bool`` and ``step(tokens, state) -> (logits, stats)`` computing what
+        # :meth:`segment_step` computes, e.g. dnc.cuda_graphs.SegmentGraphs. None = eager.
+        self.step_runner = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("attn.out.weight", "ffn.w2.weight", "mem.out.weight")):
@@ -200,13 +203,43 @@ class DNC(nn.Module):
         """Replay whole-segment inference steps as CUDA graphs (``dnc.cuda_graphs``): the same
         function, one launch per segment instead of ~1,000. Used by ``forward`` under ``no_grad`` in
         eval mode on CUDA for chunks that are one whole segment; everything else runs eagerly.
-        Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors."""
-        from .cuda_graphs import SegmentGraphs
+        Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors.
+        A shorthand for ``model.set_step_runner(dnc.cuda_graphs.SegmentGraphs(model))``."""
+        from .cuda_graphs import SegmentGraphs  # here, not at module level: the graphs build on this module
 
-        if self._segment_graphs is not None:
-            self._segment_graphs.clear()
-        self._segment_graphs = SegmentGraphs(self) if enabled else None
+        self.set_step_runner(SegmentGraphs(self) if enabled else None)
         return self
+
+    def set_step_runner(self, runner) -> "DNC":
+        """Run eligible whole-segment steps through ``runner`` (see ``step_runner``); None = eager.
+        A runner with a ``clear()`` method (captured graphs) is cleared when replaced."""
+        if self.step_runner is not None and hasattr(self.step_runner, "clear"):
+            self.step_runner.clear()
+        self.step_runner = runner
+        return self
+
+    @property
+    def _segment_graphs(self):
+        """The step runner under its old name (bench/model_speed.py reads it)."""
+        return self.step_runner
+
+    def segment_step(self, tokens: torch.Tensor, state: DNCState) -> tuple[torch.Tensor, dict]:
+        """The model's step function: ``tokens [B, n]`` (n <= segment_len - state.seg_pos) through every
+        block into ``state`` (updated in place), then, when the segment is full, its commit (bank
+        writes, compression, eviction, the carried KV window). ``forward`` is a loop of these.
+
+        Returns (logits [B, n, V], {"compressed": n, "evicted": n, "recon_terms": [scalar tensors]})."""
+        n = tokens.shape[1]
+        if n < 1 or n > self.config.segment_len - state.seg_pos:
+            raise ValueError(f"a segment step takes 1..{self.config.segment_len - state.seg_pos} tokens "
+                             f"(the rest of the segment), got {n}")
+        logits, _ = self._forward_chunk(tokens, state, trace=False)
+        stats = {"compressed": 0, "evicted": 0, "recon_terms": []}
+        if state.seg_pos == self.config.segment_len:
+            commit = self._commit_segment(state)
+            stats = {"compressed": commit["compressed"], "evicted": commit["evicted"],
+                     "recon_terms": commit["recon_terms"]}
+        return logits, stats
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
@@ -232,11 +265,11 @@ class DNC(nn.Module):
         recon_terms = []
         counters = {"compressed": 0, "evicted": 0}
         t0 = 0
-        graphs = None if trace else self._segment_graphs
+        runner = None if trace else self.step_runner
         while t0 < t_total:
             n = min(t_total - t0, cfg.segment_len - state.seg_pos)
-            if graphs is not None and graphs.eligible(tokens[:, t0:t0 + n], state):
-                lg, stats = graphs.step(tokens[:, t0:t0 + n], state)  # forward + commit, one graph launch
+            if runner is not None and runner.eligible(tokens[:, t0:t0 + n], state):
+                lg, stats = runner.step(tokens[:, t0:t0 + n], state)  # forward + commit (one graph launch)
                 logits.append(lg[:, -1:] if last_logits_only else lg)
                 counters["compressed"] += stats["compressed"]
                 counters["evicted"] += stats["evicted"]
