@@ -25,6 +25,7 @@ from .attention import KVCache, causal_attention
 from .config import ConfigError, DNCConfig
 from .layers import RMSNorm, SwiGLU, apply_rope_full, rope_shift, rope_table_full
 from .memory import LearnedCompressor, MemoryRead, StateBank, get_policy
+from .generate import generate_stream, sample_next  # noqa: F401  (dnc.model.sample_next stays importable)
 from .state import STATE_FORMAT_VERSION, DNCState, LayerState  # noqa: F401  (re-exported: dnc.model.DNCState)
 
 @dataclass
@@ -464,52 +465,14 @@ class DNC(nn.Module):
         return moved
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate_stream(self, prompt_ids, state: DNCState | None = None, max_new_tokens: int = 64,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None) -> Iterator[int]:
-        """Stream new token ids for one sequence. The prompt (and each generated token) is fed
-        through ``state``, which is updated in place; the last token is fed too, so the state
-        afterwards holds the whole exchange."""
-        was_training = self.training
-        self.eval()
-        try:
-            ids = torch.as_tensor(list(prompt_ids) if not torch.is_tensor(prompt_ids) else prompt_ids,
-                                  dtype=torch.long, device=self.device).view(1, -1)
-            if state is None:
-                state = self.init_state(1)
-            if ids.shape[1] == 0:
-                raise ValueError("prompt must contain at least one token")
-            logits = self(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
-            stops = set(int(s) for s in stop_tokens)
-            for _ in range(max_new_tokens):
-                tok = sample_next(logits, temperature, top_k, top_p, generator)
-                yield tok
-                logits = self(torch.tensor([[tok]], device=self.device), state=state,
-                              last_logits_only=True, metrics=False).logits[:, -1]
-                if tok in stops:
-                    break
-        finally:
-            self.train(was_training)
+        """Stream new token ids for one sequence (``dnc.generate.generate_stream``: the batched
+        decode loop with one row). ``state`` is updated in place and afterwards holds the prompt and
+        every emitted token."""
+        return generate_stream(self, prompt_ids, state=state, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, generator=generator)
 
     def generate(self, prompt_ids, state: DNCState | None = None, **kw) -> list[int]:
         return list(self.generate_stream(prompt_ids, state=state, **kw))
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> int:
-    """Sample one id from logits [1, V] (greedy when temperature <= 0)."""
-    logits = logits.float().view(-1)
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k and top_k < logits.numel():
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
-        logits = logits.scatter(0, idx, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -134,12 +134,100 @@ class DNCState:
             layers.append(ls)
         return cls(layers, int(d["batch_size"]), int(d["seg_pos"]), int(d["tokens_seen"]), int(d["segments"]))
 
+    # ------------------------------------------------------------------ batch rows
+    def layout(self) -> tuple:
+        """What must be equal for states to share a batch (hashable): position in the segment,
+        tokens and segments seen, and per layer the KV length and carry, the pending writes, which
+        optional tensors exist, the bank's level sizes, capacities and clock, dtype and device.
+        Rows of equal layout step together exactly as each would alone (every op is row-wise)."""
+        parts: list = [self.seg_pos, self.tokens_seen, self.segments]
+        for ls in self.layers:
+            bank = ls.bank
+            parts.append((ls.cache.length, ls.cache.carry_len, ls.cache.k.dtype, str(ls.cache.k.device),
+                          sum(h.shape[1] for h in ls.write_buf), ls.mass is None, ls.prev_x is None,
+                          ls.prev_write is None,
+                          None if bank is None else (tuple(bank.sizes), tuple(bank.capacities), bank.clock)))
+        return tuple(parts)
+
+    @classmethod
+    def stack(cls, states: list["DNCState"]) -> "DNCState":
+        """One state holding ``states``' rows in order (new tensors: the inputs are not changed).
+        Raises ValueError when their :meth:`layout` differs."""
+        first = states[0]
+        key = first.layout()
+        if any(s.layout() != key for s in states[1:]):
+            raise ValueError("states of different layouts (segment position, bank sizes, clock) cannot share a batch")
+        if len(states) == 1:
+            return first.select(list(range(first.batch_size)))
+        layers = []
+        for per_row in zip(*(s.layers for s in states)):
+            ls0 = per_row[0]
+
+            def cat(get, dim=0):
+                return torch.cat([get(ls) for ls in per_row], dim)
+            new = LayerState(KVCache(cat(lambda ls: ls.cache.k), cat(lambda ls: ls.cache.v), ls0.cache.carry_len))
+            if ls0.prev_x is not None:
+                new.prev_x = cat(lambda ls: ls.prev_x)
+            if ls0.prev_write is not None:
+                new.prev_write = cat(lambda ls: ls.prev_write)
+            if ls0.write_buf:
+                new.write_buf = [cat(lambda ls: torch.cat(ls.write_buf, 1))]
+            if ls0.mass is not None:
+                new.mass = cat(lambda ls: ls.mass)
+            if ls0.bank is not None:
+                new.bank = _bank_rows([ls.bank for ls in per_row], None)
+            layers.append(new)
+        return cls(layers, sum(s.batch_size for s in states), first.seg_pos, first.tokens_seen, first.segments)
+
+    def select(self, rows: list[int]) -> "DNCState":
+        """A state of the given batch ``rows`` of this one, in that order (new tensors)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.layers[0].cache.k.device)
+        layers = []
+        for ls in self.layers:
+            new = LayerState(KVCache(ls.cache.k.index_select(0, idx), ls.cache.v.index_select(0, idx), ls.cache.carry_len))
+            if ls.prev_x is not None:
+                new.prev_x = ls.prev_x.index_select(0, idx)
+            if ls.prev_write is not None:
+                new.prev_write = ls.prev_write.index_select(0, idx)
+            if ls.write_buf:
+                new.write_buf = [torch.cat(ls.write_buf, 1).index_select(0, idx)]
+            if ls.mass is not None:
+                new.mass = ls.mass.index_select(0, idx)
+            if ls.bank is not None:
+                new.bank = _bank_rows([ls.bank], idx)
+            layers.append(new)
+        return DNCState(layers, len(rows), self.seg_pos, self.tokens_seen, self.segments)
+
+    def assign_(self, other: "DNCState") -> None:
+        """Make this object hold ``other``'s content (callers keep their reference to it)."""
+        if other is not self:
+            self.layers, self.batch_size, self.seg_pos = other.layers, other.batch_size, other.seg_pos
+            self.tokens_seen, self.segments = other.tokens_seen, other.segments
+
     def merge_duplicates(self, threshold: float = 0.98) -> int:
         """Merge near-identical slots in every bank. Returns the number of slots merged away."""
         n = sum(bank.merge_duplicates(threshold) for _, bank in self.banks())
         for ls in self.layers:
             ls.view = None
         return n
+
+
+def _bank_rows(banks: list[StateBank], idx: torch.Tensor | None) -> StateBank:
+    """A new bank of ``banks``' rows side by side (equal sizes, capacities and clock: the caller
+    checked the layout), or, with ``idx``, of rows ``idx`` of the single bank given."""
+    first = banks[0]
+    bank = StateBank.__new__(StateBank)
+    bank.capacities, bank.clock, bank.sizes = first.capacities, first.clock, list(first.sizes)
+    if idx is None:
+        bank.kv = torch.cat([b.kv for b in banks], 1)
+        bank.meta = torch.cat([b.meta for b in banks], 1)
+        bank.valid = torch.cat([b.valid for b in banks], 0)
+        bank.alpha = torch.cat([b.alpha for b in banks], 0)
+    else:
+        bank.kv, bank.meta = first.kv.index_select(1, idx), first.meta.index_select(1, idx)
+        bank.valid, bank.alpha = first.valid.index_select(0, idx), first.alpha.index_select(0, idx)
+    bank.clock_t = first.clock_t.clone()
+    return bank
 
 
 # ================================================================================== byte codec
