@@ -148,13 +148,13 @@ class DecodeRow:
     stop_tokens: frozenset[int] = frozenset()
     """Token ids that end the row (emitted, and fed into the state): finish_reason "eos"."""
     stop_check: Callable[[int], bool] | None = None
-    """Called with each emitted token; True ends the row after it (finish_reason "stop"), e.g.
-    when the text completes a stop sequence."""
+    """Called with every emitted token (before the other stop conditions); True ends the row after
+    it (finish_reason "stop"), e.g. when the text completes a stop sequence."""
     tag: object = None
     """Anything the caller wants to find the row by."""
     # results
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "length" | "eos" | "stop" | "error"
+    finish_reason: str | None = None  # "length" | "eos" | "stop" | "error" | "cancelled"
     error: BaseException | None = None
 
     @property
@@ -177,6 +177,8 @@ class StepToken:
     token: int
     index: int
     finish: str | None
+    batch: int = 1
+    """Rows decoded in the same model call."""
 
 
 class BatchDecoder:
@@ -284,9 +286,10 @@ class BatchDecoder:
             for r, tok in zip(g.rows, toks):
                 r.tokens.append(tok)
                 try:
+                    stopped = r.stop_check is not None and r.stop_check(tok)  # sees every token
                     if tok in r.stop_tokens:
                         r.finish_reason = "eos"
-                    elif r.stop_check is not None and r.stop_check(tok):
+                    elif stopped:
                         r.finish_reason = "stop"
                     elif len(r.tokens) >= r.max_new_tokens:
                         r.finish_reason = "length"
@@ -294,7 +297,7 @@ class BatchDecoder:
                     self._fail(r, e)
                 if r.done:
                     finished.append(r)
-                out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason))
+                out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason, len(g.rows)))
             running = len(finished) < len(g.rows)
             if running or any(r.state is not None and r.finish_reason != "error" for r in finished):
                 try:
@@ -316,13 +319,31 @@ class BatchDecoder:
             return g
         gone = set(map(id, finished))
         for i, r in enumerate(g.rows):
-            if id(r) in gone and r.state is not None and r.finish_reason != "error" and r.state is not g.state:
+            if (id(r) in gone and r.state is not None and r.finish_reason not in ("error", "cancelled")
+                    and r.state is not g.state):
                 r.state.assign_(g.state.select([i]))
         keep = [i for i, r in enumerate(g.rows) if id(r) not in gone]
         if not keep:
             return None
         idx = torch.tensor(keep, device=g.logits.device)
         return _Group([g.rows[i] for i in keep], g.state.select(keep), g.logits.index_select(0, idx))
+
+    def drop(self, rows: Sequence[DecodeRow]) -> None:
+        """Take running ``rows`` out without writing their states back (finish_reason "cancelled"):
+        a client went away. Call between steps."""
+        gone = {id(r) for r in rows if not r.done}
+        if not gone:
+            return
+        groups, self.groups = self.groups, []
+        for g in groups:
+            hit = [r for r in g.rows if id(r) in gone]
+            for r in hit:
+                r.finish_reason = "cancelled"
+                if r.state is g.state:  # the caller's own object was the batch: it holds a partial turn
+                    r.state = None
+            rest = self._retire(g, hit)
+            if rest is not None:
+                self.groups.append(rest)
 
     @staticmethod
     def _fail(row: DecodeRow, e: BaseException) -> None:
