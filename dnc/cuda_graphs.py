@@ -15,6 +15,10 @@ graph's inputs and the results are copied out into fresh tensors, so any number 
 sessions) can share the graphs. Host-side bookkeeping (level sizes, counters) is a function of the
 layout, so it is recorded at capture and applied after each replay.
 
+It is a *step runner* applied to the model from outside (``model.set_step_runner(SegmentGraphs(model))``,
+or ``model.enable_cuda_graphs()``): it calls only the model's public ``segment_step`` and the state's
+public fields, and the model never imports this module at load time.
+
 Only for inference (``torch.no_grad``, eval mode) on CUDA. Graphs hold pointers to the parameters:
 after replacing parameter tensors (``model.to(dtype)``, not an in-place ``load_state_dict``) call
 :meth:`SegmentGraphs.clear`.
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import KVCache
+from .memory import StateBank
+from .state import DNCState, LayerState
 
 
 def _state_tensors(state) -> list[torch.Tensor]:
@@ -65,9 +71,6 @@ def _assign(state, tensors: list[torch.Tensor], host: list[tuple]) -> None:
 def _shallow_state(state, tensors: list[torch.Tensor]):
     """A new state object with ``state``'s host fields over ``tensors`` (the :func:`_state_tensors`
     order of ``state``): what the warm-up and the capture run on."""
-    from .memory import StateBank
-    from .model import DNCState, LayerState
-
     it = iter(tensors)
     layers = []
     for ls in state.layers:
@@ -140,8 +143,7 @@ class SegmentGraphs:
 
     # ------------------------------------------------------------------ the step
     def _run_eager(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:
-        logits, _ = self.model._forward_chunk(tokens, state, trace=False)
-        stats = self.model._commit_segment(state)
+        logits, stats = self.model.segment_step(tokens, state)  # the model's public step function
         return logits, {"compressed": stats["compressed"], "evicted": stats["evicted"]}
 
     def step(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict]:

@@ -24,126 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from .attention import KVCache, causal_attention
 from .config import ConfigError, DNCConfig
 from .layers import RMSNorm, SwiGLU, apply_rope_full, rope_shift, rope_table_full
-from .memory import LearnedCompressor, MemoryRead, ReadView, StateBank, get_policy
-
-STATE_FORMAT_VERSION = 2
-
-
-# ================================================================================== state
-@dataclass
-class LayerState:
-    """Per-block recurrent state: local KV cache, memory bank and the segment's pending writes."""
-
-    cache: KVCache
-    bank: StateBank | None = None
-    write_buf: list = field(default_factory=list)   # normed memory inputs [B, t, D] of this segment
-    mass: torch.Tensor | None = None                 # read mass [B, S] accumulated this segment
-    view: ReadView | None = None                     # cached read view of the bank for this segment
-    prev_x: torch.Tensor | None = None               # normed attention input of the last token [B, 1, D]
-    prev_write: torch.Tensor | None = None           # normed memory input of the last committed token [B, 1, D]
-
-
-class DNCState:
-    """Everything a sequence carries from one call to the next (memory + partial segment)."""
-
-    def __init__(self, layers: list[LayerState], batch_size: int, seg_pos: int = 0, tokens_seen: int = 0,
-                 segments: int = 0):
-        self.layers = layers
-        self.batch_size = batch_size
-        self.seg_pos = seg_pos
-        self.tokens_seen = tokens_seen
-        self.segments = segments
-
-    # ------------------------------------------------------------------ introspection
-    def banks(self) -> list[tuple[int, StateBank]]:
-        return [(i, ls.bank) for i, ls in enumerate(self.layers) if ls.bank is not None]
-
-    def nbytes(self) -> int:
-        """Bytes held by the memory banks (all memory layers and levels)."""
-        return sum(b.nbytes() for _, b in self.banks())
-
-    def cache_nbytes(self) -> int:
-        return sum(ls.cache.k.numel() * ls.cache.k.element_size() * 2 for ls in self.layers)
-
-    def summary(self) -> dict:
-        layers = []
-        for i, bank in self.banks():
-            layers.append({
-                "layer": i,
-                "slots": bank.sizes,
-                "valid_slots": bank.valid_counts(),
-                "capacity": list(bank.capacities),
-                "mean_salience": [float(l.salience.mean()) if l.n else 0.0 for l in bank.levels],
-                "bytes": bank.nbytes(),
-            })
-        return {"tokens_seen": self.tokens_seen, "segments": self.segments, "segment_position": self.seg_pos,
-                "bank_bytes": self.nbytes(), "cache_bytes": self.cache_nbytes(), "layers": layers}
-
-    # ------------------------------------------------------------------ persistence
-    def export(self) -> dict:
-        """A versioned flat dict of CPU tensors (safe for safetensors/torch.save)."""
-        out: dict = {"format_version": torch.tensor(STATE_FORMAT_VERSION),
-                     "batch_size": torch.tensor(self.batch_size), "seg_pos": torch.tensor(self.seg_pos),
-                     "tokens_seen": torch.tensor(self.tokens_seen), "segments": torch.tensor(self.segments)}
-        for i, ls in enumerate(self.layers):
-            out[f"cache.{i}.k"] = ls.cache.k.detach().cpu().contiguous().clone()
-            out[f"cache.{i}.v"] = ls.cache.v.detach().cpu().contiguous().clone()
-            out[f"cache.{i}.carry_len"] = torch.tensor(ls.cache.carry_len)
-            if ls.prev_x is not None:
-                out[f"shift.{i}"] = ls.prev_x.detach().cpu().contiguous().clone()
-            if ls.bank is not None:
-                out.update(ls.bank.export(f"bank.{i}"))
-                if ls.prev_write is not None:
-                    out[f"write_shift.{i}"] = ls.prev_write.detach().cpu().contiguous().clone()
-                if ls.write_buf:
-                    out[f"pending.{i}.h"] = torch.cat(ls.write_buf, 1).detach().cpu().contiguous().clone()
-                if ls.mass is not None:
-                    out[f"pending.{i}.mass"] = ls.mass.detach().cpu().contiguous().clone()
-        return out
-
-    @classmethod
-    def from_export(cls, d: dict, config: DNCConfig, device=None, dtype=torch.float32) -> "DNCState":
-        """Rebuild a state exported by :meth:`export` for a model with ``config``."""
-        if "format_version" not in d:
-            raise ValueError("not a DNC state export: 'format_version' is missing")
-        ver = int(d["format_version"])
-        if ver != STATE_FORMAT_VERSION:
-            raise ValueError(f"state format version {ver} is not supported (expected {STATE_FORMAT_VERSION})")
-        device = torch.device(device or "cpu")
-        layers = []
-        caps = (config.l0_slots, config.l1_slots, config.l2_slots)
-        for i in range(config.n_layers):
-            try:
-                k, v = d[f"cache.{i}.k"], d[f"cache.{i}.v"]
-            except KeyError:
-                raise ValueError(f"state export has no cache for layer {i}: was it made by a model with "
-                                 f"{config.n_layers} layers?") from None
-            if k.shape[1] != config.n_heads or k.shape[3] != config.head_dim:
-                raise ValueError(f"cache.{i} has shape {tuple(k.shape)}, which does not fit n_heads="
-                                 f"{config.n_heads}, head_dim={config.head_dim}")
-            ls = LayerState(KVCache(k.to(device, dtype), v.to(device, dtype), int(d[f"cache.{i}.carry_len"])))
-            if f"shift.{i}" in d:
-                ls.prev_x = d[f"shift.{i}"].to(device, dtype)
-            if i in config.memory_layer_ids:
-                ls.bank = StateBank.from_export(d, f"bank.{i}", caps, device, dtype)
-                if f"write_shift.{i}" in d:  # absent in states saved before it existed: zeros, as then
-                    ls.prev_write = d[f"write_shift.{i}"].to(device, dtype)
-                if f"pending.{i}.h" in d:
-                    ls.write_buf = [d[f"pending.{i}.h"].to(device, dtype)]
-                if f"pending.{i}.mass" in d:
-                    ls.mass = d[f"pending.{i}.mass"].to(device)
-            elif any(key.startswith(f"bank.{i}.") for key in d):
-                raise ValueError(f"state export has a memory bank for layer {i}, which has no memory in this config")
-            layers.append(ls)
-        return cls(layers, int(d["batch_size"]), int(d["seg_pos"]), int(d["tokens_seen"]), int(d["segments"]))
-
-    def merge_duplicates(self, threshold: float = 0.98) -> int:
-        """Merge near-identical slots in every bank. Returns the number of slots merged away."""
-        n = sum(bank.merge_duplicates(threshold) for _, bank in self.banks())
-        for ls in self.layers:
-            ls.view = None
-        return n
-
+from .memory import LearnedCompressor, MemoryRead, StateBank, get_policy
+from .generate import generate_stream, sample_next  # noqa: F401  (dnc.model.sample_next stays importable)
+from .state import STATE_FORMAT_VERSION, DNCState, LayerState  # noqa: F401  (re-exported: dnc.model.DNCState)
 
 @dataclass
 class DNCOutput:
@@ -261,7 +144,10 @@ class DNC(nn.Module):
         self.compressors = nn.ModuleList(LearnedCompressor(cfg.head_dim, cfg.compress_group) for _ in range(2)) \
             if cfg.memory else nn.ModuleList()
         self.policy = get_policy(cfg.eviction)
-        self._segment_graphs = None  # dnc.cuda_graphs.SegmentGraphs once enable_cuda_graphs() is called
+        # Optional runner of whole segment steps, applied from outside (gpt-fast style): an object with
+        # ``eligible(tokens, state) -> bool`` and ``step(tokens, state) -> (logits, stats)`` computing what
+        # :meth:`segment_step` computes, e.g. dnc.cuda_graphs.SegmentGraphs. None = eager.
+        self.step_runner = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("attn.out.weight", "ffn.w2.weight", "mem.out.weight")):
@@ -318,13 +204,43 @@ class DNC(nn.Module):
         """Replay whole-segment inference steps as CUDA graphs (``dnc.cuda_graphs``): the same
         function, one launch per segment instead of ~1,000. Used by ``forward`` under ``no_grad`` in
         eval mode on CUDA for chunks that are one whole segment; everything else runs eagerly.
-        Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors."""
-        from .cuda_graphs import SegmentGraphs
+        Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors.
+        A shorthand for ``model.set_step_runner(dnc.cuda_graphs.SegmentGraphs(model))``."""
+        from .cuda_graphs import SegmentGraphs  # here, not at module level: the graphs build on this module
 
-        if self._segment_graphs is not None:
-            self._segment_graphs.clear()
-        self._segment_graphs = SegmentGraphs(self) if enabled else None
+        self.set_step_runner(SegmentGraphs(self) if enabled else None)
         return self
+
+    def set_step_runner(self, runner) -> "DNC":
+        """Run eligible whole-segment steps through ``runner`` (see ``step_runner``); None = eager.
+        A runner with a ``clear()`` method (captured graphs) is cleared when replaced."""
+        if self.step_runner is not None and hasattr(self.step_runner, "clear"):
+            self.step_runner.clear()
+        self.step_runner = runner
+        return self
+
+    @property
+    def _segment_graphs(self):
+        """The step runner under its old name (bench/model_speed.py reads it)."""
+        return self.step_runner
+
+    def segment_step(self, tokens: torch.Tensor, state: DNCState) -> tuple[torch.Tensor, dict]:
+        """The model's step function: ``tokens [B, n]`` (n <= segment_len - state.seg_pos) through every
+        block into ``state`` (updated in place), then, when the segment is full, its commit (bank
+        writes, compression, eviction, the carried KV window). ``forward`` is a loop of these.
+
+        Returns (logits [B, n, V], {"compressed": n, "evicted": n, "recon_terms": [scalar tensors]})."""
+        n = tokens.shape[1]
+        if n < 1 or n > self.config.segment_len - state.seg_pos:
+            raise ValueError(f"a segment step takes 1..{self.config.segment_len - state.seg_pos} tokens "
+                             f"(the rest of the segment), got {n}")
+        logits, _ = self._forward_chunk(tokens, state, trace=False)
+        stats = {"compressed": 0, "evicted": 0, "recon_terms": []}
+        if state.seg_pos == self.config.segment_len:
+            commit = self._commit_segment(state)
+            stats = {"compressed": commit["compressed"], "evicted": commit["evicted"],
+                     "recon_terms": commit["recon_terms"]}
+        return logits, stats
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
@@ -350,11 +266,11 @@ class DNC(nn.Module):
         recon_terms = []
         counters = {"compressed": 0, "evicted": 0}
         t0 = 0
-        graphs = None if trace else self._segment_graphs
+        runner = None if trace else self.step_runner
         while t0 < t_total:
             n = min(t_total - t0, cfg.segment_len - state.seg_pos)
-            if graphs is not None and graphs.eligible(tokens[:, t0:t0 + n], state):
-                lg, stats = graphs.step(tokens[:, t0:t0 + n], state)  # forward + commit, one graph launch
+            if runner is not None and runner.eligible(tokens[:, t0:t0 + n], state):
+                lg, stats = runner.step(tokens[:, t0:t0 + n], state)  # forward + commit (one graph launch)
                 logits.append(lg[:, -1:] if last_logits_only else lg)
                 counters["compressed"] += stats["compressed"]
                 counters["evicted"] += stats["evicted"]
@@ -549,52 +465,14 @@ class DNC(nn.Module):
         return moved
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate_stream(self, prompt_ids, state: DNCState | None = None, max_new_tokens: int = 64,
                         temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         stop_tokens: Sequence[int] = (), generator: torch.Generator | None = None) -> Iterator[int]:
-        """Stream new token ids for one sequence. The prompt (and each generated token) is fed
-        through ``state``, which is updated in place; the last token is fed too, so the state
-        afterwards holds the whole exchange."""
-        was_training = self.training
-        self.eval()
-        try:
-            ids = torch.as_tensor(list(prompt_ids) if not torch.is_tensor(prompt_ids) else prompt_ids,
-                                  dtype=torch.long, device=self.device).view(1, -1)
-            if state is None:
-                state = self.init_state(1)
-            if ids.shape[1] == 0:
-                raise ValueError("prompt must contain at least one token")
-            logits = self(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
-            stops = set(int(s) for s in stop_tokens)
-            for _ in range(max_new_tokens):
-                tok = sample_next(logits, temperature, top_k, top_p, generator)
-                yield tok
-                logits = self(torch.tensor([[tok]], device=self.device), state=state,
-                              last_logits_only=True, metrics=False).logits[:, -1]
-                if tok in stops:
-                    break
-        finally:
-            self.train(was_training)
+        """Stream new token ids for one sequence (``dnc.generate.generate_stream``: the batched
+        decode loop with one row). ``state`` is updated in place and afterwards holds the prompt and
+        every emitted token."""
+        return generate_stream(self, prompt_ids, state=state, max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, generator=generator)
 
     def generate(self, prompt_ids, state: DNCState | None = None, **kw) -> list[int]:
         return list(self.generate_stream(prompt_ids, state=state, **kw))
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> int:
-    """Sample one id from logits [1, V] (greedy when temperature <= 0)."""
-    logits = logits.float().view(-1)
-    if temperature <= 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k and top_k < logits.numel():
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
-        logits = logits.scatter(0, idx, sorted_logits.masked_fill(remove, float("-inf")))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

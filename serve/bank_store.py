@@ -13,8 +13,8 @@ Recovery = read every snapshot header, then replay every WAL epoch in order, app
 is ever appended behind a torn record. Old epochs are deleted once every session they touched has
 a newer snapshot (see ``SessionBankShard._checkpoint``).
 
-The bank payload is ``DNCState.export()`` serialised with safetensors (tensors) plus a JSON
-metadata entry for the non-tensor fields (:func:`encode_bank`/:func:`decode_bank`).
+The bank payload is the session state's byte form, owned by ``dnc.state`` (``state_to_bytes``:
+safetensors for the tensors plus a JSON metadata entry for the non-tensor fields).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from typing import Any, Iterator
 
 import fsspec
 
+from dnc.state import export_from_bytes, export_to_bytes
+
 MAGIC = b"DNCW"
 _PREFIX = struct.Struct("<4sIQI")  # magic, header_len, payload_len, crc32(header+payload)
-_SCALARS_KEY = "__dnc_scalars__"
 
 
 class StorageError(RuntimeError):
@@ -38,32 +39,10 @@ class StorageError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- bank codec
-def encode_bank(export: dict[str, Any]) -> bytes:
-    """``DNCState.export()`` dict -> bytes (safetensors; non-tensor values in the metadata)."""
-    import torch
-    from safetensors.torch import save
-
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
-    for k, v in export.items():
-        if isinstance(v, torch.Tensor):
-            # clone: safetensors refuses tensors that share storage; the bank is small.
-            tensors[k] = v.detach().to("cpu").contiguous().clone()
-        else:
-            scalars[k] = v
-    return save(tensors, metadata={_SCALARS_KEY: json.dumps(scalars)})
-
-
-def decode_bank(data: bytes) -> dict[str, Any]:
-    """Inverse of :func:`encode_bank`."""
-    from safetensors.torch import load
-
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    scalars = json.loads((header.get("__metadata__") or {}).get(_SCALARS_KEY, "{}"))
-    out: dict[str, Any] = dict(load(data))
-    out.update(scalars)
-    return out
+# The session state's byte format belongs to the model library (dnc/state.py); these names stay
+# for the store's callers.
+encode_bank = export_to_bytes
+decode_bank = export_from_bytes
 
 
 def digest(data: bytes | None) -> str | None:

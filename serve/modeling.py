@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .bank_store import decode_bank, encode_bank
+from dnc import state as dnc_state
+from dnc.state import levels_of, state_meta, state_to_bytes  # noqa: F401  (serve's callers import them from here)
 
 
 @dataclass(frozen=True)
@@ -87,34 +88,11 @@ def weights_digest(model) -> str:
 
 
 # --------------------------------------------------------------------------- session state
-def state_to_bytes(state) -> bytes:
-    return encode_bank(state.export())
-
-
 def state_from_bytes(data: bytes | None, model):
     """A DNCState from a stored bank (``None`` = a fresh, empty state) on the model's device."""
-    from dnc.model import DNCState
-
     if data is None:
         return model.init_state(1)
-    return DNCState.from_export(decode_bank(data), model.config, device=model.device)
-
-
-def levels_of(summary: dict[str, Any]) -> list[dict[str, int]]:
-    """Per-level valid slots and capacity summed over memory layers, from ``DNCState.summary()``."""
-    valid = [0.0, 0.0, 0.0]
-    cap = [0, 0, 0]
-    for layer in summary.get("layers", []):
-        for i in range(3):
-            valid[i] += float(layer.get("valid_slots", [0, 0, 0])[i])
-            cap[i] += int(layer.get("capacity", [0, 0, 0])[i])
-    return [{"level": i, "slots": int(round(valid[i])), "capacity": cap[i]} for i in range(3)]
-
-
-def state_meta(state) -> dict[str, Any]:
-    """What the bank keeps about a state besides its bytes (for listings without decoding)."""
-    summary = state.summary()
-    return {"summary": summary, "levels": levels_of(summary), "tokens_seen": int(state.tokens_seen)}
+    return dnc_state.state_from_bytes(data, model.config, device=model.device)
 
 
 def kv_cache_bytes(config, context_tokens: int, bytes_per_elem: int = 4) -> int:

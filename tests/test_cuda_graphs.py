@@ -47,7 +47,7 @@ def test_enabled_graphs_leave_cpu_inference_unchanged():
         want = _segments(model, x, model.init_state(1))
         model.enable_cuda_graphs()
         got = _segments(model, x, model.init_state(1))
-    assert model._segment_graphs.replays == 0
+    assert model.step_runner.replays == 0
     for w, g in zip(want, got):
         assert torch.equal(w, g)
 
@@ -69,7 +69,7 @@ def test_graph_replay_matches_eager_segments_and_state(autocast, write_importanc
         model.enable_cuda_graphs()
         graph_state = model.init_state(2)
         got = _segments(model, x, graph_state)
-    graphs = model._segment_graphs
+    graphs = model.step_runner
     assert graphs.replays > 0 and graphs.graphs, "no segment was replayed from a graph"
     tol = 3e-2 if autocast else 1e-4
     for w, g in zip(want, got):
@@ -99,4 +99,49 @@ def test_states_sharing_graphs_do_not_see_each_other():
             ga = model(xa[:, i:i + 32], state=sa, metrics=False).logits
             gb = model(xb[:, i:i + 32], state=sb, metrics=False).logits
             assert torch.allclose(ga, ref_a[i // 32], atol=1e-4) and torch.allclose(gb, ref_b[i // 32], atol=1e-4)
-    assert model._segment_graphs.replays > 0
+    assert model.step_runner.replays > 0
+
+
+def test_cuda_graphs_module_does_not_import_the_model():
+    """The import cycle is gone: the graphs build on dnc.state and the public segment_step."""
+    import ast
+    import inspect
+
+    import dnc.cuda_graphs as cg
+
+    imported = {n.module for n in ast.walk(ast.parse(inspect.getsource(cg))) if isinstance(n, ast.ImportFrom)}
+    assert "model" not in imported and "dnc.model" not in imported
+    model_src = inspect.getsource(__import__("dnc.model", fromlist=["x"]))
+    top_level = [n for n in ast.parse(model_src).body if isinstance(n, ast.ImportFrom)]
+    assert all(n.module != "cuda_graphs" for n in top_level)
+
+
+def test_a_step_runner_from_outside_runs_whole_segments():
+    """forward hands eligible chunks to the runner; a runner that calls segment_step gives the
+    eager result (what SegmentGraphs does on CUDA, checked above on GPU)."""
+    class CountingRunner:
+        def __init__(self, model):
+            self.model, self.steps = model, 0
+
+        def eligible(self, tokens, state):
+            return state.seg_pos == 0 and tokens.shape[1] == self.model.config.segment_len
+
+        def step(self, tokens, state):
+            self.steps += 1
+            return self.model.segment_step(tokens, state)
+
+    model = _model("cpu")
+    x = torch.randint(0, 256, (2, 32 * 5 + 7))
+    with torch.no_grad():
+        s_eager = model.init_state(2)
+        want = model(x, state=s_eager).logits
+        runner = CountingRunner(model)
+        model.set_step_runner(runner)
+        s_run = model.init_state(2)
+        got = model(x, state=s_run).logits
+    assert runner.steps == 5  # five whole segments; the 7-token tail runs eagerly
+    torch.testing.assert_close(got, want)
+    _assert_same_state(s_eager, s_run)
+    model.set_step_runner(None)
+    with pytest.raises(ValueError, match="segment step takes"):
+        model.segment_step(torch.zeros(1, 33, dtype=torch.long), model.init_state(1))

@@ -76,20 +76,78 @@ def test_live_hub_long_poll_and_steps():
     asyncio.run(main())
 
 
-def test_batched_decoding_matches_generate_stream(tmp_path):
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory):
     cls = Generator.func_or_class
-    g = cls({"model": {"preset": "tiny", "seed": 0}, "bank": {"storage": str(tmp_path)}, "device": "cpu"})
+    return cls({"model": {"preset": "tiny", "seed": 0}, "bank": {"storage": str(tmp_path_factory.mktemp("bank"))},
+                "device": "cpu", "batch_wait_timeout_s": 0.05})
+
+
+def test_batched_decoding_matches_generate_stream(generator):
+    """Concurrent sessionless requests decode as one batch in the Generator's scheduler and get
+    exactly the tokens each gets alone from the library's generate."""
     from serve.generator import GenRequest
 
-    prompts = [list(b"same length A"), list(b"same length B"), list(b"same length C")]
+    g = generator
+    prompts = [list(b"same length A"), list(b"same length B"), list(b"same length C"), list(b"other length")]
     reqs = [GenRequest(prompt_ids=p, max_new_tokens=n, temperature=0.0, stop_ids=[g.tok.eos_id])
-            for p, n in zip(prompts, (6, 9, 4))]
-    outs = g._decode_group(reqs)
+            for p, n in zip(prompts, (6, 9, 4, 7))]
+
+    async def main():
+        return await asyncio.gather(*(g.generate(r) for r in reqs))
+    outs = asyncio.run(main())
     for r, out in zip(reqs, outs):
         single = g.lm.model.generate(r.prompt_ids, max_new_tokens=r.max_new_tokens, temperature=0.0,
                                      stop_tokens=r.stop_ids)
         assert out["token_ids"] == single and out["tokens"] == r.max_new_tokens
-        assert out["batch_size"] == 3
+        assert out["type"] == "done" and out["finish_reason"] == "length"
+    assert [o["batch_size"] for o in outs] == [3, 3, 3, 1]  # equal prompts and states share a batch
+    assert g.scheduler.stats["max_batch"] == 3 and not g.scheduler.active
+
+
+def test_stream_events_stop_sequences_and_seeds(generator):
+    from serve.generator import GenRequest
+
+    g = generator
+    free = g.lm.model.generate(list(b"stop here: "), max_new_tokens=12, temperature=0.0)
+    text = bytes(t for t in free if t < 256).decode("utf-8", "replace")
+    stop = text[3:5] if len(text) >= 5 else None
+
+    async def stream(r):
+        return [ev async for ev in g.generate_stream(r)]
+    r = GenRequest(prompt_ids=list(b"stop here: "), max_new_tokens=12, temperature=0.0, stop=[stop] if stop else [])
+    evs = asyncio.run(stream(r))
+    assert [e["type"] for e in evs][-1] == "done" and all(e["type"] == "tokens" for e in evs[:-1])
+    assert len(evs[0]["items"]) == 1  # the first token goes out alone (time to first token)
+    done = evs[-1]
+    streamed = "".join(i["token"] for e in evs[:-1] for i in e["items"])
+    assert streamed == done["text"]
+    if stop:
+        assert done["finish_reason"] == "stop" and stop not in done["text"] and text.startswith(done["text"])
+        assert done["token_ids"] == free[:len(done["token_ids"])]
+    seeded = [GenRequest(prompt_ids=list(b"seeded"), max_new_tokens=10, temperature=1.0, top_k=20, seed=3)
+              for _ in range(2)]
+    outs = [asyncio.run(g.generate(x)) for x in seeded]
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+
+
+def test_research_registry_runs_and_names_bad_input(generator):
+    from serve.errors import Unprocessable
+    from serve.research import RESEARCH
+
+    assert set(RESEARCH) == set(S.RESEARCH_REQUESTS)
+    assert all(RESEARCH[n].request is S.RESEARCH_REQUESTS[n] and RESEARCH[n].summary for n in RESEARCH)
+    assert {n for n, e in RESEARCH.items() if e.expensive} == {"gradient-analysis", "efficiency-metrics", "explain-decision"}
+    out = asyncio.run(generator.research("analyze-text", {"text": "hello memory"}, "anonymous"))
+    assert out["endpoint"] == "analyze-text" and len(out["token_ids"]) == 12 and out["compute_ms"] > 0
+    out = asyncio.run(generator.research("state-clustering", {"text": "hello memory " * 20, "k": 2}, "anonymous"))
+    assert out["k"] <= 2 and out["bank_levels"][0]["capacity"] > 0
+    with pytest.raises(Unprocessable, match="unknown research endpoint 'nope'"):
+        asyncio.run(generator.research("nope", {}, "anonymous"))
+    with pytest.raises(Unprocessable, match="analyze-text: .*at least 2 characters"):
+        asyncio.run(generator.research("analyze-text", {"text": "x"}, "anonymous"))
+    with pytest.raises(Unprocessable, match="single byte token"):
+        asyncio.run(generator.research("explain-decision", {"text": "hello", "target": "ab"}, "anonymous"))
 
 
 def test_request_validation_messages():
