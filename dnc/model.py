@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -132,6 +133,12 @@ class DNCState:
                     ls.write_buf = [d[f"pending.{i}.h"].to(device, dtype)]
                 if f"pending.{i}.mass" in d:
                     ls.mass = d[f"pending.{i}.mass"].to(device)
+                    if ls.mass.shape != ls.bank.valid.shape:
+                        # saved by a compaction that did not re-index it (issue 12): the per-segment
+                        # statistic cannot be mapped back to its slots; drop it rather than fail every turn
+                        warnings.warn(f"state layer {i}: pending read mass {tuple(ls.mass.shape)} does not match "
+                                      f"its bank's slots {tuple(ls.bank.valid.shape)}; dropped")
+                        ls.mass = None
             elif any(key.startswith(f"bank.{i}.") for key in d):
                 raise ValueError(f"state export has a memory bank for layer {i}, which has no memory in this config")
             layers.append(ls)
@@ -139,7 +146,8 @@ class DNCState:
 
     def merge_duplicates(self, threshold: float = 0.98) -> int:
         """Merge near-identical slots in every bank. Returns the number of slots merged away."""
-        n = sum(bank.merge_duplicates(threshold) for _, bank in self.banks())
+        # the pending read mass of a segment in progress follows its slots (issue 12)
+        n = sum(ls.bank.merge_duplicates(threshold, pending_mass=ls.mass) for ls in self.layers if ls.bank is not None)
         for ls in self.layers:
             ls.view = None
         return n
@@ -542,7 +550,8 @@ class DNC(nn.Module):
             stats = bank.compact(count, compressors=self.compressors, policy=self.policy,
                                  protect_salient=cfg.protect_salient, group=g,
                                  importance_w=self.blocks[i].mem.importance_rows(state.batch_size),
-                                 importance_weight=cfg.write_importance)
+                                 importance_weight=cfg.write_importance, pending_mass=state.layers[i].mass)
+            state.layers[i].mass = stats["pending_mass"]  # re-indexed for the new slot layout (issue 12)
             moved["compressed"] += stats["compressed"]
             moved["evicted"] += stats["evicted"]
             state.layers[i].view = None
