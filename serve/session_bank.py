@@ -35,8 +35,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .bank_store import BankStore, StorageError, digest
-from .errors import Busy, Conflict, NotFound, session_not_found
+from .bank_store import BankStore, RecordDamage, StorageError, digest
+from .errors import Busy, Conflict, NotFound, StateDamaged, StorageUnavailable, session_not_found
 
 logger = logging.getLogger("serve.session_bank")
 
@@ -112,6 +112,7 @@ class _Session:
     lease: tuple[str, float] | None = None
     cond: asyncio.Condition | None = None
     deleted: bool = False
+    damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)
 
     def condition(self) -> asyncio.Condition:
         if self.cond is None:
@@ -125,7 +126,7 @@ class _Session:
         return {"sid": self.state_id, "inc": self.inc, "owner": self.owner, "created_at": self.created_at,
                 "updated_at": self.updated_at, "seq": self.seq, "nbytes": self.nbytes, "digest": self.digest,
                 "meta": self.meta, "history": self.history, "applied": {str(k): v for k, v in self.applied.items()},
-                "compacted_seq": self.compacted_seq}
+                "compacted_seq": self.compacted_seq, "damage": self.damage}
 
     def info(self, shard: int, with_history: bool = False) -> dict[str, Any]:
         out = {"state_id": self.state_id, "owner": self.owner, "created_at": self.created_at,
@@ -134,6 +135,8 @@ class _Session:
                "turns": sum(1 for t in self.history if t.get("kind") == "generate"),
                "bank_bytes": self.nbytes, "offloaded": self.offloaded, "digest": self.digest, "shard": shard,
                "levels": self.meta.get("levels", []), "summary": self.meta.get("summary", {})}
+        if self.damage:
+            out["damage"] = self.damage
         if with_history:
             out["history"] = list(self.history)
         return out
@@ -149,7 +152,8 @@ class SessionBankShard:
         self.sessions: dict[str, _Session] = {}
         self.started_at = time.time()
         self.counters = {"updates": 0, "duplicates": 0, "conflicts": 0, "compactions": 0, "merged_slots": 0,
-                         "offloads": 0, "restores": 0, "expired": 0, "checkpoints": 0, "recovered_records": 0}
+                         "offloads": 0, "restores": 0, "expired": 0, "checkpoints": 0, "recovered_records": 0,
+                         "damaged_records": 0, "storage_errors": 0}
         self._wal_lock: asyncio.Lock | None = None
         self._snap_lock: asyncio.Lock | None = None
         self._manager: asyncio.Task | None = None
@@ -158,31 +162,87 @@ class SessionBankShard:
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
-        """Sessions from snapshot headers (banks stay on storage until accessed), then the WAL."""
+        """Sessions from snapshot headers (banks stay on storage until accessed), then the WAL.
+
+        Damage is detected, reported and never guessed over (issue 12): a snapshot whose header is
+        unreadable, or a WAL record that held a session's latest acknowledged update, makes that
+        session *damaged* (every call on it answers 500 ``state_damaged`` naming the damage; DELETE
+        clears it). A damaged record that later records supersede costs nothing. Other sessions are
+        unaffected."""
+        self.damage_reports: list[dict[str, Any]] = []
         for sid in self.store.list_snapshots():
             try:
                 h = self.store.read_snapshot_header(sid)
-            except Exception as e:  # a broken snapshot must not take the whole shard down
-                logger.error("shard %d: unreadable snapshot of %s: %s", self.index, sid, e)
+            except (RecordDamage, ValueError) as e:  # ValueError: a header that is not JSON (format 1)
+                self._mark_damaged_at_start(sid, f"snapshot sessions/{sid}.snap: {e}", quarantine=True)
                 continue
             s = self._from_header(h)
             s.snapshot_seq = s.seq
-            s.offloaded = s.nbytes > 0
+            s.offloaded = s.nbytes > 0 and not s.damage
             self.sessions[sid] = s
+        bad_records: list[RecordDamage] = []
+        last_good: dict[str, list[tuple[int, str, int]]] = {}  # sid -> (record index, inc, seq)
         n = 0
-        for header, payload in self.store.replay():
+        for header, payload in self.store.replay(bad_records.append):
             self._apply_record(header, payload)
+            last_good.setdefault(header["sid"], []).append((len(bad_records), header.get("inc", ""), header["seq"]))
             n += 1
+        for k, d in enumerate(bad_records):
+            where = f"{getattr(d, 'where', 'wal')} at byte {d.offset}"
+            self._report({"kind": "wal_record", "where": where, **d.report()})
+            if d.torn or d.sid is None:
+                if not d.torn:
+                    logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
+                                 "be named", self.index, d.length, where, d.reason)
+                continue
+            later = [(inc, seq) for idx, inc, seq in last_good.get(d.sid, []) if idx > k]
+            s = self.sessions.get(d.sid)
+            superseded = any(inc != d.inc or seq > d.seq for inc, seq in later) or (
+                s is not None and s.inc == d.inc and s.snapshot_seq >= d.seq)
+            if superseded:
+                logger.warning("shard %d: damaged WAL record of %s seq %d (%s, %s) is superseded by later data",
+                               self.index, d.sid, d.seq, where, d.reason)
+                continue
+            self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
         for s in list(self.sessions.values()):
             if s.deleted:
                 self.store.delete_snapshot(s.state_id)
                 del self.sessions[s.state_id]
         self.counters["recovered_records"] = n
+        self.counters["damaged_records"] = sum(not d.torn for d in bad_records)
         # every restart opens a new epoch: fold the old ones into snapshots at the next manager pass
         self._fold_epochs = len(self.store.epochs()) >= 3
         self.store.start_epoch()
         if n or self.sessions:
             logger.info("shard %d restored %d sessions (%d WAL records)", self.index, len(self.sessions), n)
+
+    def _report(self, entry: dict[str, Any]) -> None:
+        """Remember a damage report (stats) and append it to ``<shard>/damage.jsonl`` (best effort)."""
+        entry = {"at": time.time(), "shard": self.index, **entry}
+        self.damage_reports.append(entry)
+        try:
+            self.store.append_report(entry)
+        except OSError as e:
+            logger.error("shard %d: could not record damage report %s: %s", self.index, entry, e)
+
+    def _mark_damaged_at_start(self, sid: str, damage: str, seq: int | None = None, quarantine: bool = False) -> None:
+        """Make ``sid`` a damaged session and persist that as a marker snapshot (header only), so the
+        verdict survives a later WAL checkpoint; a damaged snapshot is first copied aside."""
+        logger.error("shard %d: session %s is damaged: %s", self.index, sid, damage)
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = _Session(sid, "", 0.0, 0.0)
+        if quarantine:
+            self._report({"kind": "snapshot", "sid": sid, "reason": damage})
+        s.damage, s.payload, s.offloaded, s.deleted = damage, None, False, False
+        s.seq = max(s.seq, seq if seq is not None else s.seq)
+        try:
+            if quarantine:
+                self.store.quarantine_snapshot(sid)
+            self.store.write_snapshot(sid, s.header(), None)
+            s.snapshot_seq = s.seq
+        except OSError as e:  # the evidence stays on storage: found again at the next start
+            logger.error("shard %d: could not persist the damage of %s: %s", self.index, sid, e)
 
     @staticmethod
     def _from_header(h: dict[str, Any]) -> _Session:
@@ -191,7 +251,7 @@ class SessionBankShard:
                         nbytes=h.get("nbytes", 0), digest=h.get("digest"), meta=h.get("meta", {}),
                         history=list(h.get("history", [])),
                         applied={int(k): v for k, v in h.get("applied", {}).items()},
-                        compacted_seq=h.get("compacted_seq", -1))
+                        compacted_seq=h.get("compacted_seq", -1), damage=h.get("damage"))
 
     def _apply_record(self, h: dict[str, Any], payload: bytes | None) -> None:
         """Apply one WAL record to memory (live path and replay share this)."""
@@ -238,14 +298,30 @@ class SessionBankShard:
 
     def _get(self, sid: str, owner: str | None) -> _Session:
         s = self.sessions.get(sid)
-        if s is None or s.deleted or (owner is not None and s.owner != owner):
+        if s is None or s.deleted or (owner is not None and s.owner and s.owner != owner):
             raise session_not_found(sid)
+        if s.damage:
+            raise self._damaged(s)
         return s
+
+    def _damaged(self, s: _Session) -> StateDamaged:
+        return StateDamaged(f"state {s.state_id!r} (shard {self.index}) is damaged on storage and cannot be recovered "
+                            f"as acknowledged: {s.damage}. Nothing was guessed; DELETE /v1/state/{s.state_id} "
+                            "removes it (the damaged files are kept aside for inspection)", "state_damaged",
+                            "state_id")
 
     async def _append(self, header: dict[str, Any], payload: bytes | None) -> None:
         wal_lock, _ = self._locks()
         async with wal_lock:
-            await asyncio.to_thread(self.store.append, header, payload)
+            try:
+                await asyncio.to_thread(self.store.append, header, payload)
+            except OSError as e:
+                self.counters["storage_errors"] += 1
+                logger.error("shard %d: WAL append for %s failed: %s", self.index, header.get("sid"), e)
+                raise StorageUnavailable(f"storage unavailable: the session store (shard {self.index}) could not "
+                                         f"write {header.get('op')} of state {header.get('sid')!r} durably "
+                                         f"({e.strerror or e}); nothing was changed, retry later",
+                                         "storage_unavailable") from None
 
     async def _ensure_loaded(self, s: _Session) -> None:
         if not s.offloaded:
@@ -254,10 +330,26 @@ class SessionBankShard:
         async with snap_lock:
             if not s.offloaded:
                 return
-            header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
-            if header["seq"] != s.seq or digest(payload) != s.digest:
-                raise StorageError(f"snapshot of {s.state_id} does not match its session (seq {header['seq']} vs "
-                                   f"{s.seq}, digest {digest(payload)} vs {s.digest})")
+            try:
+                header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
+                if header["seq"] != s.seq or digest(payload) != s.digest:
+                    raise RecordDamage(f"snapshot holds seq {header['seq']} digest {digest(payload)}, the session "
+                                       f"seq {s.seq} digest {s.digest}")
+            except (RecordDamage, ValueError, FileNotFoundError) as e:
+                s.damage = f"snapshot sessions/{s.state_id}.snap: {e}"
+                s.offloaded = False
+                logger.error("shard %d: session %s is damaged: %s", self.index, s.state_id, s.damage)
+                self._report({"kind": "snapshot", "sid": s.state_id, "reason": s.damage})
+                try:
+                    await asyncio.to_thread(self.store.quarantine_snapshot, s.state_id)
+                    await asyncio.to_thread(self.store.write_snapshot, s.state_id, s.header(), None)
+                except OSError as e2:
+                    logger.error("shard %d: could not persist the damage of %s: %s", self.index, s.state_id, e2)
+                raise self._damaged(s) from None
+            except OSError as e:
+                raise StorageUnavailable(f"storage unavailable: could not read the bank of state {s.state_id!r} "
+                                         f"(shard {self.index}): {e.strerror or e}; retry later",
+                                         "storage_unavailable") from None
             s.payload, s.offloaded = payload, False
             self.counters["restores"] += 1
 
@@ -273,6 +365,8 @@ class SessionBankShard:
         """Create an empty session (idempotent for its owner; 409 if another owner holds the id)."""
         self._start_manager()
         s = self.sessions.get(sid)
+        if s is not None and s.damage:
+            raise self._damaged(s)  # never silently recreated: DELETE first
         if s is not None and not s.deleted:
             if s.owner != owner:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
@@ -305,8 +399,13 @@ class SessionBankShard:
         return out
 
     async def delete(self, sid: str, owner: str | None) -> dict[str, Any]:
+        """Delete a session (also a damaged one: the way to clear it)."""
         self._start_manager()
-        s = self._get(sid, owner)
+        s = self.sessions.get(sid)
+        if s is None or not s.damage:
+            s = self._get(sid, owner)
+        elif owner is not None and s.owner and s.owner != owner:
+            raise session_not_found(sid)
         async with s.condition():
             header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
                       "at": time.time()}
@@ -331,6 +430,8 @@ class SessionBankShard:
             await self.create(sid, owner)
             created = True
         s = self.sessions[sid]
+        if s.damage:
+            raise self._damaged(s)
         if s.owner != owner:
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
@@ -493,7 +594,7 @@ class SessionBankShard:
         done = {"expired": 0, "compacted": 0}
         now_wall, now = time.time(), time.monotonic()
         for s in list(self.sessions.values()):
-            if s.deleted or s.leased():
+            if s.deleted or s.leased() or s.damage:
                 continue
             if now_wall - s.updated_at > self.cfg.session_ttl_s and now - s.last_access > self.cfg.session_ttl_s:
                 await self.delete(s.state_id, None)
@@ -526,7 +627,7 @@ class SessionBankShard:
         """Write the session's current bank as its snapshot (if the snapshot is older)."""
         _, snap_lock = self._locks()
         async with snap_lock:
-            if s.deleted or s.offloaded or s.snapshot_seq >= s.seq:
+            if s.deleted or s.offloaded or s.damage or s.snapshot_seq >= s.seq:
                 return
             header, payload, seq = s.header(), s.payload, s.seq  # consistent: no await in between
             await asyncio.to_thread(self.store.write_snapshot, s.state_id, header, payload)
@@ -584,7 +685,8 @@ class SessionBankShard:
                 "offloaded": sum(s.offloaded for s in live), "bytes_in_memory": self.bytes_in_memory(),
                 "bytes_total": sum(s.nbytes for s in live), "memory_budget_bytes": self.cfg.memory_budget_bytes,
                 "wal_epoch": self.store.epoch, "wal_bytes": self.store.wal_bytes,
-                "started_at": self.started_at, **self.counters}
+                "started_at": self.started_at, "damaged_sessions": sum(bool(s.damage) for s in live),
+                "damage_reports": self.damage_reports[-20:], **self.counters}
 
 
 # ================================================================================== client
