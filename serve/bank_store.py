@@ -328,8 +328,9 @@ class BankStore:
         """Begin a new WAL epoch (a new log file) for appends: after recovery, on rotation, and after
         a failed append (nothing is ever appended behind a record that may be torn)."""
         self.close()
+        self._roll = True  # until the new log is open: an append must not go anywhere else
         eps = self.epochs()
-        self.epoch = (max(eps) + 1) if eps else 1
+        self.epoch = max([*eps, self.epoch or 0]) + 1
         self._n = 0
         self.wal_bytes = 0
         if self.local:
@@ -347,7 +348,6 @@ class BankStore:
         to hide behind: a partly written record is truncated away, and the next append goes to a new
         log file anyway (after a failed fsync the kernel may have dropped pages of this one)."""
         if self.epoch is None or self._roll:
-            self._roll = True
             self.start_epoch()
         rec = pack_record(header, payload)
         if self.local:

@@ -67,7 +67,11 @@ class BankConfig:
     checkpoint_wal_bytes: int = 64 * 2**20
     """WAL size past which the manager snapshots the sessions it holds and starts a new epoch."""
     lease_timeout_s: float = 120.0
-    """A turn's lease expires after this (a crashed generator cannot block a session forever)."""
+    """Longest lease the shard grants itself (a compaction), and the cap of a turn's renewed lease."""
+    lease_ttl_s: float = 10.0
+    """A turn's lease expires this long after it was granted or last renewed. Its holder renews it
+    (``BankClient.keep_lease``) every ``lease_ttl_s / 4`` while it lives, so a turn whose generator
+    died frees its session within ``lease_ttl_s``, not ``lease_timeout_s``."""
     lease_wait_s: float = 30.0
     """How long a request waits for a busy session before answering 503."""
     queue_wait_s: float = 30.0
@@ -109,7 +113,8 @@ class _Session:
     applied: dict[int, str] = field(default_factory=dict)  # seq -> update id (recent)
     compacted_seq: int = -1
     last_access: float = field(default_factory=time.monotonic)
-    lease: tuple[str, float] | None = None
+    lease: tuple[str, float] | None = None  # (lease id, monotonic expiry)
+    grant: str | None = None  # fencing token: the lease granted last; a commit under an older one is refused
     cond: asyncio.Condition | None = None
     deleted: bool = False
     damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)
@@ -148,17 +153,73 @@ class SessionBankShard:
     def __init__(self, config: dict[str, Any], index: int):
         self.cfg = BankConfig(**config)
         self.index = index
-        self.store = BankStore(self.cfg.shard_uri(index))
+        self.store: BankStore | None = None
         self.sessions: dict[str, _Session] = {}
+        self.damage_reports: list[dict[str, Any]] = []
         self.started_at = time.time()
         self.counters = {"updates": 0, "duplicates": 0, "conflicts": 0, "compactions": 0, "merged_slots": 0,
                          "offloads": 0, "restores": 0, "expired": 0, "checkpoints": 0, "recovered_records": 0,
-                         "damaged_records": 0, "storage_errors": 0}
+                         "damaged_records": 0, "storage_errors": 0, "fenced": 0}
         self._wal_lock: asyncio.Lock | None = None
         self._snap_lock: asyncio.Lock | None = None
         self._manager: asyncio.Task | None = None
         self._model = None
-        self._recover()
+        # start = open storage + recover. It must not raise: Ray does not restart an actor whose
+        # __init__ failed, so a shard started while its storage was down would stay dead (issue 12).
+        # Instead it answers 503 and retries with backoff until storage is back.
+        self.start_error: str | None = None
+        self._retry_s, self._next_start_at = 0.0, 0.0
+        self._retrier: asyncio.Task | None = None
+        self._try_start()
+
+    # ------------------------------------------------------------------ start, with retries
+    START_BACKOFF_S = (0.25, 10.0)  # first retry delay, cap (doubling in between)
+
+    def _try_start(self) -> bool:
+        try:
+            self.store = BankStore(self.cfg.shard_uri(self.index))
+            self.sessions = {}
+            self._recover()
+        except OSError as e:
+            if self.store is not None:
+                self.store.close()
+            self.store, self.sessions = None, {}
+            self.start_error = f"{type(e).__name__}: {e}"
+            lo, hi = self.START_BACKOFF_S
+            self._retry_s = min(hi, self._retry_s * 2) if self._retry_s else lo
+            self._next_start_at = time.monotonic() + self._retry_s
+            self.counters["storage_errors"] += 1
+            logger.error("shard %d cannot start on %s (%s); retrying in %.2fs", self.index,
+                         self.cfg.shard_uri(self.index), self.start_error, self._retry_s)
+            return False
+        if self.start_error:
+            logger.warning("shard %d started after storage came back (was: %s)", self.index, self.start_error)
+        self.start_error, self._retry_s = None, 0.0
+        return True
+
+    def _ensure_started(self) -> None:
+        """Raise 503 while storage cannot be opened; retry (at most once per backoff step) on calls,
+        and in the background so the shard comes back even if nobody asks."""
+        if self.store is not None:
+            return
+        if time.monotonic() >= self._next_start_at and self._try_start():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and (self._retrier is None or self._retrier.done()):
+            self._retrier = loop.create_task(self._retry_start_forever())
+        raise StorageUnavailable(f"storage unavailable: session store shard {self.index} cannot open "
+                                 f"{self.cfg.shard_uri(self.index)} ({self.start_error}); it retries by itself "
+                                 f"(next in {max(0.0, self._next_start_at - time.monotonic()):.1f}s), retry "
+                                 "the request later", "storage_unavailable")
+
+    async def _retry_start_forever(self) -> None:
+        while self.store is None:
+            await asyncio.sleep(max(0.01, self._next_start_at - time.monotonic()))
+            if self.store is None:
+                await asyncio.to_thread(self._try_start)
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -169,7 +230,6 @@ class SessionBankShard:
         session *damaged* (every call on it answers 500 ``state_damaged`` naming the damage; DELETE
         clears it). A damaged record that later records supersede costs nothing. Other sessions are
         unaffected."""
-        self.damage_reports: list[dict[str, Any]] = []
         for sid in self.store.list_snapshots():
             try:
                 h = self.store.read_snapshot_header(sid)
@@ -293,6 +353,7 @@ class SessionBankShard:
         return self._wal_lock, self._snap_lock
 
     def _start_manager(self) -> None:
+        self._ensure_started()
         if self.cfg.manager_interval_s > 0 and (self._manager is None or self._manager.done()):
             self._manager = asyncio.get_running_loop().create_task(self._manage_forever())
 
@@ -436,7 +497,7 @@ class SessionBankShard:
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
-        lease_id = await self._acquire(s, self.cfg.lease_wait_s)
+        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s)
         try:
             await self._ensure_loaded(s)
         except BaseException:
@@ -444,12 +505,30 @@ class SessionBankShard:
             raise
         self._touch(s)
         return {"lease_id": lease_id, "seq": s.seq, "payload": s.payload, "created": created,
-                "tokens_seen": int(s.meta.get("tokens_seen", 0))}
+                "tokens_seen": int(s.meta.get("tokens_seen", 0)), "lease_ttl_s": self.cfg.lease_ttl_s}
+
+    async def renew_lease(self, sid: str, lease_id: str) -> bool:
+        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost."""
+        s = self.sessions.get(sid)
+        if s is None or s.lease is None or s.lease[0] != lease_id:
+            return False
+        s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
+        return True
 
     async def commit_turn(self, sid: str, lease_id: str | None, seq: int, update_id: str,
                           payload: bytes, meta: dict[str, Any], turn: dict[str, Any]) -> dict[str, Any]:
-        """Apply the turn's new bank as update ``seq`` and release the lease. Idempotent."""
+        """Apply the turn's new bank as update ``seq`` and release the lease. Idempotent.
+
+        Fenced: once the session has been leased to another turn (this lease expired: its holder
+        stopped renewing it), this turn's commit is refused with 409 ``lease_lost``, even if its seq
+        would still fit. A retry of a commit that was applied is acknowledged as a duplicate."""
         try:
+            s = self.sessions.get(sid)
+            if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
+                    and s.applied.get(seq) != update_id):
+                self.counters["fenced"] += 1
+                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
+                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
             res = await self.apply_update(sid, seq, update_id, payload, meta, turn)
         finally:
             s = self.sessions.get(sid)
@@ -504,7 +583,7 @@ class SessionBankShard:
         return {"seq": seq, "applied": True, "duplicate": False, "info": info}
 
     # ------------------------------------------------------------------ leases
-    async def _acquire(self, s: _Session, wait_s: float) -> str:
+    async def _acquire(self, s: _Session, wait_s: float, ttl_s: float | None = None) -> str:
         cond = s.condition()
         deadline = time.monotonic() + wait_s
         async with cond:
@@ -520,7 +599,8 @@ class SessionBankShard:
             if s.deleted:
                 raise session_not_found(s.state_id)
             lease_id = uuid.uuid4().hex
-            s.lease = (lease_id, time.monotonic() + self.cfg.lease_timeout_s)
+            s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
+            s.grant = lease_id
             return lease_id
 
     def _release(self, s: _Session, lease_id: str) -> None:
@@ -591,6 +671,7 @@ class SessionBankShard:
 
     async def manage_once(self) -> dict[str, int]:
         """One pass of the memory manager (also callable directly, e.g. from tests)."""
+        self._ensure_started()
         done = {"expired": 0, "compacted": 0}
         now_wall, now = time.time(), time.monotonic()
         for s in list(self.sessions.values()):
@@ -606,7 +687,7 @@ class SessionBankShard:
                 try:
                     await self.compact(s.state_id, None, merge=True, wait=False)
                     done["compacted"] += 1
-                except (Busy, Conflict, NotFound):
+                except (Busy, Conflict, NotFound, StateDamaged, StorageUnavailable):
                     pass
         await self._maybe_checkpoint(force=self._fold_epochs)
         self._fold_epochs = False
@@ -639,7 +720,12 @@ class SessionBankShard:
         if s is None or s.deleted or s.offloaded or s.leased() or s.payload is None:
             return False
         async with s.condition():
-            await self._snapshot(s)
+            try:
+                await self._snapshot(s)
+            except OSError as e:  # storage full/down: the bank simply stays in memory
+                self.counters["storage_errors"] += 1
+                logger.warning("shard %d: could not offload %s: %s", self.index, sid, e)
+                return False
             if s.snapshot_seq < s.seq or s.leased():
                 return False  # it changed meanwhile; try again later
             s.payload, s.offloaded = None, True
@@ -662,7 +748,15 @@ class SessionBankShard:
             await self.checkpoint()
 
     async def checkpoint(self) -> None:
-        """Snapshot every session the WAL holds newer data for, then drop the old WAL epochs."""
+        """Snapshot every session the WAL holds newer data for, then drop the old WAL epochs.
+        Best effort: on a storage error nothing is dropped, and the next pass tries again."""
+        try:
+            await self._checkpoint()
+        except OSError as e:
+            self.counters["storage_errors"] += 1
+            logger.warning("shard %d: checkpoint failed (the WAL keeps everything): %s", self.index, e)
+
+    async def _checkpoint(self) -> None:
         wal_lock, _ = self._locks()
         async with wal_lock:
             new_epoch = await asyncio.to_thread(self.store.start_epoch)
@@ -679,7 +773,11 @@ class SessionBankShard:
 
     # ------------------------------------------------------------------ stats
     async def stats(self) -> dict[str, Any]:
-        self._start_manager()
+        try:
+            self._start_manager()
+        except StorageUnavailable:
+            return {"shard": self.index, "pid": os.getpid(), "sessions": 0, "storage_error": self.start_error,
+                    "started_at": self.started_at, **self.counters}
         live = [s for s in self.sessions.values() if not s.deleted]
         return {"shard": self.index, "pid": os.getpid(), "sessions": len(live),
                 "offloaded": sum(s.offloaded for s in live), "bytes_in_memory": self.bytes_in_memory(),
@@ -718,7 +816,46 @@ class BankClient:
         return self.handle(self.shard_of(state_id))
 
     async def call(self, state_id: str, method: str, *args, **kwargs):
-        return await getattr(self.for_session(state_id), method).remote(state_id, *args, **kwargs)
+        """``method(state_id, ...)`` on the session's shard. A dead actor handle (the actor was
+        removed, or its name now points at a new one) is dropped and resolved again, with backoff;
+        every shard method is safe to repeat (seq numbers, update ids)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        i = self.shard_of(state_id)
+        delay = 0.1
+        for attempt in range(self.RESOLVE_ATTEMPTS):
+            h = self.handle(i)
+            try:
+                return await getattr(h, method).remote(state_id, *args, **kwargs)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                if self._handles.get(i) is h:
+                    del self._handles[i]
+                if attempt == self.RESOLVE_ATTEMPTS - 1:
+                    raise StorageUnavailable(f"storage unavailable: session store shard {i} is not reachable "
+                                             f"({type(e).__name__}); retry later", "storage_unavailable") from None
+                logger.warning("bank shard %d unreachable (%s); resolving it again", i, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    RESOLVE_ATTEMPTS = 5
+
+    async def keep_lease(self, state_id: str, lease_id: str, ttl_s: float) -> None:
+        """Renew a turn's lease every ``ttl_s / 4`` until cancelled (run it beside the turn). If this
+        process dies the renewals stop, and the session is free again within ``ttl_s``."""
+        while True:
+            await asyncio.sleep(ttl_s / 4)
+            try:
+                if not await self.call(state_id, "renew_lease", lease_id):
+                    return  # lost (expired or released): the commit will be fenced or is done
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a shard restart: the seq check still guards the commit
+                logger.warning("could not renew the lease on %s: %s", state_id, e)
+
+    def start_keep_lease(self, state_id: str, lease: dict[str, Any]) -> asyncio.Task:
+        """:meth:`keep_lease` as a task for a ``begin_turn`` answer; cancel it when the turn ends."""
+        return asyncio.get_running_loop().create_task(
+            self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
         parts = await asyncio.gather(*(self.handle(i).list_sessions.remote(owner) for i in range(self.cfg.num_shards)))

@@ -257,6 +257,8 @@ def test_disk_full_is_an_answer_not_a_loss(small_disk):
         assert (after["seq"], after["digest"]) == (before["seq"], before["digest"])
         with pytest.raises(StorageUnavailable):
             await shard.create("new", "alice")
+        await shard.checkpoint()  # background work on a full disk fails quietly and drops nothing
+        assert not await shard.offload("a")
         assert await shard.list_sessions("alice") and len(await shard.list_sessions("alice")) == 2
         os.unlink(filler)  # space returns: the next write succeeds
         await _put(shard, "a", 3)
@@ -290,3 +292,66 @@ def test_failed_append_truncates_its_torn_record(small_disk):
     damage = []
     assert [h["seq"] for h, _ in BankStore(str(small_disk / "s")).replay(damage.append)] == [1, 3]
     assert damage == []
+
+
+# --------------------------------------------------------------------------- shard start
+def test_shard_whose_storage_is_unwritable_at_start_recovers_by_itself(tmp_path):
+    """A read-only filesystem at start (root cannot write there either): the shard answers 503 and
+    retries with backoff; once the filesystem is writable again it recovers every session, without
+    being rebuilt."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        async def main():
+            cfg = _cfg(mnt / "bank")
+            shard = _shard(cfg)
+            await _put(shard, "a", 1)
+            shard.store.close()
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            shard2 = _shard(cfg)  # must not raise: Ray does not restart an actor whose __init__ failed
+            with pytest.raises(StorageUnavailable) as e:
+                await shard2.info("a", "alice")
+            assert e.value.status == 503 and "shard 0" in e.value.message
+            assert (await shard2.stats())["storage_error"]
+            subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+            for _ in range(100):  # the background retry (started by the failed call) brings it back
+                if shard2.store is not None:
+                    break
+                await asyncio.sleep(0.05)
+            info = await shard2.info("a", "alice")
+            assert info["seq"] == 1
+            await _put(shard2, "a", 2)
+        asyncio.run(main())
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+# --------------------------------------------------------------------------- leases
+def test_lease_expires_without_renewal_and_fences_the_late_writer(tmp_path):
+    async def main():
+        shard = _shard(_cfg(tmp_path / "bank", lease_ttl_s=0.3, lease_wait_s=2.0))
+        await _put(shard, "s", 1)
+        dead = await shard.begin_turn("s", "alice", False)  # its holder dies: no renewals
+        t0 = asyncio.get_running_loop().time()
+        alive = await shard.begin_turn("s", "alice", False)  # waits for the expiry, not 120 s
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        # the late writer (same seq) is refused by the fencing token; the live one commits
+        with pytest.raises(Exception) as e:
+            await shard.commit_turn("s", dead["lease_id"], dead["seq"] + 1, "late", b"late", {}, {"kind": "generate"})
+        assert getattr(e.value, "code", "") == "lease_lost" and e.value.status == 409
+        await shard.commit_turn("s", alive["lease_id"], alive["seq"] + 1, "live", b"live", {}, {"kind": "generate"})
+        assert (await shard.get_bank("s", "alice"))["payload"] == b"live"
+        # a renewed lease holds
+        held = await shard.begin_turn("s", "alice", False)
+        for _ in range(6):
+            await asyncio.sleep(0.1)
+            assert await shard.renew_lease("s", held["lease_id"])
+        shard.cfg.lease_wait_s = 0.05
+        from serve.errors import Busy
+        with pytest.raises(Busy):
+            await shard.begin_turn("s", "alice", False)
+        await shard.abort_turn("s", held["lease_id"])
+        assert not await shard.renew_lease("s", held["lease_id"])
+    asyncio.run(main())
