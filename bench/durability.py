@@ -129,7 +129,7 @@ def shard_kills(url: str, app_args: dict[str, Any], args) -> dict[str, Any]:
     import ray
 
     from serve.app import AppArgs
-    from serve.session_bank import BankClient
+    from serve.sessions import BankClient
 
     cfg = AppArgs(**app_args).bank_config()
     acked: dict[str, tuple[int, str]] = {}  # sid -> (seq, digest) of its newest acknowledged turn

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from serve.errors import StorageUnavailable, find_api_error
-from serve.session_bank import BankClient, BankConfig
+from serve.errors import find_api_error
+from serve.sessions import BankClient, BankConfig
 
 pytestmark = pytest.mark.ray
 

@@ -19,7 +19,7 @@ import pytest
 
 from serve.bank_store import BankStore, RecordDamage, iter_records, pack_record
 from serve.errors import NotFound, StateDamaged, StorageUnavailable
-from serve.session_bank import BankConfig, SessionBankShard
+from serve.sessions import BankConfig, SessionBankShard
 
 
 def _cfg(root, **kw):
