@@ -211,8 +211,11 @@ def generator_kills(url: str, args) -> dict[str, Any]:
             with c.stream("POST", "/v1/generate", json={"prompt": TEXT, "max_new_tokens": 64, "state_id": sid,
                                                         "stream": True}) as r:
                 for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        events.append(line[6:].strip())
+                    if line.startswith("data:"):
+                        try:
+                            events.append(json.loads(line[5:]).get("type"))
+                        except ValueError:
+                            events.append(line[5:].strip()[:40])
                         if killed_at is None and events[-1] == "token":
                             names = [a for a in ray.util.list_named_actors(all_namespaces=True)
                                      if "Generator" in a["name"]]
@@ -238,7 +241,16 @@ def generator_kills(url: str, args) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ 3. soak
-def soak(url: str, args) -> dict[str, Any]:
+def shard_stats(app_args: dict[str, Any]) -> list[dict[str, Any]]:
+    import asyncio
+
+    from serve.app import AppArgs
+    from serve.sessions import BankClient
+
+    return asyncio.run(BankClient(AppArgs(**app_args).bank_config()).stats())
+
+
+def soak(url: str, app_args: dict[str, Any], args) -> dict[str, Any]:
     import httpx
 
     lat: dict[str, list[float]] = {"sessionless": [], "session": [], "compact": []}
@@ -283,21 +295,21 @@ def soak(url: str, args) -> dict[str, Any]:
                 i += args.soak_clients
 
     mem_before = actor_memory()
+    compactions_before = sum(st.get("compactions", 0) for st in shard_stats(app_args))
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(args.soak_clients) as ex:
         list(ex.map(client, range(args.soak_clients)))
     elapsed = time.monotonic() - t0
     mem_after = actor_memory()
-    import httpx as _h
-
-    stats = _h.get(f"{url}/model/stats", timeout=60).json()
-    shards = stats.get("shards") or stats.get("session_bank", {}).get("shards") or []
+    shards = shard_stats(app_args)
     n_err = sum(v for k, v in statuses.items() if not (k.endswith(":200") or k == "compact:404"))
     return {"requests": done[0], "target": args.soak_requests, "seconds": round(elapsed, 1),
             "requests_per_s": round(done[0] / elapsed, 2), "errors": n_err, "statuses": statuses,
             "error_samples": errors,
             "latency_ms": {k: {"n": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99)} for k, v in lat.items()},
-            "compactions": sum(s.get("compactions", 0) for s in shards if isinstance(s, dict)),
+            "compactions": sum(st.get("compactions", 0) for st in shards) - compactions_before,
+            "shard_counters": [{k: st.get(k) for k in ("shard", "sessions", "compactions", "damaged_records",
+                                                       "storage_errors", "fenced", "conflicts")} for st in shards],
             "memory_mib_before": mem_before, "memory_mib_after": mem_after}
 
 
@@ -346,7 +358,7 @@ def main(argv=None) -> dict[str, Any]:
             res["generator_kills"] = generator_kills(url, args)
         if args.soak_requests:
             log("3. soak")
-            res["soak"] = soak(url, args)
+            res["soak"] = soak(url, app_args, args)
     finally:
         from serve.app import teardown
 

@@ -108,3 +108,41 @@ def test_state_damaged_by_the_old_compaction_still_loads():
         loaded = DNCState.from_export(damaged, m.config)
     _check_aligned(loaded)
     _turn(m, loaded)
+
+
+@pytest.mark.parametrize("how", ["manual", "background"])
+def test_session_turn_after_shard_compaction(tmp_path, how):
+    """The serving path end to end in-process: a session whose bank is mid-segment is compacted by
+    the shard (``compact`` as POST /v1/state/ID/compact does, or the background manager), and the next
+    turn runs and commits."""
+    import asyncio
+    from dataclasses import asdict
+
+    from serve.modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
+    from serve.sessions import BankConfig, SessionBankShard
+
+    lm = load_model(ModelSpec(preset="tiny", seed=0), device="cpu")
+    cfg = BankConfig(storage=str(tmp_path / "bank"), num_shards=1, model={"preset": "tiny", "seed": 0},
+                     manager_interval_s=0, compact_idle_s=0.0, compact_l0_fill=0.1)
+
+    async def turn(shard, text):
+        lease = await shard.begin_turn("s", "alice", True)
+        state = state_from_bytes(lease["payload"], lm.model)
+        with torch.no_grad():
+            lm.model(torch.tensor([list(text.encode())]), state=state)
+        return await shard.commit_turn("s", lease["lease_id"], lease["seq"] + 1, f"u{lease['seq'] + 1}",
+                                       state_to_bytes(state), state_meta(state), {"kind": "generate"})
+
+    async def main():
+        shard = SessionBankShard(asdict(cfg), 0)
+        seg = lm.model.config.segment_len
+        await turn(shard, "x" * (5 * seg + seg // 2))  # ends mid-segment: pending read mass
+        if how == "manual":
+            res = await shard.compact("s", "alice")
+            assert res["moved"]["compressed"] > 0
+        else:
+            assert (await shard.manage_once())["compacted"] == 1
+        for k in range(2):
+            res = await turn(shard, f"the turn after the compaction {k} " * 3)
+            assert res["applied"]
+    asyncio.run(main())

@@ -70,8 +70,9 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         try:
             self._start_manager()
         except StorageUnavailable:
-            return {"shard": self.index, "pid": os.getpid(), "sessions": 0, "storage_error": self.start_error,
-                    "started_at": self.started_at, **self.counters}
+            return {"shard": self.index, "pid": os.getpid(), "sessions": 0, "offloaded": 0, "bytes_in_memory": 0,
+                    "bytes_total": 0, "memory_budget_bytes": self.cfg.memory_budget_bytes,
+                    "storage_error": self.start_error, "started_at": self.started_at, **self.counters}
         live = [s for s in self.sessions.values() if not s.deleted]
         return {"shard": self.index, "pid": os.getpid(), "sessions": len(live),
                 "offloaded": sum(s.offloaded for s in live), "bytes_in_memory": self.bytes_in_memory(),
