@@ -102,18 +102,18 @@ def start(args) -> tuple[str, dict[str, Any]]:
 
 
 def actor_memory() -> dict[str, float]:
-    """Resident MiB of every live actor on this machine, by class (and pid)."""
-    from ray.util.state import list_actors
+    """Resident MiB of every live actor on this machine, by class and pid (from the GCS actor
+    table, which needs no dashboard, and /proc)."""
+    from ray._private.state import actors
 
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        pid = a.get("pid") if isinstance(a, dict) else a.pid
-        name = a.get("class_name") if isinstance(a, dict) else a.class_name
+    for a in actors(actor_state_name="ALIVE").values():
+        pid = a.get("Pid")
         try:
             with open(f"/proc/{pid}/status") as f:
                 rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-            out[f"{name}[{pid}]"] = round(rss / 1024, 1)
-        except (OSError, StopIteration):
+            out[f"{a.get('ActorClassName')}[{pid}]"] = round(rss / 1024, 1)
+        except (OSError, StopIteration, TypeError):
             pass
     return out
 
