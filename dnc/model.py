@@ -458,7 +458,8 @@ class DNC(nn.Module):
             stats = bank.compact(count, compressors=self.compressors, policy=self.policy,
                                  protect_salient=cfg.protect_salient, group=g,
                                  importance_w=self.blocks[i].mem.importance_rows(state.batch_size),
-                                 importance_weight=cfg.write_importance)
+                                 importance_weight=cfg.write_importance, pending_mass=state.layers[i].mass)
+            state.layers[i].mass = stats["pending_mass"]  # re-indexed for the new slot layout (issue 12)
             moved["compressed"] += stats["compressed"]
             moved["evicted"] += stats["evicted"]
             state.layers[i].view = None

@@ -12,6 +12,8 @@ Pure PyTorch: no Ray, no model import (the model imports this module).
 
 from __future__ import annotations
 
+import warnings
+
 import json
 import struct
 from dataclasses import dataclass, field
@@ -129,6 +131,12 @@ class DNCState:
                     ls.write_buf = [d[f"pending.{i}.h"].to(device, dtype)]
                 if f"pending.{i}.mass" in d:
                     ls.mass = d[f"pending.{i}.mass"].to(device)
+                    if ls.mass.shape != ls.bank.valid.shape:
+                        # saved by a compaction that did not re-index it (issue 12): the per-segment
+                        # statistic cannot be mapped back to its slots; drop it rather than fail every turn
+                        warnings.warn(f"state layer {i}: pending read mass {tuple(ls.mass.shape)} does not match "
+                                      f"its bank's slots {tuple(ls.bank.valid.shape)}; dropped")
+                        ls.mass = None
             elif any(key.startswith(f"bank.{i}.") for key in d):
                 raise ValueError(f"state export has a memory bank for layer {i}, which has no memory in this config")
             layers.append(ls)
@@ -206,7 +214,8 @@ class DNCState:
 
     def merge_duplicates(self, threshold: float = 0.98) -> int:
         """Merge near-identical slots in every bank. Returns the number of slots merged away."""
-        n = sum(bank.merge_duplicates(threshold) for _, bank in self.banks())
+        # the pending read mass of a segment in progress follows its slots (issue 12)
+        n = sum(ls.bank.merge_duplicates(threshold, pending_mass=ls.mass) for ls in self.layers if ls.bank is not None)
         for ls in self.layers:
             ls.view = None
         return n

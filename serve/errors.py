@@ -65,6 +65,20 @@ class Busy(APIError):
     type = "service_unavailable"
 
 
+class StorageUnavailable(APIError):
+    """The session store could not make a write durable (disk full, storage down): nothing changed."""
+
+    status = 503
+    type = "service_unavailable"
+
+
+class StateDamaged(APIError):
+    """A session's stored data is damaged and cannot be recovered as acknowledged (never guessed)."""
+
+    status = 500
+    type = "server_error"
+
+
 def session_not_found(state_id: str) -> NotFound:
     return NotFound(f"state {state_id!r} not found for this owner; list yours with GET /v1/states "
                     "or create it with POST /v1/states or a generation with create_state=true",

@@ -265,6 +265,7 @@ class Generator:
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         t0 = time.perf_counter()
         lease = await self.bank.call(r.state_id, "begin_turn", r.owner, r.create_state)
+        keeper = self.bank.start_keep_lease(r.state_id, lease)  # the lease lives as long as this turn
         committed = False
         try:
             state = await self._run(state_from_bytes, lease["payload"], self.lm.model)
@@ -285,6 +286,7 @@ class Generator:
             self.counters["session_turns"] += 1
             yield result
         finally:
+            keeper.cancel()
             if not committed:
                 try:
                     await asyncio.shield(self.bank.call(r.state_id, "abort_turn", lease["lease_id"]))

@@ -284,15 +284,22 @@ class StateBank:
         return stats
 
     def compact(self, count: int, *, compressors, policy, protect_salient: float, group: int,
-                importance_w: torch.Tensor | None = None, importance_weight: float = 0.0) -> dict:
+                importance_w: torch.Tensor | None = None, importance_weight: float = 0.0,
+                pending_mass: torch.Tensor | None = None) -> dict:
         """Compress ``count`` L0 slots (a multiple of ``group``; lowest keep score first, with the
         learned importance as in :meth:`write_packed`) into L1, cascading further down as needed.
-        Not a segment: ages and the clock stay as they are."""
+        Not a segment: ages and the clock stay as they are.
+
+        ``pending_mass [B, S]``: read mass of a segment in progress (not yet applied with
+        :meth:`apply_read_mass`), indexed by this bank's slots. It moves with its slots: a compressed
+        pair gets the sum of its two slots' mass, an evicted slot's mass goes with it. The result,
+        ``[B, S']`` for the new layout, is returned as ``stats["pending_mass"]`` (None if none)."""
         if count <= 0:
-            return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0}
+            return {"recon_loss": torch.zeros(()), "compressed": 0, "evicted": 0, "pending_mass": pending_mass}
         return self._cascade(None, start=1, compact=count, compressors=compressors, policy=policy,
                              protect_salient=protect_salient, group=group, recon_queries=None,
-                             importance_w=importance_w, importance_weight=importance_weight)
+                             importance_w=importance_w, importance_weight=importance_weight,
+                             pending_mass=pending_mass)
 
     def _plan(self, incoming: int, start: int, compact: int, group: int) -> tuple[list[int], list[int]]:
         """Host-side overflow plan from the level sizes alone (no device work): how many existing
@@ -318,7 +325,8 @@ class StateBank:
 
     def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
                  recon_queries, compact: int = 0, recon_groups: int = 1,
-                 importance_w: torch.Tensor | None = None, importance_weight: float = 0.0) -> dict:
+                 importance_w: torch.Tensor | None = None, importance_weight: float = 0.0,
+                 pending_mass: torch.Tensor | None = None) -> dict:
         """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
         ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
         the next level (L0, L1) or by eviction (L2).
@@ -328,6 +336,7 @@ class StateBank:
         dropped L1 | evicted L2], one gather per packed tensor applies it, the dropped blocks are
         compressed, and one cat per packed tensor builds the new bank
         [kept L0, incoming | kept L1, compressed L0 | kept L2, compressed L1].
+        ``pending_mass [B, S]`` (optional) follows the same order (see :meth:`compact`).
         """
         sizes = list(self.sizes)
         drop, recv = self._plan(incoming[0].shape[3] if incoming is not None else 0, start, compact, group)
@@ -367,6 +376,8 @@ class StateBank:
                 order = torch.argsort(key, dim=1, stable=True)  # [B, S]
                 meta = meta.gather(2, order.unsqueeze(0).expand(len(META_FIELDS), -1, -1))
                 valid = valid.gather(1, order)
+                if pending_mass is not None:
+                    pending_mass = pending_mass.gather(1, order)
             kv = kv.gather(3, order[None, :, None, :, None].expand_as(kv))
         # the blocks [kept L0, kept L1, kept L2, dropped L0, dropped L1, evicted L2] of the (gathered)
         # bank; one split each (the backward of a split is one cat, of each slice a zero-fill + copy)
@@ -374,6 +385,10 @@ class StateBank:
         kv_blocks = kv.split(block_sizes, 3)
         meta_blocks = meta.split(block_sizes, 2)
         valid_blocks = valid.split(block_sizes, 1)
+        mass_blocks = pending_mass.split(block_sizes, 1) if pending_mass is not None else None
+        new_mass: list[torch.Tensor | None] = [None, None, None]  # pending mass of what each level receives
+        if mass_blocks is not None and incoming is not None:
+            new_mass[0] = pending_mass.new_zeros(b, incoming[0].shape[3])  # new slots were not read yet
 
         recon = []
         new = [incoming, None, None]  # what each level receives
@@ -389,6 +404,10 @@ class StateBank:
                 pair_valid = valid[:, lo:hi].reshape(b, -1, 2).any(-1)
                 pair_sizes = [drop[i] // 2 for i in spill]
                 pair_meta, pair_valid = pair_meta.split(pair_sizes, 2), pair_valid.split(pair_sizes, 1)
+                if mass_blocks is not None:  # a compressed pair was read as much as its two slots
+                    pair_mass = pending_mass[:, lo:hi].reshape(b, -1, 2).sum(-1).split(pair_sizes, 1)
+                    for j, i in enumerate(spill):
+                        new_mass[i + 1] = pair_mass[j]
             for j, i in enumerate(spill):
                 raw_kv, raw_valid = kv_blocks[LEVELS + i], valid_blocks[LEVELS + i]
                 comp = compressors[i].compress_packed(raw_kv, raw_valid)
@@ -402,12 +421,17 @@ class StateBank:
                                                      pair_valid[j], groups=recon_groups))
 
         pieces: list[list[torch.Tensor]] = [[], [], []]  # kv, meta, valid pieces in the new order
+        mass_pieces: list[torch.Tensor] = []
         for i in range(LEVELS):
             parts = []
             if kept[i]:
                 parts.append((kv_blocks[i], meta_blocks[i], valid_blocks[i]))
+                if mass_blocks is not None:
+                    mass_pieces.append(mass_blocks[i])
             if new[i] is not None and new[i][0].shape[3]:
                 parts.append(new[i])
+                if mass_blocks is not None:
+                    mass_pieces.append(new_mass[i])
             for p in parts:
                 for j in range(3):
                     pieces[j].append(p[j])
@@ -419,7 +443,11 @@ class StateBank:
             self.kv, self.meta, self.valid = kv[:, :, :, :0], meta[:, :, :0], valid[:, :0]
         self.sizes = [k + r for k, r in zip(kept, recv)]
         loss = recon[0] if len(recon) == 1 else (sum(recon) if recon else _zero(kv.device))
-        return {"recon_loss": loss, "compressed": drop[0] + drop[1], "evicted": drop[2]}
+        stats = {"recon_loss": loss, "compressed": drop[0] + drop[1], "evicted": drop[2]}
+        if pending_mass is not None:
+            pending_mass = torch.cat(mass_pieces, 1) if mass_pieces else pending_mass.new_zeros(b, 0)
+        stats["pending_mass"] = pending_mass
+        return stats
 
     # ---------------------------------------------------------------------------------- misc
     def detach_(self) -> None:
@@ -454,12 +482,16 @@ class StateBank:
         return cls(levels, capacities, int(d[f"{prefix}.clock"]), d[f"{prefix}.alpha"].to(device).float())
 
     @torch.no_grad()
-    def merge_duplicates(self, threshold: float = 0.98) -> int:
+    def merge_duplicates(self, threshold: float = 0.98, pending_mass: torch.Tensor | None = None) -> int:
         """Invalidate slots whose key *and* value are near-copies (cosine >= threshold) of a newer
-        valid slot in the same level, folding their salience/access into it. Returns the count."""
+        valid slot in the same level, folding their salience/access into it. Returns the count.
+
+        ``pending_mass [B, S]`` (optional, see :meth:`compact`) is folded the same way, in place: a
+        merged-away slot's mass moves to the slot it merged into."""
         merged = 0
         levels = self.levels  # views; edited per level below, then packed again
-        for lvl in levels:
+        starts = [sum(self.sizes[:i]) for i in range(LEVELS)]
+        for lvl, start in zip(levels, starts):
             if lvl.n < 2:
                 continue
             k = torch.nn.functional.normalize(lvl.keys.float().flatten(start_dim=3).permute(0, 2, 1, 3).flatten(2), dim=-1)
@@ -477,6 +509,14 @@ class StateBank:
             gain_a = torch.zeros_like(lvl.access).scatter_add_(1, target, lvl.access * has)
             lvl.salience = (lvl.salience + gain_s).clamp(1e-4, 1e4)
             lvl.access = lvl.access + gain_a
+            if pending_mass is not None:
+                # to the slot that survives at the end of the chain i -> target(i) -> ... (targets are
+                # later slots, so pointer doubling reaches it in log2(n) steps)
+                final = torch.where(has, target, torch.arange(n, device=target.device).expand_as(target))
+                for _ in range(max(1, (n - 1).bit_length())):
+                    final = final.gather(1, final)
+                m = pending_mass[:, start:start + n]
+                pending_mass[:, start:start + n] = torch.zeros_like(m).scatter_add_(1, final, m)
             lvl.valid = lvl.valid & ~has
             merged += int(has.sum())
         if merged:

@@ -1,0 +1,113 @@
+"""The client of the session store: routes a session's calls to its shard actor (creating the
+actors on first use, re-resolving dead handles) and keeps a turn's lease alive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from ..errors import StorageUnavailable
+from .config import BankConfig, shard_index
+from .shard import SessionBankShard
+
+logger = logging.getLogger("serve.sessions")
+
+
+class BankClient:
+    """Routes session calls to their shard actor (creating the actors on first use)."""
+
+    def __init__(self, config: BankConfig):
+        self.cfg = config
+        self._handles: dict[int, Any] = {}
+
+    def shard_of(self, state_id: str) -> int:
+        return shard_index(state_id, self.cfg.num_shards)
+
+    def handle(self, i: int):
+        h = self._handles.get(i)
+        if h is None:
+            import ray
+
+            actor_cls = ray.remote(SessionBankShard)
+            h = actor_cls.options(
+                name=self.cfg.actor_name(i), namespace=self.cfg.namespace, get_if_exists=True,
+                lifetime="detached", max_restarts=-1, max_task_retries=-1, num_cpus=0,
+                max_concurrency=1000,
+            ).remote(asdict(self.cfg), i)
+            self._handles[i] = h
+        return h
+
+    def for_session(self, state_id: str):
+        return self.handle(self.shard_of(state_id))
+
+    async def call(self, state_id: str, method: str, *args, **kwargs):
+        """``method(state_id, ...)`` on the session's shard. A dead actor handle (the actor was
+        removed, or its name now points at a new one) is dropped and resolved again, with backoff;
+        every shard method is safe to repeat (seq numbers, update ids)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+        i = self.shard_of(state_id)
+        delay = 0.1
+        for attempt in range(self.RESOLVE_ATTEMPTS):
+            h = self.handle(i)
+            try:
+                return await getattr(h, method).remote(state_id, *args, **kwargs)
+            except (ActorDiedError, ActorUnavailableError) as e:
+                if self._handles.get(i) is h:
+                    del self._handles[i]
+                if attempt == self.RESOLVE_ATTEMPTS - 1:
+                    raise StorageUnavailable(f"storage unavailable: session store shard {i} is not reachable "
+                                             f"({type(e).__name__}); retry later", "storage_unavailable") from None
+                logger.warning("bank shard %d unreachable (%s); resolving it again", i, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    RESOLVE_ATTEMPTS = 5
+
+    async def keep_lease(self, state_id: str, lease_id: str, ttl_s: float) -> None:
+        """Renew a turn's lease every ``ttl_s / 4`` until cancelled (run it beside the turn). If this
+        process dies the renewals stop, and the session is free again within ``ttl_s``."""
+        while True:
+            await asyncio.sleep(ttl_s / 4)
+            try:
+                if not await self.call(state_id, "renew_lease", lease_id):
+                    return  # lost (expired or released): the commit will be fenced or is done
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a shard restart: the seq check still guards the commit
+                logger.warning("could not renew the lease on %s: %s", state_id, e)
+
+    def start_keep_lease(self, state_id: str, lease: dict[str, Any]) -> asyncio.Task:
+        """:meth:`keep_lease` as a task for a ``begin_turn`` answer; cancel it when the turn ends."""
+        return asyncio.get_running_loop().create_task(
+            self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
+
+    async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
+        parts = await asyncio.gather(*(self.handle(i).list_sessions.remote(owner) for i in range(self.cfg.num_shards)))
+        out = [s for p in parts for s in p]
+        return sorted(out, key=lambda s: s["updated_at"], reverse=True)
+
+    async def stats(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self.handle(i).stats.remote() for i in range(self.cfg.num_shards))))
+
+    async def ping_all(self, timeout_s: float = 5.0) -> int:
+        async def one(i):
+            try:
+                await asyncio.wait_for(self.handle(i).ping.remote(), timeout_s)
+                return 1
+            except Exception:
+                return 0
+        return sum(await asyncio.gather(*(one(i) for i in range(self.cfg.num_shards))))
+
+    def kill_all(self) -> None:
+        """Remove the shard actors (tests, teardown). Their storage stays."""
+        import ray
+
+        for i in range(self.cfg.num_shards):
+            try:
+                ray.kill(ray.get_actor(self.cfg.actor_name(i), namespace=self.cfg.namespace), no_restart=True)
+            except ValueError:
+                pass
+        self._handles.clear()

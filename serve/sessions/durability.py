@@ -1,0 +1,236 @@
+"""Durability of a shard: opening its storage (with retries), recovery from snapshots + WAL with
+damage detection, durable appends, loading offloaded banks, snapshots and WAL checkpoints.
+
+Damage is detected, reported and never guessed over (issue 12). Storage errors on the request path
+answer 503 ``storage_unavailable`` with nothing changed; background work (offload, checkpoint) fails
+quietly and tries again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from ..bank_store import BankStore, RecordDamage, digest
+from ..errors import StorageUnavailable
+from .session import Session
+
+logger = logging.getLogger("serve.sessions")
+
+
+class DurabilityMixin:
+    """Storage side of :class:`~serve.sessions.shard.SessionBankShard` (see its attributes)."""
+
+    START_BACKOFF_S = (0.25, 10.0)  # first retry delay, cap (doubling in between)
+
+    def _try_start(self) -> bool:
+        try:
+            self.store = BankStore(self.cfg.shard_uri(self.index))
+            self.sessions = {}
+            self._recover()
+        except OSError as e:
+            if self.store is not None:
+                self.store.close()
+            self.store, self.sessions = None, {}
+            self.start_error = f"{type(e).__name__}: {e}"
+            lo, hi = self.START_BACKOFF_S
+            self._retry_s = min(hi, self._retry_s * 2) if self._retry_s else lo
+            self._next_start_at = time.monotonic() + self._retry_s
+            self.counters["storage_errors"] += 1
+            logger.error("shard %d cannot start on %s (%s); retrying in %.2fs", self.index,
+                         self.cfg.shard_uri(self.index), self.start_error, self._retry_s)
+            return False
+        if self.start_error:
+            logger.warning("shard %d started after storage came back (was: %s)", self.index, self.start_error)
+        self.start_error, self._retry_s = None, 0.0
+        return True
+
+    def _ensure_started(self) -> None:
+        """Raise 503 while storage cannot be opened; retry (at most once per backoff step) on calls,
+        and in the background so the shard comes back even if nobody asks."""
+        if self.store is not None:
+            return
+        if time.monotonic() >= self._next_start_at and self._try_start():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and (self._retrier is None or self._retrier.done()):
+            self._retrier = loop.create_task(self._retry_start_forever())
+        raise StorageUnavailable(f"storage unavailable: session store shard {self.index} cannot open "
+                                 f"{self.cfg.shard_uri(self.index)} ({self.start_error}); it retries by itself "
+                                 f"(next in {max(0.0, self._next_start_at - time.monotonic()):.1f}s), retry "
+                                 "the request later", "storage_unavailable")
+
+    async def _retry_start_forever(self) -> None:
+        while self.store is None:
+            await asyncio.sleep(max(0.01, self._next_start_at - time.monotonic()))
+            if self.store is None:
+                await asyncio.to_thread(self._try_start)
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        """Sessions from snapshot headers (banks stay on storage until accessed), then the WAL.
+
+        Damage is detected, reported and never guessed over (issue 12): a snapshot whose header is
+        unreadable, or a WAL record that held a session's latest acknowledged update, makes that
+        session *damaged* (every call on it answers 500 ``state_damaged`` naming the damage; DELETE
+        clears it). A damaged record that later records supersede costs nothing. Other sessions are
+        unaffected."""
+        for sid in self.store.list_snapshots():
+            try:
+                h = self.store.read_snapshot_header(sid)
+            except (RecordDamage, ValueError) as e:  # ValueError: a header that is not JSON (format 1)
+                self._mark_damaged_at_start(sid, f"snapshot sessions/{sid}.snap: {e}", quarantine=True)
+                continue
+            s = Session.from_header(h)
+            s.snapshot_seq = s.seq
+            s.offloaded = s.nbytes > 0 and not s.damage
+            self.sessions[sid] = s
+        bad_records: list[RecordDamage] = []
+        last_good: dict[str, list[tuple[int, str, int]]] = {}  # sid -> (record index, inc, seq)
+        n = 0
+        for header, payload in self.store.replay(bad_records.append):
+            self._apply_record(header, payload)
+            last_good.setdefault(header["sid"], []).append((len(bad_records), header.get("inc", ""), header["seq"]))
+            n += 1
+        for k, d in enumerate(bad_records):
+            where = f"{getattr(d, 'where', 'wal')} at byte {d.offset}"
+            self._report({"kind": "wal_record", "where": where, **d.report()})
+            if d.torn or d.sid is None:
+                if not d.torn:
+                    logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
+                                 "be named", self.index, d.length, where, d.reason)
+                continue
+            later = [(inc, seq) for idx, inc, seq in last_good.get(d.sid, []) if idx > k]
+            s = self.sessions.get(d.sid)
+            superseded = any(inc != d.inc or seq > d.seq for inc, seq in later) or (
+                s is not None and s.inc == d.inc and s.snapshot_seq >= d.seq)
+            if superseded:
+                logger.warning("shard %d: damaged WAL record of %s seq %d (%s, %s) is superseded by later data",
+                               self.index, d.sid, d.seq, where, d.reason)
+                continue
+            self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
+        for s in list(self.sessions.values()):
+            if s.deleted:
+                self.store.delete_snapshot(s.state_id)
+                del self.sessions[s.state_id]
+        self.counters["recovered_records"] = n
+        self.counters["damaged_records"] = sum(not d.torn for d in bad_records)
+        # every restart opens a new epoch: fold the old ones into snapshots at the next manager pass
+        self._fold_epochs = len(self.store.epochs()) >= 3
+        self.store.start_epoch()
+        if n or self.sessions:
+            logger.info("shard %d restored %d sessions (%d WAL records)", self.index, len(self.sessions), n)
+
+    def _report(self, entry: dict[str, Any]) -> None:
+        """Remember a damage report (stats) and append it to ``<shard>/damage.jsonl`` (best effort)."""
+        entry = {"at": time.time(), "shard": self.index, **entry}
+        self.damage_reports.append(entry)
+        try:
+            self.store.append_report(entry)
+        except OSError as e:
+            logger.error("shard %d: could not record damage report %s: %s", self.index, entry, e)
+
+    def _mark_damaged_at_start(self, sid: str, damage: str, seq: int | None = None, quarantine: bool = False) -> None:
+        """Make ``sid`` a damaged session and persist that as a marker snapshot (header only), so the
+        verdict survives a later WAL checkpoint; a damaged snapshot is first copied aside."""
+        logger.error("shard %d: session %s is damaged: %s", self.index, sid, damage)
+        s = self.sessions.get(sid)
+        if s is None:
+            s = self.sessions[sid] = Session(sid, "", 0.0, 0.0)
+        if quarantine:
+            self._report({"kind": "snapshot", "sid": sid, "reason": damage})
+        s.damage, s.payload, s.offloaded, s.deleted = damage, None, False, False
+        s.seq = max(s.seq, seq if seq is not None else s.seq)
+        try:
+            if quarantine:
+                self.store.quarantine_snapshot(sid)
+            self.store.write_snapshot(sid, s.header(), None)
+            s.snapshot_seq = s.seq
+        except OSError as e:  # the evidence stays on storage: found again at the next start
+            logger.error("shard %d: could not persist the damage of %s: %s", self.index, sid, e)
+
+    async def _append(self, header: dict[str, Any], payload: bytes | None) -> None:
+        wal_lock, _ = self._locks()
+        async with wal_lock:
+            try:
+                await asyncio.to_thread(self.store.append, header, payload)
+            except OSError as e:
+                self.counters["storage_errors"] += 1
+                logger.error("shard %d: WAL append for %s failed: %s", self.index, header.get("sid"), e)
+                raise StorageUnavailable(f"storage unavailable: the session store (shard {self.index}) could not "
+                                         f"write {header.get('op')} of state {header.get('sid')!r} durably "
+                                         f"({e.strerror or e}); nothing was changed, retry later",
+                                         "storage_unavailable") from None
+
+    async def _ensure_loaded(self, s: Session) -> None:
+        if not s.offloaded:
+            return
+        _, snap_lock = self._locks()
+        async with snap_lock:
+            if not s.offloaded:
+                return
+            try:
+                header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
+                if header["seq"] != s.seq or digest(payload) != s.digest:
+                    raise RecordDamage(f"snapshot holds seq {header['seq']} digest {digest(payload)}, the session "
+                                       f"seq {s.seq} digest {s.digest}")
+            except (RecordDamage, ValueError, FileNotFoundError) as e:
+                s.damage = f"snapshot sessions/{s.state_id}.snap: {e}"
+                s.offloaded = False
+                logger.error("shard %d: session %s is damaged: %s", self.index, s.state_id, s.damage)
+                self._report({"kind": "snapshot", "sid": s.state_id, "reason": s.damage})
+                try:
+                    await asyncio.to_thread(self.store.quarantine_snapshot, s.state_id)
+                    await asyncio.to_thread(self.store.write_snapshot, s.state_id, s.header(), None)
+                except OSError as e2:
+                    logger.error("shard %d: could not persist the damage of %s: %s", self.index, s.state_id, e2)
+                raise self._damaged(s) from None
+            except OSError as e:
+                raise StorageUnavailable(f"storage unavailable: could not read the bank of state {s.state_id!r} "
+                                         f"(shard {self.index}): {e.strerror or e}; retry later",
+                                         "storage_unavailable") from None
+            s.payload, s.offloaded = payload, False
+            self.counters["restores"] += 1
+
+    async def _snapshot(self, s: Session) -> None:
+        """Write the session's current bank as its snapshot (if the snapshot is older)."""
+        _, snap_lock = self._locks()
+        async with snap_lock:
+            if s.deleted or s.offloaded or s.damage or s.snapshot_seq >= s.seq:
+                return
+            header, payload, seq = s.header(), s.payload, s.seq  # consistent: no await in between
+            await asyncio.to_thread(self.store.write_snapshot, s.state_id, header, payload)
+            s.snapshot_seq = max(s.snapshot_seq, seq)
+
+    async def _maybe_checkpoint(self, force: bool = False) -> None:
+        if force or self.store.wal_bytes >= self.cfg.checkpoint_wal_bytes:
+            await self.checkpoint()
+
+    async def checkpoint(self) -> None:
+        """Snapshot every session the WAL holds newer data for, then drop the old WAL epochs.
+        Best effort: on a storage error nothing is dropped, and the next pass tries again."""
+        try:
+            await self._checkpoint()
+        except OSError as e:
+            self.counters["storage_errors"] += 1
+            logger.warning("shard %d: checkpoint failed (the WAL keeps everything): %s", self.index, e)
+
+    async def _checkpoint(self) -> None:
+        wal_lock, _ = self._locks()
+        async with wal_lock:
+            new_epoch = await asyncio.to_thread(self.store.start_epoch)
+            # what the old epochs hold, per session (later updates land in the new epoch)
+            covered = {sid: s.seq for sid, s in self.sessions.items() if not s.deleted}
+        for sid in covered:
+            s = self.sessions.get(sid)
+            if s is not None and not s.deleted and not s.offloaded and s.snapshot_seq < s.seq:
+                await self._snapshot(s)
+        if all(s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
+               if sid in covered):
+            await asyncio.to_thread(self.store.delete_epochs_before, new_epoch)
+        self.counters["checkpoints"] += 1

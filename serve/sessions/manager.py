@@ -1,0 +1,140 @@
+"""The memory manager of a shard (off the request path): compaction of idle sessions
+(``model.compact_state`` then ``merge_duplicates``), TTL cleanup, offload of idle banks beyond the
+memory budget, and WAL checkpoints when the log grows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from ..errors import Busy, Conflict, NotFound, StateDamaged, StorageUnavailable
+from .session import Session
+
+logger = logging.getLogger("serve.sessions")
+
+
+class ManagerMixin:
+    """Background policy of :class:`~serve.sessions.shard.SessionBankShard`."""
+
+    # ------------------------------------------------------------------ compaction
+    def _load_model(self):
+        if self._model is None:
+            import torch
+
+            from ..modeling import ModelSpec, load_model
+
+            torch.set_num_threads(1)  # a background helper: leave the cores to the generator
+            self._model = load_model(ModelSpec(**self.cfg.model), device="cpu").model
+        return self._model
+
+    def _compact_bytes(self, payload: bytes | None, merge: bool, threshold: float):
+        from ..modeling import state_from_bytes, state_meta, state_to_bytes
+
+        model = self._load_model()
+        state = state_from_bytes(payload, model)
+        before = state_meta(state)
+        moved = model.compact_state(state)
+        merged = state.merge_duplicates(threshold) if merge else 0
+        return state_to_bytes(state), before, state_meta(state), moved, merged
+
+    async def compact(self, sid: str, owner: str | None, merge: bool = True,
+                      threshold: float | None = None, wait: bool = True) -> dict[str, Any] | None:
+        """Compact one session now (``model.compact_state`` then ``merge_duplicates``)."""
+        self._start_manager()
+        s = self._get(sid, owner)
+        threshold = self.cfg.merge_threshold if threshold is None else threshold
+        lease_id = await self._acquire(s, self.cfg.lease_wait_s if wait else 0.0)
+        try:
+            await self._ensure_loaded(s)
+            bytes_before, seq = s.nbytes, s.seq
+            t0 = time.perf_counter()
+            payload, before, after, moved, merged = await asyncio.to_thread(
+                self._compact_bytes, s.payload, merge, threshold)
+            turn = {"kind": "compact", "duration_ms": (time.perf_counter() - t0) * 1e3,
+                    "tokens_seen": after["tokens_seen"], "detail": {**moved, "merged": merged}}
+            res = await self.apply_update(sid, seq + 1, f"compact-{uuid.uuid4().hex}", payload, after, turn,
+                                          compacted=True)
+        finally:
+            self._release(s, lease_id)
+        await self._enforce_budget()
+        self.counters["compactions"] += 1
+        self.counters["merged_slots"] += merged
+        return {"state_id": sid, "moved": moved, "merged": merged, "levels_before": before["levels"],
+                "levels_after": after["levels"], "bytes_before": bytes_before, "bytes_after": len(payload),
+                "state": res["info"]}
+
+    # ------------------------------------------------------------------ memory manager
+    async def _manage_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.manager_interval_s)
+            try:
+                await self.manage_once()
+            except Exception:
+                logger.exception("shard %d: memory manager pass failed", self.index)
+
+    async def manage_once(self) -> dict[str, int]:
+        """One pass of the memory manager (also callable directly, e.g. from tests)."""
+        self._ensure_started()
+        done = {"expired": 0, "compacted": 0}
+        now_wall, now = time.time(), time.monotonic()
+        for s in list(self.sessions.values()):
+            if s.deleted or s.leased() or s.damage:
+                continue
+            if now_wall - s.updated_at > self.cfg.session_ttl_s and now - s.last_access > self.cfg.session_ttl_s:
+                await self.delete(s.state_id, None)
+                self.counters["expired"] += 1
+                done["expired"] += 1
+                continue
+            if (self.cfg.auto_compact and s.compacted_seq < s.seq and s.nbytes
+                    and now - s.last_access >= self.cfg.compact_idle_s and self._l0_fill(s) >= self.cfg.compact_l0_fill):
+                try:
+                    await self.compact(s.state_id, None, merge=True, wait=False)
+                    done["compacted"] += 1
+                except (Busy, Conflict, NotFound, StateDamaged, StorageUnavailable):
+                    pass
+        await self._maybe_checkpoint(force=self._fold_epochs)
+        self._fold_epochs = False
+        await self._enforce_budget()
+        return done
+
+    @staticmethod
+    def _l0_fill(s: Session) -> float:
+        lv = s.meta.get("levels") or []
+        if not lv or not lv[0].get("capacity"):
+            return 0.0
+        return lv[0]["slots"] / lv[0]["capacity"]
+
+    def bytes_in_memory(self) -> int:
+        return sum(len(s.payload) for s in self.sessions.values() if s.payload is not None and not s.offloaded)
+
+    async def offload(self, sid: str) -> bool:
+        """Move a session's bank to storage and drop it from memory."""
+        s = self.sessions.get(sid)
+        if s is None or s.deleted or s.offloaded or s.leased() or s.payload is None:
+            return False
+        async with s.condition():
+            try:
+                await self._snapshot(s)
+            except OSError as e:  # storage full/down: the bank simply stays in memory
+                self.counters["storage_errors"] += 1
+                logger.warning("shard %d: could not offload %s: %s", self.index, sid, e)
+                return False
+            if s.snapshot_seq < s.seq or s.leased():
+                return False  # it changed meanwhile; try again later
+            s.payload, s.offloaded = None, True
+        self.counters["offloads"] += 1
+        return True
+
+    async def _enforce_budget(self) -> None:
+        if self.bytes_in_memory() <= self.cfg.memory_budget_bytes:
+            return
+        idle = sorted((s for s in self.sessions.values()
+                       if s.payload is not None and not s.offloaded and not s.leased() and not s.deleted),
+                      key=lambda s: s.last_access)
+        for s in idle:
+            if self.bytes_in_memory() <= self.cfg.memory_budget_bytes:
+                break
+            await self.offload(s.state_id)

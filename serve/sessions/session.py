@@ -1,0 +1,71 @@
+"""One session's record in a shard: owner, seq, incarnation, bank (or where it went), history,
+lease, damage. Plain data; the shard's modules change it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Session:
+    state_id: str
+    owner: str
+    created_at: float
+    updated_at: float
+    seq: int = 0
+    inc: str = ""  # incarnation: a re-created id must not pick up an old incarnation's WAL records
+    payload: bytes | None = None
+    nbytes: int = 0
+    digest: str | None = None
+    offloaded: bool = False
+    snapshot_seq: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)  # summary, levels, tokens_seen
+    history: list[dict[str, Any]] = field(default_factory=list)
+    applied: dict[int, str] = field(default_factory=dict)  # seq -> update id (recent)
+    compacted_seq: int = -1
+    last_access: float = field(default_factory=time.monotonic)
+    lease: tuple[str, float] | None = None  # (lease id, monotonic expiry)
+    grant: str | None = None  # fencing token: the lease granted last; a commit under an older one is refused
+    cond: asyncio.Condition | None = None
+    deleted: bool = False
+    damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)
+
+    def condition(self) -> asyncio.Condition:
+        if self.cond is None:
+            self.cond = asyncio.Condition()
+        return self.cond
+
+    def leased(self) -> bool:
+        return self.lease is not None and self.lease[1] > time.monotonic()
+
+    def header(self) -> dict[str, Any]:
+        return {"sid": self.state_id, "inc": self.inc, "owner": self.owner, "created_at": self.created_at,
+                "updated_at": self.updated_at, "seq": self.seq, "nbytes": self.nbytes, "digest": self.digest,
+                "meta": self.meta, "history": self.history, "applied": {str(k): v for k, v in self.applied.items()},
+                "compacted_seq": self.compacted_seq, "damage": self.damage}
+
+    def info(self, shard: int, with_history: bool = False) -> dict[str, Any]:
+        out = {"state_id": self.state_id, "owner": self.owner, "created_at": self.created_at,
+               "updated_at": self.updated_at, "seq": self.seq,
+               "tokens_seen": int(self.meta.get("tokens_seen", 0)),
+               "turns": sum(1 for t in self.history if t.get("kind") == "generate"),
+               "bank_bytes": self.nbytes, "offloaded": self.offloaded, "digest": self.digest, "shard": shard,
+               "levels": self.meta.get("levels", []), "summary": self.meta.get("summary", {})}
+        if self.damage:
+            out["damage"] = self.damage
+        if with_history:
+            out["history"] = list(self.history)
+        return out
+
+    @classmethod
+    def from_header(cls, h: dict[str, Any]) -> "Session":
+        """A session from a snapshot header (its bank stays on storage until accessed)."""
+        return cls(state_id=h["sid"], inc=h.get("inc", ""), owner=h["owner"], created_at=h["created_at"],
+                   updated_at=h.get("updated_at", h["created_at"]), seq=h["seq"],
+                   nbytes=h.get("nbytes", 0), digest=h.get("digest"), meta=h.get("meta", {}),
+                   history=list(h.get("history", [])),
+                   applied={int(k): v for k, v in h.get("applied", {}).items()},
+                   compacted_seq=h.get("compacted_seq", -1), damage=h.get("damage"))

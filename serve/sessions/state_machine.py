@@ -1,0 +1,266 @@
+"""The session state machine of a shard: create / read / delete, turns under leases, and the
+ordered, idempotent update queue (seq numbers, update ids, fencing tokens).
+
+A session's updates apply in ``seq`` order (an early one waits for its predecessor); re-sending an
+applied update (same seq and id, as Ray's retries do) is acknowledged again without being reapplied;
+a different update for an applied seq is a conflict (409). A turn holds a lease renewed by its
+holder; a commit under a lease that was superseded is refused (409 ``lease_lost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from ..bank_store import digest
+from ..errors import Busy, Conflict, StateDamaged, session_not_found
+from .session import Session
+
+
+class StateMachineMixin:
+    """Session-facing side of :class:`~serve.sessions.shard.SessionBankShard`."""
+
+    def _apply_record(self, h: dict[str, Any], payload: bytes | None) -> None:
+        """Apply one WAL record to memory (live path and replay share this)."""
+        sid, op, seq, inc = h["sid"], h["op"], h["seq"], h.get("inc", "")
+        s = self.sessions.get(sid)
+        if op == "create":
+            if s is None or s.deleted:
+                s = self.sessions[sid] = Session(sid, h["owner"], h["at"], h["at"], seq=seq, inc=inc)
+                s.history.append({"seq": seq, "kind": "create", "at": h["at"]})
+            return
+        if s is None:  # its create record was in an epoch already dropped: rebuild from the put
+            if op != "put":
+                return
+            s = self.sessions[sid] = Session(sid, h["owner"], h["at"], h["at"], seq=seq - 1, inc=inc)
+        if s.inc != inc or seq <= s.seq:
+            return  # another incarnation of the id, or already in the snapshot
+        s.seq = seq
+        s.updated_at = h["at"]
+        if op == "delete":
+            s.deleted = True
+            return
+        s.deleted = False
+        s.payload, s.nbytes, s.digest, s.offloaded = payload, len(payload or b""), digest(payload), False
+        s.meta = h.get("meta", s.meta)
+        if h.get("turn"):
+            s.history.append(h["turn"])
+            del s.history[:-self.cfg.max_history]
+        if h.get("update_id"):
+            s.applied[seq] = h["update_id"]
+            for old in [k for k in s.applied if k < seq - 32]:
+                del s.applied[old]
+        if h.get("compacted"):
+            s.compacted_seq = seq
+
+    def _get(self, sid: str, owner: str | None) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.deleted or (owner is not None and s.owner and s.owner != owner):
+            raise session_not_found(sid)
+        if s.damage:
+            raise self._damaged(s)
+        return s
+
+    def _damaged(self, s: Session) -> StateDamaged:
+        return StateDamaged(f"state {s.state_id!r} (shard {self.index}) is damaged on storage and cannot be recovered "
+                            f"as acknowledged: {s.damage}. Nothing was guessed; DELETE /v1/state/{s.state_id} "
+                            "removes it (the damaged files are kept aside for inspection)", "state_damaged",
+                            "state_id")
+
+    def _touch(self, s: Session) -> None:
+        s.last_access = time.monotonic()
+
+    # ------------------------------------------------------------------ public: sessions
+
+    async def create(self, sid: str, owner: str) -> dict[str, Any]:
+        """Create an empty session (idempotent for its owner; 409 if another owner holds the id)."""
+        self._start_manager()
+        s = self.sessions.get(sid)
+        if s is not None and s.damage:
+            raise self._damaged(s)  # never silently recreated: DELETE first
+        if s is not None and not s.deleted:
+            if s.owner != owner:
+                raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
+            return s.info(self.index)
+        seq = 0
+        now = time.time()
+        header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": seq, "at": now}
+        await self._append(header, None)
+        self.sessions.pop(sid, None)
+        self._apply_record(header, None)
+        return self.sessions[sid].info(self.index)
+
+    async def info(self, sid: str, owner: str | None, with_history: bool = True) -> dict[str, Any]:
+        self._start_manager()
+        return self._get(sid, owner).info(self.index, with_history)
+
+    async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
+        self._start_manager()
+        return [s.info(self.index) for s in self.sessions.values()
+                if not s.deleted and (owner is None or s.owner == owner)]
+
+    async def get_bank(self, sid: str, owner: str | None) -> dict[str, Any]:
+        """Read-only copy of a session's bank: ``{"payload": bytes|None, "seq": n}``."""
+        self._start_manager()
+        s = self._get(sid, owner)
+        await self._ensure_loaded(s)
+        self._touch(s)
+        out = {"payload": s.payload, "seq": s.seq, "info": s.info(self.index)}
+        await self._enforce_budget()
+        return out
+
+    async def delete(self, sid: str, owner: str | None) -> dict[str, Any]:
+        """Delete a session (also a damaged one: the way to clear it)."""
+        self._start_manager()
+        s = self.sessions.get(sid)
+        if s is None or not s.damage:
+            s = self._get(sid, owner)
+        elif owner is not None and s.owner and s.owner != owner:
+            raise session_not_found(sid)
+        async with s.condition():
+            header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
+                      "at": time.time()}
+            await self._append(header, None)
+            self._apply_record(header, None)
+            s.condition().notify_all()
+        self.sessions.pop(sid, None)
+        _, snap_lock = self._locks()
+        async with snap_lock:
+            await asyncio.to_thread(self.store.delete_snapshot, sid)
+        return {"state_id": sid, "deleted": True}
+
+    # ------------------------------------------------------------------ public: turns
+    async def begin_turn(self, sid: str, owner: str, create: bool) -> dict[str, Any]:
+        """Lease the session for one turn and return its bank: ``{lease_id, seq, payload, created}``."""
+        self._start_manager()
+        s = self.sessions.get(sid)
+        created = False
+        if s is None or s.deleted:
+            if not create:
+                raise session_not_found(sid)
+            await self.create(sid, owner)
+            created = True
+        s = self.sessions[sid]
+        if s.damage:
+            raise self._damaged(s)
+        if s.owner != owner:
+            if create:
+                raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
+            raise session_not_found(sid)
+        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s)
+        try:
+            await self._ensure_loaded(s)
+        except BaseException:
+            self._release(s, lease_id)
+            raise
+        self._touch(s)
+        return {"lease_id": lease_id, "seq": s.seq, "payload": s.payload, "created": created,
+                "tokens_seen": int(s.meta.get("tokens_seen", 0)), "lease_ttl_s": self.cfg.lease_ttl_s}
+
+    async def renew_lease(self, sid: str, lease_id: str) -> bool:
+        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost."""
+        s = self.sessions.get(sid)
+        if s is None or s.lease is None or s.lease[0] != lease_id:
+            return False
+        s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
+        return True
+
+    async def commit_turn(self, sid: str, lease_id: str | None, seq: int, update_id: str,
+                          payload: bytes, meta: dict[str, Any], turn: dict[str, Any]) -> dict[str, Any]:
+        """Apply the turn's new bank as update ``seq`` and release the lease. Idempotent.
+
+        Fenced: once the session has been leased to another turn (this lease expired: its holder
+        stopped renewing it), this turn's commit is refused with 409 ``lease_lost``, even if its seq
+        would still fit. A retry of a commit that was applied is acknowledged as a duplicate."""
+        try:
+            s = self.sessions.get(sid)
+            if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
+                    and s.applied.get(seq) != update_id):
+                self.counters["fenced"] += 1
+                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
+                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
+            res = await self.apply_update(sid, seq, update_id, payload, meta, turn)
+        finally:
+            s = self.sessions.get(sid)
+            if s is not None and lease_id is not None:
+                self._release(s, lease_id)
+        await self._enforce_budget()  # now that the session is idle it may be offloaded too
+        return res
+
+    async def abort_turn(self, sid: str, lease_id: str) -> None:
+        s = self.sessions.get(sid)
+        if s is not None:
+            self._release(s, lease_id)
+
+    async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
+                           meta: dict[str, Any], turn: dict[str, Any] | None = None,
+                           compacted: bool = False) -> dict[str, Any]:
+        """The ordered, idempotent update queue of a session. Returns once the update is durable."""
+        self._start_manager()
+        s = self._get(sid, None)
+        cond = s.condition()
+        async with cond:
+            if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
+                try:
+                    await asyncio.wait_for(cond.wait_for(lambda: s.deleted or s.seq >= seq - 1),
+                                           self.cfg.queue_wait_s)
+                except asyncio.TimeoutError:
+                    raise Conflict(f"update seq {seq} of {sid!r} waited {self.cfg.queue_wait_s:.0f}s for "
+                                   f"seq {seq - 1}, which never arrived (state is at seq {s.seq})",
+                                   "missing_predecessor") from None
+                if s.deleted:
+                    raise session_not_found(sid)
+            if seq <= s.seq:
+                if s.applied.get(seq) == update_id:
+                    self.counters["duplicates"] += 1
+                    return {"seq": s.seq, "applied": False, "duplicate": True, "info": s.info(self.index)}
+                self.counters["conflicts"] += 1
+                raise Conflict(f"state {sid!r} changed during this request (now at seq {s.seq}, this "
+                               f"update was for seq {seq}); retry the request", "state_conflict", "state_id")
+            header = {"op": "put", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": seq, "at": time.time(),
+                      "update_id": update_id, "meta": meta, "turn": turn, "compacted": compacted}
+            if turn is not None:
+                turn.setdefault("seq", seq)
+                turn.setdefault("at", header["at"])
+            await self._append(header, payload)
+            self._apply_record(header, payload)
+            self.counters["updates"] += 1
+            self._touch(s)
+            cond.notify_all()
+            info = s.info(self.index)
+        await self._maybe_checkpoint()
+        await self._enforce_budget()
+        return {"seq": seq, "applied": True, "duplicate": False, "info": info}
+
+    # ------------------------------------------------------------------ leases
+    async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None) -> str:
+        cond = s.condition()
+        deadline = time.monotonic() + wait_s
+        async with cond:
+            while s.leased():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Busy(f"state {s.state_id!r} is busy with another request; retry shortly",
+                               "state_busy", "state_id")
+                try:  # wake at the lease's expiry at the latest
+                    await asyncio.wait_for(cond.wait(), min(left, max(0.01, s.lease[1] - time.monotonic())))
+                except asyncio.TimeoutError:
+                    pass
+            if s.deleted:
+                raise session_not_found(s.state_id)
+            lease_id = uuid.uuid4().hex
+            s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
+            s.grant = lease_id
+            return lease_id
+
+    def _release(self, s: Session, lease_id: str) -> None:
+        if s.lease is not None and s.lease[0] == lease_id:
+            s.lease = None
+            cond = s.condition()
+
+            async def _notify():
+                async with cond:
+                    cond.notify_all()
+            asyncio.get_running_loop().create_task(_notify())
