@@ -189,8 +189,10 @@ def test_state_create_read_compact_delete(client):
     # other owners neither see nor read it
     assert "crud-1" not in [s["state_id"] for s in client.get("/v1/states", headers={"X-Owner": "bob"}).json()["states"]]
     _err(client.get("/v1/state/crud-1", headers={"X-Owner": "bob"}), 404, "not found")
+    # ... nor learn that it exists (404 like a missing session, not 409 "taken")
     _err(client.post("/v1/generate", json={"prompt": "hi", "state_id": "crud-1"}, headers={"X-Owner": "bob"}),
-         409, "taken")
+         404, "not found")
+    _err(client.post("/v1/states", json={"state_id": "crud-1"}, headers={"X-Owner": "bob"}), 404, "not available")
     c = client.post("/v1/state/crud-1/compact", json={"merge": True}, headers={"X-Owner": "alice"})
     assert c.status_code == 200, c.text
     c = c.json()
