@@ -151,8 +151,11 @@ def serve_http_host(default: str = "127.0.0.1") -> str:
     """The host the running Serve proxies bind (``http_options.host``); ``default`` when no Serve
     instance runs yet (``serve.run`` then starts one on 127.0.0.1)."""
     try:
+        import ray
         from ray.serve.context import _get_global_client  # Ray offers no public getter
 
+        if not ray.is_initialized():  # asking would start a Ray cluster
+            return default
         client = _get_global_client(raise_if_no_controller_running=False)
         if client is not None:
             return client.http_config.host or default
