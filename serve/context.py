@@ -54,6 +54,7 @@ class ApiContext:
     endpoints: list[str] = field(default_factory=list)            # API paths (GET /), set by create_api
     research_in_flight: Counter = field(default_factory=Counter)   # owner -> expensive calls running
     ws_open: Counter = field(default_factory=Counter)              # owner -> open WebSockets
+    ws_authenticating: int = 0                                     # sockets waiting for their key
 
     def count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n

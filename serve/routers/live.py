@@ -22,31 +22,49 @@ router = APIRouter(tags=["live"])
 
 
 @asynccontextmanager
-async def ws_slot(ctx: ApiContext, ws: WebSocket, owner: str) -> AsyncIterator[bool]:
-    """Yield True while ``ws`` holds one of the open-socket slots; False (socket closed) over a cap."""
+async def admitted_ws(ctx: ApiContext, ws: WebSocket) -> AsyncIterator[str | None]:
+    """Accept, authenticate and admit ``ws``; yield its owner while it holds one of the open-socket
+    slots, or None once it has been closed (bad origin 4403, no valid key 4401, over a cap 4429).
+    Sockets still authenticating count against ``max_ws_total`` too (they wait up to 5 s)."""
+    if ctx.ws_authenticating + sum(ctx.ws_open.values()) >= ctx.limits.max_ws_total:
+        ctx.count("rejected/websocket_cap")
+        await ws.accept()
+        await _close(ws, WS_CLOSE_TOO_MANY, f"server holds {ctx.limits.max_ws_total} WebSockets, its most; retry later")
+        yield None
+        return
+    ctx.ws_authenticating += 1
+    try:
+        owner = await authenticate_ws(ws, ctx.keys, ctx.allowed_origins)
+    finally:
+        ctx.ws_authenticating -= 1
+    if owner is None:
+        ctx.count("rejected/websocket_auth")
+        yield None
+        return
     refused = ctx.ws_admit(owner)
     if refused is not None:
         ctx.count("rejected/websocket_cap")
-        try:
-            await ws.close(WS_CLOSE_TOO_MANY, refused)
-        except RuntimeError:
-            pass
-        yield False
+        await _close(ws, WS_CLOSE_TOO_MANY, refused)
+        yield None
         return
     try:
-        yield True
+        yield owner
     finally:
         ctx.ws_release(owner)
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    try:
+        await ws.close(code, reason)
+    except RuntimeError:  # the client already left
+        pass
 
 
 @router.websocket("/ws/live")
 async def ws_live(ws: WebSocket, ctx: ApiContext = Depends(get_ctx)):
     """Metrics, training steps and generation events, as JSON messages with a ``type``."""
-    owner = await authenticate_ws(ws, ctx.keys, ctx.allowed_origins)
-    if owner is None:
-        return
-    async with ws_slot(ctx, ws, owner) as admitted:
-        if admitted:
+    async with admitted_ws(ctx, ws) as owner:
+        if owner is not None:
             await _serve_live(ctx, ws, owner)
 
 

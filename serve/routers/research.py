@@ -18,10 +18,10 @@ from fastapi import APIRouter, Depends, Query, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ValidationError
 
 from .. import schemas as S
-from ..auth import Caller, authenticate_ws, caller
+from ..auth import Caller, caller
 from ..context import ApiContext, get_ctx
 from ..errors import APIError, Unprocessable, describe_validation_error, find_api_error
-from .live import ws_slot
+from .live import admitted_ws
 
 logger = logging.getLogger("serve.routers.research")
 router = APIRouter(tags=["research"], responses=S.ERROR_RESPONSES)
@@ -142,11 +142,8 @@ async def training_steps(ctx: ApiContext = Depends(get_ctx), who: Caller = Depen
 async def ws_research(ws: WebSocket, ctx: ApiContext = Depends(get_ctx)):
     """Request/response research queries: send ``{"id", "endpoint", "params"}``, get
     ``{"id", "ok", "endpoint", "result"}`` or ``{"id", "ok": false, "error": {...}}``."""
-    owner = await authenticate_ws(ws, ctx.keys, ctx.allowed_origins)
-    if owner is None:
-        return
-    async with ws_slot(ctx, ws, owner) as admitted:
-        if not admitted:
+    async with admitted_ws(ctx, ws) as owner:
+        if owner is None:
             return
         try:
             while True:
