@@ -327,7 +327,7 @@ def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float |
                "--workers", str(workers), "--seed", str(seed), "--request-timeout", "120",
                "--report", "json", "--report-json-path", report, "--warnings", "off", "--no-color"]
         if max_time_s:
-            cmd += ["--max-time", str(max_time_s)]
+            cmd += ["--max-time", str(int(max_time_s))]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300)
         elapsed = time.perf_counter() - t0

@@ -431,6 +431,7 @@ class ValidationErrorResponse(ErrorResponse):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "A body that is not JSON"},
     401: {"model": ErrorResponse, "description": "No valid API key (servers with keys)"},
     404: {"model": ErrorResponse, "description": "No such session for this owner, or no such endpoint"},
     409: {"model": ErrorResponse, "description": "The session changed meanwhile (retry)"},
@@ -438,6 +439,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "A quota or concurrency cap of this key"},
     503: {"model": ErrorResponse, "description": "Busy (the session is in another turn) or degraded"},
 }
+
+
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with stream=true Server-Sent Events (`data: {...}` lines)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 RESEARCH_REQUESTS: dict[str, type[BaseModel]] = {

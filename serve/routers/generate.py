@@ -13,7 +13,7 @@ from ..streaming import error_event, first_and_rest, public_events, sse, streami
 router = APIRouter(tags=["generation"], responses=S.ERROR_RESPONSES)
 
 
-@router.post("/v1/generate", response_model=S.GenerateResponse,
+@router.post("/v1/generate", responses=S.SSE_RESPONSE, response_model=S.GenerateResponse,
              summary="Generate text (stream=true: Server-Sent Events, one `token` event per token, then `done`)")
 async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)):
     owner = who.owner(req.owner)

@@ -82,7 +82,7 @@ async def models(ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(calle
                                         "owned_by": "bwr-dnc"}]}
 
 
-@router.post("/v1/completions", response_model=S.CompletionResponse, summary="OpenAI-compatible completions")
+@router.post("/v1/completions", responses=S.SSE_RESPONSE, response_model=S.CompletionResponse, summary="OpenAI-compatible completions")
 async def completions(req: S.CompletionRequest, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)):
     owner = who.owner(_user(req))
     ctx.check_new_tokens(req.max_tokens, "max_tokens")
@@ -124,7 +124,7 @@ def chat_prompt(ctx: ApiContext, messages: list[S.ChatMessage]) -> list[int]:
     return ids
 
 
-@router.post("/v1/chat/completions", response_model=S.ChatCompletionResponse,
+@router.post("/v1/chat/completions", responses=S.SSE_RESPONSE, response_model=S.ChatCompletionResponse,
              summary="OpenAI-compatible chat completions (roles become special tokens)")
 async def chat_completions(req: S.ChatCompletionRequest, ctx: ApiContext = Depends(get_ctx),
                            who: Caller = Depends(caller)):
