@@ -338,30 +338,25 @@ def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float |
 
 
 def summarize_report(data: dict[str, Any]) -> dict[str, Any]:
-    """Cases, operations and failures by check from schemathesis' JSON report (format of 4.x)."""
+    """Cases, operations and failures by check from schemathesis' JSON report (format of 4.32)."""
     failures: dict[str, int] = {}
-    statuses: dict[str, int] = {}
-    cases = ops = 0
-
-    def walk(x: Any) -> None:
-        nonlocal cases
-        if isinstance(x, dict):
-            if "check" in x and "status" in x and isinstance(x.get("check"), str):
-                if str(x["status"]).lower() in ("failure", "failed", "error"):
-                    failures[x["check"]] = failures.get(x["check"], 0) + 1
-            if "response" in x and isinstance(x["response"], dict) and "status_code" in x["response"]:
-                code = str(x["response"]["status_code"])
-                statuses[code] = statuses.get(code, 0) + 1
-                cases += 1
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-    walk(data)
-    ops = len(data.get("operations", [])) if isinstance(data.get("operations"), list) else None
-    return {"cases": cases, "operations": ops, "failures_by_check": failures, "status_codes": statuses,
-            "top_level_keys": sorted(data)[:20] if isinstance(data, dict) else []}
+    for f in data.get("failures", []):
+        name = next((str(f[k]) for k in ("code", "check", "title", "name") if isinstance(f, dict) and k in f),
+                    json.dumps(f)[:80])
+        failures[name] = failures.get(name, 0) + 1
+    accepted = rejected = 0
+    for phases in (data.get("valid_rates") or {}).values():
+        for counts in phases.values():
+            accepted += counts.get("accepted", 0)
+            rejected += counts.get("rejected", 0)
+    cases = data.get("test_cases", {})
+    return {"cases": cases.get("generated", 0), "cases_with_failures": cases.get("with_failures"),
+            "unique_failures": cases.get("unique_failures"), "errored": cases.get("errored"),
+            "operations": (data.get("operations") or {}).get("tested"), "failures_by_check": failures,
+            "errors": [str(e)[:300] for e in data.get("errors", [])][:10],
+            "phases": {k: v.get("status") for k, v in (data.get("phases") or {}).items()},
+            "valid_cases_accepted": accepted, "valid_cases_rejected": rejected,
+            "stop_reason": data.get("stop_reason")}
 
 
 # ------------------------------------------------------------------------------ report
@@ -370,10 +365,11 @@ def markdown(result: dict[str, Any]) -> str:
     st = result.get("schemathesis")
     if st:
         s = st["summary"]
-        lines += ["| schemathesis | value |", "|---|---|", f"| cases | {s['cases']} |",
-                  f"| max examples per operation | {st['max_examples']} |",
-                  f"| status codes | {', '.join(f'{k}: {v}' for k, v in sorted(s['status_codes'].items()))} |",
-                  f"| failures by check | {json.dumps(s['failures_by_check']) or '{}'} |",
+        lines += ["| schemathesis | value |", "|---|---|", f"| operations tested | {s['operations']} |",
+                  f"| cases generated | {s['cases']} |", f"| max examples per operation | {st['max_examples']} |",
+                  f"| phases | {', '.join(f'{k}: {v}' for k, v in s['phases'].items())} |",
+                  f"| unique failures | {s['unique_failures']} {json.dumps(s['failures_by_check'])} |",
+                  f"| errors | {len(s['errors'])} |", f"| stop reason | {s['stop_reason']} |",
                   f"| exit code | {st['exit_code']} |", f"| seconds | {st['seconds']:.0f} |", ""]
     iso = result.get("isolation")
     if iso:

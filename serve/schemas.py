@@ -443,7 +443,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "JSON, or with stream=true Server-Sent Events (`data: {...}` lines)",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+          "content": {"text/event-stream": {"schema": {  # one SSE event: `data:` is a JSON object or [DONE]
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}}}
 
 
 RESEARCH_REQUESTS: dict[str, type[BaseModel]] = {
