@@ -8,7 +8,9 @@ Every argument of :class:`AppArgs` can be given as ``key=value`` to ``serve run`
 ``args:`` in serve/config.yaml.
 """
 
+import logging
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Literal
@@ -16,12 +18,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from .api import create_api
+from .auth import KeyRing, check_bind, install_log_redaction, load_key_ring, serve_http_host
+from .context import ApiContext, Limits
 from .generator import Generator
 from .live import Broadcaster, get_hub
 from .modeling import ModelSpec
-from .routes import ApiContext, Limits, create_api
 from .session_bank import BankClient, BankConfig, check_layout
 
+logger = logging.getLogger("serve.app")
 REPO_UI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui")
 
 
@@ -52,6 +57,19 @@ class AppArgs(BaseModel):
     max_new_tokens: int = Field(512, ge=1, le=4096)
     max_prompt_tokens: int = Field(8192, ge=1)
     max_research_tokens: int = Field(2048, ge=2)
+    max_research_context_tokens: int = Field(4096, ge=1, description="efficiency-metrics context_tokens cap.")
+    max_research_new_tokens: int = Field(128, ge=1, description="efficiency-metrics new_tokens cap.")
+    research_concurrency_per_owner: int = Field(1, ge=1, description="Expensive research calls in flight "
+                                                "per owner and ingress replica (429 beyond).")
+    max_sessions_per_owner: int = Field(1000, ge=1, description="Sessions one owner may hold (429 beyond).")
+    max_ws_per_owner: int = Field(8, ge=1, description="Open WebSockets per owner and ingress replica.")
+    max_ws_total: int = Field(256, ge=1, description="Open WebSockets per ingress replica in all.")
+    api_keys_file: str | None = Field(None, description="File (path or fsspec URI) of owner:key lines; adds "
+                                                        "to $DNC_API_KEYS. Keys are required beyond loopback.")
+    allowed_origins: list[str] = Field(default_factory=list, description="Browser origins allowed besides "
+                                       "the server's own (CORS and the WebSocket Origin check); '*' = any.")
+    http_host: str = Field("127.0.0.1", description="Host the HTTP proxy binds when build_app starts Serve "
+                                                    "itself; a running Serve instance's own host wins.")
     ui_dir: str | None = Field(REPO_UI, description="Static UI folder served at /ui (none = no UI).")
     live_interval_s: float = Field(2.0, gt=0)
 
@@ -60,7 +78,7 @@ class AppArgs(BaseModel):
     def _abs_storage(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
-    @field_validator("checkpoint", "ui_dir", mode="before")
+    @field_validator("checkpoint", "ui_dir", "api_keys_file", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
         return None if v in ("", "none", "None", "null") else v
@@ -74,6 +92,15 @@ class AppArgs(BaseModel):
                           model=self.model_spec().to_dict(), memory_budget_bytes=int(self.memory_budget_mb * 2**20),
                           session_ttl_s=self.session_ttl_s, manager_interval_s=self.manager_interval_s,
                           auto_compact=self.auto_compact, compact_idle_s=self.compact_idle_s)
+
+    def limits(self) -> Limits:
+        return Limits(max_new_tokens=self.max_new_tokens, max_prompt_tokens=self.max_prompt_tokens,
+                      max_research_tokens=self.max_research_tokens,
+                      max_research_context_tokens=self.max_research_context_tokens,
+                      max_research_new_tokens=self.max_research_new_tokens,
+                      research_concurrency_per_owner=self.research_concurrency_per_owner,
+                      max_sessions_per_owner=self.max_sessions_per_owner, max_ws_per_owner=self.max_ws_per_owner,
+                      max_ws_total=self.max_ws_total)
 
     def hub_name(self) -> str:
         return f"dnc-live-hub-{self.bank_config().fingerprint()}"
@@ -93,13 +120,18 @@ class AppArgs(BaseModel):
         return 1.0 if torch.cuda.is_available() else 0.0
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})  # serve/access_log.py writes ours
 @serve.ingress()
 class Ingress:
-    """FastAPI ingress. Holds handles only (Generator, SessionBank shards, live hub); no model."""
+    """FastAPI ingress. Holds handles only (Generator, SessionBank shards, live hub); no model.
+    ``key_digests``: SHA-256 of each API key -> owner (the keys themselves never reach the replica)."""
 
-    def __init__(self, generator, args: dict[str, Any]):
+    def __init__(self, generator, args: dict[str, Any], key_digests: dict[str, str] | None = None):
+        install_log_redaction()
         a = AppArgs(**args)
+        keys = KeyRing(dict(key_digests or {}))
+        logger.info(check_bind(serve_http_host(a.http_host), keys))  # raises beyond loopback without keys
         bank_cfg = a.bank_config()
         hub_ns, hub_name = a.namespace, a.hub_name()
         self._hub = None
@@ -109,17 +141,22 @@ class Ingress:
                 self._hub = get_hub(hub_ns, hub_name)
             return self._hub
         self.ctx = ApiContext(generator=generator, bank=BankClient(bank_cfg), hub=hub, live=Broadcaster(),
-                              limits=Limits(a.max_new_tokens, a.max_prompt_tokens, a.max_research_tokens),
-                              model_name=a.model_name, ui_dir=a.ui_dir, live_interval_s=a.live_interval_s,
-                              started=time.time())
+                              limits=a.limits(), keys=keys,
+                              allowed_origins=list(a.allowed_origins), model_name=a.model_name, ui_dir=a.ui_dir,
+                              live_interval_s=a.live_interval_s, started=time.time())
 
     def __serve_build_asgi_app__(self):
         return create_api(self.ctx)
 
 
 def build_app(args: dict[str, Any]):
-    """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`)."""
+    """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`).
+
+    Raises :class:`serve.auth.KeyConfigError` (one line) for malformed keys, or for a bind address
+    beyond loopback without keys."""
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    keys = load_key_ring(a.api_keys_file)
+    print(f"[serve] {check_bind(serve_http_host(a.http_host), keys)}", file=sys.stderr, flush=True)
     check_layout(a.storage, a.bank_shards)
     gen_settings = {"model": a.model_spec().to_dict(), "bank": asdict(a.bank_config()),
                     "hub_namespace": a.namespace, "hub_name": a.hub_name(), "device": a.device,
@@ -129,7 +166,7 @@ def build_app(args: dict[str, Any]):
         num_replicas=a.generator_replicas,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
     ).bind(gen_settings)
-    return Ingress.bind(generator, a.model_dump())
+    return Ingress.bind(generator, a.model_dump(), keys.digests)
 
 
 def teardown(args: dict[str, Any] | None = None) -> None:

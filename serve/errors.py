@@ -44,6 +44,13 @@ class BadRequest(APIError):
     status = 400
 
 
+class Unauthorized(APIError):
+    """No valid API key (the server has keys). Answered with ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+    type = "authentication_error"
+
+
 class NotFound(APIError):
     status = 404
     type = "not_found_error"
@@ -58,6 +65,13 @@ class Unprocessable(APIError):
     """Well-formed JSON whose values the server cannot use (same status as schema errors)."""
 
     status = 422
+
+
+class TooManyRequests(APIError):
+    """A quota or concurrency cap of the caller's key (sessions, expensive research calls)."""
+
+    status = 429
+    type = "rate_limit_error"
 
 
 class Busy(APIError):
@@ -107,6 +121,14 @@ def _clean(err: APIError) -> APIError:
     return out
 
 
+def error_response(err: APIError):
+    """The JSON response of ``err`` (401s carry ``WWW-Authenticate: Bearer``, as RFC 6750 asks)."""
+    from fastapi.responses import JSONResponse
+
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
 def install_handlers(app) -> None:
     """Register JSON error handlers on a FastAPI app: APIError, request validation (422 with one
     readable line per problem), Starlette HTTP errors (404 for unknown routes...) and the rest."""
@@ -116,7 +138,7 @@ def install_handlers(app) -> None:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     async def api_error(_: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return error_response(exc)
 
     async def validation_error(_: Request, exc: RequestValidationError):
         errors = [describe_validation_error(e) for e in exc.errors()]
@@ -124,7 +146,7 @@ def install_handlers(app) -> None:
         first = errors[0]["param"] if errors else None
         body = {"error": {"message": msg, "type": "invalid_request_error", "param": first,
                           "code": "validation_error"},
-                "detail": [{"loc": e["loc"], "msg": e["msg"]} for e in errors]}
+                "detail": [{"loc": e["loc"], "msg": e["msg"], "type": e["type"]} for e in errors]}
         return JSONResponse(body, status_code=422)
 
     async def http_error(_: Request, exc: StarletteHTTPException):
@@ -140,7 +162,7 @@ def install_handlers(app) -> None:
     async def unexpected(_: Request, exc: Exception):
         api = find_api_error(exc)
         if api is not None:
-            return JSONResponse(api.body(), status_code=api.status)
+            return error_response(api)
         ref = uuid.uuid4().hex[:12]
         logger.exception("unhandled error ref=%s", ref, exc_info=exc)
         body = {"error": {"message": f"internal error (ref {ref}); the server log has the details",
@@ -172,4 +194,4 @@ def describe_validation_error(e: dict[str, Any]) -> dict[str, Any]:
             shown = shown[:57] + "..."
         msg = f"{msg} (got {shown})"
     full = f"{param}: {msg}" if param else msg
-    return {"loc": list(e.get("loc", ())), "param": param, "msg": msg, "msg_full": full}
+    return {"loc": list(e.get("loc", ())), "param": param, "msg": msg, "msg_full": full, "type": typ or "value_error"}

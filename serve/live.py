@@ -8,6 +8,8 @@
   out to that replica's WebSocket subscribers. Each subscriber has a bounded queue; one whose queue
   overflows (it does not read, or reads too slowly) is dropped — closed with code 1008 — and the
   others never wait for it.
+* Events that carry an ``owner`` (generations, training steps) reach only that owner's
+  subscribers; events without one (serving metrics) reach everyone.
 """
 
 from __future__ import annotations
@@ -87,10 +89,16 @@ def get_hub(namespace: str, name: str):
 class Subscriber:
     id: int
     queue: asyncio.Queue
+    owner: str | None = None  # None: every event (in-process consumers, tests)
     dropped: bool = False
     task: asyncio.Task | None = None  # the sender; cancelled when the subscriber is dropped
     sent: int = 0
     created: float = field(default_factory=time.time)
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        """An event without an owner is global; one with an owner is that owner's alone."""
+        event_owner = event.get("owner")
+        return event_owner is None or self.owner is None or event_owner == self.owner
 
 
 class Broadcaster:
@@ -103,8 +111,8 @@ class Broadcaster:
         self.published = 0
         self.dropped = 0
 
-    def subscribe(self) -> Subscriber:
-        sub = Subscriber(next(self._ids), asyncio.Queue(self.queue_size))
+    def subscribe(self, owner: str | None = None) -> Subscriber:
+        sub = Subscriber(next(self._ids), asyncio.Queue(self.queue_size), owner)
         self.subs[sub.id] = sub
         return sub
 
@@ -112,10 +120,12 @@ class Broadcaster:
         self.subs.pop(sub.id, None)
 
     def publish(self, event: dict[str, Any]) -> int:
-        """Queue ``event`` for every subscriber without waiting; returns how many got it."""
+        """Queue ``event`` for every subscriber it is for, without waiting; returns how many got it."""
         self.published += 1
         n = 0
         for sub in list(self.subs.values()):
+            if not sub.wants(event):
+                continue
             try:
                 sub.queue.put_nowait(event)
                 n += 1

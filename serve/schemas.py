@@ -15,15 +15,18 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_valida
                       model_validator)
 
 ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-_ID_RE = re.compile(rf"^{ID_PATTERN}$")
+ID_RE = re.compile(rf"^{ID_PATTERN}$")
 MAX_NEW_TOKENS = 4096
 MAX_PROMPT_CHARS = 262_144
 MAX_RESEARCH_CHARS = 16_384
 MAX_STOP = 8
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 100_000
+TEMPERATURE_FLOOR = 1e-2  # below it sampling is greedy: logits / 1e-40 overflow to inf and NaN
 
 
 def check_id(value: str, what: str = "state_id") -> str:
-    if not isinstance(value, str) or not _ID_RE.match(value):
+    if not isinstance(value, str) or not ID_RE.match(value):
         raise ValueError(f"{what} must match {ID_PATTERN}")
     return value
 
@@ -43,18 +46,28 @@ Owner = Annotated[str, AfterValidator(_owner), Field(json_schema_extra={"pattern
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are errors, and no coercion: ``"4"`` or ``true`` is not an int, ``"yes"`` not a bool."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def greedy_below_floor(v: float) -> float:
+    """A temperature below :data:`TEMPERATURE_FLOOR` means greedy decoding (0.0)."""
+    return 0.0 if v < TEMPERATURE_FLOOR else v
 
 
 # --------------------------------------------------------------------------- generation
 class SamplingParams(Strict):
     max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS, description="Tokens to generate (bytes).")
-    temperature: float = Field(0.8, ge=0.0, le=5.0, description="0 = greedy.")
-    top_k: int = Field(0, ge=0, le=100_000, description="Keep the k most likely tokens (0 = all).")
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description=f"0 = greedy (so is anything below "
+                                                                     f"{TEMPERATURE_FLOOR}).")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Keep the k most likely tokens (0 = all).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Sampling seed for reproducible output.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Sampling seed for reproducible output.")
     stop: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
         default_factory=list, max_length=MAX_STOP, description="Stop when the output ends with one of these.")
+
+    _temperature_floor = field_validator("temperature")(classmethod(lambda cls, v: greedy_below_floor(v)))
 
 
 class GenerateRequest(SamplingParams):
@@ -121,7 +134,9 @@ class GenerateResponse(BaseModel):
 
 class StateListResponse(BaseModel):
     states: list[StateInfo]
-    count: int
+    count: int = Field(..., description="Sessions on this page.")
+    has_more: bool = Field(False, description="More sessions follow: ask again with after=next_after.")
+    next_after: str | None = None
 
 
 class StateCreateRequest(Strict):
@@ -179,19 +194,29 @@ class ModelStatsResponse(BaseModel):
 
 
 # --------------------------------------------------------------------------- OpenAI-compatible
-class _OpenAIBase(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = False
 
-    model: str | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+
+class _OpenAIBase(BaseModel):
+    # OpenAI clients send fields we do not use: those are ignored; the ones we use are strict
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = Field(None, max_length=256)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description=f"0 (or below {TEMPERATURE_FLOOR}) = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     stream: bool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
-    user: str | None = Field(None, description="Used as the session owner when X-Owner is absent.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: str | None = Field(None, max_length=256, description="The session owner when the server has no keys "
+                                                               "and X-Owner is absent.")
     state_id: StateId | None = Field(None, description="Extension: session memory to read and update.")
-    top_k: int = Field(0, ge=0, description="Extension: top-k sampling.")
+    top_k: int = Field(0, ge=0, le=MAX_TOP_K, description="Extension: top-k sampling.")
+
+    _temperature_floor = field_validator("temperature")(classmethod(lambda cls, v: greedy_below_floor(v)))
 
     @field_validator("stop")
     @classmethod
@@ -342,7 +367,7 @@ class TrainingStepRequest(BaseModel):
     """One training step's metrics from a trainer. Unknown numeric top-level fields are folded
     into ``metrics`` so ``{"run_id": "r1", "step": 10, "loss": 2.3}`` works too."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     run_id: Annotated[str, AfterValidator(lambda v: check_id(v, "run_id"))] = "default"
     step: int = Field(..., ge=0)
     metrics: dict[str, float] = Field(default_factory=dict)
@@ -380,6 +405,47 @@ class WSResearchRequest(BaseModel):
     id: Any = None
     endpoint: str
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- errors
+class ErrorDetail(BaseModel):
+    message: str = Field(..., description="What was wrong and what to do.")
+    type: str = Field(..., description="invalid_request_error | authentication_error | not_found_error | "
+                                       "conflict_error | rate_limit_error | service_unavailable | server_error")
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ValidationItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(ErrorResponse):
+    detail: list[ValidationItem] | None = Field(None, description="One item per schema problem (schema errors only).")
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "A body that is not JSON"},
+    401: {"model": ErrorResponse, "description": "No valid API key (servers with keys)"},
+    404: {"model": ErrorResponse, "description": "No such session for this owner, or no such endpoint"},
+    409: {"model": ErrorResponse, "description": "The session changed meanwhile (retry)"},
+    422: {"model": ValidationErrorResponse, "description": "A value the server cannot use"},
+    429: {"model": ErrorResponse, "description": "A quota or concurrency cap of this key"},
+    503: {"model": ErrorResponse, "description": "Busy (the session is in another turn) or degraded"},
+}
+
+
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with stream=true Server-Sent Events (`data: {...}` lines)",
+          "content": {"text/event-stream": {"schema": {  # one SSE event: `data:` is a JSON object or [DONE]
+              "type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}}}}}
 
 
 RESEARCH_REQUESTS: dict[str, type[BaseModel]] = {

@@ -189,8 +189,10 @@ def test_state_create_read_compact_delete(client):
     # other owners neither see nor read it
     assert "crud-1" not in [s["state_id"] for s in client.get("/v1/states", headers={"X-Owner": "bob"}).json()["states"]]
     _err(client.get("/v1/state/crud-1", headers={"X-Owner": "bob"}), 404, "not found")
+    # ... nor learn that it exists (404 like a missing session, not 409 "taken")
     _err(client.post("/v1/generate", json={"prompt": "hi", "state_id": "crud-1"}, headers={"X-Owner": "bob"}),
-         409, "taken")
+         404, "not found")
+    _err(client.post("/v1/states", json={"state_id": "crud-1"}, headers={"X-Owner": "bob"}), 404, "not available")
     c = client.post("/v1/state/crud-1/compact", json={"merge": True}, headers={"X-Owner": "alice"})
     assert c.status_code == 200, c.text
     c = c.json()
@@ -371,3 +373,44 @@ def test_ws_research_request_response(client):
         assert not r["ok"] and r["status"] == 422 and "text" in r["error"]["message"]
         ws.send("not json")
         assert not json.loads(ws.recv(timeout=30))["ok"]
+
+
+# ------------------------------------------------------------------------------ docs (browser)
+@pytest.mark.browser
+def test_docs_and_redoc_render_offline(server):
+    """/docs and /redoc render every operation from assets the app serves itself: the browser may
+    reach nothing but this server (any other request is recorded and aborted)."""
+    chromium = "/usr/bin/chromium"
+    if not os.path.exists(chromium):
+        pytest.skip(f"{chromium} missing: run `make browser-deps` (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    n_ops = sum(len(methods) for methods in httpx.get(f"{server}/openapi.json").json()["paths"].values())
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--headless=new", "--no-sandbox",
+                                                                    "--disable-gpu", "--no-first-run"])
+        ctx = browser.new_context()
+        outside: list[str] = []
+
+        def only_this_server(route):
+            url = route.request.url
+            if url.startswith((server, "data:", "blob:")):
+                route.continue_()
+            else:
+                outside.append(url)
+                route.abort()
+        ctx.route("**/*", only_this_server)
+        page = ctx.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{server}/docs")
+        page.wait_for_selector(".opblock", timeout=30_000)
+        assert page.locator(".opblock").count() == n_ops
+        assert page.locator(".opblock-summary-path", has_text="/v1/chat/completions").count() == 1
+        assert page.locator(".btn.authorize").count() == 1  # the Bearer scheme: keys can be tried here
+        page.goto(f"{server}/redoc")
+        page.wait_for_selector("[data-section-id^='operation/']", state="attached", timeout=30_000)
+        assert page.locator("[data-section-id^='operation/']").count() >= n_ops - 1
+        assert "BWR-DNC serving API" in page.content()
+        browser.close()
+    assert not outside, f"the docs pages asked for outside resources: {outside}"
+    assert not errors, errors

@@ -1,0 +1,38 @@
+"""One log line per HTTP request, and none for what a UI polls (Serve's own access log is off).
+
+``GET /health 200 3.1 ms`` at INFO; the polled read-only paths (the UI asks every 2 s) and static
+files at DEBUG. Only the path is logged, never the query string or headers (keys travel in headers).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+logger = logging.getLogger("serve.access")
+QUIET_GET_PREFIXES = ("/health", "/model/stats", "/research/metrics", "/research/training-steps", "/v1/states",
+                      "/v1/state/", "/v1/models", "/ui", "/docs", "/redoc", "/openapi.json", "/favicon")
+
+
+class AccessLog:
+    """ASGI middleware: ``app = AccessLog(app)``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            method, path = scope.get("method", ""), scope.get("path", "")
+            quiet = method == "GET" and path.startswith(QUIET_GET_PREFIXES) and status[0] < 400
+            logger.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d %.1f ms", method, path, status[0],
+                       (time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,46 @@
+"""``POST /v1/generate``: text generation, whole or streamed (SSE), with or without a session."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from .. import schemas as S
+from ..auth import Caller, caller
+from ..context import ApiContext, foreign_session_hidden, get_ctx
+from ..generator import GenRequest
+from ..streaming import error_event, first_and_rest, public_events, sse, streaming_response
+
+router = APIRouter(tags=["generation"], responses=S.ERROR_RESPONSES)
+
+
+@router.post("/v1/generate", responses=S.SSE_RESPONSE, response_model=S.GenerateResponse,
+             summary="Generate text (stream=true: Server-Sent Events, one `token` event per token, then `done`)")
+async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)):
+    owner = who.owner(req.owner)
+    ctx.check_new_tokens(req.max_new_tokens)
+    ids = ctx.check_prompt(ctx.tok.encode(req.prompt))
+    if req.state_id is not None and req.create_state:
+        await ctx.check_session_quota(owner, req.state_id)
+    g = GenRequest(prompt_ids=ids, owner=owner, stop_ids=[ctx.tok.eos_id], max_new_tokens=req.max_new_tokens,
+                   temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                   stop=req.stop, state_id=req.state_id, create_state=req.create_state,
+                   prompt_preview=req.prompt[:200])
+    ctx.count("generate")
+    if not req.stream:
+        async with foreign_session_hidden(req.state_id):
+            out = await ctx.generator.generate.remote(g)
+        return S.GenerateResponse(**{k: out[k] for k in S.GenerateResponse.model_fields if k in out})
+    gen = ctx.generator.options(stream=True).generate_stream.remote(g)
+    async with foreign_session_hidden(req.state_id):
+        first, rest = await first_and_rest(gen)
+
+    async def events():
+        for e in public_events(first):
+            yield sse(e)
+        try:
+            async for ev in rest:
+                for e in public_events(ev):
+                    yield sse(e)
+        except Exception as e:  # mid-stream: the status line is gone, report in-band
+            yield sse(error_event(e))
+    return streaming_response(events(), gen)
