@@ -463,9 +463,6 @@ class DNC(nn.Module):
             moved["compressed"] += stats["compressed"]
             moved["evicted"] += stats["evicted"]
             state.layers[i].view = None
-            # the read mass gathered so far this segment is per slot of the old layout: drop it, or
-            # the next forward adds masses of two layouts (a 500 after a mid-segment compaction)
-            state.layers[i].mass = None
         return moved
 
     # ------------------------------------------------------------------ generation
