@@ -52,10 +52,11 @@ class AppArgs(BaseModel):
     max_new_tokens: int = Field(512, ge=1, le=4096)
     max_prompt_tokens: int = Field(8192, ge=1)
     max_research_tokens: int = Field(2048, ge=2)
+    runs_root: str = Field("runs", description="Training runs the UI's monitor follows (dirs with metrics.jsonl).")
     ui_dir: str | None = Field(REPO_UI, description="Static UI folder served at /ui (none = no UI).")
     live_interval_s: float = Field(2.0, gt=0)
 
-    @field_validator("storage")
+    @field_validator("storage", "runs_root")
     @classmethod
     def _abs_storage(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
@@ -111,7 +112,7 @@ class Ingress:
         self.ctx = ApiContext(generator=generator, bank=BankClient(bank_cfg), hub=hub, live=Broadcaster(),
                               limits=Limits(a.max_new_tokens, a.max_prompt_tokens, a.max_research_tokens),
                               model_name=a.model_name, ui_dir=a.ui_dir, live_interval_s=a.live_interval_s,
-                              started=time.time())
+                              started=time.time(), runs_root=a.runs_root)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.ctx)

@@ -49,6 +49,7 @@ class ApiContext:
     ui_dir: str | None = None
     live_interval_s: float = 2.0
     started: float = field(default_factory=time.time)
+    runs_root: str = "runs"        # training runs the dashboard follows (serve/routers/training.py)
     counters: dict[str, int] = field(default_factory=dict)
 
     def count(self, key: str, n: int = 1) -> None:
@@ -135,6 +136,9 @@ def create_api(ctx: ApiContext) -> FastAPI:
                               "OpenAI-compatible endpoints and research/introspection endpoints. "
                               "Errors are JSON: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.")
     install_handlers(app)
+    from .routers.training import router as training_router  # runs + bench results for the dashboard
+    app.state.ctx = ctx
+    app.include_router(training_router)
 
     def encode_prompt(text: str) -> list[int]:
         ids = tok.encode(text)
