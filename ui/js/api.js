@@ -14,10 +14,17 @@ const DIR = new URL(".", location.href).pathname;
 const BASE = DIR.endsWith("/ui/") ? DIR.slice(0, -3) : DIR;
 export const apiUrl = (path) => BASE.replace(/\/$/, "") + path;
 
-// Sessions belong to an owner (X-Owner header; the server's default is "anonymous").
+// Sessions belong to an owner. With an API key the server takes the owner from the key
+// (`Authorization: Bearer KEY`); without one (loopback) from the X-Owner header ("anonymous" by default).
 let owner = "";
+let apiKey = "";
 export const setOwner = (o) => { owner = (o || "").trim(); };
-const ownerHeader = () => (owner ? { "X-Owner": owner } : {});
+export const setApiKey = (k) => { apiKey = (k || "").trim(); };
+export const getApiKey = () => apiKey;
+function ownerHeader() {
+  if (apiKey) return { Authorization: `Bearer ${apiKey}` };
+  return owner ? { "X-Owner": owner } : {};
+}
 
 /** Turn any error body into one readable line (handles FastAPI's 422 list of {loc, msg}). */
 export function errorMessage(body, status) {
@@ -141,6 +148,19 @@ export async function streamGenerate(body, onEvent, signal) {
   }
   if (buf.trim()) flush(buf);
   return final;
+}
+
+/**
+ * Open a WebSocket; with a key, its first message is `{"type": "auth", "key"}` (browsers cannot set
+ * headers on a WebSocket). The server answers `{"type": "auth", "ok": true, "owner"}` or closes with 4401.
+ */
+export function openSocket(path) {
+  const ws = new WebSocket(wsUrl(path));
+  if (apiKey) {
+    const key = apiKey;
+    ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "auth", key })), { once: true });
+  }
+  return ws;
 }
 
 /** WebSocket URL for a path, ws:// or wss:// to match the page. */
