@@ -89,15 +89,13 @@ const SERIES_COLORS = ["#2f7ed8", "#e8a33d", "#8e5bd6", "#3aa675", "#d64b4b", "#
 export const seriesColor = (i) => SERIES_COLORS[i % SERIES_COLORS.length];
 
 /** Pad a degenerate range so one point (or a flat line) is drawn mid-chart, not on an edge. */
-function padRange(min, max, log = false) {
+function padRange(min, max) {
   if (min == null || max == null || !isFinite(min) || !isFinite(max)) return [0, 1];
   if (min === max) {
-    if (log) return [min / 2, max * 2];
     if (min === 0) return [0, 1]; // an all-zero metric (accuracy, evictions) sits on the floor
     const d = Math.abs(min) > 0 ? Math.abs(min) * 0.1 : 1;
     return [min - d, max + d];
   }
-  if (log) return [min, max];
   const d = (max - min) * 0.05;
   return [min - d, max + d];
 }
@@ -139,10 +137,6 @@ export class LineChart {
     else this.plot.setData(data);
     const finite = xs.filter((x) => x != null && isFinite(x));
     this.container.dataset.points = String(finite.length);
-    if (this.plot) {
-      this.container.dataset.xmin = String(this.plot.scales.x.min);
-      this.container.dataset.xmax = String(this.plot.scales.x.max);
-    }
   }
 
   build(series, data) {
@@ -153,9 +147,11 @@ export class LineChart {
     const fmtX = this.xFormat ?? ((v) => (v == null ? "" : fmtTick(v)));
     const opts = {
       width: this.width(), height: this.height,
+      // Log scales keep uPlot's own range (its log axis splits need decade-aligned ranges; a
+      // custom range there can make it loop); linear ones are padded so one point is visible.
       scales: {
-        x: { time: false, distr: this.logX ? 3 : 1, range: (u, min, max) => padRange(min, max, this.logX) },
-        y: { distr: this.logY ? 3 : 1, range: (u, min, max) => padRange(min, max, this.logY) },
+        x: this.logX ? { time: false, distr: 3 } : { time: false, range: (u, min, max) => padRange(min, max) },
+        y: this.logY ? { distr: 3 } : { range: (u, min, max) => padRange(min, max) },
       },
       axes: [
         { label: this.xLabel, values: (u, vals) => vals.map(fmtX), stroke: "#6a7385", grid: { stroke: "#8881", width: 1 } },
@@ -163,6 +159,10 @@ export class LineChart {
           grid: { stroke: "#8881", width: 1 }, size: 56 },
       ],
       legend: { show: true, live: true },
+      hooks: { draw: [(u) => { // what was drawn, for tests and assistive tech
+        this.container.dataset.xmin = String(u.scales.x.min);
+        this.container.dataset.xmax = String(u.scales.x.max);
+      }] },
       cursor: { drag: { x: true, y: false } },
       series: [
         { label: this.xLabel, value: (u, v) => (v == null ? "" : fmtX(v)) },

@@ -9,6 +9,7 @@ import { $, LEVELS, escapeHtml, fillSessionSelects, fmtBytes, fmtNum, fmtTime, p
 let clusterWanted = null; // the session whose clustering the user asked for: redone when it changes
 let evolveChart = null;
 let loadSeq = 0;
+let autoSelect = true;    // pick the first session on load; not after the user deleted one
 
 const stateId = (s) => s?.state_id ?? s?.id;
 
@@ -52,7 +53,7 @@ export async function refreshStates() {
   fillSessionSelects();
   store.emit("sessions", list);
   if (store.selected && !list.some((s) => stateId(s) === store.selected)) clearSelection("gone");
-  if (!store.selected && list.length) await selectState(stateId(list[0]), "selected");
+  if (!store.selected && list.length && autoSelect) await selectState(stateId(list[0]), "selected");
 }
 
 /** Forget the selected session and everything drawn from it. */
@@ -84,6 +85,7 @@ function clearDerived() {
 
 export async function selectState(id, reason = "selected") {
   if (!id) return;
+  autoSelect = true;
   const changed = id !== store.selected;
   store.selected = id;
   const seq = ++loadSeq;
@@ -195,6 +197,7 @@ async function onDelete() {
   msg.textContent = `deleting ${id}…`;
   try {
     await request("DELETE", `/v1/state/${encodeURIComponent(id)}`);
+    autoSelect = false;
     clearSelection("deleted");
     await refreshStates();
     msg.textContent = `deleted session ${id}`;
@@ -252,6 +255,7 @@ export function initInspector() {
   $("cluster-btn").addEventListener("click", onCluster);
   $("evolve-btn").addEventListener("click", onEvolve);
   store.addEventListener("identity", () => {
+    autoSelect = true;
     clearSelection("identity");
     $("state-action-msg").textContent = "";
     store.sessions = [];

@@ -113,6 +113,7 @@ function openRun(id) {
   charts.clear();
   $("stage-strip").replaceChildren();
   $("run-summary").textContent = "loading…";
+  delete $("run-summary").dataset.step;
   if (r.kind === "file") pollRun(); else draw();
 }
 
@@ -180,7 +181,7 @@ function draw() {
       // keep PANELS order
       const after = [...box.children].find((el) => PANELS.findIndex((q) => `train-panel-${q.id}` === el.dataset.testid) > PANELS.indexOf(p));
       box.insertBefore(panel, after ?? null);
-      charts.set(p.id, new LineChart(panel.querySelector(".uchart"), { xLabel: "step", yLabel: p.y, logY: p.id === "lr" }));
+      charts.set(p.id, new LineChart(panel.querySelector(".uchart"), { xLabel: "step", yLabel: p.y }));
     }
     const { xs, series } = columns(rows, "step", ks, (k) => k.replace(/^(mem|eval|train|curriculum)\//, ""));
     charts.get(p.id).set(xs, series);
