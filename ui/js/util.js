@@ -112,3 +112,12 @@ export function fillSessionSelects() {
     sel.value = store.sessions.some((s) => s.state_id === keep) ? keep : (store.selected ?? "");
   }
 }
+
+/** Show a byte token; non-printable bytes (\\xNN) as a dim dot with the byte in the title. */
+export function byteToken(span, t) {
+  if (/^\\x[0-9a-f]{2}$/.test(t)) {
+    span.textContent = "·";
+    span.classList.add("byte");
+    span.title = t;
+  } else span.textContent = t;
+}

@@ -2,7 +2,7 @@
 // memory-read mass per level and token, and for each token the slots it read (by layer and level).
 import { asList, postJSON } from "../api.js";
 import { bars, heatmap } from "../charts.js";
-import { $, LEVELS, fmtNum, showError } from "../util.js";
+import { $, LEVELS, byteToken, fmtNum, showError } from "../util.js";
 
 let last = null; // {attn, text}: the latest analysis, for switching layers
 
@@ -39,7 +39,7 @@ function drawTokens(an) {
     const s = document.createElement("span");
     s.className = "tok";
     s.tabIndex = 0;
-    s.textContent = t;
+    byteToken(s, t);
     s.dataset.index = i;
     const l = loss[i];
     if (typeof l === "number" && isFinite(l)) {

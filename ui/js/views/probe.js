@@ -1,7 +1,7 @@
 // Interactive probe: chat with a session. Tokens stream in (POST /v1/generate, SSE); then the turn
 // is re-read by /research/analyze-text and each generated token shows the memory slots it read.
 import { asList, postJSON, streamGenerate, tokenText } from "../api.js";
-import { $, plural, showError, store } from "../util.js";
+import { $, byteToken, plural, showError, store } from "../util.js";
 import { readsText } from "./attention.js";
 import { refreshStates, selectState } from "./inspector.js";
 
@@ -48,8 +48,10 @@ async function onSend(ev) {
     const secs = (performance.now() - t0) / 1000;
     const nTok = final?.tokens ?? n;
     meta.textContent = `${plural(nTok, "token")} in ${secs.toFixed(2)} s` + (final?.finish_reason ? ` · ${final.finish_reason}` : "");
+    // The finished turn joins the conversation; the streaming box empties for the next one.
     addTurn("user", body.prompt);
-    addTurn("model", text || "(no text)");
+    addTurn("model", text || "(no text: the model ended its turn at once)");
+    out.textContent = "";
     if (sid) { await refreshStates(); await selectState(sid, "generated"); }
     if ($("probe-reads").checked && text) await showReads(body.prompt, text);
   } catch (e) {
@@ -78,7 +80,8 @@ async function showReads(prompt, answer) {
   box.replaceChildren();
   const head = document.createElement("p");
   head.className = "muted";
-  head.textContent = "The answer token by token (the turn re-read by the model on an empty memory): hover or focus a token for the slots it read.";
+  head.textContent = "The answer token by token, as the model re-reads this turn on an empty memory (bytes that are not " +
+    "valid UTF-8 come back as U+FFFD): hover or focus a token for the memory slots it read.";
   const toks = document.createElement("div");
   toks.className = "tokens";
   const detail = document.createElement("div");
@@ -89,7 +92,7 @@ async function showReads(prompt, answer) {
     const s = document.createElement("span");
     s.className = "tok probe-tok";
     s.tabIndex = 0;
-    s.textContent = t;
+    byteToken(s, t);
     const lines = readsText(reads, i);
     s.title = lines.join("\n");
     const show = () => { detail.textContent = `token ${k} ${JSON.stringify(t)} read — ${lines.join(" · ")}`; };
