@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import settings
 
 from serve.bench_results import REPO_BENCH_RESULTS, bench_summary
 from serve.errors import NotFound, Unprocessable, install_handlers
@@ -132,3 +133,35 @@ def test_bench_summary_reports_a_broken_file(tmp_path, client):
     assert [r["file"] for r in s["results"]] == ["good.json"] and s["errors"][0].startswith("broken.json")
     client.app.state.ctx.bench_results_dir = str(tmp_path)
     assert client.get("/v1/bench/results").json()["results"][0]["rows"] == [{"mode": "plain", "clients": 1}]
+
+
+
+
+def _runs_app() -> FastAPI:
+    app = FastAPI()
+    install_handlers(app)
+    app.state.ctx = SimpleNamespace(runs_root="")  # set per test: the root is read on each request
+    app.include_router(router)
+    return app
+
+
+FUZZ_APP = _runs_app()
+schemathesis = pytest.importorskip("schemathesis")
+fuzz_schema = schemathesis.openapi.from_asgi("/openapi.json", FUZZ_APP)
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs-fuzz")
+    write_run(root, "demo", [1, 2])
+    return str(root)
+
+
+@fuzz_schema.parametrize()
+@settings(max_examples=40, deadline=None)
+def test_fuzzed_requests_never_get_a_server_error(case, fuzz_root):
+    """Any run path, step and limit a client can send gets a 2xx or a 4xx, never a 500."""
+    from schemathesis.checks import not_a_server_error
+
+    FUZZ_APP.state.ctx.runs_root = fuzz_root
+    case.call_and_validate(checks=[not_a_server_error])
