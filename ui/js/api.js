@@ -45,6 +45,11 @@ export function errorMessage(body, status) {
   return String(d);
 }
 
+/** A 401 means this server wants an API key (or another one): tell the page once per answer. */
+function noteAuth(res, message) {
+  if (res.status === 401) window.dispatchEvent(new CustomEvent("dnc-auth-required", { detail: message }));
+}
+
 async function readBody(res) {
   const text = await res.text();
   try { return text ? JSON.parse(text) : null; } catch { return text; }
@@ -64,7 +69,11 @@ export async function request(method, path, body) {
     throw new ApiError(0, `network error: ${e.message}`);
   }
   const data = await readBody(res);
-  if (!res.ok) throw new ApiError(res.status, errorMessage(data, res.status));
+  if (!res.ok) {
+    const message = errorMessage(data, res.status);
+    noteAuth(res, message);
+    throw new ApiError(res.status, message);
+  }
   return data;
 }
 
@@ -117,7 +126,11 @@ export async function streamGenerate(body, onEvent, signal) {
   } catch (e) {
     throw new ApiError(0, `network error: ${e.message}`);
   }
-  if (!res.ok) throw new ApiError(res.status, errorMessage(await readBody(res), res.status));
+  if (!res.ok) {
+    const message = errorMessage(await readBody(res), res.status);
+    noteAuth(res, message);
+    throw new ApiError(res.status, message);
+  }
   if (!(res.headers.get("content-type") || "").includes("text/event-stream")) {
     const data = await readBody(res);
     const ev = { token: data?.text ?? data?.completion ?? "", ...data, done: true };

@@ -57,7 +57,8 @@ function applyIdentity(announce) {
   setOwner(owner);
   $("owner").disabled = !!key;
   $("owner").title = key ? "with a key, the server takes the owner from the key" : "";
-  $("identity-msg").textContent = key ? "using API key" : owner ? "" : "";
+  $("identity-msg").textContent = key ? "using API key" : "";
+  $("identity-msg").className = "muted";
   if (announce) {
     store.emit("identity", { key: !!key, owner });
     reconnectLive();
@@ -69,6 +70,10 @@ function initIdentity() {
   $("owner").value = localStorage.getItem("dnc-owner") ?? "";
   applyIdentity(false);
   $("identity").addEventListener("submit", (e) => e.preventDefault());
+  window.addEventListener("dnc-auth-required", (e) => {
+    $("identity-msg").textContent = ($("api-key").value.trim() ? "API key refused: " : "this server needs an API key: ") + e.detail;
+    $("identity-msg").className = "error";
+  });
   $("api-key").addEventListener("change", () => {
     const k = $("api-key").value.trim();
     if (k) localStorage.setItem("dnc-api-key", k); else localStorage.removeItem("dnc-api-key");
