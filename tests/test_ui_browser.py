@@ -349,6 +349,13 @@ def test_inspector_never_shows_a_stale_bank(page, server):
     assert page.locator("#cluster-plot circle").count() == before
     screenshot(page, "inspector")
 
+    # Another client writes to this session: the live event redraws the memory and the scatter.
+    make_session(server, sid, tokens=8)
+    expect(page.get_by_test_id("memory-facts")).to_contain_text("2 turns", timeout=30_000)
+    grown = httpx.post(f"{server}/research/state-clustering", json={"state_id": sid, "k": 4}, timeout=60).json()["n_points"]
+    expect(msg).to_have_text(re.compile(rf"^{grown} slots? · .* · {sid}$"), timeout=60_000)
+    before = grown
+
     # Compact: the scatter is redrawn from the compacted bank (what the server now clusters).
     page.click("#compact-btn")
     expect(page.get_by_test_id("state-action-msg")).to_contain_text(f"compacted {sid}", timeout=60_000)

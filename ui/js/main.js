@@ -117,8 +117,9 @@ function onLive(msg) {
       logEvent(`${ev.type ?? "event"}${who}${rate}`, "gen");
       // Another client changed a session: refresh the list (debounced, never on every token).
       if (ev.state_id && /gen|state|compact|delete/i.test(ev.type ?? "")) {
+        const touched = ev.state_id === store.selected;
         clearTimeout(statesTimer);
-        statesTimer = setTimeout(() => refreshStates().then(() => store.selected && selectState(store.selected, "changed")), 500);
+        statesTimer = setTimeout(() => refreshStates().then(() => touched && store.selected === ev.state_id && selectState(ev.state_id, "changed")), 500);
       }
     }
   }
