@@ -176,7 +176,7 @@ def make_session(server, sid: str, owner: str | None = None, tokens: int = 24) -
     headers = {"X-Owner": owner} if owner else {}
     r = httpx.post(f"{server}/v1/generate", headers=headers, timeout=120,
                    json={"prompt": "The blue key is in the red box. The coin is in the green box. " * 3,
-                         "max_new_tokens": tokens, "state_id": sid, "seed": 2})
+                         "max_new_tokens": tokens, "state_id": sid, "seed": 5, "temperature": 1.5})
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -200,10 +200,13 @@ def test_ui_and_vendored_chart_library_are_served_locally(server):
 def test_overview_shows_model_health_sessions_and_serving(page, server):
     from playwright.sync_api import expect
 
-    make_session(server, f"ov-{int(time.time())}", tokens=8)
-    page.reload()
     expect(page.get_by_test_id("health-status")).to_have_text("ok", timeout=30_000)
     expect(page.get_by_test_id("ws-status")).to_have_text("live", timeout=30_000)
+    page.wait_for_timeout(1500)  # a first `metrics` tick, so the generation below shows as throughput
+    make_session(server, f"ov-{int(time.time())}", tokens=64)
+    page.click("#health-refresh")
+    page.evaluate("location.hash = '#inspector'")  # visiting the overview again reloads its figures
+    page.evaluate("location.hash = '#overview'")
     expect(page.get_by_test_id("model-summary")).to_contain_text("params", timeout=30_000)
     expect(page.get_by_test_id("ov-model")).to_contain_text("checkpoints/step_", timeout=30_000)
     expect(page.get_by_test_id("ov-health")).to_contain_text("forward pass")
