@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from .access_log import AccessLog
 from .context import ApiContext
 from .errors import APIError, install_handlers
-from .routers import docs, generate, health, live, openai, research, sessions
+from .routers import docs, generate, health, live, openai, research, sessions, training
 from .routers.health import VERSION
 
 DESCRIPTION = ("Generation with per-session hierarchical memory (StateBank), OpenAI-compatible endpoints "
@@ -50,7 +50,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=ctx.allowed_origins, allow_methods=["*"],
                            allow_headers=["Authorization", "Content-Type", "X-Owner"])
     paths = set()
-    for module in (health, generate, sessions, openai, research, live, docs):
+    for module in (health, generate, sessions, openai, research, live, training, docs):
         app.include_router(module.router)
         paths |= {getattr(r, "path", "") for r in module.router.routes}
     ctx.endpoints = sorted(p for p in paths if p.startswith(("/v1", "/research", "/ws", "/health", "/model")))

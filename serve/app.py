@@ -70,10 +70,11 @@ class AppArgs(BaseModel):
                                        "the server's own (CORS and the WebSocket Origin check); '*' = any.")
     http_host: str = Field("127.0.0.1", description="Host the HTTP proxy binds when build_app starts Serve "
                                                     "itself; a running Serve instance's own host wins.")
+    runs_root: str = Field("runs", description="Training runs the UI's monitor follows (dirs with metrics.jsonl).")
     ui_dir: str | None = Field(REPO_UI, description="Static UI folder served at /ui (none = no UI).")
     live_interval_s: float = Field(2.0, gt=0)
 
-    @field_validator("storage")
+    @field_validator("storage", "runs_root")
     @classmethod
     def _abs_storage(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
@@ -143,7 +144,7 @@ class Ingress:
         self.ctx = ApiContext(generator=generator, bank=BankClient(bank_cfg), hub=hub, live=Broadcaster(),
                               limits=a.limits(), keys=keys,
                               allowed_origins=list(a.allowed_origins), model_name=a.model_name, ui_dir=a.ui_dir,
-                              live_interval_s=a.live_interval_s, started=time.time())
+                              live_interval_s=a.live_interval_s, started=time.time(), runs_root=a.runs_root)
 
     def __serve_build_asgi_app__(self):
         return create_api(self.ctx)

@@ -50,6 +50,7 @@ class ApiContext:
     ui_dir: str | None = None
     live_interval_s: float = 2.0
     started: float = field(default_factory=time.time)
+    runs_root: str = "runs"        # training runs the dashboard follows (serve/routers/training.py)
     counters: dict[str, int] = field(default_factory=dict)
     endpoints: list[str] = field(default_factory=list)            # API paths (GET /), set by create_api
     research_in_flight: Counter = field(default_factory=Counter)   # owner -> expensive calls running

@@ -14,10 +14,17 @@ const DIR = new URL(".", location.href).pathname;
 const BASE = DIR.endsWith("/ui/") ? DIR.slice(0, -3) : DIR;
 export const apiUrl = (path) => BASE.replace(/\/$/, "") + path;
 
-// Sessions belong to an owner (X-Owner header; the server's default is "anonymous").
+// Sessions belong to an owner. With an API key the server takes the owner from the key
+// (`Authorization: Bearer KEY`); without one (loopback) from the X-Owner header ("anonymous" by default).
 let owner = "";
+let apiKey = "";
 export const setOwner = (o) => { owner = (o || "").trim(); };
-const ownerHeader = () => (owner ? { "X-Owner": owner } : {});
+export const setApiKey = (k) => { apiKey = (k || "").trim(); };
+export const getApiKey = () => apiKey;
+function ownerHeader() {
+  if (apiKey) return { Authorization: `Bearer ${apiKey}` };
+  return owner ? { "X-Owner": owner } : {};
+}
 
 /** Turn any error body into one readable line (handles FastAPI's 422 list of {loc, msg}). */
 export function errorMessage(body, status) {
@@ -36,6 +43,11 @@ export function errorMessage(body, status) {
   }
   if (typeof d === "object") return d.message ?? d.msg ?? JSON.stringify(d);
   return String(d);
+}
+
+/** A 401 means this server wants an API key (or another one): tell the page once per answer. */
+function noteAuth(res, message) {
+  if (res.status === 401) window.dispatchEvent(new CustomEvent("dnc-auth-required", { detail: message }));
 }
 
 async function readBody(res) {
@@ -57,7 +69,11 @@ export async function request(method, path, body) {
     throw new ApiError(0, `network error: ${e.message}`);
   }
   const data = await readBody(res);
-  if (!res.ok) throw new ApiError(res.status, errorMessage(data, res.status));
+  if (!res.ok) {
+    const message = errorMessage(data, res.status);
+    noteAuth(res, message);
+    throw new ApiError(res.status, message);
+  }
   return data;
 }
 
@@ -110,7 +126,11 @@ export async function streamGenerate(body, onEvent, signal) {
   } catch (e) {
     throw new ApiError(0, `network error: ${e.message}`);
   }
-  if (!res.ok) throw new ApiError(res.status, errorMessage(await readBody(res), res.status));
+  if (!res.ok) {
+    const message = errorMessage(await readBody(res), res.status);
+    noteAuth(res, message);
+    throw new ApiError(res.status, message);
+  }
   if (!(res.headers.get("content-type") || "").includes("text/event-stream")) {
     const data = await readBody(res);
     const ev = { token: data?.text ?? data?.completion ?? "", ...data, done: true };
@@ -141,6 +161,19 @@ export async function streamGenerate(body, onEvent, signal) {
   }
   if (buf.trim()) flush(buf);
   return final;
+}
+
+/**
+ * Open a WebSocket; with a key, its first message is `{"type": "auth", "key"}` (browsers cannot set
+ * headers on a WebSocket). The server answers `{"type": "auth", "ok": true, "owner"}` or closes with 4401.
+ */
+export function openSocket(path) {
+  const ws = new WebSocket(wsUrl(path));
+  if (apiKey) {
+    const key = apiKey;
+    ws.addEventListener("open", () => ws.send(JSON.stringify({ type: "auth", key })), { once: true });
+  }
+  return ws;
 }
 
 /** WebSocket URL for a path, ws:// or wss:// to match the page. */
