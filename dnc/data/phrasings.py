@@ -161,6 +161,14 @@ def needle_phrasings(split: str) -> tuple[NeedlePhrasing, ...]:
                  for f in of_split(NEEDLE_FACTS, split) for q in of_split(NEEDLE_QUESTIONS, split))
 
 
+@lru_cache(maxsize=None)
+def shortest_needle(split: str) -> NeedlePhrasing:
+    """The phrasing of ``split`` with the fewest fact + question bytes (the fallback when a drawn
+    one does not fit a short sample)."""
+    return min(needle_phrasings(split),
+               key=lambda o: len(o.fact_text("00000").encode()) + len(o.question_text().encode()))
+
+
 def draw(rng: np.random.Generator, options: tuple) -> object:
     """One of ``options``, uniformly."""
     return options[int(rng.integers(0, len(options)))]
@@ -191,6 +199,6 @@ def template_regex(template: str, **fixed: str) -> re.Pattern[str]:
 
 __all__ = [
     "SPLITS", "NEEDLE_SUBJECTS", "NEEDLE_FACTS", "NEEDLE_QUESTIONS", "PAIR_FACTS", "PAIR_QUESTIONS",
-    "RELATION_FACTS", "RELATION_QUESTIONS", "NeedlePhrasing", "needle_phrasings", "of_split",
+    "RELATION_FACTS", "RELATION_QUESTIONS", "NeedlePhrasing", "needle_phrasings", "shortest_needle", "of_split",
     "identifier", "draw", "template_regex", "check_split",
 ]

@@ -567,7 +567,7 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
             raise ValueError(f"needle: {nd} decoys need {nd} other subjects; split {phrasing!r} "
                              f"has {len(others)}")
         decoy_subjects = [others[i] for i in rng.permutation(len(others))[:nd]]
-        shortest = min(options, key=lambda o: len(o.fact_text("00000")) + len(o.question_text()))
+        shortest = ph.shortest_needle(phrasing)
     key = _enc(str(int(nums[0])))
 
     def need(parts, k: int) -> int:
@@ -783,7 +783,7 @@ def generate(task: str, rng: np.random.Generator | int | None, length: int,
     """One sample of ``task`` with exactly ``length`` tokens; ``kw`` are the task's own knobs
     (e.g. ``depth=`` for needle, ``hops=`` for relational, ``prefix_len=`` for kv_retrieval).
     The retrieval tasks (needle, kv_retrieval, relational, mqar) also take ``phrasing``
-    (``"train"``/``"heldout"``), ``markers`` or ``marker_prob``, and ``filler`` (a source of
+    (``"train"``/``"heldout"``/``"mixed"``), ``markers`` or ``marker_prob``, and ``filler`` (a source of
     :mod:`dnc.data.filler_text`, or ``"mixed"``)."""
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
@@ -795,7 +795,9 @@ def generate(task: str, rng: np.random.Generator | int | None, length: int,
 def _resolve_mixtures(task: str, rng: np.random.Generator, kw: dict[str, Any]) -> dict[str, Any]:
     """Per-sample draws of the curriculum's mixtures (one rng draw each, only when asked for, so
     samples without them stay what they were): ``marker_prob`` -> ``markers`` (True with that
-    probability), ``filler="mixed"`` -> ``"words"`` or ``"stdlib"`` (even odds)."""
+    probability), ``filler="mixed"`` -> ``"words"`` or ``"stdlib"``, ``phrasing="mixed"`` -> the
+    original template (None) or ``"train"`` (even odds each). Nothing here ever picks a held-out
+    phrasing or filler: those are only given explicitly, by evaluations."""
     if "marker_prob" in kw:
         kw = dict(kw)
         p = kw.pop("marker_prob")
@@ -806,6 +808,8 @@ def _resolve_mixtures(task: str, rng: np.random.Generator, kw: dict[str, Any]) -
         kw["markers"] = bool(rng.random() < float(p))
     if kw.get("filler") == "mixed":
         kw = dict(kw, filler="words" if rng.random() < 0.5 else "stdlib")
+    if kw.get("phrasing") == "mixed":
+        kw = dict(kw, phrasing=None if rng.random() < 0.5 else "train")
     return kw
 
 
