@@ -21,9 +21,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from dnc.data.filler_text import HELDOUT_FILLERS
 from dnc.data.tasks import TASKS, PredictFn, Sample, collate, generate, predict_answer, score
 
 STATE_VERSION = 1
+HELDOUT_PHRASINGS = ("heldout",)
+"""``phrasing`` values a training stage may not use (see :mod:`dnc.data.phrasings`)."""
 
 
 def default_stage_dir() -> Path:
@@ -79,6 +82,13 @@ class Stage:
         unknown_kw = sorted(set(self.task_kwargs) - set(self.tasks))
         if unknown_kw:
             raise ValueError(f"{where}: task_kwargs for tasks not in the stage: {unknown_kw}")
+        for t, kw in self.task_kwargs.items():
+            held = [f"{k}={kw[k]!r}" for k in ("phrasing", "filler")
+                    if kw.get(k) in HELDOUT_PHRASINGS + HELDOUT_FILLERS]
+            if held:
+                raise ValueError(f"{where}: task_kwargs of {t!r} ask for held-out data ({', '.join(held)}); "
+                                 f"held-out phrasings and fillers are for evaluation only: use phrasing "
+                                 f"'train' or 'mixed' and filler 'words', 'stdlib' or 'mixed'")
         if any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
             raise ValueError(f"{where}: task weights must be >= 0 with a positive sum, "
                              f"got {self.tasks}")

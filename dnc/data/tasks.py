@@ -51,6 +51,8 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from dnc.data import phrasings as ph
+from dnc.data.filler_text import FILLERS, check_filler, text_filler
 from dnc.tokenizer import ByteTokenizer
 
 _TOK = ByteTokenizer()
@@ -178,11 +180,16 @@ def _table() -> _WordTable:
     return _TABLE
 
 
-def filler(rng: np.random.Generator, n: int, sentence_end_p: float = 0.12) -> np.ndarray:
-    """Exactly ``n`` tokens ``[n]`` int32 of pseudo-text: words from :data:`WORDS` separated by
-    spaces, with a full stop after about one word in ``1/sentence_end_p``."""
+def filler(rng: np.random.Generator, n: int, sentence_end_p: float = 0.12,
+           source: str = "words") -> np.ndarray:
+    """Exactly ``n`` tokens ``[n]`` int32 of filler. ``source="words"``: pseudo-text, words from
+    :data:`WORDS` separated by spaces, with a full stop after about one word in
+    ``1/sentence_end_p``; ``"stdlib"`` / ``"stdlib_heldout"``: consecutive real text
+    (:mod:`dnc.data.filler_text`)."""
     if n <= 0:
         return np.zeros(0, dtype=np.int32)
+    if source != "words":
+        return text_filler(rng, n, check_filler(source))
     t = _table()
     parts = []
     have = 0
@@ -199,17 +206,22 @@ def filler(rng: np.random.Generator, n: int, sentence_end_p: float = 0.12) -> np
     return np.concatenate(parts)[:n]
 
 
+_filler_fn = filler
+""":func:`filler` under a name the generators' ``filler=`` argument does not shadow."""
+
+
 def _with_inserts(rng: np.random.Generator, n_total: int, inserts: Sequence[np.ndarray],
-                  fractions: Sequence[float]) -> tuple[np.ndarray, list[int]]:
+                  fractions: Sequence[float], source: str = "words") -> tuple[np.ndarray, list[int]]:
     """Filler of exactly ``n_total`` tokens with each ``inserts[i]`` placed at fraction
-    ``fractions[i]`` (0 = start, 1 = end) of the filler, snapped to a word boundary.
+    ``fractions[i]`` (0 = start, 1 = end) of the filler (from ``source``, see :func:`filler`),
+    snapped to a word boundary.
 
     Returns ``(tokens [n_total], starts)`` with ``starts[i]`` the index of ``inserts[i]``."""
     ins_total = sum(len(x) for x in inserts)
     n_fill = n_total - ins_total
     if n_fill < 0:
         raise ValueError(f"inserts ({ins_total} tokens) do not fit in {n_total}")
-    fill = filler(rng, n_fill)
+    fill = filler(rng, n_fill, source=source)
     if n_fill:
         fill[-1] = 32  # end on a space, so an insert at the very end does not glue to a word
     if not inserts:
@@ -342,9 +354,29 @@ def copy_task(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
                                 distance=int(length - 2 - n)))
 
 
+def _pair_frames(rng: np.random.Generator, phrasing: str | None) -> tuple[str, str]:
+    """(pair fact frame, question frame) of kv_retrieval / mqar: the original ``"{k}{v}"`` /
+    ``"{k}"`` without a phrasing (no rng drawn), else one of each from the phrasing's split."""
+    if phrasing is None:
+        return "{k}{v}", "{k}"
+    return (str(ph.draw(rng, ph.of_split(ph.PAIR_FACTS, phrasing))),
+            str(ph.draw(rng, ph.of_split(ph.PAIR_QUESTIONS, phrasing))))
+
+
+def _frame_len(frame: str, **fields: str) -> int:
+    return len(frame.format(**fields).encode("utf-8"))
+
+
+def _retrieval_meta(phrasing: str | None, markers: bool, source: str, **frames: Any) -> dict:
+    """The generalisation knobs every retrieval sample records (what wording, markers, filler)."""
+    return dict(phrasing=phrasing or "template", markers=bool(markers), filler=source,
+                **({"frames": frames} if phrasing is not None else {}))
+
+
 def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
                  n_pairs: int | None = None, key_len: int = 2, value_len: int | None = None,
-                 prefix_len: int | None = None) -> Sample:
+                 prefix_len: int | None = None, phrasing: str | None = None, markers: bool = True,
+                 filler: str = "words") -> Sample:
     """Key/value pairs at the start, filler, then one key asked at the very end.
 
     ``<bos>(<key>KV)*n [filler to prefix_len] <sep> filler <query>K[V<eos>]``.
@@ -353,14 +385,24 @@ def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5,
     induction step, instead of a lookup across marker tokens, which trains several times slower.
     With ``prefix_len`` every pair lies in ``tokens[:prefix_len]`` and the query in the last
     ``key_len + value_len + 2`` tokens, so the pair-to-question distance is set by ``length``.
-    Difficulty: ``n_pairs`` 2 -> 32 and ``value_len`` 1 -> 4 digits."""
+    Difficulty: ``n_pairs`` 2 -> 32 and ``value_len`` 1 -> 4 digits.
+
+    Generalisation knobs (defaults reproduce the layout above): ``phrasing`` ``"train"`` /
+    ``"heldout"`` words each pair (e.g. ``"set K to V. "``) and the question (``"what is K? "``)
+    with one frame of :mod:`dnc.data.phrasings` each per sample; ``markers=False`` drops
+    ``<key>``/``<sep>``/``<query>``; ``filler`` picks the filler source."""
     _check_common(length, difficulty)
     rng = _as_rng(rng)
+    check_filler(filler)
     explicit = n_pairs is not None
     vlen = value_len if value_len is not None else _lerp(1, 4, difficulty)
     n = n_pairs if explicit else _lerp(2, 32, difficulty)
-    pair = 1 + key_len + vlen
-    tail = 1 + 2 + key_len + vlen  # sep + query K V eos
+    fact_frame, q_frame = _pair_frames(rng, phrasing)
+    m = int(bool(markers))
+    pair = m + _frame_len(fact_frame, k="A" * key_len, v="0" * vlen)
+    q_len = _frame_len(q_frame, k="A" * key_len)
+    tail_after_fill = m + q_len + vlen + 1  # query marker, question, value, eos
+    tail = m + tail_after_fill  # + sep
     budget = (prefix_len if prefix_len is not None else length - tail) - 1  # minus bos
     if prefix_len is not None and prefix_len + tail > length:
         raise _too_short("kv_retrieval", length, prefix_len + tail, f"prefix_len={prefix_len}")
@@ -373,22 +415,46 @@ def kv_retrieval(rng: np.random.Generator, length: int, difficulty: float = 0.5,
     keys = _distinct_codes(rng, n, key_len, KEY_ALPHABET)
     vals = _random_codes(rng, n, vlen, VALUE_ALPHABET)
     q = int(rng.integers(0, n))
-    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys, vals], axis=1).reshape(-1)
     b = _Builder()
     b.add(BOS)
-    b.add(pairs)
+    b.add(_pairs(keys, vals, fact_frame, markers))
     if prefix_len is not None:
-        b.add(filler(rng, prefix_len - b.n))
-    b.add(SEP)
-    b.add(filler(rng, length - b.n - (tail - 1)))
-    b.add(QUERY)
-    b.add(keys[q])
+        b.add(_filler_fn(rng, prefix_len - b.n, source=filler))
+    if markers:
+        b.add(SEP)
+    b.add(_question_side(_filler_fn(rng, length - b.n - tail_after_fill, source=filler), markers))
+    if markers:
+        b.add(QUERY)
+    b.add(q_frame.format(k=_dec(keys[q])))
     b.add(vals[q], answer=True)
     b.add(EOS, answer=True)
     return b.build("kv_retrieval", dict(
         difficulty=float(difficulty), length=int(length), n_pairs=n, key_len=key_len,
         value_len=vlen, query_index=q, prefix_len=prefix_len,
-        pair_pos=int(1 + q * pair), distance=int(length - tail - (1 + q * pair))))
+        pair_pos=int(1 + q * pair), distance=int(length - tail - (1 + q * pair)),
+        **_retrieval_meta(phrasing, markers, filler, pair=fact_frame, question=q_frame)))
+
+
+def _question_side(fill: np.ndarray, markers: bool) -> np.ndarray:
+    """The filler before the questions, ending on a newline when no ``<query>`` marker follows
+    (so the first question never glues onto a filler word)."""
+    if not markers and len(fill):
+        fill[-1] = 10
+    return fill
+
+
+def _pairs(keys: np.ndarray, vals: np.ndarray, frame: str, markers: bool) -> np.ndarray:
+    """``[n * pair]`` token ids of every pair rendered with ``frame`` (``<key>`` before each with
+    ``markers``). The original ``"{k}{v}"`` frame stays one vectorised concatenation."""
+    n = len(keys)
+    if frame == "{k}{v}":
+        cols = [keys, vals] if not markers else [np.full((n, 1), KEY, np.int32), keys, vals]
+        return np.concatenate(cols, axis=1).reshape(-1)
+    text = [_enc(frame.format(k=_dec(k), v=_dec(v))) for k, v in zip(keys, vals)]
+    if markers:
+        text = [np.concatenate([[KEY], t]) for t in text]
+    return np.concatenate(text).astype(np.int32)
+
 
 
 def fill_blank(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
@@ -446,63 +512,120 @@ def fill_blank(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
         distance=int(length - len(ans) - 1 - (1 + starts[target]))))
 
 
+_LEGACY_NEEDLE = ph.NeedlePhrasing("pass key", "the {s} is {v}. ", "the {s} is ", "template")
+"""The original passkey wording (``phrasing=None``); its decoys say "the room number is ..."."""
+
+
+def _needle_parts(p: ph.NeedlePhrasing, nums: np.ndarray, decoy_subjects: Sequence[str],
+                  markers: bool) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """(inserts: the fact then one decoy per number after the first, question tokens, offset of
+    the passkey's first digit inside the fact insert)."""
+    key = str(int(nums[0]))
+    fact = p.fact_text(key)
+    before_key = len(p.fact_text("\x00").split("\x00")[0].encode("utf-8"))
+    head = [NEEDLE] if markers else []
+    ins = [np.concatenate([np.array(head, dtype=np.int32), _enc(fact)]).astype(np.int32)]
+    ins += [_enc(p.fact_text(str(int(x)), subject=s)) for x, s in zip(nums[1:], decoy_subjects)]
+    question = np.concatenate([np.array([QUERY] if markers else [], dtype=np.int32),
+                               _enc(p.question_text())]).astype(np.int32)
+    return ins, question, len(head) + before_key
+
+
 def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
-           depth: float | None = None, n_decoys: int | None = None) -> Sample:
+           depth: float | None = None, n_decoys: int | None = None, phrasing: str | None = None,
+           markers: bool = True, filler: str = "words") -> Sample:
     """Passkey retrieval: a 5-digit number hidden at ``depth`` (fraction 0..1 of the haystack,
     random when None) of filler text, asked at the end.
 
     ``<bos> ... <needle>the pass key is 12345. ... <query>the pass key is [12345<eos>]``.
     The question repeats the needle's own words, so the answer continues text seen before.
     ``meta["needle_pos"]`` is the index of the passkey's first digit. Difficulty adds decoy
-    numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4."""
+    numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4.
+
+    Generalisation knobs (defaults reproduce the layout above): ``phrasing`` ``"train"`` /
+    ``"heldout"`` draws a subject, fact frame and question frame of that split
+    (:func:`dnc.data.phrasings.needle_phrasings`, e.g. ``"# NOTE: the access code is 12345"`` /
+    ``"Q: what was the access code?\\nA: [12345]"``); decoys then use other subjects of the split in
+    the same frame. When the drawn wording does not fit ``length`` the shortest of the split is
+    used. ``markers=False`` drops ``<needle>``/``<query>``; ``filler`` picks the filler source."""
     _check_common(length, difficulty)
     rng = _as_rng(rng)
+    check_filler(filler)
     d = float(rng.random()) if depth is None else float(depth)
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"needle: depth must be in [0, 1], got {depth!r}")
     nd = n_decoys if n_decoys is not None else _lerp(0, 4, difficulty)
     nums = rng.integers(10000, 100000, size=1 + nd)
+    if phrasing is None:
+        p, decoy_subjects = _LEGACY_NEEDLE, ["room number"] * nd
+        shortest = p
+    else:
+        options = ph.needle_phrasings(ph.check_split(phrasing))
+        p = options[int(rng.integers(0, len(options)))]
+        others = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing) if s != p.subject]
+        if nd > len(others):
+            raise ValueError(f"needle: {nd} decoys need {nd} other subjects; split {phrasing!r} "
+                             f"has {len(others)}")
+        decoy_subjects = [others[i] for i in rng.permutation(len(others))[:nd]]
+        shortest = ph.shortest_needle(phrasing)
     key = _enc(str(int(nums[0])))
-    prefix = _enc("the pass key is ")
-    ins = [np.concatenate([[NEEDLE], prefix, key, _enc(". ")])]
-    ins += [_enc(f"the room number is {int(x)}. ") for x in nums[1:]]
-    question = np.concatenate([[QUERY], prefix])
+
+    def need(parts, k: int) -> int:
+        ins, question, _ = parts
+        return 1 + len(question) + len(key) + 1 + sum(len(x) for x in ins[: 1 + k])
+
+    for attempt in (p, shortest):
+        p = attempt
+        if p is not _LEGACY_NEEDLE and p.subject in decoy_subjects:  # the shortest may clash
+            decoy_subjects = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing)
+                              if s != p.subject][:nd]
+        parts = _needle_parts(p, nums, decoy_subjects, markers)
+        if n_decoys is None:
+            while nd > 0 and need(parts, nd) > length:
+                nd -= 1
+        if need(parts, nd) <= length:
+            break
+    if need(parts, nd) > length:
+        raise _too_short("needle", length, need(parts, nd), f"a passkey and {nd} decoys")
+    ins, question, key_offset = parts
     fixed = 1 + len(question) + len(key) + 1
-
-    def need(k: int) -> int:
-        return fixed + sum(len(x) for x in ins[: 1 + k])
-
-    if n_decoys is None:
-        while nd > 0 and need(nd) > length:
-            nd -= 1
-    if need(nd) > length:
-        raise _too_short("needle", length, need(nd), f"a passkey and {nd} decoys")
     fr = [d] + list(rng.random(nd))
-    region, starts = _with_inserts(rng, length - fixed, ins[: 1 + nd], fr)
+    region, starts = _with_inserts(rng, length - fixed, ins[: 1 + nd], fr, source=filler)
     b = _Builder()
     b.add(BOS)
     b.add(region)
     b.add(question)
     b.add(key, answer=True)
     b.add(EOS, answer=True)
-    needle_pos = 1 + starts[0] + 1 + len(prefix)
+    needle_pos = 1 + starts[0] + key_offset
+    extra = _retrieval_meta(phrasing, markers, filler, subject=p.subject, fact=p.fact,
+                            question=p.question)
     return b.build("needle", dict(
         difficulty=float(difficulty), length=int(length), depth=d, n_decoys=nd,
         passkey=_dec(key), needle_pos=int(needle_pos),
-        distance=int(length - len(key) - 1 - needle_pos)))
+        distance=int(length - len(key) - 1 - needle_pos), **extra))
+
 
 
 def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
-               hops: int | None = None, n_people: int | None = None) -> Sample:
+               hops: int | None = None, n_people: int | None = None, phrasing: str | None = None,
+               markers: bool = True, filler: str = "words") -> Sample:
     """Multi-hop family facts ``"Ann is the parent of Bob."`` scattered in filler, then a question
     ``hops`` generations up: ``"who is the grandparent of Cy?"`` (1 parent, 2 grandparent,
     3 great-grandparent). Every person has at most one parent, so the answer is unique and
     derivable from the facts alone.
 
     Difficulty: ``hops`` 1 -> 3 and ``n_people`` hops+1 -> hops+7 (distractor relatives).
-    When they do not fit ``length``, distractors are dropped first, then hops."""
+    When they do not fit ``length``, distractors are dropped first, then hops.
+
+    Generalisation knobs (defaults reproduce the layout above): ``phrasing`` ``"train"`` /
+    ``"heldout"`` words each fact with its own frame of that split (``"Bob's parent is Ann. "``,
+    ``"# Bob.parent = Ann"``) and the question with one (``"Cy's grandparent is [Ann]"``); when
+    they do not fit, the split's shortest frames are used. ``markers=False`` drops
+    ``<query>``/``<answer>``; ``filler`` picks the filler source."""
     _check_common(length, difficulty)
     rng = _as_rng(rng)
+    check_filler(filler)
     h = hops if hops is not None else 1 + min(2, int(difficulty * 3))
     if h not in _REL_WORDS:
         raise ValueError(f"relational: hops must be 1, 2 or 3, got {hops!r}")
@@ -514,6 +637,17 @@ def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
     attach = rng.random(extra)
     order_u = rng.random(h + extra)
     frac_u = rng.random(h + extra)
+    if phrasing is None:
+        fact_frames = ["{p} is the parent of {c}. "] * (h + extra)
+        q_frame = "who is the {rel} of {x}?"
+        short = (fact_frames, q_frame)
+    else:
+        facts_split = ph.of_split(ph.RELATION_FACTS, ph.check_split(phrasing))
+        qs_split = ph.of_split(ph.RELATION_QUESTIONS, phrasing)
+        fact_frames = [facts_split[i] for i in rng.integers(0, len(facts_split), size=h + extra)]
+        q_frame = qs_split[int(rng.integers(0, len(qs_split)))]
+        short = ([min(facts_split, key=len)] * (h + extra), min(qs_split, key=len))
+    q_head, q_tail = ([QUERY], [ANSWER]) if markers else ([], [])
 
     def plan(h_: int, extra_: int):
         """Facts (child -> parent) of a chain of ``h_`` hops plus ``extra_`` distractors."""
@@ -527,26 +661,33 @@ def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
             if r < len(pool):
                 parent[nm] = pool[r]
             pool.append(nm)
-        facts = [f"{p} is the parent of {c}. " for c, p in parent.items()]
+        facts = [fact_frames[j].format(p=p, c=c) for j, (c, p) in enumerate(parent.items())]
         order = np.argsort(order_u[: len(facts)], kind="stable")
         enc_facts = [_enc(facts[i]) for i in order]
-        q = np.concatenate([[QUERY], _enc(f"who is the {_REL_WORDS[h_]} of {chain[h_]}?"),
-                            [ANSWER]])
+        q = np.concatenate([np.array(q_head, dtype=np.int32),
+                            _enc(q_frame.format(rel=_REL_WORDS[h_], x=chain[h_])),
+                            np.array(q_tail, dtype=np.int32)]).astype(np.int32)
         a = _enc(chain[0])
         need = 1 + len(q) + len(a) + 1 + sum(len(f) for f in enc_facts)
         return enc_facts, q, a, need, len(pool)
 
-    facts, q, a, need, people = plan(h, extra)
-    while need > length and (n_people is None and extra > 0 or hops is None and h > 1):
-        if n_people is None and extra > 0:
-            extra -= 1
-        else:
-            h -= 1
+    h0, extra0 = h, extra
+    for attempt in range(2):
+        if attempt:  # the drawn wording did not fit: the split's shortest frames, sizes afresh
+            (fact_frames, q_frame), h, extra = short, h0, extra0
         facts, q, a, need, people = plan(h, extra)
+        while need > length and (n_people is None and extra > 0 or hops is None and h > 1):
+            if n_people is None and extra > 0:
+                extra -= 1
+            else:
+                h -= 1
+            facts, q, a, need, people = plan(h, extra)
+        if need <= length or phrasing is None:
+            break
     if need > length:
         raise _too_short("relational", length, need, f"{h} hops and {people} people")
     fixed = 1 + len(q) + len(a) + 1
-    region, starts = _with_inserts(rng, length - fixed, facts, frac_u[: len(facts)])
+    region, starts = _with_inserts(rng, length - fixed, facts, frac_u[: len(facts)], source=filler)
     b = _Builder()
     b.add(BOS)
     b.add(region)
@@ -556,12 +697,16 @@ def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
     return b.build("relational", dict(
         difficulty=float(difficulty), length=int(length), hops=h, n_people=people,
         n_facts=len(facts), target=names[h], answer_name=names[0],
-        first_fact_pos=int(1 + min(starts))))
+        first_fact_pos=int(1 + min(starts)),
+        **_retrieval_meta(phrasing, markers, filler, facts=sorted(set(fact_frames)),
+                          question=q_frame)))
+
 
 
 def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
          n_pairs: int | None = None, n_queries: int | None = None, key_len: int | None = None,
-         value_len: int = 1) -> Sample:
+         value_len: int = 1, phrasing: str | None = None, markers: bool = True,
+         filler: str = "words") -> Sample:
     """Multi-query associative recall: ``n_pairs`` key/value pairs, filler, then ``n_queries``
     queries (distinct keys while ``n_queries <= n_pairs``); every query's value is an answer
     span, the final ``<eos>`` closes the last one. Exact match = every query right.
@@ -569,16 +714,23 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     ``<bos>(<key>KV)*n<sep> filler (<query>K[V])*q [<eos>]`` (values follow keys directly,
     as in :func:`kv_retrieval`).
     Difficulty: ``n_pairs`` 2 -> 32; ``n_queries`` defaults to ``n_pairs``; keys are 1 letter
-    up to 16 pairs, else 2."""
+    up to 16 pairs, else 2. ``phrasing`` / ``markers`` / ``filler`` as in :func:`kv_retrieval`
+    (one pair frame and one question frame per sample; worded queries are one per line)."""
     _check_common(length, difficulty)
     rng = _as_rng(rng)
+    check_filler(filler)
     explicit = n_pairs is not None
     n = n_pairs if explicit else _lerp(2, 32, difficulty)
+    fact_frame, q_frame = _pair_frames(rng, phrasing)
+    m = int(bool(markers))
+    gap = int(q_frame != "{k}")  # a worded query ends its line, so the next one does not glue on
 
     def sizes(n_: int) -> tuple[int, int, int]:
         kl = key_len if key_len is not None else (1 if n_ <= 16 else 2)
         nq = n_queries if n_queries is not None else n_
-        return kl, nq, 1 + n_ * (1 + kl + value_len) + 1 + nq * (1 + kl + value_len) + 1
+        pair = m + _frame_len(fact_frame, k="A" * kl, v="0" * value_len)
+        query = m + _frame_len(q_frame, k="A" * kl) + value_len + gap
+        return kl, nq, 1 + n_ * pair + m + nq * query - gap + 1
 
     kl, nq, need = sizes(n)
     if not explicit:
@@ -590,20 +742,26 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     keys = _distinct_codes(rng, n, kl, KEY_ALPHABET)
     vals = _random_codes(rng, n, value_len, VALUE_ALPHABET)
     qs = (rng.permutation(n)[:nq] if nq <= n else rng.integers(0, n, size=nq))
-    pairs = np.concatenate([np.full((n, 1), KEY, np.int32), keys, vals], axis=1).reshape(-1)
     b = _Builder()
     b.add(BOS)
-    b.add(pairs)
-    b.add(SEP)
-    b.add(filler(rng, length - need))
-    for i in qs:
-        b.add(QUERY)
-        b.add(keys[i])
+    b.add(_pairs(keys, vals, fact_frame, markers))
+    if markers:
+        b.add(SEP)
+    b.add(_question_side(_filler_fn(rng, length - need, source=filler), markers))
+    for j, i in enumerate(qs):
+        if j and gap:
+            b.add(_enc("\n"))
+        if markers:
+            b.add(QUERY)
+        b.add(keys[i] if q_frame == "{k}" else _enc(q_frame.format(k=_dec(keys[i]))))
         b.add(vals[i], answer=True)
     b.add(EOS, answer=True)
     return b.build("mqar", dict(difficulty=float(difficulty), length=int(length), n_pairs=n,
                                 n_queries=int(nq), key_len=kl, value_len=value_len,
-                                query_indices=[int(i) for i in qs]))
+                                query_indices=[int(i) for i in qs],
+                                **_retrieval_meta(phrasing, markers, filler, pair=fact_frame,
+                                                  question=q_frame)))
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -623,10 +781,36 @@ TASKS: dict[str, TaskGenerator] = {
 def generate(task: str, rng: np.random.Generator | int | None, length: int,
              difficulty: float = 0.5, **kw: Any) -> Sample:
     """One sample of ``task`` with exactly ``length`` tokens; ``kw`` are the task's own knobs
-    (e.g. ``depth=`` for needle, ``hops=`` for relational, ``prefix_len=`` for kv_retrieval)."""
+    (e.g. ``depth=`` for needle, ``hops=`` for relational, ``prefix_len=`` for kv_retrieval).
+    The retrieval tasks (needle, kv_retrieval, relational, mqar) also take ``phrasing``
+    (``"train"``/``"heldout"``/``"mixed"``), ``markers`` or ``marker_prob``, and ``filler`` (a source of
+    :mod:`dnc.data.filler_text`, or ``"mixed"``)."""
     if task not in TASKS:
         raise KeyError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    return TASKS[task](_as_rng(rng), int(length), float(difficulty), **kw)
+    rng = _as_rng(rng)
+    kw = _resolve_mixtures(task, rng, kw)
+    return TASKS[task](rng, int(length), float(difficulty), **kw)
+
+
+def _resolve_mixtures(task: str, rng: np.random.Generator, kw: dict[str, Any]) -> dict[str, Any]:
+    """Per-sample draws of the curriculum's mixtures (one rng draw each, only when asked for, so
+    samples without them stay what they were): ``marker_prob`` -> ``markers`` (True with that
+    probability), ``filler="mixed"`` -> ``"words"`` or ``"stdlib"``, ``phrasing="mixed"`` -> the
+    original template (None) or ``"train"`` (even odds each). Nothing here ever picks a held-out
+    phrasing or filler: those are only given explicitly, by evaluations."""
+    if "marker_prob" in kw:
+        kw = dict(kw)
+        p = kw.pop("marker_prob")
+        if "markers" in kw:
+            raise ValueError(f"{task}: give markers or marker_prob, not both")
+        if not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"{task}: marker_prob must be a probability in [0, 1], got {p!r}")
+        kw["markers"] = bool(rng.random() < float(p))
+    if kw.get("filler") == "mixed":
+        kw = dict(kw, filler="words" if rng.random() < 0.5 else "stdlib")
+    if kw.get("phrasing") == "mixed":
+        kw = dict(kw, phrasing=None if rng.random() < 0.5 else "train")
+    return kw
 
 
 def _cut_at_eos(ids: Sequence[int] | np.ndarray) -> np.ndarray:
