@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 from report import git_commit, parse_pairs  # noqa: E402
 
 from dnc.model import DNC  # noqa: E402
-from dnc.train import TaskSource, TrainConfig, build_optimizer, corpus_windows, model_config_for, train_step  # noqa: E402
+from dnc.training import TaskSource, TrainConfig, build_optimizer, corpus_windows, model_config_for, train_step  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """Training runs under a storage root, read from their ``metrics.jsonl`` (pure functions over fsspec).
 
-A run is a folder holding ``metrics.jsonl`` (written by ``dnc.train.MetricsLogger``: one JSON row
+A run is a folder holding ``metrics.jsonl`` (written by ``dnc.training.MetricsLogger``: one JSON row
 per logged step, ``{"step": int, "time": unix_s, "train/loss": ..., ...}``) at depth 1 or 2 under
 the root: ``runs/demo/metrics.jsonl`` (``make run``, Ray Train), ``runs/sweeps/trial_3/metrics.jsonl``.
 The server follows a run while it trains by re-reading the file from the last step a client has

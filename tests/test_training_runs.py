@@ -23,7 +23,7 @@ def _metrics_logger():
     try:
         from dnc.training.metrics import MetricsLogger  # after the dnc/training split
     except ImportError:
-        from dnc.train import MetricsLogger
+        from dnc.training import MetricsLogger
     return MetricsLogger
 
 

@@ -36,7 +36,7 @@ def _training():
     try:  # after the dnc/training split
         from dnc.training import TrainConfig, fit
     except ImportError:
-        from dnc.train import TrainConfig, fit
+        from dnc.training import TrainConfig, fit
     return TrainConfig, fit
 
 
