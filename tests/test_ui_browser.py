@@ -46,7 +46,7 @@ def tiny_train_config(steps: int, log_interval: int = 2, eval_interval: int = 6)
                        eval_interval=eval_interval, eval_samples=4, checkpoint_interval=steps, bf16=False, warmup_steps=2)
 
 
-def _wait_http(url: str, timeout: float = 180.0) -> None:
+def _wait_http(url: str, timeout: float = 300.0) -> None:  # generous: a shared 2-core machine
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
