@@ -70,9 +70,9 @@ def start_server(port: int, args: dict[str, Any], timeout_s: float = 180.0) -> s
     """serve.run the app on 127.0.0.1:port (Ray must be initialized); returns the base URL."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)
     serve.run(build_app(args), name="dnc-abuse", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
