@@ -129,11 +129,12 @@ def own_steps(steps: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
     return [e for e in steps if e.get("owner") in (None, owner)]
 
 
-@router.get("/research/training-steps", summary="The caller's stored training steps (newest last)")
+@router.get("/research/training-steps",
+            summary="The newest `limit` stored training steps, the caller's among them (newest last)")
 async def training_steps(ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller),
                          run_id: str | None = Query(None, max_length=64),
                          limit: int = Query(500, ge=1, le=20_000)):
-    steps = own_steps(await ctx.hub().training_steps.remote(run_id, 20_000), who.owner())[-limit:]
+    steps = own_steps(await ctx.hub().training_steps.remote(run_id, limit), who.owner())
     return {"steps": steps, "count": len(steps)}
 
 
