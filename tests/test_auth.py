@@ -62,6 +62,18 @@ def test_bind_rule_and_owner_rule():
     assert Caller().owner() == "anonymous"
 
 
+def test_build_app_refuses_beyond_loopback_without_keys(monkeypatch, tmp_path):
+    from serve.app import build_app
+
+    monkeypatch.delenv("DNC_API_KEYS", raising=False)
+    with pytest.raises(KeyConfigError, match="refusing to serve on 0.0.0.0 without API keys") as e:
+        build_app({"http_host": "0.0.0.0", "storage": str(tmp_path)})
+    assert "\n" not in str(e.value)
+    with pytest.raises(KeyConfigError, match="at least 16"):  # a weak key fails fast, in one line too
+        monkeypatch.setenv("DNC_API_KEYS", "alice:short")
+        build_app({"storage": str(tmp_path)})
+
+
 def test_config_yaml_never_binds_beyond_loopback_without_keys():
     cfg = yaml.safe_load(open(os.path.join(ROOT, "serve", "config.yaml")))
     host = cfg["http_options"]["host"]
