@@ -332,7 +332,8 @@ def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float |
         if max_time_s:
             cmd += ["--max-time", str(int(max_time_s))]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300,
+                              cwd=tmp)  # its .schemathesis/ cache goes with the temp dir
         elapsed = time.perf_counter() - t0
         data = json.load(open(report)) if os.path.exists(report) else {}
     out = proc.stdout + proc.stderr
