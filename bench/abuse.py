@@ -31,12 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable
 
 import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# sockets held open across calls (the caps) are closed by hand, not by `with`
+warnings.filterwarnings("ignore", message="connect\\(\\) must be used as a context manager")
 
 TEXT = "The cat sat on the mat. The dog ate the bone. Where did the cat sit? On the mat. " * 2
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
@@ -70,9 +73,9 @@ def start_server(port: int, args: dict[str, Any], timeout_s: float = 180.0) -> s
     """serve.run the app on 127.0.0.1:port (Ray must be initialized); returns the base URL."""
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)
     serve.run(build_app(args), name="dnc-abuse", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -329,7 +332,8 @@ def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float |
         if max_time_s:
             cmd += ["--max-time", str(int(max_time_s))]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300,
+                              cwd=tmp)  # its .schemathesis/ cache goes with the temp dir
         elapsed = time.perf_counter() - t0
         data = json.load(open(report)) if os.path.exists(report) else {}
     out = proc.stdout + proc.stderr

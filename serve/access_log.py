@@ -1,4 +1,5 @@
-"""One log line per HTTP request, and none for what a UI polls (Serve's own access log is off).
+"""One log line per HTTP request, and none for what a UI polls (Serve's own access log is off for
+the ingress; start Serve with :func:`serve.app.start_serve` to turn the proxies' access log off too).
 
 ``GET /health 200 3.1 ms`` at INFO; the polled read-only paths (the UI asks every 2 s) and static
 files at DEBUG. Only the path is logged, never the query string or headers (keys travel in headers).
@@ -9,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-logger = logging.getLogger("serve.access")
+# a child of Ray Serve's logger, so the lines land in the replica's log file beside Serve's own
+logger = logging.getLogger("ray.serve.dnc_access")
 QUIET_GET_PREFIXES = ("/health", "/model/stats", "/research/metrics", "/research/training-steps", "/v1/states",
                       "/v1/state/", "/v1/models", "/ui", "/docs", "/redoc", "/openapi.json", "/favicon")
 

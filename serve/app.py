@@ -150,6 +150,12 @@ class Ingress:
         return create_api(self.ctx)
 
 
+def start_serve(port: int = 8000, host: str = "127.0.0.1") -> None:
+    """``serve.start`` for this app: HTTP on ``host:port``, and the proxies' per-request access log
+    off (the ingress writes one line per request itself, none for polling: serve/access_log.py)."""
+    serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`).
 

@@ -62,6 +62,18 @@ def test_bind_rule_and_owner_rule():
     assert Caller().owner() == "anonymous"
 
 
+def test_build_app_refuses_beyond_loopback_without_keys(monkeypatch, tmp_path):
+    from serve.app import build_app
+
+    monkeypatch.delenv("DNC_API_KEYS", raising=False)
+    with pytest.raises(KeyConfigError, match="refusing to serve on 0.0.0.0 without API keys") as e:
+        build_app({"http_host": "0.0.0.0", "storage": str(tmp_path)})
+    assert "\n" not in str(e.value)
+    with pytest.raises(KeyConfigError, match="at least 16"):  # a weak key fails fast, in one line too
+        monkeypatch.setenv("DNC_API_KEYS", "alice:short")
+        build_app({"storage": str(tmp_path)})
+
+
 def test_config_yaml_never_binds_beyond_loopback_without_keys():
     cfg = yaml.safe_load(open(os.path.join(ROOT, "serve", "config.yaml")))
     host = cfg["http_options"]["host"]
@@ -83,7 +95,7 @@ def test_log_redaction_filter():
 def keyed_server(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from serve.app import build_app, teardown
+    from serve.app import build_app, start_serve, teardown
 
     tmp = tmp_path_factory.mktemp("auth")
     (tmp / "keys").write_text(f"alice:{ALICE}\nbob:{BOB}\n")
@@ -91,7 +103,7 @@ def keyed_server(ray_cluster, tmp_path_factory):
             "bank_shards": 1, "live_interval_s": 0.5, "allowed_origins": ["http://allowed.example"],
             "namespace": "bwr-dnc-auth-test"}
     serve.shutdown()  # another module's Serve may still hold its port
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    start_serve(PORT)
     serve.run(build_app(args), name="dnc-auth", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 180
     while True:
@@ -213,6 +225,50 @@ def test_tiny_temperature_is_greedy_and_harms_no_batchmate(keyed_server):
             assert r.json()["token_ids"] == greedy, t
     r = a.post("/v1/completions", json={"prompt": "Hello there. ", "max_tokens": 8, "temperature": 1e-40})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def _serve_logs(session_dir: str, pattern: str = "*") -> dict[str, bytes]:
+    paths = glob.glob(os.path.join(session_dir, "logs", "serve", pattern))
+    return {p: open(p, "rb").read() for p in paths if os.path.isfile(p)}
+
+
+@pytest.mark.ray
+def test_logs_one_line_per_request_no_polling_no_disconnect_errors(keyed_server, ray_cluster):
+    from websockets.sync.client import connect
+
+    session_dir = ray_cluster._private.worker._global_node.get_session_dir_path()
+
+    def ingress_log() -> bytes:
+        return b"".join(d for p, d in _serve_logs(session_dir).items() if "dnc-auth_Ingress" in p)
+
+    errors_before = sum(d.count(b"GeneratorExit") + d.count(b"ERROR") for d in _serve_logs(session_dir).values())
+    lines_before = ingress_log().count(b"POST /v1/generate 200")
+    polls_before = sum(d.count(b"GET /health") + d.count(b"GET /model/stats") for d in _serve_logs(session_dir).values())
+    a = _c(ALICE)
+    for _ in range(5):  # what the UI polls every 2 s
+        assert a.get("/health").status_code == 200 and a.get("/model/stats").status_code == 200
+    assert a.post("/v1/generate", json={"prompt": "log me", "max_new_tokens": 2}).status_code == 200
+    time.sleep(1.5)
+    assert ingress_log().count(b"POST /v1/generate 200") == lines_before + 1  # one line, from the ingress
+    for path in ("/ws/live", "/ws/research"):  # clients that vanish mid-conversation
+        ws = connect(BASE.replace("http", "ws") + path, additional_headers={"Authorization": f"Bearer {ALICE}"})
+        if path == "/ws/research":
+            ws.send(json.dumps({"id": 1, "endpoint": "gradient-analysis", "params": {"text": "hello there " * 40}}))
+        else:
+            ws.recv(timeout=10)
+        time.sleep(0.3)
+        ws.socket.close()  # no close frame
+    with httpx.stream("POST", f"{BASE}/v1/generate", headers={"Authorization": f"Bearer {ALICE}"},
+                      json={"prompt": "bye", "max_new_tokens": 16, "stream": True}) as r:
+        next(r.iter_lines())  # leave mid-stream
+    time.sleep(3.0)
+    logs = _serve_logs(session_dir)
+    everything = b"".join(logs.values())
+    polls_after = sum(d.count(b"GET /health") + d.count(b"GET /model/stats") for d in logs.values())
+    assert polls_after == polls_before  # polling is quiet (proxies and ingress alike)
+    errors_after = sum(d.count(b"GeneratorExit") + d.count(b"ERROR") for d in logs.values())
+    assert errors_after == errors_before, [line for line in everything.splitlines()
+                                           if b"ERROR" in line or b"GeneratorExit" in line][-5:]
 
 
 @pytest.mark.ray

@@ -36,9 +36,9 @@ def app_args(tmp_path_factory):
 def server(ray_cluster, app_args):
     from ray import serve
 
-    from serve.app import build_app, teardown
+    from serve.app import build_app, start_serve, teardown
 
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    start_serve(PORT)
     serve.run(build_app(app_args), name="dnc-test", route_prefix="/", blocking=False)
     deadline = time.monotonic() + 180
     while True:

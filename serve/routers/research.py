@@ -129,11 +129,12 @@ def own_steps(steps: list[dict[str, Any]], owner: str) -> list[dict[str, Any]]:
     return [e for e in steps if e.get("owner") in (None, owner)]
 
 
-@router.get("/research/training-steps", summary="The caller's stored training steps (newest last)")
+@router.get("/research/training-steps",
+            summary="The newest `limit` stored training steps, the caller's among them (newest last)")
 async def training_steps(ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller),
                          run_id: str | None = Query(None, max_length=64),
                          limit: int = Query(500, ge=1, le=20_000)):
-    steps = own_steps(await ctx.hub().training_steps.remote(run_id, 20_000), who.owner())[-limit:]
+    steps = own_steps(await ctx.hub().training_steps.remote(run_id, limit), who.owner())
     return {"steps": steps, "count": len(steps)}
 
 
@@ -145,12 +146,28 @@ async def ws_research(ws: WebSocket, ctx: ApiContext = Depends(get_ctx)):
     async with admitted_ws(ctx, ws) as owner:
         if owner is None:
             return
-        try:
-            while True:
-                raw = await ws.receive_text()
-                await ws.send_json(await _ws_research_one(ctx, raw, owner))
-        except WebSocketDisconnect:
-            pass
+        await _serve_research_socket(ctx, ws, owner)
+
+
+async def _serve_research_socket(ctx: ApiContext, ws: WebSocket, owner: str) -> None:
+    """Answer messages in order. The next receive is always pending, so a client that leaves
+    mid-computation is noticed: the work is cancelled and nothing is sent to a closed socket
+    (Ray's proxy logs an ERROR for a send after the client went away)."""
+    receiving = asyncio.create_task(ws.receive_text())
+    try:
+        while True:
+            raw = await receiving
+            receiving = asyncio.create_task(ws.receive_text())
+            work = asyncio.create_task(_ws_research_one(ctx, raw, owner))
+            await asyncio.wait({work, receiving}, return_when=asyncio.FIRST_COMPLETED)
+            if receiving.done() and receiving.exception() is not None:  # the client left
+                work.cancel()
+                return
+            await ws.send_json(await work)
+    except (WebSocketDisconnect, RuntimeError):
+        return  # the client left: not an error
+    finally:
+        receiving.cancel()
 
 
 def _is_auth_message(raw: str) -> bool:
