@@ -355,3 +355,24 @@ def test_lease_expires_without_renewal_and_fences_the_late_writer(tmp_path):
         await shard.abort_turn("s", held["lease_id"])
         assert not await shard.renew_lease("s", held["lease_id"])
     asyncio.run(main())
+
+
+def test_concurrent_first_turns_on_a_new_session_create_it_once(tmp_path):
+    """Two writers start the first turn of the same new session at once (found by bench/durability.py:
+    both appended a create record; the live shard kept the second incarnation, replay the first,
+    and every acknowledged turn of the second was dropped at the next restart)."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank", lease_wait_s=5.0)
+        shard = _shard(cfg)
+
+        async def turn(tag):
+            lease = await shard.begin_turn("shared", "alice", True)
+            return await shard.commit_turn("shared", lease["lease_id"], lease["seq"] + 1, f"u-{tag}",
+                                           tag.encode() * 100, {}, {"kind": "generate"})
+
+        acks = await asyncio.gather(turn("one"), turn("two"))
+        assert sorted(a["seq"] for a in acks) == [1, 2]
+        shard.store.close()
+        shard2 = _shard(cfg)
+        assert (await shard2.info("shared", "alice"))["seq"] == 2
+    asyncio.run(main())

@@ -99,11 +99,13 @@ class DurabilityMixin:
             n += 1
         for k, d in enumerate(bad_records):
             where = f"{getattr(d, 'where', 'wal')} at byte {d.offset}"
+            if d.torn:  # a crash mid-append: that record was never acknowledged
+                logger.info("shard %d: torn record at the end of %s (never acknowledged)", self.index, where)
+                continue
             self._report({"kind": "wal_record", "where": where, **d.report()})
-            if d.torn or d.sid is None:
-                if not d.torn:
-                    logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
-                                 "be named", self.index, d.length, where, d.reason)
+            if d.sid is None:
+                logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
+                             "be named", self.index, d.length, where, d.reason)
                 continue
             later = [(inc, seq) for idx, inc, seq in last_good.get(d.sid, []) if idx > k]
             s = self.sessions.get(d.sid)

@@ -40,6 +40,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
                          "damaged_records": 0, "storage_errors": 0, "fenced": 0}
         self._wal_lock: asyncio.Lock | None = None
         self._snap_lock: asyncio.Lock | None = None
+        self._creating: asyncio.Lock | None = None
         self._manager: asyncio.Task | None = None
         self._model = None
         # start = open storage + recover. It must not raise: Ray does not restart an actor whose

@@ -75,22 +75,31 @@ class StateMachineMixin:
     # ------------------------------------------------------------------ public: sessions
 
     async def create(self, sid: str, owner: str) -> dict[str, Any]:
-        """Create an empty session (idempotent for its owner; 409 if another owner holds the id)."""
+        """Create an empty session (idempotent for its owner; 409 if another owner holds the id).
+
+        Creates are serialised: two first turns of one new session racing here would otherwise both
+        log a create, the live shard keep the second incarnation and replay the first (which drops
+        every update of the second at the next restart)."""
         self._start_manager()
-        s = self.sessions.get(sid)
-        if s is not None and s.damage:
-            raise self._damaged(s)  # never silently recreated: DELETE first
-        if s is not None and not s.deleted:
-            if s.owner != owner:
-                raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
-            return s.info(self.index)
-        seq = 0
-        now = time.time()
-        header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": seq, "at": now}
-        await self._append(header, None)
-        self.sessions.pop(sid, None)
-        self._apply_record(header, None)
-        return self.sessions[sid].info(self.index)
+        async with self._create_lock():
+            s = self.sessions.get(sid)
+            if s is not None and s.damage:
+                raise self._damaged(s)  # never silently recreated: DELETE first
+            if s is not None and not s.deleted:
+                if s.owner != owner:
+                    raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
+                return s.info(self.index)
+            header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
+                      "at": time.time()}
+            await self._append(header, None)
+            self.sessions.pop(sid, None)
+            self._apply_record(header, None)
+            return self.sessions[sid].info(self.index)
+
+    def _create_lock(self) -> asyncio.Lock:
+        if self._creating is None:  # made on the actor's event loop
+            self._creating = asyncio.Lock()
+        return self._creating
 
     async def info(self, sid: str, owner: str | None, with_history: bool = True) -> dict[str, Any]:
         self._start_manager()
