@@ -247,8 +247,8 @@ class Generator:
             return asm.stopped
         row = DecodeRow(r.prompt_ids, state, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p),
                         seed=r.seed, stop_tokens=frozenset(r.stop_ids), stop_check=stop_check, tag=r.request_id)
-        ttft, batch, queued = None, 1, time.perf_counter()
-        async for steps in self.scheduler.submit(row):
+        ttft, batch, timing = None, 1, {}
+        async for steps in self.scheduler.submit(row, timing):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             batch = max([batch] + [st.batch for st in steps])
@@ -260,7 +260,7 @@ class Generator:
         tail = asm.finish()
         if tail:
             yield TokensEvent([TokenItem(tail, None, len(row.tokens))])
-        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, queued - t0)
+        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing.get("queue_s", 0.0))
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         t0 = time.perf_counter()

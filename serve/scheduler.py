@@ -23,8 +23,10 @@ from dnc.generate import BatchDecoder, DecodeRow, StepToken
 @dataclass(eq=False)
 class _Job:
     row: DecodeRow
+    timing: dict
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of StepToken, then None
     cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class DecodeScheduler:
@@ -47,11 +49,12 @@ class DecodeScheduler:
         self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0}
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, row: DecodeRow) -> AsyncIterator[list[StepToken]]:
+    async def submit(self, row: DecodeRow, timing: dict | None = None) -> AsyncIterator[list[StepToken]]:
         """Decode ``row`` with everything else running; yields its tokens as they are made (lists,
         one per iteration). When it ends, ``row.finish_reason`` (and ``row.error``) say how. Closing
-        the iterator early cancels the row."""
-        job = _Job(row)
+        the iterator early cancels the row. ``timing["queue_s"]`` is set to the time the row waited
+        for a place in the batch."""
+        job = _Job(row, timing if timing is not None else {})
         self.waiting.append(job)
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
@@ -74,8 +77,10 @@ class DecodeScheduler:
             admit, self.waiting = self.waiting[:room], self.waiting[room:]
             admit = [j for j in admit if not j.cancelled]
             cancelled = [j.row for j in self.active.values() if j.cancelled]
+            now = time.perf_counter()
             for job in admit:
                 self.active[id(job.row)] = job
+                job.timing["queue_s"] = now - job.submitted
             try:
                 tokens, failed = await self.run(self._iterate, [j.row for j in admit], cancelled)
             except BaseException as e:  # the model thread itself broke: fail everyone running
