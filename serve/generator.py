@@ -166,7 +166,7 @@ class GeneratorSettings:
     hub_name: str = "dnc-live-hub"
     device: str = "auto"
     max_batch_size: int = 8
-    """Most requests decoding at once (later ones wait for a place)."""
+    """Most rows in one model call of the decode loop (more running requests form several batches)."""
     batch_wait_timeout_s: float = 0.02
     """When nothing is decoding, how long a first request waits for others to prefill with it."""
     torch_threads: int = 0
@@ -175,7 +175,10 @@ class GeneratorSettings:
     """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
 
 
-@serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1})
 class Generator:
     def __init__(self, settings: dict[str, Any]):
         self.settings = GeneratorSettings(**settings)
@@ -188,7 +191,7 @@ class Generator:
         self.bank = BankClient(BankConfig(**self.settings.bank))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
-                                         max_running=self.settings.max_batch_size,
+                                         max_batch=self.settings.max_batch_size, max_running=MAX_ONGOING,
                                          admit_wait_s=self.settings.batch_wait_timeout_s)
         self._hub = None
         self.started = time.time()

@@ -32,13 +32,13 @@ class _Job:
 class DecodeScheduler:
     """One decoder per model (see the module docstring).
 
-    ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_running`` caps the rows
-    decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
+    ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
+    one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch)."""
 
-    def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_running: int = 64,
-                 admit_wait_s: float = 0.0):
-        self.decoder = BatchDecoder(model)
+    def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
+                 max_running: int = 64, admit_wait_s: float = 0.0):
+        self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
         self.max_running = max_running
