@@ -186,13 +186,15 @@ class BatchDecoder:
 
     ``add(rows)`` prefills them (rows whose states share a layout and whose prompts share a length
     as one batch); ``step()`` emits one token for every running row; ``running`` says whether any
-    row is left. Runs under ``torch.no_grad``; the model should be in eval mode."""
+    row is left. ``max_batch`` caps the rows of one model call (more rows of one layout form
+    several batches). Runs under ``torch.no_grad``; the model should be in eval mode."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_batch: int = 64):
         self.model = model
+        self.max_batch_rows = max(1, int(max_batch))  # rows in one model call at most
         self.groups: list[_Group] = []
         self.steps = 0
-        self.max_batch = 0
+        self.max_batch = 0  # the most rows one model call has decoded
 
     @property
     def running(self) -> bool:
@@ -218,8 +220,10 @@ class BatchDecoder:
                 row.generator = torch.Generator(device=self.model.device).manual_seed(int(row.seed))
             start = None if row.state is None else row.state.layout()
             buckets.setdefault((start, len(row.prompt_ids)), []).append(row)
+        n = self.max_batch_rows
         for bucket in buckets.values():
-            failed += self._prefill(bucket)
+            for i in range(0, len(bucket), n):
+                failed += self._prefill(bucket[i:i + n])
         return failed
 
     def _check(self, row: DecodeRow) -> str | None:
@@ -263,7 +267,7 @@ class BatchDecoder:
             if group is None:
                 return
         for g in self.groups:  # same layout: one batch from now on (equal layouts stay equal)
-            if g.state.layout() == group.state.layout():
+            if len(g.rows) + len(group.rows) <= self.max_batch_rows and g.state.layout() == group.state.layout():
                 g.state = DNCState.stack([g.state, group.state])
                 g.rows = g.rows + group.rows
                 g.logits = torch.cat([g.logits, group.logits], 0)

@@ -166,7 +166,7 @@ class GeneratorSettings:
     hub_name: str = "dnc-live-hub"
     device: str = "auto"
     max_batch_size: int = 8
-    """Most requests decoding at once (later ones wait for a place)."""
+    """Most rows in one model call of the decode loop (more running requests form several batches)."""
     batch_wait_timeout_s: float = 0.02
     """When nothing is decoding, how long a first request waits for others to prefill with it."""
     torch_threads: int = 0
@@ -175,7 +175,10 @@ class GeneratorSettings:
     """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
 
 
-@serve.deployment(name="Generator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
+
+
+@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1})
 class Generator:
     def __init__(self, settings: dict[str, Any]):
         self.settings = GeneratorSettings(**settings)
@@ -188,7 +191,7 @@ class Generator:
         self.bank = BankClient(BankConfig(**self.settings.bank))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
-                                         max_running=self.settings.max_batch_size,
+                                         max_batch=self.settings.max_batch_size, max_running=MAX_ONGOING,
                                          admit_wait_s=self.settings.batch_wait_timeout_s)
         self._hub = None
         self.started = time.time()
@@ -247,8 +250,8 @@ class Generator:
             return asm.stopped
         row = DecodeRow(r.prompt_ids, state, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p),
                         seed=r.seed, stop_tokens=frozenset(r.stop_ids), stop_check=stop_check, tag=r.request_id)
-        ttft, batch, queued = None, 1, time.perf_counter()
-        async for steps in self.scheduler.submit(row):
+        ttft, batch, timing = None, 1, {}
+        async for steps in self.scheduler.submit(row, timing):
             if ttft is None:
                 ttft = time.perf_counter() - t0
             batch = max([batch] + [st.batch for st in steps])
@@ -260,7 +263,7 @@ class Generator:
         tail = asm.finish()
         if tail:
             yield TokensEvent([TokenItem(tail, None, len(row.tokens))])
-        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, queued - t0)
+        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing.get("queue_s", 0.0))
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         t0 = time.perf_counter()

@@ -23,20 +23,22 @@ from dnc.generate import BatchDecoder, DecodeRow, StepToken
 @dataclass(eq=False)
 class _Job:
     row: DecodeRow
+    timing: dict
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of StepToken, then None
     cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
 
 class DecodeScheduler:
     """One decoder per model (see the module docstring).
 
-    ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_running`` caps the rows
-    decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
+    ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
+    one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch)."""
 
-    def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_running: int = 64,
-                 admit_wait_s: float = 0.0):
-        self.decoder = BatchDecoder(model)
+    def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
+                 max_running: int = 64, admit_wait_s: float = 0.0):
+        self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
         self.max_running = max_running
@@ -47,11 +49,12 @@ class DecodeScheduler:
         self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0}
 
     # ------------------------------------------------------------------ requests
-    async def submit(self, row: DecodeRow) -> AsyncIterator[list[StepToken]]:
+    async def submit(self, row: DecodeRow, timing: dict | None = None) -> AsyncIterator[list[StepToken]]:
         """Decode ``row`` with everything else running; yields its tokens as they are made (lists,
         one per iteration). When it ends, ``row.finish_reason`` (and ``row.error``) say how. Closing
-        the iterator early cancels the row."""
-        job = _Job(row)
+        the iterator early cancels the row. ``timing["queue_s"]`` is set to the time the row waited
+        for a place in the batch."""
+        job = _Job(row, timing if timing is not None else {})
         self.waiting.append(job)
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
@@ -74,8 +77,10 @@ class DecodeScheduler:
             admit, self.waiting = self.waiting[:room], self.waiting[room:]
             admit = [j for j in admit if not j.cancelled]
             cancelled = [j.row for j in self.active.values() if j.cancelled]
+            now = time.perf_counter()
             for job in admit:
                 self.active[id(job.row)] = job
+                job.timing["queue_s"] = now - job.submitted
             try:
                 tokens, failed = await self.run(self._iterate, [j.row for j in admit], cancelled)
             except BaseException as e:  # the model thread itself broke: fail everyone running

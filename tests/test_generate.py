@@ -207,3 +207,14 @@ def test_one_rows_failure_fails_that_row_alone(model):
     assert good.tokens == want and good.finish_reason == "length"
     with pytest.raises(ValueError, match="at least one token"):
         model.generate([], max_new_tokens=3)
+
+
+def test_max_batch_caps_rows_per_model_call(model):
+    p = _prompt(80, 10)
+    want = _solo(model, dict(prompt_ids=p, max_new_tokens=6, sampling=SamplingParams(0.0))).tokens
+    rows = [DecodeRow(p, None, 6, SamplingParams(0.0)) for _ in range(5)]
+    dec = BatchDecoder(model, max_batch=2)
+    dec.add(rows)
+    assert sorted(dec.batch_sizes()) == [1, 2, 2]
+    list(dec.run())
+    assert all(r.tokens == want for r in rows) and dec.max_batch == 2

@@ -131,6 +131,38 @@ def test_stream_events_stop_sequences_and_seeds(generator):
     assert outs[0]["token_ids"] == outs[1]["token_ids"]
 
 
+def test_a_stream_that_goes_away_leaves_the_batch_alone(generator):
+    """Closing a stream early (the client went away) takes its row out between steps; the rows
+    decoding with it still get exactly their own tokens."""
+    from serve.generator import GenRequest
+
+    g = generator
+    short = GenRequest(prompt_ids=list(b"twin prompt A"), max_new_tokens=12, temperature=0.0)
+    long = GenRequest(prompt_ids=list(b"twin prompt B"), max_new_tokens=400, temperature=0.0)
+
+    async def main():
+        async def leave_early():
+            n = 0
+            stream = g.generate_stream(long)
+            async for ev in stream:
+                n += len(ev.get("items", []))
+                if n >= 3:
+                    break
+            await stream.aclose()  # what Ray does when the client disconnects: the row is cancelled
+            for _ in range(3000):  # the driver drops it at its next iteration
+                if not g.scheduler.active:
+                    break
+                await asyncio.sleep(0.01)
+            return n, g.scheduler.decoder.running, dict(g.scheduler.active)
+        return await asyncio.gather(g.generate(short), leave_early())
+    stepped = g.scheduler.stats["rows_stepped"]
+    out, (seen, running, active) = asyncio.run(main())
+    assert seen >= 3 and not running and not active
+    assert g.scheduler.stats["rows_stepped"] - stepped < 12 + 400  # the long row stopped early
+    assert out["token_ids"] == g.lm.model.generate(short.prompt_ids, max_new_tokens=12, temperature=0.0)
+    assert not g.scheduler.active and not g.scheduler.decoder.running
+
+
 def test_research_registry_runs_and_names_bad_input(generator):
     from serve.errors import Unprocessable
     from serve.research import RESEARCH
