@@ -1,120 +1,105 @@
-"""The ``dnc`` command: one entry point that dispatches to the project's tools.
+"""The ``dnc`` command: one entry point that dispatches to typed functions.
 
-    dnc demo                  train the tiny preset briefly on Ray Train, then serve it with the UI
-    dnc train ...             = python -m ray_jobs.train ...
-    dnc evaluate ...          = python -m ray_jobs.evaluate ...
-    dnc sweep ...             = python -m tune.sweep ...
-    dnc serve [--checkpoint PATH] [--port 8000]
-    dnc generate --prompt TEXT [--checkpoint PATH]   (plain PyTorch, no Ray)
+    dnc demo       train the tiny preset briefly (tasks + text) on Ray Train, then serve it with the UI
+    dnc train      train on Ray Train: --config YAML plus --model.* / --train.* / --run.* overrides
+    dnc evaluate   accuracy of a checkpoint (or run directory) per task x length
+    dnc sweep      hyperparameter sweep with Ray Tune (ASHA)
+    dnc serve      serve a checkpoint (or run directory) with Ray Serve: API and UI
+    dnc generate   generate text with plain PyTorch (no Ray)
+
+``dnc COMMAND --help`` lists a command's options (from the docstrings). ``python -m ray_jobs.train``,
+``python -m ray_jobs.evaluate`` and ``python -m tune.sweep`` are the same commands. Argument errors
+print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
+
+from dnc.config import ConfigError
+from ray_jobs.parsing import UsageError
 
 
-def _serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str) -> None:
-    import ray
-    from ray import serve
+# ------------------------------------------------------------------------------------- commands
+def train(job, address: str | None = None) -> int:
+    """Train BWR-DNC with Ray Train (DDP or FSDP2) on the curriculum (+ optional corpus text).
+    Rerun with the same run.name and run.storage to resume."""
+    from ray_jobs.train import print_summary, run_training
 
-    from serve.app import build_app
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"storage": storage}
-    if checkpoint:
-        args["checkpoint"] = checkpoint
-    serve.run(build_app(args), name="bwr-dnc", route_prefix="/", blocking=False)
-    print(f"\nBWR-DNC is serving: UI http://127.0.0.1:{port}/ui  API docs http://127.0.0.1:{port}/docs", flush=True)
-    print("Ctrl-C stops it.", flush=True)
-    deadline = time.time() + seconds if seconds else None
-    try:
-        while deadline is None or time.time() < deadline:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        from serve.app import teardown
-
-        teardown(args)
-
-
-def cmd_demo(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="dnc demo", description="Train the tiny preset briefly on the curriculum "
-                                "through Ray Train (local Ray, local storage, W&B offline), then serve it with "
-                                "the UI at http://127.0.0.1:PORT/ui.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=200, help="training steps (a resumed demo continues from its step)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP)")
-    p.add_argument("--storage", default="runs", help="where checkpoints, metrics and session banks go")
-    p.add_argument("--name", default="demo", help="run name (same name = resume)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--no-serve", action="store_true", help="stop after training")
-    p.add_argument("--serve-seconds", type=float, default=None, help="serve this long, then exit (default: forever)")
-    a = p.parse_args(argv)
-    os.environ.setdefault("WANDB_MODE", "offline")
-    from ray_jobs.train import build_parser, job_from_args, print_summary, run_training
-
-    targs = build_parser().parse_args(["--config", "configs/train/tiny.yaml", "--name", a.name, "--storage",
-                                       a.storage, "--num-workers", str(a.workers), "--max-steps", str(a.steps)])
-    job = job_from_args(targs)
-    print(f"[dnc demo] training tiny for {a.steps} steps with {a.workers} Ray Train workers -> {job.run_dir}")
-    summary = run_training(job)
-    print_summary(summary)
-    if a.no_serve:
-        return 0
-    _serve_forever(summary["checkpoint"], a.port, a.serve_seconds, os.path.join(a.storage, "serve-storage"))
+    print_summary(run_training(job, address=address))
     return 0
 
 
-def cmd_serve(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="dnc serve", description="Serve a checkpoint (or an untrained tiny model) "
-                                "with Ray Serve: HTTP/WebSocket API and the UI.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir or fsspec URI")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--storage", default="runs/serve-storage", help="session-bank storage (dir or fsspec URI)")
-    p.add_argument("--seconds", type=float, default=None, help="serve this long, then exit (default: forever)")
-    a = p.parse_args(argv)
-    _serve_forever(a.checkpoint, a.port, a.seconds, a.storage)
+def evaluate(checkpoint: str, lengths: str = "1k,4k,16k", tasks: str | None = None, n: int = 16,
+             difficulty: float = 0.5, seed: int = 1234, device: str | None = None, out: str = "runs/eval",
+             ray_workers: int = 0, gpu: bool = False) -> int:
+    """Exact-match accuracy of a checkpoint per task x length: eval.json, eval.md and an eval.png heatmap.
+
+    Args:
+        checkpoint: Checkpoint directory or run directory (its newest step_*), local or fsspec URI.
+        lengths: Comma-separated token lengths with optional k/M suffixes (1k = 1024 tokens).
+        tasks: Comma-separated task names; null = every task.
+        n: Samples per task x length.
+        difficulty: Task difficulty in [0, 1].
+        seed: Seed of the samples.
+        device: cpu or cuda; null = cuda when available.
+        out: Output directory for eval.json, eval.md and eval.png.
+        ray_workers: Spread the cells over this many Ray tasks (0 = in this process).
+        gpu: One GPU per Ray task.
+    """
+    from ray_jobs.evaluate import run_evaluation
+
+    return run_evaluation(checkpoint=checkpoint, lengths=lengths, tasks=tasks, n=n, difficulty=difficulty,
+                          seed=seed, device=device, out=out, ray_workers=ray_workers, gpu=gpu)
+
+
+def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/serve-storage",
+          seconds: float | None = None) -> int:
+    """Serve a checkpoint (or an untrained tiny model) with Ray Serve: HTTP/WebSocket API and the UI.
+
+    Args:
+        checkpoint: Checkpoint directory or run directory (its newest step_*), local or fsspec URI.
+        port: HTTP port on 127.0.0.1.
+        storage: Session-bank storage (directory or fsspec URI).
+        seconds: Seconds to serve before exiting; null = until Ctrl-C.
+    """
+    ckpt = resolve_checkpoint_arg(checkpoint)
+    serve_forever(ckpt, port, seconds, storage)
     return 0
 
 
-def cmd_generate(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="dnc generate", description="Generate text with plain PyTorch (no Ray).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir or fsspec URI (default: untrained tiny)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    if a.max_new_tokens < 1 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        p.error("need --max-new-tokens >= 1, --temperature >= 0 and 0 < --top-p <= 1")
+def generate(prompt: str, checkpoint: str | None = None, max_new_tokens: int = 64, temperature: float = 0.8,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> int:
+    """Generate text from a prompt with plain PyTorch (no Ray).
+
+    Args:
+        prompt: Text to continue.
+        checkpoint: Checkpoint directory or run directory; null = an untrained tiny model.
+        max_new_tokens: Tokens to generate (>= 1).
+        temperature: Sampling temperature (0 = greedy).
+        top_k: Sample among the k most likely tokens (0 = all).
+        top_p: Nucleus sampling mass in (0, 1].
+        seed: Sampling seed.
+    """
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise UsageError("need --max_new_tokens >= 1, --temperature >= 0 and 0 < --top_p <= 1")
+    ckpt = resolve_checkpoint_arg(checkpoint)
     import torch
 
-    from dnc.checkpoint import CheckpointError, load_checkpoint
+    from dnc.checkpoint import load_checkpoint
     from dnc.config import preset
     from dnc.model import DNC
     from dnc.tokenizer import ByteTokenizer
 
-    torch.manual_seed(a.seed)
-    try:
-        model = load_checkpoint(a.checkpoint)[0] if a.checkpoint else DNC(preset("tiny"))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    torch.manual_seed(seed)
+    model = load_checkpoint(ckpt)[0] if ckpt else DNC(preset("tiny"))
     tok = ByteTokenizer()
-    gen = torch.Generator().manual_seed(a.seed)
-    for t in model.generate_stream(tok.encode(a.prompt, bos=True), max_new_tokens=a.max_new_tokens,
-                                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+    gen = torch.Generator().manual_seed(seed)
+    for t in model.generate_stream(tok.encode(prompt, bos=True), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
                                    stop_tokens=(tok.eos_id,), generator=gen):
         sys.stdout.write(tok.decode([t]))
         sys.stdout.flush()
@@ -122,34 +107,153 @@ def cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
-def _module_main(module: str):
-    def run(argv: Sequence[str]) -> int:
-        import importlib
+def demo(steps: int = 200, workers: int = 2, storage: str = "runs", name: str = "demo", port: int = 8000,
+         no_serve: bool = False, serve_seconds: float | None = None) -> int:
+    """Train the tiny preset briefly through Ray Train (local Ray, local storage, W&B offline) on the
+    curriculum and on text (this Python's standard library), then serve it with the UI.
 
-        return importlib.import_module(module).main(list(argv)) or 0
-    return run
+    Args:
+        steps: Training steps (a resumed demo continues from its step).
+        workers: Ray Train workers (DDP).
+        storage: Where checkpoints, metrics and session banks go.
+        name: Run name (the same name resumes).
+        port: HTTP port of the server on 127.0.0.1.
+        no_serve: Stop after training.
+        serve_seconds: Seconds to serve before exiting; null = until Ctrl-C.
+    """
+    os.environ.setdefault("WANDB_MODE", "offline")
+    from ray_jobs.config import load_job_config
+    from ray_jobs.train import print_summary, run_training
+
+    job = load_job_config(config_path("configs/train/tiny.yaml"), {
+        "train": {"max_steps": steps},
+        "run": {"name": name, "storage": storage, "num_workers": workers, "corpus": ["stdlib"],
+                "cpus_per_worker": 0.5}})
+    print(f"[dnc demo] training tiny for {steps} steps with {workers} Ray Train workers -> {job.run_dir}")
+    summary = run_training(job)
+    print_summary(summary)
+    if no_serve:
+        return 0
+    serve_forever(summary["checkpoint"], port, serve_seconds, os.path.join(job.run.storage, "serve-storage"))
+    return 0
 
 
-COMMANDS = {
-    "demo": cmd_demo,
-    "train": _module_main("ray_jobs.train"),
-    "evaluate": _module_main("ray_jobs.evaluate"),
-    "sweep": _module_main("tune.sweep"),
-    "serve": cmd_serve,
-    "generate": cmd_generate,
-}
+# ------------------------------------------------------------------------------------- helpers
+def config_path(path: str) -> str:
+    """A repo config path that works from any working directory."""
+    if os.path.exists(path):
+        return path
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, path)
+
+
+def resolve_checkpoint_arg(checkpoint: str | None) -> str | None:
+    """A checkpoint or run directory -> the checkpoint directory, checked now (fails in a second)."""
+    if not checkpoint:
+        return None
+    from dnc.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--checkpoint {checkpoint}: {e}") from None
+
+
+def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str) -> None:
+    import ray
+    from ray import serve as ray_serve
+
+    from serve.app import build_app, teardown
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False)
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"storage": storage}
+    if checkpoint:
+        args["checkpoint"] = checkpoint
+    ray_serve.run(build_app(args), name="bwr-dnc", route_prefix="/", blocking=False)
+    print(f"\nBWR-DNC is serving: UI http://127.0.0.1:{port}/ui  API docs http://127.0.0.1:{port}/docs", flush=True)
+    print("Ctrl-C stops it.", flush=True)
+    deadline = time.time() + seconds if seconds else None
+    try:
+        while deadline is None or time.time() < deadline:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+    finally:
+        teardown(args)
+        ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------- dispatch
+COMMANDS = ("demo", "train", "evaluate", "sweep", "serve", "generate")
+FUNCTIONS: dict[str, Callable[..., int]] = {"demo": demo, "evaluate": evaluate, "serve": serve,
+                                            "generate": generate}
+
+
+def command_parser(name: str):
+    """The jsonargparse parser of one command (``train``: the job config; others: the function)."""
+    from ray_jobs.parsing import new_parser
+
+    if name == "train":
+        from ray_jobs.config import job_parser
+
+        p = job_parser(prog="dnc train", description=train.__doc__)
+        p.add_argument("--address", type=str | None, default=None,
+                       help="Ray address; null = RAY_ADDRESS, else a local cluster")
+        return p
+    if name == "sweep":
+        from tune.sweep import sweep_parser
+
+        return sweep_parser()
+    fn = FUNCTIONS[name]
+    p = new_parser(prog=f"dnc {name}", description=(fn.__doc__ or "").split("\n\n")[0])
+    p.add_function_arguments(fn, as_group=False)
+    return p
+
+
+def run_command(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` for command ``name`` and call its typed function. Argument errors raise
+    :class:`UsageError` (or ConfigError) with one line."""
+    from jsonargparse import ArgumentError
+
+    from ray_jobs.parsing import error_line
+
+    p = command_parser(name)
+    try:
+        ns = p.parse_args(list(argv))
+    except ArgumentError as e:
+        raise UsageError(error_line(e)) from None
+    if name == "train":
+        from ray_jobs.config import job_from_namespace
+
+        return train(job_from_namespace(p, ns), address=ns.address)
+    if name == "sweep":
+        from tune.sweep import run_sweep_command
+
+        return run_sweep_command(p, ns)
+    kwargs = {k: v for k, v in ns.as_dict().items() if k != "config"}
+    return FUNCTIONS[name](**kwargs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+        from ray_jobs.parsing import plain
+
+        print(plain(__doc__))
         return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"unknown command {cmd!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd](rest)
+    try:
+        return run_command(name, rest)
+    except (UsageError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

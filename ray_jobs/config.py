@@ -1,13 +1,9 @@
-"""The job config: one YAML (``configs/train/*.yaml``) validated with pydantic at the edge.
+"""The job config: ``JobConfig(model, train, run)``, dataclasses with a docstring per field.
 
-Three sections::
-
-    model: {preset: tiny, overrides: {...DNCConfig fields...}}
-    train: {...dnc.training.TrainConfig fields...}
-    run:   {name, storage, num_workers, gpu, strategy, ...}   (RunSection below)
-
-Errors name the field and what is allowed (``train.lr: lr must be a positive number, got -1``).
-Command-line flags and ``--set section.field=value`` overrides are applied before validation.
+Read from YAML (``configs/train/*.yaml``) plus dotted overrides (``--train.lr 1e-3``,
+``--model.overrides.d_model 64``) by jsonargparse, validated once here at the edge (each
+dataclass's ``__post_init__`` raises :class:`dnc.config.ConfigError` naming the field), and passed
+as this typed object to Ray workers and Tune trials. Nobody downstream re-parses a dict or a YAML.
 """
 
 from __future__ import annotations
@@ -15,74 +11,62 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Literal
-
-import pydantic
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
 
 from dnc.config import PRESETS, ConfigError, DNCConfig, preset
-from dnc.training import TrainConfig
+from dnc.training import TrainConfig, model_config_for
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+DEFAULT_CORPUS_RATIO = 0.5
+"""Share of steps on corpus text when a corpus is given and ``train.corpus_ratio`` is 0."""
 
 
-class ModelSection(BaseModel):
-    """Which model to build."""
+class JobConfigError(ConfigError):
+    """The YAML or an override is invalid; the message names the field and what to use."""
 
-    model_config = ConfigDict(extra="forbid")
 
-    preset: str = "tiny"
-    """A ``dnc.config`` preset: tiny, small or base."""
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    """``DNCConfig`` fields that replace the preset's values."""
+@dataclass
+class ModelSection:
+    """Which model to build: a preset plus field overrides."""
 
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, v: str) -> str:
-        if v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}; choose one of {sorted(PRESETS)}")
-        return v
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    """A dnc.config preset: tiny (CPU tests, the demo), small or base."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """DNCConfig fields that replace the preset's values, e.g. {segment_len: 512}."""
 
-    @model_validator(mode="after")
-    def _valid_overrides(self) -> "ModelSection":
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise JobConfigError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         known = {f.name for f in dataclasses.fields(DNCConfig)}
         unknown = set(self.overrides) - known
         if unknown:
-            raise ValueError(f"unknown model.overrides fields {sorted(unknown)}; known: {sorted(known)}")
+            raise JobConfigError(f"model.overrides: unknown DNCConfig fields {sorted(unknown)}; known: {sorted(known)}")
         try:
             preset(self.preset, **self.overrides)
         except (ConfigError, TypeError) as e:
-            raise ValueError(str(e)) from None
-        return self
-
-    def build(self, grad_checkpointing: bool = False) -> DNCConfig:
-        o = dict(self.overrides)
-        if grad_checkpointing:
-            o["grad_checkpointing"] = True
-        return preset(self.preset, **o)
+            raise JobConfigError(f"model.overrides: {e}") from None
 
 
-class RunSection(BaseModel):
+@dataclass
+class RunSection:
     """Where and how the job runs (Ray Train settings)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str = "dnc-tiny"
-    """Run name = Ray Train ``RunConfig.name`` = W&B run id; rerunning with the same name resumes."""
+    """Run name = Ray Train RunConfig.name = W&B run id; rerunning with the same name resumes."""
     storage: str = "runs"
-    """Local directory or fsspec URI (``s3://bucket/runs``, ``gs://...``) for checkpoints and logs.
-    Must be shared by all nodes in a multi-node cluster."""
+    """Local directory or fsspec URI (s3://bucket/runs, gs://...) for checkpoints and logs; a
+    relative directory is made absolute on the driver. Must be shared by all nodes of a cluster."""
     num_workers: int = 2
-    """Ray Train workers (one process each; one GPU each with ``gpu``)."""
+    """Ray Train workers (one process each; one GPU each with gpu)."""
     gpu: bool = False
     """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """``ddp`` (``ray.train.torch.prepare_model``) or ``fsdp`` (FSDP2 ``fully_shard`` per block)."""
+    """ddp (ray.train.torch.prepare_model) or fsdp (FSDP2 fully_shard per block)."""
     ddp_find_unused: bool = False
-    """DDP ``find_unused_parameters`` (the DNC keeps every parameter in the graph, so off)."""
+    """DDP find_unused_parameters (the DNC keeps every parameter in the graph, so off)."""
     grad_reduce: Literal["fp32", "bf16"] = "fp32"
-    """Gradient all-reduce dtype on GPUs: ``bf16`` halves the bytes (DDP comm hook; FSDP then also
+    """Gradient all-reduce dtype on GPUs: bf16 halves the bytes (DDP comm hook; FSDP then also
     all-gathers bf16 parameters). CPU workers (gloo) always reduce in fp32."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (lower it to leave CPUs for Ray Data on small machines)."""
@@ -91,12 +75,13 @@ class RunSection(BaseModel):
     keep_checkpoints: int = 3
     """Checkpoints kept in storage (oldest deleted first)."""
     wandb: Literal["auto", "on", "off"] = "auto"
-    """W&B on rank 0: auto = when installed (``WANDB_MODE`` defaults to offline)."""
+    """W&B on rank 0: auto = when installed (WANDB_MODE defaults to offline)."""
     wandb_project: str = "bwr-dnc"
     """W&B project name."""
-    corpus: list[str] | None = None
-    """Text (.txt/.py/.md...) or Parquet files by path or glob (local or fsspec), streamed to the
-    workers through Ray Data; ``stdlib`` = this Python's standard library source."""
+    corpus: list[str] | str | None = None
+    """Text (.txt/.py/.md...) or Parquet files by path or glob (local or fsspec; a list, or one
+    string with commas), streamed to the workers through Ray Data; stdlib = this Python's standard
+    library source. With train.corpus_ratio 0, half the steps train on it."""
     corpus_text_column: str = "text"
     """Column holding the text in Parquet files."""
     corpus_holdout: float = 0.05
@@ -104,134 +89,148 @@ class RunSection(BaseModel):
     progress: bool = True
     """Progress bar on rank 0."""
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, v: str) -> str:
-        if not RUN_NAME_RE.match(v):
-            raise ValueError(f"run name must match {RUN_NAME_RE.pattern} (letters, digits, _ . -), got {v!r}")
-        return v
-
-    @field_validator("num_workers")
-    @classmethod
-    def _workers(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"num_workers must be >= 1, got {v}")
-        return v
-
-    @field_validator("cpus_per_worker")
-    @classmethod
-    def _cpus(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("cpus_per_worker must be >= 0")
-        return v
-
-    @field_validator("corpus", mode="before")
-    @classmethod
-    def _corpus_list(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [s for s in v.split(",") if s.strip()]
-        return v
-
-    @field_validator("corpus_holdout")
-    @classmethod
-    def _holdout(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"corpus_holdout must be in [0, 1), got {v}")
-        return v
+    def __post_init__(self) -> None:
+        if isinstance(self.corpus, str):
+            self.corpus = [s.strip() for s in self.corpus.split(",") if s.strip()]
+        if not RUN_NAME_RE.match(self.name):
+            raise JobConfigError(f"run.name must match {RUN_NAME_RE.pattern} (letters, digits, _ . -), got {self.name!r}")
+        if self.num_workers < 1:
+            raise JobConfigError(f"run.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker < 0:
+            raise JobConfigError(f"run.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if not 0.0 <= self.corpus_holdout < 1.0:
+            raise JobConfigError(f"run.corpus_holdout must be in [0, 1), got {self.corpus_holdout}")
+        if "://" not in self.storage:
+            # Resolved here, on the driver: a relative path would otherwise resolve in each Ray
+            # worker's working directory (a session temp dir).
+            self.storage = os.path.abspath(os.path.expanduser(self.storage))
 
 
-class JobConfig(BaseModel):
+@dataclass
+class JobConfig:
     """A whole training job: model + train + run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model: ModelSection = field(default_factory=ModelSection)
+    """Which model to build."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training hyperparameters (dnc.training.TrainConfig)."""
+    run: RunSection = field(default_factory=RunSection)
+    """Where and how the job runs."""
 
-    model: ModelSection = Field(default_factory=ModelSection)
-    train: dict[str, Any] = Field(default_factory=dict)
-    run: RunSection = Field(default_factory=RunSection)
+    def __post_init__(self) -> None:
+        if self.run.corpus and self.train.corpus_ratio == 0:
+            self.train = self.train.replace(corpus_ratio=DEFAULT_CORPUS_RATIO)
+        if self.train.corpus_ratio > 0 and not self.run.corpus:
+            raise JobConfigError("train.corpus_ratio > 0 needs a corpus: set run.corpus (e.g. --run.corpus stdlib)")
 
-    @field_validator("train")
-    @classmethod
-    def _valid_train(cls, v: dict[str, Any]) -> dict[str, Any]:
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = set(v) - known
-        if unknown:
-            raise ValueError(f"unknown train fields {sorted(unknown)}; known: {sorted(known)}")
-        tc = pydantic.TypeAdapter(TrainConfig).validate_python(v)
-        return tc.to_dict()
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.train)
-
-    def model_cfg(self) -> DNCConfig:
-        return self.model.build(grad_checkpointing=self.train_config.grad_checkpointing)
-
-    @property
-    def storage_path(self) -> str:
-        """Storage as Ray Train wants it: absolute local path or URI."""
-        s = self.run.storage
-        if "://" in s:
-            return s
-        return os.path.abspath(os.path.expanduser(s))
+    def model_config(self) -> DNCConfig:
+        """The DNCConfig this job trains (preset + overrides + training-time switches)."""
+        return model_config_for(self.train, self.model.preset, **self.model.overrides)
 
     @property
     def run_dir(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.run.name}"
+        """``<storage>/<name>``: Ray Train's run directory (checkpoints, metrics.jsonl, job.json)."""
+        return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: dict[str, Any]) -> "JobConfig":
+        """A copy with fields of sections replaced (and validated again), e.g.
+        ``job.replace(train={"lr": 1e-3}, run={"name": "x"})``."""
+        kw = {}
+        for name, changes in sections.items():
+            if name not in ("model", "train", "run"):
+                raise JobConfigError(f"unknown job section {name!r}; use model, train or run")
+            kw[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **kw)
 
 
-class JobConfigError(ValueError):
-    """The YAML or an override is invalid; the message lists every problem as ``field: reason``."""
+# ------------------------------------------------------------------------------------- loading
+SECTIONS = {"model": ModelSection, "train": TrainConfig, "run": RunSection}
 
 
-def format_validation_error(e: pydantic.ValidationError, source: str = "") -> str:
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc or '<root>'}: {msg}")
-    head = f"invalid job config{f' ({source})' if source else ''}:"
-    return "\n".join([head, *lines])
+def job_parser(prog: str = "dnc train", description: str | None = None):
+    """The jsonargparse parser of a job: ``--config YAML`` and ``--model.* / --train.* / --run.*``."""
+    from jsonargparse import ActionConfigFile
+
+    from ray_jobs.parsing import new_parser
+
+    p = new_parser(prog=prog, description=description or "A training job: model + train + run.")
+    p.add_argument("--config", action=ActionConfigFile, help="job YAML with model/train/run sections")
+    p.add_class_arguments(JobConfig, as_group=False)
+    return p
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3", "run.gpu=true"]`` -> nested dict (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise JobConfigError(f"--set expects section.field=value, got {item!r}")
-        key, val = item.split("=", 1)
-        parts = key.strip().split(".")
-        if len(parts) < 2:
-            raise JobConfigError(f"--set key must be section.field (e.g. train.lr), got {key!r}")
-        d = out
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = yaml.safe_load(val)
-    return out
+def job_from_namespace(parser, ns) -> JobConfig:
+    """The typed JobConfig of a parsed namespace; building it validates every section."""
+    from jsonargparse import ArgumentError
 
+    from ray_jobs.parsing import error_line
 
-def deep_merge(base: dict[str, Any], upd: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in upd.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_job_config(path: str | None, overrides: dict[str, Any] | None = None) -> JobConfig:
-    """Read a YAML job config, apply nested overrides, validate. Raises :class:`JobConfigError`."""
-    raw: dict[str, Any] = {}
-    if path:
-        if not os.path.exists(path):
-            raise JobConfigError(f"config file not found: {path} (try configs/train/tiny.yaml)")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise JobConfigError(f"{path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise JobConfigError(f"{path} must hold a mapping with model/train/run sections")
-    raw = deep_merge(raw, overrides or {})
     try:
-        return JobConfig.model_validate(raw)
-    except pydantic.ValidationError as e:
-        raise JobConfigError(format_validation_error(e, path or "")) from None
+        init = parser.instantiate(ns)
+        return JobConfig(model=init.model, train=init.train, run=init.run)
+    except JobConfigError:
+        raise
+    except (ConfigError, ArgumentError, TypeError, ValueError) as e:
+        raise JobConfigError(error_line(e)) from None
+
+
+def parse_job(argv: Sequence[str], prog: str = "dnc train") -> JobConfig:
+    """``["--config", "configs/train/tiny.yaml", "--train.lr", "1e-3"]`` -> JobConfig.
+    Raises :class:`JobConfigError` with one line naming the field."""
+    from jsonargparse import ArgumentError
+
+    from ray_jobs.parsing import error_line
+
+    p = job_parser(prog)
+    try:
+        ns = p.parse_args(list(argv))
+    except ArgumentError as e:
+        raise JobConfigError(error_line(e)) from None
+    return job_from_namespace(p, ns)
+
+
+def load_job_config(path: str | None, *overrides: dict[str, Any] | None) -> JobConfig:
+    """A YAML job config plus layers of nested overrides (``{"train": {"lr": 1e-3}}``), each merged
+    into the job field by field, validated; every invalid override is listed (``train.lr: ...``,
+    one per line). Raises :class:`JobConfigError`."""
+    from jsonargparse import ArgumentError
+
+    from ray_jobs.parsing import error_line
+
+    if path and not os.path.exists(path):
+        raise JobConfigError(f"config file not found: {path} (try configs/train/tiny.yaml)")
+    p = job_parser()
+    try:
+        base = p.parse_path(path) if path else p.get_defaults()
+    except ArgumentError as e:
+        raise JobConfigError(f"{path}: {error_line(e)}") from None
+    layers = [o for o in overrides if o]
+    ns = base.clone()
+    try:
+        for layer in layers:
+            ns = p.parse_object(layer, cfg_base=ns)
+        return job_from_namespace(p, ns)
+    except (JobConfigError, ArgumentError) as e:
+        first = error_line(e)
+    # Name every bad override, not just the first: check them one at a time on the base.
+    problems = []
+    for layer in layers:
+        for section, values in layer.items():
+            if section not in SECTIONS or not isinstance(values, dict):
+                problems.append(f"{section}: not a job section (use model, train or run with a mapping)")
+                continue
+            known = {f.name for f in dataclasses.fields(SECTIONS[section])}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                problems.append(f"unknown {section} fields {unknown}; known: {sorted(known)}")
+            for key in sorted(set(values) & known):
+                try:
+                    job_from_namespace(p, p.parse_object({section: {key: values[key]}}, cfg_base=base.clone()))
+                except (JobConfigError, ArgumentError) as e:
+                    line = error_line(e)
+                    problems.append(line if line.startswith(f"{section}.") else f"{section}.{key}: {line}")
+    raise JobConfigError("invalid job config" + (f" ({path})" if path else "") + ":\n  "
+                         + "\n  ".join(problems or [first]))

@@ -1,7 +1,8 @@
 """Exact-match accuracy of a checkpoint per task x length: JSON, a markdown table, a PNG heatmap.
 
-    python -m ray_jobs.evaluate --checkpoint PATH --lengths 1k,4k,16k [--tasks needle,kv_retrieval]
-        [--n 16] [--difficulty 0.5] [--out DIR] [--device cuda] [--ray-workers N] [--gpu]
+    dnc evaluate --checkpoint PATH --lengths 1k,4k,16k [--tasks needle,kv_retrieval]
+        [--n 16] [--difficulty 0.5] [--out DIR] [--device cuda] [--ray_workers N] [--gpu true]
+    (python -m ray_jobs.evaluate ... is the same command)
 
 ``PATH`` is a checkpoint directory (``model.safetensors`` + ``config.json``, local or fsspec URI)
 or a run directory (its newest ``step_*`` checkpoint is used). Lengths take ``k``/``M`` suffixes
@@ -11,7 +12,6 @@ or a run directory (its newest ``step_*`` checkpoint is used). Lengths take ``k`
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -134,54 +134,44 @@ def heatmap(report: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def run_evaluation(*, checkpoint: str, lengths: str, tasks: str | None, n: int, difficulty: float, seed: int,
+                   device: str | None, out: str, ray_workers: int, gpu: bool) -> int:
+    """``dnc evaluate`` (its arguments are documented there): checks every argument first (a wrong
+    one raises ``UsageError`` at once), evaluates, writes eval.json, eval.md and eval.png."""
+    from dnc.checkpoint import resolve_checkpoint
     from dnc.data.tasks import TASKS
+    from ray_jobs.parsing import UsageError
 
-    p = argparse.ArgumentParser(prog="python -m ray_jobs.evaluate",
-                                description="Accuracy of a BWR-DNC checkpoint per task x length (JSON, markdown, PNG).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (newest step_*), local or URI")
-    p.add_argument("--lengths", default="1k,4k,16k", help="comma-separated token lengths (k/M suffixes)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks from {sorted(TASKS)}")
-    p.add_argument("--n", type=int, default=16, help="samples per task x length")
-    p.add_argument("--difficulty", type=float, default=0.5, help="task difficulty in [0, 1]")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
-    p.add_argument("--out", default="runs/eval", help="output dir for eval.json, eval.md, eval.png")
-    p.add_argument("--ray-workers", type=int, default=0, help="spread cells over Ray tasks (0 = in process)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per Ray task")
-    return p
+    try:
+        lengths_list = parse_lengths(lengths)
+        task_list = [t.strip() for t in (tasks or ",".join(TASKS)).split(",") if t.strip()]
+        unknown = [t for t in task_list if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
+        if n < 1:
+            raise ValueError("--n must be >= 1")
+        ckpt = resolve_checkpoint(checkpoint)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    report = evaluate_checkpoint(ckpt, task_list, lengths_list, n, difficulty=difficulty, seed=seed,
+                                 device=device, ray_workers=ray_workers, gpu=gpu)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    md = markdown_table(report)
+    with open(os.path.join(out, "eval.md"), "w") as f:
+        f.write(md)
+    heatmap(report, os.path.join(out, "eval.png"))
+    print(md)
+    print(f"wrote {out}/eval.json, eval.md, eval.png")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dnc.checkpoint import resolve_checkpoint
-    from dnc.data.tasks import TASKS
+    """``python -m ray_jobs.evaluate`` = ``dnc evaluate``."""
+    from ray_jobs.cli import main as dnc_main
 
-    args = build_parser().parse_args(argv)
-    try:
-        lengths = parse_lengths(args.lengths)
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
-        if args.n < 1:
-            raise ValueError("--n must be >= 1")
-        ckpt = resolve_checkpoint(args.checkpoint)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = evaluate_checkpoint(ckpt, tasks, lengths, args.n, difficulty=args.difficulty, seed=args.seed,
-                                 device=args.device, ray_workers=args.ray_workers, gpu=args.gpu)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown_table(report)
-    with open(os.path.join(args.out, "eval.md"), "w") as f:
-        f.write(md)
-    heatmap(report, os.path.join(args.out, "eval.png"))
-    print(md)
-    print(f"wrote {args.out}/eval.json, eval.md, eval.png")
-    return 0
+    return dnc_main(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

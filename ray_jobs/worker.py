@@ -8,6 +8,7 @@ callback that calls ``ray.train.report`` on every rank at the same steps (it is 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -93,19 +94,19 @@ def newest_complete_checkpoint(run_dir: str, newer_than: int = -1) -> str | None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config``: ``job`` (JobConfig dict), ``train`` (final TrainConfig
-    dict), ``has_corpus``, ``eval_text`` (held-out bytes or None)."""
+    """Ray Train entry point. ``config``: ``job`` (the typed, validated ``JobConfig``) and
+    ``eval_text`` (held-out corpus bytes or None)."""
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from dnc.training import MetricsLogger, Trainer, TrainConfig, read_train_state
+    from dnc.training import MetricsLogger, Trainer, read_train_state
     from ray_jobs.config import JobConfig
     from ray_jobs.data import shard_batches
 
-    job = JobConfig.model_validate(config["job"])
-    tcfg = TrainConfig(**config["train"])
-    model_cfg = job.model_cfg()
+    job: JobConfig = config["job"]
+    tcfg = job.train
+    model_cfg = job.model_config()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -113,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(job.run.cpus_per_worker)))
 
     corpus = None
-    if config.get("has_corpus"):
+    if job.run.corpus:
         shard = ray.train.get_dataset_shard("train")
         corpus = shard_batches(shard, tcfg.batch_size, seed=tcfg.seed)
 
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume_step = read_train_state(resume_dir).step if resume_dir else None
             logger = MetricsLogger(job.run_dir, job.run.name,
                                    {"model": model_cfg.to_dict(), "train": tcfg.to_dict(),
-                                    "run": job.run.model_dump()},
+                                    "run": dataclasses.asdict(job.run)},
                                    wandb=job.run.wandb, resume_step=resume_step, project=job.run.wandb_project)
             logger.log({"event/start": 1.0, "world_size": float(world),
                         "resumed_from": float(resume_step if resume_step is not None else -1)},

@@ -129,10 +129,18 @@ def test_ray_job_submit_to_separate_head_succeeds(tmp_path):
     bin_dir = os.path.dirname(sys.executable)
     ray_bin = os.path.join(bin_dir, "ray")
     # RAY_AUTH_MODE=token: the head (local clusters default to token auth in 2.60) and the `ray job`
-    # client both use the token in ~/.ray/auth_token; without it the client sends none and gets 401.
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", WANDB_MODE="offline", RAY_AUTH_MODE="token",
+    # client both use the token in ~/.ray/auth_token; without it the client sends none and gets 401,
+    # and on a fresh HOME (none yet) the head exits at once: generate it first, as the README says.
+    # The venv is not activated (its bin/ is not on PATH): the entrypoint names the interpreter.
+    env = dict(os.environ, WANDB_MODE="offline", RAY_AUTH_MODE="token",
                RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if os.path.abspath(p) != os.path.abspath(bin_dir))
     env.pop("RAY_ADDRESS", None)
+    env.pop("VIRTUAL_ENV", None)
+    token = subprocess.run([ray_bin, "get-auth-token", "--generate"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert token.returncode == 0, token.stderr[-2000:]
     gcs, dash, nm, om, client, agent_http, agent_grpc, metrics, renv = _free_ports(9)
     wmin = 20000 + (os.getpid() % 200) * 100
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")      # short: Unix socket paths are limited
@@ -154,11 +162,11 @@ def test_ray_job_submit_to_separate_head_succeeds(tmp_path):
         submit = subprocess.run(
             [ray_bin, "job", "submit", "--address", address, "--submission-id", sid, "--working-dir", ".",
              "--runtime-env", "cluster/runtime_env.yaml", "--",
-             "python", "-m", "ray_jobs.train", "--config", "configs/train/tiny.yaml", "--storage", storage,
-             "--name", "jobsubmit", "--max-steps", "4", "--num-workers", "1", "--wandb", "off",
-             "--set", "train.batch_size=4", "--set", "train.max_len=96", "--set", "train.log_interval=2",
-             "--set", "train.checkpoint_interval=2", "--set", "train.eval_interval=4",
-             "--set", "train.eval_samples=1", "--set", "run.progress=false"],
+             sys.executable, "-m", "ray_jobs.train", "--config", "configs/train/tiny.yaml", "--run.storage", storage,
+             "--run.name", "jobsubmit", "--train.max_steps", "4", "--run.num_workers", "1", "--run.wandb", "off",
+             "--train.batch_size", "4", "--train.max_len", "96", "--train.log_interval", "2",
+             "--train.checkpoint_interval", "2", "--train.eval_interval", "4",
+             "--train.eval_samples", "1", "--run.progress", "false"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert submit.returncode == 0, (submit.stdout[-4000:], submit.stderr[-4000:])
         status = subprocess.run([ray_bin, "job", "status", "--address", address, sid], cwd=ROOT, env=env,

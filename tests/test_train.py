@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from dnc.config import ConfigError, preset
 from dnc.training import (LRSchedule, MetricsLogger, PlateauDetector, TrainConfig, TrainState, Trainer,
                           build_optimizer, corpus_windows, fit, latest_checkpoint, per_sample_loss, read_metrics,
                           read_train_state, task_accuracy, text_bits_per_byte, train_step)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_train(**kw) -> TrainConfig:
@@ -292,13 +295,72 @@ def test_train_scaling_bench_help_dry_run_and_cpu_smoke(tmp_path):
 
 
 @pytest.mark.parametrize("argv, ratio", [
-    (["--config", "configs/train/small.yaml", "--corpus", "stdlib"], 0.25),           # the config's own ratio
-    (["--config", "configs/train/tiny.yaml", "--corpus", "stdlib"], 0.5),             # none set: half the steps
-    (["--config", "configs/train/tiny.yaml", "--corpus", "stdlib", "--corpus-ratio", "0.1"], 0.1),
-    (["--config", "configs/train/tiny.yaml"], 0.0),                                   # no corpus, no text steps
+    (["--config", "configs/train/small.yaml", "--run.corpus", "stdlib"], 0.25),        # the config's own ratio
+    (["--config", "configs/train/tiny.yaml", "--run.corpus", "stdlib"], 0.5),          # none set: half the steps
+    (["--config", "configs/train/tiny.yaml", "--run.corpus", "stdlib", "--train.corpus_ratio", "0.1"], 0.1),
+    (["--config", "configs/train/tiny.yaml"], 0.0),                                      # no corpus, no text steps
 ])
 def test_train_cli_corpus_ratio_defaults(argv, ratio):
-    from ray_jobs.train import build_parser, job_from_args
+    from ray_jobs.config import parse_job
 
-    job = job_from_args(build_parser().parse_args(argv))
-    assert job.train_config.corpus_ratio == ratio
+    job = parse_job(argv)
+    assert job.train.corpus_ratio == ratio
+
+
+def test_job_config_is_typed_and_resolves_storage_on_the_driver(tmp_path, monkeypatch):
+    from ray_jobs.config import JobConfig, JobConfigError, parse_job
+
+    monkeypatch.chdir(tmp_path)
+    job = parse_job(["--config", str(ROOT / "configs/train/tiny.yaml"), "--train.lr", "1e-3",
+                     "--model.overrides.segment_len", "64", "--run.storage", "runs"])
+    assert isinstance(job, JobConfig) and isinstance(job.train, TrainConfig)
+    assert job.train.lr == 1e-3 and job.model_config().segment_len == 64
+    assert job.model_config().write_importance == 50.0           # the YAML's override is kept
+    assert job.run_dir == str(tmp_path / "runs" / "dnc-tiny")    # absolute, from the driver's cwd
+    with pytest.raises(JobConfigError, match="lr must be a positive"):
+        parse_job(["--config", str(ROOT / "configs/train/tiny.yaml"), "--train.lr", "-1"])
+    with pytest.raises(JobConfigError, match="train.corpus_ratio > 0 needs a corpus"):
+        parse_job(["--train.corpus_ratio", "0.5"])
+
+
+def _dnc(*args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ray_jobs.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_dnc_help_reads_cleanly():
+    top = _dnc("--help")
+    assert top.returncode == 0 and all(c in top.stdout for c in ("train", "evaluate", "sweep", "serve",
+                                                                    "generate", "demo"))
+    for cmd in ("train", "evaluate", "sweep", "serve", "generate", "demo"):
+        out = _dnc(cmd, "--help")
+        assert out.returncode == 0 and "usage:" in out.stdout, (cmd, out.stderr[-2000:])
+        assert "``" not in out.stdout and ":class:" not in out.stdout, cmd          # no raw RST
+        assert "(default:" not in out.stdout, cmd      # jsonargparse adds "(type: ..., default: ...)" once
+    assert "Peak learning rate" in _dnc("train", "--help").stdout                    # field docstrings
+
+
+def test_dnc_argument_errors_fail_fast_with_one_line(tmp_path):
+    import time
+
+    for args, what in ((["generate", "--prompt", "hi", "--checkpoint", str(tmp_path / "nope")], "nope"),
+                       (["serve", "--checkpoint", str(tmp_path / "nope")], "nope"),
+                       (["train", "--config", str(ROOT / "configs/train/tiny.yaml"), "--train.lr", "-1"], "lr"),
+                       (["train", "--train.bogus", "1"], "bogus"),
+                       (["evaluate", "--checkpoint", str(tmp_path / "nope")], "nope")):
+        t0 = time.time()
+        out = _dnc(*args)
+        assert out.returncode == 2, (args, out.stdout[-500:], out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and what in lines[0], (args, out.stderr)
+        assert time.time() - t0 < 30, args
+
+
+def test_dnc_generate_takes_a_run_directory(tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_train(total_steps=2), preset("tiny"), run_dir=str(run), progress=False)
+    out = _dnc("generate", "--prompt", "def ", "--checkpoint", str(run), "--max_new_tokens", "4")
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -1,7 +1,12 @@
 """Hyperparameter sweeps with Ray Tune (ASHA), over the same job config as ``ray_jobs.train``.
 
-    python -m tune.sweep --config configs/sweep/asha.yaml [--num-samples N] [--name NAME]
-        [--storage PATH_OR_URI] [--trial-mode inprocess|ray_train] [--wandb auto|on|off]
+    dnc sweep --config configs/sweep/asha.yaml [--num_samples N] [--name NAME]
+        [--storage PATH_OR_URI] [--trial_mode inprocess|ray_train] [--wandb auto|on|off]
+        [--overrides.train.total_steps 20] [--out summary.json]
+    (python -m tune.sweep ... is the same command)
+
+The base job is read and validated once, on the driver, and every trial gets the typed
+``JobConfig`` (``tune.with_parameters``) with its sampled values applied (``JobConfig.replace``).
 
 Two ways to run a trial (Ray 2.60: ``Tuner(trainer)`` is gone, Tune runs a function):
 
@@ -16,46 +21,44 @@ default space is the learning rate (log-uniform) and warmup.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-import pydantic
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from ray_jobs.config import JobConfigError, deep_merge, format_validation_error, load_job_config
+from ray_jobs.config import JobConfig, JobConfigError, load_job_config
 
 SAMPLERS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
-class SchedulerSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass
+class SchedulerSection:
+    """How trials are stopped early."""
 
     type: Literal["asha", "fifo"] = "asha"
-    """``asha`` (asynchronous successive halving) or ``fifo`` (run every trial to the end)."""
+    """asha (asynchronous successive halving) or fifo (run every trial to the end)."""
     max_t: int | None = None
-    """Largest ``step`` a trial runs to (default: the job's ``train.total_steps``)."""
+    """Largest step a trial runs to (None = the job's train.total_steps)."""
     grace_period: int = 10
     """Steps every trial gets before ASHA may stop it."""
     reduction_factor: float = 2.0
     """ASHA keeps 1/reduction_factor of the trials at each rung."""
 
 
-class SweepConfig(BaseModel):
+@dataclass
+class SweepConfig:
     """A sweep: a base job config, overrides, a search space and a scheduler."""
-
-    model_config = ConfigDict(extra="forbid")
 
     base: str = "configs/train/tiny.yaml"
     """The job YAML every trial starts from."""
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    """Nested overrides applied to the base job (e.g. ``{train: {total_steps: 40}}``)."""
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    """``section.field`` -> ``{loguniform: [lo, hi]}``, ``{uniform: [lo, hi]}``, ``{choice: [...]}``,
-    ``{randint: [lo, hi]}`` or ``{grid: [...]}``."""
+    overrides: dict[str, Any] | list[dict[str, Any]] = field(default_factory=dict)
+    """Nested overrides applied to the base job, e.g. {train: {total_steps: 40}}; a list of such
+    mappings is applied in order (each merges into the job, field by field)."""
+    search_space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """section.field -> {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {choice: [...]},
+    {randint: [lo, hi]} or {grid: [...]}."""
     name: str = "asha-tiny"
     """Tune experiment name (a rerun with the same name and storage restores unfinished trials)."""
     storage: str = "runs/sweeps"
@@ -67,119 +70,149 @@ class SweepConfig(BaseModel):
     metric: str = "train/loss"
     """Metric ASHA compares and the best trial is picked by."""
     mode: Literal["min", "max"] = "min"
+    """Whether the metric is minimised or maximised."""
     trial_mode: Literal["inprocess", "ray_train"] = "inprocess"
-    """How a trial trains (module docstring)."""
+    """How a trial trains: in the trial's process, or as a Ray Train run (module docstring)."""
     cpus_per_trial: float = 1.0
     """CPUs reserved per in-process trial (ray_train trials reserve their workers' own)."""
     gpus_per_trial: float = 0.0
     """GPUs per in-process trial."""
-    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    """How trials are stopped early."""
     wandb: Literal["auto", "on", "off"] = "off"
-    """W&B: per-trial runs from the trainer (rank 0) in offline mode unless ``WANDB_MODE`` says otherwise."""
+    """W&B: per-trial runs from the trainer (rank 0), offline unless WANDB_MODE says otherwise."""
     seed: int = 0
     """Seed of the search algorithm's sampling."""
 
-    @field_validator("search_space")
-    @classmethod
-    def _valid_space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for key, spec in v.items():
-            if "." not in key:
-                raise ValueError(f"search_space key {key!r} must be section.field, e.g. train.lr")
+    def __post_init__(self) -> None:
+        if isinstance(self.scheduler, dict):
+            self.scheduler = SchedulerSection(**self.scheduler)
+        for key, spec in self.search_space.items():
+            section, _, name = key.partition(".")
+            if section not in ("model", "train", "run") or not name or "." in name:
+                raise JobConfigError(f"search_space key {key!r} must be section.field, e.g. train.lr")
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-                raise ValueError(f"search_space[{key!r}] must be one of {{sampler: args}} with sampler in "
-                                 f"{SAMPLERS}, got {spec!r}")
+                raise JobConfigError(f"search_space[{key!r}] must be one of {{sampler: args}} with sampler in "
+                                     f"{SAMPLERS}, got {spec!r}")
             kind, args = next(iter(spec.items()))
             if kind in ("loguniform", "uniform", "randint") and (not isinstance(args, list) or len(args) != 2):
-                raise ValueError(f"search_space[{key!r}].{kind} needs [low, high], got {args!r}")
+                raise JobConfigError(f"search_space[{key!r}].{kind} needs [low, high], got {args!r}")
             if kind == "loguniform" and not (0 < float(args[0]) < float(args[1])):
-                raise ValueError(f"search_space[{key!r}].loguniform needs 0 < low < high, got {args!r}")
-        return v
+                raise JobConfigError(f"search_space[{key!r}].loguniform needs 0 < low < high, got {args!r}")
+        for name in ("num_samples", "max_concurrent"):
+            if getattr(self, name) < 1:
+                raise JobConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if "://" not in self.storage:
+            self.storage = os.path.abspath(os.path.expanduser(self.storage))   # on the driver
 
-    @field_validator("num_samples", "max_concurrent")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
+    def base_job(self) -> JobConfig:
+        """The validated base job (base YAML + overrides) every trial starts from."""
+        layers = self.overrides if isinstance(self.overrides, list) else [self.overrides]
+        return load_job_config(self.base, *layers)
 
 
-def load_sweep_config(path: str | None, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    raw: dict[str, Any] = {}
-    if path:
-        if not os.path.exists(path):
-            raise JobConfigError(f"sweep config not found: {path} (try configs/sweep/asha.yaml)")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    raw = deep_merge(raw, overrides or {})
+def sweep_parser():
+    """``dnc sweep``: ``--config SWEEP_YAML`` plus a flag per SweepConfig field."""
+    from jsonargparse import ActionConfigFile
+
+    from ray_jobs.parsing import new_parser
+
+    p = new_parser(prog="dnc sweep", description="ASHA hyperparameter sweep of BWR-DNC training with Ray Tune.")
+    p.add_argument("--config", action=ActionConfigFile, help="sweep YAML (configs/sweep/asha.yaml)")
+    p.add_class_arguments(SweepConfig, as_group=False)
+    p.add_argument("--out", type=str | None, default=None, help="write the summary JSON here")
+    return p
+
+
+def sweep_from_namespace(parser, ns) -> SweepConfig:
+    from jsonargparse import ArgumentError
+
+    from ray_jobs.parsing import error_line
+
+    fields = {f.name for f in dataclasses.fields(SweepConfig)}
     try:
-        sweep = SweepConfig.model_validate(raw)
-    except pydantic.ValidationError as e:
-        raise JobConfigError(format_validation_error(e, path or "")) from None
-    # The base job with overrides must itself be valid (fails before any trial starts).
-    load_job_config(sweep.base, sweep.overrides)
+        init = parser.instantiate(ns)
+        sweep = SweepConfig(**{k: v for k, v in init.as_dict().items() if k in fields})
+    except JobConfigError:
+        raise
+    except (ArgumentError, TypeError, ValueError) as e:
+        raise JobConfigError(error_line(e)) from None
+    sweep.base_job()   # the base job with overrides must itself be valid (fails before any trial starts)
     return sweep
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, val in flat.items():
-        d = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = val
-    return out
+def load_sweep_config(path: str | None, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """A sweep YAML plus nested overrides, validated (the base job too). Raises JobConfigError."""
+    from jsonargparse import ArgumentError
+
+    from ray_jobs.parsing import error_line
+
+    if path and not os.path.exists(path):
+        raise JobConfigError(f"sweep config not found: {path} (try configs/sweep/asha.yaml)")
+    p = sweep_parser()
+    overrides = dict(overrides or {})
+    try:
+        ns = p.parse_path(path) if path else p.get_defaults()
+        if "overrides" in overrides:   # job overrides merge into the YAML's, field by field
+            yaml_layers = ns.overrides if isinstance(ns.overrides, list) else [ns.overrides]
+            overrides["overrides"] = [*yaml_layers, overrides["overrides"]]
+        if overrides:
+            ns = p.parse_object(overrides, cfg_base=ns)
+    except ArgumentError as e:
+        raise JobConfigError(error_line(e)) from None
+    return sweep_from_namespace(p, ns)
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
     """Tune sample objects, nested like the job config (``{"train": {"lr": loguniform}}``)."""
     from ray import tune
 
-    flat = {}
+    space: dict[str, dict[str, Any]] = {}
     for key, spec in sweep.search_space.items():
         kind, args = next(iter(spec.items()))
         if kind == "loguniform":
-            flat[key] = tune.loguniform(float(args[0]), float(args[1]))
+            sampler = tune.loguniform(float(args[0]), float(args[1]))
         elif kind == "uniform":
-            flat[key] = tune.uniform(float(args[0]), float(args[1]))
+            sampler = tune.uniform(float(args[0]), float(args[1]))
         elif kind == "randint":
-            flat[key] = tune.randint(int(args[0]), int(args[1]))
+            sampler = tune.randint(int(args[0]), int(args[1]))
         elif kind == "choice":
-            flat[key] = tune.choice(list(args))
+            sampler = tune.choice(list(args))
         else:
-            flat[key] = tune.grid_search(list(args))
-    return _nest(flat)
+            sampler = tune.grid_search(list(args))
+        section, _, name = key.partition(".")
+        space.setdefault(section, {})[name] = sampler
+    return space
 
 
-def _trial_job(config: dict[str, Any]):
-    """The trial's JobConfig: base YAML + sweep overrides + this trial's sampled values."""
-    sampled = {k: v for k, v in config.items() if k in ("model", "train", "run")}
-    return load_job_config(config["_base_path"], deep_merge(config["_overrides"], sampled))
+def trial_job(base_job: JobConfig, config: dict[str, Any]) -> JobConfig:
+    """The trial's JobConfig: the typed base job with this trial's sampled values (validated again)."""
+    return base_job.replace(**{k: v for k, v in config.items() if k in ("model", "train", "run")})
 
 
-def trial_inprocess(config: dict[str, Any]) -> None:
+def trial_inprocess(config: dict[str, Any], base_job: JobConfig, settings: dict[str, Any]) -> None:
     """One trial in this process: ``dnc.training.Trainer`` reporting to Tune at each log step."""
     import torch
     from ray import tune
 
     from dnc.training import MetricsLogger, Trainer, read_train_state
 
-    job = _trial_job(config)
+    job = trial_job(base_job, config)
     ctx = tune.get_context()
     trial_dir = ctx.get_trial_dir()
-    tcfg = job.train_config
-    device = "cuda" if torch.cuda.is_available() and config.get("_gpus", 0) > 0 else "cpu"
+    tcfg = job.train
+    device = "cuda" if torch.cuda.is_available() and settings["gpus"] > 0 else "cpu"
     if device == "cpu":
-        torch.set_num_threads(max(1, int(config.get("_cpus", 1))))
+        torch.set_num_threads(max(1, int(settings["cpus"])))
     ckpt = tune.get_checkpoint()
 
     def run(resume_dir: str | None) -> None:
         resume_step = read_train_state(resume_dir).step if resume_dir else None
-        logger = MetricsLogger(trial_dir, ctx.get_trial_name(), {"model": job.model_cfg().to_dict(),
+        logger = MetricsLogger(trial_dir, ctx.get_trial_name(), {"model": job.model_config().to_dict(),
                                                                   "train": tcfg.to_dict()},
-                               wandb=config.get("_wandb", "off"), resume_step=resume_step,
+                               wandb=settings["wandb"], resume_step=resume_step,
                                project=job.run.wandb_project)
-        trainer = Trainer(tcfg, job.model_cfg(), run_name=ctx.get_trial_name(), device=device,
+        trainer = Trainer(tcfg, job.model_config(), run_name=ctx.get_trial_name(), device=device,
                           resume_from=resume_dir, logger=logger, progress=False)
 
         def report(step: int, metrics: dict[str, float], ckpt_dir: str | None) -> None:
@@ -201,20 +234,19 @@ def trial_inprocess(config: dict[str, Any]) -> None:
         run(None)
 
 
-def trial_ray_train(config: dict[str, Any]) -> None:
+def trial_ray_train(config: dict[str, Any], base_job: JobConfig, settings: dict[str, Any]) -> None:
     """One trial as a Ray Train run (TorchTrainer), its reports forwarded to Tune."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_jobs.train import run_training
 
-    job = _trial_job(config)
     ctx = tune.get_context()
     # Each trial is its own Ray Train run under the sweep's storage; a restored trial reruns
     # with the same name, which resumes the Ray Train run from its newest checkpoint.
-    job = job.model_copy(update={"run": job.run.model_copy(update={
-        "name": f"{config['_sweep_name']}-{ctx.get_trial_id()}", "storage": config["_storage"],
-        "wandb": config.get("_wandb", "off"), "progress": False})})
+    job = trial_job(base_job, config).replace(run={
+        "name": f"{settings['sweep_name']}-{ctx.get_trial_id()}", "storage": settings["storage"],
+        "wandb": settings["wandb"], "progress": False})
     run_training(job, callbacks=[TuneReportCallback()])
 
 
@@ -226,9 +258,9 @@ def run_sweep(sweep: SweepConfig):
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    base_job = load_job_config(sweep.base, sweep.overrides)
-    total = base_job.train_config.stop_step
-    storage = sweep.storage if "://" in sweep.storage else os.path.abspath(sweep.storage)
+    base_job = sweep.base_job()
+    total = base_job.train.stop_step
+    storage = sweep.storage
     if sweep.scheduler.type == "asha":
         max_t = sweep.scheduler.max_t or total
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t,
@@ -237,14 +269,15 @@ def run_sweep(sweep: SweepConfig):
     else:
         scheduler = FIFOScheduler()
     space = param_space(sweep)
-    space.update({"_base_path": os.path.abspath(sweep.base), "_overrides": sweep.overrides,
-                  "_wandb": sweep.wandb, "_cpus": sweep.cpus_per_trial, "_gpus": sweep.gpus_per_trial,
-                  "_sweep_name": sweep.name, "_storage": storage})
+    settings = {"wandb": sweep.wandb, "cpus": sweep.cpus_per_trial, "gpus": sweep.gpus_per_trial,
+                "sweep_name": sweep.name, "storage": storage}
     if sweep.trial_mode == "inprocess":
-        trainable = tune.with_resources(trial_inprocess, {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
+        trainable = tune.with_resources(tune.with_parameters(trial_inprocess, base_job=base_job, settings=settings),
+                                        {"cpu": sweep.cpus_per_trial, "gpu": sweep.gpus_per_trial})
     else:
         # The trial only drives; the TorchTrainer's workers reserve CPUs/GPUs themselves.
-        trainable = tune.with_resources(trial_ray_train, {"cpu": 0.01})
+        trainable = tune.with_resources(tune.with_parameters(trial_ray_train, base_job=base_job, settings=settings),
+                                        {"cpu": 0.01})
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -294,48 +327,24 @@ def print_summary(summary: dict[str, Any]) -> None:
         Console().print(f"best: {json.dumps(summary['best'])}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune.sweep",
-                                description="ASHA hyperparameter sweep of BWR-DNC training with Ray Tune.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/sweep/asha.yaml", help="sweep YAML")
-    p.add_argument("--num-samples", type=int, help="trials to sample")
-    p.add_argument("--name", help="experiment name (same name + storage restores)")
-    p.add_argument("--storage", help="results root: local dir or s3://, gs://...")
-    p.add_argument("--trial-mode", choices=["inprocess", "ray_train"], help="how each trial trains")
-    p.add_argument("--wandb", choices=["auto", "on", "off"], help="W&B per trial (offline by default)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a sweep field, e.g. --set overrides.train.total_steps=20")
-    p.add_argument("--out", help="write the summary JSON here")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    over: dict[str, Any] = {}
-    for flag, key in (("num_samples", "num_samples"), ("name", "name"), ("storage", "storage"),
-                      ("trial_mode", "trial_mode"), ("wandb", "wandb")):
-        if getattr(args, flag) is not None:
-            over[key] = getattr(args, flag)
-    for item in args.sets:
-        if "=" not in item:
-            print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-            return 2
-        k, v = item.split("=", 1)
-        over = deep_merge(over, _nest({k: yaml.safe_load(v)}))
-    try:
-        sweep = load_sweep_config(args.config, over)
-    except JobConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_sweep_command(parser, ns) -> int:
+    """``dnc sweep``: run the parsed sweep, print and optionally write the summary."""
+    sweep = sweep_from_namespace(parser, ns)
     results = run_sweep(sweep)
     summary = summarize(results, sweep)
     print_summary(summary)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+    if ns.out:
+        os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
+        with open(ns.out, "w") as f:
             json.dump(summary, f, indent=1, default=str)
     return 0 if all(r["error"] is None for r in summary["trials"]) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tune.sweep`` = ``dnc sweep``."""
+    from ray_jobs.cli import main as dnc_main
+
+    return dnc_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
