@@ -563,6 +563,8 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
         options = ph.needle_phrasings(ph.check_split(phrasing))
         p = options[int(rng.integers(0, len(options)))]
         others = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing) if s != p.subject]
+        if n_decoys is None:
+            nd = min(nd, len(others))
         if nd > len(others):
             raise ValueError(f"needle: {nd} decoys need {nd} other subjects; split {phrasing!r} "
                              f"has {len(others)}")
