@@ -70,6 +70,61 @@ from ray_jobs.evaluate import parse_lengths  # noqa: E402  (4k/1M suffixes, as e
 SUITE_SEED = {"passkey": 1, "relational_2hop": 2, "kv_retrieval": 3, "mqar": 4}
 """Per-suite component of the sample seed (samples depend only on seed, suite, length, cell)."""
 
+PHRASINGS = ("template", "train", "heldout")
+"""``--phrasings``: the generators' original wording, the phrasings training draws, and the ones it
+never sees (``dnc.data.phrasings``)."""
+VARIANT_FILLER = {"template": "words", "train": "stdlib", "heldout": "stdlib_heldout"}
+"""Filler of each phrasing cell: held-out wording comes with held-out text (stdlib eval modules)."""
+BASE_VARIANT = ("template", True)
+"""(phrasing, markers) of the original suites: their samples and seeds are unchanged."""
+
+
+def variant_kwargs(phrasing: str, markers: bool) -> dict[str, Any]:
+    """Task keyword arguments of one (phrasing, markers) cell; none for :data:`BASE_VARIANT`."""
+    if (phrasing, markers) == BASE_VARIANT:
+        return {}
+    return {"phrasing": None if phrasing == "template" else phrasing, "markers": markers,
+            "filler": VARIANT_FILLER[phrasing]}
+
+
+def variant_seed(base: list[int], phrasing: str, markers: bool) -> list[int]:
+    """The suite's seed list, extended for every variant but the base one (whose samples stay)."""
+    if (phrasing, markers) == BASE_VARIANT:
+        return base
+    return base + [1 + 2 * PHRASINGS.index(phrasing) + int(not markers)]
+
+
+def variant_extra(phrasing: str, markers: bool) -> dict[str, Any]:
+    return {"phrasing": phrasing, "markers": markers, "filler": VARIANT_FILLER[phrasing]}
+
+
+def draw_samples(task: str, seed: list[int], length: int, n: int, difficulty: float,
+                 **kw: Any) -> tuple[int, list[task_lib.Sample]]:
+    """(length, ``n`` samples) of ``task``; a worded variant that does not fit ``length`` is drawn
+    again at the length its error asks for (same seed), so every cell holds ``n`` samples."""
+    L = length
+    while True:
+        rng = np.random.default_rng(seed)
+        try:
+            return L, [task_lib.generate(task, rng, L, difficulty, **kw) for _ in range(n)]
+        except ValueError as e:
+            m = re.search(r"at least (\d+) tokens", str(e))
+            if m is None or not kw:
+                raise
+            L = max(int(m.group(1)), L + 1)
+
+
+def parse_variants(phrasings: str, markers: str) -> list[tuple[str, bool]]:
+    """``--phrasings`` x ``--markers`` as (phrasing, markers) pairs, the base variant first."""
+    ps = [x.strip() for x in phrasings.split(",") if x.strip()]
+    ms = [x.strip() for x in markers.split(",") if x.strip()]
+    bad = [x for x in ps if x not in PHRASINGS] + [x for x in ms if x not in ("on", "off")]
+    if bad or not ps or not ms:
+        raise ValueError(f"--phrasings takes a comma list of {', '.join(PHRASINGS)} and --markers of on, off; "
+                         f"got {phrasings!r} / {markers!r}")
+    out = [(p, m == "on") for p in dict.fromkeys(ps) for m in dict.fromkeys(ms)]
+    return sorted(out, key=lambda v: v != BASE_VARIANT)
+
 
 def log(msg: str) -> None:
     print(f"[long_context] {msg}", file=sys.stderr, flush=True)
@@ -125,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prefill-chunk", type=int, default=4096,
                    help="baseline prefill chunk in tokens (the DNC uses its segment_len); default 4096")
     e.add_argument("--seed", type=int, default=1234, help="sample seed")
+    e.add_argument("--phrasings", default="template",
+                   help="wordings of the retrieval suites, a comma list of template (the generators' own, the "
+                        "headline), train (phrasings and stdlib filler training draws), heldout (phrasings and "
+                        "stdlib modules training never sees); e.g. template,heldout. Default: template")
+    e.add_argument("--markers", default="on",
+                   help="on, off or on,off: with or without the <needle>/<key>/<query> marker tokens; default on")
     e.add_argument("--eval-set", dest="eval_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DNCConfig field of the evaluated DNC only, one that no weight's shape depends "
                         "on, e.g. --eval-set l0_slots=65536 (a raw level 32 segments deep); repeatable")
@@ -352,6 +413,20 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def mqar_lengths(ds: dict[str, Any]) -> dict[str, int]:
+    """MQAR sample length of every ``"<phrasing>/<on|off>"`` variant: ``--mqar-len``, raised to the
+    shortest that holds the pairs and queries (worded variants: the longest their samples need)."""
+    out = {}
+    for ph, mk in ds["variants"]:
+        L = max(ds["mqar_len"], mqar_min_length(ds["mqar_pairs"]))
+        if (ph, mk) != BASE_VARIANT:
+            seed = variant_seed([ds["seed"], SUITE_SEED["mqar"], ds["mqar_len"]], ph, mk)
+            L, _ = draw_samples("mqar", seed, ds["mqar_len"], ds["n_mqar"], 0.0, n_pairs=ds["mqar_pairs"],
+                                **variant_kwargs(ph, mk))
+        out[f"{ph}/{'on' if mk else 'off'}"] = L
+    return out
+
+
 def mqar_min_length(n_pairs: int, value_len: int = 1) -> int:
     """Shortest MQAR sample holding ``n_pairs`` pairs and as many queries (layout of
     ``dnc.data.tasks.mqar``: bos, pairs ``<key>KV``, sep, queries ``<query>KV``, eos;
@@ -466,7 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bpb_context": one_length(args.bpb_context, "--bpb-context"), "bpb_bytes": args.bpb_bytes,
             "baseline_max_len": one_length(args.baseline_max_len, "--baseline-max-len"),
             "prefill_chunk": args.prefill_chunk, "seed": args.seed,
+            "variants": parse_variants(args.phrasings, args.markers),
         }
+        ds["mqar_lengths"] = mqar_lengths(ds)
         if not all(0.0 <= d <= 1.0 for d in ds["depths"]):
             raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
         if min(args.n, args.n_recall, args.n_mqar, args.prefill_chunk, args.bpb_batch) < 1:
@@ -556,31 +633,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                for n, m in models.items()}
 
     # ---------------------------------------------------------------------------------- passkey
-    for L in ds["passkey_lengths"]:
-        for di, d in enumerate(ds["depths"]):
-            rng = np.random.default_rng([args.seed, SUITE_SEED["passkey"], L, di])
-            samples = [task_lib.generate("needle", rng, L, 0.0, depth=d, n_decoys=args.decoys) for _ in range(args.n)]
-            run_cells(run, models, readers, "passkey", L, samples, {"depth": d})
+    for ph, mk in ds["variants"]:
+        for L in ds["passkey_lengths"]:
+            for di, d in enumerate(ds["depths"]):
+                seed = variant_seed([args.seed, SUITE_SEED["passkey"], L, di], ph, mk)
+                Ls, samples = draw_samples("needle", seed, L, args.n, 0.0, depth=d, n_decoys=args.decoys,
+                                           **variant_kwargs(ph, mk))
+                run_cells(run, models, readers, "passkey", Ls, samples, {"depth": d, **variant_extra(ph, mk)})
     run.render("passkey")
 
     # ---------------------------------------------------------------------------------- recall
-    for L in ds["recall_lengths"]:
-        for suite, task, kw in (("relational_2hop", "relational", {"hops": 2}), ("kv_retrieval", "kv_retrieval", {})):
-            rng = np.random.default_rng([args.seed, SUITE_SEED[suite], L])
-            samples = [task_lib.generate(task, rng, L, args.recall_difficulty, **kw) for _ in range(args.n_recall)]
-            run_cells(run, models, readers, suite, L, samples, {})
+    for ph, mk in ds["variants"]:
+        for L in ds["recall_lengths"]:
+            for suite, task, kw in (("relational_2hop", "relational", {"hops": 2}),
+                                    ("kv_retrieval", "kv_retrieval", {})):
+                seed = variant_seed([args.seed, SUITE_SEED[suite], L], ph, mk)
+                Ls, samples = draw_samples(task, seed, L, args.n_recall, args.recall_difficulty, **kw,
+                                           **variant_kwargs(ph, mk))
+                run_cells(run, models, readers, suite, Ls, samples, variant_extra(ph, mk))
     run.render("recall")
 
     # ---------------------------------------------------------------------------------- MQAR
-    L = max(ds["mqar_len"], mqar_min_length(args.mqar_pairs))
-    extra: dict[str, Any] = {"n_pairs": args.mqar_pairs}
-    if L != ds["mqar_len"]:
-        extra["note"] = (f"{args.mqar_pairs} pairs and {args.mqar_pairs} queries need at least {L} tokens with the "
-                         f"byte tokenizer, so the length was raised from {ds['mqar_len']} to {L}.")
-        log(extra["note"])
-    rng = np.random.default_rng([args.seed, SUITE_SEED["mqar"], L])
-    samples = [task_lib.generate("mqar", rng, L, 0.0, n_pairs=args.mqar_pairs) for _ in range(args.n_mqar)]
-    run_cells(run, models, readers, "mqar", L, samples, extra)
+    for ph, mk in ds["variants"]:
+        L = ds["mqar_lengths"][f"{ph}/{'on' if mk else 'off'}"]
+        extra: dict[str, Any] = {"n_pairs": args.mqar_pairs, **variant_extra(ph, mk)}
+        if L != ds["mqar_len"]:
+            extra["note"] = (f"{args.mqar_pairs} pairs and {args.mqar_pairs} queries need at least {L} tokens with the "
+                             f"byte tokenizer, so the length was raised from {ds['mqar_len']} to {L}.")
+            log(extra["note"])
+        # worded variants: the seed and first length mqar_lengths used, so the draw lands on L again
+        L0 = L if (ph, mk) == BASE_VARIANT else ds["mqar_len"]
+        seed = variant_seed([args.seed, SUITE_SEED["mqar"], L0], ph, mk)
+        _, samples = draw_samples("mqar", seed, L0, args.n_mqar, 0.0, n_pairs=args.mqar_pairs,
+                                  **variant_kwargs(ph, mk))
+        assert all(len(x) == L for x in samples)
+        run_cells(run, models, readers, "mqar", L, samples, extra)
     run.render("mqar")
 
     # ---------------------------------------------------------------------------------- bits per byte
@@ -625,6 +712,7 @@ def for_long_inputs(model: DNC, ds: dict[str, Any], overrides: dict[str, Any] | 
             raise SystemExit(f"error: --eval-set: {e}\n(only fields such as l0_slots/l1_slots/l2_slots/"
                              f"segment_len/eviction/write_importance can change at evaluation)") from None
     longest = max([L for L in ds["passkey_lengths"] + ds["recall_lengths"] if L <= ds["baseline_max_len"]]
+                  + list(ds.get("mqar_lengths", {}).values())
                   + [mqar_min_length(ds["mqar_pairs"]), ds["mqar_len"], ds["bpb_context"], cfg.segment_len])
     new = baseline_config(cfg, longest)
     if new.segment_len == cfg.segment_len:

@@ -444,8 +444,37 @@ LONG_CONTEXT_TARGETS = {
 }
 
 
-def _cells(res: dict, suite: str, model: str | None = None) -> list[dict]:
-    return [c for c in res.get("cells", []) if c.get("suite") == suite and (model is None or c.get("model") == model)]
+def is_base_cell(c: dict) -> bool:
+    """A cell of the suites' original wording with markers (results written before the phrasing
+    and marker dimensions existed have only these)."""
+    return c.get("phrasing", "template") == "template" and c.get("markers", True) is True
+
+
+def _cells(res: dict, suite: str, model: str | None = None, *, every_variant: bool = False) -> list[dict]:
+    """Cells of ``suite`` (and ``model``); only the original wording with markers unless
+    ``every_variant`` (the headline tables, targets and plots are about that one)."""
+    return [c for c in res.get("cells", []) if c.get("suite") == suite and (model is None or c.get("model") == model)
+            and (every_variant or is_base_cell(c))]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval ``(low, high)`` of ``k`` successes in ``n`` trials (``n >= 1``)."""
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def fmt_count(k: int | None, n: int | None) -> str:
+    """``"62.5% (25/40) [47-76%]"``: accuracy, counts, and the Wilson 95% interval when n < 50."""
+    if k is None or not n:
+        return "—"
+    out = f"{100.0 * k / n:.1f}% ({k}/{n})"
+    if n < 50:
+        lo, hi = wilson(k, n)
+        out += f" [{100 * lo:.0f}–{100 * hi:.0f}%]"
+    return out
 
 
 def passkey_by_length(res: dict, model: str) -> dict[int, dict[str, Any]]:
@@ -611,11 +640,62 @@ def long_context_tables(res: dict, heading: str = "###") -> list[str]:
         L += [f"{heading} Bits per byte (held-out Python stdlib)", ""]
         L += md_table(["model", "context", "bytes", "bits/byte"], rows) + [""]
 
+    L += generalisation_table(res, models, heading)
+
     # targets
     targets = res.get("targets") or long_context_targets(res)
     L += [f"{heading} Targets", ""]
     L += md_table(["target", "measured (DNC)", "verdict"],
                   [[t["target"], t["measured"], verdict_word(t["met"])] for t in targets], "lll") + [""]
+    return L
+
+
+GENERALISATION_SUITES = ("passkey",) + RECALL_SUITES
+
+
+def generalisation_table(res: dict, models: list[str], heading: str = "###") -> list[str]:
+    """Every suite by wording (phrasing x markers x filler) and length, with sample counts; empty
+    when the run had only the original wording (``--phrasings``/``--markers`` not widened)."""
+    cells = [c for s in GENERALISATION_SUITES for c in _cells(res, s, every_variant=True)]
+    mq = _cells(res, "mqar", every_variant=True)
+    if all(is_base_cell(c) for c in cells + mq):
+        return []
+    lengths = sorted({c["length"] for c in cells})
+    keys = list(dict.fromkeys((c["suite"], c["model"], c.get("phrasing", "template"), c.get("markers", True),
+                               c.get("filler", "words")) for c in cells))
+    keys = [k for k in keys if k[1] in models]
+    rows = []
+    for suite, m, ph, mk, fl in keys:
+        r = [suite, MODEL_LABEL[m], ph, "on" if mk else "off", fl]
+        for Ln in lengths:
+            cs = [c for c in cells if (c["suite"], c["model"], c.get("phrasing", "template"), c.get("markers", True),
+                                       c.get("filler", "words"), c["length"]) == (suite, m, ph, mk, fl, Ln)]
+            ok = [c for c in cs if c.get("acc") is not None]
+            if not cs:
+                r.append("")
+            elif not ok:
+                r.append("OOM" if any(c.get("status") == "oom" for c in cs) else "—")
+            else:
+                r.append(fmt_count(sum(c["correct"] for c in ok), sum(c["n"] for c in ok)))
+        rows.append(r)
+    L = [f"{heading} Generalisation: held-out phrasings and filler, no markers", "",
+         "Exact match per wording: `template` = the generators' original wording (the tables above), `train` = "
+         "phrasings and stdlib filler that training draws, `heldout` = phrasings (subjects, fact and question "
+         "frames) and stdlib modules that training never sees; markers = the `<needle>`/`<key>`/`<query>` tokens. "
+         "Passkey pooled over depths. Correct/samples in brackets; 95% Wilson interval where a cell has fewer than "
+         "50 samples.", ""]
+    if rows:
+        L += md_table(["suite", "model", "phrasing", "markers", "filler"] + [fmt_len(x) for x in lengths], rows,
+                      "lllll" + "r" * len(lengths)) + [""]
+    mrows = [[MODEL_LABEL[c["model"]], c.get("phrasing", "template"), "on" if c.get("markers", True) else "off",
+              c.get("filler", "words"), fmt_len(c["length"]), str(c.get("n_pairs")),
+              "OOM" if c.get("acc") is None else fmt_count(c["query_correct"], c["queries"]),
+              "OOM" if c.get("acc") is None else fmt_count(c["correct"], c["n"])]
+             for c in mq if c["model"] in models]
+    if mrows:
+        L += ["MQAR by wording (worded pairs are longer, so their samples are too; each query is one trial):", ""]
+        L += md_table(["model", "phrasing", "markers", "filler", "length", "pairs", "per query", "all queries right"],
+                      mrows, "llllrrrr") + [""]
     return L
 
 

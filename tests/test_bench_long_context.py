@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -158,3 +159,72 @@ def test_a_needle_crosses_a_segment_when_its_digits_are_split():
     assert not lc.crosses_segment(needle(27), 32)  # digits at 27..31
     assert lc.crosses_segment(needle(28), 32) and lc.crosses_segment(needle(31), 32)
     assert not lc.crosses_segment(needle(32), 32) and not lc.crosses_segment(needle(28), 64)
+
+
+def test_wordings_are_cell_dimensions_from_a_checkpoint(tmp_path):
+    """--phrasings x --markers run every suite per wording from a given checkpoint; the original
+    wording keeps the headline tables, the Generalisation table shows the rest with counts."""
+    from dnc.checkpoint import save_checkpoint
+    from dnc.config import preset
+    from dnc.model import DNC
+
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), DNC(preset("tiny")))
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(BENCH / "long_context.py"), "--checkpoint", ckpt, "--skip-baseline",
+           "--phrasings", "template,heldout", "--markers", "on,off", "--passkey-lengths", "256", "--depths", "0.5",
+           "--n", "2", "--recall-lengths", "256", "--n-recall", "1", "--mqar-pairs", "4", "--mqar-len", "32",
+           "--n-mqar", "1", "--bpb-context", "64", "--bpb-bytes", "512", "--device", "cpu", "--threads", "1",
+           "--tag", "w", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "long_context_w.json").read_text())
+    wordings = {("template", True, "words"), ("template", False, "words"), ("heldout", True, "stdlib_heldout"),
+                ("heldout", False, "stdlib_heldout")}
+    for suite in ("passkey", "relational_2hop", "kv_retrieval", "mqar"):
+        cells = [c for c in res["cells"] if c["suite"] == suite]
+        assert {(c["phrasing"], c["markers"], c["filler"]) for c in cells} == wordings, suite
+        assert all(c["status"] == "ok" and 0 <= c["correct"] <= c["n"] for c in cells)
+    mq = {(c["phrasing"], c["markers"]): c["length"] for c in res["cells"] if c["suite"] == "mqar"}
+    assert mq[("template", True)] == 32 and mq[("heldout", True)] > 32  # worded pairs need a longer sample
+    md = (out / "long_context_w.md").read_text()
+    gen = md[md.index("## Generalisation"):md.index("## Targets")]
+    assert gen.count("| passkey | DNC |") == 4 and len(re.findall(r"% \([012]/2\) \[", gen)) >= 4
+    assert "95% Wilson" in gen and "–" in gen  # n < 50: intervals shown
+    # the headline passkey table and targets count only the original wording (2 samples, not 8)
+    assert res["summary"]["passkey_by_length"]["dnc"].keys() == {"256"}
+    head = md[md.index("## Passkey retrieval"):md.index("## Recall")]
+    assert head.count("| 0.5 |") == 1
+    bad = subprocess.run(cmd[:4] + ["--phrasings", "paraphrased"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--phrasings takes" in bad.stderr
+
+
+def test_base_wording_keeps_its_samples_and_others_differ():
+    sys.path.insert(0, str(BENCH))
+    import long_context as lc
+    import numpy as np
+
+    from dnc.data import tasks
+
+    seed = [1234, lc.SUITE_SEED["passkey"], 4096, 3]
+    _, base = lc.draw_samples("needle", lc.variant_seed(seed, "template", True), 4096, 2, 0.0, depth=0.3,
+                              **lc.variant_kwargs("template", True))
+    rng = np.random.default_rng(seed)
+    old = [tasks.generate("needle", rng, 4096, 0.0, depth=0.3) for _ in range(2)]  # what the suite drew before
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(base, old))
+    _, held = lc.draw_samples("needle", lc.variant_seed(seed, "heldout", False), 4096, 2, 0.0, depth=0.3,
+                              **lc.variant_kwargs("heldout", False))
+    assert all(s.meta["phrasing"] == "heldout" and not s.meta["markers"] for s in held)
+    assert lc.parse_variants("heldout,template", "off,on")[0] == ("template", True)
+
+
+def test_wilson_interval():
+    sys.path.insert(0, str(BENCH))
+    import report
+
+    lo, hi = report.wilson(0, 4)
+    assert lo == 0.0 and abs(hi - 0.4899) < 1e-3
+    lo, hi = report.wilson(20, 40)
+    assert abs(lo - 0.352) < 1e-3 and abs(hi - 0.648) < 1e-3
+    assert report.fmt_count(20, 40) == "50.0% (20/40) [35–65%]"
+    assert report.fmt_count(60, 80) == "75.0% (60/80)"  # 50 samples or more: no interval

@@ -39,6 +39,7 @@ NEEDLE_SUBJECTS: tuple[tuple[str, str], ...] = (
     ("locker combination", T), ("vault code", T), ("magic number", T), ("verification code", T),
     ("room code", T), ("ticket number", T), ("account number", T),
     ("safe combination", H), ("unlock code", H), ("backup PIN", H), ("confirmation number", H),
+    ("alarm code", H), ("routing number", H),
 )
 """What the hidden number is called. Held-out subjects appear in no training fact or question."""
 

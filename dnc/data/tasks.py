@@ -38,6 +38,15 @@ Alphabets (small on purpose, so a tiny model can learn the tasks):
 - filler: lower-case words from :data:`WORDS`, no digits and no upper case, so it never collides
   with keys, values, passkeys, record ids or names.
 
+Generalisation (issue 11): the retrieval tasks (needle, kv_retrieval, relational, mqar) also take
+``phrasing`` (``"train"`` / ``"heldout"`` wordings of :mod:`dnc.data.phrasings`, ``"mixed"`` = the
+original template or a train one), ``markers=False`` (no ``<needle>``/``<key>``/``<sep>``/``<query>``/
+``<answer>``; ``marker_prob=p`` keeps them with probability ``p``) and ``filler`` (``"words"``, real
+text ``"stdlib"`` / held-out ``"stdlib_heldout"`` from :mod:`dnc.data.filler_text`, or ``"mixed"``).
+Real-text filler has digits and capitals, so it may by chance hold a key-like string; the defaults
+(template, markers, words) reproduce the layouts above sample for sample. Each sample records its
+wording in ``meta["phrasing"]``, ``meta["markers"]``, ``meta["filler"]`` (and ``meta["frames"]``).
+
 The answer always ends with ``<eos>``; invariants every sample satisfies:
 ``sample.tokens[sample.loss_mask] == sample.answer`` and ``sample.loss_mask[sample.answer_start]``.
 """
@@ -563,6 +572,8 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
         options = ph.needle_phrasings(ph.check_split(phrasing))
         p = options[int(rng.integers(0, len(options)))]
         others = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing) if s != p.subject]
+        if n_decoys is None:
+            nd = min(nd, len(others))
         if nd > len(others):
             raise ValueError(f"needle: {nd} decoys need {nd} other subjects; split {phrasing!r} "
                              f"has {len(others)}")
