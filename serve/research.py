@@ -485,7 +485,7 @@ def _endpoints() -> dict[str, ResearchEndpoint]:
           "Per-layer gradient norms of the LM loss from a real backward pass", expensive=True),
         E("state-evolution", S.StateEvolutionRequest,
           lambda lm, r, st: state_evolution(lm.model, _ids(r), st, r.segment_len),
-          "The bank (slots per level, bytes, loss) after each segment of the text"),
+          "The bank (slots per level, bytes, loss) after each segment of the text", expensive=True),
         E("attention-analysis", S.AttentionAnalysisRequest,
           lambda lm, r, st: attention_analysis(lm.model, _ids(r), st, r.max_matrix),
           "Local attention (entropy, distance, matrix) and memory attention by level"),

@@ -26,27 +26,10 @@ from .live import admitted_ws
 logger = logging.getLogger("serve.routers.research")
 router = APIRouter(tags=["research"], responses=S.ERROR_RESPONSES)
 
-# Until serve/research.py carries the registry (issue 13, interfaces.md item 1) its summaries and
-# costs are listed here; research_endpoints() prefers the registry when it exists.
-_SUMMARIES = {
-    "analyze-text": "Per-token loss and memory reads (level mass, top slots) from model(..., trace=True)",
-    "gradient-analysis": "Per-layer gradient norms of the LM loss from a real backward pass",
-    "state-evolution": "The bank (slots per level, bytes, loss) after each segment of the text",
-    "attention-analysis": "Local attention (entropy, distance, matrix) and memory attention by level",
-    "efficiency-metrics": "Tokens/s measured now; bank bytes vs the KV cache of a plain Transformer",
-    "state-clustering": "Slot keys clustered by k-means and projected to 2-D by PCA",
-    "information-flow": "Share of each layer's update from the memory read vs local attention",
-    "explain-decision": "Memory slots and input tokens that most raised a chosen token's logit",
-}
-_EXPENSIVE = {"efficiency-metrics", "gradient-analysis", "state-evolution", "explain-decision"}
-
-
 def research_endpoints() -> dict[str, tuple[type[BaseModel], str, bool]]:
-    """name -> (request model, summary, expensive)."""
-    try:
-        from ..research import RESEARCH  # type: ignore[attr-defined]
-    except ImportError:
-        return {n: (m, _SUMMARIES[n], n in _EXPENSIVE) for n, m in S.RESEARCH_REQUESTS.items()}
+    """name -> (request model, summary, expensive), from the one registry (serve.research.RESEARCH)."""
+    from ..research import RESEARCH
+
     return {e.name: (e.request, e.summary, e.expensive) for e in RESEARCH.values()}
 
 
