@@ -169,7 +169,8 @@ def test_research_registry_runs_and_names_bad_input(generator):
 
     assert set(RESEARCH) == set(S.RESEARCH_REQUESTS)
     assert all(RESEARCH[n].request is S.RESEARCH_REQUESTS[n] and RESEARCH[n].summary for n in RESEARCH)
-    assert {n for n, e in RESEARCH.items() if e.expensive} == {"gradient-analysis", "efficiency-metrics", "explain-decision"}
+    assert {n for n, e in RESEARCH.items() if e.expensive} == {"gradient-analysis", "efficiency-metrics", "explain-decision",
+                                                                   "state-evolution"}
     out = asyncio.run(generator.research("analyze-text", {"text": "hello memory"}, "anonymous"))
     assert out["endpoint"] == "analyze-text" and len(out["token_ids"]) == 12 and out["compute_ms"] > 0
     out = asyncio.run(generator.research("state-clustering", {"text": "hello memory " * 20, "k": 2}, "anonymous"))

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import settings
 
+from serve.context import ApiContext
 from serve.bench_results import REPO_BENCH_RESULTS, bench_summary
 from serve.errors import NotFound, Unprocessable, install_handlers
 from serve.routers.training import router
@@ -40,7 +40,8 @@ def write_run(root, name: str, steps: list[int]) -> str:
 def client(tmp_path):
     app = FastAPI()
     install_handlers(app)
-    app.state.ctx = SimpleNamespace(runs_root=str(tmp_path))
+    # the real context, no API keys (loopback rules): the routes' caller dependency reads its key ring
+    app.state.ctx = ApiContext(generator=None, bank=None, hub=lambda: None, runs_root=str(tmp_path))
     app.include_router(router)
     return TestClient(app)
 
@@ -140,7 +141,7 @@ def test_bench_summary_reports_a_broken_file(tmp_path, client):
 def _runs_app() -> FastAPI:
     app = FastAPI()
     install_handlers(app)
-    app.state.ctx = SimpleNamespace(runs_root="")  # set per test: the root is read on each request
+    app.state.ctx = ApiContext(generator=None, bank=None, hub=lambda: None, runs_root="")  # root set per test
     app.include_router(router)
     return app
 

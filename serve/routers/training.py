@@ -15,12 +15,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from .. import schemas as S
 from ..auth import caller
 from ..bench_results import REPO_BENCH_RESULTS, bench_summary
 from ..training_runs import list_runs, read_metrics
 
 # With API keys on, any valid key may read runs and results (they are not per owner); without one: 401.
-router = APIRouter(tags=["training"], dependencies=[Depends(caller)])
+router = APIRouter(tags=["training"], dependencies=[Depends(caller)], responses=S.ERROR_RESPONSES)
 
 
 def runs_root(request: Request) -> str:
