@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import settings
 
-from serve.context import ApiContext
 from serve.bench_results import REPO_BENCH_RESULTS, bench_summary
+from serve.context import ApiContext
 from serve.errors import NotFound, Unprocessable, install_handlers
 from serve.routers.training import router
 from serve.training_runs import list_runs, read_metrics
