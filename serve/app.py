@@ -52,8 +52,10 @@ class AppArgs(BaseModel):
     generator_num_gpus: float | None = Field(None, ge=0, description="None = 1 if the cluster has a GPU.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     torch_threads: int = Field(0, ge=0, description="torch threads per generator (0 = Ray's default).")
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="@serve.batch wait for more requests (s).")
+    max_batch_size: int = Field(8, ge=1, le=256, description="Rows of one decode model call (every running "
+                                "request of a replica decodes; larger groups take several calls per step).")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a first request waits for others "
+                                        "when the replica is idle (s); 0 = lowest time to first token.")
     max_new_tokens: int = Field(512, ge=1, le=4096)
     max_prompt_tokens: int = Field(8192, ge=1)
     max_research_tokens: int = Field(2048, ge=2)
