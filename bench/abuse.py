@@ -70,24 +70,10 @@ def app_args(storage: str, keys_file: str, **overrides) -> dict[str, Any]:
 
 
 def start_server(port: int, args: dict[str, Any], timeout_s: float = 180.0) -> str:
-    """serve.run the app on 127.0.0.1:port (Ray must be initialized); returns the base URL."""
-    from ray import serve
+    """Deploy the app on 127.0.0.1:port (Ray must be initialized); returns the base URL."""
+    from serve.app import run_app
 
-    from serve.app import build_app, start_serve
-
-    start_serve(port)
-    serve.run(build_app(args), name="dnc-abuse", route_prefix="/", blocking=False)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base}/health not ready after {timeout_s:.0f} s")
-        time.sleep(0.5)
+    return run_app(args, port, name="dnc-abuse", timeout_s=timeout_s)
 
 
 def client(base: str, key: str | None, **headers) -> httpx.Client:

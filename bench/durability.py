@@ -76,29 +76,16 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------ server
 def start(args) -> tuple[str, dict[str, Any]]:
-    import httpx
     import ray
-    from ray import serve
 
-    from serve.app import build_app
+    from serve.app import run_app
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     storage = args.storage or tempfile.mkdtemp(prefix="dnc-durability-")
     app_args = {"storage": storage, "bank_shards": args.shards, "manager_interval_s": 1.0, "auto_compact": True,
                 "compact_idle_s": 1.0, "memory_budget_mb": 0.5, "max_new_tokens": 64, "torch_threads": 1,
                 "namespace": "dnc-durability-bench"}
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(app_args), name="dnc-durability", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return url, app_args
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the Serve app did not become healthy in 300 s")
+    return run_app(app_args, args.port, name="dnc-durability"), app_args
 
 
 def actor_memory() -> dict[str, float]:

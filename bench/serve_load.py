@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads, the same for the served generator and the in-process run (0 = default)")
     p.add_argument("--batch-wait-ms", type=float, default=None,
-                   help="@serve.batch wait of the started server (default: the app's)")
+                   help="batch_wait_timeout_s of the started server, in ms (default: the app's)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load-<time>.json)")
     return p.parse_args(argv)
@@ -174,11 +174,9 @@ def in_process(args, n: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ server
 def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
-    import httpx
     import ray
-    from ray import serve
 
-    from serve.app import build_app
+    from serve.app import run_app
 
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset,
@@ -186,18 +184,7 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
                 "torch_threads": args.torch_threads}
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(app_args), name="dnc-bench", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{args.port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                return url, app_args
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the Serve app did not become healthy in 300 s")
+    return run_app(app_args, args.port, name="dnc-bench"), app_args
 
 
 def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:

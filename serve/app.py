@@ -178,6 +178,27 @@ def build_app(args: dict[str, Any]):
     return Ingress.bind(generator, a.model_dump(), keys.digests)
 
 
+def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc", timeout_s: float = 300.0) -> str:
+    """Start Serve on 127.0.0.1:``port`` (:func:`start_serve`), deploy this app under ``name`` and wait
+    until ``/health`` answers 200 (a real forward pass). Returns the base URL. Raises TimeoutError
+    after ``timeout_s`` seconds. Tests, benchmarks and the CLI start the app this one way."""
+    import httpx
+
+    start_serve(port)
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=10).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{base}/health did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def teardown(args: dict[str, Any] | None = None) -> None:
     """Shut Serve down and remove this app's detached actors (shards, live hub); storage stays."""
     import ray

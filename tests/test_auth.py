@@ -95,7 +95,7 @@ def test_log_redaction_filter():
 def keyed_server(ray_cluster, tmp_path_factory):
     from ray import serve
 
-    from serve.app import build_app, start_serve, teardown
+    from serve.app import run_app, teardown
 
     tmp = tmp_path_factory.mktemp("auth")
     (tmp / "keys").write_text(f"alice:{ALICE}\nbob:{BOB}\n")
@@ -103,17 +103,7 @@ def keyed_server(ray_cluster, tmp_path_factory):
             "bank_shards": 1, "live_interval_s": 0.5, "allowed_origins": ["http://allowed.example"],
             "namespace": "bwr-dnc-auth-test"}
     serve.shutdown()  # another module's Serve may still hold its port
-    start_serve(PORT)
-    serve.run(build_app(args), name="dnc-auth", route_prefix="/", blocking=False)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{BASE}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "serve app did not become healthy"
-        time.sleep(0.5)
+    run_app(args, PORT, name="dnc-auth", timeout_s=180)
     yield BASE
     teardown(args)
 

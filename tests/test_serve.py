@@ -34,21 +34,9 @@ def app_args(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, app_args):
-    from ray import serve
+    from serve.app import run_app, teardown
 
-    from serve.app import build_app, start_serve, teardown
-
-    start_serve(PORT)
-    serve.run(build_app(app_args), name="dnc-test", route_prefix="/", blocking=False)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{BASE}/health", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "serve app did not become healthy"
-        time.sleep(0.5)
+    run_app(app_args, PORT, name="dnc-test", timeout_s=180)
     yield BASE
     teardown(app_args)
 
