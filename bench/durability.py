@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--soak-requests", type=int, default=10_000)
     p.add_argument("--soak-clients", type=int, default=4)
     p.add_argument("--soak-minutes", type=float, default=6.0, help="the soak stops here even if short of its count")
+    p.add_argument("--memory-interval", type=float, default=60.0, help="seconds between RSS samples during the soak")
     p.add_argument("--session-fraction", type=float, default=0.3, help="share of soak requests that are session turns")
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--out-dir", default=os.path.join(ROOT, "bench", "results"))
@@ -284,8 +285,20 @@ def soak(url: str, app_args: dict[str, Any], args) -> dict[str, Any]:
     mem_before = actor_memory()
     compactions_before = sum(st.get("compactions", 0) for st in shard_stats(app_args))
     t0 = time.monotonic()
+    # resident memory of every actor during the soak, to tell a leak from warm-up: one sample a minute
+    timeline: list[dict[str, Any]] = []
+    stop = threading.Event()
+
+    def sample_memory() -> None:
+        while not stop.wait(args.memory_interval):
+            timeline.append({"seconds": round(time.monotonic() - t0, 1), "requests": done[0], "mib": actor_memory()})
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    sampler.start()
     with cf.ThreadPoolExecutor(args.soak_clients) as ex:
         list(ex.map(client, range(args.soak_clients)))
+    stop.set()
+    sampler.join(timeout=30)
     elapsed = time.monotonic() - t0
     mem_after = actor_memory()
     shards = shard_stats(app_args)
@@ -297,10 +310,14 @@ def soak(url: str, app_args: dict[str, Any], args) -> dict[str, Any]:
             "compactions": sum(st.get("compactions", 0) for st in shards) - compactions_before,
             "shard_counters": [{k: st.get(k) for k in ("shard", "sessions", "compactions", "damaged_records",
                                                        "storage_errors", "fenced", "conflicts")} for st in shards],
-            "memory_mib_before": mem_before, "memory_mib_after": mem_after}
+            "memory_mib_before": mem_before, "memory_mib_after": mem_after, "memory_timeline": timeline}
 
 
 # ------------------------------------------------------------------------------ report
+def args_interval(res: dict[str, Any]) -> str:
+    return str(res.get("memory_interval_s", "?"))
+
+
 def markdown(res: dict[str, Any]) -> str:
     k, g, s = res.get("shard_kills", {}), res.get("generator_kills", {}), res.get("soak", {})
     out = ["| test | figure |", "|---|---|"]
@@ -320,8 +337,11 @@ def markdown(res: dict[str, Any]) -> str:
         for kind, v in s["latency_ms"].items():
             out.append(f"| soak latency {kind} | n={v['n']} p50 {v['p50']} ms, p99 {v['p99']} ms |")
         before, after = s["memory_mib_before"], s["memory_mib_after"]
+        line = s.get("memory_timeline") or []
         for name in sorted(set(before) | set(after)):
-            out.append(f"| RSS {name} | {before.get(name, '-')} -> {after.get(name, '-')} MiB |")
+            during = " -> ".join(str(t["mib"].get(name, "-")) for t in line)
+            out.append(f"| RSS {name} (before -> each {args_interval(res)} s -> after) | {before.get(name, '-')} -> "
+                       f"{during + ' -> ' if during else ''}{after.get(name, '-')} MiB |")
     return "\n".join(out)
 
 
@@ -331,7 +351,7 @@ def main(argv=None) -> dict[str, Any]:
     from report import git_commit  # bench/report.py: $DNC_COMMIT or git
 
     res: dict[str, Any] = {"benchmark": "durability", "command": shlex.join(["python", "bench/durability.py", *argv]),
-                           "argv": argv, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           "argv": argv, "memory_interval_s": args.memory_interval, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                            "host": platform.node(), "cpus": os.cpu_count(), "device": "cpu"}
     url, app_args = start(args)
     res["app_args"] = app_args
