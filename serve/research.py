@@ -315,6 +315,53 @@ def state_clustering(state, k: int = 4, max_points: int = 1024) -> dict[str, Any
             "inertia": inertia, "explained_variance": explained, "n_points": n}
 
 
+def slot_cards(model, state, per_level: int = 32) -> dict[str, Any]:
+    """Every valid slot's bookkeeping, per level over all memory layers, the ``per_level`` most salient
+    first (the rest are counted, not listed: the response stays bounded).
+
+    Per slot: layer, level, index (position in its level), salience (EMA of its attention share, 1.0 =
+    uniform), age (segments since written), access (segments with an above-uniform share),
+    last_access (bank clock, a segment index) and, when the model learns one
+    (``DNCConfig.write_importance`` > 0), importance: the head mean of ``MemoryRead.slot_importance``
+    of the slot's key/value, the score the keep decisions add times ``write_importance``."""
+    levels: list[list[dict[str, Any]]] = [[] for _ in LEVEL_NAMES]
+    has_importance = False
+    for li, bank in state.banks():
+        mem = model.blocks[li].mem
+        imp = None
+        if mem is not None and mem.importance_w is not None and sum(bank.sizes):
+            with torch.no_grad():
+                imp = mem.slot_importance(bank.kv)[0].mean(0).cpu()                   # [S] packed levels
+            has_importance = True
+        off = 0
+        for lv, level in enumerate(bank.levels):
+            valid = level.valid[0].cpu()
+            meta = {f: getattr(level, f)[0].float().cpu() for f in ("salience", "age", "access", "last_access")}
+            for j in torch.nonzero(valid).flatten().tolist():
+                card = {"layer": li, "level": lv, "index": j, "salience": float(meta["salience"][j]),
+                        "age": float(meta["age"][j]), "access": float(meta["access"][j]),
+                        "last_access": float(meta["last_access"][j])}
+                if imp is not None:
+                    card["importance"] = float(imp[off + j])
+                levels[lv].append(card)
+            off += level.n
+    summ = state.summary()
+    cap = levels_of(summ)
+    out_levels = []
+    for lv, cards in enumerate(levels):
+        cards.sort(key=lambda c: (-c["salience"], c["layer"], c["index"]))
+        shown = cards[:per_level]
+        out_levels.append({"level": lv, "name": LEVEL_NAMES[lv], "valid": len(cards), "capacity": cap[lv]["capacity"],
+                           "shown": len(shown), "not_shown": len(cards) - len(shown), "slots": shown})
+    return {"levels": out_levels, "per_level": per_level, "has_importance": has_importance,
+            "total_slots": sum(len(c) for c in levels), "tokens_seen": summ["tokens_seen"], "segments": summ["segments"],
+            "clock": max((b.clock for _, b in state.banks()), default=0),
+            "fields": {"salience": "EMA of the slot's attention share (1.0 = uniform)",
+                       "age": "segments since the content was written", "access": "segments with an above-uniform share",
+                       "last_access": "bank clock (segment index) of the last access",
+                       "importance": "learned write importance (head mean), present when the model has one"}}
+
+
 def explain_decision(model, ids: list[int], state=None, position: int = -1, target_id: int | None = None,
                      top_k: int = 8) -> dict[str, Any]:
     """Which input tokens and memory slots most raised the logit of ``target_id`` for the token
@@ -455,6 +502,12 @@ def _run_clustering(lm, req: S.StateClusteringRequest, state) -> dict[str, Any]:
     return out
 
 
+def _run_slots(lm, req: S.SlotsRequest, state) -> dict[str, Any]:
+    if state is None:
+        _, _, state, _ = run_segments(lm.model, _ids(req), None, trace=False)
+    return slot_cards(lm.model, state, req.per_level)
+
+
 def _run_explain(lm, req: S.ExplainDecisionRequest, state) -> dict[str, Any]:
     from dnc.tokenizer import get_tokenizer
 
@@ -494,6 +547,8 @@ def _endpoints() -> dict[str, ResearchEndpoint]:
           "Tokens/s measured now; bank bytes vs the KV cache of a plain Transformer", expensive=True),
         E("state-clustering", S.StateClusteringRequest, _run_clustering,
           "Slot keys clustered by k-means and projected to 2-D by PCA"),
+        E("slots", S.SlotsRequest, _run_slots,
+          "Per-slot salience, age, access count, last access and learned importance, per level by salience"),
         E("information-flow", S.InformationFlowRequest,
           lambda lm, r, st: information_flow(lm.model, _ids(r), st),
           "Share of each layer's update from the memory read vs local attention"),

@@ -363,6 +363,20 @@ class StateClusteringRequest(Strict):
         return self
 
 
+class SlotsRequest(Strict):
+    state_id: StateId | None = Field(None, description="List this session's slots ...")
+    text: str | None = Field(None, min_length=2, max_length=MAX_RESEARCH_CHARS, description="... or the bank built from this text.")
+    owner: Owner | None = None
+    per_level: int = Field(32, ge=1, le=256, description="Slots listed per level, the most salient first; "
+                                                          "the rest are counted in not_shown.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.state_id is None) == (self.text is None):
+            raise ValueError("give exactly one of state_id or text")
+        return self
+
+
 class TrainingStepRequest(BaseModel):
     """One training step's metrics from a trainer. Unknown numeric top-level fields are folded
     into ``metrics`` so ``{"run_id": "r1", "step": 10, "loss": 2.3}`` works too."""
@@ -457,4 +471,5 @@ RESEARCH_REQUESTS: dict[str, type[BaseModel]] = {
     "state-clustering": StateClusteringRequest,
     "information-flow": InformationFlowRequest,
     "explain-decision": ExplainDecisionRequest,
+    "slots": SlotsRequest,
 }

@@ -181,6 +181,61 @@ def test_research_registry_runs_and_names_bad_input(generator):
         asyncio.run(generator.research("analyze-text", {"text": "x"}, "anonymous"))
     with pytest.raises(Unprocessable, match="single byte token"):
         asyncio.run(generator.research("explain-decision", {"text": "hello", "target": "ab"}, "anonymous"))
+    out = asyncio.run(generator.research("slots", {"text": "hello memory " * 20, "per_level": 3}, "anonymous"))
+    assert out["endpoint"] == "slots" and out["has_importance"] is False  # the tiny preset learns none
+    assert all(lv["shown"] <= 3 and lv["shown"] + lv["not_shown"] == lv["valid"] for lv in out["levels"])
+    assert out["total_slots"] > 0
+    with pytest.raises(Unprocessable, match=r"slots: .*less than or equal to 256 \(per_level\)"):
+        asyncio.run(generator.research("slots", {"text": "hello", "per_level": 1000}, "anonymous"))
+    with pytest.raises(Unprocessable, match="slots: .*exactly one of state_id or text"):
+        asyncio.run(generator.research("slots", {"per_level": 4}, "anonymous"))
+
+
+def test_slot_cards_equal_the_banks_tensors():
+    """slot_cards on a real tiny model with a learned write importance, after a few segments: every
+    listed value is the bank's own tensor entry, levels are sorted by salience and capped."""
+    from dnc.config import preset
+    from dnc.model import DNC
+    from serve.research import run_segments, slot_cards
+
+    torch.manual_seed(0)
+    model = DNC(preset("tiny", segment_len=16, l0_slots=32, l1_slots=16, l2_slots=8, write_importance=2.0)).eval()
+    with torch.no_grad():  # non-zero importance weights, so the importance is not trivially 0
+        for blk in model.blocks:
+            if blk.mem is not None:
+                blk.mem.importance_w.normal_(0.0, 1.0)
+    ids = list(b"The blue key is in the red box. The coin is in the green box. " * 6)
+    _, _, state, _ = run_segments(model, ids, trace=False)
+    assert state.segments >= 4
+    empty = slot_cards(model, model.init_state(1))
+    assert empty["total_slots"] == 0 and all(lv["slots"] == [] and lv["valid"] == 0 for lv in empty["levels"])
+
+    out = slot_cards(model, state, per_level=5)
+    banks = dict(state.banks())
+    assert out["has_importance"] and out["per_level"] == 5
+    assert out["total_slots"] == sum(int(l.valid.sum()) for b in banks.values() for l in b.levels)
+    checked = 0
+    for lv, level in enumerate(out["levels"]):
+        valid = sum(int(b.levels[lv].valid.sum()) for b in banks.values())
+        assert level["valid"] == valid and level["shown"] == min(5, valid) and level["not_shown"] == valid - level["shown"]
+        sal = [c["salience"] for c in level["slots"]]
+        assert sal == sorted(sal, reverse=True)
+        if level["not_shown"]:  # the listed ones are the most salient of the level
+            rest = [float(b.levels[lv].salience[0, j]) for b in banks.values()
+                    for j in torch.nonzero(b.levels[lv].valid[0]).flatten().tolist()]
+            assert min(sal) >= sorted(rest, reverse=True)[level["shown"] - 1] - 1e-7
+        for c in level["slots"]:
+            bank = banks[c["layer"]]
+            lvl, j = bank.levels[c["level"]], c["index"]
+            assert c["level"] == lv and bool(lvl.valid[0, j])
+            for f in ("salience", "age", "access", "last_access"):
+                assert c[f] == float(getattr(lvl, f)[0, j]), f
+            off = sum(bank.sizes[:lv])
+            with torch.no_grad():
+                want = model.blocks[c["layer"]].mem.slot_importance(bank.kv)[0, :, off + j].mean()
+            assert c["importance"] == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+            checked += 1
+    assert checked >= 5 and any(c["age"] > 0 for lv in out["levels"] for c in lv["slots"])
 
 
 def test_request_validation_messages():
@@ -199,6 +254,10 @@ def test_request_validation_messages():
     assert S.CompletionRequest(prompt=["a"], stop="x", foo="ignored").stop == ["x"]
     with pytest.raises(ValidationError, match="exactly one of state_id or text"):
         S.StateClusteringRequest(k=2)
+    with pytest.raises(ValidationError, match="per_level"):
+        S.SlotsRequest(state_id="s1", per_level=0)
+    with pytest.raises(ValidationError, match="exactly one of state_id or text"):
+        S.SlotsRequest(state_id="s1", text="both given")
 
 
 def test_kmeans_separates_blobs():

@@ -344,6 +344,7 @@ def test_inspector_never_shows_a_stale_bank(page, server):
     expect(bars).to_have_count(3, timeout=30_000)
     expect(page.get_by_test_id("memory-facts")).to_contain_text("1 turn ")  # not "1 turns"
     expect(page.locator('[data-testid="slot-card"]').first).to_be_visible()
+    expect_slot_cards(page, server, sid)
 
     page.click("#cluster-btn")
     msg = page.get_by_test_id("cluster-msg")
@@ -366,6 +367,7 @@ def test_inspector_never_shows_a_stale_bank(page, server):
     expect(msg).to_have_text(re.compile(rf"^{after} slots? · .* · {sid}$"), timeout=60_000)
     assert page.locator("#cluster-plot circle").count() == after
     assert after != before, "compaction should change the bank this test clusters"
+    expect_slot_cards(page, server, sid)  # the cards show the compacted bank too
 
     # Delete asks first; cancelling keeps the session.
     page.click("#delete-btn")
@@ -382,6 +384,66 @@ def test_inspector_never_shows_a_stale_bank(page, server):
     assert page.locator("#cluster-plot circle").count() == 0
     assert sid not in page.get_by_test_id("cluster-msg").text_content()
     expect(page.locator("#state-detail-box")).to_be_hidden()  # no other session is picked in its place
+    assert page.get_by_test_id("slot-item").count() == 0 and page.get_by_test_id("slots-msg").text_content() == ""
+
+
+def _count_text(v: float) -> str:
+    """How the inspector writes a count (age, access): whole numbers as such, else one decimal."""
+    return f"{int(v):,}" if float(v).is_integer() else f"{v:.1f}"
+
+
+def expect_slot_cards(page, server, sid: str) -> None:
+    """The slot cards of ``sid`` are the server's /research/slots answer: per level the most salient
+    slots in order with their numbers, and the count of the slots not shown."""
+    from playwright.sync_api import expect
+
+    per_level = int(page.locator("#slots-per-level").input_value())
+    want = httpx.post(f"{server}/research/slots", json={"state_id": sid, "per_level": per_level}, timeout=60).json()
+    assert want["total_slots"] > 0, want
+    expect(page.get_by_test_id("slots-msg")).to_contain_text(f"{want['total_slots']} slot", timeout=60_000)
+    for level in want["levels"]:
+        sec = page.locator(f'[data-testid="slot-level"][data-level="{level["level"]}"]')
+        expect(sec).to_contain_text(f"{level['valid']} / {level['capacity']} slots")
+        items = sec.get_by_test_id("slot-item")
+        expect(items).to_have_count(level["shown"])
+        more = sec.get_by_test_id("slots-more")
+        if level["not_shown"]:
+            expect(more).to_have_text(f"{level['not_shown']:,} more not shown")
+        else:
+            expect(more).to_have_count(0)
+        for i, slot in enumerate(level["slots"][:4]):
+            card = items.nth(i)
+            expect(card).to_have_attribute("data-index", str(slot["index"]))
+            expect(card).to_have_attribute("data-layer", str(slot["layer"]))
+            expect(card.locator('[data-field="salience"]')).to_have_text(f"{slot['salience']:.3f}")
+            expect(card.locator('[data-field="age"]')).to_have_text(_count_text(slot["age"]))
+            expect(card.locator('[data-field="access"]')).to_have_text(_count_text(slot["access"]))
+            if "importance" in slot:
+                expect(card.locator('[data-field="importance"]')).to_have_text(f"{slot['importance']:.3f}")
+
+
+def test_inspector_slot_cards_empty_bank_and_bad_page_size(page, server, console):
+    """A session with nothing written says its bank is empty; a page size the server refuses shows
+    the server's message instead of cards."""
+    from playwright.sync_api import expect
+
+    sid = f"empty-{int(time.time())}"
+    assert httpx.post(f"{server}/v1/states", json={"state_id": sid}, timeout=30).status_code == 201
+    try:
+        open_view(page, "inspector")
+        row = page.locator(f'tr[data-state-id="{sid}"]')
+        page.click("#states-refresh")
+        expect(row).to_be_visible(timeout=30_000)
+        row.click()
+        expect(page.get_by_test_id("slots-msg")).to_have_text(
+            "The bank is empty: generate with this session to fill its memory.", timeout=60_000)
+        assert page.get_by_test_id("slot-item").count() == 0
+        console.allow_4xx = True
+        page.fill("#slots-per-level", "1000")
+        page.dispatch_event("#slots-per-level", "change")
+        expect(page.get_by_test_id("slots-msg")).to_contain_text("per_level", timeout=60_000)
+    finally:
+        httpx.delete(f"{server}/v1/state/{sid}", timeout=30)
 
 
 def test_owner_switch_clears_the_other_owners_views(page, server):

@@ -1,5 +1,5 @@
 // State inspector: the owner's sessions, the selected session's memory (fill per level, per-layer
-// level cards), its slot-cluster scatter and the fill over a replayed text. Everything derived from a
+// level cards, a card per slot by salience), its slot-cluster scatter and the fill over a replayed text. Everything derived from a
 // session is dropped the moment the session changes (compact, delete, another selection, another
 // owner or key), so no view shows a bank that no longer exists.
 import { asList, getJSON, postJSON, request } from "../api.js";
@@ -8,7 +8,7 @@ import { $, LEVELS, escapeHtml, fillSessionSelects, fmtBytes, fmtNum, fmtTime, p
 
 let clusterWanted = null; // the session whose clustering the user asked for: redone when it changes
 let evolveChart = null;
-let loadSeq = 0;
+let loadSeq = 0;          // bumped on every selection change: a late answer for an older one is dropped
 let autoSelect = true;    // pick the first session on load; not after the user deleted one
 
 const stateId = (s) => s?.state_id ?? s?.id;
@@ -74,8 +74,10 @@ export function clearSelection(reason = "cleared") {
   if (was) store.emit("session", { id: null, previous: was, reason });
 }
 
-/** Drop the cluster scatter and the replay chart: they describe a bank that just changed. */
+/** Drop the slot cards, the cluster scatter and the replay chart: they describe a bank that just changed. */
 function clearDerived() {
+  $("slot-levels").replaceChildren();
+  $("slots-msg").textContent = "";
   $("cluster-plot").replaceChildren();
   $("cluster-legend").replaceChildren();
   $("cluster-msg").textContent = "";
@@ -119,7 +121,76 @@ export async function selectState(id, reason = "selected") {
   renderHistory(asList(d.history ?? []));
   $("memory-empty").hidden = levels.length > 0;
   store.emit("session", { id, reason, info: d });
+  await loadSlots(id, seq);
   if (clusterWanted === id) await onCluster();
+}
+
+/** Every valid slot of the session's bank (``/research/slots``), the most salient per level first. */
+async function loadSlots(id, seq = loadSeq) {
+  const msg = $("slots-msg");
+  msg.textContent = "loading slots…";
+  let r;
+  try {
+    const perLevel = Number($("slots-per-level").value);
+    r = await postJSON("/research/slots", { state_id: id, per_level: Number.isFinite(perLevel) ? perLevel : 12 });
+  } catch (e) {
+    if (seq === loadSeq && store.selected === id) { $("slot-levels").replaceChildren(); msg.textContent = e.message; }
+    return;
+  }
+  if (seq !== loadSeq || store.selected !== id) return; // the session changed while this loaded
+  renderSlots(r, id);
+}
+
+/** Salience and importance with 3 decimals; counts (age, access: a merged pair's age is a mean) whole when whole. */
+const fixed = (v) => (typeof v === "number" ? v.toFixed(3) : "–");
+const count = (v) => (typeof v === "number" ? (Number.isInteger(v) ? fmtNum(v) : v.toFixed(1)) : "–");
+
+/** Per level: a header (valid / capacity, how many are not shown) and a card per listed slot. */
+function renderSlots(r, id) {
+  const box = $("slot-levels");
+  box.replaceChildren();
+  const total = r?.total_slots ?? 0;
+  if (!total) {
+    $("slots-msg").textContent = "The bank is empty: generate with this session to fill its memory.";
+    return;
+  }
+  const hidden = asList(r.levels).reduce((a, l) => a + (l.not_shown ?? 0), 0);
+  $("slots-msg").textContent = `${plural(total, "slot")} · clock ${fmtNum(r.clock ?? 0)} segments` +
+    (r.has_importance ? "" : " · the model learns no write importance") + ` · ${id}`;
+  for (const level of asList(r.levels)) {
+    const lv = level.level ?? 0;
+    const sec = document.createElement("section");
+    sec.className = "slot-level";
+    sec.dataset.testid = "slot-level";
+    sec.dataset.level = String(lv);
+    const more = level.not_shown ? ` · <span data-testid="slots-more">${fmtNum(level.not_shown)} more not shown</span>` : "";
+    sec.innerHTML = `<h4><i style="background:${LEVEL_COLORS[lv % LEVEL_COLORS.length]}"></i>${escapeHtml(level.name ?? LEVELS[lv])}` +
+      ` <span class="muted">${fmtNum(level.valid ?? 0)} / ${fmtNum(level.capacity ?? 0)} slots${more}</span></h4>`;
+    const grid = document.createElement("div");
+    grid.className = "slot-grid";
+    const slots = asList(level.slots);
+    const top = Math.max(1e-9, ...slots.map((c) => c.salience ?? 0));
+    if (!slots.length) grid.innerHTML = `<p class="muted">no slots in ${escapeHtml(level.name ?? LEVELS[lv])}</p>`;
+    for (const c of slots) {
+      const el = document.createElement("div");
+      el.className = "slot-item";
+      el.dataset.testid = "slot-item";
+      el.dataset.layer = String(c.layer);
+      el.dataset.index = String(c.index);
+      el.style.borderLeftColor = LEVEL_COLORS[lv % LEVEL_COLORS.length];
+      const rows = [["salience", fixed(c.salience)], ["age", count(c.age)], ["access", count(c.access)]];
+      if ("importance" in c) rows.push(["importance", fixed(c.importance)]);
+      el.innerHTML = `<b>#${escapeHtml(c.index)} <span class="muted">layer ${escapeHtml(c.layer)}</span></b>` +
+        rows.map(([k, v]) => `<span class="kv-row"><span class="muted">${k}</span><span data-field="${k}">${v}</span></span>`).join("") +
+        `<span class="fill" style="--fill:${Math.max(0, Math.min(100, (100 * (c.salience ?? 0)) / top))}%"></span>`;
+      el.title = `layer ${c.layer} ${level.name} slot ${c.index}: salience ${c.salience}, age ${c.age} segments, ` +
+        `${c.access} accesses, last access at segment ${c.last_access}` + ("importance" in c ? `, importance ${c.importance}` : "");
+      grid.appendChild(el);
+    }
+    sec.appendChild(grid);
+    box.appendChild(sec);
+  }
+  if (hidden) $("slots-msg").textContent += ` · ${fmtNum(hidden)} not shown`;
 }
 
 /** One card per memory layer and level: fill, mean salience, bytes (from DNCState.summary()). */
@@ -254,6 +325,7 @@ export function initInspector() {
   $("delete-no").addEventListener("click", () => { $("delete-confirm").hidden = true; $("delete-btn").focus(); });
   $("cluster-btn").addEventListener("click", onCluster);
   $("evolve-btn").addEventListener("click", onEvolve);
+  $("slots-per-level").addEventListener("change", () => { if (store.selected) loadSlots(store.selected); });
   store.addEventListener("identity", () => {
     autoSelect = true;
     clearSelection("identity");
