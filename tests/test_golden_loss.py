@@ -6,7 +6,7 @@ order, initialisation, optimizer, schedule, loss) moves the curve by far more th
 change of 1% moves it by ~8e-3 within 16 steps). Regenerate the asset only for a change that is
 *meant* to change the numbers, and say so in the commit message:
 
-    .venv/bin/python tests/test_golden_loss.py --write
+    PYTHONPATH=. .venv/bin/python tests/test_golden_loss.py --write
 """
 
 from __future__ import annotations
@@ -64,8 +64,21 @@ def run_curve(**train_overrides: Any) -> list[float]:
     return losses
 
 
+def same_versions_as_asset(golden: dict) -> bool:
+    """The curve is pinned for the Python and torch it was made with: the curriculum's real-text
+    filler comes from this interpreter's standard library, and another torch build may round
+    differently. CI runs those versions; elsewhere the comparison says nothing."""
+    made = golden["versions"]
+    minor = lambda v: ".".join(v.split("+")[0].split(".")[:2])  # noqa: E731
+    return (minor(made["python"]) == minor(platform.python_version())
+            and minor(made["torch"]) == minor(torch.__version__))
+
+
 def test_golden_loss_tiny_cpu():
     golden = json.loads(ASSET.read_text())
+    if not same_versions_as_asset(golden):
+        pytest.skip(f"golden curve made with Python {golden['versions']['python']} / torch "
+                    f"{golden['versions']['torch']}; this is {platform.python_version()} / {torch.__version__}")
     assert golden["train"] == TRAIN, "the asset was made with other settings: regenerate it (see docstring)"
     got = run_curve()
     assert len(got) == STEPS
@@ -87,7 +100,7 @@ def write_asset() -> None:
     losses = run_curve()
     ASSET.parent.mkdir(parents=True, exist_ok=True)
     ASSET.write_text(json.dumps({
-        "made_by": ".venv/bin/python tests/test_golden_loss.py --write",
+        "made_by": "PYTHONPATH=. .venv/bin/python tests/test_golden_loss.py --write",
         "what": f"train/loss at each of {STEPS} optimizer steps: tiny preset, CPU, float32, "
                 f"torch threads {THREADS}, curriculum tasks + 25% fixed corpus text",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
