@@ -3,7 +3,7 @@
     dnc demo       train the tiny preset briefly (tasks + text) on Ray Train, then serve it with the UI
     dnc train      train on Ray Train: --config YAML plus --model.* / --train.* / --run.* overrides
     dnc evaluate   accuracy of a checkpoint (or run directory) per task x length
-    dnc sweep      hyperparameter sweep with Ray Tune (ASHA)
+    dnc sweep      hyperparameter sweep with Ray Tune (ASHA or PBT); writes the best trial as a training YAML
     dnc serve      serve a checkpoint (or run directory) with Ray Serve: API and UI
     dnc generate   generate text with plain PyTorch (no Ray)
 
