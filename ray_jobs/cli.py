@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Callable, Sequence
 
 from dnc.config import ConfigError

@@ -50,7 +50,7 @@ def test_a_bad_port_fails_in_one_line(command):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --port"), r.stderr
 
 
-def _get(path: str, timeout: float = 10) -> dict:
+def _get(path: str, timeout: float = 60) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as resp:
         return json.loads(resp.read())
 
