@@ -199,6 +199,11 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     from ray_jobs.parsing import error_line
 
     p = command_parser(name)
+    extra: dict = {}
+    if name == "sweep":
+        from tune.sweep import split_override_flags
+
+        argv, extra = split_override_flags(argv)
     try:
         ns = p.parse_args(list(argv))
     except ArgumentError as e:
@@ -210,7 +215,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     if name == "sweep":
         from tune.sweep import run_sweep_command
 
-        return run_sweep_command(p, ns)
+        return run_sweep_command(p, ns, extra)
     kwargs = {k: v for k, v in ns.as_dict().items() if k != "config"}
     return FUNCTIONS[name](**kwargs)
 

@@ -91,6 +91,11 @@ def run_training(job: JobConfig, *, address: str | None = None, callbacks: list 
     datasets = None
     eval_text = None
     if job.run.corpus:
+        # Ray Data's own bars (rows/s per operator) would be a second and third bar in a terminal
+        # and thousands of lines in a log; the run's progress is the driver's RunProgress.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
         train_files, held = rdata.expand_corpus(job.run.corpus, job.run.corpus_holdout)
         print(f"[ray_jobs.train] corpus: {len(train_files)} training files, {len(held)} held out for bits/byte")
         datasets = {"train": rdata.build_dataset(train_files, job.train.max_len, job.run.corpus_text_column)}

@@ -96,7 +96,8 @@ def test_a_terminal_gets_one_bar(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_dnc_train_into_a_log_file_prints_each_update_once(tmp_path):
-    """A real two-worker Ray Train run with stdout redirected to a file (not a TTY)."""
+    """A real two-worker Ray Train run (tasks + stdlib text through Ray Data) with stdout
+    redirected to a file (not a TTY)."""
     log_path = tmp_path / "train.log"
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as f:
@@ -105,7 +106,8 @@ def test_dnc_train_into_a_log_file_prints_each_update_once(tmp_path):
              "--train.total_steps", "30", "--train.log_interval", "5", "--train.checkpoint_interval", "10",
              "--train.eval_interval", "10", "--train.eval_samples", "2", "--train.batch_size", "2",
              "--train.max_len", "64", "--run.storage", str(tmp_path / "runs"), "--run.name", "p",
-             "--run.cpus_per_worker", "0.5", "--run.wandb", "off"],
+             "--run.cpus_per_worker", "0.5", "--run.wandb", "off",
+             "--run.corpus", "stdlib", "--train.corpus_eval_bytes", "0"],   # Ray Data too
             cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
     text = log_path.read_text()
     assert proc.returncode == 0, text[-3000:]
@@ -115,5 +117,5 @@ def test_dnc_train_into_a_log_file_prints_each_update_once(tmp_path):
     ckpts = re.findall(r"^\[dnc\] checkpoint step (\d+)  loss \S+  stage \S+  (\S+)$", text, flags=re.M)
     assert [s for s, _ in ckpts] == ["10", "20", "30"], text[-3000:]
     assert all(p.endswith(f"step_{int(s):08d}") for s, p in ckpts)
-    # no per-worker bars, no report dicts from Ray Train
-    assert "%|" not in text and "TrainingReport(" not in text and "Checkpoint successfully created" not in text
+    # no per-worker bars, no Ray Data bars, no report dicts from Ray Train
+    assert "row/s" not in text and "%|" not in text and "TrainingReport(" not in text and "Checkpoint successfully created" not in text

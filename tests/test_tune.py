@@ -108,3 +108,23 @@ def test_pbt_sweep_writes_the_best_trial_as_a_training_yaml(ray_cluster, tmp_pat
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["lr"] == pytest.approx(best["config"]["train"]["lr"])
     assert printed["run"]["name"] == "p-best"
+
+
+def test_override_flags_merge_into_the_yaml_overrides_with_typed_values():
+    """``--overrides.train.X`` flags add to the sweep YAML's overrides (not replace them) and are
+    read as YAML values (20, not "20")."""
+    from ray_jobs.cli import command_parser
+    from tune.sweep import split_override_flags, sweep_from_namespace
+
+    p = command_parser("sweep")
+    argv, extra = split_override_flags(["--config", PBT, "--overrides.train.total_steps", "20",
+                                        "--overrides.train.eval_interval=20", "--num_samples", "3"])
+    assert argv == ["--config", PBT, "--num_samples", "3"]
+    assert extra == {"train": {"total_steps": 20, "eval_interval": 20}}
+    sweep = sweep_from_namespace(p, p.parse_args(argv), extra)
+    job = sweep.base_job()
+    assert (job.train.total_steps, job.train.eval_interval) == (20, 20)
+    assert job.train.checkpoint_interval == 10 and job.train.batch_size == 4   # from the YAML
+    assert sweep.num_samples == 3
+    with pytest.raises(JobConfigError, match="SECTION model, train or run"):
+        split_override_flags(["--overrides.bogus.x", "1"])

@@ -165,7 +165,42 @@ def sweep_parser():
     return p
 
 
-def sweep_from_namespace(parser, ns) -> SweepConfig:
+def split_override_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--overrides.SECTION.FIELD VALUE`` (or ``=VALUE``) flags out of ``argv``.
+
+    Left to jsonargparse, ``overrides`` (a dict) would be replaced by each such flag, dropping the
+    sweep YAML's overrides and the earlier flags, with the value kept as a string. Here each value
+    is read as YAML (``20`` -> 20) and the flags merge, field by field, into one nested mapping that
+    :func:`sweep_from_namespace` applies after the YAML's (``extra_overrides``)."""
+    import yaml
+
+    rest: list[str] = []
+    extra: dict[str, Any] = {}
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--overrides.") and a.count(".") >= 2:
+            key, eq, value = a[len("--overrides."):].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise JobConfigError(f"{a} needs a value")
+                value, i = args[i + 1], i + 1
+            section, _, name = key.partition(".")
+            if section not in ("model", "train", "run") or not name:
+                raise JobConfigError(f"{a}: use --overrides.SECTION.FIELD with SECTION model, train or run")
+            node = extra.setdefault(section, {})
+            *parents, leaf = name.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, extra
+
+
+def sweep_from_namespace(parser, ns, extra_overrides: dict[str, Any] | None = None) -> SweepConfig:
     from jsonargparse import ArgumentError
 
     from ray_jobs.parsing import error_line
@@ -173,7 +208,11 @@ def sweep_from_namespace(parser, ns) -> SweepConfig:
     fields = {f.name for f in dataclasses.fields(SweepConfig)}
     try:
         init = parser.instantiate(ns)
-        sweep = SweepConfig(**{k: v for k, v in init.as_dict().items() if k in fields})
+        values = {k: v for k, v in init.as_dict().items() if k in fields}
+        if extra_overrides:
+            layers = values.get("overrides") or {}
+            values["overrides"] = [*(layers if isinstance(layers, list) else [layers]), extra_overrides]
+        sweep = SweepConfig(**values)
     except JobConfigError:
         raise
     except (ArgumentError, TypeError, ValueError) as e:
@@ -398,9 +437,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         Console().print(f"best: {json.dumps(summary['best'])}")
 
 
-def run_sweep_command(parser, ns) -> int:
-    """``dnc sweep``: run the parsed sweep, print and optionally write the summary."""
-    sweep = sweep_from_namespace(parser, ns)
+def run_sweep_command(parser, ns, extra_overrides: dict[str, Any] | None = None) -> int:
+    """``dnc sweep``: run the parsed sweep, print and optionally write the summary
+    (``extra_overrides``: the ``--overrides.*`` flags, :func:`split_override_flags`)."""
+    sweep = sweep_from_namespace(parser, ns, extra_overrides)
     results = run_sweep(sweep)
     summary = summarize(results, sweep)
     if summary["best"]:
