@@ -39,6 +39,8 @@ from typing import Any, Literal, Sequence
 
 from ray_jobs.config import JobConfig, JobConfigError, load_job_config
 
+PBT_CHECKPOINTS_KEPT = 4
+"""Checkpoints kept per PBT trial (Tune warns that 2 or fewer can be deleted before a clone)."""
 SAMPLERS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
@@ -375,7 +377,10 @@ def run_sweep(sweep: SweepConfig):
                                     # second Ray Train run (ray_train mode), and holds memory
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  # PBT clones a trial from a checkpoint another trial may
+                                  # have written a few steps earlier: keep more than the newest
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=PBT_CHECKPOINTS_KEPT if sweep.scheduler.type == "pbt" else 1)),
     )
     return tuner.fit()
 
