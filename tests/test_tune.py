@@ -60,6 +60,11 @@ PBT = str(ROOT / "configs/sweep/pbt.yaml")
 def test_pbt_config_validation():
     sweep = load_sweep_config(PBT)
     assert sweep.scheduler.type == "pbt" and sweep.perturbation_interval(sweep.base_job()) == 10
+    from tune.sweep import pbt_mutations
+
+    mutations = pbt_mutations(sweep)
+    assert mutations["train"]["weight_decay"] == [0.0, 0.05, 0.1]           # stays one of the choices
+    assert type(mutations["train"]["lr"]).__name__ == "Float"               # loguniform: scaled or drawn
     with pytest.raises(JobConfigError, match="trial_mode inprocess"):
         load_sweep_config(PBT, {"trial_mode": "ray_train"})
     with pytest.raises(JobConfigError, match="multiple of train.checkpoint_interval"):

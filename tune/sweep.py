@@ -269,6 +269,20 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     return space
 
 
+def pbt_mutations(sweep: SweepConfig) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: the search space, with each ``choice`` as a plain list.
+
+    Given a ``tune.choice`` PBT scales the value like a number (a weight decay of 0.1 became 0.12);
+    given a list it moves to a neighbouring entry or draws one, so the value stays one of the choices."""
+    space = param_space(sweep)
+    for key, spec in sweep.search_space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            section, _, name = key.partition(".")
+            space[section][name] = list(args)
+    return space
+
+
 def trial_job(base_job: JobConfig, config: dict[str, Any]) -> JobConfig:
     """The trial's JobConfig: the typed base job with this trial's sampled values (validated again)."""
     return base_job.replace(**{k: v for k, v in config.items() if k in ("model", "train", "run")})
@@ -353,7 +367,7 @@ def run_sweep(sweep: SweepConfig):
     elif sweep.scheduler.type == "pbt":
         # Mutations come from the same samplers as the initial values (nested like the config).
         scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval(base_job),
-                                            hyperparam_mutations=param_space(sweep),
+                                            hyperparam_mutations=pbt_mutations(sweep),
                                             quantile_fraction=sweep.scheduler.quantile_fraction,
                                             resample_probability=sweep.scheduler.resample_probability)
     else:
