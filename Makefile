@@ -3,6 +3,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+RUN_ARGS ?=
 
 .PHONY: setup run test test-fast bench browser-deps clean
 
@@ -24,8 +25,10 @@ browser-deps:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "WARNING: could not install chromium; browser tests will fail"; }
 
+# Serves the UI at once, trains while its Training tab follows the run, then serves the trained
+# model. Options pass through, e.g. make run RUN_ARGS="--port 8100 --steps 400".
 run: $(STAMP)
-	WANDB_MODE=offline $(PY) -m ray_jobs.cli demo
+	WANDB_MODE=offline $(PY) -m ray_jobs.cli demo $(RUN_ARGS)
 
 test: $(STAMP) browser-deps
 	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)

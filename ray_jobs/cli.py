@@ -3,7 +3,7 @@
     dnc demo       train the tiny preset briefly (tasks + text) on Ray Train, then serve it with the UI
     dnc train      train on Ray Train: --config YAML plus --model.* / --train.* / --run.* overrides
     dnc evaluate   accuracy of a checkpoint (or run directory) per task x length
-    dnc sweep      hyperparameter sweep with Ray Tune (ASHA)
+    dnc sweep      hyperparameter sweep with Ray Tune (ASHA or PBT); writes the best trial as a training YAML
     dnc serve      serve a checkpoint (or run directory) with Ray Serve: API and UI
     dnc generate   generate text with plain PyTorch (no Ray)
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Callable, Sequence
 
 from dnc.config import ConfigError
@@ -66,8 +65,9 @@ def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/
         storage: Session-bank storage (directory or fsspec URI).
         seconds: Seconds to serve before exiting; null = until Ctrl-C.
     """
-    ckpt = resolve_checkpoint_arg(checkpoint)
-    serve_forever(ckpt, port, seconds, storage)
+    from ray_jobs.serving import serve_forever
+
+    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage)
     return 0
 
 
@@ -108,33 +108,38 @@ def generate(prompt: str, checkpoint: str | None = None, max_new_tokens: int = 6
 
 
 def demo(steps: int = 200, workers: int = 2, storage: str = "runs", name: str = "demo", port: int = 8000,
-         no_serve: bool = False, serve_seconds: float | None = None) -> int:
-    """Train the tiny preset briefly through Ray Train (local Ray, local storage, W&B offline) on the
-    curriculum and on text (this Python's standard library), then serve it with the UI.
+         no_serve: bool = False, serve_seconds: float | None = None,
+         train_config: str = "configs/train/tiny.yaml") -> int:
+    """Serve a model with the UI, train the tiny preset through Ray Train (local Ray, local storage,
+    W&B offline) on the curriculum and on text (this Python's standard library) while the UI's
+    training monitor follows the run live, then serve the trained checkpoint.
 
     Args:
         steps: Training steps (a resumed demo continues from its step).
         workers: Ray Train workers (DDP).
         storage: Where checkpoints, metrics and session banks go.
-        name: Run name (the same name resumes).
+        name: Run name (the same name resumes; its newest checkpoint is served while it trains).
         port: HTTP port of the server on 127.0.0.1.
-        no_serve: Stop after training.
-        serve_seconds: Seconds to serve before exiting; null = until Ctrl-C.
+        no_serve: Train only (no server before or after).
+        serve_seconds: Seconds to serve after training before exiting; null = until Ctrl-C.
+        train_config: The training YAML (model and hyperparameters) the demo starts from.
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     from ray_jobs.config import load_job_config
-    from ray_jobs.train import print_summary, run_training
 
-    job = load_job_config(config_path("configs/train/tiny.yaml"), {
+    job = load_job_config(config_path(train_config), {
         "train": {"max_steps": steps},
         "run": {"name": name, "storage": storage, "num_workers": workers, "corpus": ["stdlib"],
                 "cpus_per_worker": 0.5}})
-    print(f"[dnc demo] training tiny for {steps} steps with {workers} Ray Train workers -> {job.run_dir}")
-    summary = run_training(job)
-    print_summary(summary)
     if no_serve:
+        from ray_jobs.train import print_summary, run_training
+
+        print(f"[dnc demo] training tiny for {steps} steps with {workers} Ray Train workers -> {job.run_dir}")
+        print_summary(run_training(job))
         return 0
-    serve_forever(summary["checkpoint"], port, serve_seconds, os.path.join(job.run.storage, "serve-storage"))
+    from ray_jobs.demo import run_demo
+
+    run_demo(job, port=port, serve_seconds=serve_seconds)
     return 0
 
 
@@ -157,32 +162,6 @@ def resolve_checkpoint_arg(checkpoint: str | None) -> str | None:
         return resolve_checkpoint(checkpoint)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"--checkpoint {checkpoint}: {e}") from None
-
-
-def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str) -> None:
-    import ray
-    from ray import serve as ray_serve
-
-    from serve.app import build_app, teardown
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False)
-    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"storage": storage}
-    if checkpoint:
-        args["checkpoint"] = checkpoint
-    ray_serve.run(build_app(args), name="bwr-dnc", route_prefix="/", blocking=False)
-    print(f"\nBWR-DNC is serving: UI http://127.0.0.1:{port}/ui  API docs http://127.0.0.1:{port}/docs", flush=True)
-    print("Ctrl-C stops it.", flush=True)
-    deadline = time.time() + seconds if seconds else None
-    try:
-        while deadline is None or time.time() < deadline:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("\nstopping...", flush=True)
-    finally:
-        teardown(args)
-        ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -220,6 +199,11 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     from ray_jobs.parsing import error_line
 
     p = command_parser(name)
+    extra: dict = {}
+    if name == "sweep":
+        from tune.sweep import split_override_flags
+
+        argv, extra = split_override_flags(argv)
     try:
         ns = p.parse_args(list(argv))
     except ArgumentError as e:
@@ -231,7 +215,7 @@ def run_command(name: str, argv: Sequence[str]) -> int:
     if name == "sweep":
         from tune.sweep import run_sweep_command
 
-        return run_sweep_command(p, ns)
+        return run_sweep_command(p, ns, extra)
     kwargs = {k: v for k, v in ns.as_dict().items() if k != "config"}
     return FUNCTIONS[name](**kwargs)
 

@@ -87,7 +87,8 @@ class RunSection:
     corpus_holdout: float = 0.05
     """Fraction of corpus files held out for bits-per-byte evaluation (never trained on)."""
     progress: bool = True
-    """Progress bar on rank 0."""
+    """Progress on the driver: a bar under a terminal, else one line per log step (and one line
+    per checkpoint), read from the run's metrics.jsonl (ray_jobs/progress.py)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.corpus, str):

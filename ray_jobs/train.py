@@ -21,6 +21,7 @@ import time
 from typing import Any, Sequence
 
 from ray_jobs.config import JobConfig
+from ray_jobs.progress import RunProgress
 
 
 def init_ray(address: str | None = None) -> None:
@@ -77,7 +78,7 @@ def run_training(job: JobConfig, *, address: str | None = None, callbacks: list 
     """Run (or resume) the job on Ray Train; returns a summary dict (metrics, checkpoint path,
     run dir). Raises ``ray.train.TrainingFailedError`` when the run fails past ``max_failures``.
     ``callbacks``: Ray Train ``UserCallback``s (``tune.sweep`` passes ``TuneReportCallback``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from ray_jobs import data as rdata
@@ -90,6 +91,11 @@ def run_training(job: JobConfig, *, address: str | None = None, callbacks: list 
     datasets = None
     eval_text = None
     if job.run.corpus:
+        # Ray Data's own bars (rows/s per operator) would be a second and third bar in a terminal
+        # and thousands of lines in a log; the run's progress is the driver's RunProgress.
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
         train_files, held = rdata.expand_corpus(job.run.corpus, job.run.corpus_holdout)
         print(f"[ray_jobs.train] corpus: {len(train_files)} training files, {len(held)} held out for bits/byte")
         datasets = {"train": rdata.build_dataset(train_files, job.train.max_len, job.run.corpus_text_column)}
@@ -109,13 +115,21 @@ def run_training(job: JobConfig, *, address: str | None = None, callbacks: list 
             failure_config=FailureConfig(max_failures=job.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.keep_checkpoints),
             callbacks=list(callbacks or []),
+            # Ray Train's INFO lines (each report's metrics dict, "Checkpoint successfully created")
+            # would repeat what the driver's progress shows; warnings and errors still print.
+            logging_config=LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"),
                                              "WANDB_SILENT": "true"}}),
         datasets=datasets,
     )
     _write_json(f"{job.run_dir}/job.json", {"job": job.to_dict(), "argv": sys.argv, "time": time.time()})
     t0 = time.time()
-    result = fit_interruptibly(trainer)
+    progress = RunProgress(job.run_dir, job.train.stop_step).start() if job.run.progress else None
+    try:
+        result = fit_interruptibly(trainer)
+    finally:
+        if progress is not None:
+            progress.close()
     summary = {
         "run_name": job.run.name,
         "run_dir": job.run_dir,

@@ -15,27 +15,6 @@ import torch
 import torch.nn as nn
 
 
-class _RayBar:
-    """tqdm-like adapter over ``ray.experimental.tqdm_ray`` (rendered by the driver)."""
-
-    def __init__(self, total: int, initial: int, desc: str):
-        from ray.experimental.tqdm_ray import tqdm
-
-        self._desc = desc
-        self._bar = tqdm(total=total, desc=desc, unit="step")
-        if initial:
-            self._bar.update(initial)
-
-    def update(self, n: int = 1) -> None:
-        self._bar.update(n)
-
-    def set_postfix_str(self, s: str) -> None:
-        self._bar.set_description(f"{self._desc} {s}")
-
-    def close(self) -> None:
-        self._bar.close()
-
-
 def parallelize_fn(strategy: str, device: torch.device, world_size: int, find_unused: bool = False,
                    grad_reduce: str = "fp32"):
     """``model -> model`` applying DDP (via Ray) or FSDP2 to a model already on ``device``;
@@ -93,6 +72,18 @@ def newest_complete_checkpoint(run_dir: str, newer_than: int = -1) -> str | None
     return None
 
 
+def quiet_report_log() -> None:
+    """Drop Ray Train's per-report INFO line ("Reporting training result N: TrainingReport(...,
+    metrics={...})", the whole metrics dict) from the worker's console. Its logger is named by the
+    module's file path, so ``RunConfig(logging_config=LoggingConfig("WARNING"))``, which covers the
+    ``ray.train.*`` loggers, misses it. The driver prints one short line per checkpoint instead."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config``: ``job`` (the typed, validated ``JobConfig``) and
     ``eval_text`` (held-out corpus bytes or None)."""
@@ -104,6 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray_jobs.config import JobConfig
     from ray_jobs.data import shard_batches
 
+    quiet_report_log()
     job: JobConfig = config["job"]
     tcfg = job.train
     model_cfg = job.model_config()
@@ -152,8 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                      job.run.grad_reduce),
                           resume_from=resume_dir,
                           corpus_batches=corpus, eval_text=config.get("eval_text"), logger=logger,
-                          progress=job.run.progress,
-                          progress_factory=lambda total, initial, desc: _RayBar(total, initial, desc))
+                          progress=False)   # the driver shows progress (ray_jobs/progress.py)
         if rank == 0 and resume_dir:
             print(f"[ray_jobs.worker] resumed from {resume_dir} at step {trainer.step} "
                   f"(stage {trainer.state.data.get('stage')})", flush=True)

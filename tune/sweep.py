@@ -1,6 +1,6 @@
-"""Hyperparameter sweeps with Ray Tune (ASHA), over the same job config as ``ray_jobs.train``.
+"""Hyperparameter sweeps with Ray Tune (ASHA or PBT), over the same job config as ``ray_jobs.train``.
 
-    dnc sweep --config configs/sweep/asha.yaml [--num_samples N] [--name NAME]
+    dnc sweep --config configs/sweep/asha.yaml|pbt.yaml [--num_samples N] [--name NAME]
         [--storage PATH_OR_URI] [--trial_mode inprocess|ray_train] [--wandb auto|on|off]
         [--overrides.train.total_steps 20] [--out summary.json]
     (python -m tune.sweep ... is the same command)
@@ -14,6 +14,15 @@ Two ways to run a trial (Ray 2.60: ``Tuner(trainer)`` is gone, Tune runs a funct
   with ``ray.tune.report`` at every log step (fine-grained ASHA decisions; one process per trial).
 - ``ray_train``: the trial function builds and fits a ``TorchTrainer`` (DDP/FSDP workers, exactly
   as ``ray_jobs.train``) with ``TuneReportCallback`` forwarding its reports (checkpoint steps) to Tune.
+
+Schedulers: ``asha`` stops weak trials early; ``pbt`` (population based training) copies the
+checkpoint of a strong trial into a weak one at every ``perturbation_interval`` steps and mutates
+its hyperparameters (the search space's samplers), so it needs a checkpoint at those steps
+(``train.checkpoint_interval`` divides the interval) and in-process trials (they resume from the
+checkpoint Tune hands them, ``tune.get_checkpoint()``); ``fifo`` runs every trial to the end.
+
+The best trial's job is written as a training YAML (``<storage>/<name>/best_job.yaml``, or
+``best_config``) that ``dnc train --config`` takes as it is.
 
 Associative recall is learned only inside a narrow learning-rate window (see DESIGN.md), so the
 default space is the learning rate (log-uniform) and warmup.
@@ -30,6 +39,8 @@ from typing import Any, Literal, Sequence
 
 from ray_jobs.config import JobConfig, JobConfigError, load_job_config
 
+PBT_CHECKPOINTS_KEPT = 4
+"""Checkpoints kept per PBT trial (Tune warns that 2 or fewer can be deleted before a clone)."""
 SAMPLERS = ("loguniform", "uniform", "choice", "randint", "grid")
 
 
@@ -37,14 +48,23 @@ SAMPLERS = ("loguniform", "uniform", "choice", "randint", "grid")
 class SchedulerSection:
     """How trials are stopped early."""
 
-    type: Literal["asha", "fifo"] = "asha"
-    """asha (asynchronous successive halving) or fifo (run every trial to the end)."""
+    type: Literal["asha", "pbt", "fifo"] = "asha"
+    """asha (asynchronous successive halving), pbt (population based training: exploit a better
+    trial's checkpoint, explore by mutating its hyperparameters) or fifo (every trial to the end)."""
     max_t: int | None = None
     """Largest step a trial runs to (None = the job's train.total_steps)."""
     grace_period: int = 10
     """Steps every trial gets before ASHA may stop it."""
     reduction_factor: float = 2.0
     """ASHA keeps 1/reduction_factor of the trials at each rung."""
+    perturbation_interval: int | None = None
+    """PBT: steps between exploit/explore decisions (None = the job's train.checkpoint_interval);
+    a multiple of train.checkpoint_interval, since a trial is cloned from its checkpoint."""
+    quantile_fraction: float = 0.25
+    """PBT: the bottom fraction of trials that clone one of the top fraction."""
+    resample_probability: float = 0.25
+    """PBT: chance that a mutated value is drawn afresh from its sampler instead of scaled
+    by 0.8 or 1.2 (or moved to a neighbouring choice)."""
 
 
 @dataclass
@@ -83,6 +103,8 @@ class SweepConfig:
     """W&B: per-trial runs from the trainer (rank 0), offline unless WANDB_MODE says otherwise."""
     seed: int = 0
     """Seed of the search algorithm's sampling."""
+    best_config: str | None = None
+    """Where the best trial's job is written as a training YAML (None = <storage>/<name>/best_job.yaml)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.scheduler, dict):
@@ -104,6 +126,27 @@ class SweepConfig:
                 raise JobConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if "://" not in self.storage:
             self.storage = os.path.abspath(os.path.expanduser(self.storage))   # on the driver
+        if self.scheduler.type == "pbt":
+            if self.trial_mode != "inprocess":
+                raise JobConfigError("scheduler.type pbt needs trial_mode inprocess (a PBT trial resumes from the "
+                                     "checkpoint Tune hands it; a ray_train trial resumes from its own run)")
+            if not self.search_space:
+                raise JobConfigError("scheduler.type pbt needs a search_space to mutate")
+            grid = [k for k, spec in self.search_space.items() if "grid" in spec]
+            if grid:
+                raise JobConfigError(f"scheduler.type pbt cannot mutate grid values {grid}; use choice")
+            if not 0 < self.scheduler.quantile_fraction <= 0.5:
+                raise JobConfigError(f"scheduler.quantile_fraction must be in (0, 0.5], got "
+                                     f"{self.scheduler.quantile_fraction}")
+
+    def perturbation_interval(self, job: JobConfig) -> int:
+        """PBT's interval in steps, checked against the job's checkpoint interval."""
+        every = job.train.checkpoint_interval
+        interval = self.scheduler.perturbation_interval or every
+        if interval < 1 or interval % every:
+            raise JobConfigError(f"scheduler.perturbation_interval ({interval}) must be a positive multiple of "
+                                 f"train.checkpoint_interval ({every}): PBT clones trials from checkpoints")
+        return interval
 
     def base_job(self) -> JobConfig:
         """The validated base job (base YAML + overrides) every trial starts from."""
@@ -117,14 +160,49 @@ def sweep_parser():
 
     from ray_jobs.parsing import new_parser
 
-    p = new_parser(prog="dnc sweep", description="ASHA hyperparameter sweep of BWR-DNC training with Ray Tune.")
-    p.add_argument("--config", action=ActionConfigFile, help="sweep YAML (configs/sweep/asha.yaml)")
+    p = new_parser(prog="dnc sweep", description="ASHA or PBT hyperparameter sweep of BWR-DNC training with Ray Tune.")
+    p.add_argument("--config", action=ActionConfigFile, help="sweep YAML (configs/sweep/asha.yaml or pbt.yaml)")
     p.add_class_arguments(SweepConfig, as_group=False)
     p.add_argument("--out", type=str | None, default=None, help="write the summary JSON here")
     return p
 
 
-def sweep_from_namespace(parser, ns) -> SweepConfig:
+def split_override_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--overrides.SECTION.FIELD VALUE`` (or ``=VALUE``) flags out of ``argv``.
+
+    Left to jsonargparse, ``overrides`` (a dict) would be replaced by each such flag, dropping the
+    sweep YAML's overrides and the earlier flags, with the value kept as a string. Here each value
+    is read as YAML (``20`` -> 20) and the flags merge, field by field, into one nested mapping that
+    :func:`sweep_from_namespace` applies after the YAML's (``extra_overrides``)."""
+    import yaml
+
+    rest: list[str] = []
+    extra: dict[str, Any] = {}
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--overrides.") and a.count(".") >= 2:
+            key, eq, value = a[len("--overrides."):].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise JobConfigError(f"{a} needs a value")
+                value, i = args[i + 1], i + 1
+            section, _, name = key.partition(".")
+            if section not in ("model", "train", "run") or not name:
+                raise JobConfigError(f"{a}: use --overrides.SECTION.FIELD with SECTION model, train or run")
+            node = extra.setdefault(section, {})
+            *parents, leaf = name.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value)
+        else:
+            rest.append(a)
+        i += 1
+    return rest, extra
+
+
+def sweep_from_namespace(parser, ns, extra_overrides: dict[str, Any] | None = None) -> SweepConfig:
     from jsonargparse import ArgumentError
 
     from ray_jobs.parsing import error_line
@@ -132,12 +210,18 @@ def sweep_from_namespace(parser, ns) -> SweepConfig:
     fields = {f.name for f in dataclasses.fields(SweepConfig)}
     try:
         init = parser.instantiate(ns)
-        sweep = SweepConfig(**{k: v for k, v in init.as_dict().items() if k in fields})
+        values = {k: v for k, v in init.as_dict().items() if k in fields}
+        if extra_overrides:
+            layers = values.get("overrides") or {}
+            values["overrides"] = [*(layers if isinstance(layers, list) else [layers]), extra_overrides]
+        sweep = SweepConfig(**values)
     except JobConfigError:
         raise
     except (ArgumentError, TypeError, ValueError) as e:
         raise JobConfigError(error_line(e)) from None
-    sweep.base_job()   # the base job with overrides must itself be valid (fails before any trial starts)
+    job = sweep.base_job()   # the base job with overrides must itself be valid (fails before any trial starts)
+    if sweep.scheduler.type == "pbt":
+        sweep.perturbation_interval(job)
     return sweep
 
 
@@ -182,6 +266,20 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
             sampler = tune.grid_search(list(args))
         section, _, name = key.partition(".")
         space.setdefault(section, {})[name] = sampler
+    return space
+
+
+def pbt_mutations(sweep: SweepConfig) -> dict[str, Any]:
+    """PBT's ``hyperparam_mutations``: the search space, with each ``choice`` as a plain list.
+
+    Given a ``tune.choice`` PBT scales the value like a number (a weight decay of 0.1 became 0.12);
+    given a list it moves to a neighbouring entry or draws one, so the value stays one of the choices."""
+    space = param_space(sweep)
+    for key, spec in sweep.search_space.items():
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            section, _, name = key.partition(".")
+            space[section][name] = list(args)
     return space
 
 
@@ -254,7 +352,7 @@ def run_sweep(sweep: SweepConfig):
     """Run the sweep; returns the ``ResultGrid``."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
@@ -266,6 +364,12 @@ def run_sweep(sweep: SweepConfig):
         scheduler = ASHAScheduler(time_attr="step", max_t=max_t,
                                   grace_period=min(sweep.scheduler.grace_period, max_t),
                                   reduction_factor=sweep.scheduler.reduction_factor)
+    elif sweep.scheduler.type == "pbt":
+        # Mutations come from the same samplers as the initial values (nested like the config).
+        scheduler = PopulationBasedTraining(time_attr="step", perturbation_interval=sweep.perturbation_interval(base_job),
+                                            hyperparam_mutations=pbt_mutations(sweep),
+                                            quantile_fraction=sweep.scheduler.quantile_fraction,
+                                            resample_probability=sweep.scheduler.resample_probability)
     else:
         scheduler = FIFOScheduler()
     space = param_space(sweep)
@@ -287,7 +391,10 @@ def run_sweep(sweep: SweepConfig):
                                     # second Ray Train run (ray_train mode), and holds memory
                                     reuse_actors=False),
         run_config=tune.RunConfig(name=sweep.name, storage_path=storage,
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  # PBT clones a trial from a checkpoint another trial may
+                                  # have written a few steps earlier: keep more than the newest
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=PBT_CHECKPOINTS_KEPT if sweep.scheduler.type == "pbt" else 1)),
     )
     return tuner.fit()
 
@@ -310,6 +417,28 @@ def summarize(results, sweep: SweepConfig) -> dict[str, Any]:
     return {"name": sweep.name, "metric": sweep.metric, "mode": sweep.mode, "trials": rows, "best": best}
 
 
+def best_job(sweep: SweepConfig, best_config: dict[str, Any]) -> JobConfig:
+    """The best trial's job: the base job with the trial's (final, for PBT) values, run as
+    ``<name>-best`` under the base job's storage."""
+    return trial_job(sweep.base_job(), best_config).replace(run={"name": f"{sweep.name}-best"})
+
+
+def write_best_job(sweep: SweepConfig, best_config: dict[str, Any]) -> str:
+    """Write :func:`best_job` as a training YAML (``dnc train --config`` takes it as it is); returns its path."""
+    import fsspec
+    import yaml
+
+    path = sweep.best_config or f"{sweep.storage.rstrip('/')}/{sweep.name}/best_job.yaml"
+    job = best_job(sweep, best_config)
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(os.path.dirname(p), exist_ok=True)
+    header = (f"# The best trial of sweep {sweep.name!r} ({sweep.metric}, {sweep.mode}), as a training job:\n"
+              f"#   dnc train --config {path}\n")
+    with fs.open(p, "w") as f:
+        f.write(header + yaml.safe_dump(job.to_dict(), sort_keys=False))
+    return path
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -327,11 +456,14 @@ def print_summary(summary: dict[str, Any]) -> None:
         Console().print(f"best: {json.dumps(summary['best'])}")
 
 
-def run_sweep_command(parser, ns) -> int:
-    """``dnc sweep``: run the parsed sweep, print and optionally write the summary."""
-    sweep = sweep_from_namespace(parser, ns)
+def run_sweep_command(parser, ns, extra_overrides: dict[str, Any] | None = None) -> int:
+    """``dnc sweep``: run the parsed sweep, print and optionally write the summary
+    (``extra_overrides``: the ``--overrides.*`` flags, :func:`split_override_flags`)."""
+    sweep = sweep_from_namespace(parser, ns, extra_overrides)
     results = run_sweep(sweep)
     summary = summarize(results, sweep)
+    if summary["best"]:
+        summary["best"]["job_yaml"] = write_best_job(sweep, summary["best"]["config"])
     print_summary(summary)
     if ns.out:
         os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)

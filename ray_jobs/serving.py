@@ -1,0 +1,104 @@
+"""The Serve side of ``dnc serve`` and ``dnc demo``: build the app (failing fast on bad arguments),
+start Serve, deploy or redeploy the app, serve until a deadline or Ctrl-C, and tear it all down.
+
+The app is built before Ray starts, so a malformed key, a non-loopback bind without keys or a bad
+``AppArgs`` field fails in a second with one line (:class:`UsageError`), not after a cluster start.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray_jobs.parsing import UsageError
+
+APP_NAME = "bwr-dnc"
+
+
+def checked_app(args: dict[str, Any]):
+    """``serve.app.build_app(args)``; argument errors become one-line :class:`UsageError`."""
+    from pydantic import ValidationError
+
+    from serve.app import build_app
+    from serve.auth import KeyConfigError
+
+    try:
+        return build_app(args)
+    except KeyConfigError as e:
+        raise UsageError(str(e)) from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "argument"
+        raise UsageError(f"{field}: {first.get('msg', e)}") from None
+
+
+def check_port(port: int) -> None:
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+
+
+def start(port: int) -> None:
+    """Ray (local unless RAY_ADDRESS) and Serve's HTTP proxy on 127.0.0.1:``port``, with the proxies'
+    per-request access log off (``serve.app.start_serve``)."""
+    import os
+
+    import ray
+
+    from serve.app import start_serve
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    start_serve(port)
+
+
+def deploy(app) -> None:
+    """Deploy ``app`` (or replace the running one: a new checkpoint), returning once it is up."""
+    from ray import serve as ray_serve
+
+    ray_serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def print_links(port: int) -> None:
+    print(f"\nBWR-DNC is serving: UI http://127.0.0.1:{port}/ui  API docs http://127.0.0.1:{port}/docs", flush=True)
+    print("Ctrl-C stops it.", flush=True)
+
+
+def wait(seconds: float | None) -> None:
+    """Sleep until ``seconds`` have passed (None: forever); Ctrl-C ends it quietly."""
+    deadline = time.time() + seconds if seconds else None
+    try:
+        while deadline is None or time.time() < deadline:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nstopping...", flush=True)
+
+
+def stop(args: dict[str, Any]) -> None:
+    """Serve and this app's detached actors gone, then Ray; nothing when Ray is already down
+    (a Ctrl-C during training shut it down)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from serve.app import teardown
+
+    try:
+        teardown(args)
+    finally:
+        ray.shutdown()
+
+
+def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str) -> None:
+    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model)."""
+    args: dict[str, Any] = {"storage": storage}
+    if checkpoint:
+        args["checkpoint"] = checkpoint
+    check_port(port)
+    app = checked_app(args)
+    try:
+        start(port)
+        deploy(app)
+        print_links(port)
+        wait(seconds)
+    finally:
+        stop(args)

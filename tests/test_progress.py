@@ -1,0 +1,121 @@
+"""Training progress on the driver (ray_jobs/progress.py): one bar under a terminal, one line per
+update in a log, one short line per checkpoint; and a real ``dnc train`` with stdout in a file."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dnc.training import MetricsLogger
+from ray_jobs.progress import RunProgress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fake_checkpoint(run_dir: str, step: int) -> str:
+    d = os.path.join(run_dir, f"step_{step:08d}")
+    os.makedirs(d)
+    for name in ("train_state.json", "model.safetensors", "config.json"):
+        with open(os.path.join(d, name), "w") as f:
+            f.write("{}")
+    return d
+
+
+def test_log_lines_once_per_step_and_one_checkpoint_line(tmp_path):
+    run_dir = str(tmp_path / "run")
+    log = MetricsLogger(run_dir, "run", wandb="off")
+    out = io.StringIO()
+    progress = RunProgress(run_dir, total=30, stream=out, tty=False, line_every_s=0.0)
+    for step in (10, 20):
+        log.log({"train/loss": 3.0 - step / 100, "stage": "foundation", "throughput/tokens_per_s": 1234.0}, step)
+        progress.poll()
+        progress.poll()   # nothing new: nothing printed
+    _fake_checkpoint(run_dir, 20)
+    progress.poll()
+    log.log({"eval/acc": 0.5}, 25)          # a row without train/loss is no progress update
+    log.log({"train/loss": 2.5, "stage": "recall"}, 30)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[dnc] step 10/30  loss 2.900  stage foundation  1,234 tok/s",
+        "[dnc] step 20/30  loss 2.800  stage foundation  1,234 tok/s",
+        f"[dnc] checkpoint step 20  loss 2.800  stage foundation  {run_dir}/step_00000020",
+        "[dnc] step 30/30  loss 2.500  stage recall",
+    ]
+
+
+def test_lines_are_throttled_but_the_last_step_always_shows(tmp_path):
+    run_dir = str(tmp_path / "run")
+    log = MetricsLogger(run_dir, "run", wandb="off")
+    out = io.StringIO()
+    progress = RunProgress(run_dir, total=40, stream=out, tty=False, line_every_s=3600.0)
+    for step in (10, 20, 30):
+        log.log({"train/loss": 1.0}, step)
+        progress.poll()
+    log.log({"train/loss": 0.5}, 40)
+    progress.close()
+    steps = re.findall(r"step (\d+)/40", out.getvalue())
+    assert steps == ["10", "40"]
+
+
+def test_earlier_rows_and_checkpoints_of_a_resumed_run_are_not_shown_again(tmp_path):
+    run_dir = str(tmp_path / "run")
+    log = MetricsLogger(run_dir, "run", wandb="off")
+    log.log({"train/loss": 4.0}, 10)
+    _fake_checkpoint(run_dir, 10)
+    out = io.StringIO()
+    progress = RunProgress(run_dir, total=20, stream=out, tty=False, line_every_s=0.0)
+    log.log({"train/loss": 3.0}, 20)
+    _fake_checkpoint(run_dir, 20)
+    progress.close()
+    text = out.getvalue()
+    assert "step 10/20" not in text and "checkpoint step 10" not in text
+    assert "[dnc] step 20/20  loss 3.000" in text and "checkpoint step 20" in text
+
+
+def test_a_terminal_gets_one_bar(tmp_path):
+    run_dir = str(tmp_path / "run")
+    log = MetricsLogger(run_dir, "run", wandb="off")
+    out = io.StringIO()
+    progress = RunProgress(run_dir, total=20, stream=out, tty=True)
+    log.log({"train/loss": 2.0, "stage": "foundation"}, 10)
+    progress.poll()
+    assert progress._bar.n == 10
+    log.log({"train/loss": 1.0, "stage": "foundation"}, 20)
+    progress.close()
+    assert progress._bar.n == 20
+    assert "loss=1.000 stage=foundation" in out.getvalue()
+    assert "[dnc] step" not in out.getvalue()   # a bar, not lines
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dnc_train_into_a_log_file_prints_each_update_once(tmp_path):
+    """A real two-worker Ray Train run (tasks + stdlib text through Ray Data) with stdout
+    redirected to a file (not a TTY)."""
+    log_path = tmp_path / "train.log"
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ray_jobs.cli", "train", "--config", "configs/train/tiny.yaml",
+             "--train.total_steps", "30", "--train.log_interval", "5", "--train.checkpoint_interval", "10",
+             "--train.eval_interval", "10", "--train.eval_samples", "2", "--train.batch_size", "2",
+             "--train.max_len", "64", "--run.storage", str(tmp_path / "runs"), "--run.name", "p",
+             "--run.cpus_per_worker", "0.5", "--run.wandb", "off",
+             "--run.corpus", "stdlib", "--train.corpus_eval_bytes", "0"],   # Ray Data too
+            cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    steps = re.findall(r"^\[dnc\] step (\d+)/30 ", text, flags=re.M)
+    assert steps and steps[-1] == "30", text[-3000:]
+    assert len(steps) == len(set(steps)), steps                       # each update once
+    ckpts = re.findall(r"^\[dnc\] checkpoint step (\d+)  loss \S+  stage \S+  (\S+)$", text, flags=re.M)
+    assert [s for s, _ in ckpts] == ["10", "20", "30"], text[-3000:]
+    assert all(p.endswith(f"step_{int(s):08d}") for s, p in ckpts)
+    # no per-worker bars, no Ray Data bars, no report dicts from Ray Train
+    assert "row/s" not in text and "%|" not in text and "TrainingReport(" not in text and "Checkpoint successfully created" not in text
