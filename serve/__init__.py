@@ -1,4 +1,7 @@
-"""Ray Serve app for BWR-DNC: FastAPI ingress (serve/app.py; routers by surface in serve/routers/, assembled by serve/api.py), the Generator
-deployment (serve/generator.py), SessionBank shard actors with durable storage
-(serve/session_bank.py, serve/bank_store.py), live events (serve/live.py) and research
-computations (serve/research.py). Nothing runs at import time."""
+"""Ray Serve app for BWR-DNC. serve/app.py builds it (AppArgs, build_app, run_app); serve/api.py
+assembles the FastAPI routers (serve/routers/, one per surface) around the shared context
+(serve/context.py) and auth (serve/auth.py). The Generator deployment (serve/generator.py, its decode
+scheduler serve/scheduler.py) runs the model; research endpoints are registered in serve/research.py
+and computed in serve/analysis.py. Sessions live in SessionBank shard actors (serve/sessions/) with
+a write-ahead log and snapshots (serve/bank_store.py); live events in serve/live.py. Nothing runs at
+import time."""

@@ -24,7 +24,7 @@ from .context import ApiContext, Limits
 from .generator import Generator
 from .live import Broadcaster, get_hub
 from .modeling import ModelSpec
-from .session_bank import BankClient, BankConfig, check_layout
+from .sessions import BankClient, BankConfig, check_layout
 
 logger = logging.getLogger("serve.app")
 REPO_UI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ui")

@@ -30,12 +30,13 @@ from ray import serve
 
 from dnc.generate import DecodeRow, SamplingParams
 
+from . import analysis as A
 from . import research as R
 from .errors import Unprocessable
 from .live import get_hub
 from .modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
 from .scheduler import DecodeScheduler
-from .session_bank import BankClient, BankConfig
+from .sessions import BankClient, BankConfig
 
 logger = logging.getLogger("serve.generator")
 
@@ -362,7 +363,7 @@ class Generator:
 
     async def probe(self) -> dict[str, Any]:
         ids = list(b"The memory bank remembers what the local window forgets. " * 3)
-        self.last_probe = await self._run(R.probe, self.lm.model, ids)
+        self.last_probe = await self._run(A.probe, self.lm.model, ids)
         return self.last_probe
 
     async def research(self, name: str, params: dict[str, Any], owner: str | None) -> dict[str, Any]:

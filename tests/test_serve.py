@@ -209,7 +209,7 @@ def test_bank_survives_shard_kill(client, app_args):
     import ray
 
     from serve.app import AppArgs
-    from serve.session_bank import shard_index
+    from serve.sessions import shard_index
 
     cfg = AppArgs(**app_args).bank_config()
     sids = [s for s in (f"kill-{i}" for i in range(40)) if shard_index(s, cfg.num_shards) == 0][:4]

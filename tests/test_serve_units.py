@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from serve import schemas as S
 from serve.generator import Generator, TextAssembler
 from serve.live import Broadcaster, LiveHub
-from serve.research import kmeans
+from serve.analysis import kmeans
 
 
 def test_text_assembler_utf8_and_stop_sequences():
@@ -196,7 +196,7 @@ def test_slot_cards_equal_the_banks_tensors():
     listed value is the bank's own tensor entry, levels are sorted by salience and capped."""
     from dnc.config import preset
     from dnc.model import DNC
-    from serve.research import run_segments, slot_cards
+    from serve.analysis import run_segments, slot_cards
 
     torch.manual_seed(0)
     model = DNC(preset("tiny", segment_len=16, l0_slots=32, l1_slots=16, l2_slots=8, write_importance=2.0)).eval()

@@ -13,7 +13,7 @@ import torch
 from serve.bank_store import BankStore, decode_bank, encode_bank, iter_records, pack_record
 from serve.errors import Busy, Conflict, NotFound
 from serve.modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
-from serve.session_bank import BankConfig, SessionBankShard, shard_index
+from serve.sessions import BankConfig, SessionBankShard, shard_index
 
 
 @pytest.fixture(scope="module")
