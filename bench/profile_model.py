@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -86,7 +87,8 @@ class OpCounter(TorchDispatchMode):
                 continue
             kernels += n
             by_name[name] += n
-        return {"aten_ops": total, "kernel_ops": kernels, "host_syncs": syncs,
+        casts = by_name["_to_copy"] + by_name["copy_"]
+        return {"aten_ops": total, "kernel_ops": kernels, "host_syncs": syncs, "casts": casts,
                 "top": dict(by_name.most_common(12))}
 
 
@@ -154,6 +156,7 @@ def shrunk_config(name: str, shrink: int, memory: bool = True, **overrides):
 
 
 def count_ops(a) -> dict:
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.autocast else contextlib.nullcontext
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = shrunk_config(a.preset, a.shrink)
@@ -162,7 +165,7 @@ def count_ops(a) -> dict:
     results: dict = {"config": {k: v for k, v in cfg.to_dict().items() if k in (
         "d_model", "n_layers", "n_heads", "segment_len", "l0_slots", "l1_slots", "l2_slots", "write_pool",
         "compress_group", "memory_layers", "kv_window", "mem_topk", "eviction")},
-        "segments": n_seg, "modes": {}}
+        "segments": n_seg, "autocast": "cpu bf16" if a.autocast else None, "modes": {}}
     # bank is full after (l0 + 2*l1 + 4*l2) raw slots: from then on every segment compresses + evicts
     fill_segments = -(-(cfg.l0_slots + 2 * cfg.l1_slots + 4 * cfg.l2_slots) * cfg.write_pool // seg) + 1
 
@@ -175,25 +178,27 @@ def count_ops(a) -> dict:
         per = n_seg if kind == "dnc" else 1  # the baseline's whole input is one segment
 
         def train_step(state=None):
-            out = model(x, targets=x, state=state)
+            with amp():
+                out = model(x, targets=x, state=state)
             out.loss.backward()
             model.zero_grad(set_to_none=True)
 
         train_step()  # warm-up (lazy inits, caches)
         modes["train_fwd_bwd_fresh"] = count(train_step)
         with torch.no_grad():
-            modes["train_fwd_fresh"] = count(lambda: model(x, targets=x))
+            with amp():
+                modes["train_fwd_fresh"] = count(lambda: model(x, targets=x))
         if kind == "dnc":
             # a full bank: every segment compresses L0->L1->L2 and evicts from L2 (with recon loss)
             def full_state():
                 s = model.init_state(a.batch)
-                with torch.no_grad():
+                with torch.no_grad(), amp():
                     model(torch.randint(0, 256, (a.batch, fill_segments * seg)), state=s, metrics=False)
                 return s
             s = full_state()
             modes["train_fwd_bwd_fullbank"] = count(lambda: train_step(s))
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             if kind == "dnc":
                 s = full_state()
                 modes["prefill_fullbank"] = count(lambda: model(x, state=s, last_logits_only=True, metrics=False))
@@ -218,26 +223,41 @@ def count_ops(a) -> dict:
             segs = 1 if name.startswith("decode") else per
             r["segments"] = segs
             r["kernel_ops_per_segment"] = round(r["kernel_ops"] / segs, 1)
+            r["aten_ops_per_segment"] = round(r["aten_ops"] / segs, 1)
+            r["casts_per_segment"] = round(r["casts"] / segs, 1)
+            r["host_syncs_per_segment"] = round(r["host_syncs"] / segs, 2)
         results["modes"][kind] = modes
     return results
 
 
 def print_table(res: dict, before: dict | None) -> None:
     print(f"aten ops (kernel-launching: views/allocations excluded) per segment; config {res['config']}; "
-          f"{res['segments']} segments per call")
-    hdr = "| model | mode | kernel ops / seg | all aten ops | host syncs |" + (" before / seg | ratio |" if before else "")
+          f"{res['segments']} segments per call; autocast {res.get('autocast')}")
+    hdr = ("| model | mode | kernel ops / seg | all aten ops / seg | casts / seg | host syncs / seg |"
+           + (" before: kernel ops / seg | casts / seg | host syncs / seg | ratio |" if before else ""))
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for kind, modes in res["modes"].items():
         for mode, r in modes.items():
-            row = f"| {kind} | {mode} | {r['kernel_ops_per_segment']:,} | {r['aten_ops']:,} | {r['host_syncs']} |"
+            row = (f"| {kind} | {mode} | {r['kernel_ops_per_segment']:,} | {r['aten_ops_per_segment']:,} | "
+                   f"{r['casts_per_segment']:,} | {r['host_syncs_per_segment']} |")
             if before:
                 b = before.get("modes", {}).get(kind, {}).get(mode)
                 if b:
-                    row += f" {b['kernel_ops_per_segment']:,} | {b['kernel_ops_per_segment'] / max(r['kernel_ops_per_segment'], 1):.2f}x |"
+                    row += (f" {b['kernel_ops_per_segment']:,} | {b.get('casts_per_segment', '-')} | "
+                            f"{b.get('host_syncs_per_segment', round(b['host_syncs'] / b['segments'], 2))} | "
+                            f"{b['kernel_ops_per_segment'] / max(r['kernel_ops_per_segment'], 1):.2f}x |")
                 else:
-                    row += " - | - |"
+                    row += " - | - | - | - |"
             print(row)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main_count(a) -> int:
@@ -245,10 +265,15 @@ def main_count(a) -> int:
     res = count_ops(a)
     res["command"] = "python bench/profile_model.py --count-ops " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in (("preset", a.preset), ("shrink", a.shrink),
-                                                     ("segments", a.segments), ("batch", a.batch), ("label", a.label)))
+                                                     ("segments", a.segments), ("batch", a.batch), ("label", a.label))) \
+        + (" --autocast" if a.autocast else "")
+    res["argv"] = sys.argv
+    res["commit"] = _commit()
     res["torch"] = torch.__version__
-    stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    before = stored.get("before") if a.label != "before" else None
+    res["device"] = "cpu"
+    results = Path(a.out)
+    stored = json.loads(results.read_text()) if results.exists() else {}
+    before = stored.get(a.before) if a.label != a.before else None
     print_table(res, before)
     if a.details:
         for kind, modes in res["modes"].items():
@@ -256,9 +281,9 @@ def main_count(a) -> int:
                 print(kind, mode, r["top"])
     stored[a.label] = res
     if not a.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
-        print(f"wrote {RESULTS} [{a.label}] in {time.perf_counter() - t:.1f}s")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(stored, indent=1) + "\n")
+        print(f"wrote {results} [{a.label}] in {time.perf_counter() - t:.1f}s")
     return 0
 
 
@@ -274,6 +299,10 @@ def main(argv=None) -> int:
     p.add_argument("--shrink", type=int, default=16, help="--count-ops: divide segment/bank sizes by this")
     p.add_argument("--segments", type=int, default=4, help="--count-ops: segments per call (4 = an 8k step of small)")
     p.add_argument("--label", default="after", help="--count-ops: key of the JSON entry (before/after)")
+    p.add_argument("--before", default="before", help="--count-ops: JSON entry to compare against")
+    p.add_argument("--autocast", action="store_true",
+                   help="--count-ops: run under CPU bf16 autocast (counts the dtype casts a CUDA bf16 step makes)")
+    p.add_argument("--out", default=str(RESULTS), help="--count-ops: JSON file of labelled entries")
     p.add_argument("--details", action="store_true", help="--count-ops: print the most frequent ops per mode")
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)

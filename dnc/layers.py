@@ -14,6 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: autocast's (e.g. bf16) where autocast is on for x's
+    device, else x's own. Casting an input once to it gives the numbers autocast would make at
+    every matmul that reads it, without a cast per matmul."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dim: ``x / rms(x) * weight`` (computed in float32)."""
 
@@ -79,10 +87,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def apply_rope_full(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
     """:func:`apply_rope` with full-width tables from :func:`rope_table_full`: 4 ops instead of 7
     (``x * [cos, cos] + swap_halves(x) * [-sin, sin]`` is the same arithmetic, term for term).
-    x: [..., T, Dh]; any leading dims (e.g. q and k stacked, [2, B, H, T, Dh])."""
+    x: [..., T, Dh]; any leading dims (e.g. q and k stacked, [2, B, H, T, Dh]). Computed in float32;
+    the result has x's dtype."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return _LowPrecisionRope.apply(x, cos2, sin2)
     xf = x.float()
     out = xf * cos2 + xf.roll(x.shape[-1] // 2, -1) * sin2
     return out.to(x.dtype)
+
+
+class _LowPrecisionRope(torch.autograd.Function):
+    """:func:`apply_rope_full` for a bf16/fp16 ``x`` (autocast): the products take x upcast inside
+    the multiply (type promotion, exact), so the only cast is the result's; the backward rotates
+    the gradient back the same way (the transpose of the rotation: ``g * cos2 + roll(g * sin2)``).
+    The same numbers as ``x.float()`` ... ``.to(x.dtype)`` under plain autograd, forward and
+    backward, with one cast each way instead of two (on a GPU a cast is a kernel over all of q, k)."""
+
+    @staticmethod
+    def forward(ctx, x, cos2, sin2):
+        ctx.save_for_backward(cos2, sin2)
+        return (x * cos2 + x.roll(x.shape[-1] // 2, -1) * sin2).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos2, sin2 = ctx.saved_tensors
+        return (g * cos2 + (g * sin2).roll(-(g.shape[-1] // 2), -1)).to(g.dtype), None, None
 
 
 _SHIFT_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

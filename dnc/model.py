@@ -72,7 +72,11 @@ class LocalAttention(nn.Module):
             if x_prev is None:  # zeros for the first key: one pad op
                 shift = F.pad(q[:, :, :-1], (0, 0, 1, 0))
             else:
-                q_first = F.linear(x_prev, self.qkv.weight[:d]).view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
+                # x_prev through the whole qkv weight, then its q columns: the same numbers as a
+                # projection through the weight's q rows, without slicing the weight (under autocast
+                # a weight slice is cast per chunk and layer, and its backward is a full-size
+                # zero-fill + copy into the weight's gradient)
+                q_first = self.qkv(x_prev)[..., :d].view(b, 1, self.n_heads, self.head_dim).transpose(1, 2)
                 shift = q_first.to(q.dtype) if t == 1 else torch.cat([q_first.to(q.dtype), q[:, :, :-1]], 2)
             k = k + shift
         # q and k rotated together (one stack, then 4 ops instead of 2 x 7); unbind's backward is one stack

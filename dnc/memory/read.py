@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import matmul_dtype
 from .bank import LEVELS, StateBank
 from .router import LevelRouter
 
@@ -103,18 +104,19 @@ class MemoryRead(nn.Module):
         segment's last), or None at the stream start (zeros)."""
         b, t, _ = h.shape
         p = self.write_pool
+        hm = h.to(matmul_dtype(h))  # one cast for the three projections below (autocast would make three)
         # Token shift with a tied projection: a slot's key also carries the *query* projection of
         # the previous token, so a later query "like token t-1" finds the slot of what followed it.
         # This is the induction prior associative recall needs, built into the write path. The
         # segment's first slot takes the previous segment's last token, so a key does not depend on
         # where a segment ends (zeros only at the stream start).
         if h_before is None:
-            h_prev = F.pad(h[:, :-1], (0, 0, 1, 0))
+            h_prev = F.pad(hm[:, :-1], (0, 0, 1, 0))
         else:
-            h_prev = torch.cat([h_before.to(h.dtype), h[:, :-1]], 1)
-        k = (self.k_write(h) + self.q_proj(h_prev)).view(b, t, self.n_heads, self.head_dim)
+            h_prev = torch.cat([h_before.to(hm.dtype), hm[:, :-1]], 1)
+        k = (self.k_write(hm) + self.q_proj(h_prev)).view(b, t, self.n_heads, self.head_dim)
         k = F.normalize(k.float(), dim=-1).to(h.dtype)
-        v = self.v_write(h).view(b, t, self.n_heads, self.head_dim)
+        v = self.v_write(hm).view(b, t, self.n_heads, self.head_dim)
         kv = torch.stack([k, v])                                                # [2, B, T, H, Dh]
         if p > 1:
             if valid is None:  # every token valid: the masked mean is a plain mean (same numbers)
@@ -138,12 +140,13 @@ class MemoryRead(nn.Module):
             return None
         return self.importance_w.detach().float().unsqueeze(0).expand(batch, -1, -1, -1)
 
-    def queries(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature."""
+    def queries(self, h: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """h: [B, T, D] -> read queries [B, H, T, Dh], unit norm times the per-head temperature,
+        in ``out_dtype`` (default h's)."""
         b, t, _ = h.shape
         q = self.q_proj(h).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         q = F.normalize(q.float(), dim=-1) * self.q_scale.view(1, -1, 1, 1).float()
-        return q.to(h.dtype)
+        return q.to(out_dtype or h.dtype)
 
     # ------------------------------------------------------------------ reads
     def build_view(self, bank: StateBank) -> ReadView:
@@ -193,7 +196,8 @@ class MemoryRead(nn.Module):
         attention mass feeds the salience statistics (None = none). Returns (update [B, T, D], mass [B, S] or None, trace dict).
         """
         b, t, dm = h.shape
-        q = self.augment_queries(h, self.queries(h))
+        hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
+        q = self.augment_queries(hm, self.queries(hm, out_dtype=h.dtype))
         kv_k, kv_v = view.keys.to(q.dtype), view.values.to(q.dtype)
         s_tot = kv_k.shape[2]
         if topk and topk < s_tot:
@@ -220,8 +224,12 @@ class MemoryRead(nn.Module):
 
     @staticmethod
     def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0) -> torch.Tensor:
-        """Explicit read probabilities [B, H, T, S+1] (top-k: zero outside each query's top k)."""
-        logits = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float())
+        """Explicit read probabilities [B, H, T, S+1] float32 (top-k: zero outside each query's top k).
+
+        They feed the bank's salience statistics, which stay float32 (DESIGN): autocast is off here,
+        as it otherwise casts the float32 operands to bf16 (two casts, and bf16 logits)."""
+        with torch.autocast(q.device.type, enabled=False):
+            logits = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float())
         if topk and topk < k.shape[2]:
             thresh = logits.topk(topk, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < thresh, float("-inf"))
