@@ -340,7 +340,8 @@ def markdown(res: dict[str, Any]) -> str:
         line = s.get("memory_timeline") or []
         for name in sorted(set(before) | set(after)):
             during = " -> ".join(str(t["mib"].get(name, "-")) for t in line)
-            out.append(f"| RSS {name} (before -> each {args_interval(res)} s -> after) | {before.get(name, '-')} -> "
+            label = f"before -> each {args_interval(res)} s -> after" if line else "before -> after"
+            out.append(f"| RSS {name} ({label}) | {before.get(name, '-')} -> "
                        f"{during + ' -> ' if during else ''}{after.get(name, '-')} MiB |")
     return "\n".join(out)
 

@@ -886,7 +886,8 @@ def rebuild_command(script: str, args: dict[str, Any], flags: dict[str, bool]) -
 # Benchmarks
 # ==============================================================================================
 def _kind(name: str, res: dict) -> str:
-    for k in ("long_context", "model_speed", "train_scaling", "serve_load", "op_counts", "segment_transfer"):
+    for k in ("long_context", "model_speed", "train_scaling", "serve_load", "op_counts", "segment_transfer",
+              "durability", "abuse", "train_loop_gap"):
         if name.startswith(k) or res.get("benchmark") == k:
             return k
     return "other"
@@ -909,7 +910,30 @@ def _env_line(kind: str, res: dict) -> str:
         return "Device: CPU (op counts do not depend on the device); torch and commit not recorded"
     if kind == "segment_transfer":
         return f"Device: CPU; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}"
+    if kind in ("durability", "abuse"):
+        return f"Device: CPU, {res.get('cpus')} cores; commit {res.get('commit') or 'unknown'}"
+    if kind == "train_loop_gap":
+        return f"Device: {res.get('device')}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}"
     return "Device: not recorded"
+
+
+def _own_markdown(script: str):
+    """A benchmark that owns its tables: render with that script's own ``markdown(result)``."""
+    def tables(res: dict) -> list[str]:
+        import importlib
+
+        text = importlib.import_module(script).markdown(res)
+        return [ln for ln in text.splitlines() if not ln.startswith("## ")] + [""]
+    return tables
+
+
+def train_loop_gap_tables(res: dict) -> list[str]:
+    r = res["results"]
+    rows = [[mode, fmt_num(v["tokens_per_s"]), f"{v['median_step_s'] * 1e3:.1f}", fmt_num(v["tokens"])]
+            for mode, v in r.items()]
+    return md_table(["mode", "tokens/s", "median step ms", "tokens timed"], rows, "lrrr") + [
+        "", f"loop / step = {res['loop_over_step']:.3f} ({sum(res['corpus_batches'])} of "
+            f"{len(res['corpus_batches'])} batches from the corpus)", ""]
 
 
 KINDS: dict[str, dict[str, Any]] = {
@@ -964,6 +988,28 @@ KINDS: dict[str, dict[str, Any]] = {
                  "prefill and single-token decode, DNC vs the memory-less baseline."),
         "args": lambda r: {}, "command": op_counts_command,
         "tables": op_counts_tables, "targets": None, "plots": None,
+    },
+    "train_loop_gap": {
+        "title": "The curriculum loop against the model's own training step (`bench/train_loop_gap.py`)",
+        "what": ("Tokens/s of train_step on batches already on the device, with the host-to-device copy, and "
+                 "inside the loop that generates each batch and feeds the per-task losses back to the "
+                 "curriculum, over the same batch sequence (the loop's own shapes)."),
+        "args": lambda r: {}, "command": lambda r: ("python " + " ".join(r["argv"]), "stored in the result"),
+        "tables": train_loop_gap_tables, "targets": None, "plots": None,
+    },
+    "durability": {
+        "title": "Session durability under faults (`bench/durability.py`)",
+        "what": ("Shard kills under concurrent writers (acknowledged turns lost), Generator kills mid-stream "
+                 "(how long the session stays blocked), and a soak of sessionless and session turns with "
+                 "background compaction (errors, latency, resident memory of every actor)."),
+        "args": lambda r: {}, "tables": _own_markdown("durability"), "targets": None, "plots": None,
+    },
+    "abuse": {
+        "title": "Abuse tests with API keys (`bench/abuse.py`)",
+        "what": ("schemathesis against the app's own OpenAPI with keys (no 5xx, no schema violation), the "
+                 "owner-isolation matrix over every endpoint and WebSocket with two keys, and the quotas."),
+        "args": lambda r: {}, "command": lambda r: ("python " + " ".join(r["argv"]), "stored in the result"),
+        "tables": _own_markdown("abuse"), "targets": None, "plots": None,
     },
 }
 
