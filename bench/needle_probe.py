@@ -1,0 +1,84 @@
+"""Where a passkey is lost: greedy answers of a trained DNC by needle depth, with the distance from
+the needle to the question, whether the needle sits in the question's own segment (read by local
+attention) or in an earlier one (read from the memory bank), and the answers it gave when wrong.
+
+    python bench/needle_probe.py --checkpoint runs/long_context/h200_s7/dnc --length 4k \\
+        --depths 0.5,0.85,0.9,0.95,0.98,1 --n 8 --out /tmp/probe.json
+
+Prints one line per depth (correct / n, in-segment count, median distance in tokens, the first
+wrong answers) and writes them with the argv, commit, device and torch version to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import long_context as lc  # noqa: E402  (the reader and sample draws of the long-context record)
+
+from dnc.checkpoint import load_checkpoint  # noqa: E402
+from dnc.data import tasks as task_lib  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--checkpoint", required=True, help="DNC run dir or checkpoint dir")
+    p.add_argument("--length", default="4k", help="haystack length in tokens (k/M suffix ok); default 4k")
+    p.add_argument("--depths", default="0.5,0.85,0.9,0.95,0.98,1", help="needle depths in [0, 1]")
+    p.add_argument("--n", type=int, default=8, help="samples per depth; default 8")
+    p.add_argument("--phrasing", default=None, help="None (template), train or heldout")
+    p.add_argument("--markers", choices=["on", "off"], default="on")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt, _ = lc.resolve_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(ckpt, map_location="cpu")
+    model = model.to(device).eval()
+    seg = model.config.segment_len
+    reader = lc.GreedyReader(model, seg, device)
+    length = lc.one_length(args.length, "--length")
+    rows = []
+    for d in [float(x) for x in args.depths.split(",") if x.strip()]:
+        kw = {"depth": d, "n_decoys": 0, "markers": args.markers == "on"}
+        if args.phrasing:
+            kw["phrasing"] = args.phrasing
+        L, samples = lc.draw_samples("needle", [args.seed, int(d * 1000), length], length, args.n, 0.0, **kw)
+        ok, in_seg, dist, wrong = 0, 0, [], []
+        for s in samples:
+            q_start = s.meta["answer_spans"][0][0]
+            same = s.meta["needle_pos"] // seg == q_start // seg
+            in_seg += same
+            dist.append(q_start - s.meta["needle_pos"])
+            right, _, _ = lc.answer(reader, s)
+            ok += right
+            if not right and len(wrong) < 3:
+                got = reader.pieces(s)[0]
+                wrong.append({"truth": s.meta["passkey"], "got": task_lib.decode(got) if hasattr(task_lib, "decode")
+                              else bytes(t for t in got if t < 256).decode("utf-8", "replace"),
+                              "in_segment": bool(same)})
+        row = {"depth": d, "length": L, "correct": ok, "n": len(samples), "in_segment": in_seg,
+               "median_distance": statistics.median(dist), "wrong": wrong}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        res = {"benchmark": "needle_probe", "argv": list(argv), "commit": lc.git_commit(),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "segment_len": seg, "rows": rows}
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    raise SystemExit(main())
