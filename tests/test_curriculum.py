@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -170,6 +171,18 @@ def test_promotion():
     assert cur.is_last_stage
 
 
+def test_max_steps_moves_a_stalled_stage_on():
+    a, b = _stages()
+    cur = Curriculum([dataclasses.replace(a, max_steps=30), b], seed=0)
+    assert not cur.maybe_promote(0.1, step=29)      # below promote_at, before max_steps
+    assert cur.maybe_promote(0.1, step=30)          # below promote_at, but the stage ran max_steps
+    assert cur.stage.name == "b" and cur.history[-1]["reason"] == "max_steps"
+    cur2 = Curriculum(_stages(), seed=0)
+    assert cur2.maybe_promote(0.9, step=20) and cur2.history[-1]["reason"] == "promote_at"
+    with pytest.raises(ValueError, match="max_steps"):
+        dataclasses.replace(a, max_steps=5)         # below min_steps (10)
+
+
 def test_evaluate_with_oracle_and_wrong_model():
     cur = Curriculum(_stages(), seed=0)
     holder = {}
@@ -196,3 +209,14 @@ def test_evaluate_with_oracle_and_wrong_model():
     assert acc == {"copy": 1.0, "kv_retrieval": 1.0}
     acc = cur.evaluate(lambda prefix, max_new: [EOS], n_per_task=3, lengths=[100])
     assert acc == {"copy": 0.0, "kv_retrieval": 0.0}
+
+
+@pytest.mark.parametrize("name", ["local_first", "template_first"])
+def test_ablation_curricula_load_for_small(name):
+    """The ablation stage dirs (issue 11) build a curriculum for small's 512-token segments."""
+    d = default_stage_dir().parent / "ablations" / name
+    stages = load_stages(d, segment_len=512)
+    assert [s.name for s in stages][-5:] == STAGE_NAMES  # the default stages follow
+    cur = Curriculum(stages, seed=0)
+    b = cur.sample_batch(4)
+    assert (b["lengths"] <= stages[0].max_len).all()

@@ -52,6 +52,9 @@ class Stage:
     """Eval exact-match accuracy (mean over the stage's tasks) needed to move to the next stage."""
     min_steps: int = 0
     """Training steps to spend in the stage before promotion is considered."""
+    max_steps: int = 0
+    """Training steps after which the stage moves on even below ``promote_at`` (0 = never): a
+    warm-up stage that teaches one skill should not hold a time-boxed run forever."""
     batch_size: int = 32
     """Batch size hint for trainers (``sample_batch(None)`` uses it)."""
     n_buckets: int = 4
@@ -108,6 +111,9 @@ class Stage:
             raise ValueError(f"{where}: promote_at must be in [0, 1], got {self.promote_at}")
         if self.min_steps < 0 or self.batch_size < 1 or self.n_buckets < 1:
             raise ValueError(f"{where}: need min_steps >= 0, batch_size >= 1, n_buckets >= 1")
+        if self.max_steps < 0 or (self.max_steps and self.max_steps < self.min_steps):
+            raise ValueError(f"{where}: max_steps must be 0 (no limit) or >= min_steps ({self.min_steps}), "
+                             f"got {self.max_steps}")
 
     def in_tokens(self, segment_len: int) -> "Stage":
         """This stage with its lengths in tokens (a copy when given in segments)."""
@@ -403,18 +409,22 @@ class Curriculum:
 
     def maybe_promote(self, eval_acc: float | Mapping[str, float], step: int) -> bool:
         """Move to the next stage when ``eval_acc`` (a float, or per-task accuracies whose mean is
-        taken) reaches the stage's ``promote_at`` after at least ``min_steps`` steps in it.
-        Returns True when it promoted; the last stage never promotes."""
+        taken) reaches the stage's ``promote_at`` after at least ``min_steps`` steps in it, or
+        when the stage has run ``max_steps`` steps (if set). Returns True when it promoted; the
+        last stage never promotes."""
         if isinstance(eval_acc, Mapping):
             eval_acc = float(np.mean(list(eval_acc.values()))) if eval_acc else 0.0
         self.last_step = max(self.last_step, int(step))
         st = self.stage
-        if self.is_last_stage or eval_acc < st.promote_at:
+        if self.is_last_stage:
             return False
-        if int(step) - self.stage_start_step < st.min_steps:
+        in_stage = int(step) - self.stage_start_step
+        timed_out = bool(st.max_steps) and in_stage >= st.max_steps
+        if not timed_out and (eval_acc < st.promote_at or in_stage < st.min_steps):
             return False
         self.history.append({"from": st.name, "to": self.stages[self.stage_index + 1].name,
-                             "step": int(step), "eval_acc": float(eval_acc)})
+                             "step": int(step), "eval_acc": float(eval_acc),
+                             "reason": "max_steps" if timed_out and eval_acc < st.promote_at else "promote_at"})
         self._enter_stage(self.stage_index + 1, step)
         return True
 
