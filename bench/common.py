@@ -110,6 +110,13 @@ def provenance(benchmark: str, argv: Sequence[str], device: Any = None, *, scrip
             "cpus": os.cpu_count(), "started": utc_now()}
 
 
+def stderr_logger(name: str):
+    """A ``log(msg)`` that prints ``[name] msg`` to stderr at once (progress of a long run)."""
+    def log(msg: str) -> None:
+        print(f"[{name}] {msg}", file=sys.stderr, flush=True)
+    return log
+
+
 def utc_now() -> str:
     """``2026-12-02T07:40:12Z``: the timestamps result files carry."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
