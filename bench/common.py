@@ -230,11 +230,14 @@ def verdict_word(met: bool | None) -> str:
     return "not measured" if met is None else ("met" if met else "missed")
 
 
-def targets_table(targets: list[dict[str, Any]], measured_header: str = "measured") -> list[str]:
-    """``[{"target", "measured", "met"}]`` (optionally ``"preset"``) as a markdown table."""
+def targets_section(targets: list[dict[str, Any]]) -> list[str]:
+    """``[{"target", "measured", "met"}]`` (optionally ``"preset"``) as a ``Targets:`` table;
+    no lines when there are none."""
+    if not targets:
+        return []
     rows = [[t["target"] + (f" ({t['preset']})" if t.get("preset") else ""), t.get("measured") or "—",
              verdict_word(t["met"])] for t in targets]
-    return md_table(["target", measured_header, "verdict"], rows, "lll")
+    return ["Targets:", ""] + md_table(["target", "measured", "verdict"], rows, "lll") + [""]
 
 
 # ==============================================================================================

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from common import fmt_num, length_axis, md_table, pyplot, save_png, targets_table
+from common import fmt_num, length_axis, md_table, pyplot, save_png, targets_section
 
 TITLE = "DNC vs the Transformer baseline: speed and memory (`bench/model_speed.py`)"
 WHAT = ("Training throughput (forward + backward + AdamW, tokens/s, MFU, peak memory), prefill "
@@ -186,7 +186,4 @@ def render(res: dict) -> str:
     """The body of a model_speed result's entry in ``bench/README.md``: device, tables, targets."""
     lines = [f"Device: {res.get('device')}; torch {res.get('torch')}; dtype {res.get('dtype')}; "
              f"commit {res.get('commit')}", ""] + tables(res)
-    ts = targets(res)
-    if ts:
-        lines += ["Targets:", ""] + targets_table(ts) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + targets_section(targets(res)))

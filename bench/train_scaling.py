@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE):  # the project (dnc) and bench/ (common)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-from common import fmt_num, git_commit, md_table, provenance, targets_table, write_json  # noqa: E402
+from common import fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
 
 TITLE = "Training throughput and scaling (`bench/train_scaling.py`)"
 WHAT = ("Tokens/s, step time, MFU and peak memory of the real training step on one GPU, then DDP "
@@ -326,10 +326,7 @@ def render(res: dict[str, Any]) -> str:
     e = res.get("env", {})
     lines = [f"Device: {e.get('gpu_count')}x {e.get('gpu')}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
              f"ray {e.get('ray')}; commit {e.get('commit') or 'unknown'}", ""] + tables(res)
-    ts = targets(res)
-    if ts:
-        lines += ["Targets:", ""] + targets_table(ts) + [""]
-    return "\n".join(lines)
+    return "\n".join(lines + targets_section(targets(res)))
 
 
 def build_parser() -> argparse.ArgumentParser:
