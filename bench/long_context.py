@@ -33,9 +33,11 @@ Examples:
     python bench/long_context.py --preset small --train-only --checkpoint runs/long_context/small_h100/dnc
     python bench/long_context.py --checkpoint runs/long_context/small_h100/dnc \\
         --baseline-checkpoint runs/long_context/small_h100/baseline
-"""
 
-from __future__ import annotations
+This file is the command line and the run's order; ``long_context_train.py`` trains,
+``long_context_eval.py`` draws the samples and reads the answers, ``long_context_report.py``
+holds the JSON record, its tables, targets and plots.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ from dnc.model import DNC  # noqa: E402
 from ray_jobs.evaluate import parse_lengths  # noqa: E402  (4k/1M suffixes, as every CLI here)
 
 log = stderr_logger("long_context")
+
 
 # ==============================================================================================
 # Arguments
@@ -134,7 +137,6 @@ def one_length(text: str, what: str) -> int:
     if len(v) != 1:
         raise ValueError(f"{what} takes one length, got {text!r}")
     return v[0]
-
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -23,6 +23,10 @@ from dnc.model import DNC
 
 log = stderr_logger("long_context")
 
+
+# ==============================================================================================
+# Samples and their wordings
+# ==============================================================================================
 SUITE_SEED = {"passkey": 1, "relational_2hop": 2, "kv_retrieval": 3, "mqar": 4}
 """Per-suite component of the sample seed (samples depend only on seed, suite, length, cell)."""
 
@@ -183,6 +187,9 @@ def mqar_min_length(n_pairs: int, value_len: int = 1) -> int:
     return 3 + 2 * n_pairs * (1 + key_len + value_len)
 
 
+# ==============================================================================================
+# Cells and the phases of a run
+# ==============================================================================================
 def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
     """True when a passkey sample's digits are split between two segments of ``segment_len``."""
     start = sample.meta["needle_pos"]

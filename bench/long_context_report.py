@@ -9,11 +9,12 @@ its markdown tables and its plots.
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any, Sequence
 
-from common import (device_name, fmt_count, fmt_len, fmt_num, fmt_pct, git_commit, git_dirty, length_axis,
-                    md_table, pyplot, save_png, verdict_word, write_json)
+from common import (command_line, device_name, device_tag, fmt_count, fmt_len, fmt_num, fmt_pct, git_commit, git_dirty,
+                    length_axis, md_table, pyplot, save_png, verdict_word, write_json)
 
 TITLE = "Long-context accuracy (`bench/long_context.py`)"
 WHAT = ("Trains the DNC with the curriculum (plus Python-stdlib text) and the Transformer baseline "
@@ -46,11 +47,7 @@ class Run:
     line, ``argv`` its arguments, ``ds`` the settings derived from them."""
 
     def __init__(self, args, argv: Sequence[str], device, ds: dict[str, Any]):
-        import shlex
-
-        import torch
-
-        from common import cpu_name, device_tag
+        import torch  # only a run needs it: rendering a stored result does not
 
         self.args, self.device, self.ds = args, device, ds
         self.tag = args.tag or f"{args.preset}_{device_tag(device)}"
@@ -59,9 +56,9 @@ class Run:
         self.json_path = self.out / f"long_context_{self.tag}.json"
         self.res: dict[str, Any] = {
             "benchmark": "long_context", "format_version": 1, "tag": self.tag,
-            "command": shlex.join(["python", "bench/long_context.py", *argv]), "argv": list(argv),
-            "env": {"device": device_name(device) if device.type == "cuda" else cpu_name(),
-                    "device_type": device.type, "torch": torch.__version__, "python": _python_version(),
+            "command": command_line("long_context", argv), "argv": list(argv),
+            "env": {"device": device_name(device),
+                    "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
                     "cpus": os.cpu_count(), "commit": git_commit(), "uncommitted": git_dirty()},
             "config": {k: ds[k] for k in ds} | {"preset": args.preset},
             "args": vars(args), "status": "running", "phase": "start",
@@ -83,12 +80,6 @@ class Run:
     def add(self, cell: dict[str, Any]) -> None:
         self.res["cells"].append(cell)
         self.save()
-
-
-def _python_version() -> str:
-    import platform
-
-    return platform.python_version()
 
 
 # ==============================================================================================
