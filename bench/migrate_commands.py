@@ -1,4 +1,4 @@
-"""One-off migration (run once on 2026-12-02, kept in git history only): gives every result JSON
+"""One-off migration (run on 2026-12-02 over bench/results/): gives every result JSON
 written before its script stored its own command a ``command`` and a ``command_source`` (and a
 ``benchmark`` where it lacked one), so that ``bench/report.py`` reads commands from the results
 alone instead of scraping the top-level README at every render.
@@ -8,7 +8,12 @@ argv; the command documented in README.md's benchmark section whose flags agree 
 arguments; else one rebuilt from those arguments. op_counts files get their labels' stored
 commands, one line per label.
 
-    python bench/migrate_commands.py OLD_REPORT_PY [RESULTS_DIR]
+    git show 1c92e01:bench/report.py > /tmp/old_report.py   # the report.py that scraped README.md
+    python bench/migrate_commands.py /tmp/old_report.py [RESULTS_DIR]
+
+Results that already hold a ``command`` are left as they are, so running it again only touches
+files added since by a script that did not store its command yet. Delete this file once no such
+script is left.
 """
 
 from __future__ import annotations
