@@ -61,6 +61,10 @@ from long_context_train import (baseline_config, resolve_checkpoint, stdlib_text
 from dnc.model import DNC  # noqa: E402
 from ray_jobs.evaluate import parse_lengths  # noqa: E402  (4k/1M suffixes, as every CLI here)
 
+# bench/needle_probe.py (on main) reads these from here; they live in long_context_eval / common
+from common import git_commit  # noqa: E402,F401
+from long_context_eval import GreedyReader, answer, draw_samples  # noqa: E402,F401
+
 log = stderr_logger("long_context")
 
 

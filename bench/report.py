@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,9 @@ ROOT = HERE.parent
 for _p in (str(ROOT), str(HERE)):  # the project (dnc) and bench/ (the renderers)
     if _p not in sys.path:
         sys.path.insert(0, _p)
+# Re-exported for the scripts (and their tests) that still import them from here: serve_load.py,
+# model_speed.py, durability.py, train_loop_gap.py; they belong to bench/common.py.
+from common import git_commit, parse_pairs  # noqa: E402,F401
 
 BENCHMARKS: dict[str, str] = {
     # benchmark (a result's "benchmark" field, else its file name's prefix) -> the module that
@@ -38,6 +42,7 @@ BENCHMARKS: dict[str, str] = {
     "train_scaling": "train_scaling",
     "serve_load": "serve_load_report",
     "long_context": "long_context_report",
+    "needle_probe": "needle_probe_report",
     "segment_transfer": "segment_transfer",
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
@@ -53,19 +58,35 @@ def benchmark_of(name: str, res: dict) -> str | None:
     return next((b for b in BENCHMARKS if name.startswith(b)), None)
 
 
+def stored_command(res: dict, benchmark: str | None = None) -> str | None:
+    """The command a result stored: its ``command`` (or its ``env``'s), else the one its ``argv``
+    spells: ``["bench/x.py", ...]`` (some scripts store ``sys.argv``) or the arguments of
+    ``bench/<benchmark>.py``."""
+    cmd = res.get("command") or (res.get("env") if isinstance(res.get("env"), dict) else {}).get("command")
+    argv = res.get("argv")
+    if cmd or not isinstance(argv, list):
+        return cmd or None
+    if argv and str(argv[0]).endswith(".py"):
+        return shlex.join(["python", *map(str, argv)])
+    if benchmark and (HERE / f"{benchmark}.py").exists():
+        return shlex.join(["python", f"bench/{benchmark}.py", *map(str, argv)])
+    return None
+
+
 def renderer(benchmark: str) -> ModuleType:
     return importlib.import_module(BENCHMARKS[benchmark])
 
 
-def render_result(name: str, res: dict, module: ModuleType | None, plots: Path, readme_dir: Path) -> list[str]:
+def render_result(name: str, res: dict, benchmark: str | None, plots: Path, readme_dir: Path) -> list[str]:
     """The README lines of one result file ``<name>.json``."""
+    module = renderer(benchmark) if benchmark else None
     lines = [f"### `{name}.json`", ""]
     if module is None:
         return lines + [f"No benchmark in bench/report.py's BENCHMARKS renders this result (top-level keys: "
                         f"{', '.join(sorted(res))}).", ""]
-    if res.get("command"):
-        lines += [f"Command ({res.get('command_source', 'stored in the result')}):", "", "```bash", res["command"],
-                  "```", ""]
+    cmd = stored_command(res, benchmark)
+    if cmd:
+        lines += [f"Command ({res.get('command_source', 'stored in the result')}):", "", "```bash", cmd, "```", ""]
     else:
         lines += ["Command: not stored in this result (its script predates bench/common.py's provenance).", ""]
     lines += module.render(res).rstrip("\n").split("\n") + [""]
@@ -111,7 +132,7 @@ def build(results_dir: Path, readme: Path, plots: Path) -> str:
         if b is not None:
             lines += [modules[b].WHAT, ""]
         for name, res in by_bench[b]:
-            lines += render_result(name, res, modules.get(b), plots, readme.parent)
+            lines += render_result(name, res, b, plots, readme.parent)
     missing = [b for b in BENCHMARKS if b not in by_bench]
     if missing:
         lines += ["## Not yet measured", ""]

@@ -16,7 +16,7 @@ def render(res: dict) -> str:
     the script printed (stored in the result), or one rebuilt from its rows."""
     ip = res.get("in_process", {})
     lines = [f"Device: host {res.get('host')}, {res.get('cpus')} CPUs, model on {ip.get('device', '?')}; "
-             f"torch not recorded; commit {res.get('commit') or 'unknown'}", ""]
+             f"torch {res.get('torch') or 'not recorded'}; commit {res.get('commit') or 'unknown'}", ""]
     if res.get("markdown"):
         return "\n".join(lines + [res["markdown"].rstrip("\n"), ""])
     rows = [[r.get("mode", "?"), str(r.get("clients", "?")), fmt_num(r.get("requests_per_s"), "{:.2f}"),

@@ -87,3 +87,27 @@ def test_statistics_and_formats():
     assert common.targets_section([]) == []
     sec = common.targets_section([{"target": "t", "measured": None, "met": None, "preset": "small"}])
     assert sec[2:5] == ["| target | measured | verdict |", "|---|---|---|", "| t (small) | — | not measured |"]
+
+
+def test_the_command_comes_from_the_result_only():
+    """``command``, else the env's, else the stored argv (with or without the script path first)."""
+    assert report.stored_command({"command": "python bench/a.py", "argv": ["x"]}) == "python bench/a.py"
+    assert report.stored_command({"env": {"command": "python bench/serve_load.py --n 2"}}) == \
+        "python bench/serve_load.py --n 2"
+    assert report.stored_command({"argv": ["bench/train_loop_gap.py", "--steps", "5"]}) == \
+        "python bench/train_loop_gap.py --steps 5"
+    assert report.stored_command({"argv": ["--tag", "a b"]}, "long_context") == \
+        "python bench/long_context.py --tag 'a b'"
+    assert report.stored_command({"argv": ["--x"]}, "op_counts") is None  # no bench/op_counts.py to name
+    assert report.stored_command({"args": {"device": "cuda"}}, "model_speed") is None  # never rebuilt from args
+
+
+def test_needle_probe_rows_render_with_counts_and_wrong_answers():
+    import needle_probe_report
+
+    res = {"benchmark": "needle_probe", "device": "cpu", "torch": "2.13", "commit": "abc", "segment_len": 32,
+           "rows": [{"depth": 0.5, "length": 4096, "correct": 3, "n": 8, "in_segment": 2, "median_distance": 1900.0,
+                     "wrong": [{"truth": "12345", "got": "12|4", "in_segment": False}]}]}
+    body = needle_probe_report.render(res)
+    assert "segment_len 32" in body
+    assert "| 0.5 | 4k | 37.5% (3/8) [14–69%] | 2/8 | 1,900 | 12345 -> '12\\|4' |" in body
