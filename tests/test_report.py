@@ -111,3 +111,13 @@ def test_needle_probe_rows_render_with_counts_and_wrong_answers():
     body = needle_probe_report.render(res)
     assert "segment_len 32" in body
     assert "| 0.5 | 4k | 37.5% (3/8) [14–69%] | 2/8 | 1,900 | 12345 -> '12\\|4' |" in body
+
+
+def test_serve_load_results_that_keep_their_environment_under_env_render():
+    import serve_load_report
+
+    res = {"benchmark": "serve_load", "env": {"gpu": None, "cpu": "Xeon", "host": "h", "cpus": 2, "torch": "2.13",
+                                              "ray": "2.60", "commit": "abc"},
+           "in_process": {"batched": {}}, "markdown": "| mode | req/s |\n|---|---:|\n| plain | 3.0 |\n"}
+    body = serve_load_report.render(res)
+    assert body.startswith("Device: Xeon, host h, 2 CPUs; torch 2.13; ray 2.60; commit abc\n\n| mode | req/s |")
