@@ -74,6 +74,8 @@ def stored_command(res: dict, benchmark: str | None = None) -> str | None:
 
 
 def renderer(benchmark: str) -> ModuleType:
+    """The module that renders ``benchmark`` (imported on first use: only benchmarks with results
+    load their dependencies)."""
     return importlib.import_module(BENCHMARKS[benchmark])
 
 
@@ -88,7 +90,8 @@ def render_result(name: str, res: dict, benchmark: str | None, plots: Path, read
     if cmd:
         lines += [f"Command ({res.get('command_source', 'stored in the result')}):", "", "```bash", cmd, "```", ""]
     else:
-        lines += ["Command: not stored in this result (its script predates bench/common.py's provenance).", ""]
+        lines += ["Command: not stored in this result (its script should store its argv with bench/common.py's "
+                  "`provenance`; bench/migrate_commands.py fills older results).", ""]
     lines += module.render(res).rstrip("\n").split("\n") + [""]
     if hasattr(module, "plots"):
         for caption, path in module.plots(res, plots, name):
