@@ -349,7 +349,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+    from common import git_commit  # bench/common.py: $DNC_COMMIT or git
 
     res: dict[str, Any] = {"benchmark": "durability", "command": shlex.join(["python", "bench/durability.py", *argv]),
                            "argv": argv, "memory_interval_s": args.memory_interval, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
