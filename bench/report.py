@@ -31,8 +31,8 @@ ROOT = HERE.parent
 for _p in (str(ROOT), str(HERE)):  # the project (dnc) and bench/ (the renderers)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-# Re-exported for the scripts (and their tests) that still import them from here: serve_load.py,
-# model_speed.py, durability.py, train_loop_gap.py; they belong to bench/common.py.
+# Re-exported for the scripts (and their tests) that still import them from here: serve_load.py
+# (and tests/test_serve_load.py), model_speed.py, train_loop_gap.py; they belong to bench/common.py.
 from common import git_commit, parse_pairs  # noqa: E402,F401
 
 BENCHMARKS: dict[str, str] = {
