@@ -65,10 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 1)
+    """The nearest-rank ``q``-quantile in ms, to 0.1 ms (None for no values)."""
+    from common import percentile
+
+    v = percentile(xs, q)
+    return None if v is None else round(v, 1)
 
 
 def log(msg: str) -> None:
