@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import platform
 import secrets
 import subprocess
 import sys
@@ -38,12 +37,17 @@ import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from common import provenance, write_json  # noqa: E402
 # sockets held open across calls (the caps) are closed by hand, not by `with`
 warnings.filterwarnings("ignore", message="connect\\(\\) must be used as a context manager")
 
 TEXT = "The cat sat on the mat. The dog ate the bone. Where did the cat sit? On the mat. " * 2
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,"
           "response_headers_conformance,response_schema_conformance")
+TITLE = "Abuse tests with API keys (`bench/abuse.py`)"
+WHAT = ("schemathesis against the app's own OpenAPI with keys (no 5xx, no schema violation), the "
+        "owner-isolation matrix over every endpoint and WebSocket with two keys, and the quotas.")
 STATE_RESEARCH = ("analyze-text", "gradient-analysis", "state-evolution", "attention-analysis",
                   "information-flow", "explain-decision", "state-clustering")
 
@@ -350,8 +354,10 @@ def summarize_report(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ report
-def markdown(result: dict[str, Any]) -> str:
-    lines = ["## Abuse tests (keys on)", ""]
+def render(result: dict[str, Any]) -> str:
+    """Markdown of one result: where it ran, then the schemathesis, isolation and quota tables (the
+    body of its entry in ``bench/README.md``; the ``.md`` file adds a heading)."""
+    lines = [f"Device: CPU, {result.get('cpus')} cores; commit {result.get('commit') or 'unknown'}", ""]
     st = result.get("schemathesis")
     if st:
         s = st["summary"]
@@ -401,14 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     import ray
 
@@ -419,8 +419,8 @@ def main(argv=None) -> int:
     args = app_args(os.path.join(tmp, "storage"), write_keys_file(os.path.join(tmp, "keys"), keys),
                     max_sessions_per_owner=a.sessions_cap)
     ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
-    result: dict[str, Any] = {"argv": sys.argv, "commit": commit(), "device": platform.processor() or platform.machine(),
-                              "cpus": os.cpu_count(), "started": time.time(),
+    t0 = time.time()
+    result: dict[str, Any] = {**provenance("abuse", argv),
                               "server": {k: v for k, v in args.items() if k not in ("storage", "api_keys_file")}}
     try:
         base = start_server(a.port, args)
@@ -433,12 +433,10 @@ def main(argv=None) -> int:
     finally:
         teardown(args)
         ray.shutdown()
-    result["seconds"] = time.time() - result["started"]
+    result["seconds"] = time.time() - t0
     out = a.out or os.path.join(ROOT, "bench", "results", f"abuse-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    md = markdown(result)
+    write_json(out, result)
+    md = "## Abuse tests (keys on)\n\n" + render(result)
     with open(out[:-5] + ".md", "w") as f:
         f.write(md + "\n")
     print(md)

@@ -65,10 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    return round(s[min(len(s) - 1, int(round(q * (len(s) - 1))))], 1)
+    """The nearest-rank ``q``-quantile in ms, to 0.1 ms (None for no values)."""
+    from common import percentile
+
+    v = percentile(xs, q)
+    return None if v is None else round(v, 1)
 
 
 def log(msg: str) -> None:
@@ -349,7 +350,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+    from common import git_commit  # bench/common.py: $DNC_COMMIT or git
 
     res: dict[str, Any] = {"benchmark": "durability", "command": shlex.join(["python", "bench/durability.py", *argv]),
                            "argv": argv, "memory_interval_s": args.memory_interval, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

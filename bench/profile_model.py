@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,10 +33,17 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fmt_num, md_table, provenance, write_json  # noqa: E402
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_counts_cpu.json"
+
+TITLE = "Kernel launches per segment (`bench/profile_model.py --count-ops`)"
+WHAT = ("The aten ops the model dispatches per segment (a proxy for CUDA kernel launches that needs "
+        "no GPU) and the host-device synchronisations, for training forward+backward, no-grad "
+        "prefill and single-token decode, DNC vs the memory-less baseline.")
 
 # ops that launch no kernel on a GPU: allocation and metadata only (views are detected by schema);
 # scalar_tensor wraps a python number as a CPU 0-dim tensor (torch.where(c, x, 0.0)), a kernel argument
@@ -252,25 +258,42 @@ def print_table(res: dict, before: dict | None) -> None:
             print(row)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def render(res: dict) -> str:
+    """Kernel-launching ops per segment and host syncs per (model, measurement), one column pair
+    per label the script was run with (e.g. before / after an optimisation): the body of an
+    ``op_counts`` result's entry in ``bench/README.md``."""
+    env = "Device: CPU (op counts do not depend on the device); torch and commit not recorded"
+    labels = [k for k, v in res.items() if isinstance(v, dict) and isinstance(v.get("modes"), dict)]
+    if not labels:
+        return "\n".join([env, "", f"No `modes` in this file (top-level keys: {', '.join(sorted(res))}).", ""])
+    keys = list(dict.fromkeys((m, x) for lb in labels for m, xs in res[lb]["modes"].items() for x in xs))
+    header = ["model", "measurement"]
+    for lb in labels:
+        header += [f"{lb}: kernel ops / segment", f"{lb}: host syncs"]
+    if len(labels) > 1:
+        header.append(f"{labels[-1]} / {labels[0]}")
+    rows = []
+    for m, x in keys:
+        r = [m, x]
+        vals = []
+        for lb in labels:
+            d = res[lb]["modes"].get(m, {}).get(x, {})
+            vals.append(d.get("kernel_ops_per_segment"))
+            r += [fmt_num(d.get("kernel_ops_per_segment"), "{:,.1f}"), fmt_num(d.get("host_syncs"))]
+        if len(labels) > 1:
+            r.append(fmt_num(vals[-1] / vals[0] if vals[0] and vals[-1] else None, "{:.2f}x"))
+        rows.append(r)
+    cfg = res[labels[0]].get("config", {})
+    lines = [env, "", f"Counted on CPU with the preset shrunk ({', '.join(f'{k}={v}' for k, v in cfg.items())}); "
+             "the per-segment op structure is that of the full-size model.", ""]
+    return "\n".join(lines + md_table(header, rows, "ll" + "r" * (len(header) - 2)) + [""])
 
 
-def main_count(a) -> int:
+def main_count(a, argv: list[str]) -> int:
+    """``--count-ops``: count, print, and store the counts under ``--label`` in the ``--out`` file
+    of labelled entries (whose top-level ``command`` lists one command per label)."""
     t = time.perf_counter()
-    res = count_ops(a)
-    res["command"] = "python bench/profile_model.py --count-ops " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in (("preset", a.preset), ("shrink", a.shrink),
-                                                     ("segments", a.segments), ("batch", a.batch), ("label", a.label))) \
-        + (" --autocast" if a.autocast else "")
-    res["argv"] = sys.argv
-    res["commit"] = _commit()
-    res["torch"] = torch.__version__
-    res["device"] = "cpu"
+    res = provenance("op_counts", argv, "cpu", script="profile_model") | count_ops(a)
     results = Path(a.out)
     stored = json.loads(results.read_text()) if results.exists() else {}
     before = stored.get(a.before) if a.label != a.before else None
@@ -280,14 +303,16 @@ def main_count(a) -> int:
             for mode, r in modes.items():
                 print(kind, mode, r["top"])
     stored[a.label] = res
+    stored["benchmark"] = "op_counts"
+    stored["command"] = "\n".join(v["command"] for v in stored.values() if isinstance(v, dict) and v.get("command"))
     if not a.no_save:
-        results.parent.mkdir(parents=True, exist_ok=True)
-        results.write_text(json.dumps(stored, indent=1) + "\n")
+        write_json(results, stored)
         print(f"wrote {results} [{a.label}] in {time.perf_counter() - t:.1f}s")
     return 0
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--length", type=int, default=8192)
@@ -307,7 +332,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     a = p.parse_args(argv)
     if a.count_ops:
-        return main_count(a)
+        return main_count(a, argv)
     dev = torch.device(a.device)
     cfg = preset(a.preset)
     if a.baseline:

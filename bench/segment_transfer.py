@@ -19,7 +19,6 @@ Prints a table and writes ``bench/results/segment_transfer_<tag>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,12 @@ HERE = Path(__file__).resolve().parent
 for _p in (str(HERE.parent), str(HERE)):  # the project (dnc) and bench/ (report)
     if _p not in sys.path:
         sys.path.insert(0, _p)
+from common import fmt_num, md_table, parse_pairs, provenance, write_json  # noqa: E402
+
+TITLE = "A trained memory at other segment lengths (`bench/segment_transfer.py`)"
+WHAT = ("One checkpoint evaluated unchanged with other segment lengths (bank capacities scaled to "
+        "hold as many segments): greedy exact match on curriculum tasks whose facts sit 1.5-4 "
+        "segments before the question.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     import torch
-    from report import git_commit, parse_pairs
 
     from dnc.checkpoint import load_checkpoint, resolve_checkpoint
     from dnc.training import task_accuracy
@@ -101,18 +106,32 @@ def main(argv: list[str] | None = None) -> int:
         cells = ", ".join(f"{t} " + "/".join(f"{acc[t][L]:.2f}" for L in lengths) for t in tasks)
         print(f"segment_len {seg:>5}, L0 {cfg.l0_slots:>5} slots (lengths {'/'.join(map(str, lengths))}): {cells}",
               flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    import shlex
-
-    res = {"benchmark": "segment_transfer", "command": shlex.join(["python", "bench/segment_transfer.py"] + list(
-               sys.argv[1:] if argv is None else argv)), "checkpoint": path, "trained_segment_len": trained.config.segment_len,
-           "spans_in_segments": spans, "overrides": overrides, "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows,
-           "torch": torch.__version__, "commit": git_commit()}
-    dest = out / f"segment_transfer_{a.tag}.json"
-    dest.write_text(json.dumps(res, indent=1, default=str))
+    res = {**provenance("segment_transfer", argv, a.device), "checkpoint": path,
+           "trained_segment_len": trained.config.segment_len, "spans_in_segments": spans, "overrides": overrides,
+           "n": a.n, "difficulty": a.difficulty, "tasks": tasks, "rows": rows}
+    dest = write_json(Path(a.out) / f"segment_transfer_{a.tag}.json", res)
+    print(render(res))
     print(f"wrote {dest}")
     return 0
+
+
+def render(res: dict) -> str:
+    """Markdown of one result (the body of its entry in ``bench/README.md``, also printed): exact
+    match per task x sample length, one row per segment length the checkpoint ran at."""
+    tasks = res.get("tasks", [])
+    spans = res.get("spans_in_segments", [])
+    header = ["segment_len", "L0 slots", "lengths"] + [f"{t} @ {s:g} seg" for t in tasks for s in spans]
+    rows = []
+    for r in res.get("rows", []):
+        acc, lengths = r.get("accuracy", {}), r.get("lengths", [])
+        cells = [fmt_num(acc.get(t, {}).get(str(L), acc.get(t, {}).get(L)), "{:.2f}") for t in tasks for L in lengths]
+        rows.append([str(r.get("segment_len")), fmt_num(r.get("l0_slots"), "{:,}"), "/".join(map(str, lengths))] + cells)
+    note = (f"Checkpoint trained with segment_len {res.get('trained_segment_len')}; {res.get('n')} samples "
+            f"per cell, difficulty {res.get('difficulty')}"
+            + (f"; evaluated with {', '.join(f'{k}={v}' for k, v in res['overrides'].items())}" if res.get("overrides") else "")
+            + ".")
+    return "\n".join([f"Device: {res.get('device') or 'CPU'}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}", "", note, ""]
+                     + md_table(header, rows) + [""])
 
 
 if __name__ == "__main__":

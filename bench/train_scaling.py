@@ -31,8 +31,14 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, HERE):  # the project (dnc) and bench/ (common)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from common import fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
+
+TITLE = "Training throughput and scaling (`bench/train_scaling.py`)"
+WHAT = ("Tokens/s, step time, MFU and peak memory of the real training step on one GPU, then DDP "
+        "and FSDP2 on N GPUs through Ray Train and under torchrun, on random tokens.")
 
 ALL_MODES = ("single", "ray-ddp", "ray-fsdp", "torchrun-ddp", "torchrun-fsdp")
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
@@ -241,8 +247,6 @@ def environment() -> dict[str, Any]:
         env["ray"] = ray.__version__
     except ImportError:
         env["ray"] = None
-    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
-
     env["commit"] = git_commit()
     return env
 
@@ -273,33 +277,58 @@ def add_derived(report: dict[str, Any], peak: float | None) -> None:
             t[f"Ray/torchrun {s} >= 0.97"] = d[f"ray_over_torchrun/{s}"] >= 0.97
 
 
-def markdown(report: dict[str, Any]) -> str:
-    c, env = report["config"], report["env"]
-    lines = [f"Training throughput: preset `{c['preset']}`, {c['seq_len']} tokens x batch {c['batch_size']} per GPU, "
-             f"{'bf16' if c['bf16'] else 'fp32'}, compile={c['compile']}, gradient reduce {c.get('grad_reduce', 'fp32')}"
-             f"{', FSDP bf16 params' if c.get('fsdp_bf16_params') else ''}, {c['steps']} timed steps; "
-             f"{env.get('gpu') or c['device']}, torch {env['torch']}, ray {env.get('ray')}, commit {env.get('commit')}",
-             "", "| mode | GPUs | tokens/s | tokens/s/GPU | step ms | MFU | scaling vs 1 GPU | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in c["modes"]:
-        r = report["results"].get(m, {})
+def tables(res: dict) -> list[str]:
+    """One row per mode (single GPU, Ray Train and torchrun, DDP and FSDP) and the derived ratios."""
+    results = res.get("results", {})
+    derived = res.get("derived", {})
+    rows = []
+    for mode, r in results.items():
         if "error" in r:
-            lines.append(f"| {m} | | failed: {r['error'][:80]} | | | | | |")
+            msg = str(r["error"]).splitlines()[0][:90]
+            rows.append([mode, "—", "—", "—", "—", "—", "—", "—", f"failed: {msg}"])
             continue
-        sc = report["derived"].get(f"scaling/{m}")
-        mfu = r.get("mfu")
-        lines.append(f"| {m} | {r['world']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
-                     f"{r['step_ms']:.1f} | {f'{mfu * 100:.1f}%' if mfu is not None else 'n/a'} | "
-                     f"{f'{sc:.2f}x' if sc else '-'} | {r['peak_mem_gb']:.1f} |")
-    for k, v in report["derived"].items():
-        if k.startswith("ray_over_torchrun"):
-            lines.append(f"\nRay Train / torchrun ({k.split('/')[1]}): {v:.3f}")
-    if report.get("targets"):
-        lines.append("\nTargets: " + "; ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in report["targets"].items()))
-    return "\n".join(lines) + "\n"
+        sc = derived.get(f"scaling/{mode}")
+        rows.append([mode, str(r.get("world", "—")), fmt_num(r.get("tokens_per_s")),
+                     fmt_num(r.get("tokens_per_s_per_gpu")),
+                     fmt_num(r.get("step_ms"), "{:.1f}"), fmt_num(r.get("mfu"), "{:.1%}"),
+                     fmt_num(sc, "{:.2f}x") if sc else "-", fmt_num(r.get("peak_mem_gb"), "{:.1f}"), ""])
+    lines = md_table(["mode", "GPUs", "tokens/s", "tokens/s/GPU", "step ms", "MFU", "scaling vs 1 GPU", "peak GiB",
+                      "note"], rows, "l" + "r" * 7 + "l") + [""]
+    ratios = {k: v for k, v in derived.items() if not k.startswith("scaling/")}
+    if ratios:
+        lines += ["Derived: " + ", ".join(f"{k} = {v:.3f}" for k, v in sorted(ratios.items())), ""]
+    return lines
 
 
-# ---------------------------------------------------------------------------------- main
+def targets(res: dict) -> list[dict[str, Any]]:
+    """The verdicts the script stored, with the measured value looked up by the target's wording
+    (``single MFU ...``, ``<mode> 2-GPU scaling ...``, ``Ray/torchrun <strategy> ...``)."""
+    results, derived = res.get("results", {}), res.get("derived", {})
+    out = []
+    for name, met in res.get("targets", {}).items():
+        shown = None
+        if "MFU" in name:
+            v = results.get(name.split()[0], {}).get("mfu")
+            shown = fmt_num(v, "{:.1%}") if v is not None else None
+        elif "scaling" in name:
+            v = derived.get(f"scaling/{name.split()[0]}")
+            shown = fmt_num(v, "{:.2f}x") if v is not None else None
+        elif name.startswith("Ray/torchrun"):
+            v = derived.get(f"ray_over_torchrun/{name.split()[1]}")
+            shown = fmt_num(v, "{:.3f}") if v is not None else None
+        out.append({"target": name, "measured": shown, "met": bool(met) if met is not None else None})
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    """Markdown of one result: where it ran, the table of modes, the targets; the body of its
+    entry in ``bench/README.md`` and the ``.md`` file written next to the JSON."""
+    e = res.get("env", {})
+    lines = [f"Device: {e.get('gpu_count')}x {e.get('gpu')}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
+             f"ray {e.get('ray')}; commit {e.get('commit') or 'unknown'}", ""] + tables(res)
+    return "\n".join(lines + targets_section(targets(res)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=None, help="model preset (default: base on cuda, tiny on cpu)")
@@ -357,6 +386,7 @@ def resolve_args(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns = build_parser().parse_args(argv)
     if ns.worker:
         torchrun_worker(ns.worker, ns.worker_args, ns.worker_out)
@@ -374,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"plan": a, "model": {"params": n_params, "segment_len": cfg.segment_len,
                                                "memory": cfg.memory, "flops_per_token": fpt}}, indent=1))
         return 0
-    report: dict[str, Any] = {"config": {k: v for k, v in a.items() if k != "verbose"}, "env": environment(),
+    report: dict[str, Any] = {**provenance("train_scaling", argv, a["device"]),
+                              "config": {k: v for k, v in a.items() if k != "verbose"}, "env": environment(),
                               "results": {}, "time": time.time()}
     runners = {"single": run_single, "ray-ddp": lambda x: run_ray(x, "ddp"), "ray-fsdp": lambda x: run_ray(x, "fsdp"),
                "torchrun-ddp": lambda x: run_torchrun(x, "ddp"), "torchrun-fsdp": lambda x: run_torchrun(x, "fsdp")}
@@ -392,10 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_flops(name, a["peak_tflops"]) if a["device"] == "cuda" else None
     report["peak_flops"] = peak
     add_derived(report, peak)
-    os.makedirs(os.path.dirname(os.path.abspath(ns.out)), exist_ok=True)
-    with open(ns.out, "w") as f:
-        json.dump(report, f, indent=1)
-    md = markdown(report)
+    write_json(ns.out, report)
+    md = render(report)
     with open(os.path.splitext(ns.out)[0] + ".md", "w") as f:
         f.write(md)
     print(md)

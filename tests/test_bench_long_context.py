@@ -91,7 +91,7 @@ def test_report_rebuilds_readme(lc_run: Path, tmp_path: Path):
     text = readme.read_text()
     assert "## Long-context accuracy" in text and "## DNC vs the Transformer baseline" in text
     assert "python bench/long_context.py --preset tiny" in text  # the command stored in the JSON
-    assert "python bench/model_speed.py --device cuda" in text  # documented in the top-level README
+    assert "python bench/model_speed.py --device cuda" in text  # given to the old result by the migration
     for png in ("long_context_test_passkey", "long_context_test_accuracy", "model_speed_cuda_throughput",
                 "model_speed_cuda_memory", "model_speed_cuda_decode", "model_speed_cuda_state_bytes"):
         assert f"](results/plots/{png}.png)" in text
@@ -109,10 +109,12 @@ def test_cells_record_out_of_memory_and_skips(tmp_path: Path, monkeypatch):
     import torch
 
     sys.path.insert(0, str(BENCH))
-    import long_context as lc
+    import long_context
+    import long_context_eval as lc
+    from long_context_report import Run
 
-    args = lc.build_parser().parse_args(["--out", str(tmp_path), "--tag", "unit", "--device", "cpu"])
-    run = lc.Run(args, [], torch.device("cpu"), {"baseline_max_len": 1024})
+    args = long_context.build_parser().parse_args(["--out", str(tmp_path), "--tag", "unit", "--device", "cpu"])
+    run = Run(args, [], torch.device("cpu"), {"baseline_max_len": 1024})
 
     def fake_answer(reader, sample):
         if reader == "oom":
@@ -153,7 +155,7 @@ def test_segment_transfer_evaluates_one_checkpoint_at_other_segment_lengths(tmp_
 
 def test_a_needle_crosses_a_segment_when_its_digits_are_split():
     sys.path.insert(0, str(BENCH))
-    import long_context as lc
+    import long_context_eval as lc
 
     needle = lambda pos: SimpleNamespace(meta={"needle_pos": pos, "passkey": "12345"})  # noqa: E731
     assert not lc.crosses_segment(needle(27), 32)  # digits at 27..31
@@ -201,7 +203,7 @@ def test_wordings_are_cell_dimensions_from_a_checkpoint(tmp_path):
 
 def test_base_wording_keeps_its_samples_and_others_differ():
     sys.path.insert(0, str(BENCH))
-    import long_context as lc
+    import long_context_eval as lc
     import numpy as np
 
     from dnc.data import tasks
@@ -220,11 +222,11 @@ def test_base_wording_keeps_its_samples_and_others_differ():
 
 def test_wilson_interval():
     sys.path.insert(0, str(BENCH))
-    import report
+    import common
 
-    lo, hi = report.wilson(0, 4)
+    lo, hi = common.wilson(0, 4)
     assert lo == 0.0 and abs(hi - 0.4899) < 1e-3
-    lo, hi = report.wilson(20, 40)
+    lo, hi = common.wilson(20, 40)
     assert abs(lo - 0.352) < 1e-3 and abs(hi - 0.648) < 1e-3
-    assert report.fmt_count(20, 40) == "50.0% (20/40) [35–65%]"
-    assert report.fmt_count(60, 80) == "75.0% (60/80)"  # 50 samples or more: no interval
+    assert common.fmt_count(20, 40) == "50.0% (20/40) [35–65%]"
+    assert common.fmt_count(60, 80) == "75.0% (60/80)"  # 50 samples or more: no interval
