@@ -21,7 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import long_context as lc  # noqa: E402  (the reader and sample draws of the long-context record)
+import common  # noqa: E402
+from long_context import one_length  # noqa: E402
+from long_context_eval import GreedyReader, answer, draw_samples  # noqa: E402  (the record's reader and draws)
+from long_context_train import resolve_checkpoint  # noqa: E402
 
 from dnc.checkpoint import load_checkpoint  # noqa: E402
 from dnc.data import tasks as task_lib  # noqa: E402
@@ -42,25 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ckpt, _ = lc.resolve_checkpoint(args.checkpoint)
+    ckpt, _ = resolve_checkpoint(args.checkpoint)
     model, _ = load_checkpoint(ckpt, map_location="cpu")
     model = model.to(device).eval()
     seg = model.config.segment_len
-    reader = lc.GreedyReader(model, seg, device)
-    length = lc.one_length(args.length, "--length")
+    reader = GreedyReader(model, seg, device)
+    length = one_length(args.length, "--length")
     rows = []
     for d in [float(x) for x in args.depths.split(",") if x.strip()]:
         kw = {"depth": d, "n_decoys": 0, "markers": args.markers == "on"}
         if args.phrasing:
             kw["phrasing"] = args.phrasing
-        L, samples = lc.draw_samples("needle", [args.seed, int(d * 1000), length], length, args.n, 0.0, **kw)
+        L, samples = draw_samples("needle", [args.seed, int(d * 1000), length], length, args.n, 0.0, **kw)
         ok, in_seg, dist, wrong = 0, 0, [], []
         for s in samples:
             q_start = s.meta["answer_spans"][0][0]
             same = s.meta["needle_pos"] // seg == q_start // seg
             in_seg += same
             dist.append(q_start - s.meta["needle_pos"])
-            right, _, _ = lc.answer(reader, s)
+            right, _, _ = answer(reader, s)
             ok += right
             if not right and len(wrong) < 3:
                 got = reader.pieces(s)[0]
@@ -72,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        res = {"benchmark": "needle_probe", "argv": list(argv), "commit": lc.git_commit(),
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "segment_len": seg, "rows": rows}
-        Path(args.out).write_text(json.dumps(res, indent=1))
+        res = common.provenance("needle_probe", argv, device, script="needle_probe")
+        common.write_json(args.out, res | {"segment_len": seg, "rows": rows})
     return 0
 
 
