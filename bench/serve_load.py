@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=MODES)
     p.add_argument("--session", action="store_true", help="plain/stream: each client generates in its own session")
     p.add_argument("--client-procs", type=int, default=1,
-                   help="client processes sharing the clients (one Python process parses ~10k SSE events/s)")
+                   help="client processes sharing the clients (one parses ~10-13k SSE token events/s on a shared 2-core "
+                        "machine: use several above ~5k tokens/s)")
     p.add_argument("--warmup", type=int, default=1, help="rounds of one request per client before each level")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster")
     p.add_argument("--torch-threads", type=int, default=1,
