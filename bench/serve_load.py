@@ -266,7 +266,7 @@ def in_process(args, n: int) -> dict[str, Any]:
            "latency_ms_p99": pct(lat, 0.99), "ttft_ms_p50": pct(ttft, 0.5), "itl_ms_p50": pct(itl, 0.5),
            "itl_ms_p99": pct(itl, 0.99), "device": str(lm.device), "weights_digest": lm.digest, "batched": {}}
     for c in sorted(set(args.clients)):
-        for attempt in ("warm-up", "timed"):
+        for _ in range(2):  # a warm-up batch, then the timed one
             dec = BatchDecoder(lm.model, max_batch=c)
             rows = [DecodeRow(ids, None, args.max_new_tokens, SamplingParams(0.0), stop_tokens=frozenset([tok.eos_id]))
                     for _ in range(c)]

@@ -117,8 +117,10 @@ def get_metrics() -> ServeMetrics:
 # ---------------------------------------------------------------------- hooks for the session path
 def record_durable_bytes(n: int) -> None:
     """A session turn made ``n`` bytes durable (what it appended to storage before its answer:
-    the turn record, plus a snapshot when that turn wrote one). Call once per acknowledged turn,
-    from whichever process wrote it (Generator replica or SessionBank shard)."""
+    the turn record, plus a snapshot when that turn wrote one). Once per acknowledged turn: the
+    Generator calls it with the ``durable_bytes`` its commit ack reports (the payload it sent when
+    the ack has none), so a shard that reports ``durable_bytes`` should not call it too; call it
+    directly only where a turn is made durable without a Generator commit."""
     get_metrics().durable_bytes.observe(max(0, int(n)))
 
 

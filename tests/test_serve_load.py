@@ -28,7 +28,11 @@ def test_serve_load_one_command(tmp_path):
     res = json.loads(out.read_text())
     env = res["env"]
     assert res["benchmark"] == "serve_load" and env["argv"] == argv and env["torch"] == torch.__version__
-    assert env["command"].startswith("python bench/serve_load.py --port") and env["cpu"] and env["commit"]
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from report import git_commit
+
+    assert env["command"].startswith("python bench/serve_load.py --port") and env["cpu"]
+    assert env["commit"] == git_commit() and env["ray"] and env["python"]
     assert res["device"] == (env["gpu"] or env["cpu"])
     rows = {(r["mode"], r["clients"]): r for r in res["results"]}
     assert set(rows) == {(m, c) for m in ("plain", "stream", "chat") for c in (1, 3)}
