@@ -321,8 +321,8 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
 
     from serve.app import run_app
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset,
                 "max_new_tokens": max(512, args.max_new_tokens), "manager_interval_s": 0,
                 "torch_threads": args.torch_threads, "generator_replicas": args.replicas,
