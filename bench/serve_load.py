@@ -21,7 +21,7 @@ Examples:
     python bench/serve_load.py --clients 1 8 --requests 16 --max-new-tokens 16 --modes stream chat --turns 3
     # the issue-14 table on a GPU (small preset, 64 and 256 concurrent streams, 4 client processes):
     python bench/serve_load.py --preset small --clients 1 64 256 --requests 512 --max-new-tokens 64 \\
-        --modes plain stream chat --turns 8 --client-procs 4 --torch-threads 0
+        --modes plain stream chat --turns 8 --client-procs 4 --torch-threads 0 --prometheus
     # an already running server (the in-process baseline still loads --preset/--checkpoint here):
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 1 4
 
@@ -46,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit
 MODES = ("plain", "stream", "chat")
+APP_NAME = "dnc-bench"  # the Serve application this script starts
 TOKEN_EVENT = 'data: {"type": "token"'  # json.dumps of serve.streaming's token events starts so
 
 
@@ -63,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=MODES)
     p.add_argument("--session", action="store_true", help="plain/stream: each client generates in its own session")
     p.add_argument("--client-procs", type=int, default=1,
-                   help="client processes sharing the clients (one parses ~10-13k SSE token events/s on a shared 2-core "
-                        "machine: use several above ~5k tokens/s)")
+                   help="client processes sharing the clients (one parses ~10-13k SSE token events/s on a "
+                        "shared 2-core machine: use several above ~5k tokens/s)")
     p.add_argument("--warmup", type=int, default=1, help="rounds of one request per client before each level")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -75,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=float, default=None,
                    help="batch_wait_timeout_s of the started server, in ms (default: the app's)")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--prometheus", nargs="?", const="auto", default=None, metavar="URL",
+                   help="after the run, scrape the server's Prometheus metrics (serve/metrics.py) into the JSON: "
+                        "URL of a node's /metrics, or none = the started cluster's node")
+    p.add_argument("--api-key", default=os.environ.get("DNC_API_KEY"),
+                   help="Bearer key for a --url server with keys on (default $DNC_API_KEY)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load-<time>.json)")
     args = p.parse_args(argv)
@@ -142,7 +148,7 @@ async def drive_clients(url: str, args, mode: str, workers: list[int], level: in
     n = len(workers)
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     stamp = f"{os.getpid()}-{int(time.time() * 1e3)}"
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits, headers=auth(args)) as client:
         for _ in range(args.warmup):  # connections open, the server's batch sizes seen once
             await asyncio.gather(*(one_request(client, args, mode != "plain", None) for _ in workers))
         if warmed is not None:
@@ -171,10 +177,32 @@ def _client_proc(url, args, mode, workers, level, ready, go, results) -> None:
     results.put(asyncio.run(drive_clients(url, args, mode, workers, level, warmed)))
 
 
-def server_stats(url: str) -> dict[str, Any]:
+def auth(args) -> dict[str, str]:
+    return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+
+def server_stats(url: str, args) -> dict[str, Any]:
     import httpx
 
-    return httpx.get(f"{url}/model/stats", timeout=60).json()["serving"]["generator"]
+    r = httpx.get(f"{url}/model/stats", timeout=60, headers=auth(args))
+    r.raise_for_status()
+    return r.json()["serving"]["generator"]
+
+
+def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
+    """The serving series of the whole run (every level and warm-up), summed over replicas. Waits
+    one Ray export period first, so the last requests are in."""
+    import httpx
+
+    from serve.metrics import parse_prometheus, summarize_scrape
+
+    if where == "auto":
+        import ray
+
+        where = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+    time.sleep(12)
+    summary = summarize_scrape(parse_prometheus(httpx.get(where, timeout=30).text), application=app)
+    return {"url": where, "application": app, "series": summary}
 
 
 def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
@@ -184,7 +212,9 @@ def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, A
     shares = [list(range(level))[i::procs] for i in range(procs)]
     before: dict[str, Any] = {}
     if procs == 1:
-        out = [asyncio.run(drive_clients(url, args, mode, shares[0], level, lambda: before.update(server_stats(url))))]
+        def warmed():
+            before.update(server_stats(url, args))
+        out = [asyncio.run(drive_clients(url, args, mode, shares[0], level, warmed))]
     else:
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -194,7 +224,7 @@ def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, A
             p.start()
         for _ in ps:
             ready.get(timeout=args.timeout * (1 + args.warmup))
-        before.update(server_stats(url))
+        before.update(server_stats(url, args))
         go.set()
         out = [results.get(timeout=args.timeout * max(1, args.requests, args.turns)) for _ in ps]
         for p in ps:
@@ -205,7 +235,7 @@ def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, A
 
 def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
     results, wall, before = run_clients(url, args, mode, clients)
-    after = server_stats(url)
+    after = server_stats(url, args)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_requests", "session_turns",
                                                              "tokens_generated", "requests")}
     ok = [r for r in results if r["ok"]]
@@ -289,6 +319,17 @@ def in_process(args, n: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ environment, server
+def redact_key(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--api-key`` hidden (the JSON is shared; keys are secrets)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--api-key" and i + 1 < len(out):
+            out[i + 1] = "<redacted>"
+        elif a.startswith("--api-key="):
+            out[i] = "--api-key=<redacted>"
+    return out
+
+
 def environment(argv: list[str]) -> dict[str, Any]:
     """What the figures were measured on: device names, versions, commit, command line."""
     import torch
@@ -332,7 +373,7 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
         app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
-    return run_app(app_args, args.port, name="dnc-bench"), app_args
+    return run_app(app_args, args.port, name=APP_NAME), app_args
 
 
 # ------------------------------------------------------------------------------ report
@@ -366,7 +407,8 @@ def table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
     if base:
         out.append(f"| in-process, 1 stream | 1 | {base['requests']} | 0 | {f(base['tokens_per_s'])} | "
                    f"{f(base['requests_per_s'], 2)} | {f(base['latency_ms_p50'])} | {f(base['latency_ms_p99'])} | "
-                   f"{f(base['ttft_ms_p50'])} | - | {f(base['itl_ms_p50'], 2)} | {f(base['itl_ms_p99'], 2)} | - | 1 | 0 | - |")
+                   f"{f(base['ttft_ms_p50'])} | - | {f(base['itl_ms_p50'], 2)} | {f(base['itl_ms_p99'], 2)} | "
+                   "- | 1 | 0 | - |")
         for c, b in base["batched"].items():
             out.append(f"| in-process, BatchDecoder | {c} | {c} | 0 | {f(b['tokens_per_s'])} | - | "
                        f"{f(b['seconds'] * 1e3)} | - | - | - | - | - | {f(b['step_ms_mean'], 2)} | {c} | 0 | 1.00x |")
@@ -400,7 +442,7 @@ def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[dic
 def main(argv=None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    env = environment(argv)
+    env = environment(redact_key(argv))
     # in-process first, while no Ray workers compete for the cores
     base = None if args.no_in_process else in_process(args, max(4, min(args.requests, 16)))
     if base:
@@ -413,7 +455,7 @@ def main(argv=None) -> dict[str, Any]:
         import tempfile
 
         url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"))
-    rows = []
+    rows, prometheus = [], None
     try:
         for mode in args.modes:
             for c in args.clients:
@@ -421,6 +463,10 @@ def main(argv=None) -> dict[str, Any]:
                 rows.append(r)
                 print(f"{mode:6s} clients={c:3d}: {r['tokens_per_s']:.1f} tok/s, p50 {r['latency_ms_p50']} ms, "
                       f"TTFT p50 {r['ttft_ms_p50']} ms, ITL p50 {r['itl_ms_p50']} ms, errors {r['errors']}", flush=True)
+        if args.prometheus == "auto" and started is None:
+            print("--prometheus without a URL needs the server this script starts; give the node's /metrics URL")
+        elif args.prometheus:
+            prometheus = scrape_prometheus(args.prometheus, None if args.url else APP_NAME)
     finally:
         if started is not None:
             from serve.app import teardown
@@ -436,7 +482,8 @@ def main(argv=None) -> dict[str, Any]:
     print(md)
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
               "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
-              "args": vars(args), "server_args": started, "in_process": base, "results": rows, "targets": goals, "markdown": md}
+              "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
+              "in_process": base, "results": rows, "targets": goals, "prometheus": prometheus, "markdown": md}
     out = args.out or os.path.join(ROOT, "bench", "results", f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

@@ -34,6 +34,7 @@ replica they carry the replica's labels; outside Ray they record into nothing.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any
@@ -167,3 +168,45 @@ class RequestMetrics:
                                           (time.perf_counter() - t0) * 1e3)
             except Exception:  # pragma: no cover - metrics never fail a request
                 pass
+
+
+# ---------------------------------------------------------------------- reading a scrape
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text format -> ``(name, labels, value)`` per sample line (tests, benchmarks)."""
+    out = []
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if m and not line.startswith("#"):
+            out.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
+    return out
+
+
+def summarize_scrape(samples: list[tuple[str, dict[str, str], float]], prefix: str = "ray_dnc_",
+                     application: str | None = None) -> dict[str, Any]:
+    """This module's series summed over replicas and labels (of ``application`` only, when given):
+    ``{name: value}`` for counters and gauges; for histograms (``name`` without its suffixes)
+    ``{"count", "buckets": {le: cumulative count}, "p50_le", "p99_le"}``, the ``_le`` being the label
+    (upper bound, "+Inf" for the last) of the bucket that holds that quantile. Ray's histogram
+    ``_sum`` is left out: it comes from bucket midpoints."""
+    names = {n for n, _, _ in samples}
+    out: dict[str, Any] = {}
+    for name, labels, v in samples:
+        if not name.startswith(prefix) or (application and labels.get("application") != application):
+            continue
+        if name.endswith("_bucket"):
+            h = out.setdefault(name[:-7], {"count": 0.0, "buckets": {}})
+            h["buckets"][labels["le"]] = h["buckets"].get(labels["le"], 0.0) + v
+        elif name.endswith("_count") and name[:-6] + "_bucket" in names:
+            out.setdefault(name[:-6], {"count": 0.0, "buckets": {}})["count"] += v
+        elif not (name.endswith("_sum") and name[:-4] + "_bucket" in names):
+            out[name] = out.get(name, 0.0) + v
+    for h in out.values():
+        if isinstance(h, dict):
+            ordered = sorted(h["buckets"].items(), key=lambda kv: float(kv[0]))
+            for q in (0.5, 0.99):
+                h[f"p{int(q * 100)}_le"] = next((le for le, c in ordered if h["count"] and c >= q * h["count"]), None)
+    return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
 
 import httpx
@@ -18,18 +17,6 @@ import pytest
 PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8126"))
 BASE = f"http://127.0.0.1:{PORT}"
 APP = "dnc-metrics-test"
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Prometheus text format -> (name, labels, value) per sample line."""
-    out = []
-    for line in text.splitlines():
-        m = SAMPLE.match(line.strip())
-        if m and not line.startswith("#"):
-            out.append((m[1], dict(LABEL.findall(m[2] or "")), float(m[3])))
-    return out
 
 
 def series(samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
@@ -67,6 +54,26 @@ def test_recording_never_fails_outside_ray():
     set_resident_sessions(-1)
     assert route_label({}) == "unmatched"
     assert route_label({"root_path": "/ui", "app_root_path": ""}) == "/ui"
+
+
+def test_scrape_summary_quantiles_from_buckets():
+    from serve.metrics import parse_prometheus, summarize_scrape
+
+    text = "\n".join([
+        "# TYPE ray_dnc_x_ms histogram",
+        'ray_dnc_x_ms_bucket{application="a",replica="r1",le="1.0"} 1.0',
+        'ray_dnc_x_ms_bucket{application="a",replica="r1",le="10.0"} 60.0',
+        'ray_dnc_x_ms_bucket{application="a",replica="r1",le="+Inf"} 100.0',
+        'ray_dnc_x_ms_count{application="a",replica="r1"} 100.0',
+        'ray_dnc_x_ms_sum{application="a",replica="r1"} 5.5',
+        'ray_dnc_tokens_total{application="a",replica="r1"} 3.0',
+        'ray_dnc_tokens_total{application="a",replica="r2"} 4.0',
+        'ray_dnc_tokens_total{application="b",replica="r3"} 100.0',
+        'ray_serve_other_total{application="a"} 1.0'])
+    summary = summarize_scrape(parse_prometheus(text), application="a")
+    assert summary == {"ray_dnc_x_ms": {"count": 100.0, "buckets": {"1.0": 1.0, "10.0": 60.0, "+Inf": 100.0},
+                                        "p50_le": "10.0", "p99_le": "+Inf"},
+                       "ray_dnc_tokens_total": 7.0}
 
 
 def test_scheduler_reports_tokens_and_inter_token_times(tiny_config):
@@ -117,6 +124,8 @@ def served(ray_cluster, tmp_path_factory):
 
 
 def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
+    from serve.metrics import parse_prometheus
+
     """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every ~10 s)."""
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     deadline, samples = time.monotonic() + timeout_s, []
@@ -196,3 +205,11 @@ def test_prometheus_endpoint_shows_serving_metrics(served, ray_cluster):
     assert total(s, "ray_dnc_http_requests_total", route="/v1/state/{state_id}", method="GET", status="404") == 1
     assert {lab["deployment"] for lab, _ in series(s, "ray_dnc_http_requests_total")} == {"Ingress"}
     assert total(s, "ray_dnc_http_request_ms_count", route="/v1/generate") == 6
+    # the summary the benchmark stores agrees with the series
+    from serve.metrics import summarize_scrape
+
+    summary = summarize_scrape(s, application=APP)
+    assert summary["ray_dnc_generated_tokens_total"] == tokens
+    ttft = summary["ray_dnc_time_to_first_token_ms"]
+    assert ttft["count"] == 5 and ttft["buckets"]["+Inf"] == 5 and ttft["p50_le"] is not None
+    assert float(summary["ray_dnc_durable_bytes_per_turn"]["p99_le"]) >= durable

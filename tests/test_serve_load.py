@@ -21,7 +21,7 @@ PORT = os.environ.get("DNC_SERVE_TEST_PORT", "8127")
 def test_serve_load_one_command(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--port", PORT, "--num-cpus", "2", "--clients", "1", "3", "--requests", "6", "--max-new-tokens", "5",
-            "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--out", str(out)]
+            "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--out", str(out)]
     run = subprocess.run([sys.executable, "bench/serve_load.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -52,3 +52,12 @@ def test_serve_load_one_command(tmp_path):
     assert set(base["batched"]) == {"1", "3"} and all(b["tokens"] <= b["rows"] * 5 for b in base["batched"].values())
     assert "| stream | 3 | 6 | 0 |" in res["markdown"] and "in-process, BatchDecoder" in run.stdout
     assert [t["target"] for t in res["targets"]] == ["served vs in-process at 1 client, p50 latency added ms"]
+    # the server's Prometheus series over the whole run: every measured and warm-up request
+    prom = res["prometheus"]["series"]
+    generations = sum(r["requests"] + r["clients"] for r in rows.values())  # one warm-up request per client
+    assert prom["ray_dnc_generations_total"] == generations
+    assert prom["ray_dnc_time_to_first_token_ms"]["count"] == generations
+    warmups = sum(r["clients"] for r in rows.values())  # at least one token each
+    assert prom["ray_dnc_generated_tokens_total"] >= sum(r["tokens"] for r in rows.values()) + warmups
+    assert prom["ray_dnc_http_requests_total"] >= generations + 2 * len(rows)  # + /model/stats before, after
+    assert prom["ray_dnc_durable_bytes_per_turn"]["count"] == rows[("chat", 1)]["requests"] + rows[("chat", 3)]["requests"]
