@@ -14,6 +14,8 @@ import time
 import httpx
 import pytest
 
+from serve.metrics import parse_prometheus, summarize_scrape
+
 PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8126"))
 BASE = f"http://127.0.0.1:{PORT}"
 APP = "dnc-metrics-test"
@@ -57,8 +59,6 @@ def test_recording_never_fails_outside_ray():
 
 
 def test_scrape_summary_quantiles_from_buckets():
-    from serve.metrics import parse_prometheus, summarize_scrape
-
     text = "\n".join([
         "# TYPE ray_dnc_x_ms histogram",
         'ray_dnc_x_ms_bucket{application="a",replica="r1",le="1.0"} 1.0',
@@ -124,8 +124,6 @@ def served(ray_cluster, tmp_path_factory):
 
 
 def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
-    from serve.metrics import parse_prometheus
-
     """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every ~10 s)."""
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     deadline, samples = time.monotonic() + timeout_s, []
@@ -163,8 +161,10 @@ def test_prometheus_endpoint_shows_serving_metrics(served, ray_cluster):
             tokens += r.json()["tokens"]
         assert c.get("/v1/state/never-made").status_code == 404
         assert c.post("/v1/generate", json={"prompt": "x", "max_new_tokens": "lots"}).status_code == 422
-        stats = c.get("/model/stats").json()["serving"]["generator"]
+        serving = c.get("/model/stats").json()["serving"]
+        stats = serving["generator"]
     # the JSON view agrees with the requests
+    assert serving["sessions"] == serving["resident_sessions"] == 1  # one chat, in shard memory
     assert stats["decoded_tokens"] == tokens == stats["tokens_generated"]
     assert stats["inter_token_ms_p50"] > 0 and stats["durable_bytes_per_turn_p50"] > 1000
     durable = stats["durable_bytes_per_turn_p50"]
@@ -206,8 +206,6 @@ def test_prometheus_endpoint_shows_serving_metrics(served, ray_cluster):
     assert {lab["deployment"] for lab, _ in series(s, "ray_dnc_http_requests_total")} == {"Ingress"}
     assert total(s, "ray_dnc_http_request_ms_count", route="/v1/generate") == 6
     # the summary the benchmark stores agrees with the series
-    from serve.metrics import summarize_scrape
-
     summary = summarize_scrape(s, application=APP)
     assert summary["ray_dnc_generated_tokens_total"] == tokens
     ttft = summary["ray_dnc_time_to_first_token_ms"]
