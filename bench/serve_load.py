@@ -1,32 +1,52 @@
-"""Bounded load test of the serving API on loopback, beside the same generation run in-process.
+"""Load test of the serving API beside the same generation in-process, from one run.
 
-For each concurrency level, ``--clients`` concurrent clients send ``--requests`` requests in total
-(``/v1/generate``: ``stream`` mode reads Server-Sent Events and measures time to first token at the
-client; ``plain`` mode is the batched non-streamed path, TTFT as the server reports it). The same
-generation is then run in this process on the same model, sequentially, and the table shows the
-served throughput relative to it.
+Starts a local Ray cluster and the Serve app itself (or uses ``--url``), then for each mode and
+each ``--clients`` level runs that many concurrent clients:
 
-    python bench/serve_load.py                          # starts a local Ray + Serve app (tiny model)
-    python bench/serve_load.py --clients 1 4 16 --requests 64 --max-new-tokens 32
-    python bench/serve_load.py --url http://127.0.0.1:8000   # an already running server
-    python bench/serve_load.py --checkpoint runs/ckpt --session   # sessions (one per client)
+* ``plain``  sessionless ``/v1/generate``, whole answers (``--requests`` in all);
+* ``stream`` sessionless, Server-Sent Events; time to first token (TTFT) and inter-token latency
+  (ITL) are taken at the client from the arrival time of each ``token`` event (``--requests``);
+* ``chat``   long-lived chats: each client creates its own session and sends ``--turns`` streamed
+  turns, one after another (clients x turns requests in all).
 
-Prints a markdown table and writes JSON to bench/results/serve_load-<time>.json.
+The in-process baseline runs first, in this process, on the same model and prompts through
+``dnc.generate`` directly: one stream at a time (``generate_stream``: latency, TTFT, per-token
+ITL) and one ``BatchDecoder`` batch per client level (tokens/s the decode loop gives without
+HTTP, Ray or the scheduler). The table puts each served row beside it: p50 latency added at the
+same prompt (served - in-process, ms) and tokens/s as a fraction of the in-process batch.
+
+Examples:
+
+    # CPU, tiny preset, about a minute:
+    python bench/serve_load.py --clients 1 8 --requests 16 --max-new-tokens 16 --modes stream chat --turns 3
+    # the issue-14 table on a GPU (small preset, 64 and 256 concurrent streams, 4 client processes):
+    python bench/serve_load.py --preset small --clients 1 64 256 --requests 512 --max-new-tokens 64 \\
+        --modes plain stream chat --turns 8 --client-procs 4 --torch-threads 0 --prometheus
+    # an already running server (the in-process baseline still loads --preset/--checkpoint here):
+    python bench/serve_load.py --url http://127.0.0.1:8000 --clients 1 4
+
+Prints a markdown table and writes JSON (argv, device names, torch, Ray, commit, every row) to
+bench/results/serve_load-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clients
+from serve_clients import prompt_text, run_clients, server_stats  # noqa: E402  (bench/serve_clients.py)
+
+MODES = ("plain", "stream", "chat")
+APP_NAME = "dnc-bench"  # the Serve application this script starts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,19 +56,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="checkpoint for the started server / in-process run")
     p.add_argument("--preset", default="tiny", help="preset of the untrained model without --checkpoint")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=32, help="requests per level in plain/stream modes")
+    p.add_argument("--turns", type=int, default=4, help="turns of each client's chat in chat mode")
     p.add_argument("--prompt-len", type=int, default=64, help="prompt length in tokens (bytes)")
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=["plain", "stream"])
-    p.add_argument("--session", action="store_true", help="each client generates in its own session")
+    p.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=MODES)
+    p.add_argument("--session", action="store_true", help="plain/stream: each client generates in its own session")
+    p.add_argument("--client-procs", type=int, default=1,
+                   help="client processes sharing the clients (one parses ~10-13k SSE token events/s on a "
+                        "shared 2-core machine: use several above ~5k tokens/s)")
+    p.add_argument("--warmup", type=int, default=1, help="rounds of one request per client before each level")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray cluster")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads, the same for the served generator and the in-process run (0 = default)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="rows of one decode model call on the started server (default: the largest --clients, <= 256)")
+    p.add_argument("--replicas", type=int, default=1, help="Generator replicas of the started server")
     p.add_argument("--batch-wait-ms", type=float, default=None,
                    help="batch_wait_timeout_s of the started server, in ms (default: the app's)")
+    p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--prometheus", nargs="?", const="auto", default=None, metavar="URL",
+                   help="after the run, scrape the server's Prometheus metrics (serve/metrics.py) into the JSON: "
+                        "URL of a node's /metrics, or none = the started cluster's node")
+    p.add_argument("--api-key", default=os.environ.get("DNC_API_KEY"),
+                   help="Bearer key for a --url server with keys on (default $DNC_API_KEY)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load-<time>.json)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.turns < 1:
+        p.error("--clients, --requests, --turns and --client-procs must be >= 1")
+    return args
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -58,89 +95,56 @@ def pct(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def prompt_text(n: int) -> str:
-    base = "The quick brown fox jumps over the lazy dog. "
-    return (base * (n // len(base) + 1))[:n]
-
-
-# ------------------------------------------------------------------------------ load
-async def one_request(client, args, mode: str, sid: str | None) -> dict[str, Any]:
-    body = {"prompt": prompt_text(args.prompt_len), "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
-            "state_id": sid, "stream": mode == "stream"}
-    t0 = time.perf_counter()
-    try:
-        if mode == "plain":
-            r = await client.post("/v1/generate", json=body)
-            dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                return {"ok": False, "status": r.status_code, "latency": dt}
-            out = r.json()
-            return {"ok": True, "latency": dt, "ttft": out["timing"]["ttft_ms"] / 1e3, "tokens": out["tokens"]}
-        ttft, tokens = None, 0
-        async with client.stream("POST", "/v1/generate", json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return {"ok": False, "status": r.status_code, "latency": time.perf_counter() - t0}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                ev = json.loads(line[6:])
-                if ev.get("type") == "token" and ttft is None:
-                    ttft = time.perf_counter() - t0
-                if ev.get("type") == "done":
-                    tokens = ev["tokens"]
-                if ev.get("type") == "error":
-                    return {"ok": False, "status": ev.get("status"), "latency": time.perf_counter() - t0}
-        return {"ok": True, "latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
-    except Exception as e:  # a refused/reset connection is an error, not a crash of the benchmark
-        return {"ok": False, "status": type(e).__name__, "latency": time.perf_counter() - t0}
-
-
-async def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
+def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
+    """The serving series of the whole run (every level and warm-up), summed over replicas. Waits
+    one Ray export period first, so the last requests are in."""
     import httpx
 
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(args.requests):
-        queue.put_nowait(i)
-    results: list[dict[str, Any]] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
-        await one_request(client, args, mode, None)  # warm-up, not counted
+    from serve.metrics import parse_prometheus, summarize_scrape
 
-        async def worker(w: int):
-            sid = f"bench-{mode}-{clients}-{w}-{int(time.time())}" if args.session else None
-            while True:
-                try:
-                    queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results.append(await one_request(client, args, mode, sid))
-        before = (await client.get("/model/stats")).json()["serving"]["generator"]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(clients)))
-        wall = time.perf_counter() - t0
-        after = (await client.get("/model/stats")).json()["serving"]["generator"]
-    batches = after.get("batches", 0) - before.get("batches", 0)
-    batched = after.get("batched_requests", 0) - before.get("batched_requests", 0)
+    if where == "auto":
+        import ray
+
+        where = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
+    time.sleep(12)
+    summary = summarize_scrape(parse_prometheus(httpx.get(where, timeout=30).text), application=app)
+    return {"url": where, "application": app, "series": summary}
+
+
+def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
+    results, wall, before = run_clients(url, args, mode, clients)
+    after = server_stats(url, args)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_requests", "session_turns",
+                                                             "tokens_generated", "requests")}
     ok = [r for r in results if r["ok"]]
     lat = [r["latency"] * 1e3 for r in ok]
     ttft = [r["ttft"] * 1e3 for r in ok if r.get("ttft") is not None]
+    itl = [g for r in ok for g in r.get("itl_ms", [])]
+    itl_mean = [r["itl_mean_ms"] for r in ok if r.get("itl_mean_ms") is not None]
     errors: dict[str, int] = {}
     for r in results:
         if not r["ok"]:
             errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
     return {"mode": mode, "clients": clients, "requests": len(results), "ok": len(ok), "errors": errors,
-            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+            "wall_s": wall, "requests_per_s": len(ok) / wall, "tokens": sum(r["tokens"] for r in ok),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
             "latency_ms_p50": pct(lat, 0.5), "latency_ms_p99": pct(lat, 0.99),
             "ttft_ms_p50": pct(ttft, 0.5), "ttft_ms_p99": pct(ttft, 0.99),
-            "server_mean_batch": batched / batches if batches else None}
+            "ttft_at": "server" if mode == "plain" else "client",
+            "itl_ms_p50": pct(itl, 0.5), "itl_ms_p99": pct(itl, 0.99), "itl_mean_ms_p50": pct(itl_mean, 0.5),
+            "server_mean_batch": delta["batched_requests"] / delta["batches"] if delta["batches"] else None,
+            "server": {"requests": delta["requests"], "tokens": delta["tokens_generated"],
+                       "session_turns": delta["session_turns"], "itl_ms_p50": after.get("inter_token_ms_p50"),
+                       "ttft_ms_p50": after.get("ttft_ms_p50")}}
 
 
-# ------------------------------------------------------------------------------ in-process
+# ------------------------------------------------------------------------------ in-process baseline
 def in_process(args, n: int) -> dict[str, Any]:
-    """The same generation on the same model in this process, one after another."""
+    """The same prompts on the same model through ``dnc.generate`` in this process: ``n`` streams one
+    after another, then one ``BatchDecoder`` batch per client level."""
     import torch
 
+    from dnc.generate import BatchDecoder, DecodeRow, SamplingParams, generate_stream
     from dnc.tokenizer import get_tokenizer
     from serve.modeling import ModelSpec, load_model
 
@@ -150,62 +154,178 @@ def in_process(args, n: int) -> dict[str, Any]:
     tok = get_tokenizer()
     ids = tok.encode(prompt_text(args.prompt_len))
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
-    lm.model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[tok.eos_id])  # warm-up
-    lat, ttft, tokens = [], [], 0
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[tok.eos_id])
+    list(generate_stream(lm.model, ids, **gen))  # warm-up
+    lat, ttft, itl, tokens = [], [], [], 0
     t_all = time.perf_counter()
     for _ in range(n):
-        state = lm.model.init_state(1)
-        t0 = time.perf_counter()
-        first = None
-        for k, _t in enumerate(lm.model.generate_stream(ids, state=state, max_new_tokens=args.max_new_tokens,
-                                                         temperature=0.0, stop_tokens=[tok.eos_id])):
-            if first is None:
-                sync()
-                first = time.perf_counter() - t0
-            tokens += 1
-        sync()
+        t0 = last = time.perf_counter()
+        for k, _t in enumerate(generate_stream(lm.model, ids, state=lm.model.init_state(1), **gen)):
+            sync()
+            now = time.perf_counter()
+            if k == 0:
+                ttft.append((now - t0) * 1e3)
+            else:
+                itl.append((now - last) * 1e3)
+            last, tokens = now, tokens + 1
         lat.append((time.perf_counter() - t0) * 1e3)
-        ttft.append(first * 1e3)
     wall = time.perf_counter() - t_all
-    return {"requests": n, "requests_per_s": n / wall, "tokens_per_s": tokens / wall, "latency_ms_p50": pct(lat, 0.5),
-            "latency_ms_p99": pct(lat, 0.99), "ttft_ms_p50": pct(ttft, 0.5), "device": str(lm.device),
-            "weights_digest": lm.digest}
+    out = {"requests": n, "requests_per_s": n / wall, "tokens_per_s": tokens / wall, "latency_ms_p50": pct(lat, 0.5),
+           "latency_ms_p99": pct(lat, 0.99), "ttft_ms_p50": pct(ttft, 0.5), "itl_ms_p50": pct(itl, 0.5),
+           "itl_ms_p99": pct(itl, 0.99), "device": str(lm.device), "weights_digest": lm.digest, "batched": {}}
+    for c in sorted(set(args.clients)):
+        for _ in range(2):  # a warm-up batch, then the timed one
+            dec = BatchDecoder(lm.model, max_batch=c)
+            rows = [DecodeRow(ids, None, args.max_new_tokens, SamplingParams(0.0), stop_tokens=frozenset([tok.eos_id]))
+                    for _ in range(c)]
+            sync()
+            t0 = time.perf_counter()
+            dec.add(rows)
+            steps = 0
+            while dec.running:
+                dec.step()
+                steps += 1
+            sync()
+            dt = time.perf_counter() - t0
+        made = sum(len(r.tokens) for r in rows)
+        out["batched"][str(c)] = {"rows": c, "tokens": made, "seconds": dt, "tokens_per_s": made / dt,
+                                  "step_ms_mean": dt * 1e3 / max(1, steps)}
+    del lm
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
 
 
-# ------------------------------------------------------------------------------ server
+# ------------------------------------------------------------------------------ environment, server
+def redact_key(argv: list[str]) -> list[str]:
+    """``argv`` with the value of ``--api-key`` hidden (the JSON is shared; keys are secrets)."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--api-key" and i + 1 < len(out):
+            out[i + 1] = "<redacted>"
+        elif a.startswith("--api-key="):
+            out[i] = "--api-key=<redacted>"
+    return out
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    """What the figures were measured on: device names, versions, commit, command line."""
+    import torch
+
+    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # pragma: no cover - serving needs Ray
+        ray_version = None
+    cuda = torch.cuda.is_available()
+    return {"commit": git_commit(), "argv": argv, "command": shlex.join(["python", "bench/serve_load.py", *argv]),
+            "host": platform.node(),
+            "cpu": cpu, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name() if cuda else None,
+            "gpus": torch.cuda.device_count() if cuda else 0, "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None, "ray": ray_version, "python": platform.python_version()}
+
+
 def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
+    """A local Ray cluster and the Serve app on 127.0.0.1:``--port`` (``serve.app.run_app``)."""
     import ray
 
     from serve.app import run_app
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset,
                 "max_new_tokens": max(512, args.max_new_tokens), "manager_interval_s": 0,
-                "torch_threads": args.torch_threads}
+                "torch_threads": args.torch_threads, "generator_replicas": args.replicas,
+                "max_batch_size": args.max_batch_size or min(256, max(args.clients)),
+                "max_sessions_per_owner": max(1000, 2 * sum(args.clients) * (1 + args.warmup))}
+    if args.replicas > 1:
+        app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
-    return run_app(app_args, args.port, name="dnc-bench"), app_args
+    return run_app(app_args, args.port, name=APP_NAME), app_args
 
 
-def table(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
-    f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-    out = ["| mode | clients | requests | errors | req/s | tok/s | p50 ms | p99 ms | TTFT p50 ms | mean batch | vs in-process req/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+# ------------------------------------------------------------------------------ report
+def latency_added(row: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """Served p50 latency minus the in-process one at the same concurrency (ms): one stream
+    (``generate_stream``) for 1 client, else the time the ``BatchDecoder`` took for a batch of as
+    many rows (every row of it finishes then)."""
+    if not base or row["latency_ms_p50"] is None:
+        return None
+    if row["clients"] == 1:
+        return row["latency_ms_p50"] - base["latency_ms_p50"]
+    ref = base["batched"].get(str(row["clients"]))
+    return row["latency_ms_p50"] - ref["seconds"] * 1e3 if ref else None
+
+
+def table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
+    f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"  # noqa: E731
+    out = ["| mode | clients | requests | errors | tok/s | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms "
+           "| ITL p50 ms | ITL p99 ms | ITL mean p50 ms | mean batch | p50 added ms | tok/s vs in-process batch |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        ref = (base or {}).get("batched", {}).get(str(r["clients"]))
+        added = latency_added(r, base)
+        vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
         out.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | "
-                   f"{f(r['requests_per_s'], 2)} | {f(r['tokens_per_s'])} | {f(r['latency_ms_p50'])} | "
-                   f"{f(r['latency_ms_p99'])} | {f(r['ttft_ms_p50'])} | {f(r['server_mean_batch'])} | "
-                   f"{r['requests_per_s'] / base['requests_per_s']:.2f}x |")
-    out.append(f"| in-process | 1 | {base['requests']} | 0 | {f(base['requests_per_s'], 2)} | {f(base['tokens_per_s'])} | "
-               f"{f(base['latency_ms_p50'])} | {f(base['latency_ms_p99'])} | {f(base['ttft_ms_p50'])} | 1.0 | 1.00x |")
+                   f"{f(r['tokens_per_s'])} | {f(r['requests_per_s'], 2)} | {f(r['latency_ms_p50'])} | "
+                   f"{f(r['latency_ms_p99'])} | {f(r['ttft_ms_p50'])}{'*' if r['ttft_at'] == 'server' else ''} | "
+                   f"{f(r['ttft_ms_p99'])} | {f(r['itl_ms_p50'], 2)} | {f(r['itl_ms_p99'], 2)} | "
+                   f"{f(r['itl_mean_ms_p50'], 2)} | {f(r['server_mean_batch'])} | {f(added)} | "
+                   f"{vs} |")
+    if base:
+        out.append(f"| in-process, 1 stream | 1 | {base['requests']} | 0 | {f(base['tokens_per_s'])} | "
+                   f"{f(base['requests_per_s'], 2)} | {f(base['latency_ms_p50'])} | {f(base['latency_ms_p99'])} | "
+                   f"{f(base['ttft_ms_p50'])} | - | {f(base['itl_ms_p50'], 2)} | {f(base['itl_ms_p99'], 2)} | "
+                   "- | 1 | 0 | - |")
+        for c, b in base["batched"].items():
+            out.append(f"| in-process, BatchDecoder | {c} | {c} | 0 | {f(b['tokens_per_s'])} | - | "
+                       f"{f(b['seconds'] * 1e3)} | - | - | - | - | - | {f(b['step_ms_mean'], 2)} | {c} | 0 | 1.00x |")
+    out.append("")
+    out.append("TTFT and ITL at the client (SSE arrival times; * = as the server reports it, plain mode). ITL "
+               "p50/p99: every gap between token events; ITL mean: (last - first token) / (tokens - 1) per "
+               "request. p50 added: served p50 latency - in-process latency at the same concurrency and prompt "
+               "(1 client: one generate_stream; N clients: a BatchDecoder batch of N rows).")
     return "\n".join(out)
 
 
+def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Issue 14's serving targets, from this run's rows where it measured them (64 clients; 1 client
+    for the latency added). ITL here is the per-request mean pacing (the server sends tokens in
+    chunks, so most gaps between single events are ~0)."""
+    def row(mode, clients):
+        return next((r for r in rows if r["mode"] == mode and r["clients"] == clients and r["ok"]), None)
+    streamed = row("chat", 64) or row("stream", 64)
+    plain, one = row("plain", 64), row("stream", 1)
+    added = latency_added(one, base) if one else None
+    found = [("streamed, 64 concurrent, tokens/s", streamed and streamed["tokens_per_s"], ">=", 20000),
+             ("streamed, 64 concurrent, p50 ITL ms", streamed and streamed["itl_mean_ms_p50"], "<=", 5),
+             ("streamed, 64 concurrent, p50 TTFT ms", streamed and streamed["ttft_ms_p50"], "<=", 100),
+             ("sessionless plain, 64 clients, tokens/s", plain and plain["tokens_per_s"], ">=", 20000),
+             ("served vs in-process at 1 client, p50 latency added ms", added, "<=", 2)]
+    return [{"target": name, "measured": v, "goal": f"{op} {goal:,}", "met": (v >= goal if op == ">=" else v <= goal),
+             "from": (streamed or {}).get("mode") if name.startswith("streamed") else None}
+            for name, v, op, goal in found if v is not None]
+
+
 def main(argv=None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    env = environment(redact_key(argv))
     # in-process first, while no Ray workers compete for the cores
-    base = in_process(args, max(4, min(args.requests, 16)))
-    print(f"in-process: {base['requests_per_s']:.2f} req/s, p50 {base['latency_ms_p50']:.1f} ms", flush=True)
+    base = None if args.no_in_process else in_process(args, max(4, min(args.requests, 16)))
+    if base:
+        print(f"in-process: {base['tokens_per_s']:.1f} tok/s one stream, p50 {base['latency_ms_p50']:.1f} ms; "
+              + ", ".join(f"batch {c}: {b['tokens_per_s']:.0f} tok/s" for c, b in base["batched"].items()), flush=True)
     started = None
     if args.url:
         url = args.url.rstrip("/")
@@ -213,30 +333,37 @@ def main(argv=None) -> dict[str, Any]:
         import tempfile
 
         url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"))
+    rows, prometheus = [], None
     try:
-        rows = []
         for mode in args.modes:
             for c in args.clients:
-                r = asyncio.run(run_level(url, args, mode, c))
+                r = run_level(url, args, mode, c)
                 rows.append(r)
-                print(f"{mode:6s} clients={c:3d}: {r['requests_per_s']:.2f} req/s, p50 {r['latency_ms_p50']} ms, "
-                      f"errors {r['errors']}", flush=True)
+                print(f"{mode:6s} clients={c:3d}: {r['tokens_per_s']:.1f} tok/s, p50 {r['latency_ms_p50']} ms, "
+                      f"TTFT p50 {r['ttft_ms_p50']} ms, ITL p50 {r['itl_ms_p50']} ms, errors {r['errors']}", flush=True)
+        if args.prometheus == "auto" and started is None:
+            print("--prometheus without a URL needs the server this script starts; give the node's /metrics URL")
+        elif args.prometheus:
+            prometheus = scrape_prometheus(args.prometheus, None if args.url else APP_NAME)
     finally:
         if started is not None:
             from serve.app import teardown
 
             teardown(started)
     md = table(rows, base)
+    goals = targets(rows, base)
+    if goals:
+        md += "\n\n| target (issue 14) | measured | goal | met |\n|---|---:|---:|---|\n" + "\n".join(
+            f"| {g['target']}{' (' + g['from'] + ')' if g['from'] else ''} | {g['measured']:,.1f} | {g['goal']} | "
+            f"{'yes' if g['met'] else 'no'} |" for g in goals)
     print()
     print(md)
-    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
-
-    commit = git_commit()
-    result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": commit,
-              "host": platform.node(), "cpus": os.cpu_count(), "url": url, "args": vars(args),
-              "in_process": base, "results": rows, "markdown": md}
+    result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
+              "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
+              "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
+              "in_process": base, "results": rows, "targets": goals, "prometheus": prometheus, "markdown": md}
     out = args.out or os.path.join(ROOT, "bench", "results", f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\nwrote {out}")

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from .access_log import AccessLog
 from .context import ApiContext
 from .errors import APIError, install_handlers
+from .metrics import RequestMetrics
 from .routers import docs, generate, health, live, openai, research, sessions, training
 from .routers.health import VERSION
 
@@ -44,6 +45,7 @@ def create_api(ctx: ApiContext) -> FastAPI:
     app.state.ctx = ctx
     install_handlers(app)
     app.add_middleware(AccessLog)
+    app.add_middleware(RequestMetrics)  # Prometheus: requests by route and status (serve/metrics.py)
     if ctx.allowed_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -34,6 +34,7 @@ from . import analysis as A
 from . import research as R
 from .errors import Unprocessable
 from .live import get_hub
+from .metrics import get_metrics, record_durable_bytes, set_resident_sessions
 from .modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
 from .scheduler import DecodeScheduler
 from .sessions import BankClient, BankConfig
@@ -174,6 +175,18 @@ class GeneratorSettings:
     model_name: str = "bwr-dnc"
     stream_chunk_ms: float = 15.0
     """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
+    metrics_interval_s: float = 5.0
+    """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
+
+
+def _in_serve_replica() -> bool:
+    """Whether this runs as a Serve replica (not an in-process test instance, which must not
+    create shard actors for its gauges)."""
+    try:
+        serve.get_replica_context()
+        return True
+    except Exception:
+        return False
 
 
 MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
@@ -191,14 +204,17 @@ class Generator:
         self.tok = get_tokenizer()
         self.bank = BankClient(BankConfig(**self.settings.bank))
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
+        self.metrics = get_metrics()  # Prometheus, through ray.serve.metrics (serve/metrics.py)
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
                                          max_batch=self.settings.max_batch_size, max_running=MAX_ONGOING,
-                                         admit_wait_s=self.settings.batch_wait_timeout_s)
+                                         admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics)
+        self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()
         self.counters = collections.Counter()
         self.latency_ms: collections.deque[float] = collections.deque(maxlen=1024)
         self.ttft_ms: collections.deque[float] = collections.deque(maxlen=1024)
+        self.durable_bytes: collections.deque[int] = collections.deque(maxlen=1024)
         self.tokens_per_s: collections.deque[float] = collections.deque(maxlen=1024)
         self.last_probe: dict[str, Any] | None = None
 
@@ -223,6 +239,7 @@ class Generator:
         timing = Timing(queue_ms=queue_s * 1e3, ttft_ms=(ttft or total) * 1e3, total_ms=total * 1e3, tokens_per_s=tps)
         self.counters["requests"] += 1
         self.counters["tokens_generated"] += len(ids)
+        self.metrics.record_generation("session" if r.state_id else "sessionless", finish)
         self.latency_ms.append(total * 1e3)
         self.ttft_ms.append(timing.ttft_ms)
         self.tokens_per_s.append(tps)
@@ -255,6 +272,7 @@ class Generator:
         async for steps in self.scheduler.submit(row, timing):
             if ttft is None:
                 ttft = time.perf_counter() - t0
+                self.metrics.record_ttft(ttft * 1e3, "session" if r.state_id else "sessionless")
             batch = max([batch] + [st.batch for st in steps])
             yield TokensEvent([TokenItem(deltas[st.index], st.token, st.index) for st in steps])
         if row.error is not None:
@@ -288,6 +306,9 @@ class Generator:
             committed = True
             result.state = ack["info"]
             self.counters["session_turns"] += 1
+            durable = int(ack.get("durable_bytes", len(payload)))  # the shard may report what it wrote
+            self.durable_bytes.append(durable)
+            record_durable_bytes(durable)
             yield result
         finally:
             keeper.cancel()
@@ -298,7 +319,20 @@ class Generator:
                     pass
 
     def _events(self, r: GenRequest) -> AsyncIterator[GenEvent]:
+        if (self._gauges is None or self._gauges.done()) and _in_serve_replica():
+            self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         return self._session_turn(r) if r.state_id else self._decode(r, None, time.perf_counter())
+
+    async def _refresh_gauges(self) -> None:
+        """Every ``metrics_interval_s``: the session banks the store holds in memory (each replica
+        reports the same figure: aggregate with max, not sum)."""
+        while self.settings.metrics_interval_s > 0:
+            try:
+                shards = await self.bank.stats()
+                set_resident_sessions(sum(s["sessions"] - s.get("offloaded", 0) for s in shards), tier="store")
+            except Exception:  # shards restarting: try again next time
+                logger.debug("could not read shard stats for the gauges", exc_info=True)
+            await asyncio.sleep(self.settings.metrics_interval_s)
 
     # ------------------------------------------------------------------ public methods
     async def generate(self, r: GenRequest) -> dict[str, Any]:
@@ -356,9 +390,14 @@ class Generator:
                  max_running=sch["max_running"], running=len(self.scheduler.active),
                  waiting=len(self.scheduler.waiting))
         c["mean_batch"] = c["batched_requests"] / max(1, c["batches"])
+        recent = self.scheduler.recent()
         return {"uptime_s": time.time() - self.started, "device": str(self.lm.device), **c,
                 "latency_ms_p50": pct(self.latency_ms, 0.5), "latency_ms_p99": pct(self.latency_ms, 0.99),
-                "ttft_ms_p50": pct(self.ttft_ms, 0.5),
+                "ttft_ms_p50": pct(self.ttft_ms, 0.5), "ttft_ms_p99": pct(self.ttft_ms, 0.99),
+                "decoded_tokens": sch["tokens"],
+                "recent_tokens_per_s": recent["tokens_per_s"], "inter_token_ms_p50": recent["inter_token_ms_p50"],
+                "inter_token_ms_p99": recent["inter_token_ms_p99"],
+                "durable_bytes_per_turn_p50": pct(self.durable_bytes, 0.5),
                 "tokens_per_s_mean": sum(self.tokens_per_s) / len(self.tokens_per_s) if self.tokens_per_s else None}
 
     async def probe(self) -> dict[str, Any]:

@@ -8,14 +8,19 @@ without delay, or when more requests are waiting). Each iteration's tokens are h
 requests' queues. Rows join and leave between steps; rows whose states share a layout decode as
 one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
 thread between iterations.
+
+After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
+times) to a :class:`serve.metrics.ServeMetrics` when one is given, and keeps recent ones for the
+JSON view (:meth:`DecodeScheduler.recent`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from dnc.generate import BatchDecoder, DecodeRow, StepToken
 
@@ -29,15 +34,30 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+@dataclass
+class _Iteration:
+    """What one iteration on the model thread did."""
+
+    tokens: list[StepToken]
+    failed: list[DecodeRow]
+    batch_sizes: list[int] = field(default_factory=list)
+    """Rows of each model call, in order."""
+    inter_token_ms: list[float] = field(default_factory=list)
+    """For each step whose rows had a token before: ms since the end of the previous step."""
+
+
 class DecodeScheduler:
     """One decoder per model (see the module docstring).
 
     ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
-    first arrival waits for others to arrive with it (they then prefill as one batch)."""
+    first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
+    a :class:`serve.metrics.ServeMetrics` (None = record nothing)."""
+
+    RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
-                 max_running: int = 64, admit_wait_s: float = 0.0):
+                 max_running: int = 64, admit_wait_s: float = 0.0, metrics=None):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
@@ -46,7 +66,11 @@ class DecodeScheduler:
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
         self._driver: asyncio.Task | None = None
-        self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0}
+        self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0, "tokens": 0}
+        self.metrics = metrics
+        self._last_step_end: float | None = None  # model thread: when the previous decode step ended
+        self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.RECENT)
+        self._recent_itl_ms: collections.deque[float] = collections.deque(maxlen=self.RECENT)
 
     # ------------------------------------------------------------------ requests
     async def submit(self, row: DecodeRow, timing: dict | None = None) -> AsyncIterator[list[StepToken]]:
@@ -56,6 +80,8 @@ class DecodeScheduler:
         for a place in the batch."""
         job = _Job(row, timing if timing is not None else {})
         self.waiting.append(job)
+        if self.metrics is not None:
+            self.metrics.set_queue(len(self.waiting), len(self.active))
         if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
         try:
@@ -82,7 +108,7 @@ class DecodeScheduler:
                 self.active[id(job.row)] = job
                 job.timing["queue_s"] = now - job.submitted
             try:
-                tokens, failed = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                it = await self.run(self._iterate, [j.row for j in admit], cancelled)
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
@@ -92,7 +118,7 @@ class DecodeScheduler:
                     raise
                 continue
             per_row: dict[int, list[StepToken]] = {}
-            for st in tokens:
+            for st in it.tokens:
                 per_row.setdefault(id(st.row), []).append(st)
             for key, sts in per_row.items():
                 job = self.active.get(key)
@@ -102,15 +128,37 @@ class DecodeScheduler:
                 if job.row.done:
                     job.queue.put_nowait(None)
                     del self.active[key]
-            del failed  # their rows are done: handled above
+            self._record(it)  # it.failed rows are done: handled above
+        if self.metrics is not None:
+            self.metrics.set_queue(len(self.waiting), len(self.active))
 
-    def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow]) -> tuple[list[StepToken], list[DecodeRow]]:
+    def _record(self, it: _Iteration) -> None:
+        self.stats["tokens"] += len(it.tokens)
+        self._recent_tokens.append((time.perf_counter(), len(it.tokens)))
+        self._recent_itl_ms.extend(it.inter_token_ms)
+        if self.metrics is not None:
+            self.metrics.record_tokens(len(it.tokens))
+            self.metrics.record_decode_steps(it.batch_sizes, it.inter_token_ms)
+            self.metrics.set_queue(len(self.waiting), len(self.active))
+
+    def recent(self, window_s: float = 10.0) -> dict[str, Any]:
+        """Figures of the last ``window_s`` seconds for the JSON view: ``tokens_per_s`` (tokens
+        decoded over the window, 0 when idle) and ``inter_token_ms_p50`` / ``_p99`` over the last
+        steps (None before any)."""
+        now = time.perf_counter()
+        n = sum(k for t, k in self._recent_tokens if now - t <= window_s)
+        itl = sorted(self._recent_itl_ms)
+
+        def q(f: float) -> float | None:
+            return itl[min(len(itl) - 1, int(f * len(itl)))] if itl else None
+        return {"tokens_per_s": n / window_s, "inter_token_ms_p50": q(0.5), "inter_token_ms_p99": q(0.99)}
+
+    def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow]) -> _Iteration:
         """On the model thread: drop, admit (prefill), then decode steps for up to ``chunk_s``."""
         dec = self.decoder
         dec.drop(cancelled)
-        failed = dec.add(admit) if admit else []
+        it = _Iteration([], dec.add(admit) if admit else [])
         self.stats["admitted"] += len(admit)
-        out: list[StepToken] = []
         t_end = time.perf_counter() + self.chunk_s
         while dec.running:
             sizes = dec.batch_sizes()
@@ -118,7 +166,15 @@ class DecodeScheduler:
             self.stats["rows_stepped"] += sum(sizes)
             self.stats["max_batch"] = max(self.stats["max_batch"], max(sizes))
             self.stats["max_running"] = max(self.stats["max_running"], sum(sizes))
-            out += dec.step()
-            if admit or self.waiting or time.perf_counter() > t_end:
+            it.batch_sizes += sizes
+            step = dec.step()
+            now = time.perf_counter()
+            # every running row gets one token per step, so a row with an earlier token had it at
+            # the end of the previous step (rows at index 0 got their first token: that is TTFT)
+            if self._last_step_end is not None and any(st.index > 0 for st in step):
+                it.inter_token_ms.append((now - self._last_step_end) * 1e3)
+            self._last_step_end = now
+            it.tokens += step
+            if admit or self.waiting or now > t_end:
                 break
-        return out, failed
+        return it

@@ -47,5 +47,6 @@ async def model_stats(ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(
     shards = await ctx.bank.stats()
     serving = {"generator": gstats, "ingress": dict(ctx.counters), "live": ctx.live.stats(),
                "sessions": sum(s["sessions"] for s in shards),
+               "resident_sessions": sum(s["sessions"] - s.get("offloaded", 0) for s in shards),
                "bank_bytes": sum(s["bytes_total"] for s in shards), "shards": len(shards)}
     return S.ModelStatsResponse(**info, serving=serving)

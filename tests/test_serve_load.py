@@ -1,0 +1,63 @@
+"""bench/serve_load.py end to end, the way the lead runs it: one command that starts a local Ray
+cluster and the Serve app, drives plain, streamed and chat clients (two client processes), runs
+the in-process baseline, and writes its JSON and table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PORT = os.environ.get("DNC_SERVE_TEST_PORT", "8127")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_load_one_command(tmp_path):
+    out = tmp_path / "serve_load.json"
+    argv = ["--port", PORT, "--num-cpus", "2", "--clients", "1", "3", "--requests", "6", "--max-new-tokens", "5",
+            "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--out", str(out)]
+    run = subprocess.run([sys.executable, "bench/serve_load.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    env = res["env"]
+    assert res["benchmark"] == "serve_load" and env["argv"] == argv and env["torch"] == torch.__version__
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from report import git_commit
+
+    assert env["command"].startswith("python bench/serve_load.py --port") and env["cpu"]
+    assert env["commit"] == git_commit() and env["ray"] and env["python"]
+    assert res["device"] == (env["gpu"] or env["cpu"])
+    rows = {(r["mode"], r["clients"]): r for r in res["results"]}
+    assert set(rows) == {(m, c) for m in ("plain", "stream", "chat") for c in (1, 3)}
+    for (mode, clients), r in rows.items():
+        want = clients * 2 if mode == "chat" else 6
+        assert r["requests"] == r["ok"] == want and r["errors"] == {}, r
+        # every token the clients counted was made by the server during the measured requests
+        assert r["server"]["requests"] == want and r["server"]["tokens"] == r["tokens"], r
+        assert want <= r["tokens"] <= 5 * want and r["tokens_per_s"] > 0
+        assert r["server"]["session_turns"] == (want if mode == "chat" else 0), r
+        assert 0 < r["ttft_ms_p50"] <= r["latency_ms_p50"] <= r["latency_ms_p99"]
+        if mode != "plain":  # client-side inter-token gaps from SSE arrival times
+            assert r["ttft_at"] == "client" and r["itl_mean_ms_p50"] is not None and r["itl_ms_p50"] >= 0
+    assert rows[("stream", 3)]["server_mean_batch"] > 1  # three streams at once decode together
+    base = res["in_process"]
+    assert base["requests"] == 6 and 0 < base["ttft_ms_p50"] < base["latency_ms_p50"]
+    assert set(base["batched"]) == {"1", "3"} and all(b["tokens"] <= b["rows"] * 5 for b in base["batched"].values())
+    assert "| stream | 3 | 6 | 0 |" in res["markdown"] and "in-process, BatchDecoder" in run.stdout
+    assert [t["target"] for t in res["targets"]] == ["served vs in-process at 1 client, p50 latency added ms"]
+    # the server's Prometheus series over the whole run: every measured and warm-up request
+    prom = res["prometheus"]["series"]
+    generations = sum(r["requests"] + r["clients"] for r in rows.values())  # one warm-up request per client
+    assert prom["ray_dnc_generations_total"] == generations
+    assert prom["ray_dnc_time_to_first_token_ms"]["count"] == generations
+    warmups = sum(r["clients"] for r in rows.values())  # at least one token each
+    assert prom["ray_dnc_generated_tokens_total"] >= sum(r["tokens"] for r in rows.values()) + warmups
+    assert prom["ray_dnc_http_requests_total"] >= generations + 2 * len(rows)  # + /model/stats before, after
+    assert prom["ray_dnc_durable_bytes_per_turn"]["count"] == rows[("chat", 1)]["requests"] + rows[("chat", 3)]["requests"]
