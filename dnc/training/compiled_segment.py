@@ -186,6 +186,20 @@ class CompiledTrainSegments:
         Returns (logits [B, L, V], {"compressed", "evicted", "recon_terms"}) like ``DNC.segment_step``."""
         if not self._mine(tokens, state):
             return self.fallback.step(tokens, state)
+        args, host = self.prepare(tokens, state)
+        fn = self.step_fn if host["steady"] else fixed_segment_step
+        out = fn(*args)
+        if host["steady"]:
+            self.compiled_steps += 1
+        else:
+            self.eager_steps += 1
+        return self._finish(state, out, host)
+
+    def prepare(self, tokens: torch.Tensor, state) -> tuple[tuple, dict[str, Any]]:
+        """The arguments of :func:`fixed_segment_step` for the next segment of ``state`` (its banks
+        padded to fixed capacity on first use) and the host facts :meth:`step` applies after it.
+        ``host["steady"]``: the state has the steady shape (False only for the first segment of a
+        run with a carried KV window, whose cache is still empty)."""
         m, cfg = self.model, self.model.config
         dev = tokens.device
         n = tokens.shape[1]
@@ -201,8 +215,7 @@ class CompiledTrainSegments:
             if not _is_fixed(state):
                 for ls in mem_layers:
                     ls.bank.fill = pad_bank(ls.bank, self.layout)
-            fill = mem_layers[0].bank.fill
-            flag_t, new_fill, compressed, evicted = self.layout.step(fill)
+            flag_t, new_fill, compressed, evicted = self.layout.step(mem_layers[0].bank.fill)
             flags = drop_flags(flag_t, dev)
         b, d = tokens.shape[0], cfg.d_model
         carry = state.layers[0].cache.length
@@ -220,17 +233,16 @@ class CompiledTrainSegments:
         banks = tuple((leaf(ls.bank.kv), ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t) for ls in mem_layers)
         prev_ws = tuple(leaf(ls.prev_write if ls.prev_write is not None else zeros()) for ls in mem_layers)
         want_recon = m.training and grad
-        # the first segment of a run with a carried window has an empty cache: not the steady shape
-        steady = carry == cfg.kv_window
-        fn = self.step_fn if steady else fixed_segment_step
-        logits, caches, prev_xs, banks, prev_ws, recon = fn(m, self.layout, tokens, flags, rope, sample, caches,
-                                                            prev_xs, banks, prev_ws, want_recon)
-        if steady:
-            self.compiled_steps += 1
-        else:
-            self.eager_steps += 1
+        args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
+        host = {"steady": carry == cfg.kv_window, "fill": new_fill, "compressed": compressed, "evicted": evicted,
+                "want_recon": want_recon, "tokens": n}
+        return args, host
 
-        # host bookkeeping of the commit (DNC._commit_segment)
+    def _finish(self, state, out: tuple, host: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The host side of the commit (``DNC._commit_segment``): point ``state`` at the step's
+        outputs, advance counters and clocks, cut BPTT every ``bptt_segments`` segments."""
+        cfg = self.model.config
+        logits, caches, prev_xs, banks, prev_ws, recon = out
         state.segments += 1
         cut = state.segments % cfg.bptt_segments == 0
         det = (lambda t: t.detach()) if cut else (lambda t: t)  # noqa: E731
@@ -238,18 +250,19 @@ class CompiledTrainSegments:
             ls.cache = KVCache(det(k), det(v), k.shape[2])
             ls.prev_x = det(px)
             ls.write_buf, ls.mass, ls.view = [], None, None
+        mem_layers = [ls for ls in state.layers if ls.bank is not None]
         for ls, (kv, meta, valid, alpha, clock_t), pw in zip(mem_layers, banks, prev_ws):
             bank = ls.bank
             bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = det(kv), meta, valid, alpha, clock_t
             bank.clock += 1
-            bank.fill = list(new_fill)
+            bank.fill = list(host["fill"])
             bank._group = None
             ls.prev_write = det(pw)
         state.seg_pos = 0
-        state.tokens_seen += n
-        recon_terms = [recon] if (want_recon and compressed) else []
+        state.tokens_seen += host["tokens"]
+        recon_terms = [recon] if (host["want_recon"] and host["compressed"]) else []
         k = len(mem_layers)
-        return logits, {"compressed": compressed * k, "evicted": evicted * k, "recon_terms": recon_terms}
+        return logits, {"compressed": host["compressed"] * k, "evicted": host["evicted"] * k, "recon_terms": recon_terms}
 
 
 def _is_fixed(state) -> bool:
