@@ -156,3 +156,17 @@ def test_train_config_compile_values():
     assert TrainConfig(compile="segment").compile_target == "segment"
     with pytest.raises(ConfigError, match="compile"):
         TrainConfig(compile="graphs")
+
+
+def test_trainer_installs_the_segment_runner():
+    """``train.compile: segment`` in a Trainer puts the compiled runner on the bare model (under any
+    wrapper); the eager default installs none."""
+    from dnc.training import Trainer, TrainConfig
+
+    common = dict(max_steps=1, batch_size=2, max_len=64, corpus_ratio=0.0, eval_interval=1000,
+                  checkpoint_interval=1000, log_interval=1)
+    trainer = Trainer(TrainConfig(compile="segment", **common), preset("tiny"), device="cpu", progress=False)
+    runner = unwrap(trainer.model).step_runner
+    assert isinstance(runner, CompiledTrainSegments) and runner.layout.drops == (32, 16, 8)
+    eager = Trainer(TrainConfig(**common), preset("tiny"), device="cpu", progress=False)
+    assert unwrap(eager.model).step_runner is None

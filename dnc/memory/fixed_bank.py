@@ -106,7 +106,7 @@ def pad_bank(bank: StateBank, layout: FixedLayout) -> list[int]:
     capacity, empty positions invalid and zero). Returns its fill counts (the old level sizes).
     Raises ValueError when a stored slot is invalid (the layout's fill counts would be wrong)."""
     fill = list(bank.sizes)
-    if not bool(bank.valid.all()):
+    if bank.valid.numel() and not bool(bank.valid.all()):  # (a fresh bank: no device sync)
         raise ValueError("a fixed-capacity bank needs every stored slot valid (a training bank)")
     levels = []
     for lvl, n, cap in zip(bank.levels, fill, layout.capacities):
