@@ -7,6 +7,10 @@ that needs no GPU) per segment, for training forward+backward, no-grad prefill a
 decode, for the DNC and its memory-less baseline; prints a table and writes JSON:
 
     python bench/profile_model.py --count-ops --preset small --label after
+    python bench/profile_model.py --count-ops --preset small --label fixed_segment --fixed-segment
+
+``--fixed-segment`` counts the fixed-capacity segment step that ``train.compile: segment`` compiles,
+run eagerly (its graph's ops before fusion); ``--compile-segment`` profiles the compiled step.
 
 The count runs on CPU with the preset shrunk (``--shrink``: segment length and bank capacities
 divided by it, width reduced) so it takes seconds; the per-segment op *structure* is unchanged
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fmt_num, md_table, provenance, write_json  # noqa: E402
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
+from dnc.parallel import compile_segments  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "op_counts_cpu.json"
 
@@ -179,6 +184,9 @@ def count_ops(a) -> dict:
         torch.manual_seed(0)
         m_cfg = cfg if kind == "dnc" else cfg.baseline(n_seg * seg)
         model = DNC(m_cfg).train()
+        if a.fixed_segment:
+            compile_segments(model, compile=False)
+
         x = torch.randint(0, 256, (a.batch, n_seg * seg))
         modes = {}
         per = n_seg if kind == "dnc" else 1  # the baseline's whole input is one segment
@@ -330,6 +338,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="--count-ops: JSON file of labelled entries")
     p.add_argument("--details", action="store_true", help="--count-ops: print the most frequent ops per mode")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--fixed-segment", action="store_true",
+                   help="--count-ops: count the fixed-capacity segment step (train.compile: segment) run "
+                        "eagerly: the ops its compiled graph holds before fusion")
+    p.add_argument("--compile-segment", action="store_true",
+                   help="profile: torch.compile the training segment step (train.compile: segment)")
+    p.add_argument("--compile-mode", default=None, help="--compile-segment: torch.compile mode")
     a = p.parse_args(argv)
     if a.count_ops:
         return main_count(a, argv)
@@ -338,6 +352,9 @@ def main(argv=None) -> int:
     if a.baseline:
         cfg = cfg.baseline(a.length)
     model = DNC(cfg).to(dev).train()
+    if a.compile_segment:
+        compile_segments(model, mode=a.compile_mode)
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 256, (a.batch, a.length), device=dev)
     cuda = dev.type == "cuda"

@@ -10,6 +10,7 @@ drawn once with the training config's seeds):
           back to the curriculum (what ``Trainer.run`` does per step, minus logging/checkpoints).
 
     python bench/train_loop_gap.py --config configs/train/small.yaml --model-set segment_len=512 --steps 40
+    python bench/train_loop_gap.py ... --compile segment    # the compiled segment step (train.compile)
 
 Writes ``bench/results/train_loop_gap_<tag>.json`` (argv, device, torch, commit) and prints a table.
 """
@@ -35,6 +36,7 @@ sys.path.insert(0, str(HERE))
 from report import git_commit, parse_pairs  # noqa: E402
 
 from dnc.model import DNC  # noqa: E402
+from dnc.parallel import compile_blocks, compile_segments  # noqa: E402
 from dnc.training import TaskSource, TrainConfig, build_optimizer, corpus_windows, model_config_for, train_step  # noqa: E402
 
 
@@ -48,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="timed steps per mode; default 40")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first; default 5")
     p.add_argument("--corpus-ratio", type=float, default=0.25, help="share of corpus batches (as the run); default 0.25")
+    p.add_argument("--compile", choices=("off", "blocks", "segment"), default=None,
+                   help="torch.compile nothing, each block, or the whole training segment step "
+                        "(TrainConfig.compile; default: the config's)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode (TrainConfig.compile_mode)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--tag", default=None, help="result name suffix (default: gpu or cpu name)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
@@ -74,12 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     section = dict(raw.get("train") or {})
     section["corpus_ratio"] = args.corpus_ratio
     section.update(parse_pairs("--set", args.overrides))
+    if args.compile is not None:
+        section["compile"] = False if args.compile == "off" else args.compile
+    if args.compile_mode is not None:
+        section["compile_mode"] = args.compile_mode
     cfg = TrainConfig.from_dict(section)
     overrides = dict((raw.get("model") or {}).get("overrides") or {})
     overrides.update(parse_pairs("--model-set", args.model_overrides))
     mcfg = model_config_for(cfg, (raw.get("model") or {}).get("preset", "small"), **overrides)
     torch.manual_seed(cfg.seed)
     model = DNC(mcfg).to(device)
+    if cfg.compile_target == "blocks":
+        compile_blocks(model)
+    elif cfg.compile_target == "segment":
+        compile_segments(model, mode=cfg.compile_mode)
     opt = build_optimizer(model, cfg)
     bf16 = cfg.bf16 and device.type == "cuda"
 

@@ -278,6 +278,7 @@ class DNC(nn.Module):
                 logits.append(lg[:, -1:] if last_logits_only else lg)
                 counters["compressed"] += stats["compressed"]
                 counters["evicted"] += stats["evicted"]
+                recon_terms += stats.get("recon_terms", [])  # training runners return them
                 t0 += n
                 continue
             lg, tr = self._forward_chunk(tokens[:, t0:t0 + n], state, trace)

@@ -1,5 +1,6 @@
 """Parallelism applied to a model from outside it: FSDP2 per block, bf16 DDP gradient reduction,
-``torch.compile`` of the blocks, and the helpers that see through these wrappers. No Ray here."""
+``torch.compile`` of the blocks or of the whole training segment step, and the helpers that see
+through these wrappers. No Ray here."""
 
 from __future__ import annotations
 
@@ -36,6 +37,26 @@ def compile_blocks(model: nn.Module) -> None:
     for blocks in block_lists(model):
         for b in blocks:
             b.compile()
+
+
+def compile_segments(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                     compile: bool = True) -> nn.Module:
+    """``torch.compile`` the model's whole training segment step (``TrainConfig.compile: segment``):
+    every whole segment of a training forward runs through one graph over fixed-capacity banks
+    (:class:`dnc.training.compiled_segment.CompiledTrainSegments`, installed as the model's step
+    runner; the runner it replaces still serves what it served, e.g. inference CUDA graphs). Eval
+    and generation stay as they were. ``backend="aot_eager"`` runs without a C++ compiler (CPU
+    tests); ``compile=False`` runs the same fixed-shape step eagerly. Apply before DDP wrapping.
+    Returns the model."""
+    import torch._dynamo
+
+    from dnc.training.compiled_segment import CompiledTrainSegments
+
+    # one graph per batch shape: curriculum stages change the batch size a few times
+    torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
+    m = unwrap(model)
+    m.step_runner = CompiledTrainSegments(m, backend=backend, mode=mode, compile=compile, fallback=m.step_runner)
+    return model
 
 
 def block_lists(model: nn.Module) -> list[nn.ModuleList]:

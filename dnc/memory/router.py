@@ -23,5 +23,7 @@ class LevelRouter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: [B, T, D] -> log-probabilities over levels [B, H, T, 3]."""
         b, t, _ = h.shape
-        logits = self.proj(h).view(b, t, self.n_heads, LEVELS).transpose(1, 2)
-        return logits.float().log_softmax(-1)
+        # log_softmax before the transpose (the same rows): the CPU kernel's backward returns strides
+        # its meta function does not predict, which breaks the compiled backward (aot_eager)
+        logits = self.proj(h).view(b, t, self.n_heads, LEVELS)
+        return logits.float().log_softmax(-1).transpose(1, 2)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dnc.config import DNCConfig
-from dnc.parallel import compile_blocks, is_fsdp, unwrap
+from dnc.parallel import compile_blocks, compile_segments, is_fsdp, unwrap
 from dnc.training.checkpoint import (TrainState, capture_rng, fs_and_path, full_model_state,
                                      full_optimizer_state, latest_checkpoint, load_optimizer_state,
                                      load_weights_from, read_optimizer_state, read_rank_state,
@@ -90,8 +90,10 @@ class Trainer:
                 if rank == 0:
                     print(f"[dnc.training] fresh run initialised from the weights of {used}")
         model.to(self.device)
-        if cfg.compile:
+        if cfg.compile_target == "blocks":
             compile_blocks(model)
+        elif cfg.compile_target == "segment":
+            compile_segments(model, mode=cfg.compile_mode)
         self.model = parallelize(model) if parallelize else model
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg)

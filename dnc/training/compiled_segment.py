@@ -1,0 +1,269 @@
+"""The training segment step as one static-shape function, compiled once (``train.compile: segment``).
+
+A training forward over T tokens is T / segment_len segment steps, each ~1,000 small ops launched
+from Python (blocks, memory reads, the bank's write/compress/evict bookkeeping) plus their
+backward. On a GPU the host cannot launch them as fast as the kernels run (issue 11: 27% busy at
+B=2 x 32k). :func:`fixed_segment_step` computes one whole segment and its commit as a pure function
+of tensors over a fixed-capacity bank (:mod:`dnc.memory.fixed_bank`), so ``torch.compile`` makes one
+graph (forward and backward) that serves every segment: fresh bank, filling, full, compressing and
+evicting, with no graph break and no recompile.
+
+:class:`CompiledTrainSegments` is a *step runner* (``DNC.step_runner``): ``DNC.forward`` hands it
+every whole segment of a training forward; it pads the state's banks to their capacity on first
+use, runs the compiled step, and does the host bookkeeping (fill counts, clocks, BPTT cuts) that
+the eager commit does. Apply it with :func:`dnc.parallel.compile_segments`. Everything else (eval,
+partial segments, generation) runs as before, or through the runner it replaced.
+
+State tensors that carry gradients across segments (bank keys/values, the token-shift inputs, the
+carried KV window) always enter the graph requiring grad: at the first segment and after a BPTT
+cut they are fresh leaves, so one graph serves all segments (the backward then also computes
+gradients for those leaves, which the eager path skips).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dnc.attention import KVCache
+from dnc.layers import rope_table_full
+from dnc.memory import StateBank
+from dnc.memory.fixed_bank import FixedLayout, apply_read_mass_fixed, drop_flags, pad_bank, write_fixed
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_tables(shift: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layers.rope_shift``'s full-width tables for moving keys back by ``shift`` positions
+    ([Dh] float32 each; made once per shift and device)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = -float(shift) * freqs
+    cos, sin = ang.cos().float(), ang.sin().float()
+    return torch.cat([cos, cos]).to(device), torch.cat([-sin, sin]).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(first: int, n: int, stride: int, device: torch.device) -> torch.Tensor:
+    """LongTensor of positions first, first+stride, ... < n whose reads feed salience (made once)."""
+    return torch.arange(first, n, stride, device=device)
+
+
+def _bank(kv: torch.Tensor, meta: torch.Tensor, valid: torch.Tensor, layout: FixedLayout) -> StateBank:
+    """A StateBank over fixed-capacity tensors, for the read path (``MemoryRead.build_view``)."""
+    bank = StateBank.__new__(StateBank)
+    bank.kv, bank.meta, bank.valid, bank.sizes = kv, meta, valid, list(layout.capacities)
+    return bank
+
+
+def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, flags: torch.Tensor | None,
+                       rope: tuple, sample: torch.Tensor, caches: tuple, prev_xs: tuple, banks: tuple,
+                       prev_writes: tuple, want_recon: bool) -> tuple:
+    """One whole segment ``tokens [B, L]`` through every block, then its commit, as a pure function.
+
+    rope: (cos, sin) [L, Dh] of the segment's positions (after the carried window), and the carry's
+    shift tables (cos, sin) [Dh] or None; sample: LongTensor of the positions whose reads feed
+    salience; caches: per block (k, v) [B, H, w, Dh] (the carried window); prev_xs: per block
+    [B, 1, D]; banks: per memory layer (kv, meta, valid, alpha, clock_t) in the fixed layout;
+    prev_writes: per memory layer [B, 1, D]; flags: bool [3] (:meth:`FixedLayout.step`).
+
+    Returns (logits [B, L, V], caches, prev_xs, banks, prev_writes (as the inputs, after the
+    commit), recon loss 0-d float32)."""
+    cfg = model.config
+    cos, sin, shift_cos, shift_sin = rope
+    x = model.embed(tokens)
+    new_caches, new_prev_x, mem_in, masses = [], [], [], []
+    j = 0
+    for blk, (k, v), px in zip(model.blocks, caches, prev_xs):
+        view = None
+        if blk.mem is not None:
+            view = blk.mem.build_view(_bank(banks[j][0], banks[j][1], banks[j][2], layout))
+            j += 1
+        args = (x, k, v, cos, sin, view, sample, cfg.mem_topk, px)
+        if cfg.grad_checkpointing and model.training and torch.is_grad_enabled():
+            x, kk, vv, h, mass, _, px = checkpoint(blk, *args, use_reentrant=False)
+        else:
+            x, kk, vv, h, mass, _, px = blk(*args)
+        # carry the last kv_window keys/values, moved into the next segment's position frame
+        # (contiguous, and fresh empties without a window: the next step's inputs have one stride
+        # pattern whatever made them, so they never trigger a recompile)
+        w = min(cfg.kv_window, kk.shape[2])
+        if w:
+            kk, vv = kk[:, :, -w:], vv[:, :, -w:].contiguous()
+            kk = _rope_apply(kk, shift_cos, shift_sin) if shift_cos is not None else kk.contiguous()
+        else:
+            kk, vv = kk.new_zeros(kk.shape[0], kk.shape[1], 0, kk.shape[3]), vv.new_zeros(vv.shape[0], vv.shape[1], 0, vv.shape[3])
+        new_caches.append((kk, vv))
+        new_prev_x.append(px.contiguous())  # one stride pattern whatever made it (no recompile)
+        if h is not None:
+            mem_in.append(h)
+            masses.append(mass)
+    h = model.norm(x)
+    logits = F.linear(h, model.embed.weight) if model.lm_head is None else model.lm_head(h)
+    if not banks:
+        return logits, tuple(new_caches), tuple(new_prev_x), (), (), torch.zeros((), device=x.device)
+
+    # the commit: every memory layer's bank written as one bank of L*B rows (as the eager commit does)
+    mems = [blk.mem for blk in model.blocks if blk.mem is not None]
+    writes, queries, new_prev_w = [], [], []
+    for mem, h, hb in zip(mems, mem_in, prev_writes):
+        kv_w, _ = mem.write_kv_packed(h, h_before=hb)
+        writes.append(kv_w)
+        new_prev_w.append(h[:, -1:].contiguous())
+        if want_recon:
+            stride = max(1, h.shape[1] // 16)
+            queries.append(mem.queries(h[:, stride - 1::stride]).detach())
+    n = len(banks)
+    kv = torch.cat([bk[0] for bk in banks], 1)
+    meta = torch.cat([bk[1] for bk in banks], 1)
+    valid = torch.cat([bk[2] for bk in banks], 0)
+    alpha = torch.cat([bk[3] for bk in banks], 0)
+    clock_t = banks[0][4]
+    meta, alpha = apply_read_mass_fixed(meta, valid, alpha, clock_t, torch.cat(masses, 0), cfg.salience_decay)
+    imp = [mem.importance_rows(tokens.shape[0]) for mem in mems]
+    kv, meta, valid, clock_t, recon = write_fixed(
+        kv, meta, valid, alpha, clock_t, torch.cat(writes, 1), flags, layout, compressors=model.compressors,
+        policy=model.policy, protect_salient=cfg.protect_salient,
+        importance_w=None if imp[0] is None else torch.cat(imp, 0), importance_weight=cfg.write_importance,
+        recon_queries=torch.cat(queries, 0) if want_recon else None, recon_groups=n)
+    b = tokens.shape[0]
+    new_banks = tuple((kvi, mi, vi, ai, clock_t) for kvi, mi, vi, ai in
+                      zip(kv.split(b, 1), meta.split(b, 1), valid.split(b, 0), alpha.split(b, 0)))
+    return logits, tuple(new_caches), tuple(new_prev_x), new_banks, tuple(new_prev_w), recon
+
+
+def _rope_apply(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
+    from dnc.layers import apply_rope_full
+
+    return apply_rope_full(x, cos2, sin2)
+
+
+class CompiledTrainSegments:
+    """Step runner for training forwards: whole segments through one compiled graph.
+
+    ``backend``/``mode`` go to ``torch.compile`` (``aot_eager`` runs on CPU without a C++ compiler;
+    ``compile=False`` runs the same fixed-shape function eagerly, the reference the tests compare).
+    ``fallback``: the runner this one replaced (e.g. inference CUDA graphs), used for what this one
+    does not take. Counters: ``compiled_steps`` (segments through the graph), ``eager_steps``
+    (segments through the uncompiled function: the first of a run with a carried KV window, whose
+    cache is still empty)."""
+
+    def __init__(self, model, *, backend: str = "inductor", mode: str | None = None, compile: bool = True,
+                 fallback=None):
+        cfg = model.config
+        self.model = model
+        self.fallback = fallback
+        self.layout = FixedLayout.for_bank((cfg.l0_slots, cfg.l1_slots, cfg.l2_slots),
+                                           cfg.segment_len // cfg.write_pool, cfg.compress_group) if cfg.memory else None
+        self.step_fn = (torch.compile(fixed_segment_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+                        if compile else fixed_segment_step)
+        self.compiled_steps = 0
+        self.eager_steps = 0
+
+    def clear(self) -> None:
+        if self.fallback is not None and hasattr(self.fallback, "clear"):
+            self.fallback.clear()
+
+    # ------------------------------------------------------------------ eligibility
+    def _mine(self, tokens: torch.Tensor, state) -> bool:
+        m = self.model
+        mine = (m.training and state.seg_pos == 0 and tokens.shape[1] == m.config.segment_len
+                and all(not ls.write_buf and ls.mass is None for ls in state.layers))
+        if not mine and _is_fixed(state) and state.seg_pos + tokens.shape[1] >= m.config.segment_len:
+            raise RuntimeError("a state this runner padded to fixed capacity can only commit segments through it "
+                               "(whole segments in training mode); start a fresh state for anything else")
+        return mine
+
+    def eligible(self, tokens: torch.Tensor, state) -> bool:
+        return self._mine(tokens, state) or (self.fallback is not None and self.fallback.eligible(tokens, state))
+
+    # ------------------------------------------------------------------ the step
+    def step(self, tokens: torch.Tensor, state) -> tuple[torch.Tensor, dict[str, Any]]:
+        """One whole segment ``tokens [B, segment_len]`` into ``state`` (updated in place, committed).
+
+        Returns (logits [B, L, V], {"compressed", "evicted", "recon_terms"}) like ``DNC.segment_step``."""
+        if not self._mine(tokens, state):
+            return self.fallback.step(tokens, state)
+        args, host = self.prepare(tokens, state)
+        fn = self.step_fn if host["steady"] else fixed_segment_step
+        out = fn(*args)
+        if host["steady"]:
+            self.compiled_steps += 1
+        else:
+            self.eager_steps += 1
+        return self._finish(state, out, host)
+
+    def prepare(self, tokens: torch.Tensor, state) -> tuple[tuple, dict[str, Any]]:
+        """The arguments of :func:`fixed_segment_step` for the next segment of ``state`` (its banks
+        padded to fixed capacity on first use) and the host facts :meth:`step` applies after it.
+        ``host["steady"]``: the state has the steady shape (False only for the first segment of a
+        run with a carried KV window, whose cache is still empty)."""
+        m, cfg = self.model, self.model.config
+        dev = tokens.device
+        n = tokens.shape[1]
+        grad = torch.is_grad_enabled()
+
+        def leaf(t: torch.Tensor) -> torch.Tensor:
+            """A state tensor as the graph takes it: requiring grad whenever grad is on."""
+            return t if (t.requires_grad or not grad or not t.is_floating_point()) else t.detach().requires_grad_()
+
+        mem_layers = [ls for ls in state.layers if ls.bank is not None]
+        flags, new_fill, compressed, evicted = None, None, 0, 0
+        if mem_layers:
+            if not _is_fixed(state):
+                for ls in mem_layers:
+                    ls.bank.fill = pad_bank(ls.bank, self.layout)
+            flag_t, new_fill, compressed, evicted = self.layout.step(mem_layers[0].bank.fill)
+            flags = drop_flags(flag_t, dev)
+        b, d = tokens.shape[0], cfg.d_model
+        carry = state.layers[0].cache.length
+        cos, sin = rope_table_full(carry + n, cfg.head_dim, cfg.rope_theta, dev)
+        w = min(cfg.kv_window, carry + n)
+        shift = (carry + n) - w
+        shift_tabs = _shift_tables(shift, cfg.head_dim, float(cfg.rope_theta), dev) if w and shift else (None, None)
+        rope = (cos[carry:], sin[carry:], *shift_tabs)
+        stride = max(1, cfg.segment_len // 64)
+        sample = _sample_positions(stride - 1, n, stride, dev)  # as the eager path's (seg_pos 0)
+        dtype = m.embed.weight.dtype
+        zeros = lambda: torch.zeros(b, 1, d, device=dev, dtype=dtype)  # noqa: E731  (= no previous token)
+        caches = tuple((leaf(ls.cache.k), leaf(ls.cache.v)) for ls in state.layers)
+        prev_xs = tuple(leaf(ls.prev_x if ls.prev_x is not None else zeros()) for ls in state.layers)
+        banks = tuple((leaf(ls.bank.kv), ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t) for ls in mem_layers)
+        prev_ws = tuple(leaf(ls.prev_write if ls.prev_write is not None else zeros()) for ls in mem_layers)
+        want_recon = m.training and grad
+        args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
+        host = {"steady": carry == cfg.kv_window, "fill": new_fill, "compressed": compressed, "evicted": evicted,
+                "want_recon": want_recon, "tokens": n}
+        return args, host
+
+    def _finish(self, state, out: tuple, host: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The host side of the commit (``DNC._commit_segment``): point ``state`` at the step's
+        outputs, advance counters and clocks, cut BPTT every ``bptt_segments`` segments."""
+        cfg = self.model.config
+        logits, caches, prev_xs, banks, prev_ws, recon = out
+        state.segments += 1
+        cut = state.segments % cfg.bptt_segments == 0
+        det = (lambda t: t.detach()) if cut else (lambda t: t)  # noqa: E731
+        for ls, (k, v), px in zip(state.layers, caches, prev_xs):
+            ls.cache = KVCache(det(k), det(v), k.shape[2])
+            ls.prev_x = det(px)
+            ls.write_buf, ls.mass, ls.view = [], None, None
+        mem_layers = [ls for ls in state.layers if ls.bank is not None]
+        for ls, (kv, meta, valid, alpha, clock_t), pw in zip(mem_layers, banks, prev_ws):
+            bank = ls.bank
+            bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t = det(kv), meta, valid, alpha, clock_t
+            bank.clock += 1
+            bank.fill = list(host["fill"])
+            bank._group = None
+            ls.prev_write = det(pw)
+        state.seg_pos = 0
+        state.tokens_seen += host["tokens"]
+        recon_terms = [recon] if (host["want_recon"] and host["compressed"]) else []
+        k = len(mem_layers)
+        return logits, {"compressed": host["compressed"] * k, "evicted": host["evicted"] * k, "recon_terms": recon_terms}
+
+
+def _is_fixed(state) -> bool:
+    return any(getattr(ls.bank, "fill", None) is not None for ls in state.layers if ls.bank is not None)
