@@ -294,6 +294,7 @@ class DecodeGraphs:
         with torch.cuda.stream(side), self._amp():
             logits = ragged_decode_step(self.model, batch)
         torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())  # read on this stream after the side one is done
         return logits
 
     def _capture(self, key: tuple, batch: RaggedBatch) -> _DecodeGraph:
