@@ -301,9 +301,12 @@ class BatchDecoder:
     def _step_batch(self, b: _Batch) -> list[StepToken]:
         occ = b.occupied()
         rb = b.rb
-        idx = torch.tensor([i for i, _ in occ], device=rb.device)
         rows = [r for _, r in occ]
-        toks = sample_rows(rb.logits.index_select(0, idx), [r.sampling for r in rows], [r.generator for r in rows])
+        if occ[-1][0] == len(occ) - 1:  # slots 0..n-1: a view, no index tensor to send to the device
+            logits = rb.logits[:len(occ)]
+        else:
+            logits = rb.logits.index_select(0, torch.tensor([i for i, _ in occ], device=rb.device))
+        toks = sample_rows(logits, [r.sampling for r in rows], [r.generator for r in rows])
         out, finished = [], []
         for r, tok in zip(rows, toks):
             r.tokens.append(tok)

@@ -83,12 +83,8 @@ def test_ragged_step_equals_each_row_alone(kw):
     rows = _rows(model)
     layouts = {s.layout() for s, _ in rows}
     assert len(layouts) == len(rows)  # really different layouts
-    want = [_reference(model, s.select([0]), lg, steps) for s, lg in rows]
-    ref_states = []
-    for s, lg in rows:  # the reference's final states (again, from copies)
-        st = s.select([0])
-        _reference(model, st, lg, steps)
-        ref_states.append(st)
+    ref_states = [s.select([0]) for s, _ in rows]  # copies: the reference decodes into these
+    want = [_reference(model, st, lg, steps) for st, (_, lg) in zip(ref_states, rows)]
     batch = RaggedBatch(model, bucket_for(len(rows)))
     assert batch.capacity == 8  # two padding slots
     for i, (s, lg) in enumerate(rows):
