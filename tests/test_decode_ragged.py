@@ -280,3 +280,32 @@ def test_cancel_and_failures_leave_callers_state_alone(model):
     assert b.finish_reason == "length" and len(b.tokens) == 6
     after = state.export()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_salience_positions_follow_each_rows_segment_position():
+    """segment_len 128 samples the read mass at every other position (stride 2): rows at odd and even
+    positions in one step accumulate it only where each would alone (the pending mass in their states)."""
+    torch.manual_seed(0)
+    model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32)).eval()
+    rows = []
+    for i, n in enumerate((130, 131, 200, 257)):  # + 1 prompt token: segment positions 3, 4, 73, 2
+        state = _history(model, 900 + i, n)
+        with torch.no_grad():
+            lg = model(torch.tensor([[5 + i]]), state=state, last_logits_only=True, metrics=False).logits[0, -1]
+        rows.append((state, lg))
+    refs = [s.select([0]) for s, _ in rows]
+    want = [_reference(model, st, lg, 9) for st, (_, lg) in zip(refs, rows)]
+    batch = RaggedBatch(model, 4)
+    for i, (s, lg) in enumerate(rows):
+        batch.insert(i, s, lg, model)
+    with torch.no_grad():
+        for t in range(9):
+            batch.tokens[:] = torch.tensor([w[0][t] for w in want])
+            lg = ragged_decode_step(model, batch)
+            batch.after_step(model)
+            for i, w in enumerate(want):
+                torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
+    for i, ref in enumerate(refs):
+        got = batch.extract(i)
+        assert any(ls.mass is not None for ls in got.layers)
+        _assert_same_state(got, ref)
