@@ -37,10 +37,10 @@ Dh head dim, D model dim, V vocab.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .attention import KVCache
 from .layers import apply_rope_full, rope_table_full
@@ -321,8 +321,8 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
 
 
 def _attend(attn, xn: torch.Tensor, lb: LayerBuffers, cos, sin, visible, kv_at) -> torch.Tensor:
-    """``LocalAttention.forward`` for one token per row over the padded cache (the decode branch of
-    ``attention.causal_attention``: plain matmuls, keys past a row's length masked out).
+    """``LocalAttention.forward`` for one token per row over the padded cache (keys past a row's
+    length masked out).
     xn: [C, 1, D] -> update [C, 1, D]; writes the token's key/value into ``lb.k``/``lb.v``."""
     b, _, d = xn.shape
     q, k, v = attn.qkv(xn).view(b, 1, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -331,8 +331,7 @@ def _attend(attn, xn: torch.Tensor, lb: LayerBuffers, cos, sin, visible, kv_at) 
     q, k = apply_rope_full(torch.stack([q, k]), cos, sin).unbind(0)
     lb.k.scatter_(2, kv_at, k.to(lb.k.dtype))
     lb.v.scatter_(2, kv_at, v.to(lb.v.dtype))
-    kk, vv = lb.k.to(k.dtype), lb.v.to(v.dtype)
-    scores = torch.matmul(q, kk.transpose(-1, -2)).float() * (1.0 / math.sqrt(attn.head_dim))   # [C, H, 1, Lmax]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    y = torch.matmul(scores.softmax(-1).to(vv.dtype), vv)                                    # [C, H, 1, Dh]
+    # one fused kernel over the static Lmax keys (the eager decode branch uses plain matmuls only
+    # because a fused kernel plans anew for every key length; here the length never changes)
+    y = F.scaled_dot_product_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), attn_mask=visible)  # [C, H, 1, Dh]
     return attn.dropout(attn.out(y.transpose(1, 2).reshape(b, 1, d)))
