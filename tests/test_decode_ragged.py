@@ -211,7 +211,8 @@ def test_rows_join_between_steps_and_buckets_grow_and_shrink(model):
     assert [r.tokens for r in rows] == want
 
 
-def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model):
+@pytest.mark.parametrize("chunk", [SEG, 7])
+def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model, chunk):
     """A long prompt added with prefill_chunk is fed a chunk per step while a running row keeps
     emitting a token every step; the result equals one-shot prefill (tokens and final state)."""
     long_prompt = _prompt(600, 5 * SEG + 7)
@@ -224,7 +225,7 @@ def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model):
     dec = BatchDecoder(model)
     dec.add([runner])
     chunked = DecodeRow(long_prompt, _history(model, 601, 9), 20, SamplingParams(0.0))
-    assert dec.add([chunked], prefill_chunk=SEG) == []
+    assert dec.add([chunked], prefill_chunk=chunk) == []
     fed = []
     while chunked.tokens == []:
         before = len(runner.tokens)
@@ -232,7 +233,7 @@ def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model):
         dec.step()
         assert len(runner.tokens) == before + 1  # the running row was not stalled
     list(dec.run())
-    assert len(fed) >= len(long_prompt) // SEG  # the prompt took several steps
+    assert len(fed) >= len(long_prompt) // chunk  # the prompt took several steps
     assert chunked.tokens == one_shot.tokens
     _assert_same_state(chunked.state, one_shot.state)
     solo = DecodeRow(_prompt(602, 4), _history(model, 603, 20), 40, SamplingParams(0.0))
