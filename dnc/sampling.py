@@ -98,14 +98,17 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
     (top-k/top-p or seeded) are drawn row by row, each exactly as :func:`sample_next` draws it."""
     b, vocab = logits.shape
     out = [0] * b
-    greedy = [i for i in range(b) if params[i].normalized(vocab)[0]]
-    plain = [i for i in range(b) if generators[i] is None and params[i].plain(vocab)]
+    norm = [p.normalized(vocab) for p in params]  # (greedy, temperature, top_k, top_p), once per row
+    greedy = [i for i in range(b) if norm[i][0]]
+    plain = [i for i in range(b) if generators[i] is None and not norm[i][0] and norm[i][2] == 0 and norm[i][3] >= 1.0]
     if greedy:
-        g = torch.nan_to_num(logits[greedy].float(), nan=float("-inf")).argmax(-1)
+        # all rows greedy (the common case): the logits themselves, no index tensor to send to the device
+        g = logits if len(greedy) == b else logits[greedy]
+        g = torch.nan_to_num(g.float(), nan=float("-inf")).argmax(-1)
         for i, tok in zip(greedy, g.tolist()):
             out[i] = tok
     if plain:
-        temp = torch.tensor([params[i].normalized(vocab)[1] for i in plain], device=logits.device)
+        temp = torch.tensor([norm[i][1] for i in plain], device=logits.device)
         probs = _safe_probs(logits[plain].float() / temp[:, None])
         for i, tok in zip(plain, torch.multinomial(probs, 1).squeeze(1).tolist()):
             out[i] = tok
