@@ -21,7 +21,9 @@ would get alone (up to float summation order: greedy tokens equal, logits ``asse
 
 **Segment commits.** The bank is constant within a segment; it changes only when a row's segment is
 full (write into L0, compress, evict, carry the KV window). That happens once per ``segment_len``
-tokens of a row and changes the level sizes, so it is done for that row alone and eagerly:
+tokens of a row and changes the level sizes, so it is done outside the step, eagerly, per row (rows
+that reach a boundary in the same step with equal layouts, e.g. sessions that started together,
+commit as one stacked batch):
 :meth:`RaggedBatch.extract` gives the row as an ordinary batch-1 ``DNCState``, the model's own
 commit runs on it (the very code every other path uses, so commits cannot diverge), and
 :meth:`RaggedBatch.insert` puts it back with a rebuilt read view. Batching commits of rows that
@@ -246,6 +248,7 @@ class RaggedBatch:
         Rows whose segment is now full are committed (alone, eagerly: see the module docstring).
         Returns {"compressed": n, "evicted": n, "committed": rows}."""
         stats = {"compressed": 0, "evicted": 0, "committed": 0}
+        full = []
         for slot, meta in enumerate(self.rows):
             if meta is None:
                 continue
@@ -257,14 +260,24 @@ class RaggedBatch:
             meta.seg_pos += 1
             meta.tokens_seen += 1
             if meta.seg_pos == self.segment_len:
-                state = self.extract(slot)
-                c = model.commit_segment(state)
-                stats["compressed"] += c["compressed"]
-                stats["evicted"] += c["evicted"]
-                stats["committed"] += 1
+                full.append(slot)
+        # rows whose states share a layout (e.g. sessions that started together) commit as one batch:
+        # the commit is row-wise, so that is each row's own commit in fewer ops
+        groups: dict[tuple, list[tuple[int, DNCState]]] = {}
+        for slot in full:
+            state = self.extract(slot)
+            groups.setdefault(state.layout(), []).append((slot, state))
+        for members in groups.values():
+            state = members[0][1] if len(members) == 1 else DNCState.stack([st for _, st in members])
+            c = model.commit_segment(state)
+            # the model counts slot positions per bank, the same for every row of a batch: counted per row here
+            stats["compressed"] += c["compressed"] * len(members)
+            stats["evicted"] += c["evicted"] * len(members)
+            stats["committed"] += len(members)
+            for j, (slot, _) in enumerate(members):
                 logits = self.logits[slot].clone()
                 self.rows[slot] = None
-                self.insert(slot, state, logits, model)
+                self.insert(slot, state if len(members) == 1 else state.select([j]), logits, model)
         return stats
 
     def copy_rows_to(self, other: "RaggedBatch", src: list[int], dst: list[int]) -> None:

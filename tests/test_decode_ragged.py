@@ -311,3 +311,40 @@ def test_salience_positions_follow_each_rows_segment_position():
         got = batch.extract(i)
         assert any(ls.mass is not None for ls in got.layers)
         _assert_same_state(got, ref)
+
+
+def test_rows_reaching_a_boundary_together_commit_as_one_batch(model):
+    """Rows whose states share a layout (sessions started together) commit in one model call; each
+    still gets what it gets alone, and a row of another layout committing in the same step too."""
+    def make():
+        rows = []
+        for i in range(4):
+            hist = 21 if i < 3 else 5  # three rows of one layout, one of another, all at segment position 6
+            st = _history(model, 1000 + i, hist)
+            with torch.no_grad():
+                lg = model(torch.tensor([[7 + i]]), state=st, last_logits_only=True, metrics=False).logits[0, -1]
+            rows.append((st, lg))
+        return rows
+    rows = make()
+    assert len({s.layout() for s, _ in rows}) == 2
+    refs = [s.select([0]) for s, _ in rows]
+    want = [_reference(model, st, lg, 30) for st, (_, lg) in zip(refs, rows)]
+    batch = RaggedBatch(model, 4)
+    for i, (s, lg) in enumerate(rows):
+        batch.insert(i, s, lg, model)
+    calls = []
+    commit = model.commit_segment
+    model.commit_segment = lambda st: calls.append(st.batch_size) or commit(st)
+    try:
+        with torch.no_grad():
+            for t in range(30):
+                batch.tokens[:] = torch.tensor([w[0][t] for w in want])
+                lg = ragged_decode_step(model, batch)
+                batch.after_step(model)
+                for i, w in enumerate(want):
+                    torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
+    finally:
+        del model.commit_segment
+    assert sorted(calls) == [1, 1, 3, 3]  # two boundaries: the three alike together, the other alone
+    for i, ref in enumerate(refs):
+        _assert_same_state(batch.extract(i), ref)
