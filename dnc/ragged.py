@@ -21,16 +21,15 @@ would get alone (up to float summation order: greedy tokens equal, logits ``asse
 
 **Segment commits.** The bank is constant within a segment; it changes only when a row's segment is
 full (write into L0, compress, evict, carry the KV window). That happens once per ``segment_len``
-tokens of a row and changes the level sizes, so it is done outside the step, eagerly, per row (rows
-that reach a boundary in the same step with equal layouts, e.g. sessions that started together,
-commit as one stacked batch):
-:meth:`RaggedBatch.extract` gives the row as an ordinary batch-1 ``DNCState``, the model's own
-commit runs on it (the very code every other path uses, so commits cannot diverge), and
-:meth:`RaggedBatch.insert` puts it back with a rebuilt read view. Batching commits of rows that
-happen to finish a segment in the same step would save little (rows reach their boundaries at
-different steps) and would need ragged compression; a static-shape commit inside the captured graph
-would need the bank itself at full capacity with a ragged cascade. Neither is worth it at one commit
-per row per segment.
+tokens of a row and changes the level sizes, so it is done outside the step, eagerly, for the rows
+that reached their boundary: :meth:`RaggedBatch.extract` gives each as an ordinary batch-1
+``DNCState``, the model's own commit runs on it (the very code every other path uses, so commits
+cannot diverge), and :meth:`RaggedBatch.insert` puts it back with a rebuilt read view. Rows that
+reach a boundary in the same step with equal layouts (sessions that started together) are stacked
+and commit as one batch. Rows of different layouts commit one by one: a batched commit of those
+would need a ragged compression cascade, and a commit inside the captured graph would need the
+bank itself at full capacity with that ragged cascade; neither is worth it at one commit per row
+per segment (for ``small``, one in 2,048 steps).
 
 The banks themselves (and ``prev_write``, the last committed memory input) stay per row on the host
 side, as ordinary ``StateBank`` objects: only commits read them. Shapes: C capacity (rows), H heads,
