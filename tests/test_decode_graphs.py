@@ -180,3 +180,29 @@ def test_rows_sharing_a_graph_never_mix():
     _, a, b = results
     assert torch.equal(a[:, [0, 2, 3]], b[:, [0, 2, 3]])
     assert not torch.allclose(a[:, 1], b[:, 1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_chunked_prefill_with_graphs_equals_one_shot():
+    """On CUDA with graphs: a long prompt prefilled a segment per step (whole segments replay as
+    segment graphs) while another row decodes from decode graphs; both get their eager tokens."""
+    model = _model("cuda")
+
+    def rows():
+        return (DecodeRow(_prompt(90, 6 * SEG + 5), _history(model, 91, 7), 20, SamplingParams(0.0)),
+                DecodeRow(_prompt(92, 4), _history(model, 93, 30), 40, SamplingParams(0.0)))
+    want = [_decode(model, [r])[0] for r in rows()]
+    model.enable_cuda_graphs()
+    long, running = rows()
+    dec = BatchDecoder(model)
+    dec.add([running])
+    dec.add([long], prefill_chunk=SEG)
+    while not long.tokens:
+        n = len(running.tokens)
+        dec.step()
+        assert len(running.tokens) == n + 1
+    list(dec.run())
+    assert long.tokens == want[0].tokens and running.tokens == want[1].tokens
+    _assert_same_state(long.state, want[0].state, 1e-4)
+    assert model.step_runner.replays > 0 and model.decode_runner.replays > 0
