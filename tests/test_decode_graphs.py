@@ -190,7 +190,7 @@ def test_chunked_prefill_with_graphs_equals_one_shot():
     model = _model("cuda")
 
     def rows():
-        return (DecodeRow(_prompt(90, 6 * SEG + 5), _history(model, 91, 7), 20, SamplingParams(0.0)),
+        return (DecodeRow(_prompt(90, 12 * SEG + 5), _history(model, 91, 7), 20, SamplingParams(0.0)),
                 DecodeRow(_prompt(92, 4), _history(model, 93, 30), 40, SamplingParams(0.0)))
     want = [_decode(model, [r])[0] for r in rows()]
     model.enable_cuda_graphs()
