@@ -3,7 +3,10 @@
 For each preset, in one run (same process, same device):
   * training: forward+backward tokens/s, MFU (CUDA) and peak memory at each ``--train-lengths``;
   * prefill: tokens/s and peak memory at each ``--prefill-lengths`` (baseline up to ``--baseline-max``);
-  * decode: median latency per token after a context of each ``--decode-contexts``;
+  * decode: after a context of each ``--decode-contexts``, the serving decode loop
+    (``dnc.generate.BatchDecoder``: ragged batches, CUDA-graph decode steps on CUDA) at each
+    ``--decode-batches`` rows (every row a copy of that context): median ms per step (= per token of
+    each row) and tokens/s in all; plus the plain one-token model call at batch 1 for comparison;
   * state size: DNC bank bytes vs the baseline's KV-cache bytes at the same context.
 The baseline is the same code with memory off and one segment spanning the input.
 Writes ``bench/results/model_speed_<device>.json`` and prints a markdown table.
@@ -13,6 +16,9 @@ Examples:
     python bench/model_speed.py --device cuda --presets small,base --dtype bf16 \
         --train-lengths 2048,8192,32768 --prefill-lengths 4096,32768,131072,524288,1048576 \
         --decode-contexts 4096,32768,131072,1048576
+    # issue 14's decode targets: batch 1 and 64 at 4k and 1M context (small, H200)
+    python bench/model_speed.py --device cuda --presets small --no-train --prefill-lengths 4k \
+        --decode-contexts 4k,1m --decode-batches 1,64 --tag decode
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dnc.config import preset  # noqa: E402
+from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -162,6 +169,8 @@ def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -
     if memory and args.cuda_graphs and device.type == "cuda":
         model.enable_cuda_graphs()  # a layout is captured the second time it is seen: two warm-up calls
         warmup = 2
+        if not args.decode_graphs:
+            model.set_decode_runner(None)
     reset_peak(device)
     try:
         sec = timed(prefill, device, warmup, args.prefill_iters)
@@ -173,17 +182,54 @@ def bench_prefill_decode(name, ctx, memory, args, device, dtype, decode: bool) -
                 "cuda_graphs": model._segment_graphs is not None})
     if decode:
         tok = torch.randint(0, 256, (1, 1), device=device)
+        if memory:
+            for b in args.decode_batches:
+                try:
+                    r = bench_decode_loop(model, state, b, args, device)
+                except torch.OutOfMemoryError:
+                    r = {"oom": True}
+                out[f"decode_b{b}"] = r
+            if out.get("decode_b1", {}).get("ms_median") is not None:
+                out["decode_ms_median"] = out["decode_b1"]["ms_median"]
+                out["decode_ms_mean"] = out["decode_b1"]["ms_mean"]
         lat = []
+        plain = state.select([0]) if memory else state
         for _ in range(args.decode_steps):
             sync(device)
             t = time.perf_counter()
-            model(tok, state=state, last_logits_only=True, metrics=False)
+            model(tok, state=plain, last_logits_only=True, metrics=False)
             sync(device)
             lat.append(time.perf_counter() - t)
         lat = lat[2:]  # warm-up
-        out["decode_ms_median"] = 1e3 * statistics.median(lat)
-        out["decode_ms_mean"] = 1e3 * statistics.fmean(lat)
+        key = "decode_plain_ms" if memory else "decode_ms"
+        out[f"{key}_median"] = 1e3 * statistics.median(lat)
+        out[f"{key}_mean"] = 1e3 * statistics.fmean(lat)
     del model, state
+    return out
+
+
+def bench_decode_loop(model, state, batch: int, args, device) -> dict:
+    """The serving decode loop (``BatchDecoder.step``: sample, stop checks, one ragged model call,
+    CUDA graphs when enabled) for ``batch`` rows, each a copy of ``state``. Rows share the position,
+    so every ``segment_len`` steps all commit in one step: the median is the steady state, the
+    mean includes the commits."""
+    rows = [DecodeRow([1], state.select([0]), args.decode_steps + 8, SamplingParams(0.0)) for _ in range(batch)]
+    dec = BatchDecoder(model, max_batch=batch)
+    dec.add(rows)
+    lat = []
+    for _ in range(args.decode_steps):
+        sync(device)
+        t = time.perf_counter()
+        dec.step()
+        sync(device)
+        lat.append(time.perf_counter() - t)
+    dec.close()
+    lat = lat[3:]  # warm-up: the first step is eager, the second captures the graph
+    runner = model.decode_runner
+    ms = 1e3 * statistics.median(lat)
+    out = {"ms_median": ms, "ms_mean": 1e3 * statistics.fmean(lat), "tokens_per_s": batch / (ms / 1e3),
+           "graph_replays": getattr(runner, "replays", 0), "commits": dec.commits}
+    del rows, dec
     return out
 
 
@@ -203,6 +249,11 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--prefill-iters", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=34)
+    p.add_argument("--decode-batches", default=None,
+                   help="rows of the decode loop to time at each decode context, e.g. 1,64 (default 1,64 CUDA, 1,8 CPU)")
+    p.add_argument("--decode-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="the decode loop replays its steps as CUDA graphs per batch bucket (with --cuda-graphs)")
+    p.add_argument("--no-train", action="store_true", help="inference rows only (prefill, decode)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block for training")
     p.add_argument("--compile-infer", action="store_true",
                    help="torch.compile each block for prefill and decode too (DNC and baseline)")
@@ -219,7 +270,8 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if (cuda and args.dtype == "bf16") else None
     presets = (args.presets or ("small,base" if cuda else "tiny")).split(",")
-    train_lengths = ints(args.train_lengths or ("2k,8k,32k" if cuda else "256,1k,4k"))
+    train_lengths = [] if args.no_train else ints(args.train_lengths or ("2k,8k,32k" if cuda else "256,1k,4k"))
+    args.decode_batches = ints(args.decode_batches or ("1,64" if cuda else "1,8"))
     prefill_lengths = ints(args.prefill_lengths or ("4k,32k,128k,512k,1m" if cuda else "1k,4k,16k,64k"))
     decode_ctx = ints(args.decode_contexts or ("4k,32k,128k,1m" if cuda else "1k,4k,16k,64k"))
     base_max = ints(args.baseline_max or ("128k" if cuda else "16k"))[0]
@@ -308,6 +360,17 @@ def markdown(results: dict) -> str:
                 + (f" {_fmt(d.get('prefill_tokens_per_s_eager'))} | "
                    f"{_fmt(d['prefill_tokens_per_s'] / d['prefill_tokens_per_s_eager'] if d.get('prefill_tokens_per_s_eager') and d.get('prefill_tokens_per_s') else None, '{:.2f}x')} |"
                    if eager else ""))
+    loops = [(r, k, v) for r in rows if r["kind"] == "infer" and r["model"] == "dnc"
+             for k, v in r.items() if k.startswith("decode_b") and isinstance(v, dict)]
+    if loops:
+        lines += ["", "Decode loop (BatchDecoder: ragged batch, CUDA-graph steps on CUDA), every row at the context:", "",
+                  "| preset | context | rows | ms / step (median) | ms / step (mean, with commits) | tokens/s in all | "
+                  "plain model call, batch 1, ms |", "|---|---|---|---|---|---|---|"]
+        for r, k, v in loops:
+            lines.append(f"| {r['preset']} | {r['length']:,} | {k[len('decode_b'):]} | "
+                         f"{'OOM' if v.get('oom') else _fmt(v.get('ms_median'), '{:.2f}')} | "
+                         f"{_fmt(v.get('ms_mean'), '{:.2f}')} | {_fmt(v.get('tokens_per_s'))} | "
+                         f"{_fmt(r.get('decode_plain_ms_median'), '{:.2f}')} |")
     return "\n".join(lines) + "\n"
 
 

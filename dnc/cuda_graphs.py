@@ -1,4 +1,4 @@
-"""CUDA graphs for whole-segment inference steps (prefill).
+"""CUDA graphs for inference: whole-segment steps (prefill) and one-token decode steps.
 
 A full segment through the DNC is ~1,000 small ops at batch 1: eight blocks, the memory reads and
 the bank's write / compress / evict bookkeeping. Launched one by one from Python they take ~9 ms
@@ -19,6 +19,14 @@ It is a *step runner* applied to the model from outside (``model.set_step_runner
 or ``model.enable_cuda_graphs()``): it calls only the model's public ``segment_step`` and the state's
 public fields, and the model never imports this module at load time.
 
+:class:`DecodeGraphs` captures :func:`dnc.ragged.ragged_decode_step`, the one-token step of a
+:class:`dnc.ragged.RaggedBatch` (rows of any layouts, static tensors per batch bucket 1, 2, 4, ...,
+64). There the batch's own tensors are the graph's inputs and outputs: the step updates them in
+place, so a replay copies nothing but the logits out. The runner therefore owns the batches
+(``acquire(capacity)`` / ``release(batch)``, reused across decoders), one graph per batch. A batch's
+first step runs eagerly (on a side stream: the warm-up that fills cached constants), its second is
+captured and from then on it is replayed. Segment commits of single rows run eagerly outside it.
+
 Only for inference (``torch.no_grad``, eval mode) on CUDA. Graphs hold pointers to the parameters:
 after replacing parameter tensors (``model.to(dtype)``, not an in-place ``load_state_dict``) call
 :meth:`SegmentGraphs.clear`.
@@ -33,6 +41,7 @@ import torch
 
 from .attention import KVCache
 from .memory import StateBank
+from .ragged import RaggedBatch, ragged_decode_step
 from .state import DNCState, LayerState
 
 
@@ -198,5 +207,103 @@ class SegmentGraphs:
             outputs = [logits] + _state_tensors(work)
         host = [(ls.cache.carry_len, None if ls.bank is None else tuple(ls.bank.sizes)) for ls in work.layers]
         entry = _Graph(graph, static_tokens, inputs, outputs, host, stats)
+        self.graphs[key] = entry
+        return entry
+
+
+# ================================================================================== decode steps
+@dataclass
+class _DecodeGraph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor  # the step's output [C, V] in graph memory
+    batch: RaggedBatch    # held: the graph points into its tensors (and keeps its id from being reused)
+
+
+class DecodeGraphs:
+    """Captured one-token decode steps, one per :class:`RaggedBatch` it hands out (see the module
+    docstring). On CPU (or with grad, or in training mode) ``step`` is the eager step."""
+
+    def __init__(self, model):
+        self.model = model
+        self.graphs: dict[tuple, _DecodeGraph] = {}
+        self.seen: dict[tuple, RaggedBatch] = {}  # warmed up (held, so that its id stays its own)
+        self.spare: dict[tuple, list[RaggedBatch]] = {}
+        self.pool = None
+        self.replays = 0
+        self.eager = 0
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        """Drop every graph and spare batch (their memory is freed with them)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.spare.clear()
+        self.pool = None
+
+    # ------------------------------------------------------------------ batches
+    def acquire(self, capacity: int) -> RaggedBatch:
+        """A free batch of ``capacity`` rows (a spare one when there is one: its graph is kept)."""
+        key = (capacity, self.model.device, self.model.embed.weight.dtype)
+        with self._lock:
+            spares = self.spare.get(key)
+            if spares:
+                return spares.pop()
+        return RaggedBatch(self.model, capacity)
+
+    def release(self, batch: RaggedBatch) -> None:
+        """Take back an empty batch for reuse."""
+        for slot in range(batch.capacity):
+            if batch.rows[slot] is not None:
+                batch.release(slot)
+        with self._lock:
+            self.spare.setdefault((batch.capacity, batch.device, batch.dtype), []).append(batch)
+
+    # ------------------------------------------------------------------ the step
+    def eligible(self, batch: RaggedBatch) -> bool:
+        m = self.model
+        return batch.device.type == "cuda" and not m.training and not torch.is_grad_enabled()
+
+    def step(self, batch: RaggedBatch) -> torch.Tensor:
+        """:func:`ragged_decode_step` on ``batch`` (replayed from its graph where there is one).
+        Returns the next-token logits [C, V] (a new tensor)."""
+        if not self.eligible(batch):
+            return ragged_decode_step(self.model, batch)
+        with self._lock:
+            key = (id(batch), self.model.embed.weight.data_ptr(), torch.is_autocast_enabled("cuda"),
+                   torch.get_autocast_dtype("cuda"))
+            entry = self.graphs.get(key)
+            if entry is None:
+                if key not in self.seen:
+                    self.seen[key] = batch
+                    self.eager += 1
+                    return self._warm_up(batch)
+                entry = self._capture(key, batch)
+            entry.graph.replay()
+            self.replays += 1
+            return entry.logits.clone()
+
+    def _amp(self):
+        # the caller's autocast without its weight-cast cache (see SegmentGraphs._capture)
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                             cache_enabled=False)
+
+    def _warm_up(self, batch: RaggedBatch) -> torch.Tensor:
+        """A real (eager) step on a side stream, as capture wants: fills the cached constants."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), self._amp():
+            logits = ragged_decode_step(self.model, batch)
+        torch.cuda.current_stream().wait_stream(side)
+        logits.record_stream(torch.cuda.current_stream())  # read on this stream after the side one is done
+        return logits
+
+    def _capture(self, key: tuple, batch: RaggedBatch) -> _DecodeGraph:
+        """Capture the step on ``batch``'s tensors. Capturing runs nothing: the first replay is the step."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), self._amp():
+            logits = ragged_decode_step(self.model, batch)
+        entry = _DecodeGraph(graph, logits, batch)
         self.graphs[key] = entry
         return entry

@@ -1,17 +1,18 @@
-"""Generation apart from the model: sampling, and one batched decode loop.
+"""Generation apart from the model: one batched decode loop (sampling is in ``dnc.sampling``).
 
-* :func:`sample_next` / :func:`sample_rows`: the next token from logits. No argument value can make
-  them raise: a temperature below :data:`MIN_TEMPERATURE` (or not finite) is greedy, ``top_k`` outside
-  ``1..V-1`` is off, ``top_p`` not finite or ``>= 1`` is off and ``<= 0`` keeps the top token, and
-  rows whose logits are not finite fall back to their argmax.
+* :func:`sample_next` / :func:`sample_rows` / :class:`SamplingParams` (from ``dnc.sampling``, re-exported
+  here): the next token from logits; no argument value can make them raise.
 * :class:`BatchDecoder`: the decode loop of the library (:func:`generate_stream`, ``DNC.generate``)
   and of the server. Each row has its own prompt, state, sampling parameters, seed and stop
   condition. Rows are prefilled together when their states share a layout and their prompts a
-  length, then decoded one token per row per :meth:`BatchDecoder.step`, every group of rows whose
-  states share a layout (``DNCState.layout``) as one batch. Every op of the model is row-wise, so a
-  row's tokens are those it would get alone; rows of different states never mix. Rows that finish
-  leave the batch, and their final state is written back into the ``DNCState`` the caller gave.
-  Rows can be added between steps (the place for continuous batching).
+  length (or chunk by chunk between decode steps: ``add(rows, prefill_chunk=N)``), then decoded one
+  token per row per :meth:`BatchDecoder.step`: every running row, whatever its position in the
+  segment, bank fill or clock, in one model call per batch of up to ``max_batch`` rows
+  (``dnc.ragged``: static per-row tensors, padded to a bucket of 1, 2, 4, ..., 64 rows, so the step
+  can be a captured CUDA graph). Every op of the step is row-wise, so a row's tokens are those it
+  would get alone; rows of different states never mix. Rows that finish leave the batch, and their
+  final state is written back into the ``DNCState`` the caller gave. Rows can be added between
+  steps (continuous batching).
 
 A row's failure (bad prompt ids, its stop check raising) finishes that row alone with
 ``finish_reason == "error"``; a failing model step fails only the rows of that batch.
@@ -20,114 +21,14 @@ Shapes: B rows, V vocab.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .ragged import RaggedBatch, bucket_for, ragged_decode_step
+from .sampling import MIN_TEMPERATURE, SamplingParams, sample_next, sample_rows  # noqa: F401  (dnc.generate API)
 from .state import DNCState
-
-MIN_TEMPERATURE = 1e-4
-"""Temperatures below this (and non-finite ones) mean greedy decoding."""
-
-
-# ================================================================================== sampling
-@dataclass(frozen=True)
-class SamplingParams:
-    """How a row picks its next token. Any values are accepted; :meth:`normalized` says what they mean."""
-
-    temperature: float = 1.0
-    """Softmax temperature; below ``MIN_TEMPERATURE`` (or NaN/inf) = greedy (argmax)."""
-    top_k: int = 0
-    """Keep the k most likely tokens; 0, negative or >= vocab = all."""
-    top_p: float = 1.0
-    """Nucleus: keep the smallest set of tokens with mass >= top_p; >= 1 or NaN = all, <= 0 = the top one."""
-
-    def normalized(self, vocab: int) -> tuple[bool, float, int, float]:
-        """(greedy, temperature, top_k (0 = off), top_p (1.0 = off)) with every edge case resolved."""
-        t = _finite(self.temperature, 0.0)
-        greedy = t < MIN_TEMPERATURE
-        k = int(_finite(self.top_k, 0)) if not isinstance(self.top_k, bool) else 0
-        k = k if 0 < k < vocab else 0
-        p = _finite(self.top_p, 1.0)
-        p = 1.0 if p >= 1.0 else max(p, 0.0)
-        return greedy, t, k, p
-
-    def plain(self, vocab: int) -> bool:
-        """Temperature sampling without top-k/top-p (several rows share one multinomial)."""
-        greedy, _, k, p = self.normalized(vocab)
-        return not greedy and k == 0 and p >= 1.0
-
-
-def _finite(x, default: float) -> float:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return default
-    return x if math.isfinite(x) else default
-
-
-def _filtered_logits(logits: torch.Tensor, t: float, k: int, p: float) -> torch.Tensor:
-    """logits [V] float32 -> temperature-scaled logits with top-k / top-p cut to -inf."""
-    logits = logits / t
-    if k:
-        kth = logits.topk(k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p < 1.0:
-        sorted_logits, idx = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        remove = probs.cumsum(-1) - probs > p  # keep the smallest set with mass >= top_p (never the top one)
-        logits = logits.scatter(0, idx, sorted_logits.masked_fill(remove, float("-inf")))
-    return logits
-
-
-def _safe_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of [B, V] logits; rows that are not a distribution (NaN/inf
-    logits) become one-hot on their argmax, on the device (no host sync, no device assert)."""
-    clean = torch.nan_to_num(logits.float(), nan=float("-inf"))
-    probs = clean.softmax(-1)
-    ok = torch.isfinite(probs).all(-1, keepdim=True) & (probs.sum(-1, keepdim=True) > 0)
-    onehot = torch.zeros_like(probs).scatter_(-1, torch.nan_to_num(logits.float(), nan=0.0).argmax(-1, keepdim=True), 1.0)
-    return torch.where(ok, torch.nan_to_num(probs, nan=0.0), onehot)
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> int:
-    """One token id from ``logits`` [V] or [1, V] (greedy when temperature < MIN_TEMPERATURE).
-    ``generator`` (on the logits' device) makes the draw reproducible."""
-    logits = logits.float().reshape(-1)
-    greedy, t, k, p = SamplingParams(temperature, top_k, top_p).normalized(logits.numel())
-    if greedy:
-        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
-    probs = _safe_probs(_filtered_logits(logits, t, k, p)[None])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None]) -> list[int]:
-    """The next token of every row of ``logits`` [B, V] with its own parameters and generator.
-    Greedy rows share one argmax, unseeded plain-temperature rows one multinomial; the others
-    (top-k/top-p or seeded) are drawn row by row, each exactly as :func:`sample_next` draws it."""
-    b, vocab = logits.shape
-    out = [0] * b
-    greedy = [i for i in range(b) if params[i].normalized(vocab)[0]]
-    plain = [i for i in range(b) if generators[i] is None and params[i].plain(vocab)]
-    if greedy:
-        g = torch.nan_to_num(logits[greedy].float(), nan=float("-inf")).argmax(-1)
-        for i, tok in zip(greedy, g.tolist()):
-            out[i] = tok
-    if plain:
-        temp = torch.tensor([params[i].normalized(vocab)[1] for i in plain], device=logits.device)
-        probs = _safe_probs(logits[plain].float() / temp[:, None])
-        for i, tok in zip(plain, torch.multinomial(probs, 1).squeeze(1).tolist()):
-            out[i] = tok
-    done = set(greedy) | set(plain)
-    for i in range(b):
-        if i not in done:
-            sp = params[i]
-            out[i] = sample_next(logits[i], sp.temperature, sp.top_k, sp.top_p, generators[i])
-    return out
 
 
 # ================================================================================== decode loop
@@ -139,7 +40,8 @@ class DecodeRow:
     """Token ids fed before the first new token (at least one)."""
     state: DNCState | None = None
     """Batch-1 state to continue from; updated in place when the row finishes (it then holds the
-    prompt and every emitted token). None = a fresh state that is dropped afterwards."""
+    prompt and every emitted token), untouched when it fails or is cancelled. None = a fresh state
+    that is dropped afterwards."""
     max_new_tokens: int = 64
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
@@ -163,10 +65,19 @@ class DecodeRow:
 
 
 @dataclass(eq=False)
-class _Group:
-    rows: list[DecodeRow]
-    state: DNCState          # batch len(rows), row i = rows[i]
-    logits: torch.Tensor     # [len(rows), V]: next-token logits of each row
+class _Batch:
+    rb: RaggedBatch                      # the rows' static decode tensors
+    slots: list[DecodeRow | None]        # the row in each slot of rb (None: free)
+
+    def occupied(self) -> list[tuple[int, DecodeRow]]:
+        return [(i, r) for i, r in enumerate(self.slots) if r is not None]
+
+
+@dataclass(eq=False)
+class _Prefill:
+    row: DecodeRow
+    state: DNCState    # the row's own copy, prefilled chunk by chunk
+    fed: int = 0       # prompt tokens fed so far
 
 
 @dataclass(frozen=True)
@@ -185,29 +96,41 @@ class BatchDecoder:
     """Decodes any number of :class:`DecodeRow` s together (see the module docstring).
 
     ``add(rows)`` prefills them (rows whose states share a layout and whose prompts share a length
-    as one batch); ``step()`` emits one token for every running row; ``running`` says whether any
-    row is left. ``max_batch`` caps the rows of one model call (more rows of one layout form
-    several batches). Runs under ``torch.no_grad``; the model should be in eval mode."""
+    as one batch) or, with ``prefill_chunk=N``, queues them: each later ``step()`` first feeds at
+    most N prompt tokens (oldest row first, chunks cut at segment boundaries), so a long prompt does
+    not stall the running rows. ``step()`` emits one token for every running row; ``running`` says
+    whether any row is left (decoding or prefilling). ``max_batch`` caps the rows of one model call
+    (more rows form several batches). Runs under ``torch.no_grad``; the model should be in eval mode.
+    Decode steps go through ``model.decode_runner`` when it is set (CUDA graphs), else eagerly."""
 
     def __init__(self, model, max_batch: int = 64):
         self.model = model
         self.max_batch_rows = max(1, int(max_batch))  # rows in one model call at most
-        self.groups: list[_Group] = []
+        self.batches: list[_Batch] = []
+        self.prefilling: list[_Prefill] = []
+        self.prefill_chunk = 0  # prompt tokens fed per step while rows are prefilling
         self.steps = 0
         self.max_batch = 0  # the most rows one model call has decoded
+        self.commits = 0    # segment commits of decoding rows
 
     @property
     def running(self) -> bool:
-        return bool(self.groups)
+        return bool(self.batches) or bool(self.prefilling)
 
     def batch_sizes(self) -> list[int]:
-        return [len(g.rows) for g in self.groups]
+        """Rows of each decode batch (one model call each); ``[0]`` while rows are only prefilling."""
+        sizes = [b.rb.n_active for b in self.batches]
+        return sizes or ([0] if self.prefilling else [])
 
     # ------------------------------------------------------------------ admission
     @torch.no_grad()
-    def add(self, rows: Sequence[DecodeRow]) -> list[DecodeRow]:
-        """Prefill ``rows`` and let them join the batch. Returns the rows that failed already
-        (``finish_reason == "error"``: bad prompt, state of another model)."""
+    def add(self, rows: Sequence[DecodeRow], prefill_chunk: int | None = None) -> list[DecodeRow]:
+        """Prefill ``rows`` and let them join the batch, or with ``prefill_chunk`` (tokens, >= 1) queue
+        their prefill for the next steps (see the class docstring). Returns the rows that failed
+        already (``finish_reason == "error"``: bad prompt, state of another model)."""
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive int (tokens per step) or None, got {prefill_chunk!r}")
         failed = []
         buckets: dict[tuple, list[DecodeRow]] = {}
         for row in rows:
@@ -218,12 +141,19 @@ class BatchDecoder:
                 continue
             if row.generator is None and row.seed is not None:
                 row.generator = torch.Generator(device=self.model.device).manual_seed(int(row.seed))
+            if prefill_chunk is not None:
+                state = self.model.init_state(1) if row.state is None else row.state.select([0])
+                self.prefilling.append(_Prefill(row, state))
+                self.prefill_chunk = prefill_chunk
+                continue
             start = None if row.state is None else row.state.layout()
             buckets.setdefault((start, len(row.prompt_ids)), []).append(row)
         n = self.max_batch_rows
+        joined: list[tuple[DecodeRow, DNCState, torch.Tensor]] = []
         for bucket in buckets.values():
             for i in range(0, len(bucket), n):
-                failed += self._prefill(bucket[i:i + n])
+                failed += self._prefill(bucket[i:i + n], joined)
+        self._join(joined)
         return failed
 
     def _check(self, row: DecodeRow) -> str | None:
@@ -238,14 +168,11 @@ class BatchDecoder:
             return f"a row's state must have batch size 1, got {row.state.batch_size}"
         return None
 
-    def _prefill(self, rows: list[DecodeRow]) -> list[DecodeRow]:
+    def _prefill(self, rows: list[DecodeRow], joined: list) -> list[DecodeRow]:
+        """One model call for ``rows`` (equal layouts and prompt lengths) on a copy of their states;
+        appends (row, its batch-1 state, next-token logits [V]) to ``joined``. Returns failed rows."""
         m = self.model
-        if len(rows) == 1 and rows[0].state is not None:
-            state = rows[0].state  # decode in the caller's own state object: no copy
-        elif rows[0].state is None:
-            state = m.init_state(len(rows))
-        else:
-            state = DNCState.stack([r.state for r in rows])
+        state = m.init_state(len(rows)) if rows[0].state is None else DNCState.stack([r.state for r in rows])
         ids = torch.tensor([list(r.prompt_ids) for r in rows], dtype=torch.long, device=m.device)
         try:
             logits = m(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
@@ -254,100 +181,197 @@ class BatchDecoder:
                 self._fail(rows[0], e)
                 return rows
             # find the culprit: each row alone (their own states are untouched: the batch was a copy)
-            return [r for r in rows for f in [self._prefill([r])] if f]
-        done = [r for r in rows if r.max_new_tokens <= 0]
-        for r in done:
-            r.finish_reason = "length"
-        self._join(_Group(rows, state, logits), retire=done)
+            return [r for r in rows for f in [self._prefill([r], joined)] if f]
+        for i, r in enumerate(rows):
+            joined.append((r, state if len(rows) == 1 else state.select([i]), logits[i]))
         return []
 
-    def _join(self, group: _Group, retire: list[DecodeRow]) -> None:
-        if retire:
-            group = self._retire(group, retire)
-            if group is None:
+    def _advance_prefill(self) -> list[tuple[DecodeRow, DNCState, torch.Tensor]]:
+        """Feed at most ``prefill_chunk`` prompt tokens of the queued rows, oldest first, in chunks
+        that end at segment boundaries (whole segments replay as CUDA graphs). Returns the rows whose
+        prompt is now complete, with their states and next-token logits."""
+        m, seg = self.model, self.model.config.segment_len
+        budget, first, done = self.prefill_chunk, True, []
+        while self.prefilling and budget > 0:
+            p = self.prefilling[0]
+            ids = p.row.prompt_ids
+            n = min(len(ids) - p.fed, seg - p.state.seg_pos)
+            if n > budget:
+                if not first:
+                    break  # the next chunk would not fit: keep it whole for the next step
+                n = budget
+            x = torch.tensor([list(ids[p.fed:p.fed + n])], dtype=torch.long, device=m.device)
+            first = False
+            budget -= n
+            try:
+                logits = m(x, state=p.state, last_logits_only=True, metrics=False).logits[0, -1]
+            except Exception as e:
+                self._fail(p.row, e)
+                self.prefilling.pop(0)
+                continue
+            p.fed += n
+            if p.fed == len(ids):
+                self.prefilling.pop(0)
+                done.append((p.row, p.state, logits))
+        return done
+
+    def _runner(self):
+        return getattr(self.model, "decode_runner", None)
+
+    def _new_batch(self, capacity: int) -> RaggedBatch:
+        runner = self._runner()
+        return runner.acquire(capacity) if runner is not None else RaggedBatch(self.model, capacity)
+
+    def _free_batch(self, rb: RaggedBatch) -> None:
+        runner = self._runner()
+        if runner is not None:
+            runner.release(rb)
+
+    def _resize(self, b: _Batch, capacity: int) -> None:
+        """Move ``b``'s rows into a batch of ``capacity`` slots (the next bucket up or down)."""
+        new = self._new_batch(capacity)
+        occ = b.occupied()
+        b.rb.copy_rows_to(new, [i for i, _ in occ], list(range(len(occ))))
+        self._free_batch(b.rb)
+        b.rb = new
+        b.slots = [r for _, r in occ] + [None] * (capacity - len(occ))
+
+    def _join(self, joined: list[tuple[DecodeRow, DNCState, torch.Tensor]]) -> None:
+        """Rows with a complete prompt join the decode batches (free slots first, growing a batch to
+        the next bucket, else a new batch). Rows with nothing to decode finish at once."""
+        todo = []
+        for row, state, logits in joined:
+            if row.max_new_tokens <= 0:
+                row.finish_reason = "length"
+                if row.state is not None:
+                    row.state.assign_(state)
+            else:
+                todo.append((row, state, logits))
+        cap = self.max_batch_rows
+        for b in self.batches:
+            if not todo:
                 return
-        for g in self.groups:  # same layout: one batch from now on (equal layouts stay equal)
-            if len(g.rows) + len(group.rows) <= self.max_batch_rows and g.state.layout() == group.state.layout():
-                g.state = DNCState.stack([g.state, group.state])
-                g.rows = g.rows + group.rows
-                g.logits = torch.cat([g.logits, group.logits], 0)
-                return
-        self.groups.append(group)
+            n = b.rb.n_active
+            k = min(cap - n, len(todo))
+            if k <= 0:
+                continue
+            if n + k > b.rb.capacity:
+                self._resize(b, bucket_for(n + k))
+            self._insert(b, todo[:k])
+            todo = todo[k:]
+        while todo:
+            k = min(cap, len(todo))
+            b = _Batch(self._new_batch(bucket_for(k)), [])
+            b.slots = [None] * b.rb.capacity
+            self.batches.append(b)
+            self._insert(b, todo[:k])
+            todo = todo[k:]
+
+    def _insert(self, b: _Batch, rows: list[tuple[DecodeRow, DNCState, torch.Tensor]]) -> None:
+        for slot, (row, state, logits) in zip(b.rb.free_slots(), rows):
+            try:
+                b.rb.insert(slot, state, logits, self.model)
+            except Exception as e:  # a state that does not fit (another model's): this row alone
+                b.rb.release(slot)
+                self._fail(row, e)
+                continue
+            b.slots[slot] = row
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
     def step(self) -> list[StepToken]:
-        """One new token for every running row: sample, check the stop conditions, feed the
-        tokens through the model (also the last one of a finishing row, so its state holds the
-        whole exchange), retire the rows that finished."""
+        """Feed queued prompt chunks (``prefill_chunk``), then one new token for every decoding row:
+        sample, check the stop conditions, feed the tokens through the model as one call per batch
+        (also the last one of a finishing row, so its state holds the whole exchange), retire the
+        rows that finished."""
+        if self.prefilling:
+            self._join(self._advance_prefill())
         out: list[StepToken] = []
         self.steps += 1
         self.max_batch = max([self.max_batch] + self.batch_sizes())
-        groups, self.groups = self.groups, []
-        for g in groups:
-            toks = sample_rows(g.logits, [r.sampling for r in g.rows], [r.generator for r in g.rows])
-            finished = []
-            for r, tok in zip(g.rows, toks):
-                r.tokens.append(tok)
-                try:
-                    stopped = r.stop_check is not None and r.stop_check(tok)  # sees every token
-                    if tok in r.stop_tokens:
-                        r.finish_reason = "eos"
-                    elif stopped:
-                        r.finish_reason = "stop"
-                    elif len(r.tokens) >= r.max_new_tokens:
-                        r.finish_reason = "length"
-                except Exception as e:  # the caller's stop check: this row alone fails
-                    self._fail(r, e)
-                if r.done:
-                    finished.append(r)
-                out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason, len(g.rows)))
-            running = len(finished) < len(g.rows)
-            if running or any(r.state is not None and r.finish_reason != "error" for r in finished):
-                try:
-                    x = torch.tensor(toks, dtype=torch.long, device=self.model.device).view(-1, 1)
-                    g.logits = self.model(x, state=g.state, last_logits_only=True, metrics=False).logits[:, -1]
-                except Exception as e:  # the batch's state is now partial: its rows cannot go on
-                    for r in g.rows:
-                        if r.finish_reason != "error":
-                            self._fail(r, e)
-                    continue
-            rest = self._retire(g, finished)
-            if rest is not None:
-                self.groups.append(rest)
+        for b in list(self.batches):
+            out += self._step_batch(b)
+            if b.rb.n_active == 0:
+                self.batches.remove(b)
+                self._free_batch(b.rb)
+            elif bucket_for(b.rb.n_active) < b.rb.capacity:
+                self._resize(b, bucket_for(b.rb.n_active))  # fewer rows: a smaller bucket
         return out
 
-    def _retire(self, g: _Group, finished: list[DecodeRow]) -> _Group | None:
-        """Write the finished rows' states back to their owners; the rest of the group, or None."""
-        if not finished:
-            return g
+    def _step_batch(self, b: _Batch) -> list[StepToken]:
+        occ = b.occupied()
+        rb = b.rb
+        rows = [r for _, r in occ]
+        if occ[-1][0] == len(occ) - 1:  # slots 0..n-1: a view, no index tensor to send to the device
+            logits = rb.logits[:len(occ)]
+        else:
+            logits = rb.logits.index_select(0, torch.tensor([i for i, _ in occ], device=rb.device))
+        toks = sample_rows(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        out, finished = [], []
+        for r, tok in zip(rows, toks):
+            r.tokens.append(tok)
+            try:
+                stopped = r.stop_check is not None and r.stop_check(tok)  # sees every token
+                if tok in r.stop_tokens:
+                    r.finish_reason = "eos"
+                elif stopped:
+                    r.finish_reason = "stop"
+                elif len(r.tokens) >= r.max_new_tokens:
+                    r.finish_reason = "length"
+            except Exception as e:  # the caller's stop check: this row alone fails
+                self._fail(r, e)
+            if r.done:
+                finished.append(r)
+            out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason, len(rows)))
+        running = len(finished) < len(rows)
+        if running or any(r.state is not None and r.finish_reason != "error" for r in finished):
+            tokens = [0] * rb.capacity
+            for (slot, _), tok in zip(occ, toks):
+                tokens[slot] = tok
+            rb.tokens.copy_(torch.tensor(tokens, dtype=torch.long))
+            try:
+                runner = self._runner()
+                logits = runner.step(rb) if runner is not None else ragged_decode_step(self.model, rb)
+                rb.logits.copy_(logits)
+                self.commits += rb.after_step(self.model)["committed"]
+            except Exception as e:  # the batch's tensors are now partial: its rows cannot go on
+                for slot, r in occ:
+                    if r.finish_reason != "error":
+                        self._fail(r, e)
+                    rb.release(slot)
+                    b.slots[slot] = None
+                return out
         gone = set(map(id, finished))
-        for i, r in enumerate(g.rows):
-            if (id(r) in gone and r.state is not None and r.finish_reason not in ("error", "cancelled")
-                    and r.state is not g.state):
-                r.state.assign_(g.state.select([i]))
-        keep = [i for i, r in enumerate(g.rows) if id(r) not in gone]
-        if not keep:
-            return None
-        idx = torch.tensor(keep, device=g.logits.device)
-        return _Group([g.rows[i] for i in keep], g.state.select(keep), g.logits.index_select(0, idx))
+        for slot, r in occ:
+            if id(r) in gone:
+                if r.state is not None and r.finish_reason not in ("error", "cancelled"):
+                    r.state.assign_(rb.extract(slot))
+                rb.release(slot)
+                b.slots[slot] = None
+        return out
 
     def drop(self, rows: Sequence[DecodeRow]) -> None:
-        """Take running ``rows`` out without writing their states back (finish_reason "cancelled"):
-        a client went away. Call between steps."""
+        """Take running or prefilling ``rows`` out without writing their states back (finish_reason
+        "cancelled"): a client went away. Call between steps."""
         gone = {id(r) for r in rows if not r.done}
         if not gone:
             return
-        groups, self.groups = self.groups, []
-        for g in groups:
-            hit = [r for r in g.rows if id(r) in gone]
-            for r in hit:
-                r.finish_reason = "cancelled"
-                if r.state is g.state:  # the caller's own object was the batch: it holds a partial turn
-                    r.state = None
-            rest = self._retire(g, hit)
-            if rest is not None:
-                self.groups.append(rest)
+        for p in [p for p in self.prefilling if id(p.row) in gone]:
+            p.row.finish_reason = "cancelled"
+            self.prefilling.remove(p)
+        for b in list(self.batches):
+            for slot, r in b.occupied():
+                if id(r) in gone:
+                    r.finish_reason = "cancelled"
+                    b.rb.release(slot)
+                    b.slots[slot] = None
+            if b.rb.n_active == 0:
+                self.batches.remove(b)
+                self._free_batch(b.rb)
+
+    def close(self) -> None:
+        """Cancel every row left (:meth:`drop`) and give the batches back to the decode runner."""
+        self.drop([p.row for p in self.prefilling] + [r for b in self.batches for _, r in b.occupied()])
 
     @staticmethod
     def _fail(row: DecodeRow, e: BaseException) -> None:
@@ -364,15 +388,16 @@ def generate_stream(model, prompt_ids, state: DNCState | None = None, max_new_to
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
                     generator: torch.Generator | None = None) -> Iterator[int]:
     """Stream new token ids for one sequence through :class:`BatchDecoder` (batch of one). With
-    ``state`` given, it is updated in place and afterwards holds the prompt and every emitted token.
+    ``state`` given, it is updated in place when the stream ends and then holds the prompt and every
+    emitted token (a stream closed early leaves it as it was).
     Raises ValueError for an empty or out-of-vocabulary prompt."""
     ids = prompt_ids.reshape(-1).tolist() if torch.is_tensor(prompt_ids) else [int(i) for i in prompt_ids]
     row = DecodeRow(ids, state, max_new_tokens, SamplingParams(temperature, top_k, top_p), generator=generator,
                     stop_tokens=frozenset(int(s) for s in stop_tokens))
     was_training = model.training
     model.eval()
+    dec = BatchDecoder(model)
     try:
-        dec = BatchDecoder(model)
         dec.add([row])
         while True:
             if row.error is not None:
@@ -383,4 +408,5 @@ def generate_stream(model, prompt_ids, state: DNCState | None = None, max_new_to
                 if st.finish != "error":
                     yield st.token
     finally:
+        dec.close()  # a consumer that stops early: the row is cancelled, its state left as it was
         model.train(was_training)

@@ -152,6 +152,10 @@ class DNC(nn.Module):
         # ``eligible(tokens, state) -> bool`` and ``step(tokens, state) -> (logits, stats)`` computing what
         # :meth:`segment_step` computes, e.g. dnc.cuda_graphs.SegmentGraphs. None = eager.
         self.step_runner = None
+        # Optional runner of one-token decode steps over a dnc.ragged.RaggedBatch, applied from outside:
+        # ``step(batch) -> logits [C, V]`` computing what dnc.ragged.ragged_decode_step computes, and
+        # ``acquire(capacity)`` / ``release(batch)`` of the batches it keeps (dnc.cuda_graphs.DecodeGraphs).
+        self.decode_runner = None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 style scaled init of residual projections
             if name.endswith(("attn.out.weight", "ffn.w2.weight", "mem.out.weight")):
@@ -208,11 +212,22 @@ class DNC(nn.Module):
         """Replay whole-segment inference steps as CUDA graphs (``dnc.cuda_graphs``): the same
         function, one launch per segment instead of ~1,000. Used by ``forward`` under ``no_grad`` in
         eval mode on CUDA for chunks that are one whole segment; everything else runs eagerly.
+        The one-token decode steps of ``dnc.generate.BatchDecoder`` are replayed too, one graph per
+        batch bucket (``dnc.cuda_graphs.DecodeGraphs``).
         Call again (or ``enable_cuda_graphs(False)``) after replacing parameter tensors.
-        A shorthand for ``model.set_step_runner(dnc.cuda_graphs.SegmentGraphs(model))``."""
-        from .cuda_graphs import SegmentGraphs  # here, not at module level: the graphs build on this module
+        A shorthand for ``set_step_runner(SegmentGraphs(model))`` and ``set_decode_runner(DecodeGraphs(model))``."""
+        from .cuda_graphs import DecodeGraphs, SegmentGraphs  # here, not at module level: they build on this module
 
         self.set_step_runner(SegmentGraphs(self) if enabled else None)
+        self.set_decode_runner(DecodeGraphs(self) if enabled else None)
+        return self
+
+    def set_decode_runner(self, runner) -> "DNC":
+        """Run the one-token decode steps of ``dnc.generate.BatchDecoder`` through ``runner`` (see
+        ``decode_runner``); None = eager. A runner with a ``clear()`` method is cleared when replaced."""
+        if self.decode_runner is not None and hasattr(self.decode_runner, "clear"):
+            self.decode_runner.clear()
+        self.decode_runner = runner
         return self
 
     def set_step_runner(self, runner) -> "DNC":
@@ -245,6 +260,15 @@ class DNC(nn.Module):
             stats = {"compressed": commit["compressed"], "evicted": commit["evicted"],
                      "recon_terms": commit["recon_terms"]}
         return logits, stats
+
+    def commit_segment(self, state: DNCState) -> dict:
+        """Commit ``state``'s full segment (``state.seg_pos == segment_len``): bank writes, compression,
+        eviction, the carried KV window; what ``segment_step`` does at a segment's end. Used by
+        ``dnc.ragged`` for a decode row that reached its boundary. Returns {"compressed", "evicted", ...}."""
+        if state.seg_pos != self.config.segment_len:
+            raise ValueError(f"only a full segment can be committed (segment position {state.seg_pos} of "
+                             f"{self.config.segment_len})")
+        return self._commit_segment(state)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)

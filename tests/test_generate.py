@@ -111,7 +111,7 @@ def test_batched_equals_sequential_across_segments_compressions_and_evictions(mo
     rows = [DecodeRow(**kw) for kw in _rows(model, sampling, seeds)]
     dec = BatchDecoder(model)
     assert dec.add(rows) == []
-    assert sorted(dec.batch_sizes()) == [1, 1, 2, 2]  # equal fresh prompts together, equal histories together
+    assert dec.batch_sizes() == [6]  # every row in one model call, whatever its layout (dnc.ragged)
     seen: dict[int, list[int]] = {}
     for st in dec.run():
         seen.setdefault(id(st.row), []).append(st.token)

@@ -1,0 +1,349 @@
+"""Ragged decode batches: rows of *different* state layouts decode one token each in one model call.
+
+A :class:`RaggedBatch` holds up to ``capacity`` rows (a bucket: 1, 2, 4, ..., 64) in static,
+preallocated tensors, so one decode step has the same shapes whatever each row holds:
+
+- per layer, the KV cache ``k``/``v`` ``[C, H, Lmax, Dh]`` with ``Lmax = kv_window + segment_len``
+  (the carried window plus a whole segment); row ``i`` uses positions ``0 .. length[i]-1`` and a
+  mask hides the rest;
+- per memory layer, the segment's *read view* of the row's bank (``MemoryRead.build_view``) padded to
+  the bank's full capacity ``Smax = l0 + l1 + l2`` (+1 null slot): padding slots have zero keys and
+  values and the invalid-slot bias (-1e4) in the bias channel, so their read weight is exactly 0;
+  the read mass ``[C, Smax]`` and the segment's memory inputs ``write_h [C, segment_len, D]``;
+- per row on the device: ``length`` (KV length = carry + tokens of this segment, the new token's
+  RoPE position), ``seg_pos`` (which positions feed the salience statistics, where the memory input
+  goes) and ``active`` (0 for a free slot: its counters stay put and its outputs are ignored).
+
+:func:`ragged_decode_step` is the one-token step over those tensors, in place, with no host
+synchronisation: what ``dnc.cuda_graphs.DecodeGraphs`` captures per bucket (on CPU it runs eagerly).
+Every op is row-wise, and padding only adds terms of weight exactly 0, so each row gets what it
+would get alone (up to float summation order: greedy tokens equal, logits ``assert_close``).
+
+**Segment commits.** The bank is constant within a segment; it changes only when a row's segment is
+full (write into L0, compress, evict, carry the KV window). That happens once per ``segment_len``
+tokens of a row and changes the level sizes, so it is done outside the step, eagerly, for the rows
+that reached their boundary: :meth:`RaggedBatch.extract` gives each as an ordinary batch-1
+``DNCState``, the model's own commit runs on it (the very code every other path uses, so commits
+cannot diverge), and :meth:`RaggedBatch.insert` puts it back with a rebuilt read view. Rows that
+reach a boundary in the same step with equal layouts (sessions that started together) are stacked
+and commit as one batch. Rows of different layouts commit one by one: a batched commit of those
+would need a ragged compression cascade, and a commit inside the captured graph would need the
+bank itself at full capacity with that ragged cascade; neither is worth it at one commit per row
+per segment (for ``small``, one in 2,048 steps).
+
+The banks themselves (and ``prev_write``, the last committed memory input) stay per row on the host
+side, as ordinary ``StateBank`` objects: only commits read them. Shapes: C capacity (rows), H heads,
+Dh head dim, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention import KVCache
+from .layers import apply_rope_full, rope_table_full
+from .memory import LEVELS, ReadView, StateBank
+from .state import DNCState, LayerState
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Batch capacities decode steps are shaped (and captured) for; more rows use powers of two."""
+
+PAD_BIAS = -1e4
+"""Read bias of a padding slot: the value ``MemoryRead.build_view`` gives invalid slots."""
+
+
+def bucket_for(n: int) -> int:
+    """The smallest bucket holding ``n`` rows (powers of two past the last of :data:`BUCKETS`)."""
+    for b in BUCKETS:
+        if n <= b:
+            return b
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+@dataclass
+class LayerBuffers:
+    """One block's static decode tensors (see the module docstring)."""
+
+    k: torch.Tensor                      # [C, H, Lmax, Dh]
+    v: torch.Tensor                      # [C, H, Lmax, Dh]
+    prev_x: torch.Tensor                 # [C, 1, D] normed attention input of each row's last token
+    view_k: torch.Tensor | None = None   # [C, H, Smax+1, Dq] augmented read keys (slot 0 = null slot)
+    view_v: torch.Tensor | None = None   # [C, H, Smax+1, Dq]
+    mass: torch.Tensor | None = None     # [C, Smax] float32 read mass of the segment so far
+    write_h: torch.Tensor | None = None  # [C, segment_len, D] normed memory inputs of the segment
+
+
+@dataclass
+class RowMeta:
+    """Host-side bookkeeping of one occupied slot (what the layout of its DNCState holds)."""
+
+    seg_pos: int
+    tokens_seen: int
+    segments: int
+    carry_len: list[int]                          # per layer
+    banks: list[StateBank | None]                 # per layer (None: no memory)
+    prev_write: list[torch.Tensor | None]         # per layer [1, 1, D]
+    has_prev_x: list[bool]                        # per layer
+    has_mass: list[bool]                          # per layer: DNCState.mass is a tensor (not None)
+    slots: list[int] = field(default_factory=list)  # per layer: the bank's slot count S (0: no memory)
+
+
+def _shallow_bank(bank: StateBank) -> StateBank:
+    """A new StateBank object over the same tensors. The write path replaces a bank's tensors rather
+    than editing them, so a commit on the copy leaves the original as it was."""
+    new = StateBank.__new__(StateBank)
+    new.capacities, new.clock, new.sizes = bank.capacities, bank.clock, list(bank.sizes)
+    new.kv, new.meta, new.valid, new.alpha, new.clock_t = bank.kv, bank.meta, bank.valid, bank.alpha, bank.clock_t
+    return new
+
+
+class RaggedBatch:
+    """Static decode tensors for up to ``capacity`` rows of any layouts, plus their host bookkeeping.
+
+    ``insert(slot, state, logits)`` / ``extract(slot)`` move a batch-1 ``DNCState`` in and out;
+    ``after_step()`` advances the host counters after :func:`ragged_decode_step` and commits the rows
+    whose segment is full (``commit`` is the model's ``commit_segment``). ``tokens [C]`` is the step's
+    input and ``logits [C, V]`` each row's next-token logits."""
+
+    def __init__(self, model, capacity: int, device=None, dtype=None):
+        cfg = model.config
+        self.capacity = c = int(capacity)
+        self.device = torch.device(device or model.device)
+        self.dtype = dtype or model.embed.weight.dtype
+        self.max_len = cfg.kv_window + cfg.segment_len
+        self.segment_len = cfg.segment_len
+        self.stride = max(1, cfg.segment_len // 64)  # as DNC._forward_chunk samples salience positions
+        dev, dt, h, dh, d = self.device, self.dtype, cfg.n_heads, cfg.head_dim, cfg.d_model
+        self.layers: list[LayerBuffers] = []
+        for blk in model.blocks:
+            lb = LayerBuffers(torch.zeros(c, h, self.max_len, dh, device=dev, dtype=dt),
+                              torch.zeros(c, h, self.max_len, dh, device=dev, dtype=dt),
+                              torch.zeros(c, 1, d, device=dev, dtype=dt))
+            if blk.mem is not None:
+                smax, dq = cfg.bank_slots, blk.mem.aug_dim
+                lb.view_k = torch.zeros(c, h, smax + 1, dq, device=dev, dtype=dt)
+                lb.view_v = torch.zeros(c, h, smax + 1, dq, device=dev, dtype=dt)
+                lb.mass = torch.zeros(c, smax, device=dev, dtype=torch.float32)
+                lb.write_h = torch.zeros(c, cfg.segment_len, d, device=dev, dtype=dt)
+            self.layers.append(lb)
+        self.smax = cfg.bank_slots
+        self.length = torch.zeros(c, dtype=torch.long, device=dev)
+        self.seg_pos = torch.zeros(c, dtype=torch.long, device=dev)
+        self.active = torch.zeros(c, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(c, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(c, cfg.vocab_size, device=dev, dtype=torch.float32)
+        # constants the step reads (made here, not in the step: a captured graph must not allocate them)
+        self.key_pos = torch.arange(self.max_len, device=dev)
+        self.sample0 = torch.zeros(1, dtype=torch.long, device=dev)
+        self.rows: list[RowMeta | None] = [None] * c
+        self._level_ids = torch.zeros(self.smax, dtype=torch.long, device=dev)  # ReadView.levels (trace only)
+
+    # ------------------------------------------------------------------ slots
+    @property
+    def n_active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def views(self) -> list[ReadView | None]:
+        """Per layer, the padded read view as ``MemoryRead.forward`` takes it (None: no memory)."""
+        return [None if lb.view_k is None else ReadView(lb.view_k, lb.view_v, self._level_ids, self.smax)
+                for lb in self.layers]
+
+    @torch.no_grad()
+    def insert(self, slot: int, state: DNCState, logits: torch.Tensor, model) -> None:
+        """Put batch-1 ``state`` into free ``slot`` with its next-token ``logits [V]``. The state's
+        tensors are copied; its banks are shared read-only (commits replace a bank's tensors)."""
+        if state.batch_size != 1:
+            raise ValueError(f"a ragged batch takes batch-1 states, got batch {state.batch_size}")
+        if state.seg_pos >= self.segment_len:
+            raise ValueError(f"a state at segment position {state.seg_pos} must be committed first")
+        meta = RowMeta(state.seg_pos, state.tokens_seen, state.segments, [], [], [], [], [], [])
+        length = state.layers[0].cache.length
+        pad = None
+        for blk, lb, ls in zip(model.blocks, self.layers, state.layers):
+            n = ls.cache.length
+            if n != length or n > self.max_len:
+                raise ValueError(f"KV cache lengths {n} / {length} do not fit a decode batch (at most {self.max_len})")
+            lb.k[slot].zero_()  # stale rows past the length are masked, but 0 * NaN would not be
+            lb.v[slot].zero_()
+            lb.k[slot, :, :n] = ls.cache.k[0]
+            lb.v[slot, :, :n] = ls.cache.v[0]
+            meta.carry_len.append(ls.cache.carry_len)
+            meta.has_prev_x.append(ls.prev_x is not None)
+            if ls.prev_x is not None:
+                lb.prev_x[slot] = ls.prev_x[0]
+            else:
+                lb.prev_x[slot].zero_()  # the stream start: a zero input gives the zero key shift
+            if blk.mem is None:
+                meta.banks.append(None)
+                meta.prev_write.append(None)
+                meta.has_mass.append(False)
+                meta.slots.append(0)
+                continue
+            bank = _shallow_bank(ls.bank)
+            view = blk.mem.build_view(bank)  # [1, H, S+1, Dq]
+            s = view.n_slots
+            if s > self.smax:
+                raise ValueError(f"a bank of {s} slots does not fit the model's capacity {self.smax}")
+            if pad is None or pad.shape[-1] != lb.view_k.shape[-1]:
+                pad = torch.zeros(lb.view_k.shape[-1], device=self.device, dtype=self.dtype)
+                pad[model.config.head_dim + LEVELS] = PAD_BIAS
+            lb.view_k[slot, :, :s + 1] = view.keys[0]
+            lb.view_k[slot, :, s + 1:] = pad
+            lb.view_v[slot, :, :s + 1] = view.values[0]
+            lb.view_v[slot, :, s + 1:].zero_()
+            lb.mass[slot].zero_()
+            if ls.mass is not None:
+                lb.mass[slot, :s] = ls.mass[0]
+            if ls.write_buf:
+                h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
+                lb.write_h[slot, :h.shape[1]] = h[0]
+            meta.banks.append(bank)
+            meta.prev_write.append(ls.prev_write)
+            meta.has_mass.append(ls.mass is not None)
+            meta.slots.append(s)
+        self.length[slot] = length
+        self.seg_pos[slot] = state.seg_pos
+        self.active[slot] = 1
+        self.logits[slot] = logits.reshape(-1).float()
+        self.rows[slot] = meta
+
+    @torch.no_grad()
+    def extract(self, slot: int) -> DNCState:
+        """The row in ``slot`` as an ordinary batch-1 ``DNCState`` (new tensors; the slot stays)."""
+        meta = self.rows[slot]
+        length = int(meta.carry_len[0]) + meta.seg_pos
+        layers = []
+        for i, lb in enumerate(self.layers):
+            ls = LayerState(KVCache(lb.k[slot:slot + 1, :, :length].clone(), lb.v[slot:slot + 1, :, :length].clone(),
+                                    meta.carry_len[i]))
+            if meta.has_prev_x[i]:
+                ls.prev_x = lb.prev_x[slot:slot + 1].clone()
+            if meta.banks[i] is not None:
+                ls.bank = _shallow_bank(meta.banks[i])
+                ls.prev_write = meta.prev_write[i]
+                if meta.seg_pos:
+                    ls.write_buf = [lb.write_h[slot:slot + 1, :meta.seg_pos].clone()]
+                if meta.has_mass[i]:
+                    ls.mass = lb.mass[slot:slot + 1, :meta.slots[i]].clone()
+            layers.append(ls)
+        return DNCState(layers, 1, meta.seg_pos, meta.tokens_seen, meta.segments)
+
+    def release(self, slot: int) -> None:
+        """Free ``slot`` (its tensors stay; the step ignores it)."""
+        self.rows[slot] = None
+        self.active[slot] = 0
+        self.length[slot] = 0
+        self.seg_pos[slot] = 0
+
+    # ------------------------------------------------------------------ after a step
+    def after_step(self, model) -> dict:
+        """Host bookkeeping of one :func:`ragged_decode_step`: every occupied row took one token.
+        Rows whose segment is now full are committed (alone, eagerly: see the module docstring).
+        Returns {"compressed": n, "evicted": n, "committed": rows}."""
+        stats = {"compressed": 0, "evicted": 0, "committed": 0}
+        full = []
+        for slot, meta in enumerate(self.rows):
+            if meta is None:
+                continue
+            sampled = meta.seg_pos % self.stride == self.stride - 1
+            for i in range(len(self.layers)):
+                meta.has_prev_x[i] = True
+                if sampled and meta.slots[i]:
+                    meta.has_mass[i] = True
+            meta.seg_pos += 1
+            meta.tokens_seen += 1
+            if meta.seg_pos == self.segment_len:
+                full.append(slot)
+        # rows whose states share a layout (e.g. sessions that started together) commit as one batch:
+        # the commit is row-wise, so that is each row's own commit in fewer ops
+        groups: dict[tuple, list[tuple[int, DNCState]]] = {}
+        for slot in full:
+            state = self.extract(slot)
+            groups.setdefault(state.layout(), []).append((slot, state))
+        for members in groups.values():
+            state = members[0][1] if len(members) == 1 else DNCState.stack([st for _, st in members])
+            c = model.commit_segment(state)
+            # the model counts slot positions per bank, the same for every row of a batch: counted per row here
+            stats["compressed"] += c["compressed"] * len(members)
+            stats["evicted"] += c["evicted"] * len(members)
+            stats["committed"] += len(members)
+            for j, (slot, _) in enumerate(members):
+                logits = self.logits[slot].clone()
+                self.rows[slot] = None
+                self.insert(slot, state if len(members) == 1 else state.select([j]), logits, model)
+        return stats
+
+    def copy_rows_to(self, other: "RaggedBatch", src: list[int], dst: list[int]) -> None:
+        """Move the rows in slots ``src`` of this batch to free slots ``dst`` of ``other`` (a batch of
+        the same model, e.g. another bucket); the source slots are freed."""
+        if not src:
+            return
+        si = torch.tensor(src, device=self.device)
+        di = torch.tensor(dst, device=other.device)
+        for a, b in zip(self.layers, other.layers):
+            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h"):
+                t = getattr(a, name)
+                if t is not None:
+                    getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))
+        for name in ("length", "seg_pos", "active", "logits"):
+            getattr(other, name).index_copy_(0, di, getattr(self, name).index_select(0, si))
+        for s, d in zip(src, dst):
+            other.rows[d] = self.rows[s]
+            self.release(s)
+
+
+def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
+    """One token for every row of ``batch``: ``batch.tokens [C]`` through every block, into the
+    batch's tensors in place (KV at each row's ``length``, its memory input at ``seg_pos``, the read
+    mass of sampled positions, ``prev_x``; ``length``/``seg_pos`` += ``active``). Static shapes and
+    no host synchronisation, so it can be captured as a CUDA graph. Free slots compute garbage that
+    nothing reads. Returns the next-token logits ``[C, V]`` float32 (a new tensor).
+    The host side (:meth:`RaggedBatch.after_step`) must follow."""
+    cfg = model.config
+    c, h, dh = batch.capacity, cfg.n_heads, cfg.head_dim
+    x = model.embed(batch.tokens).unsqueeze(1)                                      # [C, 1, D]
+    d = x.shape[-1]
+    cos_t, sin_t = rope_table_full(batch.max_len, dh, cfg.rope_theta, x.device)
+    cos = cos_t.index_select(0, batch.length).view(c, 1, 1, dh)                     # each row at its position
+    sin = sin_t.index_select(0, batch.length).view(c, 1, 1, dh)
+    visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)      # [C, 1, 1, Lmax]
+    kv_at = batch.length.view(c, 1, 1, 1).expand(c, h, 1, dh)
+    sampled = (batch.seg_pos % batch.stride == batch.stride - 1).view(c, 1)         # salience positions
+    write_at = batch.seg_pos.view(c, 1, 1).expand(c, 1, d)
+    for blk, lb, view in zip(model.blocks, batch.layers, batch.views()):
+        xn = blk.attn_norm(x)
+        x = x + _attend(blk.attn, xn, lb, cos, sin, visible, kv_at)
+        if blk.mem is not None:
+            mem_in = blk.mem_norm(x)
+            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk)
+            x = x + m
+            lb.mass.add_(mass * sampled)
+            lb.write_h.scatter_(1, write_at, mem_in.to(lb.write_h.dtype))
+        x = x + blk.ffn(blk.ffn_norm(x))
+        lb.prev_x.copy_(xn)
+    batch.length.add_(batch.active)
+    batch.seg_pos.add_(batch.active)
+    return model._logits(x)[:, 0].float()
+
+
+def _attend(attn, xn: torch.Tensor, lb: LayerBuffers, cos, sin, visible, kv_at) -> torch.Tensor:
+    """``LocalAttention.forward`` for one token per row over the padded cache (keys past a row's
+    length masked out).
+    xn: [C, 1, D] -> update [C, 1, D]; writes the token's key/value into ``lb.k``/``lb.v``."""
+    b, _, d = xn.shape
+    q, k, v = attn.qkv(xn).view(b, 1, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    if attn.key_shift:  # tied token shift: + the query projection of the row's previous token
+        k = k + attn.qkv(lb.prev_x)[..., :d].view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2).to(q.dtype)
+    q, k = apply_rope_full(torch.stack([q, k]), cos, sin).unbind(0)
+    lb.k.scatter_(2, kv_at, k.to(lb.k.dtype))
+    lb.v.scatter_(2, kv_at, v.to(lb.v.dtype))
+    # one fused kernel over the static Lmax keys (the eager decode branch uses plain matmuls only
+    # because a fused kernel plans anew for every key length; here the length never changes)
+    y = F.scaled_dot_product_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), attn_mask=visible)  # [C, H, 1, Dh]
+    return attn.dropout(attn.out(y.transpose(1, 2).reshape(b, 1, d)))
