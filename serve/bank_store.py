@@ -320,8 +320,8 @@ class BankStore:
         self._roll = False
         return self.epoch
 
-    def append(self, header: dict[str, Any], payload: bytes | None = None) -> None:
-        """Durably append one record: returns only once it is on stable storage.
+    def append(self, header: dict[str, Any], payload: bytes | None = None) -> int:
+        """Durably append one record: returns (its size in bytes) only once it is on stable storage.
 
         On a failure (ENOSPC, EIO...) the OSError propagates, and nothing is left for later records
         to hide behind: a partly written record is truncated away, and the next append goes to a new
@@ -350,6 +350,7 @@ class BankStore:
             self.fs.pipe_file(path, rec)  # a put is atomic: nothing torn to clean up
             self._n += 1
         self.wal_bytes += len(rec)
+        return len(rec)
 
     def delete_epochs_before(self, epoch: int) -> int:
         n = 0

@@ -4,8 +4,10 @@
   (serve/scheduler.py over ``dnc.generate.BatchDecoder``): requests join and leave the batch between
   decode steps, each with its own prompt, sampling parameters, seed and stop condition; rows whose
   states share a layout run as one batch, which is exact (every model op is row-wise).
-* A session turn: lease the session's bank from its SessionBank shard, rebuild the ``DNCState``,
-  generate, write the new bank back as update ``seq + 1`` (acknowledged once durable), then answer.
+* A session turn (``serve.sessions.turns``): lease the session from its SessionBank shard, take its
+  state resident on this replica (or rebuild it from the shard's last full state and token turns),
+  generate, log the turn's tokens as update ``seq + 1`` (the full state now and then; acknowledged
+  once durable), then answer. The state stays resident, LRU within a byte budget.
 * Research computations run here too, on the same model, looked up in ``serve.research.RESEARCH``.
 
 Events are typed (:class:`TokensEvent`, :class:`DoneEvent`); over Ray they travel as their
@@ -34,9 +36,10 @@ from . import analysis as A
 from . import research as R
 from .errors import Unprocessable
 from .live import get_hub
-from .modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
+from .modeling import ModelSpec, load_model
 from .scheduler import DecodeScheduler
 from .sessions import BankClient, BankConfig
+from .sessions.turns import SessionTurns, state_of
 
 logger = logging.getLogger("serve.generator")
 
@@ -190,6 +193,7 @@ class Generator:
 
         self.tok = get_tokenizer()
         self.bank = BankClient(BankConfig(**self.settings.bank))
+        self.turns = SessionTurns(self.lm.model, self.bank, self._run)  # session states resident here
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
                                          max_batch=self.settings.max_batch_size, max_running=MAX_ONGOING,
@@ -267,35 +271,29 @@ class Generator:
         yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing.get("queue_s", 0.0))
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
+        """A session turn (``serve.sessions.turns``): the session's state resident on this replica
+        or rebuilt from its shard, decoded with everyone else, then the turn's tokens (or, now and
+        then, the full state) made durable before the answer."""
         t0 = time.perf_counter()
-        lease = await self.bank.call(r.state_id, "begin_turn", r.owner, r.create_state)
-        keeper = self.bank.start_keep_lease(r.state_id, lease)  # the lease lives as long as this turn
-        committed = False
+        turn = await self.turns.begin(r.state_id, r.owner, r.create_state)
         try:
-            state = await self._run(state_from_bytes, lease["payload"], self.lm.model)
             result = None
-            async for ev in self._decode(r, state, t0):
+            async for ev in self._decode(r, turn.state, t0):
                 if isinstance(ev, DoneEvent):
                     result = ev
                 else:
                     yield ev
-            payload, meta = await self._run(lambda: (state_to_bytes(state), state_meta(state)))
-            turn = {"kind": "generate", "prompt_tokens": len(r.prompt_ids), "new_tokens": result.tokens,
-                    "tokens_seen": meta["tokens_seen"], "duration_ms": result.timing.total_ms,
-                    "prompt_preview": r.prompt_preview[:200], "completion_preview": result.text[:200]}
-            ack = await self.bank.call(r.state_id, "commit_turn", lease["lease_id"], lease["seq"] + 1,
-                                       r.request_id, payload, meta, turn)
-            committed = True
+            info = {"kind": "generate", "prompt_tokens": len(r.prompt_ids), "new_tokens": result.tokens,
+                    "duration_ms": result.timing.total_ms, "prompt_preview": r.prompt_preview[:200],
+                    "completion_preview": result.text[:200]}
+            ack = await self.turns.commit(turn, r.request_id, r.prompt_ids, result.token_ids, info)
             result.state = ack["info"]
             self.counters["session_turns"] += 1
+            self.counters[f"session_state_{turn.source}"] += 1  # resident | replayed | loaded
+            self.counters["session_record_bytes"] += int(ack.get("record_bytes", 0))
             yield result
         finally:
-            keeper.cancel()
-            if not committed:
-                try:
-                    await asyncio.shield(self.bank.call(r.state_id, "abort_turn", lease["lease_id"]))
-                except Exception:
-                    pass
+            await self.turns.end(turn)
 
     def _events(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         return self._session_turn(r) if r.state_id else self._decode(r, None, time.perf_counter())
@@ -370,13 +368,13 @@ class Generator:
         """Run the research endpoint ``name`` (``serve.research.RESEARCH``) on the real model, from the
         session ``params["state_id"]`` when given (read-only)."""
         entry, req = R.research_request(name, params)
-        payload = None
+        bank = None
         sid = getattr(req, "state_id", None)
         if sid:
-            payload = (await self.bank.call(sid, "get_bank", owner))["payload"]
+            bank = await self.bank.call(sid, "get_bank", owner)
 
         def run():
-            state = state_from_bytes(payload, self.lm.model) if sid else None
+            state = state_of(self.lm.model, sid, bank) if sid else None
             return entry.run(self.lm, req, state)
         t = time.perf_counter()
         out = await self._run(run)

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ..bank_store import BankStore, RecordDamage, digest
-from ..errors import StorageUnavailable
+from ..errors import StateDamaged, StorageUnavailable
 from .session import Session
 
 logger = logging.getLogger("serve.sessions")
@@ -156,11 +156,12 @@ class DurabilityMixin:
         except OSError as e:  # the evidence stays on storage: found again at the next start
             logger.error("shard %d: could not persist the damage of %s: %s", self.index, sid, e)
 
-    async def _append(self, header: dict[str, Any], payload: bytes | None) -> None:
+    async def _append(self, header: dict[str, Any], payload: bytes | None) -> int:
+        """Append one record durably; returns its size in bytes."""
         wal_lock, _ = self._locks()
         async with wal_lock:
             try:
-                await asyncio.to_thread(self.store.append, header, payload)
+                return await asyncio.to_thread(self.store.append, header, payload)
             except OSError as e:
                 self.counters["storage_errors"] += 1
                 logger.error("shard %d: WAL append for %s failed: %s", self.index, header.get("sid"), e)
@@ -178,9 +179,11 @@ class DurabilityMixin:
                 return
             try:
                 header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
-                if header["seq"] != s.seq or digest(payload) != s.digest:
-                    raise RecordDamage(f"snapshot holds seq {header['seq']} digest {digest(payload)}, the session "
-                                       f"seq {s.seq} digest {s.digest}")
+                # the snapshot's full state must be the session's (token turns may have followed it)
+                base_seq = header.get("base_seq", header["seq"])
+                if base_seq != s.base_seq or digest(payload) != s.base_digest:
+                    raise RecordDamage(f"snapshot holds the full state of seq {base_seq} digest {digest(payload)}, "
+                                       f"the session's is seq {s.base_seq} digest {s.base_digest}")
             except (RecordDamage, ValueError, FileNotFoundError) as e:
                 s.damage = f"snapshot sessions/{s.state_id}.snap: {e}"
                 s.offloaded = False
@@ -200,7 +203,14 @@ class DurabilityMixin:
             self.counters["restores"] += 1
 
     async def _snapshot(self, s: Session) -> None:
-        """Write the session's current bank as its snapshot (if the snapshot is older)."""
+        """Write the session's last full state and its token turns as its snapshot (if the snapshot
+        is older). An offloaded session that logged token turns since is loaded first."""
+        if s.offloaded and s.snapshot_seq < s.seq and not s.deleted and not s.damage:
+            try:
+                await self._ensure_loaded(s)
+            except (StateDamaged, StorageUnavailable):
+                return  # reported by the load; the WAL keeps the turns
+
         _, snap_lock = self._locks()
         async with snap_lock:
             if s.deleted or s.offloaded or s.damage or s.snapshot_seq >= s.seq:
