@@ -29,6 +29,7 @@ from typing import Any, AsyncIterator
 
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from dnc.generate import DecodeRow, SamplingParams
 
@@ -39,6 +40,7 @@ from .live import get_hub
 from .modeling import ModelSpec, load_model
 from .scheduler import DecodeScheduler
 from .sessions import BankClient, BankConfig
+from .sessions.routing import ROUTER_CLASS as SESSION_ROUTER
 from .sessions.turns import SessionTurns, state_of
 
 logger = logging.getLogger("serve.generator")
@@ -182,7 +184,9 @@ class GeneratorSettings:
 MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
 
 
-@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1})
+# a session's turns go to the replica holding its state (serve/sessions/routing.py)
+@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1},
+                  request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER))
 class Generator:
     def __init__(self, settings: dict[str, Any]):
         self.settings = GeneratorSettings(**settings)
@@ -290,7 +294,7 @@ class Generator:
             result.state = ack["info"]
             self.counters["session_turns"] += 1
             self.counters[f"session_state_{turn.source}"] += 1  # resident | replayed | loaded
-            self.counters["session_record_bytes"] += int(ack.get("record_bytes", 0))
+            self.counters["session_durable_bytes"] += int(ack.get("durable_bytes", 0))
             yield result
         finally:
             await self.turns.end(turn)

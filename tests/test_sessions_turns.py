@@ -75,7 +75,7 @@ def test_token_records_are_small_and_snapshots_come_every_n_turns(tmp_path, mode
         for i in range(5):
             _, ack = await chat(turns, "s", i, new_tokens=32)
             kinds.append(ack["record"])
-            sizes.append(ack["record_bytes"])
+            sizes.append(ack["durable_bytes"])
         # the first turn of a fresh session has no full state behind it yet: tokens too
         assert kinds == ["tokens", "tokens", "state", "tokens", "tokens"]
         full = len(state_to_bytes(turns.resident._items["s"].state))

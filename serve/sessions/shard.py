@@ -38,7 +38,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         self.counters = {"updates": 0, "duplicates": 0, "conflicts": 0, "compactions": 0, "merged_slots": 0,
                          "offloads": 0, "restores": 0, "expired": 0, "checkpoints": 0, "recovered_records": 0,
                          "damaged_records": 0, "storage_errors": 0, "fenced": 0, "token_records": 0,
-                         "state_records": 0, "record_bytes": 0, "resident_turns": 0, "loaded_turns": 0}
+                         "state_records": 0, "durable_bytes": 0, "resident_turns": 0, "loaded_turns": 0}
         self._wal_lock: asyncio.Lock | None = None
         self._snap_lock: asyncio.Lock | None = None
         self._creating: asyncio.Lock | None = None

@@ -279,13 +279,13 @@ class StateMachineMixin:
             self._apply_record(header, payload)
             self.counters["updates"] += 1
             self.counters["token_records" if tokens is not None else "state_records"] += 1
-            self.counters["record_bytes"] += record_bytes
+            self.counters["durable_bytes"] += record_bytes
             self._touch(s)
             cond.notify_all()
             info = s.info(self.index)
         await self._maybe_checkpoint()
         await self._enforce_budget()
-        return {"seq": seq, "applied": True, "duplicate": False, "info": info, "record_bytes": record_bytes,
+        return {"seq": seq, "applied": True, "duplicate": False, "info": info, "durable_bytes": record_bytes,
                 "record": "tokens" if tokens is not None else "state"}
 
     # ------------------------------------------------------------------ leases

@@ -66,7 +66,7 @@ class SessionTurns:
         self.run = run
         self.resident = ResidentStates(self.cfg.resident_budget_bytes if budget_bytes is None else budget_bytes)
         self.counters = {"turns_resident": 0, "turns_replayed": 0, "turns_loaded": 0, "turn_records_tokens": 0,
-                         "turn_records_state": 0, "turn_record_bytes": 0, "turn_replay_mismatches": 0}
+                         "turn_records_state": 0, "turn_durable_bytes": 0, "turn_replay_mismatches": 0}
 
     async def begin(self, sid: str, owner: str, create: bool) -> Turn:
         mine = self.resident.take(sid)  # the turn owns it now; it comes back only when committed
@@ -97,7 +97,7 @@ class SessionTurns:
         """Make the turn durable as update ``seq + 1``: its tokens (``prompt_ids`` then ``new_ids``, all
         of them fed into the state), or the full state when a snapshot is due. ``info`` is the turn's
         history entry (``tokens_seen`` is added). Returns the shard's answer (``info``,
-        ``record_bytes``, ``record``) once the record is durable."""
+        ``durable_bytes``, ``record``) once the record is durable."""
         from ..modeling import state_meta, state_to_bytes
 
         lease, sid, state = turn.lease, turn.sid, turn.state
@@ -118,7 +118,7 @@ class SessionTurns:
         turn.ack = ack
         kind = ack.get("record", "state")
         self.counters[f"turn_records_{kind}"] += 1
-        self.counters["turn_record_bytes"] += int(ack.get("record_bytes", 0))
+        self.counters["turn_durable_bytes"] += int(ack.get("durable_bytes", 0))
         if ack["info"]["seq"] == seq:
             self.resident.put(sid, ResidentState(turn.state, lease["inc"], seq, ack["info"]["digest"], nbytes))
         return ack
