@@ -84,11 +84,12 @@ def state_fingerprint(state) -> dict[str, Any]:
             ints += [*ls.bank.sizes, ls.bank.clock]
     sums = []
     for _, group in _tensors(state):
-        parts = [t.detach().double() for t in group if t.numel()]
+        parts = [t.detach() if t.is_floating_point() else t.detach().double() for t in group if t.numel()]
         if not parts:
             sums.append(torch.zeros(2, dtype=torch.float64, device=state.layers[0].cache.k.device))
             continue
-        sums.append(torch.stack([sum(p.sum() for p in parts), sum(p.abs().sum() for p in parts)]))
+        f64 = torch.float64  # accumulate in float64 without a float64 copy of the tensor
+        sums.append(torch.stack([sum(p.sum(dtype=f64) for p in parts), sum(p.abs().sum(dtype=f64) for p in parts)]))
     values = torch.stack(sums).cpu().tolist() if sums else []
     return {"ints": ints, "sums": [[float(f"{a:.9g}"), float(f"{b:.9g}")] for a, b in values]}
 
