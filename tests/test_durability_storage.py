@@ -388,11 +388,11 @@ async def _tokens(shard, sid, seq, owner="alice"):
                                     {"kind": "generate"}, tokens={"ids": ids, "n_prompt": 8, "fp": None})
 
 
-@pytest.mark.parametrize("where", ["ids", "header"])
-def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, where):
-    """A flipped bit in a turn record (its ids or its header): that session answers 500
-    state_damaged naming it and the seq; the sessions logged around it keep every acknowledged turn,
-    token turns and full states alike."""
+@pytest.mark.parametrize("where,seq", [("ids", 3), ("header", 3), ("ids", 2)])
+def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, where, seq):
+    """A flipped bit in a turn record (its ids or its header; the last turn, or one that a later token
+    turn builds on): that session answers 500 state_damaged naming it and the seq; the sessions
+    logged around it keep every acknowledged turn, token turns and full states alike."""
     async def main():
         cfg = _cfg(tmp_path / "bank")
         shard = _shard(cfg)
@@ -407,7 +407,7 @@ def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, wh
         path = _log(cfg.storage)
         data = open(path, "rb").read()
         recs = _offsets(data)
-        off = next(o for o, h in recs if h.get("sid") == "a" and h["seq"] == 3)
+        off = next(o for o, h in recs if h.get("sid") == "a" and h["seq"] == seq)
         h = next(h for o, h in recs if o == off)
         header_len = len(json.dumps(h, separators=(",", ":")))
         _flip(path, off + 117 + (header_len + 20 if where == "ids" else 30))
@@ -420,7 +420,7 @@ def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, wh
         assert (await shard2.get_bank("b", "alice"))["payload"] == _payload("b", 2)
         with pytest.raises(StateDamaged) as e:
             await shard2.begin_turn("a", "alice", True)
-        assert "'a'" in e.value.message and "seq 3" in e.value.message
+        assert "'a'" in e.value.message and f"seq {seq}" in e.value.message
         assert (await shard2.stats())["damaged_records"] == 1
     asyncio.run(main())
 

@@ -91,11 +91,12 @@ class DurabilityMixin:
             s.offloaded = s.nbytes > 0 and not s.damage
             self.sessions[sid] = s
         bad_records: list[RecordDamage] = []
-        last_good: dict[str, list[tuple[int, str, int]]] = {}  # sid -> (record index, inc, seq)
+        last_good: dict[str, list[tuple[int, str, int, str]]] = {}  # sid -> (record index, inc, seq, op)
         n = 0
         for header, payload in self.store.replay(bad_records.append):
             self._apply_record(header, payload)
-            last_good.setdefault(header["sid"], []).append((len(bad_records), header.get("inc", ""), header["seq"]))
+            last_good.setdefault(header["sid"], []).append(
+                (len(bad_records), header.get("inc", ""), header["seq"], header.get("op", "put")))
             n += 1
         for k, d in enumerate(bad_records):
             where = f"{getattr(d, 'where', 'wal')} at byte {d.offset}"
@@ -107,9 +108,11 @@ class DurabilityMixin:
                 logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
                              "be named", self.index, d.length, where, d.reason)
                 continue
-            later = [(inc, seq) for idx, inc, seq in last_good.get(d.sid, []) if idx > k]
+            later = [(inc, seq, op) for idx, inc, seq, op in last_good.get(d.sid, []) if idx > k]
             s = self.sessions.get(d.sid)
-            superseded = any(inc != d.inc or seq > d.seq for inc, seq in later) or (
+            # only a later full state (or delete) makes a lost record irrelevant: a later token turn
+            # (issue 14) is replayed on top of it, so it needs every turn before it
+            superseded = any(inc != d.inc or (seq > d.seq and op != "turn") for inc, seq, op in later) or (
                 s is not None and s.inc == d.inc and s.snapshot_seq >= d.seq)
             if superseded:
                 logger.warning("shard %d: damaged WAL record of %s seq %d (%s, %s) is superseded by later data",
