@@ -397,9 +397,9 @@ def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, wh
         cfg = _cfg(tmp_path / "bank")
         shard = _shard(cfg)
         await _put(shard, "b", 1)
-        for seq in (1, 2, 3):
-            await _tokens(shard, "a", seq)
-            await _tokens(shard, "c", seq)
+        for n in (1, 2, 3):
+            await _tokens(shard, "a", n)
+            await _tokens(shard, "c", n)
         await _put(shard, "b", 2)
         digests = {sid: (await shard.info(sid, "alice"))["digest"] for sid in ("b", "c")}
         tails = {sid: (await shard.get_bank(sid, "alice"))["turns"] for sid in ("b", "c")}
