@@ -13,8 +13,8 @@ bytes of session state the turn fetched from the shard.
 
     python bench/turn_bytes.py --preset small --turns 8 --new-tokens 32 --tag small_cpu
 
-Writes bench/results/turn_bytes_<tag>.json (argv, commit, device, per-turn rows) and a markdown
-table beside it.
+Writes bench/results/durability_turn_bytes_<tag>.json (argv, commit, device, per-turn rows) and a
+markdown table beside it (``bench/report.py`` renders it with the durability results).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv=None) -> dict[str, Any]:
     lm = load_model(ModelSpec(preset=args.preset, seed=0), "cpu")
     res: dict[str, Any] = {"benchmark": "turn_bytes", "command": shlex.join(["python", "bench/turn_bytes.py", *argv]),
                            "argv": argv, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "host": platform.node(), "device": "cpu", "torch": torch.__version__,
+                           "host": platform.node(), "cpus": os.cpu_count(), "device": "cpu", "torch": torch.__version__,
                            "preset": args.preset, "params": lm.model.num_params(), "turns": args.turns,
                            "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "modes": {}}
     after = {} if args.snapshot_every_turns is None else {"snapshot_every_turns": args.snapshot_every_turns}
@@ -146,7 +146,7 @@ def main(argv=None) -> dict[str, Any]:
                               "resident_budget_bytes": cfg.resident_budget_bytes, "rows": rows, "summary": summary(rows)}
     res["markdown"] = markdown(res)
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"turn_bytes_{args.tag}.json")
+    path = os.path.join(args.out_dir, f"durability_turn_bytes_{args.tag}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     with open(path[:-5] + ".md", "w") as f:
