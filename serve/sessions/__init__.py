@@ -19,7 +19,9 @@ restores every session from snapshots + WAL when Ray reruns its ``__init__``.
 * :mod:`.turn_log` - token turn records: ids, digest chain, state fingerprints, replay (issue 14);
 * :mod:`.resident` - the LRU of session states a Generator replica keeps on its device;
 * :mod:`.turns` - ``SessionTurns``: a session turn as the Generator runs it (lease, resident or
-  rebuilt state, commit of tokens or of a snapshot).
+  rebuilt state, commit of tokens or of a snapshot);
+* :mod:`.routing` - ``SessionAffinityRouter``: the Generator deployment's request router (a session's
+  turns go to the replica holding its state).
 """
 
 from .client import BankClient, LocalBankClient
