@@ -85,6 +85,8 @@ def test_token_records_are_small_and_snapshots_come_every_n_turns(tmp_path, mode
         assert min(states) > full / 2, (states, full)  # the full state (it grows within a segment)
         info = await shard.info("s", "alice")
         assert info["seq"] == 5 and info["turns"] == 5
+        # the state's size is reported after token turns too (tensor bytes, close to the stored form)
+        assert 0.9 * full < info["bank_bytes"] <= full
         assert shard.counters["token_records"] == 4 and shard.counters["state_records"] == 1
     asyncio.run(main())
 

@@ -54,6 +54,14 @@ class Session:
                 "meta": self.meta, "history": self.history, "applied": {str(k): v for k, v in self.applied.items()},
                 "compacted_seq": self.compacted_seq, "damage": self.damage}
 
+    def state_bytes(self) -> int:
+        """Size of the session's state: its stored full state, or, once token turns followed it,
+        the tensor bytes of the state they left (bank + local KV cache, from the turn's summary)."""
+        summary = self.meta.get("summary") or {}
+        if not self.tail or "bank_bytes" not in summary:
+            return self.nbytes
+        return int(summary["bank_bytes"]) + int(summary.get("cache_bytes", 0))
+
     def tail_tokens(self) -> int:
         return sum(len(t["ids"]) for t in self.tail)
 
@@ -72,7 +80,7 @@ class Session:
                "updated_at": self.updated_at, "seq": self.seq,
                "tokens_seen": int(self.meta.get("tokens_seen", 0)),
                "turns": sum(1 for t in self.history if t.get("kind") == "generate"),
-               "bank_bytes": self.nbytes, "offloaded": self.offloaded, "digest": self.digest, "shard": shard,
+               "bank_bytes": self.state_bytes(), "offloaded": self.offloaded, "digest": self.digest, "shard": shard,
                "levels": self.meta.get("levels", []), "summary": self.meta.get("summary", {})}
         if self.damage:
             out["damage"] = self.damage

@@ -78,7 +78,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         live = [s for s in self.sessions.values() if not s.deleted]
         return {"shard": self.index, "pid": os.getpid(), "sessions": len(live),
                 "offloaded": sum(s.offloaded for s in live), "bytes_in_memory": self.bytes_in_memory(),
-                "bytes_total": sum(s.nbytes for s in live), "memory_budget_bytes": self.cfg.memory_budget_bytes,
+                "bytes_total": sum(s.state_bytes() for s in live), "memory_budget_bytes": self.cfg.memory_budget_bytes,
                 "wal_epoch": self.store.epoch, "wal_bytes": self.store.wal_bytes,
                 "started_at": self.started_at, "damaged_sessions": sum(bool(s.damage) for s in live),
                 "damage_reports": self.damage_reports[-20:], **self.counters}
