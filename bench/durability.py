@@ -320,6 +320,10 @@ def args_interval(res: dict[str, Any]) -> str:
 
 
 def markdown(res: dict[str, Any]) -> str:
+    if res.get("benchmark") == "turn_bytes":  # bench/turn_bytes.py (issue 14) owns its table
+        from turn_bytes import markdown as turn_bytes_markdown
+
+        return turn_bytes_markdown(res)
     k, g, s = res.get("shard_kills", {}), res.get("generator_kills", {}), res.get("soak", {})
     out = ["| test | figure |", "|---|---|"]
     if k:

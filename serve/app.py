@@ -46,6 +46,12 @@ class AppArgs(BaseModel):
     manager_interval_s: float = Field(5.0, ge=0, description="Memory-manager period (0 = off).")
     auto_compact: bool = True
     compact_idle_s: float = Field(30.0, ge=0)
+    snapshot_every_turns: int = Field(32, ge=1, description="A session turn logs its tokens; every this many "
+                                      "turns it writes the full state instead (1 = every turn, as before issue 14).")
+    snapshot_every_tokens: int = Field(16384, ge=1, description="The same bound in tokens logged since the "
+                                       "session's last full state.")
+    resident_budget_mb: float = Field(1024.0, ge=0, description="Session states each Generator replica keeps "
+                                      "resident between turns (LRU; 0 = fetch from the shard every turn).")
     namespace: str = "bwr-dnc"
     generator_replicas: int = Field(1, ge=1)
     generator_num_cpus: float = Field(1.0, ge=0)
@@ -94,7 +100,9 @@ class AppArgs(BaseModel):
         return BankConfig(storage=self.storage, num_shards=self.bank_shards, namespace=self.namespace,
                           model=self.model_spec().to_dict(), memory_budget_bytes=int(self.memory_budget_mb * 2**20),
                           session_ttl_s=self.session_ttl_s, manager_interval_s=self.manager_interval_s,
-                          auto_compact=self.auto_compact, compact_idle_s=self.compact_idle_s)
+                          auto_compact=self.auto_compact, compact_idle_s=self.compact_idle_s,
+                          snapshot_every_turns=self.snapshot_every_turns, snapshot_every_tokens=self.snapshot_every_tokens,
+                          resident_budget_bytes=int(self.resident_budget_mb * 2**20))
 
     def limits(self) -> Limits:
         return Limits(max_new_tokens=self.max_new_tokens, max_prompt_tokens=self.max_prompt_tokens,

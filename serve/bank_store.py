@@ -18,8 +18,13 @@ Recovery = read every snapshot header, then replay every WAL epoch in order, app
 are deleted once every session they touched has a newer snapshot (see ``SessionBankShard.checkpoint``).
 Damage found is also appended to ``damage.jsonl`` under the shard's root.
 
-The bank payload is the session state's byte form, owned by ``dnc.state`` (``state_to_bytes``:
-safetensors for the tensors plus a JSON metadata entry for the non-tensor fields).
+Records of a session: ``create``, ``put`` (a full state: the payload is the session state's byte
+form, owned by ``dnc.state``: ``state_to_bytes``, safetensors for the tensors plus a JSON metadata
+entry for the non-tensor fields), ``turn`` (a turn that changed the state only by tokens, issue 14:
+the payload is the turn's token ids, 4 bytes each, and the header holds how many were the prompt,
+the session's digest chain and a fingerprint of the state left; see ``serve.sessions.turn_log``)
+and ``delete``. A snapshot holds a session's last full state as its payload and the token turns
+after it in its header.
 """
 
 from __future__ import annotations
@@ -320,8 +325,8 @@ class BankStore:
         self._roll = False
         return self.epoch
 
-    def append(self, header: dict[str, Any], payload: bytes | None = None) -> None:
-        """Durably append one record: returns only once it is on stable storage.
+    def append(self, header: dict[str, Any], payload: bytes | None = None) -> int:
+        """Durably append one record: returns (its size in bytes) only once it is on stable storage.
 
         On a failure (ENOSPC, EIO...) the OSError propagates, and nothing is left for later records
         to hide behind: a partly written record is truncated away, and the next append goes to a new
@@ -350,6 +355,7 @@ class BankStore:
             self.fs.pipe_file(path, rec)  # a put is atomic: nothing torn to clean up
             self._n += 1
         self.wal_bytes += len(rec)
+        return len(rec)
 
     def delete_epochs_before(self, epoch: int) -> int:
         n = 0

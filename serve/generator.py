@@ -4,8 +4,10 @@
   (serve/scheduler.py over ``dnc.generate.BatchDecoder``): requests join and leave the batch between
   decode steps, each with its own prompt, sampling parameters, seed and stop condition; rows whose
   states share a layout run as one batch, which is exact (every model op is row-wise).
-* A session turn: lease the session's bank from its SessionBank shard, rebuild the ``DNCState``,
-  generate, write the new bank back as update ``seq + 1`` (acknowledged once durable), then answer.
+* A session turn (``serve.sessions.turns``): lease the session from its SessionBank shard, take its
+  state resident on this replica (or rebuild it from the shard's last full state and token turns),
+  generate, log the turn's tokens as update ``seq + 1`` (the full state now and then; acknowledged
+  once durable), then answer. The state stays resident, LRU within a byte budget.
 * Research computations run here too, on the same model, looked up in ``serve.research.RESEARCH``.
 
 Events are typed (:class:`TokensEvent`, :class:`DoneEvent`); over Ray they travel as their
@@ -27,6 +29,7 @@ from typing import Any, AsyncIterator
 
 import torch
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from dnc.generate import DecodeRow, SamplingParams
 
@@ -35,9 +38,11 @@ from . import research as R
 from .errors import Unprocessable
 from .live import get_hub
 from .metrics import get_metrics, record_durable_bytes, set_resident_sessions
-from .modeling import ModelSpec, load_model, state_from_bytes, state_meta, state_to_bytes
+from .modeling import ModelSpec, load_model
 from .scheduler import DecodeScheduler
 from .sessions import BankClient, BankConfig
+from .sessions.routing import ROUTER_CLASS as SESSION_ROUTER
+from .sessions.turns import SessionTurns, state_of
 
 logger = logging.getLogger("serve.generator")
 
@@ -192,7 +197,9 @@ def _in_serve_replica() -> bool:
 MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
 
 
-@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1})
+# a session's turns go to the replica holding its state (serve/sessions/routing.py)
+@serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1},
+                  request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER))
 class Generator:
     def __init__(self, settings: dict[str, Any]):
         self.settings = GeneratorSettings(**settings)
@@ -203,6 +210,7 @@ class Generator:
 
         self.tok = get_tokenizer()
         self.bank = BankClient(BankConfig(**self.settings.bank))
+        self.turns = SessionTurns(self.lm.model, self.bank, self._run)  # session states resident here
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.metrics = get_metrics()  # Prometheus, through ray.serve.metrics (serve/metrics.py)
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
@@ -285,38 +293,32 @@ class Generator:
         yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing.get("queue_s", 0.0))
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
+        """A session turn (``serve.sessions.turns``): the session's state resident on this replica
+        or rebuilt from its shard, decoded with everyone else, then the turn's tokens (or, now and
+        then, the full state) made durable before the answer."""
         t0 = time.perf_counter()
-        lease = await self.bank.call(r.state_id, "begin_turn", r.owner, r.create_state)
-        keeper = self.bank.start_keep_lease(r.state_id, lease)  # the lease lives as long as this turn
-        committed = False
+        turn = await self.turns.begin(r.state_id, r.owner, r.create_state)
         try:
-            state = await self._run(state_from_bytes, lease["payload"], self.lm.model)
             result = None
-            async for ev in self._decode(r, state, t0):
+            async for ev in self._decode(r, turn.state, t0):
                 if isinstance(ev, DoneEvent):
                     result = ev
                 else:
                     yield ev
-            payload, meta = await self._run(lambda: (state_to_bytes(state), state_meta(state)))
-            turn = {"kind": "generate", "prompt_tokens": len(r.prompt_ids), "new_tokens": result.tokens,
-                    "tokens_seen": meta["tokens_seen"], "duration_ms": result.timing.total_ms,
-                    "prompt_preview": r.prompt_preview[:200], "completion_preview": result.text[:200]}
-            ack = await self.bank.call(r.state_id, "commit_turn", lease["lease_id"], lease["seq"] + 1,
-                                       r.request_id, payload, meta, turn)
-            committed = True
+            info = {"kind": "generate", "prompt_tokens": len(r.prompt_ids), "new_tokens": result.tokens,
+                    "duration_ms": result.timing.total_ms, "prompt_preview": r.prompt_preview[:200],
+                    "completion_preview": result.text[:200]}
+            ack = await self.turns.commit(turn, r.request_id, r.prompt_ids, result.token_ids, info)
             result.state = ack["info"]
             self.counters["session_turns"] += 1
-            durable = int(ack.get("durable_bytes", len(payload)))  # the shard may report what it wrote
+            self.counters[f"session_state_{turn.source}"] += 1  # resident | replayed | loaded
+            durable = int(ack["durable_bytes"])  # what the shard wrote for this turn
+            self.counters["session_durable_bytes"] += durable
             self.durable_bytes.append(durable)
             record_durable_bytes(durable)
             yield result
         finally:
-            keeper.cancel()
-            if not committed:
-                try:
-                    await asyncio.shield(self.bank.call(r.state_id, "abort_turn", lease["lease_id"]))
-                except Exception:
-                    pass
+            await self.turns.end(turn)
 
     def _events(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         if (self._gauges is None or self._gauges.done()) and _in_serve_replica():
@@ -324,9 +326,11 @@ class Generator:
         return self._session_turn(r) if r.state_id else self._decode(r, None, time.perf_counter())
 
     async def _refresh_gauges(self) -> None:
-        """Every ``metrics_interval_s``: the session banks the store holds in memory (each replica
-        reports the same figure: aggregate with max, not sum)."""
+        """Every ``metrics_interval_s``: the session states resident on this replica (tier "replica":
+        sum over replicas) and the session banks the store holds in memory (tier "store": each
+        replica reports the same figure, so aggregate with max, not sum)."""
         while self.settings.metrics_interval_s > 0:
+            set_resident_sessions(self.turns.stats()["resident_sessions"], tier="replica")
             try:
                 shards = await self.bank.stats()
                 set_resident_sessions(sum(s["sessions"] - s.get("offloaded", 0) for s in shards), tier="store")
@@ -409,13 +413,13 @@ class Generator:
         """Run the research endpoint ``name`` (``serve.research.RESEARCH``) on the real model, from the
         session ``params["state_id"]`` when given (read-only)."""
         entry, req = R.research_request(name, params)
-        payload = None
+        bank = None
         sid = getattr(req, "state_id", None)
         if sid:
-            payload = (await self.bank.call(sid, "get_bank", owner))["payload"]
+            bank = await self.bank.call(sid, "get_bank", owner)
 
         def run():
-            state = state_from_bytes(payload, self.lm.model) if sid else None
+            state = state_of(self.lm.model, sid, bank) if sid else None
             return entry.run(self.lm, req, state)
         t = time.perf_counter()
         out = await self._run(run)

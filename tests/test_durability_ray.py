@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import asdict
 
 import pytest
 
@@ -91,5 +92,99 @@ def test_client_re_resolves_a_dead_shard_and_a_shard_waits_for_its_storage(ray_c
             info = await client.call("s", "info", "alice", True)
             assert info["seq"] == 1
         asyncio.run(main())
+    finally:
+        client.kill_all()
+
+
+def _replica_actor(ray):
+    """A Ray actor class standing in for a Generator replica (defined here so Ray ships it by value)."""
+
+    class _Replica:
+        """Stands in for a Generator replica (issue 14): the real session turn path (``SessionTurns``:
+        resident states, token records, replay) with the real tiny model and decode loop."""
+
+        def __init__(self, cfg_dict):
+            import torch
+
+            from serve.modeling import ModelSpec, load_model
+            from serve.sessions.turns import SessionTurns
+
+            torch.set_num_threads(1)
+            self.model = load_model(ModelSpec(preset="tiny", seed=0), "cpu").model
+
+            async def run_here(fn, *args):
+                return fn(*args)
+            self.turns = SessionTurns(self.model, BankClient(BankConfig(**cfg_dict)), run_here)
+
+        async def chat(self, sid: str, i: int) -> dict:
+            from serve.modeling import state_to_bytes
+
+            t = await self.turns.begin(sid, "alice", True)
+            try:
+                prompt, new_ids = self._decode(t.state, sid, i)
+                ack = await self.turns.commit(t, f"u-{sid}-{i}", prompt, new_ids, {"kind": "generate"})
+            finally:
+                await self.turns.end(t)
+            return {"seq": ack["info"]["seq"], "digest": ack["info"]["digest"], "source": t.source,
+                    "record": ack["record"], "state": state_to_bytes(t.state)}
+
+        def _decode(self, state, sid: str, i: int) -> list[int]:
+            from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
+
+            prompt = list(f"turn {i} of {sid}: keep this. ".encode())
+            row = DecodeRow(prompt, state, 6, SamplingParams(0.9), seed=i)
+            dec = BatchDecoder(self.model)
+            dec.add([row])
+            while dec.running:
+                dec.step()
+            return prompt, row.tokens
+
+        def decode_from(self, state_bytes: bytes, sid: str, i: int) -> bytes:
+            """Turn ``i`` decoded on the given state, outside any session: the state it leaves."""
+            from serve.modeling import state_from_bytes, state_to_bytes
+
+            state = state_from_bytes(state_bytes, self.model)
+            self._decode(state, sid, i)
+            return state_to_bytes(state)
+
+    return ray.remote(num_cpus=0)(_Replica)
+
+
+def test_token_turns_come_back_after_shard_and_replica_kills(ray_cluster, tmp_path):
+    """Every acknowledged turn (token records and full states) is back after the shard is killed
+    (Ray restarts it: recovery from the WAL) and after the replica holding the session resident is
+    killed (another replica rebuilds the state from the last full state plus the logged turns, bit
+    for bit as the dead replica held it)."""
+    ray = ray_cluster
+    cfg = _cfg(tmp_path / "bank", snapshot_every_turns=3)
+    client = BankClient(cfg)
+    replica = _replica_actor(ray)
+    try:
+        a = replica.remote(asdict(cfg))
+        acked = [ray.get(a.chat.remote("s", i)) for i in range(4)]
+        assert [r["record"] for r in acked] == ["tokens", "tokens", "state", "tokens"]
+        assert [r["source"] for r in acked] == ["loaded", "resident", "resident", "resident"]
+
+        shard = ray.get_actor(cfg.actor_name(0), namespace=cfg.namespace)
+        pid = ray.get(shard.ping.remote())["pid"]
+        ray.kill(shard, no_restart=False)  # the shard dies; Ray restarts it from storage
+        after = ray.get(a.chat.remote("s", 4))  # the replica's copy is still current: no bank fetched
+        assert after["seq"] == 5 and after["source"] == "resident"
+        assert ray.get(shard.ping.remote())["pid"] != pid
+        acked.append(after)
+
+        ray.kill(a)  # the replica holding the session dies
+        b = replica.remote(asdict(cfg))
+        last = acked[-1]
+
+        async def check():
+            info = await client.call("s", "info", "alice", True)
+            assert info["seq"] == last["seq"] and info["digest"] == last["digest"]
+            assert [h["seq"] for h in info["history"] if h.get("kind") == "generate"] == [1, 2, 3, 4, 5]
+        asyncio.run(check())
+        again = ray.get(b.chat.remote("s", 5))
+        assert again["source"] == "loaded" and again["seq"] == 6
+        # b rebuilt the state by replay: its turn equals the same turn decoded on a's last state
+        assert ray.get(b.decode_from.remote(last["state"], "s", 5)) == again["state"]
     finally:
         client.kill_all()

@@ -376,3 +376,76 @@ def test_concurrent_first_turns_on_a_new_session_create_it_once(tmp_path):
         shard2 = _shard(cfg)
         assert (await shard2.info("shared", "alice"))["seq"] == 2
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- token turn records (issue 14)
+async def _tokens(shard, sid, seq, owner="alice"):
+    """A token turn record (what a Generator commits for a turn that changed the state only by tokens)."""
+    if seq == 1:
+        await shard.create(sid, owner)
+    ids = [(seq * 7 + k) % 256 for k in range(40)]
+    return await shard.apply_update(sid, seq, f"t-{sid}-{seq}", None, {"tokens_seen": seq * 40},
+                                    {"kind": "generate"}, tokens={"ids": ids, "n_prompt": 8, "fp": None})
+
+
+@pytest.mark.parametrize("where,seq", [("ids", 3), ("header", 3), ("ids", 2)])
+def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, where, seq):
+    """A flipped bit in a turn record (its ids or its header; the last turn, or one that a later token
+    turn builds on): that session answers 500 state_damaged naming it and the seq; the sessions
+    logged around it keep every acknowledged turn, token turns and full states alike."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await _put(shard, "b", 1)
+        for n in (1, 2, 3):
+            await _tokens(shard, "a", n)
+            await _tokens(shard, "c", n)
+        await _put(shard, "b", 2)
+        digests = {sid: (await shard.info(sid, "alice"))["digest"] for sid in ("b", "c")}
+        tails = {sid: (await shard.get_bank(sid, "alice"))["turns"] for sid in ("b", "c")}
+        shard.store.close()
+        path = _log(cfg.storage)
+        data = open(path, "rb").read()
+        recs = _offsets(data)
+        off = next(o for o, h in recs if h.get("sid") == "a" and h["seq"] == seq)
+        h = next(h for o, h in recs if o == off)
+        header_len = len(json.dumps(h, separators=(",", ":")))
+        _flip(path, off + 117 + (header_len + 20 if where == "ids" else 30))
+
+        shard2 = _shard(cfg)
+        for sid in ("b", "c"):
+            info = await shard2.info(sid, "alice")
+            assert info["seq"] == (2 if sid == "b" else 3) and info["digest"] == digests[sid]
+            assert (await shard2.get_bank(sid, "alice"))["turns"] == tails[sid]
+        assert (await shard2.get_bank("b", "alice"))["payload"] == _payload("b", 2)
+        with pytest.raises(StateDamaged) as e:
+            await shard2.begin_turn("a", "alice", True)
+        assert "'a'" in e.value.message and f"seq {seq}" in e.value.message
+        assert (await shard2.stats())["damaged_records"] == 1
+    asyncio.run(main())
+
+
+def test_token_turns_survive_checkpoints_offload_and_restarts(tmp_path):
+    """A session's token turns live in the WAL, then in its snapshot file (beside its last full
+    state) once a checkpoint folds the WAL; offloaded and restored, it replays the same turns."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await _put(shard, "a", 1)
+        for seq in (2, 3):
+            await _tokens(shard, "a", seq)
+        before = await shard.get_bank("a", "alice")
+        await shard.checkpoint()
+        assert shard.store.epochs() == [shard.store.epoch]  # the old log is gone
+        assert await shard.offload("a")
+        await _tokens(shard, "a", 4)  # a token turn on an offloaded session: no bank needed
+        assert (await shard.stats())["offloaded"] == 1
+        await shard.checkpoint()  # loads it to snapshot the new tail
+        shard.store.close()
+        shard2 = _shard(cfg)
+        after = await shard2.get_bank("a", "alice")
+        assert after["payload"] == before["payload"] == _payload("a", 1)
+        assert [t["seq"] for t in after["turns"]] == [2, 3, 4]
+        assert after["turns"][:2] == before["turns"]
+        assert after["info"]["digest"] == (await shard.info("a", "alice"))["digest"]
+    asyncio.run(main())

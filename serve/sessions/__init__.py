@@ -15,12 +15,18 @@ restores every session from snapshots + WAL when Ray reruns its ``__init__``.
 * :mod:`.manager` - compaction, TTL cleanup, offload, checkpoint triggers (background);
 * :mod:`.shard` - ``SessionBankShard``, assembled from the three above;
 * :mod:`.client` - ``BankClient``: routes calls to shard actors, re-resolves dead handles, keeps a
-  turn's lease alive.
+  turn's lease alive;
+* :mod:`.turn_log` - token turn records: ids, digest chain, state fingerprints, replay (issue 14);
+* :mod:`.resident` - the LRU of session states a Generator replica keeps on its device;
+* :mod:`.turns` - ``SessionTurns``: a session turn as the Generator runs it (lease, resident or
+  rebuilt state, commit of tokens or of a snapshot);
+* :mod:`.routing` - ``SessionAffinityRouter``: the Generator deployment's request router (a session's
+  turns go to the replica holding its state).
 """
 
-from .client import BankClient
+from .client import BankClient, LocalBankClient
 from .config import BankConfig, check_layout, shard_index
 from .session import Session
 from .shard import SessionBankShard
 
-__all__ = ["BankClient", "BankConfig", "Session", "SessionBankShard", "check_layout", "shard_index"]
+__all__ = ["BankClient", "LocalBankClient", "BankConfig", "Session", "SessionBankShard", "check_layout", "shard_index"]

@@ -111,3 +111,15 @@ class BankClient:
             except ValueError:
                 pass
         self._handles.clear()
+
+
+class LocalBankClient(BankClient):
+    """A :class:`BankClient` over one in-process :class:`SessionBankShard` (no Ray): for tests and
+    benchmarks that drive the Generator's session turns (``SessionTurns``) against a real shard."""
+
+    def __init__(self, shard: SessionBankShard):
+        super().__init__(shard.cfg)
+        self.shard = shard
+
+    async def call(self, state_id: str, method: str, *args, **kwargs):
+        return await getattr(self.shard, method)(state_id, *args, **kwargs)

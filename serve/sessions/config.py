@@ -46,6 +46,25 @@ class BankConfig:
     """How long an out-of-order update waits for its predecessor."""
     max_history: int = 256
     """Turns kept per session."""
+    snapshot_every_turns: int = 32
+    """A turn that changed a session only by tokens is logged as its tokens (a few KiB, issue 14);
+    after this many such turns since the session's last full state, the next turn writes the full
+    state instead (a snapshot), so a rebuild replays at most this many turns. 1 = every turn writes
+    the full state (the behaviour before issue 14). Compaction and other changes that are not tokens
+    always write the full state."""
+    snapshot_every_tokens: int = 16384
+    """The same bound in tokens: a turn that would bring the tokens logged since the last full state
+    to this many or more writes the full state instead."""
+    resident_budget_bytes: int = 1024 * 2**20
+    """Bytes of session states each Generator replica keeps resident on its device between turns
+    (least recently used ones beyond it are dropped; the shard stays the source of truth). 0 = none:
+    every turn fetches the state from its shard."""
+
+    def snapshot_due(self, tail_turns: int, tail_tokens: int, new_tokens: int) -> bool:
+        """Whether a turn of ``new_tokens`` on a session holding ``tail_turns`` token turns
+        (``tail_tokens`` tokens) since its last full state writes the full state."""
+        return (tail_turns + 1 >= max(1, self.snapshot_every_turns)
+                or tail_tokens + new_tokens >= self.snapshot_every_tokens)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(f"{self.storage}|{self.num_shards}".encode()).hexdigest()[:10]

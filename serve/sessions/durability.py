@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from ..bank_store import BankStore, RecordDamage, digest
-from ..errors import StorageUnavailable
+from ..errors import StateDamaged, StorageUnavailable
 from .session import Session
 
 logger = logging.getLogger("serve.sessions")
@@ -91,11 +91,12 @@ class DurabilityMixin:
             s.offloaded = s.nbytes > 0 and not s.damage
             self.sessions[sid] = s
         bad_records: list[RecordDamage] = []
-        last_good: dict[str, list[tuple[int, str, int]]] = {}  # sid -> (record index, inc, seq)
+        last_good: dict[str, list[tuple[int, str, int, str]]] = {}  # sid -> (record index, inc, seq, op)
         n = 0
         for header, payload in self.store.replay(bad_records.append):
             self._apply_record(header, payload)
-            last_good.setdefault(header["sid"], []).append((len(bad_records), header.get("inc", ""), header["seq"]))
+            last_good.setdefault(header["sid"], []).append(
+                (len(bad_records), header.get("inc", ""), header["seq"], header.get("op", "put")))
             n += 1
         for k, d in enumerate(bad_records):
             where = f"{getattr(d, 'where', 'wal')} at byte {d.offset}"
@@ -107,9 +108,11 @@ class DurabilityMixin:
                 logger.error("shard %d: unreadable WAL region (%d bytes) %s: %s; the sessions it held cannot "
                              "be named", self.index, d.length, where, d.reason)
                 continue
-            later = [(inc, seq) for idx, inc, seq in last_good.get(d.sid, []) if idx > k]
+            later = [(inc, seq, op) for idx, inc, seq, op in last_good.get(d.sid, []) if idx > k]
             s = self.sessions.get(d.sid)
-            superseded = any(inc != d.inc or seq > d.seq for inc, seq in later) or (
+            # only a later full state (or delete) makes a lost record irrelevant: a later token turn
+            # (issue 14) is replayed on top of it, so it needs every turn before it
+            superseded = any(inc != d.inc or (seq > d.seq and op != "turn") for inc, seq, op in later) or (
                 s is not None and s.inc == d.inc and s.snapshot_seq >= d.seq)
             if superseded:
                 logger.warning("shard %d: damaged WAL record of %s seq %d (%s, %s) is superseded by later data",
@@ -156,11 +159,12 @@ class DurabilityMixin:
         except OSError as e:  # the evidence stays on storage: found again at the next start
             logger.error("shard %d: could not persist the damage of %s: %s", self.index, sid, e)
 
-    async def _append(self, header: dict[str, Any], payload: bytes | None) -> None:
+    async def _append(self, header: dict[str, Any], payload: bytes | None) -> int:
+        """Append one record durably; returns its size in bytes."""
         wal_lock, _ = self._locks()
         async with wal_lock:
             try:
-                await asyncio.to_thread(self.store.append, header, payload)
+                return await asyncio.to_thread(self.store.append, header, payload)
             except OSError as e:
                 self.counters["storage_errors"] += 1
                 logger.error("shard %d: WAL append for %s failed: %s", self.index, header.get("sid"), e)
@@ -178,9 +182,11 @@ class DurabilityMixin:
                 return
             try:
                 header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
-                if header["seq"] != s.seq or digest(payload) != s.digest:
-                    raise RecordDamage(f"snapshot holds seq {header['seq']} digest {digest(payload)}, the session "
-                                       f"seq {s.seq} digest {s.digest}")
+                # the snapshot's full state must be the session's (token turns may have followed it)
+                base_seq = header.get("base_seq", header["seq"])
+                if base_seq != s.base_seq or digest(payload) != s.base_digest:
+                    raise RecordDamage(f"snapshot holds the full state of seq {base_seq} digest {digest(payload)}, "
+                                       f"the session's is seq {s.base_seq} digest {s.base_digest}")
             except (RecordDamage, ValueError, FileNotFoundError) as e:
                 s.damage = f"snapshot sessions/{s.state_id}.snap: {e}"
                 s.offloaded = False
@@ -200,7 +206,14 @@ class DurabilityMixin:
             self.counters["restores"] += 1
 
     async def _snapshot(self, s: Session) -> None:
-        """Write the session's current bank as its snapshot (if the snapshot is older)."""
+        """Write the session's last full state and its token turns as its snapshot (if the snapshot
+        is older). An offloaded session that logged token turns since is loaded first."""
+        if s.offloaded and s.snapshot_seq < s.seq and not s.deleted and not s.damage:
+            try:
+                await self._ensure_loaded(s)
+            except (StateDamaged, StorageUnavailable):
+                return  # reported by the load; the WAL keeps the turns
+
         _, snap_lock = self._locks()
         async with snap_lock:
             if s.deleted or s.offloaded or s.damage or s.snapshot_seq >= s.seq:

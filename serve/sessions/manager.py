@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import Busy, Conflict, NotFound, StateDamaged, StorageUnavailable
 from .session import Session
+from .turn_log import ReplayMismatch
 
 logger = logging.getLogger("serve.sessions")
 
@@ -30,11 +31,12 @@ class ManagerMixin:
             self._model = load_model(ModelSpec(**self.cfg.model), device="cpu").model
         return self._model
 
-    def _compact_bytes(self, payload: bytes | None, merge: bool, threshold: float):
-        from ..modeling import state_from_bytes, state_meta, state_to_bytes
+    def _compact_bytes(self, payload: bytes | None, turns: list[dict[str, Any]], merge: bool, threshold: float):
+        from ..modeling import state_meta, state_to_bytes
+        from .turn_log import rebuild_state
 
         model = self._load_model()
-        state = state_from_bytes(payload, model)
+        state = rebuild_state(model, payload, turns)  # the last full state, then its token turns
         before = state_meta(state)
         moved = model.compact_state(state)
         merged = state.merge_duplicates(threshold) if merge else 0
@@ -49,10 +51,14 @@ class ManagerMixin:
         lease_id = await self._acquire(s, self.cfg.lease_wait_s if wait else 0.0)
         try:
             await self._ensure_loaded(s)
-            bytes_before, seq = s.nbytes, s.seq
+            bytes_before, seq = s.nbytes, s.seq  # the full state's bytes (token turns add none)
             t0 = time.perf_counter()
-            payload, before, after, moved, merged = await asyncio.to_thread(
-                self._compact_bytes, s.payload, merge, threshold)
+            try:
+                payload, before, after, moved, merged = await asyncio.to_thread(
+                    self._compact_bytes, s.payload, list(s.tail), merge, threshold)
+            except ReplayMismatch as e:
+                raise StateDamaged(f"state {sid!r} (shard {self.index}) cannot be compacted: {e}", "state_damaged",
+                                   "state_id") from None
             turn = {"kind": "compact", "duration_ms": (time.perf_counter() - t0) * 1e3,
                     "tokens_seen": after["tokens_seen"], "detail": {**moved, "merged": merged}}
             res = await self.apply_update(sid, seq + 1, f"compact-{uuid.uuid4().hex}", payload, after, turn,

@@ -37,7 +37,8 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         self.started_at = time.time()
         self.counters = {"updates": 0, "duplicates": 0, "conflicts": 0, "compactions": 0, "merged_slots": 0,
                          "offloads": 0, "restores": 0, "expired": 0, "checkpoints": 0, "recovered_records": 0,
-                         "damaged_records": 0, "storage_errors": 0, "fenced": 0}
+                         "damaged_records": 0, "storage_errors": 0, "fenced": 0, "token_records": 0,
+                         "state_records": 0, "durable_bytes": 0, "resident_turns": 0, "loaded_turns": 0}
         self._wal_lock: asyncio.Lock | None = None
         self._snap_lock: asyncio.Lock | None = None
         self._creating: asyncio.Lock | None = None
@@ -77,7 +78,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         live = [s for s in self.sessions.values() if not s.deleted]
         return {"shard": self.index, "pid": os.getpid(), "sessions": len(live),
                 "offloaded": sum(s.offloaded for s in live), "bytes_in_memory": self.bytes_in_memory(),
-                "bytes_total": sum(s.nbytes for s in live), "memory_budget_bytes": self.cfg.memory_budget_bytes,
+                "bytes_total": sum(s.state_bytes() for s in live), "memory_budget_bytes": self.cfg.memory_budget_bytes,
                 "wal_epoch": self.store.epoch, "wal_bytes": self.store.wal_bytes,
                 "started_at": self.started_at, "damaged_sessions": sum(bool(s.damage) for s in live),
                 "damage_reports": self.damage_reports[-20:], **self.counters}

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from ..bank_store import digest
+from .turn_log import chain_digest, pack_ids, unpack_ids
 from ..errors import Busy, Conflict, StateDamaged, session_not_found
 from .session import Session
 
@@ -43,7 +44,13 @@ class StateMachineMixin:
             s.deleted = True
             return
         s.deleted = False
-        s.payload, s.nbytes, s.digest, s.offloaded = payload, len(payload or b""), digest(payload), False
+        if op == "turn":  # tokens only: the full state stays what it was, the turn joins the tail
+            s.tail.append({"seq": seq, "ids": unpack_ids(payload), "n_prompt": int(h["n_prompt"]),
+                           "fp": h.get("fp"), "digest": h["digest"]})
+            s.digest = h["digest"]
+        else:  # a full state record
+            s.payload, s.nbytes, s.digest, s.offloaded = payload, len(payload or b""), digest(payload), False
+            s.base_seq, s.base_digest, s.tail = seq, s.digest, []
         s.meta = h.get("meta", s.meta)
         if h.get("turn"):
             s.history.append(h["turn"])
@@ -111,12 +118,13 @@ class StateMachineMixin:
                 if not s.deleted and (owner is None or s.owner == owner)]
 
     async def get_bank(self, sid: str, owner: str | None) -> dict[str, Any]:
-        """Read-only copy of a session's bank: ``{"payload": bytes|None, "seq": n}``."""
+        """Read-only copy of a session's content: ``{"payload": bytes|None, "turns": [...], "seq": n}``:
+        its last full state and the token turns after it (``turn_log.rebuild_state`` makes the state)."""
         self._start_manager()
         s = self._get(sid, owner)
         await self._ensure_loaded(s)
         self._touch(s)
-        out = {"payload": s.payload, "seq": s.seq, "info": s.info(self.index)}
+        out = {"payload": s.payload, "turns": list(s.tail), "seq": s.seq, "info": s.info(self.index)}
         await self._enforce_budget()
         return out
 
@@ -141,8 +149,16 @@ class StateMachineMixin:
         return {"state_id": sid, "deleted": True}
 
     # ------------------------------------------------------------------ public: turns
-    async def begin_turn(self, sid: str, owner: str, create: bool) -> dict[str, Any]:
-        """Lease the session for one turn and return its bank: ``{lease_id, seq, payload, created}``."""
+    async def begin_turn(self, sid: str, owner: str, create: bool, have: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Lease the session for one turn and return what the caller needs to hold its state:
+        ``{lease_id, seq, inc, digest, base, payload, turns, tail_turns, tail_tokens, created, ...}``.
+
+        ``have`` (``{"inc", "seq", "digest"}``) describes a copy the caller holds (a Generator's
+        resident state). When this session can replay from it (same incarnation, and ``seq`` is the
+        last full state or a token turn after it, with the same digest), ``base`` is False, no bank
+        is sent, and ``turns`` are the token turns after ``have["seq"]`` (none when it is current).
+        Otherwise ``base`` is True: ``payload`` is the last full state and ``turns`` every token turn
+        after it (the caller drops its stale copy)."""
         self._start_manager()
         s = self.sessions.get(sid)
         created = False
@@ -159,13 +175,20 @@ class StateMachineMixin:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
         lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s)
+        resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
+                    and s.digest_at(int(have["seq"])) == have.get("digest"))
         try:
-            await self._ensure_loaded(s)
+            if not resident:
+                await self._ensure_loaded(s)
         except BaseException:
             self._release(s, lease_id)
             raise
         self._touch(s)
-        return {"lease_id": lease_id, "seq": s.seq, "payload": s.payload, "created": created,
+        self.counters["resident_turns" if resident else "loaded_turns"] += 1
+        turns = [t for t in s.tail if t["seq"] > have["seq"]] if resident else list(s.tail)
+        return {"lease_id": lease_id, "seq": s.seq, "inc": s.inc, "digest": s.digest, "base": not resident,
+                "payload": None if resident else s.payload, "turns": turns, "tail_turns": len(s.tail),
+                "tail_tokens": s.tail_tokens(), "created": created,
                 "tokens_seen": int(s.meta.get("tokens_seen", 0)), "lease_ttl_s": self.cfg.lease_ttl_s}
 
     async def renew_lease(self, sid: str, lease_id: str) -> bool:
@@ -183,6 +206,18 @@ class StateMachineMixin:
         Fenced: once the session has been leased to another turn (this lease expired: its holder
         stopped renewing it), this turn's commit is refused with 409 ``lease_lost``, even if its seq
         would still fit. A retry of a commit that was applied is acknowledged as a duplicate."""
+        return await self._commit(sid, lease_id, seq, update_id, payload, meta, turn, None)
+
+    async def commit_tokens(self, sid: str, lease_id: str | None, seq: int, update_id: str, ids: list[int],
+                            n_prompt: int, fingerprint: dict[str, Any] | None, meta: dict[str, Any],
+                            turn: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`commit_turn` for a turn that changed the state only by tokens: logs the turn's
+        ``ids`` (the first ``n_prompt`` were the prompt, the rest generated) and the ``fingerprint``
+        of the state it left (``turn_log.state_fingerprint``) instead of the bank. Idempotent, fenced."""
+        tokens = {"ids": [int(i) for i in ids], "n_prompt": int(n_prompt), "fp": fingerprint}
+        return await self._commit(sid, lease_id, seq, update_id, None, meta, turn, tokens)
+
+    async def _commit(self, sid, lease_id, seq, update_id, payload, meta, turn, tokens) -> dict[str, Any]:
         try:
             s = self.sessions.get(sid)
             if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
@@ -190,7 +225,7 @@ class StateMachineMixin:
                 self.counters["fenced"] += 1
                 raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
                                "another request; this turn was not saved, retry it", "lease_lost", "state_id")
-            res = await self.apply_update(sid, seq, update_id, payload, meta, turn)
+            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens)
         finally:
             s = self.sessions.get(sid)
             if s is not None and lease_id is not None:
@@ -205,8 +240,11 @@ class StateMachineMixin:
 
     async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
                            meta: dict[str, Any], turn: dict[str, Any] | None = None,
-                           compacted: bool = False) -> dict[str, Any]:
-        """The ordered, idempotent update queue of a session. Returns once the update is durable."""
+                           compacted: bool = False, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The ordered, idempotent update queue of a session. Returns once the update is durable.
+
+        ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``)
+        the update is a token turn instead (a "turn" record holding the ids, 4 bytes a token)."""
         self._start_manager()
         s = self._get(sid, None)
         cond = s.condition()
@@ -230,18 +268,25 @@ class StateMachineMixin:
                                f"update was for seq {seq}); retry the request", "state_conflict", "state_id")
             header = {"op": "put", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": seq, "at": time.time(),
                       "update_id": update_id, "meta": meta, "turn": turn, "compacted": compacted}
+            if tokens is not None:
+                payload = pack_ids(tokens["ids"])
+                header.update(op="turn", n_prompt=tokens["n_prompt"], fp=tokens.get("fp"),
+                              digest=chain_digest(s.digest, tokens["ids"], tokens["n_prompt"]))
             if turn is not None:
                 turn.setdefault("seq", seq)
                 turn.setdefault("at", header["at"])
-            await self._append(header, payload)
+            record_bytes = await self._append(header, payload)
             self._apply_record(header, payload)
             self.counters["updates"] += 1
+            self.counters["token_records" if tokens is not None else "state_records"] += 1
+            self.counters["durable_bytes"] += record_bytes
             self._touch(s)
             cond.notify_all()
             info = s.info(self.index)
         await self._maybe_checkpoint()
         await self._enforce_budget()
-        return {"seq": seq, "applied": True, "duplicate": False, "info": info}
+        return {"seq": seq, "applied": True, "duplicate": False, "info": info, "durable_bytes": record_bytes,
+                "record": "tokens" if tokens is not None else "state"}
 
     # ------------------------------------------------------------------ leases
     async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None) -> str:

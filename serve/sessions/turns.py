@@ -1,0 +1,140 @@
+"""A session turn as the Generator runs it (issue 14): lease the session, hold its state (resident,
+or rebuilt from the shard's last full state and token turns), and commit what the turn changed.
+
+* :meth:`SessionTurns.begin` leases the session from its shard, offering the replica's resident copy
+  (:mod:`.resident`). The shard says whether that copy is current, needs a few token turns replayed
+  (another replica served them), or is stale (then the last full state comes back, and the turns
+  after it are replayed: :func:`.turn_log.rebuild_state`).
+* :meth:`SessionTurns.commit` logs the turn's tokens and the fingerprint of the state they left
+  (``commit_tokens``: a few KiB for a short turn), or the full state when a snapshot is due
+  (``BankConfig.snapshot_due``). The turn is answered after the shard acknowledged the record,
+  which it does only once the record is fsynced. The state then stays resident.
+* :meth:`SessionTurns.end` releases the lease of a turn that was not committed and never keeps its
+  state (the decoder changed it in place).
+
+The model work runs through ``run(fn, *args)`` (the Generator's model thread); the shard calls go
+through ``bank`` (a :class:`~.client.BankClient`, or :class:`~.client.LocalBankClient` in-process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+from ..errors import StateDamaged
+from .resident import ResidentState, ResidentStates
+from .turn_log import ReplayMismatch, rebuild_state, replay_turns, state_fingerprint, state_nbytes
+
+logger = logging.getLogger("serve.sessions")
+
+
+@dataclass
+class Turn:
+    """One leased turn: the session's state to decode in, and the lease it commits under."""
+
+    sid: str
+    lease: dict[str, Any]
+    state: Any
+    keeper: asyncio.Task | None = None
+    source: str = "loaded"  # "resident" | "replayed" | "loaded": where the state came from
+    ack: dict[str, Any] | None = field(default=None)
+
+
+def _damaged(sid: str, e: ReplayMismatch) -> StateDamaged:
+    return StateDamaged(f"state {sid!r} cannot be rebuilt as acknowledged: {e}. Nothing was guessed; DELETE "
+                        f"/v1/state/{sid} removes it", "state_damaged", "state_id")
+
+
+def state_of(model, sid: str, bank: dict[str, Any]):
+    """The state of a ``get_bank`` answer (on the model thread); 500 ``state_damaged`` naming the
+    session when a token turn does not replay to its acknowledged state."""
+    try:
+        return rebuild_state(model, bank["payload"], bank.get("turns") or [])
+    except ReplayMismatch as e:
+        raise _damaged(sid, e) from None
+
+
+class SessionTurns:
+    """Session turns of one Generator replica (see the module docstring)."""
+
+    def __init__(self, model, bank, run: Callable[..., Awaitable], budget_bytes: int | None = None):
+        self.model = model
+        self.bank = bank
+        self.cfg = bank.cfg
+        self.run = run
+        self.resident = ResidentStates(self.cfg.resident_budget_bytes if budget_bytes is None else budget_bytes)
+        self.counters = {"turns_resident": 0, "turns_replayed": 0, "turns_loaded": 0, "turn_records_tokens": 0,
+                         "turn_records_state": 0, "turn_durable_bytes": 0, "turn_replay_mismatches": 0}
+
+    async def begin(self, sid: str, owner: str, create: bool) -> Turn:
+        mine = self.resident.take(sid)  # the turn owns it now; it comes back only when committed
+        lease = await self.bank.call(sid, "begin_turn", owner, create, mine.have() if mine else None)
+        keeper = self.bank.start_keep_lease(sid, lease)  # the lease lives as long as this turn
+        try:
+            if lease["base"]:
+                state = await self.run(rebuild_state, self.model, lease["payload"], lease["turns"])
+                source = "loaded"
+            else:
+                state = mine.state
+                if lease["turns"]:  # another replica served these turns: replay them onto our copy
+                    await self.run(replay_turns, self.model, state, lease["turns"])
+                source = "replayed" if lease["turns"] else "resident"
+        except BaseException as e:
+            keeper.cancel()
+            await self._abort(sid, lease)
+            if isinstance(e, ReplayMismatch):
+                self.counters["turn_replay_mismatches"] += 1
+                logger.error("session %s: %s", sid, e)
+                raise _damaged(sid, e) from None
+            raise
+        self.counters[f"turns_{source}"] += 1
+        return Turn(sid, lease, state, keeper, source)
+
+    async def commit(self, turn: Turn, update_id: str, prompt_ids: Sequence[int], new_ids: Sequence[int],
+                     info: dict[str, Any]) -> dict[str, Any]:
+        """Make the turn durable as update ``seq + 1``: its tokens (``prompt_ids`` then ``new_ids``, all
+        of them fed into the state), or the full state when a snapshot is due. ``info`` is the turn's
+        history entry (``tokens_seen`` is added). Returns the shard's answer (``info``,
+        ``durable_bytes``, ``record``) once the record is durable."""
+        from ..modeling import state_meta, state_to_bytes
+
+        lease, sid, state = turn.lease, turn.sid, turn.state
+        ids = [int(i) for i in prompt_ids] + [int(i) for i in new_ids]
+        seq = lease["seq"] + 1
+        full = self.cfg.snapshot_due(lease["tail_turns"], lease["tail_tokens"], len(ids))
+
+        def describe():  # on the model thread
+            body = state_to_bytes(state) if full else state_fingerprint(state)
+            return state_meta(state), body, state_nbytes(state)
+        meta, body, nbytes = await self.run(describe)
+        info = {**info, "tokens_seen": meta["tokens_seen"]}
+        if full:
+            ack = await self.bank.call(sid, "commit_turn", lease["lease_id"], seq, update_id, body, meta, info)
+        else:
+            ack = await self.bank.call(sid, "commit_tokens", lease["lease_id"], seq, update_id, ids,
+                                       len(prompt_ids), body, meta, info)
+        turn.ack = ack
+        kind = ack.get("record", "state")
+        self.counters[f"turn_records_{kind}"] += 1
+        self.counters["turn_durable_bytes"] += int(ack.get("durable_bytes", 0))
+        if ack["info"]["seq"] == seq:
+            self.resident.put(sid, ResidentState(turn.state, lease["inc"], seq, ack["info"]["digest"], nbytes))
+        return ack
+
+    async def end(self, turn: Turn) -> None:
+        """Stop renewing the lease; release it when the turn was not committed."""
+        if turn.keeper is not None:
+            turn.keeper.cancel()
+        if turn.ack is None:
+            await self._abort(turn.sid, turn.lease)
+
+    async def _abort(self, sid: str, lease: dict[str, Any]) -> None:
+        try:
+            await asyncio.shield(self.bank.call(sid, "abort_turn", lease["lease_id"]))
+        except Exception:
+            pass
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, **self.resident.stats()}
