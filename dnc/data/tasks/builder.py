@@ -6,12 +6,12 @@ checks and random codes."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from dnc.data.filler_text import check_filler, text_filler
-from dnc.data.tasks.vocab import TOKENIZER, WORDS, encode_text
+from dnc.data.tasks.vocab import BOS, EOS, TOKENIZER, WORDS, encode_text
 
 
 @dataclass
@@ -182,6 +182,43 @@ class SampleBuilder:
         meta = dict(meta, answer_spans=[list(s) for s in self.spans])
         return Sample(tokens=tokens, loss_mask=mask, answer_start=int(self.spans[0][0]),
                       answer=tokens[mask].copy(), task=task, meta=meta)
+
+
+def facts_then_question(rng: np.random.Generator, length: int, facts: Sequence[np.ndarray],
+                        fractions: Sequence[float], question: np.ndarray, answer: np.ndarray,
+                        source: str = "words") -> tuple[SampleBuilder, list[int]]:
+    """The layout of the tasks that hide facts in filler and ask at the end:
+    ``<bos>`` filler with ``facts[i]`` at ``fractions[i]`` (see :func:`with_inserts`), then
+    ``question`` and ``[answer<eos>]``, exactly ``length`` tokens in all.
+
+    Returns ``(builder, starts)``: ``builder.build(task, meta)`` makes the Sample and ``starts[i]``
+    is the index of ``facts[i]`` in the filler region (add 1 for the ``<bos>``)."""
+    fixed = 1 + len(question) + len(answer) + 1
+    region, starts = with_inserts(rng, length - fixed, facts, fractions, source=source)
+    b = SampleBuilder()
+    b.add(BOS)
+    b.add(region)
+    b.add(question)
+    b.add(answer, answer=True)
+    b.add(EOS, answer=True)
+    return b, starts
+
+
+def shrink_to_fit(plan: Callable[[int, int], tuple], length: int, first: int, second: int,
+                  first_floor: int, second_floor: int) -> tuple[int, int, tuple]:
+    """Lower two sizes, ``first`` before ``second``, until ``plan(first, second)`` fits.
+
+    ``plan`` returns a tuple whose last item is the tokens the sample needs; a size never goes
+    below its floor (a size the caller gave explicitly is its own floor: it never shrinks).
+    Returns ``(first, second, plan(first, second))``; the caller raises if it still does not fit."""
+    out = plan(first, second)
+    while out[-1] > length and (first > first_floor or second > second_floor):
+        if first > first_floor:
+            first -= 1
+        else:
+            second -= 1
+        out = plan(first, second)
+    return first, second, out
 
 
 def as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:

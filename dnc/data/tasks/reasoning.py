@@ -9,8 +9,8 @@ import numpy as np
 from dnc.data import phrasings as ph
 from dnc.data.filler_text import check_filler
 from dnc.data.tasks.builder import (Sample, SampleBuilder, as_rng, check_common, distinct_codes,
-                                    filler, lerp, random_codes, retrieval_meta, too_short,
-                                    with_inserts)
+                                    facts_then_question, filler, lerp, random_codes,
+                                    retrieval_meta, shrink_to_fit, too_short)
 from dnc.data.tasks.vocab import (ANSWER, BLANK, BOS, COPY_ALPHABET, EOS, KEY, NAMES, QUERY, SEP,
                                   WORDS, decode_ids, encode_text)
 
@@ -77,24 +77,11 @@ def fill_blank(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
         a = encode_text(WORDS[words[target, k]])
         return recs, q, a, k, 1 + len(q) + len(a) + 1 + sum(len(x) for x in recs)
 
-    rec, query, ans, blank_at, need = parts(nr, nw)
-    while need > length and (n_records is None and nr > 1 or n_words is None and nw > 2):
-        if n_records is None and nr > 1:
-            nr -= 1
-        else:
-            nw -= 1
-        rec, query, ans, blank_at, need = parts(nr, nw)
+    nr, nw, (rec, query, ans, blank_at, need) = shrink_to_fit(
+        parts, length, nr, nw, 1 if n_records is None else nr, 2 if n_words is None else nw)
     if need > length:
         raise too_short("fill_blank", length, need, f"{nr} records of {nw} words")
-    fixed = 1 + len(query) + len(ans) + 1
-    fr = rng.random(nr)
-    region, starts = with_inserts(rng, length - fixed, rec, fr)
-    b = SampleBuilder()
-    b.add(BOS)
-    b.add(region)
-    b.add(query)
-    b.add(ans, answer=True)
-    b.add(EOS, answer=True)
+    b, starts = facts_then_question(rng, length, rec, rng.random(nr), query, ans)
     return b.build("fill_blank", dict(
         difficulty=float(difficulty), length=int(length), n_records=nr, n_words=nw,
         blank_index=blank_at, record_pos=int(1 + starts[target]),
@@ -148,7 +135,7 @@ def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
         chain = names[: h_ + 1]
         parent = {chain[i]: chain[i - 1] for i in range(1, h_ + 1)}
         pool = list(chain)
-        for j, nm in enumerate(names[h + 1: h + 1 + extra_]):
+        for j, nm in enumerate(names[h_ + 1: h_ + 1 + extra_]):
             # A distractor hangs under anyone already placed (a sibling or cousin) or starts a new
             # root; either way it never changes the target's ancestors.
             r = int(attach[j] * (len(pool) + 1))
@@ -163,31 +150,20 @@ def relational(rng: np.random.Generator, length: int, difficulty: float = 0.5, *
                             np.array(q_tail, dtype=np.int32)]).astype(np.int32)
         a = encode_text(chain[0])
         need = 1 + len(q) + len(a) + 1 + sum(len(f) for f in enc_facts)
-        return enc_facts, q, a, need, len(pool)
+        return enc_facts, q, a, len(pool), need
 
     h0, extra0 = h, extra
     for attempt in range(2):
         if attempt:  # the drawn wording did not fit: the split's shortest frames, sizes afresh
             (fact_frames, q_frame), h, extra = short, h0, extra0
-        facts, q, a, need, people = plan(h, extra)
-        while need > length and (n_people is None and extra > 0 or hops is None and h > 1):
-            if n_people is None and extra > 0:
-                extra -= 1
-            else:
-                h -= 1
-            facts, q, a, need, people = plan(h, extra)
+        extra, h, (facts, q, a, people, need) = shrink_to_fit(
+            lambda e, h_: plan(h_, e), length, extra, h,
+            0 if n_people is None else extra, 1 if hops is None else h)
         if need <= length or phrasing is None:
             break
     if need > length:
         raise too_short("relational", length, need, f"{h} hops and {people} people")
-    fixed = 1 + len(q) + len(a) + 1
-    region, starts = with_inserts(rng, length - fixed, facts, frac_u[: len(facts)], source=filler)
-    b = SampleBuilder()
-    b.add(BOS)
-    b.add(region)
-    b.add(q)
-    b.add(a, answer=True)
-    b.add(EOS, answer=True)
+    b, starts = facts_then_question(rng, length, facts, frac_u[: len(facts)], q, a, source=filler)
     return b.build("relational", dict(
         difficulty=float(difficulty), length=int(length), hops=h, n_people=people,
         n_facts=len(facts), target=names[h], answer_name=names[0],

@@ -10,7 +10,8 @@ import numpy as np
 from dnc.data import phrasings as ph
 from dnc.data.filler_text import check_filler
 from dnc.data.tasks.builder import (Sample, SampleBuilder, as_rng, check_common, distinct_codes,
-                                    lerp, random_codes, retrieval_meta, too_short, with_inserts)
+                                    facts_then_question, lerp, random_codes, retrieval_meta,
+                                    too_short)
 from dnc.data.tasks.builder import filler as filler_tokens  # the generators' ``filler=`` is a source name
 from dnc.data.tasks.vocab import (BOS, EOS, KEY, KEY_ALPHABET, NEEDLE, QUERY, SEP, VALUE_ALPHABET,
                                   decode_ids, encode_text)
@@ -250,15 +251,8 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     if need(parts, nd) > length:
         raise too_short("needle", length, need(parts, nd), f"a passkey and {nd} decoys")
     ins, question, key_offset = parts
-    fixed = 1 + len(question) + len(key) + 1
     fr = [d] + list(rng.random(nd))
-    region, starts = with_inserts(rng, length - fixed, ins[: 1 + nd], fr, source=filler)
-    b = SampleBuilder()
-    b.add(BOS)
-    b.add(region)
-    b.add(question)
-    b.add(key, answer=True)
-    b.add(EOS, answer=True)
+    b, starts = facts_then_question(rng, length, ins[: 1 + nd], fr, question, key, source=filler)
     needle_pos = 1 + starts[0] + key_offset
     extra = retrieval_meta(phrasing, markers, filler, subject=p.subject, fact=p.fact,
                             question=p.question)
