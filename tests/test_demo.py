@@ -1,11 +1,13 @@
 """``dnc serve`` / ``dnc demo`` as a user runs them (real processes, real Ray, real HTTP):
 argument errors in one line with exit 2; the demo serves before it trains, the UI's training
-monitor sees the run grow, the trained checkpoint is swapped in; one Ctrl-C stops it all."""
+monitor sees the run grow, the trained checkpoint is swapped in, the driver's progress lines in its
+log appear once each; one Ctrl-C stops it all."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +133,19 @@ def test_demo_serves_while_training_then_swaps_in_the_trained_checkpoint(tmp_pat
         assert served_after["checkpoint"] and served_after["checkpoint"].rstrip("/").endswith("step_00000040")
         assert served_after["weights_digest"] != served_before["weights_digest"]
         assert text.index("BWR-DNC is serving") < text.index("[dnc] step ")   # served before training
+        # Training progress with stdout in a file (not a TTY), as `dnc train` prints it (the same
+        # run_training and driver-side RunProgress; a run of its own just for these lines cost a
+        # Ray cluster, a Ray Train run and a Ray Data pipeline): one line per update, never twice,
+        # the last step always; one line per checkpoint; no worker or Ray Data bars, no Ray Train
+        # report dicts.
+        steps = re.findall(r"^\[dnc\] step (\d+)/40 ", text, flags=re.M)
+        assert steps and steps[-1] == "40", text[-3000:]
+        assert len(steps) == len(set(steps)), steps                       # each update once
+        ckpts = re.findall(r"^\[dnc\] checkpoint step (\d+)  loss \S+  stage \S+  (\S+)$", text, flags=re.M)
+        assert [s for s, _ in ckpts] == ["20", "40"], text[-3000:]
+        assert all(p.endswith(f"step_{int(s):08d}") for s, p in ckpts)
+        assert ("row/s" not in text and "%|" not in text and "TrainingReport(" not in text
+                and "Checkpoint successfully created" not in text)
     finally:
         if proc.poll() is None:
             took = _stop(proc, log)
