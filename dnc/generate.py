@@ -52,6 +52,10 @@ class DecodeRow:
     stop_check: Callable[[int], bool] | None = None
     """Called with every emitted token (before the other stop conditions); True ends the row after
     it (finish_reason "stop"), e.g. when the text completes a stop sequence."""
+    forced: Sequence[int] | None = None
+    """Tokens to emit instead of sampled ones, one per step (replaying a logged turn: the state
+    then goes through exactly the decode loop's ops); the row ends after ``min(len(forced),
+    max_new_tokens)`` tokens unless a stop condition ends it first."""
     tag: object = None
     """Anything the caller wants to find the row by."""
     # results
@@ -241,7 +245,7 @@ class BatchDecoder:
         the next bucket, else a new batch). Rows with nothing to decode finish at once."""
         todo = []
         for row, state, logits in joined:
-            if row.max_new_tokens <= 0:
+            if row.max_new_tokens <= 0 or (row.forced is not None and len(row.forced) == 0):
                 row.finish_reason = "length"
                 if row.state is not None:
                     row.state.assign_(state)
@@ -307,6 +311,7 @@ class BatchDecoder:
         else:
             logits = rb.logits.index_select(0, torch.tensor([i for i, _ in occ], device=rb.device))
         toks = sample_rows(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        toks = [t if r.forced is None else int(r.forced[len(r.tokens)]) for r, t in zip(rows, toks)]
         out, finished = [], []
         for r, tok in zip(rows, toks):
             r.tokens.append(tok)
@@ -316,7 +321,7 @@ class BatchDecoder:
                     r.finish_reason = "eos"
                 elif stopped:
                     r.finish_reason = "stop"
-                elif len(r.tokens) >= r.max_new_tokens:
+                elif len(r.tokens) >= r.max_new_tokens or (r.forced is not None and len(r.tokens) >= len(r.forced)):
                     r.finish_reason = "length"
             except Exception as e:  # the caller's stop check: this row alone fails
                 self._fail(r, e)

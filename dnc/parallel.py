@@ -26,17 +26,19 @@ def is_fsdp(model: nn.Module) -> bool:
     return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> None:
     """``torch.compile`` each transformer block in place (the segment/memory loop stays eager).
 
     Blocks see a few shape families (segment length, bank size as it fills, memory/no-memory
-    blocks), so the recompile limit is raised above dynamo's default of 8."""
+    blocks), so the recompile limit is raised above dynamo's default of 8. ``backend="aot_eager"``
+    traces the same graphs (forward and backward) without generating code: CPU tests use it, since
+    inductor's C++ build of every shape family takes minutes on a small CPU."""
     import torch._dynamo
 
     torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
     for blocks in block_lists(model):
         for b in blocks:
-            b.compile()
+            b.compile(backend=backend)
 
 
 def compile_segments(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,

@@ -194,9 +194,12 @@ def test_full_width_rope_equals_half_table_reference():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager_training_step():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_compiled_blocks_match_eager_training_step(backend):
     """``dnc.parallel.compile_blocks`` (``TrainConfig.compile``) computes the eager training step:
-    loss and every gradient over segments that fill, compress and evict from the bank, on CPU."""
+    loss and every gradient over segments that fill, compress and evict from the bank. CI traces
+    the graphs with aot_eager (inductor's CPU code generation of every shape family takes minutes
+    on 2 cores); the GPU machine runs the inductor case (``-m gpu``)."""
     pytest.importorskip("torch._inductor")
     from dnc.parallel import compile_blocks
 
@@ -205,7 +208,7 @@ def test_compiled_blocks_match_eager_training_step():
     eager = DNC(cfg).train()
     compiled = DNC(cfg).train()
     compiled.load_state_dict(eager.state_dict())
-    compile_blocks(compiled)
+    compile_blocks(compiled, backend=backend)
     x = torch.randint(0, cfg.vocab_size, (2, 6 * cfg.segment_len))
 
     def loss_and_grads(model):

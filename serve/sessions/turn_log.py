@@ -5,9 +5,9 @@ A turn record holds the turn's token ids (prompt then generated, packed as littl
 4 bytes a token), how many were the prompt, the digest chain of the session (``chain_digest``) and a
 *fingerprint* of the state the turn left (``state_fingerprint``: integer structure exactly, and per
 tensor group a sum and an absolute sum). A bank is rebuilt from the session's last full state record
-(a snapshot of the state) by feeding every later turn's tokens through the model the way the decode
-loop fed them (the prompt in one call, then one call per generated token) and checking each turn's
-fingerprint: a replay that does not give back the acknowledged state (other weights, a divergence)
+(a snapshot of the state) by feeding every later turn's tokens through the decode loop that served
+it (the prompt's prefill, then each generated token forced through the decoder's ragged step) and
+checking each turn's fingerprint: a replay that does not give back the acknowledged state (other weights, a divergence)
 is an error naming the session and the turn, never a silent guess.
 
 The store itself (``serve.sessions.shard``) only keeps and logs these records; the model work
@@ -126,18 +126,28 @@ class ReplayMismatch(ValueError):
 
 
 def feed_turn(model, state, ids: Sequence[int], n_prompt: int) -> None:
-    """Feed one turn's tokens into ``state`` (batch 1, in place) as the decode loop did: the prompt
-    in one model call, then each generated token in its own call."""
+    """Feed one turn's tokens into ``state`` (batch 1, in place) through the same decode loop that
+    served it (:class:`dnc.generate.BatchDecoder`: the prompt's prefill, then each generated token
+    as a forced token of a one-row ragged step), so a replay repeats the served turn's ops."""
     import torch
+    from dnc.generate import BatchDecoder, DecodeRow
 
-    with torch.no_grad():
-        dev = model.device
-        if n_prompt:
-            x = torch.tensor([list(ids[:n_prompt])], dtype=torch.long, device=dev)
-            model(x, state=state, last_logits_only=True, metrics=False)
-        for tok in ids[n_prompt:]:
-            x = torch.tensor([[int(tok)]], dtype=torch.long, device=dev)
-            model(x, state=state, last_logits_only=True, metrics=False)
+    gen = [int(t) for t in ids[n_prompt:]]
+    if not n_prompt:  # no prompt (never served so): feed the tokens as plain model calls
+        with torch.no_grad():
+            for tok in gen:
+                model(torch.tensor([[tok]], dtype=torch.long, device=model.device), state=state,
+                      last_logits_only=True, metrics=False)
+        return
+    row = DecodeRow(prompt_ids=[int(t) for t in ids[:n_prompt]], state=state, max_new_tokens=len(gen),
+                    forced=gen)
+    decoder = BatchDecoder(model, max_batch=1)
+    decoder.add([row])
+    for _ in decoder.run():
+        pass
+    decoder.close()
+    if row.error is not None:
+        raise row.error
 
 
 def replay_turns(model, state, turns: Sequence[dict[str, Any]], check: bool = True) -> None:
