@@ -218,3 +218,21 @@ def test_max_batch_caps_rows_per_model_call(model):
     assert sorted(dec.batch_sizes()) == [1, 2, 2]
     list(dec.run())
     assert all(r.tokens == want for r in rows) and dec.max_batch == 2
+
+
+def test_forced_tokens_replay_a_sampled_row_exactly(model):
+    """``DecodeRow.forced`` (replaying a logged session turn) emits the logged tokens and leaves the
+    state the sampled row left, across segment boundaries and bank evictions, bit for bit on CPU."""
+    from dnc.state import state_to_bytes
+
+    served = _history(model, 5, 40)
+    replayed = _history(model, 5, 40)
+    row = _solo(model, dict(prompt_ids=_prompt(6, 9), state=served, max_new_tokens=30,
+                            sampling=SamplingParams(temperature=1.0), seed=11))
+    assert len(row.tokens) == 30
+    again = _solo(model, dict(prompt_ids=_prompt(6, 9), state=replayed, max_new_tokens=30,
+                              forced=list(row.tokens), sampling=SamplingParams(temperature=1.0), seed=99))
+    assert again.tokens == row.tokens and again.finish_reason == "length"
+    assert state_to_bytes(replayed) == state_to_bytes(served)
+    short = _solo(model, dict(prompt_ids=_prompt(6, 9), max_new_tokens=30, forced=row.tokens[:4]))
+    assert short.tokens == row.tokens[:4]  # the row ends with its forced tokens
