@@ -59,6 +59,8 @@ class AppArgs(BaseModel):
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. Each costs CPU per "
+                                  "streamed event, not per request: add replicas when many streams saturate one.")
     ingress_max_ongoing_requests: int = Field(
         1024, ge=1, le=65536, description="HTTP requests one ingress replica handles at once, open streams "
         "included; at least generator_max_ongoing_requests, so the ingress never caps the Generators.")
@@ -190,7 +192,7 @@ def build_app(args: dict[str, Any]):
         num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
     ).bind(gen_settings)
-    ingress = Ingress.options(max_ongoing_requests=a.ingress_max_ongoing_requests)
+    ingress = Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing_requests)
     return ingress.bind(generator, a.model_dump(), keys.digests)
 
 

@@ -6,8 +6,8 @@
   default 256) and decodes them all together;
 * plain (whole) requests, streams and OpenAI completions join the same continuous batch.
 
-One app for the module on ``$DNC_SERVE_TEST_PORT`` (tiny untrained model); Serve and the app's
-detached actors are removed at module end.
+One app for the module on ``$DNC_SERVE_TEST_PORT`` (tiny untrained model, two ingress replicas);
+Serve and the app's detached actors are removed at module end.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ PROMPT = "Every stream in this module starts alike. "  # one prompt length: one 
 def app_args(tmp_path_factory):
     # an idle replica waits 0.5 s for company, so requests sent together prefill (and decode) together
     return {"storage": str(tmp_path_factory.mktemp("serve-storage")), "manager_interval_s": 0,
-            "max_new_tokens": 128, "batch_wait_timeout_s": 0.5, "bank_shards": 1, "live_interval_s": 5.0}
+            "max_new_tokens": 128, "batch_wait_timeout_s": 0.5, "bank_shards": 1, "live_interval_s": 5.0,
+            "ingress_replicas": 2}  # requests spread over two ingress replicas, one Generator
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,8 @@ def test_max_ongoing_requests_are_typed_and_checked():
         AppArgs(generator_max_ongoing_requests=512, ingress_max_ongoing_requests=300)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         AppArgs(generator_max_ongoing_requests=0)
+    with pytest.raises(ValidationError, match="ingress_replicas"):
+        AppArgs(ingress_replicas=0)
 
 
 # ------------------------------------------------------------------------------ chunked streams
