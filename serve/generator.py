@@ -160,9 +160,6 @@ class DoneEvent:
 GenEvent = TokensEvent | DoneEvent
 
 
-MAX_ONGOING = 256  # default; serve/app.py sets it from AppArgs.generator_max_ongoing_requests
-
-
 @dataclass
 class GeneratorSettings:
     model: dict[str, Any]
@@ -180,9 +177,9 @@ class GeneratorSettings:
     """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
-    max_ongoing_requests: int = MAX_ONGOING
-    """Requests the replica takes at once (its deployment's ``max_ongoing_requests``, set by
-    serve/app.py); all of them decode together in the scheduler."""
+    max_ongoing_requests: int = 256
+    """Requests the replica takes at once (its deployment's ``max_ongoing_requests``, ``MAX_ONGOING``
+    unless serve/app.py sets it); all of them decode together in the scheduler."""
 
 
 def _in_serve_replica() -> bool:
@@ -193,6 +190,9 @@ def _in_serve_replica() -> bool:
         return True
     except Exception:
         return False
+
+
+MAX_ONGOING = 256  # requests a replica takes at once (default; build_app sets AppArgs.generator_max_ongoing_requests)
 
 
 @serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1})
