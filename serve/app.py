@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from .api import create_api
@@ -62,6 +62,14 @@ class AppArgs(BaseModel):
                                 "request of a replica decodes; larger groups take several calls per step).")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a first request waits for others "
                                         "when the replica is idle (s); 0 = lowest time to first token.")
+    generator_max_ongoing_requests: int = Field(
+        256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
+        "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. Each costs CPU per "
+                                  "streamed event, not per request: add replicas when many streams saturate one.")
+    ingress_max_ongoing_requests: int = Field(
+        1024, ge=1, le=65536, description="HTTP requests one ingress replica handles at once, open streams "
+        "included; at least generator_max_ongoing_requests, so the ingress never caps the Generators.")
     max_new_tokens: int = Field(512, ge=1, le=4096)
     max_prompt_tokens: int = Field(8192, ge=1)
     max_research_tokens: int = Field(2048, ge=2)
@@ -91,6 +99,14 @@ class AppArgs(BaseModel):
     @classmethod
     def _none(cls, v: Any) -> Any:
         return None if v in ("", "none", "None", "null") else v
+
+    @model_validator(mode="after")
+    def _ingress_fits_generators(self) -> "AppArgs":
+        if self.ingress_max_ongoing_requests < self.generator_max_ongoing_requests:
+            raise ValueError(f"ingress_max_ongoing_requests ({self.ingress_max_ongoing_requests}) is below "
+                             f"generator_max_ongoing_requests ({self.generator_max_ongoing_requests}): the ingress "
+                             "would cap the streams a Generator can run; raise it or lower the Generator's")
+        return self
 
     # ---- derived settings -------------------------------------------------------------------
     def model_spec(self) -> ModelSpec:
@@ -131,7 +147,7 @@ class AppArgs(BaseModel):
         return 1.0 if torch.cuda.is_available() else 0.0
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0},
+@serve.deployment(name="Ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},  # build_app: AppArgs
                   logging_config={"enable_access_log": False})  # serve/access_log.py writes ours
 @serve.ingress()
 class Ingress:
@@ -178,12 +194,14 @@ def build_app(args: dict[str, Any]):
     gen_settings = {"model": a.model_spec().to_dict(), "bank": asdict(a.bank_config()),
                     "hub_namespace": a.namespace, "hub_name": a.hub_name(), "device": a.device,
                     "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
-                    "torch_threads": a.torch_threads, "model_name": a.model_name}
+                    "torch_threads": a.torch_threads, "model_name": a.model_name,
+                    "max_ongoing_requests": a.generator_max_ongoing_requests}
     generator = Generator.options(
-        num_replicas=a.generator_replicas,
+        num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
     ).bind(gen_settings)
-    return Ingress.bind(generator, a.model_dump(), keys.digests)
+    ingress = Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing_requests)
+    return ingress.bind(generator, a.model_dump(), keys.digests)
 
 
 def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc", timeout_s: float = 300.0) -> str:

@@ -182,6 +182,9 @@ class GeneratorSettings:
     """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
+    max_ongoing_requests: int = 256
+    """Requests the replica takes at once (its deployment's ``max_ongoing_requests``, ``MAX_ONGOING``
+    unless serve/app.py sets it); all of them decode together in the scheduler."""
 
 
 def _in_serve_replica() -> bool:
@@ -194,7 +197,7 @@ def _in_serve_replica() -> bool:
         return False
 
 
-MAX_ONGOING = 64  # requests a replica takes at once: all of them can be decoding
+MAX_ONGOING = 256  # requests a replica takes at once (default; build_app sets AppArgs.generator_max_ongoing_requests)
 
 
 # a session's turns go to the replica holding its state (serve/sessions/routing.py)
@@ -214,7 +217,8 @@ class Generator:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.metrics = get_metrics()  # Prometheus, through ray.serve.metrics (serve/metrics.py)
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
-                                         max_batch=self.settings.max_batch_size, max_running=MAX_ONGOING,
+                                         max_batch=self.settings.max_batch_size,
+                                         max_running=self.settings.max_ongoing_requests,
                                          admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics)
         self._gauges: asyncio.Task | None = None
         self._hub = None

@@ -1,10 +1,17 @@
-"""Server-Sent Events from the Generator's streamed events (shared by /v1/generate and the OpenAI routes)."""
+"""Server-Sent Events from the Generator's streamed events (shared by /v1/generate and the OpenAI routes).
+
+The Generator streams one ``tokens`` event per request and scheduler iteration (every token the
+request got in that iteration). The routes answer each of those with ONE write to the response:
+the clients still see one SSE event per token (``data: {"type": "token", ...}``), but several
+events travel in one ASGI message, so the ingress and the proxy handle one message per iteration
+and request instead of one per token (:func:`sse_write`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from fastapi.responses import StreamingResponse
 
@@ -21,7 +28,13 @@ def public_events(ev: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def sse(obj: Any) -> bytes:
+    """One SSE event: ``data: <JSON or text>`` and the blank line that ends it."""
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode()
+
+
+def sse_write(objs: Iterable[Any]) -> bytes:
+    """Several SSE events as one write (b"" when there are none: the caller skips it)."""
+    return b"".join(sse(o) for o in objs)
 
 
 def error_event(exc: BaseException) -> dict[str, Any]:

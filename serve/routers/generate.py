@@ -8,13 +8,14 @@ from .. import schemas as S
 from ..auth import Caller, caller
 from ..context import ApiContext, foreign_session_hidden, get_ctx
 from ..generator import GenRequest
-from ..streaming import error_event, first_and_rest, public_events, sse, streaming_response
+from ..streaming import error_event, first_and_rest, public_events, sse, sse_write, streaming_response
 
 router = APIRouter(tags=["generation"], responses=S.ERROR_RESPONSES)
 
 
 @router.post("/v1/generate", responses=S.SSE_RESPONSE, response_model=S.GenerateResponse,
-             summary="Generate text (stream=true: Server-Sent Events, one `token` event per token, then `done`)")
+             summary="Generate text (stream=true: Server-Sent Events, one `token` event per token, then `done`; "
+                     "the tokens of one decode iteration arrive in one write)")
 async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)):
     owner = who.owner(req.owner)
     ctx.check_new_tokens(req.max_new_tokens)
@@ -35,12 +36,11 @@ async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), w
         first, rest = await first_and_rest(gen)
 
     async def events():
-        for e in public_events(first):
-            yield sse(e)
+        # one write per Generator event (a scheduler iteration's tokens), one SSE event per token
+        yield sse_write(public_events(first))
         try:
             async for ev in rest:
-                for e in public_events(ev):
-                    yield sse(e)
+                yield sse_write(public_events(ev))
         except Exception as e:  # mid-stream: the status line is gone, report in-band
             yield sse(error_event(e))
     return streaming_response(events(), gen)

@@ -16,7 +16,7 @@ from ..auth import Caller, caller
 from ..context import ApiContext, foreign_session_hidden, get_ctx
 from ..errors import Unprocessable
 from ..generator import GenRequest
-from ..streaming import error_event, first_and_rest, public_events, sse, streaming_response
+from ..streaming import error_event, first_and_rest, public_events, sse_write, streaming_response
 
 router = APIRouter(tags=["openai"], responses=S.ERROR_RESPONSES)
 ROLE_TOKENS = {"system": "<system>", "developer": "<system>", "user": "<user>", "assistant": "<assistant>"}
@@ -53,26 +53,28 @@ async def _run(ctx: ApiContext, req: S._OpenAIBase, prompt_ids: list[int], new_t
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events():
-        if head is not None:
-            yield sse(head)
+        # one write per Generator event (a scheduler iteration's tokens: several `data:` chunks);
+        # the head goes with the first tokens, the finish chunk, usage and [DONE] with each other
+        out: list[Any] = [] if head is None else [head]
         try:
             ev = first
             while True:
                 if ev["type"] == "done":
-                    yield sse(done_chunk(ev, include_usage))
+                    out.append(done_chunk(ev, include_usage))
                     if include_usage:
-                        yield sse(done_chunk(ev, True, usage_only=True))
+                        out.append(done_chunk(ev, True, usage_only=True))
                     break
-                for e in public_events(ev):
-                    c = chunk(e)
-                    if c is not None:
-                        yield sse(c)
+                out += [c for c in map(chunk, public_events(ev)) if c is not None]
+                if out:
+                    yield sse_write(out)
+                    out = []
                 ev = await rest.__anext__()
         except StopAsyncIteration:
             pass
         except Exception as e:
-            yield sse(error_event(e))
-        yield sse("[DONE]")
+            out.append(error_event(e))
+        out.append("[DONE]")
+        yield sse_write(out)
     return streaming_response(events(), gen)
 
 
