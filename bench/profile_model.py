@@ -344,11 +344,15 @@ def main(argv=None) -> int:
     p.add_argument("--compile-segment", action="store_true",
                    help="profile: torch.compile the training segment step (train.compile: segment)")
     p.add_argument("--compile-mode", default=None, help="--compile-segment: torch.compile mode")
+    p.add_argument("--profile-shrink", type=int, default=1,
+                   help="profile: divide the preset's segment/bank sizes and width as --count-ops does (1 = as is)")
+    p.add_argument("--timed", type=int, default=0,
+                   help="profile: also time this many unprofiled steps after warm-up and print the median")
     a = p.parse_args(argv)
     if a.count_ops:
         return main_count(a, argv)
     dev = torch.device(a.device)
-    cfg = preset(a.preset)
+    cfg = preset(a.preset) if a.profile_shrink == 1 else shrunk_config(a.preset, a.profile_shrink)
     if a.baseline:
         cfg = cfg.baseline(a.length)
     model = DNC(cfg).to(dev).train()
@@ -370,6 +374,22 @@ def main(argv=None) -> int:
         step()
     if cuda:
         torch.cuda.synchronize()
+    if a.timed:
+        times = []
+        for _ in range(a.timed):
+            t = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        times.sort()
+        print(f"train step {a.preset} (shrink {a.profile_shrink}) L={a.length} B={a.batch} "
+              f"{'compiled segment' if a.compile_segment else 'eager'}: median {times[len(times) // 2] * 1e3:.1f} ms "
+              f"over {a.timed} steps")
+        if a.compile_segment:
+            from torch._inductor import metrics
+
+            print(f"inductor kernels generated (forward + backward graphs): {metrics.generated_kernel_count}")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     t = time.perf_counter()
     with profile(activities=acts) as prof:

@@ -129,7 +129,9 @@ def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, 
         importance_w=None if imp[0] is None else torch.cat(imp, 0), importance_weight=cfg.write_importance,
         recon_queries=torch.cat(queries, 0) if want_recon else None, recon_groups=n)
     b = tokens.shape[0]
-    new_banks = tuple((kvi, mi, vi, ai, clock_t) for kvi, mi, vi, ai in
+    # each layer's rows as contiguous tensors: a fresh bank's layout, so the next step's inputs have
+    # one stride pattern whatever made them (a split view of the stacked rows would recompile)
+    new_banks = tuple((kvi.contiguous(), mi.contiguous(), vi, ai, clock_t) for kvi, mi, vi, ai in
                       zip(kv.split(b, 1), meta.split(b, 1), valid.split(b, 0), alpha.split(b, 0)))
     return logits, tuple(new_caches), tuple(new_prev_x), new_banks, tuple(new_prev_w), recon
 
