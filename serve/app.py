@@ -58,8 +58,9 @@ class AppArgs(BaseModel):
     generator_num_gpus: float | None = Field(None, ge=0, description="None = 1 if the cluster has a GPU.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     torch_threads: int = Field(0, ge=0, description="torch threads per generator (0 = Ray's default).")
-    max_batch_size: int = Field(8, ge=1, le=256, description="Rows of one decode model call (every running "
-                                "request of a replica decodes; larger groups take several calls per step).")
+    max_batch_size: int = Field(64, ge=1, le=256, description="Rows of one decode model call (every running "
+                                "request of a replica decodes; larger groups take several calls per step). "
+                                "64 = the largest CUDA-graph decode bucket.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a first request waits for others "
                                         "when the replica is idle (s); 0 = lowest time to first token.")
     generator_max_ongoing_requests: int = Field(

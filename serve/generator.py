@@ -172,7 +172,7 @@ class GeneratorSettings:
     hub_namespace: str = "bwr-dnc"
     hub_name: str = "dnc-live-hub"
     device: str = "auto"
-    max_batch_size: int = 8
+    max_batch_size: int = 64
     """Most rows in one model call of the decode loop (more running requests form several batches)."""
     batch_wait_timeout_s: float = 0.02
     """When nothing is decoding, how long a first request waits for others to prefill with it."""

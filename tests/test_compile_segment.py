@@ -120,9 +120,13 @@ def test_compiled_segment_matches_eager_with_one_graph():
     with torch._dynamo.config.patch(error_on_recompile=True):  # compiled once, on the first segment
         first = _loss_and_grads(compiled, x, y)
         second = _loss_and_grads(compiled, x, y)  # the same graph for all segments of another step
+        # rows of another length (the curriculum's buckets): its segments are slices of other strides
+        xs, ys = x[:, :-cfg.segment_len].contiguous(), y[:, :-cfg.segment_len].contiguous()
+        short = _loss_and_grads(compiled, xs, ys)
     _assert_same_step(first, want)
     _assert_same_step(second, want)
-    assert compiled.step_runner.compiled_steps == 2 * SEGMENTS
+    _assert_same_step(short, _loss_and_grads(eager, xs, ys))
+    assert compiled.step_runner.compiled_steps == 3 * SEGMENTS - 1
 
 
 def test_segment_step_has_no_graph_break_fresh_or_full():

@@ -235,6 +235,7 @@ class CompiledTrainSegments:
         banks = tuple((leaf(ls.bank.kv), ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t) for ls in mem_layers)
         prev_ws = tuple(leaf(ls.prev_write if ls.prev_write is not None else zeros()) for ls in mem_layers)
         want_recon = m.training and grad
+        tokens = tokens.contiguous()  # a segment's slice of [B, T] rows: one stride for every T (no recompile)
         args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
         host = {"steady": carry == cfg.kv_window, "fill": new_fill, "compressed": compressed, "evicted": evicted,
                 "want_recon": want_recon, "tokens": n}
