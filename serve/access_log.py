@@ -8,7 +8,8 @@ files at DEBUG. Only the path is logged, never the query string or headers (keys
 from __future__ import annotations
 
 import logging
-import time
+
+from .timed_requests import TimedRequests
 
 # a child of Ray Serve's logger, so the lines land in the replica's log file beside Serve's own
 logger = logging.getLogger("ray.serve.dnc_access")
@@ -16,25 +17,10 @@ QUIET_GET_PREFIXES = ("/health", "/model/stats", "/research/metrics", "/research
                       "/v1/state/", "/v1/models", "/ui", "/docs", "/redoc", "/openapi.json", "/favicon")
 
 
-class AccessLog:
+class AccessLog(TimedRequests):
     """ASGI middleware: ``app = AccessLog(app)``."""
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            method, path = scope.get("method", ""), scope.get("path", "")
-            quiet = method == "GET" and path.startswith(QUIET_GET_PREFIXES) and status[0] < 400
-            logger.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d %.1f ms", method, path, status[0],
-                       (time.perf_counter() - t0) * 1e3)
+    def finished(self, scope, status: int, ms: float) -> None:
+        method, path = scope.get("method", ""), scope.get("path", "")
+        quiet = method == "GET" and path.startswith(QUIET_GET_PREFIXES) and status < 400
+        logger.log(logging.DEBUG if quiet else logging.INFO, "%s %s %d %.1f ms", method, path, status, ms)

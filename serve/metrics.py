@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
+
+from .timed_requests import TimedRequests
 
 TTFT_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 ITL_BOUNDARIES_MS = [0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 100, 200, 500, 1000]
@@ -144,30 +145,15 @@ def route_label(scope: dict[str, Any]) -> str:
     return "unmatched"
 
 
-class RequestMetrics:
+class RequestMetrics(TimedRequests):
     """ASGI middleware: ``app = RequestMetrics(app)`` counts every HTTP request by route, method
     and status, and times it to the end of its body (streams included)."""
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
+    def finished(self, scope, status: int, ms: float) -> None:
         try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            try:
-                get_metrics().record_http(route_label(scope), scope.get("method", ""), status[0],
-                                          (time.perf_counter() - t0) * 1e3)
-            except Exception:  # pragma: no cover - metrics never fail a request
-                pass
+            get_metrics().record_http(route_label(scope), scope.get("method", ""), status, ms)
+        except Exception:  # pragma: no cover - metrics never fail a request
+            pass
 
 
 # ---------------------------------------------------------------------- reading a scrape

@@ -14,6 +14,7 @@ from dnc.cuda_graphs import DecodeGraphs
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.ragged import RaggedBatch, ragged_decode_step
+from decode_helpers import history_state, prompt_ids
 
 SEG = 16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -25,20 +26,10 @@ def _model(device, **kw) -> DNC:
     return DNC(cfg).to(device).eval()
 
 
-def _prompt(seed: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), generator=g).tolist()
-
-
-def _history(model, seed: int, n: int):
-    state = model.init_state(1)
-    with torch.no_grad():
-        model(torch.tensor([_prompt(seed, n)], device=model.device), state=state)
-    return state
 
 
 def _rows(model, n_rows: int = 6, max_new: int = 50):
-    return [DecodeRow(_prompt(10 + i, 2 + i), None if i == 0 else _history(model, 20 + i, 9 * i + 3),
+    return [DecodeRow(prompt_ids(10 + i, 2 + i), None if i == 0 else history_state(model, 20 + i, 9 * i + 3),
                       max_new - 3 * i, SamplingParams(0.0)) for i in range(n_rows)]
 
 
@@ -81,9 +72,9 @@ def _batch(model, rows_states, capacity, runner=None):
 def _states(model, n):
     out = []
     for i in range(n):
-        st = model.init_state(1) if i == 0 else _history(model, 30 + i, 11 * i + 2)
+        st = model.init_state(1) if i == 0 else history_state(model, 30 + i, 11 * i + 2)
         with torch.no_grad():
-            lg = model(torch.tensor([_prompt(40 + i, 3)], device=model.device), state=st, last_logits_only=True,
+            lg = model(torch.tensor([prompt_ids(40 + i, 3)], device=model.device), state=st, last_logits_only=True,
                        metrics=False).logits[0, -1]
         out.append((st, lg))
     return out
@@ -167,12 +158,12 @@ def test_rows_sharing_a_graph_never_mix():
     results = []
     for other in (59, 60, 61):  # the first run warms up and captures: the last two are replays throughout
         rows = _states(model, 4)
-        rows[1] = (_history(model, other, 30), rows[1][1])
+        rows[1] = (history_state(model, other, 30), rows[1][1])
         rb = _batch(model, rows, 4, runner)
         seen = []
         with torch.no_grad():
             for t in range(40):
-                rb.tokens[:4] = torch.tensor(_prompt(70 + t, 4), device="cuda")
+                rb.tokens[:4] = torch.tensor(prompt_ids(70 + t, 4), device="cuda")
                 seen.append(runner.step(rb))
                 rb.after_step(model)
         runner.release(rb)
@@ -190,8 +181,8 @@ def test_chunked_prefill_with_graphs_equals_one_shot():
     model = _model("cuda")
 
     def rows():
-        return (DecodeRow(_prompt(90, 12 * SEG + 5), _history(model, 91, 7), 20, SamplingParams(0.0)),
-                DecodeRow(_prompt(92, 4), _history(model, 93, 30), 40, SamplingParams(0.0)))
+        return (DecodeRow(prompt_ids(90, 12 * SEG + 5), history_state(model, 91, 7), 20, SamplingParams(0.0)),
+                DecodeRow(prompt_ids(92, 4), history_state(model, 93, 30), 40, SamplingParams(0.0)))
     want = [_decode(model, [r])[0] for r in rows()]
     model.enable_cuda_graphs()
     long, running = rows()

@@ -11,6 +11,7 @@ from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.ragged import RaggedBatch, bucket_for, ragged_decode_step
+from decode_helpers import history_state, prompt_ids
 
 SEG = 16
 
@@ -26,16 +27,6 @@ def model() -> DNC:
     return _model()
 
 
-def _prompt(seed: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), generator=g).tolist()
-
-
-def _history(model, seed: int, n: int):
-    state = model.init_state(1)
-    with torch.no_grad():
-        model(torch.tensor([_prompt(seed, n)]), state=state)
-    return state
 
 
 def _assert_same_state(a, b, tol=1e-5):
@@ -65,9 +56,9 @@ def _rows(model):
     """Per row: a batch-1 state holding its history and a prompt, and the next-token logits."""
     out = []
     for i, (seed, n) in enumerate(HISTORIES):
-        state = model.init_state(1) if seed is None else _history(model, seed, n)
+        state = model.init_state(1) if seed is None else history_state(model, seed, n)
         with torch.no_grad():
-            lg = model(torch.tensor([_prompt(100 + i, 3 + i)]), state=state, last_logits_only=True,
+            lg = model(torch.tensor([prompt_ids(100 + i, 3 + i)]), state=state, last_logits_only=True,
                        metrics=False).logits[0, -1]
         out.append((state, lg))
     return out
@@ -116,14 +107,14 @@ def test_rows_never_see_each_other(model):
     results = []
     for other in (50, 51):
         rows = _rows(model)
-        rows[2] = (_history(model, other, 37), rows[2][1])
+        rows[2] = (history_state(model, other, 37), rows[2][1])
         batch = RaggedBatch(model, 8)
         for i, (s, lg) in enumerate(rows):
             batch.insert(i, s, lg, model)
         seen = []
         with torch.no_grad():
             for t in range(40):
-                batch.tokens[:len(rows)] = torch.tensor(_prompt(300 + t, len(rows)))  # the same tokens both times
+                batch.tokens[:len(rows)] = torch.tensor(prompt_ids(300 + t, len(rows)))  # the same tokens both times
                 seen.append(ragged_decode_step(model, batch))
                 batch.after_step(model)
         results.append(torch.stack(seen))
@@ -158,7 +149,7 @@ def test_decoder_batches_rows_of_every_layout_in_one_call(model):
     """BatchDecoder: rows with different histories and prompt lengths share one model call, their
     tokens and final states are those of each row alone (max_batch=1)."""
     def make():
-        return [DecodeRow(_prompt(200 + i, 2 + 2 * i), None if s is None else _history(model, s, n), 30 + 3 * i,
+        return [DecodeRow(prompt_ids(200 + i, 2 + 2 * i), None if s is None else history_state(model, s, n), 30 + 3 * i,
                           SamplingParams(0.0) if i % 2 else SamplingParams(0.9), seed=i)
                 for i, (s, n) in enumerate(HISTORIES)]
     solo = make()
@@ -186,7 +177,7 @@ def test_rows_join_between_steps_and_buckets_grow_and_shrink(model):
     """Continuous batching: rows added while others run join the same batch (growing it to the next
     bucket), leave it as they finish (shrinking it), and each gets its solo tokens."""
     def row(i, n_new):
-        return DecodeRow(_prompt(400 + i, 3 + i % 5), _history(model, 500 + i, 7 * i + 1), n_new, SamplingParams(0.0))
+        return DecodeRow(prompt_ids(400 + i, 3 + i % 5), history_state(model, 500 + i, 7 * i + 1), n_new, SamplingParams(0.0))
     want = []
     for i in range(11):
         r = row(i, 12 + 2 * i)
@@ -216,16 +207,16 @@ def test_rows_join_between_steps_and_buckets_grow_and_shrink(model):
 def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model, chunk):
     """A long prompt added with prefill_chunk is fed a chunk per step while a running row keeps
     emitting a token every step; the result equals one-shot prefill (tokens and final state)."""
-    long_prompt = _prompt(600, 5 * SEG + 7)
-    one_shot = DecodeRow(long_prompt, _history(model, 601, 9), 20, SamplingParams(0.0))
+    long_prompt = prompt_ids(600, 5 * SEG + 7)
+    one_shot = DecodeRow(long_prompt, history_state(model, 601, 9), 20, SamplingParams(0.0))
     dec = BatchDecoder(model)
     dec.add([one_shot])
     list(dec.run())
 
-    runner = DecodeRow(_prompt(602, 4), _history(model, 603, 20), 40, SamplingParams(0.0))
+    runner = DecodeRow(prompt_ids(602, 4), history_state(model, 603, 20), 40, SamplingParams(0.0))
     dec = BatchDecoder(model)
     dec.add([runner])
-    chunked = DecodeRow(long_prompt, _history(model, 601, 9), 20, SamplingParams(0.0))
+    chunked = DecodeRow(long_prompt, history_state(model, 601, 9), 20, SamplingParams(0.0))
     assert dec.add([chunked], prefill_chunk=chunk) == []
     fed = []
     while chunked.tokens == []:
@@ -237,7 +228,7 @@ def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model, 
     assert len(fed) >= len(long_prompt) // chunk  # the prompt took several steps
     assert chunked.tokens == one_shot.tokens
     _assert_same_state(chunked.state, one_shot.state)
-    solo = DecodeRow(_prompt(602, 4), _history(model, 603, 20), 40, SamplingParams(0.0))
+    solo = DecodeRow(prompt_ids(602, 4), history_state(model, 603, 20), 40, SamplingParams(0.0))
     d = BatchDecoder(model)
     d.add([solo])
     list(d.run())
@@ -247,8 +238,8 @@ def test_chunked_prefill_equals_one_shot_and_does_not_stall_running_rows(model, 
 def test_chunked_prefill_chunks_end_at_segment_boundaries(model):
     """With prefill_chunk >= segment_len, chunks after the first start at a segment boundary (whole
     segments are what the CUDA-graph prefill replays); a prompt at seg_pos 9 first tops its segment up."""
-    state = _history(model, 700, 9)
-    row = DecodeRow(_prompt(701, 4 * SEG), state, 3, SamplingParams(0.0))
+    state = history_state(model, 700, 9)
+    row = DecodeRow(prompt_ids(701, 4 * SEG), state, 3, SamplingParams(0.0))
     dec = BatchDecoder(model)
     dec.add([row], prefill_chunk=SEG)
     positions = []
@@ -263,13 +254,13 @@ def test_chunked_prefill_chunks_end_at_segment_boundaries(model):
 def test_cancel_and_failures_leave_callers_state_alone(model):
     """A cancelled (or prefilling and cancelled) row does not touch the state it was given; a state of
     another model fails that row alone."""
-    state = _history(model, 800, 21)
+    state = history_state(model, 800, 21)
     before = state.export()
-    a = DecodeRow(_prompt(801, 5), state, 50, SamplingParams(0.0))
-    b = DecodeRow(_prompt(802, 5), None, 6, SamplingParams(0.0))
-    c = DecodeRow(_prompt(803, 40), _history(model, 804, 3), 6, SamplingParams(0.0))
+    a = DecodeRow(prompt_ids(801, 5), state, 50, SamplingParams(0.0))
+    b = DecodeRow(prompt_ids(802, 5), None, 6, SamplingParams(0.0))
+    c = DecodeRow(prompt_ids(803, 40), history_state(model, 804, 3), 6, SamplingParams(0.0))
     other = DNC(preset("tiny", segment_len=SEG, l0_slots=32, l1_slots=16, l2_slots=8, n_heads=2)).eval()
-    foreign = DecodeRow(_prompt(805, 5), _history(other, 806, 3), 6, SamplingParams(0.0))
+    foreign = DecodeRow(prompt_ids(805, 5), history_state(other, 806, 3), 6, SamplingParams(0.0))
     dec = BatchDecoder(model)
     failed = dec.add([a, b, foreign])
     assert failed == [foreign] and foreign.finish_reason == "error"
@@ -291,7 +282,7 @@ def test_salience_positions_follow_each_rows_segment_position():
     model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32)).eval()
     rows = []
     for i, n in enumerate((130, 131, 200, 257)):  # + 1 prompt token: segment positions 3, 4, 73, 2
-        state = _history(model, 900 + i, n)
+        state = history_state(model, 900 + i, n)
         with torch.no_grad():
             lg = model(torch.tensor([[5 + i]]), state=state, last_logits_only=True, metrics=False).logits[0, -1]
         rows.append((state, lg))
@@ -320,7 +311,7 @@ def test_rows_reaching_a_boundary_together_commit_as_one_batch(model):
         rows = []
         for i in range(4):
             hist = 21 if i < 3 else 5  # three rows of one layout, one of another, all at segment position 6
-            st = _history(model, 1000 + i, hist)
+            st = history_state(model, 1000 + i, hist)
             with torch.no_grad():
                 lg = model(torch.tensor([[7 + i]]), state=st, last_logits_only=True, metrics=False).logits[0, -1]
             rows.append((st, lg))

@@ -10,6 +10,7 @@ import torch
 from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams, sample_next, sample_rows
 from dnc.model import DNC
+from decode_helpers import history_state, prompt_ids
 
 SEG = 16
 
@@ -21,16 +22,6 @@ def model() -> DNC:
     return DNC(preset("tiny", segment_len=SEG, l0_slots=32, l1_slots=16, l2_slots=8)).eval()
 
 
-def _prompt(seed: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n,), generator=g).tolist()
-
-
-def _history(model, seed: int, n: int):
-    state = model.init_state(1)
-    with torch.no_grad():
-        model(torch.tensor([_prompt(seed, n)]), state=state)
-    return state
 
 
 def _solo(model, row_kw: dict) -> DecodeRow:
@@ -94,7 +85,7 @@ def _rows(model, sampling: list[SamplingParams], seeds: list[int | None]):
     ]
     rows = []
     for (ps, pn, hs, hn, mx), sp, seed in zip(specs, sampling, seeds):
-        rows.append(dict(prompt_ids=_prompt(ps, pn), state=None if hs is None else _history(model, hs, hn),
+        rows.append(dict(prompt_ids=prompt_ids(ps, pn), state=None if hs is None else history_state(model, hs, hn),
                          max_new_tokens=mx, sampling=sp, seed=seed))
     return rows
 
@@ -124,12 +115,12 @@ def test_batched_equals_sequential_across_segments_compressions_and_evictions(mo
     long_row = rows[5].state
     assert long_row.segments >= 6  # the decode crossed segment boundaries ...
     assert any(b.sizes[2] > 0 for _, b in long_row.banks())  # ... and compressed into L2
-    state = _history(model, 7, SEG * 12)
+    state = history_state(model, 7, SEG * 12)
     assert sum(float(b.valid[:, sum(b.sizes[:2]):].sum()) for _, b in state.banks()) > 0
 
 
 def test_library_generate_is_the_decoder(model):
-    p = _prompt(9, 20)
+    p = prompt_ids(9, 20)
     s1, s2 = model.init_state(1), model.init_state(1)
     a = model.generate(p, state=s1, max_new_tokens=30, temperature=0.0)
     b = _solo(model, dict(prompt_ids=p, state=s2, max_new_tokens=30, sampling=SamplingParams(0.0)))
@@ -143,8 +134,8 @@ def test_rows_of_different_states_never_mix(model):
     do not depend on what the other row's session holds."""
     results = []
     for other_seed in (50, 51):
-        a = DecodeRow(_prompt(20, 6), _history(model, 30, 45), 30, SamplingParams(0.0))
-        b = DecodeRow(_prompt(21, 6), _history(model, other_seed, 45), 30, SamplingParams(0.0))
+        a = DecodeRow(prompt_ids(20, 6), history_state(model, 30, 45), 30, SamplingParams(0.0))
+        b = DecodeRow(prompt_ids(21, 6), history_state(model, other_seed, 45), 30, SamplingParams(0.0))
         dec = BatchDecoder(model)
         dec.add([a, b])
         assert dec.batch_sizes() == [2]
@@ -155,14 +146,14 @@ def test_rows_of_different_states_never_mix(model):
     _assert_same_state(a1.state, a2.state)
     e1, e2 = b1.state.export(), b2.state.export()
     assert any(not torch.equal(e1[k], e2[k]) for k in e1)  # the other row's sessions really differ
-    alone = _solo(model, dict(prompt_ids=_prompt(20, 6), state=_history(model, 30, 45), max_new_tokens=30,
+    alone = _solo(model, dict(prompt_ids=prompt_ids(20, 6), state=history_state(model, 30, 45), max_new_tokens=30,
                               sampling=SamplingParams(0.0)))
     assert alone.tokens == a1.tokens
     _assert_same_state(alone.state, a1.state)
 
 
 def test_finished_rows_leave_and_stop_conditions(model):
-    p = _prompt(60, 8)
+    p = prompt_ids(60, 8)
     free = _solo(model, dict(prompt_ids=p, max_new_tokens=20, sampling=SamplingParams(0.0))).tokens
     stop_tok = free[4]
     rows = [DecodeRow(p, None, 20, SamplingParams(0.0), stop_tokens=frozenset({stop_tok})),
@@ -186,7 +177,7 @@ def test_finished_rows_leave_and_stop_conditions(model):
 
 
 def test_one_rows_failure_fails_that_row_alone(model):
-    p = _prompt(70, 8)
+    p = prompt_ids(70, 8)
     want = _solo(model, dict(prompt_ids=p, max_new_tokens=12, sampling=SamplingParams(0.0))).tokens
 
     def boom(tok):
@@ -210,7 +201,7 @@ def test_one_rows_failure_fails_that_row_alone(model):
 
 
 def test_max_batch_caps_rows_per_model_call(model):
-    p = _prompt(80, 10)
+    p = prompt_ids(80, 10)
     want = _solo(model, dict(prompt_ids=p, max_new_tokens=6, sampling=SamplingParams(0.0))).tokens
     rows = [DecodeRow(p, None, 6, SamplingParams(0.0)) for _ in range(5)]
     dec = BatchDecoder(model, max_batch=2)
@@ -225,14 +216,14 @@ def test_forced_tokens_replay_a_sampled_row_exactly(model):
     state the sampled row left, across segment boundaries and bank evictions, bit for bit on CPU."""
     from dnc.state import state_to_bytes
 
-    served = _history(model, 5, 40)
-    replayed = _history(model, 5, 40)
-    row = _solo(model, dict(prompt_ids=_prompt(6, 9), state=served, max_new_tokens=30,
+    served = history_state(model, 5, 40)
+    replayed = history_state(model, 5, 40)
+    row = _solo(model, dict(prompt_ids=prompt_ids(6, 9), state=served, max_new_tokens=30,
                             sampling=SamplingParams(temperature=1.0), seed=11))
     assert len(row.tokens) == 30
-    again = _solo(model, dict(prompt_ids=_prompt(6, 9), state=replayed, max_new_tokens=30,
+    again = _solo(model, dict(prompt_ids=prompt_ids(6, 9), state=replayed, max_new_tokens=30,
                               forced=list(row.tokens), sampling=SamplingParams(temperature=1.0), seed=99))
     assert again.tokens == row.tokens and again.finish_reason == "length"
     assert state_to_bytes(replayed) == state_to_bytes(served)
-    short = _solo(model, dict(prompt_ids=_prompt(6, 9), max_new_tokens=30, forced=row.tokens[:4]))
+    short = _solo(model, dict(prompt_ids=prompt_ids(6, 9), max_new_tokens=30, forced=row.tokens[:4]))
     assert short.tokens == row.tokens[:4]  # the row ends with its forced tokens
