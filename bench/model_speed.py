@@ -118,6 +118,10 @@ def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) 
 
 def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
     model = build(name, memory, seq_len, device, None, args.compile).train()
+    if args.compile_segment and memory:  # the DNC's whole training segment step as one graph
+        from dnc.parallel import compile_segments
+
+        compile_segments(model, mode=args.compile_mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     b = max(1, args.tokens_per_step // seq_len)
     x = torch.randint(0, 256, (b, seq_len), device=device)
@@ -255,6 +259,11 @@ def main(argv=None) -> int:
                    help="the decode loop replays its steps as CUDA graphs per batch bucket (with --cuda-graphs)")
     p.add_argument("--no-train", action="store_true", help="inference rows only (prefill, decode)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block for training")
+    p.add_argument("--compile-segment", action="store_true",
+                   help="torch.compile the DNC's whole training segment step (train.compile: segment); "
+                        "the baseline is one segment and stays as it is")
+    p.add_argument("--compile-mode", default=None, help="--compile-segment: torch.compile mode, e.g. "
+                   "max-autotune-no-cudagraphs")
     p.add_argument("--compile-infer", action="store_true",
                    help="torch.compile each block for prefill and decode too (DNC and baseline)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
