@@ -133,6 +133,14 @@ def write_json(path: str | os.PathLike, result: dict[str, Any], indent: int = 1)
     return path
 
 
+def write_result(folder: str | os.PathLike, stem: str, result: dict[str, Any], header: str) -> Path:
+    """``<folder>/<stem>.json`` (:func:`write_json`, indent 2) and ``<stem>.md``: ``header``, a blank
+    line, then ``result["markdown"]``. Returns the JSON path."""
+    path = write_json(Path(folder) / f"{stem}.json", result, indent=2)
+    path.with_suffix(".md").write_text(f"{header}\n\n{result['markdown']}\n", encoding="utf-8")
+    return path
+
+
 def parse_pairs(flag: str, pairs: Iterable[str]) -> dict[str, Any]:
     """Repeated ``KEY=VALUE`` command-line values (each value read as YAML) -> dict, for the
     benchmark scripts' config overrides; ValueError naming ``flag`` for a malformed one."""

@@ -354,7 +354,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv=None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    from common import git_commit  # bench/common.py: $DNC_COMMIT or git
+    from common import git_commit, write_result  # bench/common.py: $DNC_COMMIT or git
 
     res: dict[str, Any] = {"benchmark": "durability", "command": shlex.join(["python", "bench/durability.py", *argv]),
                            "argv": argv, "memory_interval_s": args.memory_interval, "commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -377,12 +377,8 @@ def main(argv=None) -> dict[str, Any]:
 
         res["wall_s"] = round(time.monotonic() - t0, 1)
         res["markdown"] = markdown(res)
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, f"durability_{args.tag}.json")
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
-        with open(path[:-5] + ".md", "w") as f:
-            f.write(f"`{res['command']}` (commit {res['commit']}, {res['cpus']} CPUs)\n\n{res['markdown']}\n")
+        path = write_result(args.out_dir, f"durability_{args.tag}", res,
+                            f"`{res['command']}` (commit {res['commit']}, {res['cpus']} CPUs)")
         print("\n" + res["markdown"])
         log(f"wrote {path}")
         teardown(app_args)

@@ -34,6 +34,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from common import write_result  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -145,12 +146,8 @@ def main(argv=None) -> dict[str, Any]:
                               "snapshot_every_tokens": cfg.snapshot_every_tokens,
                               "resident_budget_bytes": cfg.resident_budget_bytes, "rows": rows, "summary": summary(rows)}
     res["markdown"] = markdown(res)
-    os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"durability_turn_bytes_{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=2)
-    with open(path[:-5] + ".md", "w") as f:
-        f.write(f"`{res['command']}` (commit {res['commit']}, CPU)\n\n{res['markdown']}\n")
+    path = write_result(args.out_dir, f"durability_turn_bytes_{args.tag}", res,
+                        f"`{res['command']}` (commit {res['commit']}, CPU)")
     print("\n" + res["markdown"] + f"\n\nwrote {path}")
     return res
 

@@ -36,6 +36,27 @@ def ray_cluster(tmp_path_factory):
     ray.shutdown()
 
 
+def serve_app(app_args: dict, port: int, name: str, timeout_s: float = 180):
+    """Generator for a module-scoped fixture: deploy the real Serve app with ``app_args`` on
+    ``port`` (the ``ray_cluster`` fixture must be up), yield its base URL, tear it down after."""
+    from serve.app import run_app, teardown
+
+    run_app(app_args, port, name=name, timeout_s=timeout_s)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        teardown(app_args)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An httpx client on the module's ``server`` fixture (the base URL of its Serve app)."""
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=120) as c:
+        yield c
+
+
 @pytest.fixture
 def tiny_config():
     from dnc.config import preset

@@ -64,6 +64,18 @@ def _rows(model):
     return out
 
 
+def _feed_and_compare(model, batch, want, steps: int) -> None:
+    """Feed each row's reference tokens through ragged steps; every step's logits must match the
+    row decoded alone (``want[i] = (tokens, logits)``)."""
+    with torch.no_grad():
+        for t in range(steps):
+            batch.tokens[:] = torch.tensor([w[0][t] for w in want])
+            lg = ragged_decode_step(model, batch)
+            batch.after_step(model)
+            for i, w in enumerate(want):
+                torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kw", [{}, {"kv_window": 8}], ids=["no-window", "kv-window"])
 def test_ragged_step_equals_each_row_alone(kw):
     """Six rows at different positions, one ragged step each token for 60 tokens (every row crosses
@@ -291,13 +303,7 @@ def test_salience_positions_follow_each_rows_segment_position():
     batch = RaggedBatch(model, 4)
     for i, (s, lg) in enumerate(rows):
         batch.insert(i, s, lg, model)
-    with torch.no_grad():
-        for t in range(9):
-            batch.tokens[:] = torch.tensor([w[0][t] for w in want])
-            lg = ragged_decode_step(model, batch)
-            batch.after_step(model)
-            for i, w in enumerate(want):
-                torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
+    _feed_and_compare(model, batch, want, 9)
     for i, ref in enumerate(refs):
         got = batch.extract(i)
         assert any(ls.mass is not None for ls in got.layers)
@@ -327,13 +333,7 @@ def test_rows_reaching_a_boundary_together_commit_as_one_batch(model):
     commit = model.commit_segment
     model.commit_segment = lambda st: calls.append(st.batch_size) or commit(st)
     try:
-        with torch.no_grad():
-            for t in range(30):
-                batch.tokens[:] = torch.tensor([w[0][t] for w in want])
-                lg = ragged_decode_step(model, batch)
-                batch.after_step(model)
-                for i, w in enumerate(want):
-                    torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
+        _feed_and_compare(model, batch, want, 30)
     finally:
         del model.commit_segment
     assert sorted(calls) == [1, 1, 3, 3]  # two boundaries: the three alike together, the other alone

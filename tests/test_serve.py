@@ -16,6 +16,7 @@ import time
 
 import httpx
 import pytest
+from conftest import serve_app
 
 pytestmark = pytest.mark.ray
 
@@ -34,17 +35,8 @@ def app_args(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, app_args):
-    from serve.app import run_app, teardown
+    yield from serve_app(app_args, PORT, "dnc-test")
 
-    run_app(app_args, PORT, name="dnc-test", timeout_s=180)
-    yield BASE
-    teardown(app_args)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
 
 
 def _gen(client, sid=None, prompt="Hello there. ", n=6, owner=None, **kw):

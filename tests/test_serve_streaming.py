@@ -20,6 +20,7 @@ import os
 import httpx
 import pytest
 from pydantic import ValidationError
+from conftest import serve_app
 
 pytestmark = pytest.mark.ray
 
@@ -38,17 +39,8 @@ def app_args(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, app_args):
-    from serve.app import run_app, teardown
+    yield from serve_app(app_args, PORT, "dnc-test-streaming")
 
-    run_app(app_args, PORT, name="dnc-test-streaming", timeout_s=180)
-    yield BASE
-    teardown(app_args)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=120) as c:
-        yield c
 
 
 def _stats(client) -> dict:
