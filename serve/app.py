@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -21,7 +20,7 @@ from ray import serve
 from .api import create_api
 from .auth import KeyRing, check_bind, install_log_redaction, load_key_ring, serve_http_host
 from .context import ApiContext, Limits
-from .generator import Generator
+from .generator import Generator, GeneratorSettings
 from .live import Broadcaster, get_hub
 from .modeling import ModelSpec
 from .sessions import BankClient, BankConfig, check_layout
@@ -155,9 +154,8 @@ class Ingress:
     """FastAPI ingress. Holds handles only (Generator, SessionBank shards, live hub); no model.
     ``key_digests``: SHA-256 of each API key -> owner (the keys themselves never reach the replica)."""
 
-    def __init__(self, generator, args: dict[str, Any], key_digests: dict[str, str] | None = None):
+    def __init__(self, generator, a: AppArgs, key_digests: dict[str, str] | None = None):
         install_log_redaction()
-        a = AppArgs(**args)
         keys = KeyRing(dict(key_digests or {}))
         logger.info(check_bind(serve_http_host(a.http_host), keys))  # raises beyond loopback without keys
         bank_cfg = a.bank_config()
@@ -192,17 +190,17 @@ def build_app(args: dict[str, Any]):
     keys = load_key_ring(a.api_keys_file)
     print(f"[serve] {check_bind(serve_http_host(a.http_host), keys)}", file=sys.stderr, flush=True)
     check_layout(a.storage, a.bank_shards)
-    gen_settings = {"model": a.model_spec().to_dict(), "bank": asdict(a.bank_config()),
-                    "hub_namespace": a.namespace, "hub_name": a.hub_name(), "device": a.device,
-                    "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_timeout_s,
-                    "torch_threads": a.torch_threads, "model_name": a.model_name,
-                    "max_ongoing_requests": a.generator_max_ongoing_requests}
+    # typed objects travel to the replicas (pickled by Ray), validated here once
+    gen_settings = GeneratorSettings(
+        model=a.model_spec(), bank=a.bank_config(), hub_namespace=a.namespace, hub_name=a.hub_name(),
+        device=a.device, max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s,
+        torch_threads=a.torch_threads, model_name=a.model_name, max_ongoing_requests=a.generator_max_ongoing_requests)
     generator = Generator.options(
         num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
     ).bind(gen_settings)
     ingress = Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing_requests)
-    return ingress.bind(generator, a.model_dump(), keys.digests)
+    return ingress.bind(generator, a, keys.digests)
 
 
 def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc", timeout_s: float = 300.0) -> str:

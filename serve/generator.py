@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import torch
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -167,8 +168,13 @@ GenEvent = TokensEvent | DoneEvent
 
 @dataclass
 class GeneratorSettings:
-    model: dict[str, Any]
-    bank: dict[str, Any]
+    """What a Generator replica is built with: made once from :class:`serve.app.AppArgs` (its
+    ``generator_settings()``) and handed to the deployment as this typed object."""
+
+    model: ModelSpec
+    """Where the weights come from."""
+    bank: BankConfig
+    """The session store the replica talks to."""
     hub_namespace: str = "bwr-dnc"
     hub_name: str = "dnc-live-hub"
     device: str = "auto"
@@ -204,15 +210,18 @@ MAX_ONGOING = 256  # requests a replica takes at once (default; build_app sets A
 @serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1},
                   request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER))
 class Generator:
-    def __init__(self, settings: dict[str, Any]):
-        self.settings = GeneratorSettings(**settings)
+    def __init__(self, settings: GeneratorSettings | dict[str, Any]):
+        if isinstance(settings, dict):  # a hand-built replica (tests): the same fields as a dict
+            settings = GeneratorSettings(**{**settings, "model": ModelSpec(**settings["model"]),
+                                            "bank": BankConfig(**settings["bank"])})
+        self.settings = settings
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
-        self.lm = load_model(ModelSpec(**self.settings.model), self.settings.device)
+        self.lm = load_model(self.settings.model, self.settings.device)
         from dnc.tokenizer import get_tokenizer
 
         self.tok = get_tokenizer()
-        self.bank = BankClient(BankConfig(**self.settings.bank))
+        self.bank = BankClient(self.settings.bank)
         self.turns = SessionTurns(self.lm.model, self.bank, self._run)  # session states resident here
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.metrics = get_metrics()  # Prometheus, through ray.serve.metrics (serve/metrics.py)
@@ -413,9 +422,10 @@ class Generator:
         self.last_probe = await self._run(A.probe, self.lm.model, ids)
         return self.last_probe
 
-    async def research(self, name: str, params: dict[str, Any], owner: str | None) -> dict[str, Any]:
+    async def research(self, name: str, params: dict[str, Any] | BaseModel, owner: str | None) -> dict[str, Any]:
         """Run the research endpoint ``name`` (``serve.research.RESEARCH``) on the real model, from the
-        session ``params["state_id"]`` when given (read-only)."""
+        session ``params.state_id`` when given (read-only). ``params``: the request the HTTP route
+        validated, or a dict (WebSocket, tests) validated here."""
         entry, req = R.research_request(name, params)
         bank = None
         sid = getattr(req, "state_id", None)

@@ -112,13 +112,16 @@ RESEARCH: dict[str, ResearchEndpoint] = _endpoints()
 """Every research endpoint by name (the routes and the Generator both use it)."""
 
 
-def research_request(name: str, params: dict[str, Any]) -> tuple[ResearchEndpoint, BaseModel]:
-    """The registry entry of ``name`` and ``params`` validated by its schema; Unprocessable (422)
-    naming the endpoint or the field otherwise."""
+def research_request(name: str, params: dict[str, Any] | BaseModel) -> tuple[ResearchEndpoint, BaseModel]:
+    """The registry entry of ``name`` and ``params`` validated by its schema (a request the HTTP
+    route already validated passes as it is); Unprocessable (422) naming the endpoint or the field
+    otherwise."""
     entry = RESEARCH.get(name)
     if entry is None:
         raise Unprocessable(f"unknown research endpoint {name!r}; known: {', '.join(sorted(RESEARCH))}",
                             "unknown_endpoint", "endpoint")
+    if isinstance(params, entry.request):
+        return entry, params
     try:
         return entry, entry.request.model_validate(params)
     except ValueError as e:  # pydantic's ValidationError

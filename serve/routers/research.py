@@ -54,9 +54,9 @@ async def run_research(ctx: ApiContext, name: str, req: BaseModel, owner: str) -
     _check_caps(ctx, req)
     ctx.count(f"research/{name}")
     if not ENDPOINTS[name][2]:
-        return await ctx.generator.research.remote(name, req.model_dump(), owner)
+        return await ctx.generator.research.remote(name, req, owner)
     async with ctx.research_slot(owner):
-        return await ctx.generator.research.remote(name, req.model_dump(), owner)
+        return await ctx.generator.research.remote(name, req, owner)
 
 
 def _add_endpoint(name: str, model: type[BaseModel], summary: str) -> None:
