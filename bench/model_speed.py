@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dnc.config import preset  # noqa: E402
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
 from dnc.model import DNC  # noqa: E402
@@ -289,9 +290,13 @@ def main(argv=None) -> int:
     if not cuda:
         torch.set_num_threads(os.cpu_count() or 1)
 
-    results = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+    from common import command_line, git_commit  # bench/common.py: $DNC_COMMIT or git
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    results = {"benchmark": "model_speed", "argv": argv, "command": command_line("model_speed", argv),
+               "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                "torch": torch.__version__, "dtype": args.dtype if cuda else "fp32",
-               "commit": _commit(), "args": vars(args), "rows": []}
+               "commit": git_commit() or "unknown", "args": vars(args), "rows": []}
     for name in presets:
         for L in train_lengths:
             for memory in (True, False):
@@ -324,12 +329,6 @@ def save(results: dict, args, cuda: bool) -> str:
     table = markdown(results)
     (out / f"model_speed_{tag}.md").write_text(table)
     return table
-
-
-def _commit() -> str:
-    from report import git_commit  # bench/report.py: $DNC_COMMIT or git
-
-    return git_commit() or "unknown"
 
 
 def _fmt(v, spec="{:,.0f}"):
