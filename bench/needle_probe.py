@@ -7,6 +7,12 @@ attention) or in an earlier one (read from the memory bank), and the answers it 
 
 Prints one line per depth (correct / n, in-segment count, median distance in tokens, the first
 wrong answers) and writes them with the argv, commit, device and torch version to ``--out``.
+
+``--readers`` scores the same samples through other paths too, to tell a model that never learnt a
+layout from a reader that loses it: ``forward`` (the record's chunked reader, the default),
+``generate`` (``DNC.generate``, the batched decode loop the training evaluation and the server use)
+and ``teacher`` (one forward over the whole sample with the true answer fed in; right when the
+argmax at every answer position is the true token).
 """
 
 from __future__ import annotations
@@ -30,6 +36,31 @@ from dnc.checkpoint import load_checkpoint  # noqa: E402
 from dnc.data import tasks as task_lib  # noqa: E402
 
 
+def _by_generate(model, sample: task_lib.Sample, device: torch.device) -> bool:
+    """Exact match through ``DNC.generate`` from a fresh state (the training evaluation's path)."""
+    from dnc.training.evaluate import greedy_predict_fn
+    return task_lib.score(sample, task_lib.predict_answer(sample, greedy_predict_fn(model, device)))
+
+
+@torch.no_grad()
+def _teacher_forced(model, sample: task_lib.Sample, device: torch.device) -> bool:
+    """One forward over the whole sample (as training sees it): right when the argmax before every
+    answer token is that token."""
+    from dnc.training import autocast_ctx
+    x = torch.as_tensor(np.asarray(sample.tokens, dtype=np.int64), device=device).view(1, -1)
+    with autocast_ctx(device, True):
+        logits = model(x, state=model.init_state(1), metrics=False).logits[0].float()
+    for s, e in sample.meta["answer_spans"]:
+        pred = logits[s - 1:e - 1].argmax(-1).cpu().numpy()
+        if not np.array_equal(pred, np.asarray(sample.tokens[s:e])):
+            return False
+    return True
+
+
+READERS = {"forward": None, "generate": _by_generate, "teacher": _teacher_forced}
+"""Reader name -> ``fn(model, sample, device) -> bool`` (``forward`` is the record's GreedyReader)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -40,9 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phrasing", default=None, help="None (template), train or heldout")
     p.add_argument("--markers", choices=["on", "off"], default="on")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--readers", default="forward",
+                   help="comma list of forward, generate, teacher (see above); default forward")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     args = p.parse_args(argv)
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    bad = sorted(set(readers) - set(READERS))
+    if bad or not readers:
+        p.error(f"--readers: unknown {bad or readers}; choose from {', '.join(READERS)}")
     argv = sys.argv[1:] if argv is None else argv
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt, _ = resolve_checkpoint(args.checkpoint)
@@ -57,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.phrasing:
             kw["phrasing"] = args.phrasing
         L, samples = draw_samples("needle", [args.seed, int(d * 1000), length], length, args.n, 0.0, **kw)
-        ok, in_seg, dist, wrong = 0, 0, [], []
+        ok, in_seg, dist, wrong, others = 0, 0, [], [], {}
         for s in samples:
             q_start = s.meta["answer_spans"][0][0]
             same = s.meta["needle_pos"] // seg == q_start // seg
@@ -65,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             dist.append(q_start - s.meta["needle_pos"])
             right, _, _ = answer(reader, s)
             ok += right
+            for name in (r for r in readers if r != "forward"):
+                others[name] = others.get(name, 0) + int(READERS[name](model, s, device))
             if not right and len(wrong) < 3:
                 got = reader.pieces(s)[0]
                 wrong.append({"truth": s.meta["passkey"], "got": task_lib.decode(got) if hasattr(task_lib, "decode")
@@ -72,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                               "in_segment": bool(same)})
         row = {"depth": d, "length": L, "correct": ok, "n": len(samples), "in_segment": in_seg,
                "median_distance": statistics.median(dist), "wrong": wrong}
+        if readers != ["forward"]:
+            row["correct_by_reader"] = {name: (ok if name == "forward" else others.get(name, 0)) for name in readers}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
