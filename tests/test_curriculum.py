@@ -183,6 +183,50 @@ def test_max_steps_moves_a_stalled_stage_on():
         dataclasses.replace(a, max_steps=5)         # below min_steps (10)
 
 
+def test_replay_draws_a_share_of_batches_from_an_earlier_stage():
+    a, b = _stages()
+    cur = Curriculum([a, dataclasses.replace(b, replay={"a": 0.25})], seed=0)
+    assert cur.maybe_promote(0.9, step=20) and cur.stage.name == "b"
+    batches = [cur.sample_batch(4) for _ in range(400)]
+    replayed = [x for x in batches if x["replay"]]
+    assert 70 <= len(replayed) <= 130                       # ~25% of 400 (binomial sd ~8.7)
+    for x in replayed:                                      # stage a's tasks and lengths, b's batch size
+        assert x["stage"] == "a" and set(x["tasks"]) <= {"copy", "kv_retrieval"}
+        assert int(x["lengths"].max()) <= a.max_len and x["tokens"].shape[0] == 4
+    own = [x for x in batches if not x["replay"]]
+    assert all(x["stage"] == "b" and set(x["tasks"]) <= {"needle", "relational"} for x in own)
+    # a stage without replay samples exactly as before (no extra draw from the rng)
+    plain, plain2 = Curriculum(_stages(), seed=3), Curriculum(_stages(), seed=3)
+    assert plain.sample_batch(4)["tokens"].equal(plain2.sample_batch(4)["tokens"])
+
+
+def test_replay_must_name_an_earlier_stage_with_a_share_below_one():
+    a, b = _stages()
+    with pytest.raises(ValueError, match="not earlier stages"):
+        Curriculum([dataclasses.replace(a, replay={"b": 0.2}), b])
+    with pytest.raises(ValueError, match="replay shares"):
+        dataclasses.replace(b, replay={"a": 1.0})
+    with pytest.raises(ValueError, match="itself"):
+        dataclasses.replace(b, replay={"b": 0.1})
+
+
+def test_replay_losses_do_not_bias_the_stage_task_mix():
+    """The ablation curriculum's foundation stage replays its warm-up: such batches reach the
+    trainer with ``replay/`` task names, and their losses stay out of the stage's loss EMA."""
+    from dnc.training.config import TrainConfig
+    from dnc.training.data import TaskSource
+
+    cfg = TrainConfig(curriculum_dir="configs/ablations/local_replay", curriculum_start="foundation",
+                      max_len=8192, batch_tokens=8192)
+    src = TaskSource(cfg, rank=0, pad_to_multiple=64, segment_len=256)
+    assert src.curriculum.stage.replay == {"local": 0.15}
+    names = [src.next_batch()[1] for _ in range(40)]
+    replayed = [n for n in names if n[0].startswith("replay/")]
+    assert replayed and len(replayed) < len(names)
+    src.record(replayed[0] + ["needle"], [9.0] * len(replayed[0]) + [1.0], step=1)
+    assert src.curriculum.loss_ema == {"needle": 1.0}
+
+
 def test_evaluate_with_oracle_and_wrong_model():
     cur = Curriculum(_stages(), seed=0)
     holder = {}
@@ -211,7 +255,7 @@ def test_evaluate_with_oracle_and_wrong_model():
     assert acc == {"copy": 0.0, "kv_retrieval": 0.0}
 
 
-@pytest.mark.parametrize("name", ["local_first", "template_first"])
+@pytest.mark.parametrize("name", ["local_first", "template_first", "local_template_first", "local_replay"])
 def test_ablation_curricula_load_for_small(name):
     """The ablation stage dirs (issue 11) build a curriculum for small's 512-token segments."""
     d = default_stage_dir().parent / "ablations" / name

@@ -55,6 +55,11 @@ class Stage:
     max_steps: int = 0
     """Training steps after which the stage moves on even below ``promote_at`` (0 = never): a
     warm-up stage that teaches one skill should not hold a time-boxed run forever."""
+    replay: dict[str, float] = field(default_factory=dict)
+    """Earlier stage name -> share of this stage's batches drawn from that stage instead (its tasks,
+    lengths and task knobs; the batch size asked for is kept), so a skill taught early is not lost
+    while later stages train others: e.g. ``{"local": 0.15}`` keeps facts that share the question's
+    segment, which only local attention can read, in 15% of the batches."""
     batch_size: int = 32
     """Batch size hint for trainers (``sample_batch(None)`` uses it)."""
     n_buckets: int = 4
@@ -114,6 +119,11 @@ class Stage:
         if self.max_steps < 0 or (self.max_steps and self.max_steps < self.min_steps):
             raise ValueError(f"{where}: max_steps must be 0 (no limit) or >= min_steps ({self.min_steps}), "
                              f"got {self.max_steps}")
+        if self.name in self.replay:
+            raise ValueError(f"{where}: replay names the stage itself; name earlier stages")
+        if any(not 0.0 < w < 1.0 for w in self.replay.values()) or sum(self.replay.values()) >= 1.0:
+            raise ValueError(f"{where}: replay shares must be in (0, 1) and sum below 1 (the rest of the "
+                             f"batches are the stage's own), got {self.replay}")
 
     def in_tokens(self, segment_len: int) -> "Stage":
         """This stage with its lengths in tokens (a copy when given in segments)."""
@@ -170,6 +180,13 @@ class Stage:
             raise ValueError(f"curriculum stage {d.get('name', '?')!r}: unknown fields {unknown}; "
                              f"known: {sorted(known)}")
         return cls(**dict(d))
+
+
+def _weights(stage: Stage) -> dict[str, float]:
+    """The stage's own task weights, normalised (a replayed stage samples without loss factors)."""
+    w = {t: stage.tasks[t] for t in stage.active_tasks}
+    total = sum(w.values())
+    return {t: x / total for t, x in w.items()}
 
 
 def load_stages(directory: str | Path | None = None, segment_len: int | None = None) -> list[Stage]:
@@ -246,6 +263,11 @@ class Curriculum:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"curriculum stage names must be unique, got {names}")
+        for i, s in enumerate(self.stages):
+            later = sorted(set(s.replay) - set(names[:i]))
+            if later:
+                raise ValueError(f"curriculum stage {s.name!r}: replay names {later}, which are not earlier "
+                                 f"stages; earlier: {names[:i] or 'none'}")
         if check:
             for s in self.stages:
                 s.check_feasible()
@@ -349,17 +371,25 @@ class Curriculum:
 
         Returns :func:`dnc.data.tasks.collate`'s tensors (``tokens``/``targets``/``loss_mask``
         ``[B, T]``, ``lengths``/``answer_start`` ``[B]``, ``T`` a multiple of ``pad_to_multiple``)
-        plus ``tasks`` (list[str], per row), ``difficulty`` (list[float]), ``bucket`` (int) and
-        ``stage`` (str). With ``rng`` given the curriculum's own rng is left untouched."""
+        plus ``tasks`` (list[str], per row), ``difficulty`` (list[float]), ``bucket`` (int),
+        ``stage`` (str: the stage the batch was drawn from) and ``replay`` (bool: drawn from an
+        earlier stage through :attr:`Stage.replay`). With ``rng`` given the curriculum's own rng is left untouched."""
         B = int(batch_size) if batch_size is not None else self.stage.batch_size
         if B < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         r = self._rng if rng is None else rng
-        stage = self.stage
+        stage, replayed = self.stage, False
+        if stage.replay:  # drawn only when set, so curricula without replay sample as before
+            u, acc = float(r.random()), 0.0
+            for name, share in stage.replay.items():
+                acc += share
+                if u < acc:
+                    stage, replayed = self.stages[[s.name for s in self.stages].index(name)], True
+                    break
         buckets = stage.bucket_edges()
         b = int(r.integers(0, len(buckets)))
         lo_len, hi_len = buckets[b]
-        probs = self.task_probabilities()
+        probs = self.task_probabilities() if not replayed else _weights(stage)
         names = list(probs)
         picks = r.choice(len(names), size=B, p=np.array([probs[t] for t in names]))
         lengths = r.integers(lo_len, hi_len + 1, size=B)
@@ -369,11 +399,12 @@ class Curriculum:
         diffs: list[float] = []
         for i in range(B):
             t = names[int(picks[i])]
-            d = float(np.clip(self.difficulty[t] + jitter[i], d_lo, d_hi))
+            d = float(np.clip(self.difficulty.get(t, d_lo) + jitter[i], d_lo, d_hi))
             samples.append(generate(t, r, int(lengths[i]), d, **stage.task_kwargs.get(t, {})))
             diffs.append(d)
         batch: dict[str, Any] = collate(samples, pad_to_multiple=self.pad_to_multiple)
-        batch.update(tasks=[s.task for s in samples], difficulty=diffs, bucket=b, stage=stage.name)
+        batch.update(tasks=[s.task for s in samples], difficulty=diffs, bucket=b, stage=stage.name,
+                     replay=replayed)
         if rng is None:
             self.batches_drawn += 1
         return batch

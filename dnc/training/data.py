@@ -48,12 +48,15 @@ class TaskSource:
 
     def next_batch(self) -> tuple[dict[str, torch.Tensor], list[str]]:
         b = self.curriculum.sample_batch(self.batch_size(), rng=self.rng)
-        return {k: b[k] for k in ("tokens", "targets", "loss_mask")}, list(b["tasks"])
+        tasks = [f"replay/{t}" for t in b["tasks"]] if b["replay"] else list(b["tasks"])
+        return {k: b[k] for k in ("tokens", "targets", "loss_mask")}, tasks
 
     def record(self, tasks: Sequence[str], losses: Sequence[float], step: int) -> None:
         """Per-sample losses of all ranks -> per-task means -> the curriculum's loss EMA."""
         sums: dict[str, list[float]] = {}
         for t, v in zip(tasks, losses):
+            if t.startswith("replay/"):  # an earlier stage's batch: its losses must not bias this stage's task mix
+                continue
             sums.setdefault(t, []).append(float(v))
         self.curriculum.record_losses({t: sum(v) / len(v) for t, v in sums.items()}, step=step)
 
