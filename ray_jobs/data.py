@@ -87,6 +87,13 @@ def _windows(batch: dict[str, np.ndarray], window: int, column: str) -> dict[str
     return {"tokens": buf[: n * window].reshape(n, window).copy()}
 
 
+DATA_TASK_CPUS = 0.25
+"""CPUs each Ray Data read/window task asks for. Ray Data's default is one whole CPU, and beside
+the training workers and Serve a whole CPU is often not free: ``make run`` on 2 cores (two workers
+at 0.5 CPU and the served model at 0.5) left 0.5, so the corpus read was never scheduled and
+training waited for its first batch forever. The tasks only read and slice bytes."""
+
+
 def build_dataset(files: Sequence[str], max_len: int, text_column: str = "text"):
     """A streaming Ray Dataset of ``{"tokens": uint8[max_len + 1]}`` byte windows.
 
@@ -100,13 +107,13 @@ def build_dataset(files: Sequence[str], max_len: int, text_column: str = "text")
     text = [f for f in files if not f.endswith(".parquet")]
     sets = []
     if text:
-        ds = ray.data.read_binary_files(text)
+        ds = ray.data.read_binary_files(text, ray_remote_args={"num_cpus": DATA_TASK_CPUS})
         sets.append(ds.map_batches(_windows, fn_kwargs={"window": window, "column": "bytes"},
-                                   batch_format="numpy", batch_size=64))
+                                   batch_format="numpy", batch_size=64, num_cpus=DATA_TASK_CPUS))
     if parquet:
-        ds = ray.data.read_parquet(parquet, columns=[text_column])
+        ds = ray.data.read_parquet(parquet, columns=[text_column], ray_remote_args={"num_cpus": DATA_TASK_CPUS})
         sets.append(ds.map_batches(_windows, fn_kwargs={"window": window, "column": text_column},
-                                   batch_format="numpy", batch_size=256))
+                                   batch_format="numpy", batch_size=256, num_cpus=DATA_TASK_CPUS))
     if not sets:
         raise ValueError("no corpus files to read")
     return sets[0] if len(sets) == 1 else sets[0].union(*sets[1:])
