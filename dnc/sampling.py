@@ -79,10 +79,20 @@ def _safe_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, torch.nan_to_num(probs, nan=0.0), onehot)
 
 
+def multinomial1(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of ``probs`` [B, V] (valid distributions) -> token ids [B] long.
+
+    ``torch.multinomial(probs, 1, generator=g)`` without its validity checks: its draw is this very
+    algorithm (``q ~ Exp(1)`` from the generator, ``argmax(probs / q)``), so a seeded generator gives
+    the same tokens, but the checks read the device (``.item()``: two host syncs per call on CUDA in
+    the torch versions that have them). ``_safe_probs`` already makes every row a distribution."""
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(-1)
+
+
 def _draw(logits: torch.Tensor, t: float, k: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """One non-greedy draw from ``logits`` [V] float32 -> token id [1] long, on the device (no host sync)."""
-    probs = _safe_probs(_filtered_logits(logits, t, k, p)[None])
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    return multinomial1(_safe_probs(_filtered_logits(logits, t, k, p)[None]), generator)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -154,7 +164,7 @@ class RowSampler:
             probs = sorted_x.softmax(-1)
             remove = (probs.cumsum(-1) - probs > p) & on  # rows with top_p off keep everything
             x = x.scatter(1, idx, sorted_x.masked_fill(remove, float("-inf")))
-        return torch.multinomial(_safe_probs(x), 1).squeeze(1)
+        return multinomial1(_safe_probs(x))
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],

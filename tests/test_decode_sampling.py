@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
-from dnc.sampling import RowSampler, _filtered_logits, sample_next
+from dnc.sampling import RowSampler, _filtered_logits, multinomial1, sample_next
 from decode_helpers import history_state, prompt_ids
 
 SEG = 16
@@ -212,3 +212,28 @@ def test_graphed_decode_step_syncs_the_host_at_most_once():
             checked += 1
     assert checked >= 10 and m.decode_runner.replays >= checked
     assert [r.tokens for r in graphed] == [r.tokens for r in eager]
+
+
+def _multinomial_matches(device: str):
+    torch.manual_seed(3)
+    logits = torch.randn(4, 300, device=device) * 2
+    logits[1, 7] = float("nan")  # _safe_probs makes it a one-hot row
+    from dnc.sampling import _safe_probs
+    probs = _safe_probs(logits / 0.8)
+    for seed in range(50):
+        g1 = torch.Generator(device=device).manual_seed(seed)
+        g2 = torch.Generator(device=device).manual_seed(seed)
+        assert multinomial1(probs, g1).tolist() == torch.multinomial(probs, 1, generator=g2).squeeze(1).tolist()
+        for i in (0, 2):  # one row at a time, as seeded rows draw
+            assert multinomial1(probs[i:i + 1], g1).item() == torch.multinomial(probs[i:i + 1], 1, generator=g2).item()
+
+
+def test_multinomial1_is_torch_multinomial_without_its_host_syncs():
+    """The sync-free draw gives a seeded generator's very tokens (so seeds keep their tokens)."""
+    _multinomial_matches("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multinomial1_is_torch_multinomial_on_cuda():
+    _multinomial_matches("cuda")
