@@ -8,8 +8,10 @@ For each batch size, ``rows`` fresh rows with a prompt of ``--context`` tokens a
   step   the model step alone on the same batch (``model.decode_runner.step`` on CUDA, the eager
          ``ragged_decode_step`` on CPU), its position counters put back after each step (untimed).
 Both are synchronised before and after each step; the table gives median ms per step, the ratio
-loop/step, device syncs per loop step (CUDA: ops ``torch.cuda.set_sync_debug_mode`` flags; CPU:
-``.item()`` calls, the profiler's ``aten::_local_scalar_dense``) and aten ops per step (profiler).
+loop/step, and per loop step: host reads (Python ``.tolist()``/``.item()``/``int()``... on tensors,
+each a device sync on CUDA), aten items (``aten::_local_scalar_dense``: the same from C++, e.g. an
+op's validity check), tensor builds (``torch.tensor`` from Python values: a host -> device copy),
+CUDA syncs (ops ``torch.cuda.set_sync_debug_mode`` flags; CUDA only) and aten ops (profiler).
 Plain PyTorch, no Ray.
 
     python bench/decode_loop_gap.py --device cpu --preset tiny --batches 1 8 64
@@ -115,6 +117,8 @@ def counts(fn, steps: int, device: torch.device) -> dict[str, float | None]:
         for _ in range(steps):
             fn()
     ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    # .item() from C++ too (e.g. validity checks inside an op): each a host sync on CUDA
+    items = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
     mode = _HostReads()
     with mode:
         for _ in range(steps):
@@ -130,8 +134,8 @@ def counts(fn, steps: int, device: torch.device) -> dict[str, float | None]:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         syncs = sum("synchroniz" in str(w.message) for w in caught) / steps
-    return {"aten_ops": ops / steps, "host_reads": mode.reads / steps, "tensor_builds": mode.builds / steps,
-            "cuda_syncs": syncs}
+    return {"aten_ops": ops / steps, "aten_items": items / steps, "host_reads": mode.reads / steps,
+            "tensor_builds": mode.builds / steps, "cuda_syncs": syncs}
 
 
 def bench_batch(model, n: int, args, device) -> dict:
@@ -211,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         def num(d, k, spec="{:.1f}"):
             return "-" if d.get(k) is None else spec.format(d[k])
         rows.append([str(n), f"{r['step_ms_median']:.3f}", f"{r['loop_ms_median']:.3f}", f"{r['loop_over_step']:.2f}",
-                     f"{r['host_ms_median']:.3f}", num(lc, "host_reads"), num(lc, "tensor_builds"), num(lc, "cuda_syncs"),
+                     f"{r['host_ms_median']:.3f}", num(lc, "host_reads"), num(lc, "aten_items"), num(lc, "tensor_builds"),
+                     num(lc, "cuda_syncs"),
                      num(lc, "aten_ops", "{:.0f}"), num(sc, "aten_ops", "{:.0f}"), str(r["commits_in_loop"])])
         print(f"rows {n:3d}: step {r['step_ms_median']:.3f} ms, loop {r['loop_ms_median']:.3f} ms "
               f"(x{r['loop_over_step']:.2f})", file=sys.stderr, flush=True)
-    md = md_table(["rows", "step ms", "loop ms", "loop/step", "loop-step ms", "host reads", "tensor builds",
+    md = md_table(["rows", "step ms", "loop ms", "loop/step", "loop-step ms", "host reads", "aten items", "tensor builds",
                    "CUDA syncs", "loop aten ops", "step aten ops", "commits"], rows)
     res["markdown"] = "\n".join(md)
     print(f"{res['device']}, {args.preset}, context {args.context}, {args.sampling}, median of {args.steps} steps")

@@ -14,6 +14,13 @@
   final state is written back into the ``DNCState`` the caller gave. Rows can be added between
   steps (continuous batching).
 
+The host work of a step does not grow with its rows' device work (issue 14): the rows are sampled
+on the device (``dnc.sampling.RowSampler``: one argmax for the greedy rows, one draw for the
+unseeded ones, seeded rows on their own generators), the tokens feed the model step where they are,
+and they come back to the host in one copy per step, waited for only after the model step is
+launched (on CUDA the stop checks then overlap the device's work). ``RaggedBatch.after_step`` reads
+the device only for a row that commits a segment.
+
 A row's failure (bad prompt ids, its stop check raising) finishes that row alone with
 ``finish_reason == "error"``; a failing model step fails only the rows of that batch.
 Shapes: B rows, V vocab.

@@ -1,5 +1,8 @@
 """Sampling: the next token from logits, per row with its own parameters and generator.
 
+:class:`RowSampler` samples a whole batch as device ops (what the decode loop uses);
+:func:`multinomial1` is ``torch.multinomial(probs, 1)`` without its host syncs.
+
 :func:`sample_next` / :func:`sample_rows` never raise for any argument value: a temperature below
 :data:`MIN_TEMPERATURE` (or not finite) is greedy, ``top_k`` outside ``1..V-1`` is off, ``top_p`` not
 finite or ``>= 1`` is off and ``<= 0`` keeps the top token, and rows whose logits are not finite fall
