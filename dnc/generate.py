@@ -90,6 +90,7 @@ class _Batch:
     slots: list[DecodeRow | None]        # the row in each slot of rb (None: free)
     plan: _Plan | None = None
     host: torch.Tensor | None = None     # pinned [capacity] long: the step's tokens come back here (CUDA)
+    ready: "torch.cuda.Event | None" = None  # recorded after that copy: the host waits on it alone
 
     def occupied(self) -> list[tuple[int, DecodeRow]]:
         return [(i, r) for i, r in enumerate(self.slots) if r is not None]
@@ -367,7 +368,7 @@ class BatchDecoder:
         if toks_host is None and toks.device.type == "cuda":  # start the copy, read it after the launch
             host = b.host_buffer(n)
             host.copy_(toks, non_blocking=True)
-            ready = torch.cuda.Event()
+            ready = b.ready = b.ready or torch.cuda.Event()
             ready.record()
         # the model step is needed unless every row ends now and none has a state to write back: rows
         # that may end by a stop token or check are decided after the launch (then the step is wasted)
@@ -408,7 +409,8 @@ class BatchDecoder:
             try:
                 if error is not None:
                     raise error
-                self.commits += rb.after_step(self.model)["committed"]
+                if stepped:  # (always, when needed: a row that may go on or has a state launched it)
+                    self.commits += rb.after_step(self.model)["committed"]
             except Exception as e:  # the batch's tensors are now partial: its rows cannot go on
                 for slot, r in occ:
                     if r.finish_reason != "error":
