@@ -14,6 +14,13 @@
   final state is written back into the ``DNCState`` the caller gave. Rows can be added between
   steps (continuous batching).
 
+The host work of a step does not grow with its rows' device work (issue 14): the rows are sampled
+on the device (``dnc.sampling.RowSampler``: one argmax for the greedy rows, one draw for the
+unseeded ones, seeded rows on their own generators), the tokens feed the model step where they are,
+and they come back to the host in one copy per step, waited for only after the model step is
+launched (on CUDA the stop checks then overlap the device's work). ``RaggedBatch.after_step`` reads
+the device only for a row that commits a segment.
+
 A row's failure (bad prompt ids, its stop check raising) finishes that row alone with
 ``finish_reason == "error"``; a failing model step fails only the rows of that batch.
 Shapes: B rows, V vocab.
@@ -27,7 +34,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .ragged import RaggedBatch, bucket_for, ragged_decode_step
-from .sampling import MIN_TEMPERATURE, SamplingParams, sample_next, sample_rows  # noqa: F401  (dnc.generate API)
+from .sampling import MIN_TEMPERATURE, RowSampler, SamplingParams, sample_next, sample_rows  # noqa: F401  (dnc.generate API)
 from .state import DNCState
 
 
@@ -69,12 +76,40 @@ class DecodeRow:
 
 
 @dataclass(eq=False)
+class _Plan:
+    """What a batch's step needs of its rows, made once per composition (see ``_Batch.plan_for``)."""
+
+    key: tuple
+    sampler: RowSampler
+    slots: torch.Tensor  # [n] long, the occupied slots on the device
+
+
+@dataclass(eq=False)
 class _Batch:
     rb: RaggedBatch                      # the rows' static decode tensors
     slots: list[DecodeRow | None]        # the row in each slot of rb (None: free)
+    plan: _Plan | None = None
+    host: torch.Tensor | None = None     # pinned [capacity] long: the step's tokens come back here (CUDA)
+    ready: "torch.cuda.Event | None" = None  # recorded after that copy: the host waits on it alone
 
     def occupied(self) -> list[tuple[int, DecodeRow]]:
         return [(i, r) for i, r in enumerate(self.slots) if r is not None]
+
+    def plan_for(self, occ: list[tuple[int, DecodeRow]], model) -> _Plan:
+        """The plan of the rows in ``occ``: rebuilt when a row joined, left or changed its sampling."""
+        key = tuple((slot, r, r.sampling, r.generator) for slot, r in occ)  # rows compare by identity (eq=False)
+        if self.plan is None or self.plan.key != key:
+            dev = self.rb.device
+            sampler = RowSampler([r.sampling for _, r in occ], [r.generator for _, r in occ],
+                                 model.config.vocab_size, dev)
+            self.plan = _Plan(key, sampler, torch.tensor([s for s, _ in occ], device=dev))
+        return self.plan
+
+    def host_buffer(self, n: int) -> torch.Tensor:
+        """A pinned host tensor [n] long (a non-blocking device -> host copy needs pinned memory)."""
+        if self.host is None or self.host.numel() < n:
+            self.host = torch.empty(max(n, self.rb.capacity), dtype=torch.long, pin_memory=True)
+        return self.host[:n]
 
 
 @dataclass(eq=False)
@@ -303,17 +338,58 @@ class BatchDecoder:
         return out
 
     def _step_batch(self, b: _Batch) -> list[StepToken]:
+        """One token for every row of ``b``. Host work per step, whatever the rows: the sampling ops
+        (``RowSampler``, made once per batch composition), one device -> host copy of the step's
+        tokens, the model step (fed on the device from the sampled tokens) and ``after_step``
+        (no sync unless a row commits a segment); then a few Python lines per row (stop checks,
+        StepTokens). On CUDA the model step is launched before the host waits for the tokens, so
+        the stop checks run while the device computes."""
         occ = b.occupied()
         rb = b.rb
         rows = [r for _, r in occ]
-        if occ[-1][0] == len(occ) - 1:  # slots 0..n-1: a view, no index tensor to send to the device
-            logits = rb.logits[:len(occ)]
+        n = len(occ)
+        contiguous = occ[-1][0] == n - 1  # slots 0..n-1: views, no index tensor
+        plan = b.plan_for(occ, self.model)
+        forced = [(j, r) for j, r in enumerate(rows) if r.forced is not None]
+        if len(forced) == n:  # a replayed turn: nothing to sample, the tokens are known here
+            toks_host = [int(r.forced[len(r.tokens)]) for r in rows]
+            toks = torch.tensor(toks_host, dtype=torch.long, device=rb.device)
         else:
-            logits = rb.logits.index_select(0, torch.tensor([i for i, _ in occ], device=rb.device))
-        toks = sample_rows(logits, [r.sampling for r in rows], [r.generator for r in rows])
-        toks = [t if r.forced is None else int(r.forced[len(r.tokens)]) for r, t in zip(rows, toks)]
+            toks_host = None
+            toks = plan.sampler.sample(rb.logits[:n] if contiguous else rb.logits.index_select(0, plan.slots))
+            if forced:
+                toks[torch.tensor([j for j, _ in forced], device=rb.device)] = torch.tensor(
+                    [int(r.forced[len(r.tokens)]) for _, r in forced], dtype=torch.long, device=rb.device)
+        if contiguous:
+            rb.tokens[:n].copy_(toks)  # the next input stays on the device (free slots: stale ids, ignored)
+        else:
+            rb.tokens.index_copy_(0, plan.slots, toks)
+        ready = None
+        if toks_host is None and toks.device.type == "cuda":  # start the copy, read it after the launch
+            host = b.host_buffer(n)
+            host.copy_(toks, non_blocking=True)
+            ready = b.ready = b.ready or torch.cuda.Event()
+            ready.record()
+        # the model step is needed unless every row ends now and none has a state to write back: rows
+        # that may end by a stop token or check are decided after the launch (then the step is wasted)
+        may_go_on = any(r.state is not None or (len(r.tokens) + 1 < r.max_new_tokens and
+                                                (r.forced is None or len(r.tokens) + 1 < len(r.forced))) for r in rows)
+        error, stepped = None, False
+        if may_go_on:
+            try:
+                runner = self._runner()
+                rb.logits.copy_(runner.step(rb) if runner is not None else ragged_decode_step(self.model, rb))
+                stepped = True
+            except Exception as e:  # raised below, once the rows have their tokens
+                error = e
+        if toks_host is None:
+            if ready is not None:
+                ready.synchronize()
+                toks_host = host.tolist()
+            else:
+                toks_host = toks.tolist()
         out, finished = [], []
-        for r, tok in zip(rows, toks):
+        for r, tok in zip(rows, toks_host):
             r.tokens.append(tok)
             try:
                 stopped = r.stop_check is not None and r.stop_check(tok)  # sees every token
@@ -327,18 +403,14 @@ class BatchDecoder:
                 self._fail(r, e)
             if r.done:
                 finished.append(r)
-            out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason, len(rows)))
-        running = len(finished) < len(rows)
-        if running or any(r.state is not None and r.finish_reason != "error" for r in finished):
-            tokens = [0] * rb.capacity
-            for (slot, _), tok in zip(occ, toks):
-                tokens[slot] = tok
-            rb.tokens.copy_(torch.tensor(tokens, dtype=torch.long))
+            out.append(StepToken(r, tok, len(r.tokens) - 1, r.finish_reason, n))
+        needed = len(finished) < n or any(r.state is not None and r.finish_reason != "error" for r in finished)
+        if needed:
             try:
-                runner = self._runner()
-                logits = runner.step(rb) if runner is not None else ragged_decode_step(self.model, rb)
-                rb.logits.copy_(logits)
-                self.commits += rb.after_step(self.model)["committed"]
+                if error is not None:
+                    raise error
+                if stepped:  # (always, when needed: a row that may go on or has a state launched it)
+                    self.commits += rb.after_step(self.model)["committed"]
             except Exception as e:  # the batch's tensors are now partial: its rows cannot go on
                 for slot, r in occ:
                     if r.finish_reason != "error":

@@ -89,6 +89,7 @@ class RowMeta:
     has_prev_x: list[bool]                        # per layer
     has_mass: list[bool]                          # per layer: DNCState.mass is a tensor (not None)
     slots: list[int] = field(default_factory=list)  # per layer: the bank's slot count S (0: no memory)
+    settled: bool = False  # has_prev_x and has_mass are all True where they can be: after_step skips them
 
 
 def _shallow_bank(bank: StateBank) -> StateBank:
@@ -244,18 +245,21 @@ class RaggedBatch:
     # ------------------------------------------------------------------ after a step
     def after_step(self, model) -> dict:
         """Host bookkeeping of one :func:`ragged_decode_step`: every occupied row took one token.
-        Rows whose segment is now full are committed (alone, eagerly: see the module docstring).
+        Plain Python (no device sync) unless a row's segment is now full: those rows are committed
+        (alone, eagerly: see the module docstring), which reads their tensors.
         Returns {"compressed": n, "evicted": n, "committed": rows}."""
         stats = {"compressed": 0, "evicted": 0, "committed": 0}
         full = []
         for slot, meta in enumerate(self.rows):
             if meta is None:
                 continue
-            sampled = meta.seg_pos % self.stride == self.stride - 1
-            for i in range(len(self.layers)):
-                meta.has_prev_x[i] = True
-                if sampled and meta.slots[i]:
-                    meta.has_mass[i] = True
+            if not meta.settled:  # a row's first tokens after insert: O(layers) once, then O(1) per step
+                sampled = meta.seg_pos % self.stride == self.stride - 1
+                for i in range(len(self.layers)):
+                    meta.has_prev_x[i] = True
+                    if sampled and meta.slots[i]:
+                        meta.has_mass[i] = True
+                meta.settled = all(h or not s for h, s in zip(meta.has_mass, meta.slots))
             meta.seg_pos += 1
             meta.tokens_seen += 1
             if meta.seg_pos == self.segment_len:
