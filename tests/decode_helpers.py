@@ -18,3 +18,14 @@ def history_state(model, seed: int, n: int):
     with torch.no_grad():
         model(torch.tensor([prompt_ids(seed, n)], device=model.device), state=state)
     return state
+
+
+def solo(model, row_kw: dict):
+    """One ``DecodeRow(**row_kw)`` decoded alone by its own ``BatchDecoder``, to the end."""
+    from dnc.generate import BatchDecoder, DecodeRow
+
+    row = DecodeRow(**row_kw)
+    dec = BatchDecoder(model)
+    dec.add([row])
+    list(dec.run())
+    return row

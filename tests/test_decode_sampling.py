@@ -13,7 +13,7 @@ from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.sampling import RowSampler, _filtered_logits, multinomial1, sample_next
-from decode_helpers import history_state, prompt_ids
+from decode_helpers import history_state, prompt_ids, solo
 
 SEG = 16
 
@@ -79,12 +79,6 @@ def test_seeded_rows_draw_as_sample_next_whatever_the_batch():
 
 
 # ------------------------------------------------------------------------------------ decode loop
-def _solo(model, kw: dict) -> DecodeRow:
-    row = DecodeRow(**kw)
-    dec = BatchDecoder(model)
-    dec.add([row])
-    list(dec.run())
-    return row
 
 
 def _seeded(model):
@@ -96,7 +90,7 @@ def _seeded(model):
 def test_seeded_rows_give_the_same_tokens_alone_and_in_any_batch(model):
     """Seeded rows among unseeded sampled rows (one batched draw from the global RNG), greedy rows and
     other seeded rows, in either order: each seeded row's tokens are those it gets alone."""
-    alone = [_solo(model, kw).tokens for kw in _seeded(model)]
+    alone = [solo(model, kw).tokens for kw in _seeded(model)]
     for order in (0, 1):
         torch.manual_seed(100 + order)  # the unseeded rows draw differently each time: no matter
         others = [DecodeRow(prompt_ids(10 + i, 6), None, 22, sp) for i, sp in enumerate(
@@ -116,7 +110,7 @@ def test_forced_greedy_and_seeded_rows_in_one_batch(model):
     forced_tokens = prompt_ids(31, 18)
     forced_kw = dict(prompt_ids=prompt_ids(32, 4), max_new_tokens=40, forced=forced_tokens,
                      sampling=SamplingParams(1.0), seed=3)
-    alone = [_solo(model, kw) for kw in (greedy_kw, seeded_kw, forced_kw)]
+    alone = [solo(model, kw) for kw in (greedy_kw, seeded_kw, forced_kw)]
     rows = [DecodeRow(**greedy_kw), DecodeRow(**forced_kw), DecodeRow(**seeded_kw)]
     dec = BatchDecoder(model)
     dec.add(rows)
@@ -129,7 +123,7 @@ def test_rows_ending_together_by_stop_tokens_free_the_batch(model):
     """Every row ends on a stop token in the same step with no state to write back: the model step
     launched for them is dropped and the decoder is empty."""
     p = prompt_ids(40, 6)
-    free = _solo(model, dict(prompt_ids=p, max_new_tokens=10, sampling=SamplingParams(0.0))).tokens
+    free = solo(model, dict(prompt_ids=p, max_new_tokens=10, sampling=SamplingParams(0.0))).tokens
     rows = [DecodeRow(p, None, 10, SamplingParams(0.0), stop_tokens=frozenset({free[3]})) for _ in range(3)]
     dec = BatchDecoder(model)
     dec.add(rows)

@@ -10,7 +10,7 @@ import torch
 from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams, sample_next, sample_rows
 from dnc.model import DNC
-from decode_helpers import history_state, prompt_ids
+from decode_helpers import history_state, prompt_ids, solo
 
 SEG = 16
 
@@ -24,12 +24,6 @@ def model() -> DNC:
 
 
 
-def _solo(model, row_kw: dict) -> DecodeRow:
-    row = DecodeRow(**row_kw)
-    dec = BatchDecoder(model)
-    dec.add([row])
-    list(dec.run())
-    return row
 
 
 def _assert_same_state(a, b):
@@ -98,7 +92,7 @@ def test_batched_equals_sequential_across_segments_compressions_and_evictions(mo
         sampling = [SamplingParams(0.8), SamplingParams(1.0, top_k=20), SamplingParams(0.9, top_p=0.9),
                     SamplingParams(1.1), SamplingParams(0.7, top_k=8, top_p=0.95), SamplingParams(0.0)]
         seeds = [11, 12, 13, 14, 15, None]
-    solo = [_solo(model, kw) for kw in _rows(model, sampling, seeds)]
+    alone = [solo(model, kw) for kw in _rows(model, sampling, seeds)]
     rows = [DecodeRow(**kw) for kw in _rows(model, sampling, seeds)]
     dec = BatchDecoder(model)
     assert dec.add(rows) == []
@@ -106,7 +100,7 @@ def test_batched_equals_sequential_across_segments_compressions_and_evictions(mo
     seen: dict[int, list[int]] = {}
     for st in dec.run():
         seen.setdefault(id(st.row), []).append(st.token)
-    for s, r in zip(solo, rows):
+    for s, r in zip(alone, rows):
         assert r.tokens == s.tokens and seen[id(r)] == r.tokens
         assert r.finish_reason == s.finish_reason == "length" and len(r.tokens) == r.max_new_tokens
         if r.state is not None:
@@ -123,7 +117,7 @@ def test_library_generate_is_the_decoder(model):
     p = prompt_ids(9, 20)
     s1, s2 = model.init_state(1), model.init_state(1)
     a = model.generate(p, state=s1, max_new_tokens=30, temperature=0.0)
-    b = _solo(model, dict(prompt_ids=p, state=s2, max_new_tokens=30, sampling=SamplingParams(0.0)))
+    b = solo(model, dict(prompt_ids=p, state=s2, max_new_tokens=30, sampling=SamplingParams(0.0)))
     assert a == b.tokens
     _assert_same_state(s1, s2)
     assert s1.tokens_seen == 50  # the prompt and every emitted token, the last one too
@@ -146,7 +140,7 @@ def test_rows_of_different_states_never_mix(model):
     _assert_same_state(a1.state, a2.state)
     e1, e2 = b1.state.export(), b2.state.export()
     assert any(not torch.equal(e1[k], e2[k]) for k in e1)  # the other row's sessions really differ
-    alone = _solo(model, dict(prompt_ids=prompt_ids(20, 6), state=history_state(model, 30, 45), max_new_tokens=30,
+    alone = solo(model, dict(prompt_ids=prompt_ids(20, 6), state=history_state(model, 30, 45), max_new_tokens=30,
                               sampling=SamplingParams(0.0)))
     assert alone.tokens == a1.tokens
     _assert_same_state(alone.state, a1.state)
@@ -154,7 +148,7 @@ def test_rows_of_different_states_never_mix(model):
 
 def test_finished_rows_leave_and_stop_conditions(model):
     p = prompt_ids(60, 8)
-    free = _solo(model, dict(prompt_ids=p, max_new_tokens=20, sampling=SamplingParams(0.0))).tokens
+    free = solo(model, dict(prompt_ids=p, max_new_tokens=20, sampling=SamplingParams(0.0))).tokens
     stop_tok = free[4]
     rows = [DecodeRow(p, None, 20, SamplingParams(0.0), stop_tokens=frozenset({stop_tok})),
             DecodeRow(p, None, 20, SamplingParams(0.0), stop_check=lambda t, n=[0]: n.__setitem__(0, n[0] + 1) or n[0] == 3),
@@ -178,7 +172,7 @@ def test_finished_rows_leave_and_stop_conditions(model):
 
 def test_one_rows_failure_fails_that_row_alone(model):
     p = prompt_ids(70, 8)
-    want = _solo(model, dict(prompt_ids=p, max_new_tokens=12, sampling=SamplingParams(0.0))).tokens
+    want = solo(model, dict(prompt_ids=p, max_new_tokens=12, sampling=SamplingParams(0.0))).tokens
 
     def boom(tok):
         raise RuntimeError("stop check broke")
@@ -202,7 +196,7 @@ def test_one_rows_failure_fails_that_row_alone(model):
 
 def test_max_batch_caps_rows_per_model_call(model):
     p = prompt_ids(80, 10)
-    want = _solo(model, dict(prompt_ids=p, max_new_tokens=6, sampling=SamplingParams(0.0))).tokens
+    want = solo(model, dict(prompt_ids=p, max_new_tokens=6, sampling=SamplingParams(0.0))).tokens
     rows = [DecodeRow(p, None, 6, SamplingParams(0.0)) for _ in range(5)]
     dec = BatchDecoder(model, max_batch=2)
     dec.add(rows)
@@ -218,12 +212,12 @@ def test_forced_tokens_replay_a_sampled_row_exactly(model):
 
     served = history_state(model, 5, 40)
     replayed = history_state(model, 5, 40)
-    row = _solo(model, dict(prompt_ids=prompt_ids(6, 9), state=served, max_new_tokens=30,
+    row = solo(model, dict(prompt_ids=prompt_ids(6, 9), state=served, max_new_tokens=30,
                             sampling=SamplingParams(temperature=1.0), seed=11))
     assert len(row.tokens) == 30
-    again = _solo(model, dict(prompt_ids=prompt_ids(6, 9), state=replayed, max_new_tokens=30,
+    again = solo(model, dict(prompt_ids=prompt_ids(6, 9), state=replayed, max_new_tokens=30,
                               forced=list(row.tokens), sampling=SamplingParams(temperature=1.0), seed=99))
     assert again.tokens == row.tokens and again.finish_reason == "length"
     assert state_to_bytes(replayed) == state_to_bytes(served)
-    short = _solo(model, dict(prompt_ids=prompt_ids(6, 9), max_new_tokens=30, forced=row.tokens[:4]))
+    short = solo(model, dict(prompt_ids=prompt_ids(6, 9), max_new_tokens=30, forced=row.tokens[:4]))
     assert short.tokens == row.tokens[:4]  # the row ends with its forced tokens
