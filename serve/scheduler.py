@@ -63,17 +63,20 @@ class DecodeScheduler:
     ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
-    a :class:`serve.metrics.ServeMetrics` (None = record nothing)."""
+    a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
+    of token lists (tests drive it by hand)."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
-                 max_running: int = 64, admit_wait_s: float = 0.0, metrics=None):
+                 max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
         self.max_running = max_running
         self.admit_wait_s = admit_wait_s
+        self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
         self._driver: asyncio.Task | None = None
@@ -123,7 +126,7 @@ class DecodeScheduler:
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
-                    job.flush(time.perf_counter())
+                    job.flush(self.clock())
                     job.queue.put_nowait(None)
                 self.active.clear()
                 if not isinstance(e, Exception):
@@ -137,7 +140,7 @@ class DecodeScheduler:
     def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
         end the requests whose rows are done."""
-        now = time.perf_counter()
+        now = self.clock()
         for st in it.tokens:
             job = self.active.get(id(st.row))
             if job is not None:
