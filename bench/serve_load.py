@@ -15,6 +15,12 @@ ITL) and one ``BatchDecoder`` batch per client level (tokens/s the decode loop g
 HTTP, Ray or the scheduler). The table puts each served row beside it: p50 latency added at the
 same prompt (served - in-process, ms) and tokens/s as a fraction of the in-process batch.
 
+Paired (``--paired``, after the levels): one client alternates a served request (plain, then
+streamed) with the same generation in this process, so both halves of each pair see the same
+machine load; the figure is the median of the per-pair differences (served - in-process), the
+latency the serving path adds to a lone request, and for streams the same for the first token.
+On a shared machine it is the figure to trust: the levels' baseline is measured minutes apart.
+
 Examples:
 
     # CPU, tiny preset, about a minute:
@@ -75,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-wait-ms", type=float, default=None,
                    help="batch_wait_timeout_s of the started server, in ms (default: the app's)")
     p.add_argument("--no-in-process", action="store_true", help="skip the in-process baseline")
+    p.add_argument("--paired", type=int, default=16, metavar="N",
+                   help="pairs (served request, the same generation in-process) per mode plain/stream, one "
+                        "client, after the levels; 0 = none (also skipped with --no-in-process)")
     p.add_argument("--prometheus", nargs="?", const="auto", default=None, metavar="URL",
                    help="after the run, scrape the server's Prometheus metrics (serve/metrics.py) into the JSON: "
                         "URL of a node's /metrics, or none = the started cluster's node")
@@ -196,6 +205,81 @@ def in_process(args, n: int) -> dict[str, Any]:
     return out
 
 
+def paired(url: str, args, n: int) -> dict[str, Any]:
+    """``n`` pairs per mode ("plain", "stream"): a served ``/v1/generate`` of the benchmark's prompt,
+    then the same greedy generation in this process (``generate_stream``), one after the other.
+    Returns per mode the pairs' latencies (ms), the median of the differences (served - in-process)
+    and, for streams, the same for the first token (TTFT)."""
+    import httpx
+    import torch
+
+    from dnc.generate import generate_stream
+    from dnc.tokenizer import get_tokenizer
+    from serve.modeling import ModelSpec, load_model
+    from serve_clients import TOKEN_EVENT
+    from serve_clients import auth as auth_headers
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    lm = load_model(ModelSpec(checkpoint=args.checkpoint, preset=args.preset), "auto")
+    tok = get_tokenizer()
+    text = prompt_text(args.prompt_len)
+    ids = tok.encode(text)
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    gen = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, stop_tokens=[tok.eos_id])
+    body = {"prompt": text, "max_new_tokens": args.max_new_tokens, "temperature": 0.0}
+
+    def local() -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        first, k = None, 0
+        for k, _t in enumerate(generate_stream(lm.model, ids, state=lm.model.init_state(1), **gen), 1):
+            sync()
+            first = first or time.perf_counter()
+        return (time.perf_counter() - t0) * 1e3, (first - t0) * 1e3, k
+
+    def served(client, stream: bool) -> tuple[float, float, int]:
+        t0 = time.perf_counter()
+        if not stream:
+            r = client.post("/v1/generate", json=body)
+            r.raise_for_status()
+            out = r.json()
+            server_ms[0] = out["timing"]["total_ms"]
+            return (time.perf_counter() - t0) * 1e3, out["timing"]["ttft_ms"], out["tokens"]
+        first, tokens = None, 0
+        with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line.startswith(TOKEN_EVENT):
+                    first = first or time.perf_counter()
+                elif line.startswith('data: {"type": "done"'):
+                    tokens = json.loads(line[6:])["tokens"]
+        return (time.perf_counter() - t0) * 1e3, (first - t0) * 1e3, tokens
+
+    out: dict[str, Any] = {}
+    server_ms = [None]  # plain: the Generator's own time for the request (arrival to done)
+    with httpx.Client(base_url=url, timeout=args.timeout, headers=auth_headers(args)) as client:
+        local(), served(client, False)  # warm-up
+        for mode in ("plain", "stream"):
+            pairs = []
+            for _ in range(n):
+                s_ms, s_first, s_tok = served(client, mode == "stream")
+                l_ms, l_first, l_tok = local()
+                pairs.append({"served_ms": s_ms, "in_process_ms": l_ms, "served_ttft_ms": s_first,
+                              "in_process_ttft_ms": l_first, "served_tokens": s_tok, "in_process_tokens": l_tok,
+                              "generator_ms": server_ms[0] if mode == "plain" else None})
+            out[mode] = {"pairs": len(pairs), "rows": pairs,
+                         "added_ms_p50": pct([p["served_ms"] - p["in_process_ms"] for p in pairs], 0.5),
+                         "ttft_added_ms_p50": pct([p["served_ttft_ms"] - p["in_process_ttft_ms"] for p in pairs], 0.5),
+                         "served_ms_p50": pct([p["served_ms"] for p in pairs], 0.5),
+                         "in_process_ms_p50": pct([p["in_process_ms"] for p in pairs], 0.5),
+                         "same_tokens": all(p["served_tokens"] == p["in_process_tokens"] for p in pairs)}
+            if mode == "plain":  # the added time split: the Generator's decode path / HTTP, Ray and the ingress
+                out[mode]["generator_added_ms_p50"] = pct([p["generator_ms"] - p["in_process_ms"] for p in pairs], 0.5)
+                out[mode]["transport_ms_p50"] = pct([p["served_ms"] - p["generator_ms"] for p in pairs], 0.5)
+    del lm
+    return out
+
+
 # ------------------------------------------------------------------------------ environment, server
 def redact_key(argv: list[str]) -> list[str]:
     """``argv`` with the value of ``--api-key`` hidden (the JSON is shared; keys are secrets)."""
@@ -298,15 +382,19 @@ def table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
-def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None,
+            pair: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Issue 14's serving targets, from this run's rows where it measured them (64 clients; 1 client
-    for the latency added). ITL here is the per-request mean pacing (the server sends tokens in
+    for the latency added: the paired streams when measured, else the stream level against the
+    in-process baseline). ITL here is the per-request mean pacing (the server sends tokens in
     chunks, so most gaps between single events are ~0)."""
     def row(mode, clients):
         return next((r for r in rows if r["mode"] == mode and r["clients"] == clients and r["ok"]), None)
     streamed = row("chat", 64) or row("stream", 64)
     plain, one = row("plain", 64), row("stream", 1)
     added = latency_added(one, base) if one else None
+    if pair and "stream" in pair:
+        added = pair["stream"]["added_ms_p50"]
     found = [("streamed, 64 concurrent, tokens/s", streamed and streamed["tokens_per_s"], ">=", 20000),
              ("streamed, 64 concurrent, p50 ITL ms", streamed and streamed["itl_mean_ms_p50"], "<=", 5),
              ("streamed, 64 concurrent, p50 TTFT ms", streamed and streamed["ttft_ms_p50"], "<=", 100),
@@ -333,7 +421,7 @@ def main(argv=None) -> dict[str, Any]:
         import tempfile
 
         url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"))
-    rows, prometheus = [], None
+    rows, prometheus, pair = [], None, None
     try:
         for mode in args.modes:
             for c in args.clients:
@@ -345,13 +433,29 @@ def main(argv=None) -> dict[str, Any]:
             print("--prometheus without a URL needs the server this script starts; give the node's /metrics URL")
         elif args.prometheus:
             prometheus = scrape_prometheus(args.prometheus, None if args.url else APP_NAME)
+        if args.paired and not args.no_in_process:  # after the scrape: its series hold the levels only
+            pair = paired(url, args, args.paired)
+            for mode, v in pair.items():
+                print(f"paired {mode}: served - in-process p50 {v['added_ms_p50']:.1f} ms over {v['pairs']} pairs "
+                      f"(TTFT {v['ttft_added_ms_p50']:.1f} ms)", flush=True)
     finally:
         if started is not None:
             from serve.app import teardown
 
             teardown(started)
     md = table(rows, base)
-    goals = targets(rows, base)
+    if pair:
+        md += ("\n\n| paired, 1 client | pairs | served p50 ms | in-process p50 ms | added p50 ms | TTFT added p50 ms "
+               "| same tokens |\n|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(
+                   f"| {m} | {v['pairs']} | {v['served_ms_p50']:.1f} | {v['in_process_ms_p50']:.1f} | "
+                   f"{v['added_ms_p50']:.1f} | {v['ttft_added_ms_p50']:.1f}{'*' if m == 'plain' else ''} | "
+                   f"{'yes' if v['same_tokens'] else 'no'} |" for m, v in pair.items()))
+        plain = pair.get("plain", {})
+        md += ("\n\nPaired: each pair is a served request then the same generation in-process, back to back; "
+               "added = median of the per-pair differences (* plain: TTFT as the server reports it). Plain, split: "
+               f"the Generator's own time (arrival to done) - in-process p50 {plain.get('generator_added_ms_p50', 0):.1f} ms; "
+               f"served - the Generator's own time (HTTP, proxy, ingress, Ray hop) p50 {plain.get('transport_ms_p50', 0):.1f} ms.")
+    goals = targets(rows, base, pair)
     if goals:
         md += "\n\n| target (issue 14) | measured | goal | met |\n|---|---:|---:|---|\n" + "\n".join(
             f"| {g['target']}{' (' + g['from'] + ')' if g['from'] else ''} | {g['measured']:,.1f} | {g['goal']} | "
@@ -361,7 +465,7 @@ def main(argv=None) -> dict[str, Any]:
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
               "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
               "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
-              "in_process": base, "results": rows, "targets": goals, "prometheus": prometheus, "markdown": md}
+              "in_process": base, "results": rows, "paired": pair, "targets": goals, "prometheus": prometheus, "markdown": md}
     out = args.out or os.path.join(ROOT, "bench", "results", f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

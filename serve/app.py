@@ -60,8 +60,10 @@ class AppArgs(BaseModel):
     max_batch_size: int = Field(64, ge=1, le=256, description="Rows of one decode model call (every running "
                                 "request of a replica decodes; larger groups take several calls per step). "
                                 "64 = the largest CUDA-graph decode bucket.")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a first request waits for others "
-                                        "when the replica is idle (s); 0 = lowest time to first token.")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="How long a first request waits for others "
+                                        "when the replica is idle (s). 0 (default): it prefills at once, and "
+                                        "requests arriving meanwhile join at the next decode step; every wait "
+                                        "is added to a lone request's latency.")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")

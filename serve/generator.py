@@ -180,12 +180,14 @@ class GeneratorSettings:
     device: str = "auto"
     max_batch_size: int = 64
     """Most rows in one model call of the decode loop (more running requests form several batches)."""
-    batch_wait_timeout_s: float = 0.02
-    """When nothing is decoding, how long a first request waits for others to prefill with it."""
+    batch_wait_timeout_s: float = 0.0
+    """When nothing is decoding, how long a first request waits for others to prefill with it (s);
+    0: at once (later arrivals join between decode steps)."""
     torch_threads: int = 0
     model_name: str = "bwr-dnc"
     stream_chunk_ms: float = 15.0
-    """Decode work per scheduler iteration: a streamed chunk holds what was made in this time."""
+    """Decode work per scheduler iteration, and the shortest time between two token events of one
+    request (but its first and last): a streamed event holds what was made in this time."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256

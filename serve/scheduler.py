@@ -5,7 +5,11 @@ Requests are submitted from the asyncio loop; one driver task runs *iterations* 
 thread: admit the waiting rows (prefill), drop the cancelled ones, then decode steps until
 ``chunk_s`` of work is done (or at once after admitting rows, so their first token goes out
 without delay, or when more requests are waiting). Each iteration's tokens are handed to the
-requests' queues. Rows join and leave between steps; rows whose states share a layout decode as
+requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
+last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
+Iterations cut short by arrivals (under load, nearly all of them) would otherwise send a list
+per request and step, and every list is one streamed event through Ray, the ingress and the
+proxy, which cost far more CPU than the step itself. Rows join and leave between steps; rows whose states share a layout decode as
 one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
 thread between iterations.
 
@@ -32,6 +36,13 @@ class _Job:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # lists of StepToken, then None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    held: list[StepToken] = field(default_factory=list)  # made, not yet handed out (see _hand_out)
+    sent_at: float | None = None  # when the last list went to the queue
+
+    def flush(self, now: float) -> None:
+        if self.held:
+            self.queue.put_nowait(self.held)
+            self.held, self.sent_at = [], now
 
 
 @dataclass
@@ -52,17 +63,20 @@ class DecodeScheduler:
     ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
-    a :class:`serve.metrics.ServeMetrics` (None = record nothing)."""
+    a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
+    of token lists (tests drive it by hand)."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
-                 max_running: int = 64, admit_wait_s: float = 0.0, metrics=None):
+                 max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
         self.max_running = max_running
         self.admit_wait_s = admit_wait_s
+        self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
         self._driver: asyncio.Task | None = None
@@ -112,25 +126,31 @@ class DecodeScheduler:
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
+                    job.flush(self.clock())
                     job.queue.put_nowait(None)
                 self.active.clear()
                 if not isinstance(e, Exception):
                     raise
                 continue
-            per_row: dict[int, list[StepToken]] = {}
-            for st in it.tokens:
-                per_row.setdefault(id(st.row), []).append(st)
-            for key, sts in per_row.items():
-                job = self.active.get(key)
-                if job is not None:
-                    job.queue.put_nowait(sts)
-            for key, job in list(self.active.items()):
-                if job.row.done:
-                    job.queue.put_nowait(None)
-                    del self.active[key]
-            self._record(it)  # it.failed rows are done: handled above
+            self._hand_out(it)
+            self._record(it)  # it.failed rows are done: handled in _hand_out
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
+
+    def _hand_out(self, it: _Iteration) -> None:
+        """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
+        end the requests whose rows are done."""
+        now = self.clock()
+        for st in it.tokens:
+            job = self.active.get(id(st.row))
+            if job is not None:
+                job.held.append(st)
+        for key, job in list(self.active.items()):
+            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= self.chunk_s):
+                job.flush(now)
+            if job.row.done:
+                job.queue.put_nowait(None)
+                del self.active[key]
 
     def _record(self, it: _Iteration) -> None:
         self.stats["tokens"] += len(it.tokens)

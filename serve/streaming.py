@@ -5,6 +5,13 @@ request got in that iteration). The routes answer each of those with ONE write t
 the clients still see one SSE event per token (``data: {"type": "token", ...}``), but several
 events travel in one ASGI message, so the ingress and the proxy handle one message per iteration
 and request instead of one per token (:func:`sse_write`).
+
+Responses are :class:`SSEResponse`: a ``StreamingResponse`` that only sends. Starlette's own, under
+the ASGI 2.3 scope Serve's proxy passes on, also loops on ``receive()`` to notice a client going
+away, and inside a Serve replica every ``receive()`` is a Ray call back to the proxy (after a named
+actor lookup): one more round trip and task per stream. The proxy already watches the client and
+cancels the ingress's request when it disconnects (``ProxyResponseGenerator``'s
+``disconnected_task``), which ends the body iterator and cancels the generation.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import logging
 from typing import Any, AsyncIterator, Iterable
 
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from .errors import find_api_error
 
@@ -55,15 +63,33 @@ async def first_and_rest(gen) -> tuple[dict[str, Any], AsyncIterator[dict[str, A
     return first, it
 
 
+class SSEResponse(StreamingResponse):
+    """A ``StreamingResponse`` that never calls ``receive()`` (see the module docstring): what
+    Starlette itself does for ASGI >= 2.4 servers, which report disconnects as send errors."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        try:
+            await self.stream_response(send)
+        except OSError:
+            raise ClientDisconnect() from None
+        if self.background is not None:
+            await self.background()
+
+
 def streaming_response(events: AsyncIterator[bytes], gen) -> StreamingResponse:
     async def body():
+        ended = False
         try:
             async for chunk in events:
                 yield chunk
+            ended = True
         finally:
-            try:
-                gen.cancel()  # client went away: stop generating
-            except Exception:
-                pass
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            if not ended:  # the client went away: stop generating (after the end, a cancel is a wasted Ray call)
+                try:
+                    gen.cancel()
+                except Exception:
+                    pass
+    return SSEResponse(body(), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -21,7 +21,8 @@ PORT = os.environ.get("DNC_SERVE_TEST_PORT", "8127")
 def test_serve_load_one_command(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--port", PORT, "--num-cpus", "2", "--clients", "1", "3", "--requests", "6", "--max-new-tokens", "5",
-            "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--out", str(out)]
+            "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--paired", "3",
+            "--out", str(out)]
     run = subprocess.run([sys.executable, "bench/serve_load.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -61,3 +62,13 @@ def test_serve_load_one_command(tmp_path):
     assert prom["ray_dnc_generated_tokens_total"] >= sum(r["tokens"] for r in rows.values()) + warmups
     assert prom["ray_dnc_http_requests_total"] >= generations + 2 * len(rows)  # + /model/stats before, after
     assert prom["ray_dnc_durable_bytes_per_turn"]["count"] == rows[("chat", 1)]["requests"] + rows[("chat", 3)]["requests"]
+    # paired at one client: served and in-process back to back, the same greedy tokens each time
+    for mode in ("plain", "stream"):
+        p = res["paired"][mode]
+        assert p["pairs"] == len(p["rows"]) == 3 and p["same_tokens"], p
+        assert all(r["served_tokens"] == r["in_process_tokens"] >= 1 for r in p["rows"]), p
+        diffs = sorted(r["served_ms"] - r["in_process_ms"] for r in p["rows"])
+        assert p["added_ms_p50"] == diffs[1] and 0 < p["served_ms_p50"] and 0 < p["in_process_ms_p50"]
+    plain = res["paired"]["plain"]
+    assert all(0 < r["generator_ms"] <= r["served_ms"] for r in plain["rows"])  # the Generator's time is inside
+    assert "| paired, 1 client | pairs |" in res["markdown"]

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures as cf
 import json
 import os
+import time
 
 import httpx
 import pytest
@@ -116,6 +117,26 @@ def test_openai_stream_sends_several_chunks_per_write(client):
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == whole["choices"][0]["text"]
     per_piece = [p.count(b'data: {"id": "cmpl-') for p in pieces]
     assert max(per_piece) >= 2 and len(pieces) < len(chunks), per_piece
+
+
+def test_a_client_that_goes_away_stops_its_generation(client):
+    """The SSE response never reads the request (serve/streaming.py: SSEResponse); Serve's proxy
+    notices the client going away and cancels the request, and with it the row in the batch."""
+    before = _stats(client)
+    body = {"prompt": PROMPT, "max_new_tokens": 128, "temperature": 0.0, "stream": True}
+    with client.stream("POST", "/v1/generate", json=body) as r:
+        assert r.status_code == 200
+        first = next(ln for ln in r.iter_lines() if ln.startswith("data: "))
+        assert json.loads(first[6:])["type"] == "token"
+    # the connection is closed: the row leaves the batch long before its 128 tokens
+    for _ in range(200):
+        after = _stats(client)
+        if after["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert after["running"] == 0 and after["waiting"] == 0, after
+    assert after["requests"] == before["requests"]  # it never finished
+    assert after["decoded_tokens"] - before["decoded_tokens"] < 128, (before, after)
 
 
 # ------------------------------------------------------------------------------ one batch for all
