@@ -311,8 +311,12 @@ def _research_concurrency(A: httpx.Client, args: dict[str, Any], n: int) -> dict
 
 # ------------------------------------------------------------------------------ schemathesis
 def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float | None = None,
-                     workers: int = 2, seed: int = 0) -> dict[str, Any]:
-    """``st run`` against ``base/openapi.json`` with ``key``; a summary from its JSON report."""
+                     workers: int = 2, seed: int = 0, phases: str | None = None) -> dict[str, Any]:
+    """``st run`` against ``base/openapi.json`` with ``key``; a summary from its JSON report.
+
+    With ``max_time_s`` schemathesis repeats fuzzing until the budget is spent (the run lasts that
+    long); without it, one pass of ``max_examples`` cases per operation. ``phases``: a comma list of
+    examples, coverage, fuzzing, stateful (None: all four)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.json")
         cmd = [os.path.join(os.path.dirname(sys.executable), "st"), "run", f"{base}/openapi.json",
@@ -321,13 +325,15 @@ def run_schemathesis(base: str, key: str, max_examples: int, max_time_s: float |
                "--report", "json", "--report-json-path", report, "--warnings", "off", "--no-color"]
         if max_time_s:
             cmd += ["--max-time", str(int(max_time_s))]
+        if phases:
+            cmd += ["--phases", phases]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=(max_time_s or 1800) + 300,
                               cwd=tmp)  # its .schemathesis/ cache goes with the temp dir
         elapsed = time.perf_counter() - t0
         data = json.load(open(report)) if os.path.exists(report) else {}
     out = proc.stdout + proc.stderr
-    return {"exit_code": proc.returncode, "seconds": elapsed, "max_examples": max_examples,
+    return {"exit_code": proc.returncode, "seconds": elapsed, "max_examples": max_examples, "phases": phases,
             "summary": summarize_report(data), "output_tail": out[-4000:].replace(key, "***")}
 
 
