@@ -265,12 +265,22 @@ def pyplot():
 
 
 def save_png(fig, path: Path) -> Path:
-    """PNG at dpi 100 without metadata (no version/date), so the bytes depend only on the data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    import matplotlib.pyplot as plt
+    """PNG at dpi 100 without metadata (no version/date), so the bytes depend only on the data.
 
+    Stored with a 256-colour palette: line plots lose nothing visible and take ~3x fewer bytes,
+    which keeps the tracked results small (the repository stays well under 8 MiB)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     return path
 
 
