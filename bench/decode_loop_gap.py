@@ -37,7 +37,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from common import device_tag, md_table, parse_pairs, provenance, write_json  # noqa: E402
+from common import device_tag, parse_pairs, provenance, write_json  # noqa: E402
+from decode_loop_gap_report import render  # noqa: E402
 
 from dnc.config import preset  # noqa: E402
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
@@ -206,25 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset, "model_config": cfg.to_dict(), "context": args.context, "sampling": args.sampling,
         "dtype": args.dtype if device.type == "cuda" else "fp32",
         "graphs": device.type == "cuda" and not args.no_graphs, "threads": torch.get_num_threads(), "batches": []}
-    rows = []
     for n in args.batches:
         r = bench_batch(model, n, args, device)
         res["batches"].append(r)
-        lc, sc = r.get("loop_counts") or {}, r.get("step_counts") or {}
-
-        def num(d, k, spec="{:.1f}"):
-            return "-" if d.get(k) is None else spec.format(d[k])
-        rows.append([str(n), f"{r['step_ms_median']:.3f}", f"{r['loop_ms_median']:.3f}", f"{r['loop_over_step']:.2f}",
-                     f"{r['host_ms_median']:.3f}", num(lc, "host_reads"), num(lc, "aten_items"), num(lc, "tensor_builds"),
-                     num(lc, "cuda_syncs"),
-                     num(lc, "aten_ops", "{:.0f}"), num(sc, "aten_ops", "{:.0f}"), str(r["commits_in_loop"])])
         print(f"rows {n:3d}: step {r['step_ms_median']:.3f} ms, loop {r['loop_ms_median']:.3f} ms "
               f"(x{r['loop_over_step']:.2f})", file=sys.stderr, flush=True)
-    md = md_table(["rows", "step ms", "loop ms", "loop/step", "loop-step ms", "host reads", "aten items", "tensor builds",
-                   "CUDA syncs", "loop aten ops", "step aten ops", "commits"], rows)
-    res["markdown"] = "\n".join(md)
-    print(f"{res['device']}, {args.preset}, context {args.context}, {args.sampling}, median of {args.steps} steps")
-    print(res["markdown"])
+    print(render(res))
     path = write_json(Path(args.out) / f"decode_loop_gap_{args.tag or device_tag(device)}.json", res)
     print(f"wrote {path}")
     return 0

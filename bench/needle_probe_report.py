@@ -14,14 +14,16 @@ WHAT = ("Greedy passkey answers of one trained DNC by needle depth: whether the 
 
 def render(res: dict) -> str:
     """The body of a needle_probe result's entry in ``bench/README.md``."""
+    readers = next((list(r["correct_by_reader"]) for r in res.get("rows", []) if r.get("correct_by_reader")), [])
     rows = []
     for r in res.get("rows", []):
         wrong = "; ".join(f"{w['truth']} -> {w['got']!r}{' (in segment)' if w.get('in_segment') else ''}"
                           for w in r.get("wrong", [])).replace("|", "\\|")  # a decoded answer may hold a pipe
         rows.append([f"{r['depth']:g}", fmt_len(r.get("length")), fmt_count(r.get("correct"), r.get("n")),
-                     f"{r.get('in_segment')}/{r.get('n')}", fmt_num(r.get("median_distance")), wrong or "—"])
+                     f"{r.get('in_segment')}/{r.get('n')}", fmt_num(r.get("median_distance")), wrong or "—"]
+                    + [fmt_count(r.get("correct_by_reader", {}).get(k), r.get("n")) for k in readers])
     lines = [f"Device: {res.get('device')}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}; "
              f"segment_len {res.get('segment_len')}", ""]
     lines += md_table(["depth", "length", "exact match", "needle in the question's segment", "median distance",
-                       "first wrong answers"], rows, "lrrrrl")
+                       "first wrong answers"] + [f"reader {k}" for k in readers], rows, "lrrrrl" + "r" * len(readers))
     return "\n".join(lines + [""])

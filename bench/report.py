@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, str] = {
     "segment_transfer": "segment_transfer",
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
+    "decode_loop_gap": "decode_loop_gap_report",
     "durability": "durability_report",
     "abuse": "abuse",
 }
