@@ -60,6 +60,7 @@ export async function refreshStates() {
 export function clearSelection(reason = "cleared") {
   const was = store.selected;
   store.selected = null;
+  loadSeq++; // a load still in flight stops before its next request (after an owner switch it would 404)
   $("state-detail-box").hidden = true;
   $("memory-bars").replaceChildren();
   $("slot-cards").replaceChildren();
@@ -106,7 +107,7 @@ export async function selectState(id, reason = "selected") {
     if (seq === loadSeq) $("state-action-msg").textContent = e.message;
     return;
   }
-  if (seq !== loadSeq) return; // another session was picked while this one loaded
+  if (seq !== loadSeq || store.selected !== id) return; // another session was picked (or none) while this one loaded
   renderKV($("state-detail"), d);
   const levels = levelBars(d);
   bars($("memory-bars"), levels, { unit: " slots" });
