@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=("greedy", "mixed"), default="greedy",
                    help="greedy rows, or rows cycling greedy/temperature/top-k/top-p, every other one seeded")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="CUDA weights dtype; default bf16")
+    p.add_argument("--dtype", choices=("bf16", "fp32", "tf32"), default="bf16",
+                   help="CUDA weights dtype; tf32 = float32 weights with TF32 matmuls; default bf16")
     p.add_argument("--no-graphs", action="store_true", help="CUDA: eager decode steps (no DecodeGraphs)")
     p.add_argument("--profile-steps", type=int, default=5, help="steps under the profiler for op counts (0 = off)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         if args.dtype == "bf16":
             model = model.to(torch.bfloat16)
+        # TF32 (or not) set explicitly: torch's default differs between versions and builds
+        torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
         if not args.no_graphs:
             model.enable_cuda_graphs()
     res = provenance("decode_loop_gap", argv, device) | {
