@@ -34,6 +34,8 @@ after replacing parameter tensors (``model.to(dtype)``, not an in-place ``load_s
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import threading
 from dataclasses import dataclass, field
 
@@ -43,6 +45,27 @@ from .attention import KVCache
 from .memory import StateBank
 from .ragged import RaggedBatch, ragged_decode_step
 from .state import DNCState, LayerState
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool):
+    """``torch.cuda.graph(graph, pool)`` with Python's cyclic garbage collector paused.
+
+    A collection that starts inside a capture may free a dead cycle that holds an older
+    ``CUDAGraph`` (a closed decoder, a dropped model); its destructor then resets that graph, which
+    CUDA forbids while a stream captures, and the capture fails with
+    ``cudaErrorStreamCaptureInvalidated``. Torch no longer collects before a capture
+    (``torch.compiler.config.force_cudagraph_gc``), so this pauses the collector for the capture
+    and lets such cycles go after it. ``thread_local``: a serving process may run CUDA work on
+    other threads while this one captures."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _state_tensors(state) -> list[torch.Tensor]:
@@ -201,8 +224,7 @@ class SegmentGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         work = _shallow_state(state, inputs)
-        # thread_local: a serving process may run CUDA work on other threads while this one captures
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), amp:
+        with capturing(graph, self.pool), amp:
             logits, _ = self._run_eager(static_tokens, work)
             outputs = [logits] + _state_tensors(work)
         host = [(ls.cache.carry_len, None if ls.bank is None else tuple(ls.bank.sizes)) for ls in work.layers]
@@ -302,7 +324,7 @@ class DecodeGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), self._amp():
+        with capturing(graph, self.pool), self._amp():
             logits = ragged_decode_step(self.model, batch)
         entry = _DecodeGraph(graph, logits, batch)
         self.graphs[key] = entry

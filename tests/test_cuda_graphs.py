@@ -145,3 +145,41 @@ def test_a_step_runner_from_outside_runs_whole_segments():
     model.set_step_runner(None)
     with pytest.raises(ValueError, match="segment step takes"):
         model.segment_step(torch.zeros(1, 33, dtype=torch.long), model.init_state(1))
+
+
+
+@cuda
+def test_a_capture_survives_a_garbage_collection_of_older_graphs():
+    """The collector freeing a dead cycle that holds an older graph during a capture used to
+    invalidate the capture (a CUDAGraph reset is forbidden while a stream captures): the GPU replay
+    test failed this way after the decode-graph tests. Here the cycle becomes garbage inside the
+    capture, with a collection due on nearly every allocation."""
+    import gc
+
+    from dnc.cuda_graphs import capturing
+
+    src = torch.ones(8, device="cuda")
+    old = torch.cuda.CUDAGraph()
+    with capturing(old, None):
+        old_out = src * 3
+    old.replay()
+    cycle = [old, old_out]
+    cycle.append(cycle)
+    box = [cycle]
+    del old, old_out, cycle
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with capturing(graph, None):
+            box.clear()  # the old graph's cycle is garbage from here on
+            junk = [[i] for i in range(2000)]  # container allocations: collections come due
+            out = src * 2
+        assert gc.isenabled()
+    finally:
+        gc.set_threshold(*thresholds)
+    del junk
+    src.fill_(5.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.full_like(out, 10.0))
