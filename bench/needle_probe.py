@@ -12,7 +12,9 @@ wrong answers) and writes them with the argv, commit, device and torch version t
 layout from a reader that loses it: ``forward`` (the record's chunked reader, the default),
 ``generate`` (``DNC.generate``, the batched decode loop the training evaluation and the server use)
 and ``teacher`` (one forward over the whole sample with the true answer fed in; right when the
-argmax at every answer position is the true token).
+argmax at every answer position is the true token) and ``own_segment`` (``teacher`` on the
+question's own segment alone, from an empty bank: tells a lost local read from one the bank's reads
+drown).
 """
 
 from __future__ import annotations
@@ -43,21 +45,38 @@ def _by_generate(model, sample: task_lib.Sample, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def _teacher_forced(model, sample: task_lib.Sample, device: torch.device) -> bool:
-    """One forward over the whole sample (as training sees it): right when the argmax before every
-    answer token is that token."""
+def _argmax_matches(model, tokens, spans, device: torch.device) -> bool:
+    """One forward over ``tokens`` from a fresh state: True when the argmax before every token of
+    every ``(start, end)`` span is that token."""
     from dnc.training import autocast_ctx
-    x = torch.as_tensor(np.asarray(sample.tokens, dtype=np.int64), device=device).view(1, -1)
+    x = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=device).view(1, -1)
     with autocast_ctx(device, True):
         logits = model(x, state=model.init_state(1), metrics=False).logits[0].float()
-    for s, e in sample.meta["answer_spans"]:
+    for s, e in spans:
         pred = logits[s - 1:e - 1].argmax(-1).cpu().numpy()
-        if not np.array_equal(pred, np.asarray(sample.tokens[s:e])):
+        if not np.array_equal(pred, np.asarray(tokens[s:e])):
             return False
     return True
 
 
-READERS = {"forward": None, "generate": _by_generate, "teacher": _teacher_forced}
+def _teacher_forced(model, sample: task_lib.Sample, device: torch.device) -> bool:
+    """One forward over the whole sample (as training sees it): right when the argmax before every
+    answer token is that token."""
+    return _argmax_matches(model, sample.tokens, sample.meta["answer_spans"], device)
+
+
+def _own_segment_only(model, sample: task_lib.Sample, device: torch.device) -> bool:
+    """``teacher`` on the question's own segment alone, from a fresh state (an empty bank): when the
+    needle sits in that segment everything the answer needs is still there. Right here and wrong
+    in ``teacher`` means the bank's reads drown a local read the model has; wrong in both means the
+    local read is not learnt (or is lost)."""
+    seg = model.config.segment_len
+    start = (sample.meta["answer_spans"][0][0] // seg) * seg
+    spans = [(s - start, e - start) for s, e in sample.meta["answer_spans"]]
+    return _argmax_matches(model, sample.tokens[start:], spans, device)
+
+
+READERS = {"forward": None, "generate": _by_generate, "teacher": _teacher_forced, "own_segment": _own_segment_only}
 """Reader name -> ``fn(model, sample, device) -> bool`` (``forward`` is the record's GreedyReader)."""
 
 
@@ -72,10 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markers", choices=["on", "off"], default="on")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--readers", default="forward",
-                   help="comma list of forward, generate, teacher (see above); default forward")
+                   help="comma list of forward, generate, teacher, own_segment (see above); default forward")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--out", default=None, help="JSON file for the rows")
+    p.add_argument("--out", default=None,
+                   help="JSON file for the rows, or an existing folder (then needle_probe_<length>.json in it)")
     args = p.parse_args(argv)
+    if args.out and Path(args.out).is_dir():
+        args.out = str(Path(args.out) / f"needle_probe_{args.length}.json")
     readers = [r.strip() for r in args.readers.split(",") if r.strip()]
     bad = sorted(set(readers) - set(READERS))
     if bad or not readers:
@@ -94,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.phrasing:
             kw["phrasing"] = args.phrasing
         L, samples = draw_samples("needle", [args.seed, int(d * 1000), length], length, args.n, 0.0, **kw)
-        ok, in_seg, dist, wrong, others = 0, 0, [], [], {}
+        ok, in_seg, dist, offset, wrong, others = 0, 0, [], [], [], {}
         for s in samples:
             q_start = s.meta["answer_spans"][0][0]
             same = s.meta["needle_pos"] // seg == q_start // seg
             in_seg += same
             dist.append(q_start - s.meta["needle_pos"])
+            offset.append(q_start % seg)
             right, _, _ = answer(reader, s)
             ok += right
             for name in (r for r in readers if r != "forward"):
@@ -110,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                               else bytes(t for t in got if t < 256).decode("utf-8", "replace"),
                               "in_segment": bool(same)})
         row = {"depth": d, "length": L, "correct": ok, "n": len(samples), "in_segment": in_seg,
-               "median_distance": statistics.median(dist), "wrong": wrong}
+               "median_distance": statistics.median(dist), "median_answer_offset_in_segment": statistics.median(offset),
+               "wrong": wrong}
         if readers != ["forward"]:
             row["correct_by_reader"] = {name: (ok if name == "forward" else others.get(name, 0)) for name in readers}
         rows.append(row)
