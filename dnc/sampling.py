@@ -116,12 +116,14 @@ class RowSampler:
     Built once per batch composition (the per-row parameters become tensors then), used every step:
 
     * greedy rows: one argmax over the batch;
-    * rows without a generator: one batched draw, per-row temperature, top-k and top-p as tensors
-      [R] (the same cut as :func:`sample_next`: top-k keeps every logit >= the k-th, top-p the
-      smallest set of mass >= p after top-k);
-    * rows with a generator (seeded): row by row, exactly the ops of :func:`sample_next`, so a seeded
-      row's tokens are the same alone and in any batch (one generator stream per row cannot be
-      drawn in one op without changing which tokens a seed gives).
+    * sampled rows, seeded or not: one batched draw, per-row temperature, top-k and top-p as tensors
+      [S] (the same cut as :func:`sample_next`: top-k keeps every logit >= the k-th, top-p the
+      smallest set of mass >= p after top-k), then ``argmax(probs / q)`` with ``q ~ Exp(1)`` as in
+      :func:`multinomial1`. The noise ``q`` [S, V] is the one per-row part: the rows without a
+      generator fill theirs with one draw from the global RNG, each seeded row its own row from its
+      own generator (the V draws ``multinomial1`` makes for it), so a seeded row's tokens are those
+      of :func:`sample_next` with the same generator, alone and in any batch (every other op acts on
+      each row alone).
     """
 
     def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
@@ -129,35 +131,49 @@ class RowSampler:
         self.n, self.vocab = len(params), vocab
         norm = [p.normalized(vocab) for p in params]  # (greedy, temperature, top_k, top_p)
         self.all_greedy = all(g for g, *_ in norm)
-        self.seeded = [(i, *norm[i][1:], generators[i]) for i in range(self.n)
-                       if not norm[i][0] and generators[i] is not None]
-        batched = [i for i in range(self.n) if not norm[i][0] and generators[i] is None]
-        self.batched = None
-        if batched:
-            dev = torch.device(device)
-            self.batched = torch.tensor(batched, device=dev)
-            self.temp = torch.tensor([[norm[i][1]] for i in batched], device=dev)                # [R, 1]
-            ks = [norm[i][2] for i in batched]
-            ps = [norm[i][3] for i in batched]
-            self.top_k = torch.tensor([[k - 1 if k else vocab - 1] for k in ks], device=dev) if any(ks) else None
-            self.top_p = (torch.tensor([[p] for p in ps], device=dev), torch.tensor([[p < 1.0] for p in ps], device=dev)) \
-                if any(p < 1.0 for p in ps) else None
+        unseeded = [i for i in range(self.n) if not norm[i][0] and generators[i] is None]
+        seeded = [i for i in range(self.n) if not norm[i][0] and generators[i] is not None]
+        rows = unseeded + seeded  # the sampled rows, unseeded first: their noise is one slice
+        self.rows = None
+        if not rows:
+            return
+        dev = torch.device(device)
+        self.rows = torch.tensor(rows, device=dev)
+        temps = [norm[i][1] for i in rows]
+        if dev.type == "cuda":
+            # CUDA computes ``logits / t`` (a Python number, as sample_next divides) as a multiply by
+            # the reciprocal torch rounds to float32; dividing by a tensor would round differently
+            # (1 ulp), so take torch's very reciprocal and multiply: seeded tokens stay sample_next's.
+            self.scale = torch.mul, torch.cat([torch.ones(1, 1, device=dev) / t for t in temps])  # [S, 1]
+        else:  # the CPU truly divides, by a tensor as by a number
+            self.scale = torch.div, torch.tensor([[t] for t in temps], device=dev)                  # [S, 1]
+        ks = [norm[i][2] for i in rows]
+        ps = [norm[i][3] for i in rows]
+        self.top_k = torch.tensor([[k - 1 if k else vocab - 1] for k in ks], device=dev) if any(ks) else None
+        self.top_p = (torch.tensor([[p] for p in ps], device=dev), torch.tensor([[p < 1.0] for p in ps], device=dev)) \
+            if any(p < 1.0 for p in ps) else None
+        # Exp(1) noise [S, V], refilled every step; the views are made here so that a step's only
+        # per-row op is a seeded row's exponential_ (the draw its generator must make on its own)
+        self.noise = torch.empty(len(rows), vocab, device=dev)
+        self.unseeded_noise = self.noise[:len(unseeded)] if unseeded else None
+        self.seeded_noise = [(self.noise[j], generators[i]) for j, i in enumerate(seeded, len(unseeded))]
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [n, V] -> token ids [n] long on the logits' device."""
         x = logits.float()
         out = torch.nan_to_num(x, nan=float("-inf")).argmax(-1)  # every row: the greedy ones keep it
-        if self.all_greedy:
+        if self.rows is None:
             return out
-        if self.batched is not None:
-            out.index_copy_(0, self.batched, self._draw_batched(x.index_select(0, self.batched)))
-        for i, t, k, p, gen in self.seeded:
-            out[i:i + 1] = _draw(x[i], t, k, p, gen)
-        return out
+        if self.unseeded_noise is not None:
+            self.unseeded_noise.exponential_(1)  # one draw from the global RNG for all of them
+        for q, gen in self.seeded_noise:
+            q.exponential_(1, generator=gen)
+        return out.index_copy_(0, self.rows, self._draw_rows(x.index_select(0, self.rows)))
 
-    def _draw_batched(self, x: torch.Tensor) -> torch.Tensor:
-        """[R, V] float32 logits of the unseeded rows -> one draw each [R] (global RNG)."""
-        x = x / self.temp
+    def _draw_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[S, V] float32 logits of the sampled rows -> one draw each [S] long, with ``self.noise``."""
+        op, t = self.scale
+        x = op(x, t)
         if self.top_k is not None:  # rows without top-k cut at the V-th (smallest) logit: nothing
             kth = x.sort(-1, descending=True).values.gather(1, self.top_k)
             x = x.masked_fill(x < kth, float("-inf"))
@@ -167,7 +183,7 @@ class RowSampler:
             probs = sorted_x.softmax(-1)
             remove = (probs.cumsum(-1) - probs > p) & on  # rows with top_p off keep everything
             x = x.scatter(1, idx, sorted_x.masked_fill(remove, float("-inf")))
-        return multinomial1(_safe_probs(x))
+        return (_safe_probs(x) / self.noise).argmax(-1)  # multinomial1's draw, with the noise drawn above
 
 
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],

@@ -5,9 +5,12 @@ distribution; seeded rows give the same tokens alone and in any batch), and a
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
@@ -231,3 +234,144 @@ def test_multinomial1_is_torch_multinomial_without_its_host_syncs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_multinomial1_is_torch_multinomial_on_cuda():
     _multinomial_matches("cuda")
+
+
+# ------------------------------------------------------------------------------------ seeded rows, batched
+# Seeded rows are drawn in the batched path (issue 14): their own generator fills their row of the
+# noise, every other op is batched. Each row keeps sample_next's tokens (the generator stream and the
+# cut are unchanged) alone and in any batch, and a step's op count does not grow with seeded rows.
+SEEDED_KINDS = [SamplingParams(0.9), SamplingParams(1.0, top_k=7), SamplingParams(0.8, top_p=0.9),
+                SamplingParams(0.7, top_k=20, top_p=0.95), SamplingParams(1.3, top_p=0.3), SamplingParams(2.0, top_k=1)]
+OTHER_KINDS = [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.9, top_k=5), SamplingParams(1.1, top_p=0.7)]
+
+
+def _step_logits(step: int, n: int, vocab: int, device: str) -> torch.Tensor:
+    """[n, V] logits of one step: spread ones, bf16-rounded ones and one of six values (ties at the
+    top-k / top-p cut), and rows that are not distributions (NaN, +inf) or have -inf entries."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, vocab, generator=g) * 3
+    x[1::3] = x[1::3].bfloat16().float()
+    x[3 % n] = torch.randint(0, 6, (vocab,), generator=g) / 2  # six values: every cut splits a tie
+    if step % 5 == 0:
+        x[2 % n, 3] = float("nan")
+    if step % 7 == 0:
+        x[0, 5] = float("inf")
+    x[n // 2, ::4] = float("-inf")
+    return x.to(device)
+
+
+def _seeded_batch(n: int, device: str) -> tuple[list[SamplingParams], list[torch.Generator | None]]:
+    """``n`` rows: even rows seeded (seed 50 + i, kinds cycling), odd rows greedy or unseeded."""
+    params, gens = [], []
+    for i in range(n):
+        seeded = i % 2 == 0
+        params.append(SEEDED_KINDS[(i // 2) % len(SEEDED_KINDS)] if seeded else OTHER_KINDS[(i // 2) % len(OTHER_KINDS)])
+        gens.append(torch.Generator(device=device).manual_seed(50 + i) if seeded else None)
+    return params, gens
+
+
+def _seeded_rows_match_sample_next(device: str, vocab: int = 300, n: int = 12, steps: int = 40):
+    torch.manual_seed(4)
+    params, gens = _seeded_batch(n, device)
+    ref_gens = [torch.Generator(device=device).manual_seed(50 + i) if g is not None else None for i, g in enumerate(gens)]
+    sampler = RowSampler(params, gens, vocab, device)
+    for step in range(steps):
+        logits = _step_logits(step, n, vocab, device)
+        got = sampler.sample(logits).tolist()
+        for i, (sp, g) in enumerate(zip(params, ref_gens)):
+            if g is not None:
+                want = sample_next(logits[i], sp.temperature, sp.top_k, sp.top_p, g)  # the per-row path (_draw)
+                assert got[i] == want, (step, i, sp)
+            elif sp.temperature == 0.0:
+                assert got[i] == int(torch.nan_to_num(logits[i], nan=float("-inf")).argmax())
+
+
+def test_seeded_rows_in_the_batched_draw_give_sample_next_tokens():
+    """Over many steps (the generators advancing), with ties at the cuts and rows that fall back to
+    their argmax: every seeded row's token is the one ``sample_next`` draws with the same generator."""
+    _seeded_rows_match_sample_next("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_seeded_rows_in_the_batched_draw_give_sample_next_tokens_on_cuda():
+    """On CUDA too (there ``logits / t`` is a multiply by the reciprocal: the sampler scales alike),
+    with a vocabulary past the sort's small-slice size."""
+    _seeded_rows_match_sample_next("cuda")
+    _seeded_rows_match_sample_next("cuda", vocab=5000, n=8, steps=10)
+
+
+def _seeded_row_streams(n: int, device: str, vocab: int = 64, steps: int = 50) -> list[list[int]]:
+    """Tokens of the first two seeded rows (batch rows 0 and 2 of ``_seeded_batch(max(n, 3))``, batch
+    row 0 alone when n = 1) over ``steps`` steps in a batch of ``n`` rows; each row's logits depend
+    only on the row's previous token."""
+    params, gens = _seeded_batch(max(n, 3), device)
+    watched = [0, 2] if n > 1 else [0]
+    params, gens = params[:n], gens[:n]
+    table = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(9)).mul(2).to(device)  # prev token -> logits
+    prev = torch.arange(n, device=device) % vocab
+    for i in watched:
+        prev[i] = 7 + i  # the watched rows start alike whatever the batch
+    sampler = RowSampler(params, gens, vocab, device)
+    streams = [[] for _ in watched]
+    torch.manual_seed(n)  # the unseeded rows differ from batch to batch: no matter
+    for _ in range(steps):
+        prev = sampler.sample(table[prev])
+        for s, i in zip(streams, watched):
+            s.append(int(prev[i]))
+    return streams
+
+
+def test_a_seeded_row_gives_the_same_tokens_alone_and_in_batches_of_8_and_64():
+    alone = [_seeded_row_streams(1, "cpu")[0]] + [_seeded_row_streams(3, "cpu")[1]]
+    for n in (3, 8, 64):
+        assert _seeded_row_streams(n, "cpu")[0] == alone[0], n
+        assert _seeded_row_streams(n, "cpu")[1] == alone[1], n
+    assert len(set(alone[0])) > 5  # the rows do sample (a stream stuck on one token would prove little)
+
+
+def test_seeded_rows_in_the_decode_loop_alone_and_in_batches_of_8_and_64(model):
+    """The decode loop: two seeded rows (top-k; top-p with a history) give their solo tokens in
+    batches of 8 and 64 rows of every kind (greedy, unseeded, other seeded rows)."""
+    alone = [solo(model, kw).tokens for kw in _seeded(model)]
+    kinds = [SamplingParams(0.0), SamplingParams(1.0), SamplingParams(0.8, top_k=5), SamplingParams(1.0, top_p=0.6)]
+    for n in (8, 64):
+        torch.manual_seed(n)
+        seeded = [DecodeRow(**kw) for kw in _seeded(model)]
+        others = [DecodeRow(prompt_ids(200 + i, 6), None, 22, kinds[i % 4], seed=300 + i if i % 2 else None)
+                  for i in range(n - 2)]
+        dec = BatchDecoder(model)
+        dec.add(others[:n // 2] + [seeded[0]] + others[n // 2:] + [seeded[1]])
+        list(dec.run())
+        assert [r.tokens for r in seeded] == alone, n
+
+
+class _AtenOps(TorchDispatchMode):
+    """Counts the aten ops run under it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_sampling_step_runs_the_same_ops_for_8_and_64_seeded_rows():
+    """Only the seeded rows' noise draws (one ``exponential_`` each, from their own generator) grow
+    with the rows: the other ops of a step are the same for 8 and 64 seeded rows (and for 1)."""
+    counts = {}
+    for n_seeded in (1, 8, 64):
+        params, gens = _seeded_batch(2 * n_seeded, "cpu")  # n_seeded seeded rows, as many greedy / unseeded
+        sampler = RowSampler(params, gens, 300, "cpu")
+        logits = _step_logits(1, 2 * n_seeded, 300, "cpu")
+        sampler.sample(logits)
+        with _AtenOps() as mode:
+            sampler.sample(logits)
+        counts[n_seeded] = mode.ops
+    for n_seeded, ops in counts.items():
+        draws = sum(v for k, v in ops.items() if k.startswith("exponential_"))
+        assert draws == n_seeded + (n_seeded > 1), (n_seeded, ops)  # + one global draw when there are unseeded rows
+    rest = {n: {k: v for k, v in ops.items() if not k.startswith("exponential_")} for n, ops in counts.items()}
+    assert rest[8] == rest[64] and sum(rest[64].values()) < 40, rest
