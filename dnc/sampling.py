@@ -94,7 +94,8 @@ def multinomial1(probs: torch.Tensor, generator: torch.Generator | None = None) 
 
 
 def _draw(logits: torch.Tensor, t: float, k: int, p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One non-greedy draw from ``logits`` [V] float32 -> token id [1] long, on the device (no host sync)."""
+    """One non-greedy draw from ``logits`` [V] float32 -> token id [1] long, on the device (no host sync).
+    :func:`sample_next`'s draw, one row at a time; :class:`RowSampler` gives a seeded row the same token."""
     return multinomial1(_safe_probs(_filtered_logits(logits, t, k, p)[None]), generator)
 
 
@@ -130,7 +131,6 @@ class RowSampler:
                  vocab: int, device: torch.device | str):
         self.n, self.vocab = len(params), vocab
         norm = [p.normalized(vocab) for p in params]  # (greedy, temperature, top_k, top_p)
-        self.all_greedy = all(g for g, *_ in norm)
         unseeded = [i for i in range(self.n) if not norm[i][0] and generators[i] is None]
         seeded = [i for i in range(self.n) if not norm[i][0] and generators[i] is not None]
         rows = unseeded + seeded  # the sampled rows, unseeded first: their noise is one slice
