@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8125, help="port of the server this script starts")
     p.add_argument("--checkpoint", default=None, help="checkpoint for the started server / in-process run")
     p.add_argument("--preset", default="tiny", help="preset of the untrained model without --checkpoint")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="serving dtype of the started server (AppArgs dtype) and of the in-process baseline; "
+                        "auto = bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level in plain/stream modes")
     p.add_argument("--turns", type=int, default=4, help="turns of each client's chat in chat mode")
@@ -159,7 +162,7 @@ def in_process(args, n: int) -> dict[str, Any]:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    lm = load_model(ModelSpec(checkpoint=args.checkpoint, preset=args.preset), "auto")
+    lm = load_model(ModelSpec(checkpoint=args.checkpoint, preset=args.preset, dtype=args.dtype), "auto")
     tok = get_tokenizer()
     ids = tok.encode(prompt_text(args.prompt_len))
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
@@ -181,7 +184,8 @@ def in_process(args, n: int) -> dict[str, Any]:
     wall = time.perf_counter() - t_all
     out = {"requests": n, "requests_per_s": n / wall, "tokens_per_s": tokens / wall, "latency_ms_p50": pct(lat, 0.5),
            "latency_ms_p99": pct(lat, 0.99), "ttft_ms_p50": pct(ttft, 0.5), "itl_ms_p50": pct(itl, 0.5),
-           "itl_ms_p99": pct(itl, 0.99), "device": str(lm.device), "weights_digest": lm.digest, "batched": {}}
+           "itl_ms_p99": pct(itl, 0.99), "device": str(lm.device), "dtype": lm.dtype, "weights_digest": lm.digest,
+           "batched": {}}
     for c in sorted(set(args.clients)):
         for _ in range(2):  # a warm-up batch, then the timed one
             dec = BatchDecoder(lm.model, max_batch=c)
@@ -221,7 +225,7 @@ def paired(url: str, args, n: int) -> dict[str, Any]:
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    lm = load_model(ModelSpec(checkpoint=args.checkpoint, preset=args.preset), "auto")
+    lm = load_model(ModelSpec(checkpoint=args.checkpoint, preset=args.preset, dtype=args.dtype), "auto")
     tok = get_tokenizer()
     text = prompt_text(args.prompt_len)
     ids = tok.encode(text)
@@ -326,7 +330,7 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
 
     if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset,
+    app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset, "dtype": args.dtype,
                 "max_new_tokens": max(512, args.max_new_tokens), "manager_interval_s": 0,
                 "torch_threads": args.torch_threads, "generator_replicas": args.replicas,
                 "max_batch_size": args.max_batch_size or min(256, max(args.clients)),
@@ -339,6 +343,18 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ report
+def served_model(url: str, args) -> dict[str, Any]:
+    """The server's ``/model/stats`` (model name, device, ``dtype`` as torch names it)."""
+    import httpx
+
+    from serve_clients import auth
+
+    r = httpx.get(f"{url}/model/stats", timeout=60, headers=auth(args))
+    r.raise_for_status()
+    body = r.json()
+    return {**body, "dtype": str(body["dtype"]).removeprefix("torch.")}
+
+
 def latency_added(row: dict[str, Any], base: dict[str, Any] | None) -> float | None:
     """Served p50 latency minus the in-process one at the same concurrency (ms): one stream
     (``generate_stream``) for 1 client, else the time the ``BatchDecoder`` took for a batch of as
@@ -423,6 +439,8 @@ def main(argv=None) -> dict[str, Any]:
         url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"))
     rows, prometheus, pair = [], None, None
     try:
+        served_dtype = served_model(url, args)["dtype"]  # what the server runs, whoever started it
+        print(f"server {url}: weights in {served_dtype}", flush=True)
         for mode in args.modes:
             for c in args.clients:
                 r = run_level(url, args, mode, c)
@@ -443,7 +461,8 @@ def main(argv=None) -> dict[str, Any]:
             from serve.app import teardown
 
             teardown(started)
-    md = table(rows, base)
+    md = f"Weights and session states in {served_dtype}" + (f" (in-process baseline: {base['dtype']})" if base else "")
+    md += ".\n\n" + table(rows, base)
     if pair:
         md += ("\n\n| paired, 1 client | pairs | served p50 ms | in-process p50 ms | added p50 ms | TTFT added p50 ms "
                "| same tokens |\n|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(
@@ -464,7 +483,7 @@ def main(argv=None) -> dict[str, Any]:
     print(md)
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
               "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
-              "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
+              "dtype": served_dtype, "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
               "in_process": base, "results": rows, "paired": pair, "targets": goals, "prometheus": prometheus, "markdown": md}
     out = args.out or os.path.join(ROOT, "bench", "results", f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

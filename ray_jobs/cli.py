@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 from dnc.config import ConfigError
 from ray_jobs.parsing import UsageError
@@ -56,7 +56,7 @@ def evaluate(checkpoint: str, lengths: str = "1k,4k,16k", tasks: str | None = No
 
 
 def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/serve-storage",
-          seconds: float | None = None) -> int:
+          seconds: float | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> int:
     """Serve a checkpoint (or an untrained tiny model) with Ray Serve: HTTP/WebSocket API and the UI.
 
     Args:
@@ -64,10 +64,11 @@ def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/
         port: HTTP port on 127.0.0.1.
         storage: Session-bank storage (directory or fsspec URI).
         seconds: Seconds to serve before exiting; null = until Ctrl-C.
+        dtype: Serving dtype of the weights and session states: auto = bfloat16 on CUDA, float32 on the CPU.
     """
     from ray_jobs.serving import serve_forever
 
-    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage)
+    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage, dtype)
     return 0
 
 

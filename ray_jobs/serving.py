@@ -88,9 +88,10 @@ def stop(args: dict[str, Any]) -> None:
         ray.shutdown()
 
 
-def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str) -> None:
-    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model)."""
-    args: dict[str, Any] = {"storage": storage}
+def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
+                  dtype: str = "auto") -> None:
+    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``."""
+    args: dict[str, Any] = {"storage": storage, "dtype": dtype}
     if checkpoint:
         args["checkpoint"] = checkpoint
     check_port(port)

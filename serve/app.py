@@ -2,6 +2,7 @@
 
     serve run serve.app:build_app                          # untrained tiny model, seed 0
     serve run serve.app:build_app checkpoint=runs/ckpt     # a trained checkpoint (path or fsspec URI)
+    serve run serve.app:build_app dtype=float32            # float32 on a GPU too (auto: bf16 on CUDA)
     serve deploy serve/config.yaml                         # on a running cluster
 
 Every argument of :class:`AppArgs` can be given as ``key=value`` to ``serve run`` or under
@@ -56,6 +57,10 @@ class AppArgs(BaseModel):
     generator_num_cpus: float = Field(1.0, ge=0)
     generator_num_gpus: float | None = Field(None, ge=0, description="None = 1 if the cluster has a GPU.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Serving dtype of the weights and session states: auto = bfloat16 on CUDA (about 3x "
+        "faster decode steps than float32 on an H200), float32 on the CPU. Each logged turn records its dtype and "
+        "replays in it (recovery, the shards' compaction on the CPU), so sessions survive a change of dtype.")
     torch_threads: int = Field(0, ge=0, description="torch threads per generator (0 = Ray's default).")
     max_batch_size: int = Field(64, ge=1, le=256, description="Rows of one decode model call (every running "
                                 "request of a replica decodes; larger groups take several calls per step). "
@@ -112,7 +117,7 @@ class AppArgs(BaseModel):
 
     # ---- derived settings -------------------------------------------------------------------
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(checkpoint=self.checkpoint, preset=self.preset, seed=self.seed)
+        return ModelSpec(checkpoint=self.checkpoint, preset=self.preset, seed=self.seed, dtype=self.dtype)
 
     def bank_config(self) -> BankConfig:
         return BankConfig(storage=self.storage, num_shards=self.bank_shards, namespace=self.namespace,

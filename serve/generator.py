@@ -43,6 +43,7 @@ from .modeling import ModelSpec, load_model
 from .scheduler import DecodeScheduler
 from .sessions import BankClient, BankConfig
 from .sessions.routing import ROUTER_CLASS as SESSION_ROUTER
+from .sessions.turn_log import ReplayModels
 from .sessions.turns import SessionTurns, state_of
 
 logger = logging.getLogger("serve.generator")
@@ -224,7 +225,11 @@ class Generator:
 
         self.tok = get_tokenizer()
         self.bank = BankClient(self.settings.bank)
-        self.turns = SessionTurns(self.lm.model, self.bank, self._run)  # session states resident here
+        # session states resident here, in the serving dtype; turns logged in another dtype (before the
+        # server's dtype changed) replay on a copy of the model in theirs, loaded on first use
+        models = ReplayModels(lambda dtype: load_model(self.settings.model, self.settings.device, dtype).model,
+                              self.lm.dtype, [self.lm.model])
+        self.turns = SessionTurns(self.lm.model, self.bank, self._run, models=models)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="dnc-model")
         self.metrics = get_metrics()  # Prometheus, through ray.serve.metrics (serve/metrics.py)
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
@@ -435,7 +440,7 @@ class Generator:
             bank = await self.bank.call(sid, "get_bank", owner)
 
         def run():
-            state = state_of(self.lm.model, sid, bank) if sid else None
+            state = state_of(self.turns.models, sid, bank) if sid else None
             return entry.run(self.lm, req, state)
         t = time.perf_counter()
         out = await self._run(run)

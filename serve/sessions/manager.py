@@ -21,24 +21,31 @@ class ManagerMixin:
     """Background policy of :class:`~serve.sessions.shard.SessionBankShard`."""
 
     # ------------------------------------------------------------------ compaction
-    def _load_model(self):
-        if self._model is None:
+    def _replay_models(self):
+        """The shard's CPU models, one per dtype the turns it replays were decoded in (loaded on first
+        use: a shard of a bfloat16 server holds one bfloat16 model, plus a float32 one only for
+        sessions with turns logged before the server's dtype changed)."""
+        if self._models is None:
             import torch
 
             from ..modeling import ModelSpec, load_model
+            from .turn_log import ReplayModels
 
             torch.set_num_threads(1)  # a background helper: leave the cores to the generator
-            self._model = load_model(ModelSpec(**self.cfg.model), device="cpu").model
-        return self._model
+            spec = ModelSpec(**self.cfg.model)
+            self._models = ReplayModels(lambda dtype: load_model(spec, device="cpu", dtype=dtype).model)
+        return self._models
 
     def _compact_bytes(self, payload: bytes | None, turns: list[dict[str, Any]], merge: bool, threshold: float):
-        from ..modeling import state_meta, state_to_bytes
+        from ..modeling import state_dtype, state_meta, state_to_bytes
         from .turn_log import rebuild_state
 
-        model = self._load_model()
-        state = rebuild_state(model, payload, turns)  # the last full state, then its token turns
+        models = self._replay_models()
+        # the last full state, then its token turns, each in the dtype it was decoded in; the state
+        # stays in the last one's (the stored state's with no turns), and so does the compaction
+        state = rebuild_state(models, payload, turns)
         before = state_meta(state)
-        moved = model.compact_state(state)
+        moved = models(state_dtype(state)).compact_state(state)
         merged = state.merge_duplicates(threshold) if merge else 0
         return state_to_bytes(state), before, state_meta(state), moved, merged
 

@@ -43,7 +43,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         self._snap_lock: asyncio.Lock | None = None
         self._creating: asyncio.Lock | None = None
         self._manager: asyncio.Task | None = None
-        self._model = None
+        self._models = None  # ReplayModels on the CPU, loaded when a compaction first needs one
         # start = open storage + recover. It must not raise: Ray does not restart an actor whose
         # __init__ failed, so a shard started while its storage was down would stay dead (issue 12).
         # Instead it answers 503 and retries with backoff until storage is back.

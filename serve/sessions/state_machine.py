@@ -47,6 +47,8 @@ class StateMachineMixin:
         if op == "turn":  # tokens only: the full state stays what it was, the turn joins the tail
             s.tail.append({"seq": seq, "ids": unpack_ids(payload), "n_prompt": int(h["n_prompt"]),
                            "fp": h.get("fp"), "digest": h["digest"]})
+            if h.get("dtype"):  # none in records older than the serving dtype: float32 (turn_log.turn_dtype)
+                s.tail[-1]["dtype"] = h["dtype"]
             s.digest = h["digest"]
         else:  # a full state record
             s.payload, s.nbytes, s.digest, s.offloaded = payload, len(payload or b""), digest(payload), False
@@ -210,11 +212,14 @@ class StateMachineMixin:
 
     async def commit_tokens(self, sid: str, lease_id: str | None, seq: int, update_id: str, ids: list[int],
                             n_prompt: int, fingerprint: dict[str, Any] | None, meta: dict[str, Any],
-                            turn: dict[str, Any]) -> dict[str, Any]:
+                            turn: dict[str, Any], dtype: str | None = None) -> dict[str, Any]:
         """Like :meth:`commit_turn` for a turn that changed the state only by tokens: logs the turn's
-        ``ids`` (the first ``n_prompt`` were the prompt, the rest generated) and the ``fingerprint``
-        of the state it left (``turn_log.state_fingerprint``) instead of the bank. Idempotent, fenced."""
+        ``ids`` (the first ``n_prompt`` were the prompt, the rest generated), the ``fingerprint``
+        of the state it left (``turn_log.state_fingerprint``) instead of the bank, and the ``dtype``
+        it was decoded in (a replay runs in it; None: float32). Idempotent, fenced."""
         tokens = {"ids": [int(i) for i in ids], "n_prompt": int(n_prompt), "fp": fingerprint}
+        if dtype is not None:
+            tokens["dtype"] = str(dtype)
         return await self._commit(sid, lease_id, seq, update_id, None, meta, turn, tokens)
 
     async def _commit(self, sid, lease_id, seq, update_id, payload, meta, turn, tokens) -> dict[str, Any]:
@@ -243,8 +248,9 @@ class StateMachineMixin:
                            compacted: bool = False, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
         """The ordered, idempotent update queue of a session. Returns once the update is durable.
 
-        ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``)
-        the update is a token turn instead (a "turn" record holding the ids, 4 bytes a token)."""
+        ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``,
+        and ``"dtype"``) the update is a token turn instead (a "turn" record holding the ids, 4 bytes a
+        token)."""
         self._start_manager()
         s = self._get(sid, None)
         cond = s.condition()
@@ -272,6 +278,8 @@ class StateMachineMixin:
                 payload = pack_ids(tokens["ids"])
                 header.update(op="turn", n_prompt=tokens["n_prompt"], fp=tokens.get("fp"),
                               digest=chain_digest(s.digest, tokens["ids"], tokens["n_prompt"]))
+                if tokens.get("dtype"):
+                    header["dtype"] = tokens["dtype"]
             if turn is not None:
                 turn.setdefault("seq", seq)
                 turn.setdefault("at", header["at"])

@@ -10,6 +10,12 @@ it (the prompt's prefill, then each generated token forced through the decoder's
 checking each turn's fingerprint: a replay that does not give back the acknowledged state (other weights, a divergence)
 is an error naming the session and the turn, never a silent guess.
 
+A turn record also names the dtype the turn was decoded in (``"dtype"``; records written before
+it existed were float32). A replay runs each turn in that dtype (:class:`ReplayModels` holds the
+model in each), casting the state where consecutive turns differ exactly as the serving replica did
+when its dtype changed, so it repeats the served arithmetic: a bfloat16 turn replayed in float32
+would not give back its fingerprint (nor would a float32 turn in bfloat16).
+
 The store itself (``serve.sessions.shard``) only keeps and logs these records; the model work
 (:func:`replay_turns`, :func:`rebuild_state`) runs where a model is: the Generator, or the shard's
 CPU model when it compacts.
@@ -21,12 +27,32 @@ import hashlib
 import json
 import math
 import struct
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 FINGERPRINT_RTOL = 1e-3
-"""Relative tolerance of the float parts of a fingerprint (scaled by the tensor group's absolute
-sum). A replay on the device and batch shapes of the live turn is bit-exact; another device or
-batching rounds differently, by far less than this."""
+"""Relative tolerance of the float parts of a float32 turn's fingerprint (scaled by the tensor
+group's absolute sum). A replay on the device and batch shapes of the live turn is bit-exact;
+another device or batching rounds differently, by far less than this."""
+FINGERPRINT_RTOL_BF16 = 1e-2
+"""The same for a bfloat16 turn. A replay on another device or batch shape rounds each bfloat16 op
+differently, at bfloat16's scale (2**-8), not float32's: measured on the CPU (tiny preset), a
+bfloat16 turn replayed with float32 arithmetic drifts 3e-4 to 3.1e-3 of a group's absolute sum (8
+turns of 64 and 700 tokens), so float32's 1e-3 would call sound bfloat16 sessions damaged. Other
+weights (seed 1 for seed 0) still drift 3.5e-2 to 1e-1 on the worst group, well past this.
+tests/test_replay_gpu.py measures the GPU-decoded, CPU-replayed drift on the H200."""
+RECORD_DTYPE = "float32"
+"""The dtype of a turn record that names none: records written before turns recorded their dtype
+were all decoded in float32."""
+
+
+def turn_dtype(record: dict[str, Any]) -> str:
+    """The dtype a turn record was decoded in (``"float32"`` / ``"bfloat16"``)."""
+    return record.get("dtype") or RECORD_DTYPE
+
+
+def fingerprint_rtol(dtype: str) -> float:
+    """The fingerprint tolerance of a turn decoded in ``dtype``."""
+    return FINGERPRINT_RTOL_BF16 if dtype == "bfloat16" else FINGERPRINT_RTOL
 
 
 # --------------------------------------------------------------------------- ids and digests
@@ -107,6 +133,16 @@ def fingerprint_mismatch(expected: dict[str, Any], got: dict[str, Any], rtol: fl
     return None
 
 
+def fingerprint_drift(expected: dict[str, Any], got: dict[str, Any]) -> float:
+    """The largest difference of a float part of two fingerprints of the same structure, relative to
+    its group's absolute sum (what :func:`fingerprint_mismatch` compares with its tolerance); inf
+    when the structures differ."""
+    if expected.get("ints") != got.get("ints") or len(expected.get("sums", [])) != len(got.get("sums", [])):
+        return math.inf
+    return max((max(abs(s0 - s1), abs(a0 - a1)) / max(abs(a0), abs(a1), 1e-6)
+                for (s0, a0), (s1, a1) in zip(expected["sums"], got["sums"])), default=0.0)
+
+
 def state_nbytes(state) -> int:
     """Bytes of every tensor a ``DNCState`` holds (bank, local KV cache, pending writes)."""
     return sum(t.numel() * t.element_size() for _, group in _tensors(state) for t in group)
@@ -117,6 +153,59 @@ def fingerprint_bytes(fp: dict[str, Any]) -> int:
 
 
 # --------------------------------------------------------------------------- replay
+class ReplayModels:
+    """The model a replay runs each turn in, by dtype name: the served model, and copies in the
+    other dtypes turns were recorded in, built on first use by ``load(dtype)`` (a replica serving
+    bfloat16 that replays float32 turns written before a restart loads a float32 copy; the shard
+    loads a CPU model per dtype it meets). ``load`` builds from the source weights (see
+    ``serve.modeling.load_model``): casting a bfloat16 copy back to float32 would not give the
+    float32 model back.
+
+    ``default``: the dtype a rebuilt state ends in when the caller names none."""
+
+    def __init__(self, load: Callable[[str], Any] | None = None, default: str = RECORD_DTYPE,
+                 models: Sequence[Any] = ()):
+        from ..modeling import dtype_name
+
+        self._load = load
+        self._models = {dtype_name(m): m for m in models}
+        self.default = default
+
+    @classmethod
+    def of(cls, model) -> "ReplayModels":
+        """``model`` itself if it is one; else the models of one plain model (its own dtype only)."""
+        from ..modeling import dtype_name
+
+        return model if isinstance(model, ReplayModels) else cls(None, dtype_name(model), [model])
+
+    def __call__(self, dtype: str):
+        m = self._models.get(dtype)
+        if m is None:
+            if self._load is None:
+                raise ValueError(f"a turn decoded in {dtype} can only be replayed by a model in {dtype}; this "
+                                 f"replay has {', '.join(self._models) or 'none'} and no loader")
+            m = self._models[dtype] = self._load(dtype)
+        return m
+
+    def any(self):
+        """A loaded model (loading the default one if none is): what a state is loaded onto needs only
+        its config and device, the same for every dtype."""
+        return next(iter(self._models.values()), None) or self(self.default)
+
+    def loaded(self) -> list[str]:
+        return sorted(self._models)
+
+
+def cast_state(state, model, dtype: str):
+    """``state`` with its float tensors in ``dtype`` (the same object when they already are), through
+    the one stored form, as a replica that changed dtype loads a stored state."""
+    from ..modeling import state_dtype, state_from_bytes, state_to_bytes
+
+    if state_dtype(state) == dtype:
+        return state
+    return state_from_bytes(state_to_bytes(state), model, dtype)
+
+
 class ReplayMismatch(ValueError):
     """Replaying a turn record did not give back the state that was acknowledged."""
 
@@ -150,22 +239,37 @@ def feed_turn(model, state, ids: Sequence[int], n_prompt: int) -> None:
         raise row.error
 
 
-def replay_turns(model, state, turns: Sequence[dict[str, Any]], check: bool = True) -> None:
-    """Apply token turn records (``{"seq", "ids", "n_prompt", "fp"}``, oldest first) to ``state`` in
-    place. Raises :class:`ReplayMismatch` when a turn's fingerprint does not match."""
+def replay_turns(models, state, turns: Sequence[dict[str, Any]], check: bool = True, dtype: str | None = None):
+    """Apply token turn records (``{"seq", "ids", "n_prompt", "fp", "dtype"}``, oldest first) to
+    ``state``, each by the model in its recorded dtype (``models``: :class:`ReplayModels` or one
+    model). Returns the state: ``state`` itself, changed in place, unless a turn's dtype (or
+    ``dtype``, the one to end in; None: the last turn's) differs from the state's, which casts it.
+    Raises :class:`ReplayMismatch` when a turn's fingerprint does not match."""
+    models = ReplayModels.of(models)
     for t in turns:
+        d = turn_dtype(t)
+        model = models(d)
+        state = cast_state(state, model, d)
         feed_turn(model, state, t["ids"], int(t["n_prompt"]))
         if check and t.get("fp"):
-            bad = fingerprint_mismatch(t["fp"], state_fingerprint(state))
+            bad = fingerprint_mismatch(t["fp"], state_fingerprint(state), fingerprint_rtol(d))
             if bad:
-                raise ReplayMismatch(int(t["seq"]), bad)
+                raise ReplayMismatch(int(t["seq"]), f"{bad}; replayed in {d}")
+    return cast_state(state, models(dtype), dtype) if dtype else state
 
 
-def rebuild_state(model, payload: bytes | None, turns: Sequence[dict[str, Any]], check: bool = True):
+def rebuild_state(models, payload: bytes | None, turns: Sequence[dict[str, Any]], check: bool = True,
+                  dtype: str | None = None):
     """The state of a session: its last full state (``payload``; None = a fresh state) on the model's
-    device, then its later token turns replayed (:func:`replay_turns`)."""
+    device, then its later token turns replayed (:func:`replay_turns`). It ends in ``dtype``; None:
+    the last turn's dtype, or with no turns the dtype ``payload`` was stored in (``models.default``
+    for a fresh state). ``models``: :class:`ReplayModels` or one model."""
     from ..modeling import state_from_bytes
 
-    state = state_from_bytes(payload, model)
-    replay_turns(model, state, turns, check)
-    return state
+    models = ReplayModels.of(models)
+    if turns:  # loaded as the replica that decoded the first turn loaded it
+        first = turn_dtype(turns[0])
+    else:
+        first = dtype or ("stored" if payload is not None else models.default)
+    state = state_from_bytes(payload, models.any() if first == "stored" else models(first), first)
+    return replay_turns(models, state, turns, check, dtype)

@@ -9,6 +9,9 @@ or rebuilt from the shard's last full state and token turns), and commit what th
   (``commit_tokens``: a few KiB for a short turn), or the full state when a snapshot is due
   (``BankConfig.snapshot_due``). The turn is answered after the shard acknowledged the record,
   which it does only once the record is fsynced. The state then stays resident.
+* Every turn is decoded in the replica's serving dtype and its record names it; turns recorded in
+  another dtype (before the server's dtype changed) replay in theirs (:class:`.turn_log.ReplayModels`),
+  and the state is then cast to the serving dtype, as it would be loaded from a full state.
 * :meth:`SessionTurns.end` releases the lease of a turn that was not committed and never keeps its
   state (the decoder changed it in place).
 
@@ -25,7 +28,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 from ..errors import StateDamaged
 from .resident import ResidentState, ResidentStates
-from .turn_log import ReplayMismatch, rebuild_state, replay_turns, state_fingerprint, state_nbytes
+from .turn_log import ReplayMismatch, ReplayModels, rebuild_state, replay_turns, state_fingerprint, state_nbytes
 
 logger = logging.getLogger("serve.sessions")
 
@@ -47,20 +50,29 @@ def _damaged(sid: str, e: ReplayMismatch) -> StateDamaged:
                         f"/v1/state/{sid} removes it", "state_damaged", "state_id")
 
 
-def state_of(model, sid: str, bank: dict[str, Any]):
-    """The state of a ``get_bank`` answer (on the model thread); 500 ``state_damaged`` naming the
-    session when a token turn does not replay to its acknowledged state."""
+def state_of(models, sid: str, bank: dict[str, Any], dtype: str | None = None):
+    """The state of a ``get_bank`` answer (on the model thread) in ``dtype`` (None: the served
+    model's, ``models.default``); 500 ``state_damaged`` naming the session when a token turn does not
+    replay to its acknowledged state. ``models``: :class:`ReplayModels` or one model."""
+    models = ReplayModels.of(models)
     try:
-        return rebuild_state(model, bank["payload"], bank.get("turns") or [])
+        return rebuild_state(models, bank["payload"], bank.get("turns") or [], dtype=dtype or models.default)
     except ReplayMismatch as e:
         raise _damaged(sid, e) from None
 
 
 class SessionTurns:
-    """Session turns of one Generator replica (see the module docstring)."""
+    """Session turns of one Generator replica (see the module docstring). ``model`` is the served
+    model (its dtype is the serving dtype); ``models`` the replay models holding it (default: that
+    model alone, which cannot replay turns recorded in another dtype)."""
 
-    def __init__(self, model, bank, run: Callable[..., Awaitable], budget_bytes: int | None = None):
+    def __init__(self, model, bank, run: Callable[..., Awaitable], budget_bytes: int | None = None,
+                 models: ReplayModels | None = None):
+        from ..modeling import dtype_name
+
         self.model = model
+        self.dtype = dtype_name(model)
+        self.models = models or ReplayModels.of(model)
         self.bank = bank
         self.cfg = bank.cfg
         self.run = run
@@ -74,12 +86,13 @@ class SessionTurns:
         keeper = self.bank.start_keep_lease(sid, lease)  # the lease lives as long as this turn
         try:
             if lease["base"]:
-                state = await self.run(rebuild_state, self.model, lease["payload"], lease["turns"])
+                state = await self.run(rebuild_state, self.models, lease["payload"], lease["turns"], True,
+                                       self.dtype)
                 source = "loaded"
             else:
                 state = mine.state
                 if lease["turns"]:  # another replica served these turns: replay them onto our copy
-                    await self.run(replay_turns, self.model, state, lease["turns"])
+                    state = await self.run(replay_turns, self.models, state, lease["turns"], True, self.dtype)
                 source = "replayed" if lease["turns"] else "resident"
         except BaseException as e:
             keeper.cancel()
@@ -109,12 +122,12 @@ class SessionTurns:
             body = state_to_bytes(state) if full else state_fingerprint(state)
             return state_meta(state), body, state_nbytes(state)
         meta, body, nbytes = await self.run(describe)
-        info = {**info, "tokens_seen": meta["tokens_seen"]}
-        if full:
+        info = {**info, "tokens_seen": meta["tokens_seen"], "dtype": self.dtype}
+        if full:  # the full state's bytes keep its dtype
             ack = await self.bank.call(sid, "commit_turn", lease["lease_id"], seq, update_id, body, meta, info)
         else:
             ack = await self.bank.call(sid, "commit_tokens", lease["lease_id"], seq, update_id, ids,
-                                       len(prompt_ids), body, meta, info)
+                                       len(prompt_ids), body, meta, info, self.dtype)
         turn.ack = ack
         kind = ack.get("record", "state")
         self.counters[f"turn_records_{kind}"] += 1
