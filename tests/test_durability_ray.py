@@ -107,14 +107,17 @@ def _replica_actor(ray):
             import torch
 
             from serve.modeling import ModelSpec, load_model
+            from serve.sessions.turn_log import ReplayModels
             from serve.sessions.turns import SessionTurns
 
             torch.set_num_threads(1)
-            self.model = load_model(ModelSpec(preset="tiny", seed=0), "cpu").model
+            spec = ModelSpec(**cfg_dict["model"])  # the serving dtype too, as a Generator replica
+            self.model = load_model(spec, "cpu").model
+            models = ReplayModels(lambda d: load_model(spec, "cpu", d).model, spec.dtype, [self.model])
 
             async def run_here(fn, *args):
                 return fn(*args)
-            self.turns = SessionTurns(self.model, BankClient(BankConfig(**cfg_dict)), run_here)
+            self.turns = SessionTurns(self.model, BankClient(BankConfig(**cfg_dict)), run_here, models=models)
 
         async def chat(self, sid: str, i: int) -> dict:
             from serve.modeling import state_to_bytes
@@ -126,7 +129,7 @@ def _replica_actor(ray):
             finally:
                 await self.turns.end(t)
             return {"seq": ack["info"]["seq"], "digest": ack["info"]["digest"], "source": t.source,
-                    "record": ack["record"], "state": state_to_bytes(t.state)}
+                    "record": ack["record"], "state": state_to_bytes(t.state), "dtype": self.turns.dtype}
 
         def _decode(self, state, sid: str, i: int) -> list[int]:
             from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
@@ -139,6 +142,15 @@ def _replica_actor(ray):
                 dec.step()
             return prompt, row.tokens
 
+        def compacted(self, sid: str, threshold: float) -> bytes:
+            """The session's resident state compacted and merged here, as the shard's compaction does."""
+            from serve.modeling import state_from_bytes, state_to_bytes
+
+            state = state_from_bytes(state_to_bytes(self.turns.resident._items[sid].state), self.model)
+            self.model.compact_state(state)
+            state.merge_duplicates(threshold)
+            return state_to_bytes(state)
+
         def decode_from(self, state_bytes: bytes, sid: str, i: int) -> bytes:
             """Turn ``i`` decoded on the given state, outside any session: the state it leaves."""
             from serve.modeling import state_from_bytes, state_to_bytes
@@ -150,13 +162,16 @@ def _replica_actor(ray):
     return ray.remote(num_cpus=0)(_Replica)
 
 
-def test_token_turns_come_back_after_shard_and_replica_kills(ray_cluster, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_turns_come_back_after_shard_and_replica_kills(ray_cluster, tmp_path, dtype):
     """Every acknowledged turn (token records and full states) is back after the shard is killed
     (Ray restarts it: recovery from the WAL) and after the replica holding the session resident is
     killed (another replica rebuilds the state from the last full state plus the logged turns, bit
-    for bit as the dead replica held it)."""
+    for bit as the dead replica held it), in either serving dtype; then the restarted shard compacts
+    the session on its own CPU model in the dtype the turns were decoded in (every turn checked
+    against its fingerprint) and the session goes on."""
     ray = ray_cluster
-    cfg = _cfg(tmp_path / "bank", snapshot_every_turns=3)
+    cfg = _cfg(tmp_path / "bank", snapshot_every_turns=3, model={"preset": "tiny", "seed": 0, "dtype": dtype})
     client = BankClient(cfg)
     replica = _replica_actor(ray)
     try:
@@ -164,6 +179,7 @@ def test_token_turns_come_back_after_shard_and_replica_kills(ray_cluster, tmp_pa
         acked = [ray.get(a.chat.remote("s", i)) for i in range(4)]
         assert [r["record"] for r in acked] == ["tokens", "tokens", "state", "tokens"]
         assert [r["source"] for r in acked] == ["loaded", "resident", "resident", "resident"]
+        assert {r["dtype"] for r in acked} == {dtype}
 
         shard = ray.get_actor(cfg.actor_name(0), namespace=cfg.namespace)
         pid = ray.get(shard.ping.remote())["pid"]
@@ -186,5 +202,18 @@ def test_token_turns_come_back_after_shard_and_replica_kills(ray_cluster, tmp_pa
         assert again["source"] == "loaded" and again["seq"] == 6
         # b rebuilt the state by replay: its turn equals the same turn decoded on a's last state
         assert ray.get(b.decode_from.remote(last["state"], "s", 5)) == again["state"]
+
+        assert again["record"] == "state" and ray.get(b.chat.remote("s", 6))["record"] == "tokens"
+
+        async def compact():  # replays that token turn after the last full state on the shard's CPU
+            return await client.call("s", "compact", "alice")
+        assert asyncio.run(compact())["state"]["seq"] == 8
+
+        async def payload():
+            return (await client.call("s", "get_bank", "alice"))["payload"]
+        # the shard rebuilt the state the replica holds (in the turn's dtype), bit for bit, then compacted it
+        assert asyncio.run(payload()) == ray.get(b.compacted.remote("s", cfg.merge_threshold))
+        after = ray.get(b.chat.remote("s", 7))
+        assert after["source"] == "loaded" and after["seq"] == 9 and after["dtype"] == dtype
     finally:
         client.kill_all()
