@@ -1,6 +1,8 @@
 """bench/serve_load.py end to end, the way the lead runs it: one command that starts a local Ray
 cluster and the Serve app, drives plain, streamed and chat clients (two client processes), runs
-the in-process baseline, and writes its JSON and table."""
+the in-process baseline, and writes its JSON and table. The server and the baseline run in
+bfloat16 (``--dtype``, the serving dtype on GPUs), so the served bfloat16 path, chat sessions
+included, runs here on the CPU too."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def test_serve_load_one_command(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--port", PORT, "--num-cpus", "2", "--clients", "1", "3", "--requests", "6", "--max-new-tokens", "5",
             "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--paired", "3",
-            "--out", str(out)]
+            "--dtype", "bfloat16", "--out", str(out)]
     run = subprocess.run([sys.executable, "bench/serve_load.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -35,6 +37,9 @@ def test_serve_load_one_command(tmp_path):
     assert env["command"].startswith("python bench/serve_load.py --port") and env["cpu"]
     assert env["commit"] == git_commit() and env["ray"] and env["python"]
     assert res["device"] == (env["gpu"] or env["cpu"])
+    # the dtype asked for, as the server reports it (/model/stats), the baseline's and the started app's
+    assert res["dtype"] == res["in_process"]["dtype"] == res["server_args"]["dtype"] == "bfloat16"
+    assert res["markdown"].startswith("Weights and session states in bfloat16 (in-process baseline: bfloat16).")
     rows = {(r["mode"], r["clients"]): r for r in res["results"]}
     assert set(rows) == {(m, c) for m in ("plain", "stream", "chat") for c in (1, 3)}
     for (mode, clients), r in rows.items():
