@@ -17,7 +17,8 @@ import torch
 
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from serve.modeling import ModelSpec, load_model
-from serve.sessions.turn_log import feed_turn, fingerprint_drift, fingerprint_mismatch, fingerprint_rtol, state_fingerprint
+from serve.sessions.turn_log import (feed_turn, fingerprint_drift, fingerprint_mismatch, fingerprint_rtol,
+                                     state_fingerprint)
 
 pytestmark = pytest.mark.gpu
 
