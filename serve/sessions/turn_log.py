@@ -13,8 +13,10 @@ is an error naming the session and the turn, never a silent guess.
 A turn record also names the dtype the turn was decoded in (``"dtype"``; records written before
 it existed were float32). A replay runs each turn in that dtype (:class:`ReplayModels` holds the
 model in each), casting the state where consecutive turns differ exactly as the serving replica did
-when its dtype changed, so it repeats the served arithmetic: a bfloat16 turn replayed in float32
-would not give back its fingerprint (nor would a float32 turn in bfloat16).
+when its dtype changed, so it repeats the served arithmetic (bit for bit on the device and batch
+shapes that served it). A bfloat16 turn replayed in float32 gives another state: on the CPU it
+drifts 3e-4 to 3e-3 of a group's absolute sum, so it may pass float32's tolerance or fail it
+(``state_damaged``), neither of which is the acknowledged state.
 
 The store itself (``serve.sessions.shard``) only keeps and logs these records; the model work
 (:func:`replay_turns`, :func:`rebuild_state`) runs where a model is: the Generator, or the shard's
@@ -255,7 +257,7 @@ def replay_turns(models, state, turns: Sequence[dict[str, Any]], check: bool = T
             bad = fingerprint_mismatch(t["fp"], state_fingerprint(state), fingerprint_rtol(d))
             if bad:
                 raise ReplayMismatch(int(t["seq"]), f"{bad}; replayed in {d}")
-    return cast_state(state, models(dtype), dtype) if dtype else state
+    return cast_state(state, models.any(), dtype) if dtype else state
 
 
 def rebuild_state(models, payload: bytes | None, turns: Sequence[dict[str, Any]], check: bool = True,
