@@ -122,6 +122,15 @@ def test_a_bad_dtype_is_refused_with_the_ones_that_work():
 
     with pytest.raises(UsageError, match="dtype: Input should be 'auto', 'float32' or 'bfloat16'"):
         checked_app({"dtype": "half"})  # refused before anything starts (no Ray here)
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "ray_jobs.cli", "serve", "--dtype", "half"], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "dtype" in r.stderr and "bfloat16" in r.stderr, r.stderr
 
 
 # --------------------------------------------------------------------------- bfloat16 sessions
