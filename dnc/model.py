@@ -364,7 +364,7 @@ class DNC(nn.Module):
             args = (x, ls.cache.k, ls.cache.v, cos, sin, ls.view, sample, cfg.mem_topk, ls.prev_x)
             kw = {}
             if blk.self_read:
-                kw = {"self_past": self._self_kv(blk, ls),
+                kw = {"self_past": self.pending_writes(blk, ls),
                       "write_prev": ls.write_buf[-1][:, -1:] if ls.write_buf else ls.prev_write}
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not trace:
                 x, k, v, mem_in, mass, info, ls.prev_x, self_kv = checkpoint(blk, *args, use_reentrant=False, **kw)
@@ -383,10 +383,12 @@ class DNC(nn.Module):
         return self._logits(x), traces
 
     @staticmethod
-    def _self_kv(blk: Block, ls: LayerState) -> torch.Tensor | None:
-        """The segment's write slots so far [2, B, H, P, Dh] (None at the segment start): the state's
-        cache, or, for a state that lacks it (imported, extracted from a decode batch, made by a
-        model without ``self_read``), rebuilt once from its pending memory inputs."""
+    def pending_writes(blk: Block, ls: LayerState) -> torch.Tensor | None:
+        """``config.self_read``: the write slots of ``ls``'s segment so far, keys and values
+        [2, B, H, P, Dh] as ``blk.mem.write_kv_packed`` makes them (None at a segment start). The
+        state's cache (``ls.self_kv``), or, for a state without it (imported, extracted from a
+        decode batch, made by a model without ``self_read``), rebuilt from its pending memory
+        inputs and kept in ``ls``."""
         if not ls.write_buf:
             return None
         if ls.self_kv is None:
@@ -406,7 +408,7 @@ class DNC(nn.Module):
         for blk, ls in mem:
             h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
             if blk.self_read:  # the reads already made these slots: write the very tensors they read
-                kv = self._self_kv(blk, ls)
+                kv = self.pending_writes(blk, ls)
                 valid = torch.ones(kv.shape[1], kv.shape[3], dtype=torch.bool, device=kv.device)
             else:
                 kv, valid = blk.mem.write_kv_packed(h, h_before=ls.prev_write)

@@ -76,7 +76,8 @@ def _feed_and_compare(model, batch, want, steps: int) -> None:
                 torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [{}, {"kv_window": 8}], ids=["no-window", "kv-window"])
+@pytest.mark.parametrize("kw", [{}, {"kv_window": 8}, {"self_read": True}, {"self_read": True, "kv_window": 8}],
+                         ids=["no-window", "kv-window", "self-read", "self-read-kv-window"])
 def test_ragged_step_equals_each_row_alone(kw):
     """Six rows at different positions, one ragged step each token for 60 tokens (every row crosses
     several segment boundaries, compresses into L1/L2 and evicts from L2): every step's logits match

@@ -64,12 +64,13 @@ def _view_constants(sizes: tuple[int, ...], buckets: int, pad: int, device: torc
 
 @functools.lru_cache(maxsize=256)
 def _self_mask(n_view: int, past: int, t: int, device: torch.device) -> torch.Tensor:
-    """Bool [t, n_view + past + t] (True = read): query i, at segment position ``past + i``, reads
-    every one of the view's ``n_view`` slots (null slot and bank) and the segment's write slots
-    ``j <= past + i`` (cached: do not modify)."""
+    """Bool [1, 1, t, n_view + past + t] (True = read): query i, at segment position ``past + i``,
+    reads every one of the view's ``n_view`` slots (null slot and bank) and the segment's write
+    slots ``j <= past + i`` (cached: do not modify)."""
     j = torch.arange(past + t, device=device)
     i = torch.arange(past, past + t, device=device)
-    return torch.cat([torch.ones(t, n_view, dtype=torch.bool, device=device), j[None] <= i[:, None]], 1)
+    mask = torch.cat([torch.ones(t, n_view, dtype=torch.bool, device=device), j[None] <= i[:, None]], 1)
+    return mask.view(1, 1, t, -1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -231,21 +232,24 @@ class MemoryRead(nn.Module):
         return torch.cat([q, route, tail.expand(b, hh, t, -1)], -1)
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
-                trace: bool = False, self_kv: torch.Tensor | None = None):
+                trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """Read the bank (and, with ``self_kv``, the segment's own writes).
 
         h: [B, T, D] normed hidden states; ``sample``: LongTensor of chunk positions whose
         attention mass feeds the salience statistics (None = none); ``self_kv`` [2, B, H, P+T, Dh]:
         the raw write slots of the segment's positions 0..P+T-1, this chunk's T last (``h[:, i]``
-        is at segment position P+i and reads writes 0..P+i). Returns (update [B, T, D], mass [B, S]
-        or None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
+        is at segment position P+i and reads writes 0..P+i). ``mask`` [B or 1, 1, T, S+1+...] bool:
+        which of ``view``'s slots each query may read (None = all), for a view that already holds
+        the write slots after the bank's (``dnc.ragged``). Returns (update [B, T, D], mass [B, S] or
+        None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
         hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
         q = self.augment_queries(hm, self.queries(hm, out_dtype=h.dtype))
         kv_k, kv_v = view.keys.to(q.dtype), view.values.to(q.dtype)
-        mask = None
         if self_kv is not None:
+            if mask is not None:
+                raise ValueError("pass self_kv (the write slots, masked here) or a mask over a view that holds them, not both")
             sk, sv = self.self_slots(self_kv, q.dtype)
             mask = _self_mask(kv_k.shape[2], self_kv.shape[3] - t, t, q.device)
             kv_k, kv_v = torch.cat([kv_k, sk], 2), torch.cat([kv_v, sv], 2)
@@ -262,7 +266,7 @@ class MemoryRead(nn.Module):
         if s and (sample is not None or trace):
             with torch.no_grad():
                 qs = q if sample is None else q[:, :, sample]
-                ms = None if mask is None or sample is None else mask[sample]
+                ms = None if mask is None or sample is None else mask[:, :, sample]
                 probs = self.probs(qs, kv_k, topk, ms)                           # [B,H,Ts,S+1(+P+T)]
                 mass = probs[..., 1:s + 1].float().sum((1, 2))                    # [B,S]
                 if trace:
@@ -280,7 +284,7 @@ class MemoryRead(nn.Module):
     @staticmethod
     def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Explicit read probabilities [B, H, T, S+1] float32 (top-k: zero outside each query's top k;
-        ``mask`` [T, S+1] bool: zero where False).
+        ``mask`` [B or 1, 1, T, S+1] bool: zero where False).
 
         They feed the bank's salience statistics, which stay float32 (DESIGN): autocast is off here,
         as it otherwise casts the float32 operands to bf16 (two casts, and bf16 logits)."""
@@ -295,7 +299,7 @@ class MemoryRead(nn.Module):
 
     @staticmethod
     def _read_topk(q, k, v, topk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Each query attends to its ``topk`` highest-logit slots only (``mask`` [T, S+1] bool:
+        """Each query attends to its ``topk`` highest-logit slots only (``mask`` [B or 1, 1, T, S+1] bool:
         slots a query may not read, where False, are never among them). Returns [B, H, T, Dq]."""
         logits = torch.einsum("bhtd,bhsd->bhts", q, k)
         if mask is not None:  # the null slot is always readable, so every query keeps a finite logit
