@@ -288,11 +288,13 @@ def test_cancel_and_failures_leave_callers_state_alone(model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_salience_positions_follow_each_rows_segment_position():
+@pytest.mark.parametrize("self_read", [False, True], ids=["bank", "self-read"])
+def test_salience_positions_follow_each_rows_segment_position(self_read):
     """segment_len 128 samples the read mass at every other position (stride 2): rows at odd and even
-    positions in one step accumulate it only where each would alone (the pending mass in their states)."""
+    positions in one step accumulate it only where each would alone (the pending mass in their states;
+    with self_read, the mass on the bank's slots only, the segment's own writes sharing the read)."""
     torch.manual_seed(0)
-    model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32)).eval()
+    model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32, self_read=self_read)).eval()
     rows = []
     for i, n in enumerate((130, 131, 200, 257)):  # + 1 prompt token: segment positions 3, 4, 73, 2
         state = history_state(model, 900 + i, n)
