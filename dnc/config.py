@@ -79,6 +79,15 @@ class DNCConfig:
     later queries need score high. Exact recall lasts only while a fact is a raw L0 slot (tiny, CPU:
     kv_retrieval 1.00 at 4 segments back, 0.06 at 16 with a 4-segment L0), so keeping such slots
     raw is what lets a fixed-size bank recall them far back."""
+    self_read: bool = False
+    """The memory read also sees this segment's own writes, causally: at segment position t a read
+    attends, in one softmax, over the null slot, the bank and the segment's write slots 0..t, each
+    seen as a raw L0 slot of age 0 (the key and value the commit will write). The read's lookup
+    (unit-norm keys, learned temperature, token-shifted keys) learns fast; local attention was
+    measured not to keep an in-segment lookup (small, ~7 min: a passkey in the question's own
+    segment 5/56 against 26/40 from the bank), so with this on one learned lookup serves every
+    distance. Requires ``write_pool == 1`` (one slot per position). Off: behaviour and
+    checkpoints exactly as before (it adds no parameters)."""
     mem_topk: int = 0
     """Slots each query reads when the bank holds more than this (0 = dense read over all)."""
     eviction: EvictionPolicyName = "hybrid"
@@ -143,6 +152,9 @@ class DNCConfig:
                  f"(segment_len/write_pool = {self.segment_len // self.write_pool})")
             for i in self.memory_layer_ids:
                 need(0 <= i < self.n_layers, f"memory_layers entry {i} is outside [0, {self.n_layers})")
+        need(not self.self_read or self.write_pool == 1,
+             f"self_read reads each position's own write slot, so it needs write_pool == 1 "
+             f"(got {self.write_pool}); set write_pool=1 or self_read=false")
         need(self.mem_topk >= 0, f"mem_topk must be >= 0, got {self.mem_topk}")
         need(self.write_importance >= 0, f"write_importance must be >= 0 (0 = off), got {self.write_importance}")
         need(self.mem_temperature >= 0, f"mem_temperature must be >= 0 (0 = auto), got {self.mem_temperature}")

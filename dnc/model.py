@@ -5,7 +5,8 @@ Input of any length is processed in segments of ``segment_len`` tokens. Each blo
 ``x += MemoryRead(norm(x))`` on memory layers, ``x += SwiGLU(norm(x))``. After each segment the
 memory layers write the segment into their StateBank (L0), which compresses/evicts on overflow.
 The bank is constant within a segment, so a full forward pass and token-by-token decoding compute
-the same function (tested). With ``memory=False`` and one segment spanning the input the same code
+the same function (tested). With ``self_read`` a read also sees the segment's own writes so far
+(causally, cached in the state as they are made), which keeps that equality. With ``memory=False`` and one segment spanning the input the same code
 is the plain Transformer baseline.
 """
 
@@ -104,22 +105,32 @@ class Block(nn.Module):
                               cfg.read_temperature, importance=cfg.write_importance > 0) if has_memory else None
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
+        self.self_read = bool(cfg.self_read and has_memory)
 
-    def forward(self, x, past_k, past_v, cos, sin, view, sample, topk: int, x_prev=None, trace: bool = False):
+    def forward(self, x, past_k, past_v, cos, sin, view, sample, topk: int, x_prev=None, trace: bool = False,
+                self_past=None, write_prev=None):
         """One block on a chunk. Pure (no state mutation) so it can be checkpointed.
 
         x_prev: [B, 1, D] normed attention input of the previous token (None at the stream start).
-        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D]);
+        With ``self_read``: self_past [2, B, H, P, Dh] the write slots of the segment's earlier
+        chunks (None: the chunk starts the segment), write_prev [B, 1, D] the memory input of the
+        token before the chunk (the token shift of its first write key; None at the stream start).
+        Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D],
+        self_kv [2, B, H, P+t, Dh] or None (the segment's write slots so far; None without self_read));
         k/v [B, H, p+t, Dh] are the layer's new KV cache (past and this chunk's, concatenated once).
         """
         xn = self.attn_norm(x)
         a, k, v, probs = self.attn(xn, past_k, past_v, cos, sin, x_prev, want_probs=trace)
         x = x + a
         mem_in, mass, info = None, None, {}
-        m = None
+        m = self_kv = None
         if self.mem is not None:
             mem_in = self.mem_norm(x)
-            m, mass, info = self.mem(mem_in, view, sample, topk, trace)
+            if self.self_read:
+                # the chunk's write slots, exactly as the commit writes them (token shift included)
+                kv, _ = self.mem.write_kv_packed(mem_in, h_before=write_prev)
+                self_kv = kv if self_past is None else torch.cat([self_past.to(kv.dtype), kv], 3)
+            m, mass, info = self.mem(mem_in, view, sample, topk, trace, self_kv=self_kv)
             x = x + m
         f = self.ffn(self.ffn_norm(x))
         x = x + f
@@ -131,7 +142,7 @@ class Block(nn.Module):
             info["ffn_update_norm"] = f.detach().float().norm(dim=-1)
             if probs is not None and probs.shape[-1] <= 512:
                 info["local_attn"] = probs
-        return x, k, v, mem_in, mass, info, xn[:, -1:]
+        return x, k, v, mem_in, mass, info, xn[:, -1:], self_kv
 
 
 # ================================================================================== model
@@ -351,11 +362,17 @@ class DNC(nn.Module):
             if blk.mem is not None and ls.view is None:
                 ls.view = blk.mem.build_view(ls.bank)
             args = (x, ls.cache.k, ls.cache.v, cos, sin, ls.view, sample, cfg.mem_topk, ls.prev_x)
+            kw = {}
+            if blk.self_read:
+                kw = {"self_past": self.pending_writes(blk, ls),
+                      "write_prev": ls.write_buf[-1][:, -1:] if ls.write_buf else ls.prev_write}
             if cfg.grad_checkpointing and self.training and torch.is_grad_enabled() and not trace:
-                x, k, v, mem_in, mass, info, ls.prev_x = checkpoint(blk, *args, use_reentrant=False)
+                x, k, v, mem_in, mass, info, ls.prev_x, self_kv = checkpoint(blk, *args, use_reentrant=False, **kw)
             else:
-                x, k, v, mem_in, mass, info, ls.prev_x = blk(*args, trace=trace)
+                x, k, v, mem_in, mass, info, ls.prev_x, self_kv = blk(*args, trace=trace, **kw)
             ls.cache = KVCache(k, v, ls.cache.carry_len)  # the block already concatenated past + new
+            if self_kv is not None:
+                ls.self_kv = self_kv
             if mem_in is not None:
                 ls.write_buf.append(mem_in)
                 if mass is not None:
@@ -364,6 +381,20 @@ class DNC(nn.Module):
         state.seg_pos += n
         state.tokens_seen += n
         return self._logits(x), traces
+
+    @staticmethod
+    def pending_writes(blk: Block, ls: LayerState) -> torch.Tensor | None:
+        """``config.self_read``: the write slots of ``ls``'s segment so far, keys and values
+        [2, B, H, P, Dh] as ``blk.mem.write_kv_packed`` makes them (None at a segment start). The
+        state's cache (``ls.self_kv``), or, for a state without it (imported, extracted from a
+        decode batch, made by a model without ``self_read``), rebuilt from its pending memory
+        inputs and kept in ``ls``."""
+        if not ls.write_buf:
+            return None
+        if ls.self_kv is None:
+            h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
+            ls.self_kv, _ = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
+        return ls.self_kv
 
     def _commit_segment(self, state: DNCState) -> dict:
         """End of a segment: write memory layers' banks, carry the KV window, cut BPTT."""
@@ -376,7 +407,11 @@ class DNC(nn.Module):
         writes = []  # per memory layer: (kv [2,B,H,m,Dh], valid [B,m], recon queries or None)
         for blk, ls in mem:
             h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
-            kv, valid = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
+            if blk.self_read:  # the reads already made these slots: write the very tensors they read
+                kv = self.pending_writes(blk, ls)
+                valid = torch.ones(kv.shape[1], kv.shape[3], dtype=torch.bool, device=kv.device)
+            else:
+                kv, valid = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
             ls.prev_write = h[:, -1:]
             rq = None
             if self.training and torch.is_grad_enabled():
@@ -417,7 +452,7 @@ class DNC(nn.Module):
                 if cut:
                     bank.detach_()
         for _, ls in mem:
-            ls.write_buf, ls.mass, ls.view = [], None, None
+            ls.write_buf, ls.mass, ls.view, ls.self_kv = [], None, None, None
         for ls in state.layers:
             # carry the last kv_window keys/values, moved into the next segment's position frame
             w = min(cfg.kv_window, ls.cache.length)

@@ -10,6 +10,11 @@ preallocated tensors, so one decode step has the same shapes whatever each row h
   the bank's full capacity ``Smax = l0 + l1 + l2`` (+1 null slot): padding slots have zero keys and
   values and the invalid-slot bias (-1e4) in the bias channel, so their read weight is exactly 0;
   the read mass ``[C, Smax]`` and the segment's memory inputs ``write_h [C, segment_len, D]``;
+- with ``DNCConfig.self_read``, the view has ``segment_len`` more slots after the bank's: the row's
+  write slot of segment position ``j`` at ``Smax + 1 + j`` (augmented by ``MemoryRead.self_slots``,
+  written by the step that reads it), hidden from the read until the row reaches ``j`` by a mask
+  made from ``seg_pos``; ``write_prev [C, 1, D]`` is the memory input before the row's next token
+  (its write key's token shift);
 - per row on the device: ``length`` (KV length = carry + tokens of this segment, the new token's
   RoPE position), ``seg_pos`` (which positions feed the salience statistics, where the memory input
   goes) and ``active`` (0 for a free slot: its counters stay put and its outputs are ignored).
@@ -74,6 +79,7 @@ class LayerBuffers:
     view_v: torch.Tensor | None = None   # [C, H, Smax+1, Dq]
     mass: torch.Tensor | None = None     # [C, Smax] float32 read mass of the segment so far
     write_h: torch.Tensor | None = None  # [C, segment_len, D] normed memory inputs of the segment
+    write_prev: torch.Tensor | None = None  # [C, 1, D] self_read: memory input of each row's last token
 
 
 @dataclass
@@ -124,13 +130,21 @@ class RaggedBatch:
                               torch.zeros(c, h, self.max_len, dh, device=dev, dtype=dt),
                               torch.zeros(c, 1, d, device=dev, dtype=dt))
             if blk.mem is not None:
+                # self_read: the segment's own write slots follow the bank's in the view
                 smax, dq = cfg.bank_slots, blk.mem.aug_dim
-                lb.view_k = torch.zeros(c, h, smax + 1, dq, device=dev, dtype=dt)
-                lb.view_v = torch.zeros(c, h, smax + 1, dq, device=dev, dtype=dt)
+                n_view = smax + 1 + (cfg.segment_len if cfg.self_read else 0)
+                lb.view_k = torch.zeros(c, h, n_view, dq, device=dev, dtype=dt)
+                lb.view_v = torch.zeros(c, h, n_view, dq, device=dev, dtype=dt)
                 lb.mass = torch.zeros(c, smax, device=dev, dtype=torch.float32)
                 lb.write_h = torch.zeros(c, cfg.segment_len, d, device=dev, dtype=dt)
+                if cfg.self_read:
+                    lb.write_prev = torch.zeros(c, 1, d, device=dev, dtype=dt)
             self.layers.append(lb)
         self.smax = cfg.bank_slots
+        self.self_read = bool(cfg.self_read and cfg.memory)
+        self.aug_dim = next((b.mem.aug_dim for b in model.blocks if b.mem is not None), 0)  # Dq
+        # view slot index of every key (self_read): bank slots 0..Smax, then segment positions
+        self.view_pos = torch.arange(self.smax + 1 + cfg.segment_len, device=dev) if self.self_read else None
         self.length = torch.zeros(c, dtype=torch.long, device=dev)
         self.seg_pos = torch.zeros(c, dtype=torch.long, device=dev)
         self.active = torch.zeros(c, dtype=torch.long, device=dev)
@@ -201,9 +215,12 @@ class RaggedBatch:
             lb.mass[slot].zero_()
             if ls.mass is not None:
                 lb.mass[slot, :s] = ls.mass[0]
+            h = None
             if ls.write_buf:
                 h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
                 lb.write_h[slot, :h.shape[1]] = h[0]
+            if lb.write_prev is not None:
+                self._insert_writes(slot, blk, lb, ls, h, model)
             meta.banks.append(bank)
             meta.prev_write.append(ls.prev_write)
             meta.has_mass.append(ls.mass is not None)
@@ -213,6 +230,25 @@ class RaggedBatch:
         self.active[slot] = 1
         self.logits[slot] = logits.reshape(-1).float()
         self.rows[slot] = meta
+
+    def _insert_writes(self, slot: int, blk, lb: LayerBuffers, ls: LayerState, h, model) -> None:
+        """self_read: the row's write slots of the segment so far into the view after the bank's
+        (the rest zeroed: masked, but 0 * NaN would not be), and its last memory input."""
+        first = self.smax + 1
+        lb.view_k[slot, :, first:].zero_()
+        lb.view_v[slot, :, first:].zero_()
+        kv = model.pending_writes(blk, ls)  # [2, 1, H, n, Dh]
+        if kv is not None:
+            keys, vals = blk.mem.self_slots(kv, self.dtype)
+            n = kv.shape[3]
+            lb.view_k[slot, :, first:first + n] = keys[0]
+            lb.view_v[slot, :, first:first + n] = vals[0]
+        if h is not None:
+            lb.write_prev[slot] = h[0, -1:]
+        elif ls.prev_write is not None:
+            lb.write_prev[slot] = ls.prev_write[0]
+        else:
+            lb.write_prev[slot].zero_()  # the stream start: a zero input gives the zero key shift
 
     @torch.no_grad()
     def extract(self, slot: int) -> DNCState:
@@ -228,7 +264,7 @@ class RaggedBatch:
             if meta.banks[i] is not None:
                 ls.bank = _shallow_bank(meta.banks[i])
                 ls.prev_write = meta.prev_write[i]
-                if meta.seg_pos:
+                if meta.seg_pos:  # (self_read: the model rebuilds the write slots from these)
                     ls.write_buf = [lb.write_h[slot:slot + 1, :meta.seg_pos].clone()]
                 if meta.has_mass[i]:
                     ls.mass = lb.mass[slot:slot + 1, :meta.slots[i]].clone()
@@ -291,7 +327,7 @@ class RaggedBatch:
         si = torch.tensor(src, device=self.device)
         di = torch.tensor(dst, device=other.device)
         for a, b in zip(self.layers, other.layers):
-            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h"):
+            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev"):
                 t = getattr(a, name)
                 if t is not None:
                     getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))
@@ -320,12 +356,24 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     kv_at = batch.length.view(c, 1, 1, 1).expand(c, h, 1, dh)
     sampled = (batch.seg_pos % batch.stride == batch.stride - 1).view(c, 1)         # salience positions
     write_at = batch.seg_pos.view(c, 1, 1).expand(c, 1, d)
+    self_mask = self_at = None
+    if batch.self_read:
+        # a row reads the bank and its writes up to its own position (this token's included)
+        self_pos = (batch.smax + 1 + batch.seg_pos).view(c, 1, 1, 1)
+        self_mask = batch.view_pos.view(1, 1, 1, -1) <= self_pos                   # [C, 1, 1, Smax+1+L]
+        self_at = self_pos.expand(c, h, 1, batch.aug_dim)
     for blk, lb, view in zip(model.blocks, batch.layers, batch.views()):
         xn = blk.attn_norm(x)
         x = x + _attend(blk.attn, xn, lb, cos, sin, visible, kv_at)
         if blk.mem is not None:
             mem_in = blk.mem_norm(x)
-            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk)
+            if self_mask is not None:  # this token's write slot, as the commit will write it
+                kv, _ = blk.mem.write_kv_packed(mem_in, h_before=lb.write_prev)      # [2, C, H, 1, Dh]
+                keys, vals = blk.mem.self_slots(kv, lb.view_k.dtype)                  # [C, H, 1, Dq]
+                lb.view_k.scatter_(2, self_at, keys)
+                lb.view_v.scatter_(2, self_at, vals)
+                lb.write_prev.copy_(mem_in)
+            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk, mask=self_mask)
             x = x + m
             lb.mass.add_(mass * sampled)
             lb.write_h.scatter_(1, write_at, mem_in.to(lb.write_h.dtype))

@@ -40,6 +40,10 @@ class LayerState:
     view: ReadView | None = None                     # cached read view of the bank for this segment
     prev_x: torch.Tensor | None = None               # normed attention input of the last token [B, 1, D]
     prev_write: torch.Tensor | None = None           # normed memory input of the last committed token [B, 1, D]
+    # DNCConfig.self_read: the segment's write slots so far [2, B, H, t, Dh] (keys, values), what
+    # the reads see and the commit writes. A cache of write_buf (+ prev_write): not exported, and
+    # rebuilt from those by the model where it is None (an imported state, a decode batch's row).
+    self_kv: torch.Tensor | None = None
 
 
 class DNCState:
@@ -180,6 +184,8 @@ class DNCState:
                 new.prev_write = cat(lambda ls: ls.prev_write)
             if ls0.write_buf:
                 new.write_buf = [cat(lambda ls: torch.cat(ls.write_buf, 1))]
+            if all(ls.self_kv is not None for ls in per_row):  # else the model rebuilds it
+                new.self_kv = cat(lambda ls: ls.self_kv, 1)
             if ls0.mass is not None:
                 new.mass = cat(lambda ls: ls.mass)
             if ls0.bank is not None:
@@ -199,6 +205,8 @@ class DNCState:
                 new.prev_write = ls.prev_write.index_select(0, idx)
             if ls.write_buf:
                 new.write_buf = [torch.cat(ls.write_buf, 1).index_select(0, idx)]
+            if ls.self_kv is not None:
+                new.self_kv = ls.self_kv.index_select(1, idx)
             if ls.mass is not None:
                 new.mass = ls.mass.index_select(0, idx)
             if ls.bank is not None:

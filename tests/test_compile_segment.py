@@ -73,8 +73,9 @@ def test_fixed_layout_follows_the_bank_plan():
 
 
 @pytest.mark.parametrize("overrides", [{}, {"kv_window": 8, "write_importance": 50.0},
-                                       {"eviction": "adaptive", "protect_salient": 2.0, "bptt_segments": 3}],
-                         ids=["tiny", "window+importance", "adaptive+bptt3"])
+                                       {"eviction": "adaptive", "protect_salient": 2.0, "bptt_segments": 3},
+                                       {"self_read": True, "write_importance": 50.0}],
+                         ids=["tiny", "window+importance", "adaptive+bptt3", "self_read"])
 def test_fixed_capacity_step_matches_eager(overrides):
     """The fixed-shape segment step, run eagerly, is the eager training forward: same loss,
     logits, gradients and memory counters through fill, compression and eviction."""

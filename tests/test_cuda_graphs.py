@@ -53,9 +53,11 @@ def test_enabled_graphs_leave_cpu_inference_unchanged():
 
 
 @cuda
-@pytest.mark.parametrize("autocast,write_importance", [(False, 0.0), (True, 0.0), (False, 50.0)])
-def test_graph_replay_matches_eager_segments_and_state(autocast, write_importance):
-    model = _model("cuda", write_importance=write_importance)
+@pytest.mark.parametrize("autocast,write_importance,self_read", [(False, 0.0, False), (True, 0.0, False),
+                                                                  (False, 50.0, False), (False, 50.0, True),
+                                                                  (True, 0.0, True)])
+def test_graph_replay_matches_eager_segments_and_state(autocast, write_importance, self_read):
+    model = _model("cuda", write_importance=write_importance, self_read=self_read)
     if write_importance:  # non-zero importance weights, so the keep scores really use them
         with torch.no_grad():
             for blk in model.blocks:

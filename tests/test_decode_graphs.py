@@ -84,10 +84,11 @@ def _states(model, n):
 @needs_cuda
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("capacity", [1, 8])
-def test_graph_replay_equals_eager_ragged_step(autocast, capacity):
+@pytest.mark.parametrize("self_read", [False, True], ids=["bank", "self-read"])
+def test_graph_replay_equals_eager_ragged_step(autocast, capacity, self_read):
     """Graph and eager ragged steps over rows of different layouts, 60 tokens (segment commits,
     compressions and evictions between replays): the same logits every step and the same states."""
-    model = _model("cuda")
+    model = _model("cuda", self_read=self_read)
     rows = _states(model, capacity if capacity < 8 else 6)
     runner = DecodeGraphs(model)
     rb_g, rb_e = _batch(model, rows, capacity, runner), _batch(model, rows, capacity)
@@ -112,9 +113,10 @@ def test_graph_replay_equals_eager_ragged_step(autocast, capacity):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_decode_step_has_no_host_sync():
+@pytest.mark.parametrize("self_read", [False, True], ids=["bank", "self-read"])
+def test_decode_step_has_no_host_sync(self_read):
     """The step a graph captures must not synchronise with the host (sync debug mode raises)."""
-    model = _model("cuda")
+    model = _model("cuda", self_read=self_read)
     rb = _batch(model, _states(model, 3), 4)
     with torch.no_grad():
         ragged_decode_step(model, rb)  # first call: cached constants (rope table, query tail) are made

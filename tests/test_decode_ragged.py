@@ -76,7 +76,8 @@ def _feed_and_compare(model, batch, want, steps: int) -> None:
                 torch.testing.assert_close(lg[i], w[1][t], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [{}, {"kv_window": 8}], ids=["no-window", "kv-window"])
+@pytest.mark.parametrize("kw", [{}, {"kv_window": 8}, {"self_read": True}, {"self_read": True, "kv_window": 8}],
+                         ids=["no-window", "kv-window", "self-read", "self-read-kv-window"])
 def test_ragged_step_equals_each_row_alone(kw):
     """Six rows at different positions, one ragged step each token for 60 tokens (every row crosses
     several segment boundaries, compresses into L1/L2 and evicts from L2): every step's logits match
@@ -287,11 +288,13 @@ def test_cancel_and_failures_leave_callers_state_alone(model):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_salience_positions_follow_each_rows_segment_position():
+@pytest.mark.parametrize("self_read", [False, True], ids=["bank", "self-read"])
+def test_salience_positions_follow_each_rows_segment_position(self_read):
     """segment_len 128 samples the read mass at every other position (stride 2): rows at odd and even
-    positions in one step accumulate it only where each would alone (the pending mass in their states)."""
+    positions in one step accumulate it only where each would alone (the pending mass in their states;
+    with self_read, the mass on the bank's slots only, the segment's own writes sharing the read)."""
     torch.manual_seed(0)
-    model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32)).eval()
+    model = DNC(preset("tiny", segment_len=128, l0_slots=128, l1_slots=64, l2_slots=32, self_read=self_read)).eval()
     rows = []
     for i, n in enumerate((130, 131, 200, 257)):  # + 1 prompt token: segment positions 3, 4, 73, 2
         state = history_state(model, 900 + i, n)

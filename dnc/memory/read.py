@@ -7,6 +7,10 @@ plus a learned *null slot* that lets a query read nothing. The router and salien
 folded into extra query/key channels (``q' = [tau*q, router, 1]``, ``k' = [k, onehot, bias]``)
 so the dense read is one fused SDPA call with no [T, S] mask tensor. The top-k read computes the
 logits explicitly and keeps each query's k best slots; with k >= S both are the same function.
+
+With ``DNCConfig.self_read`` a read also sees the current segment's own write slots (the keys and
+values the commit will write, augmented as raw L0 slots of age 0): query t attends over
+``[null, bank slots, writes 0..t]`` in the same softmax, the writes masked causally.
 """
 
 from __future__ import annotations
@@ -56,6 +60,23 @@ def _view_constants(sizes: tuple[int, ...], buckets: int, pad: int, device: torc
     hi = torch.cat([lo[1:], torch.tensor([float("inf")])])
     return {"onehot_lvl": onehot.to(device), "onehot_lvl_null": F.pad(onehot, (0, 0, 1, 0)).view(1, 1, -1, LEVELS).to(device),
             "pad": torch.zeros(1, 1, 1, pad, dtype=dtype, device=device), "age_lo": lo.to(device), "age_hi": hi.to(device)}
+
+
+@functools.lru_cache(maxsize=256)
+def _self_mask(n_view: int, past: int, t: int, device: torch.device) -> torch.Tensor:
+    """Bool [1, 1, t, n_view + past + t] (True = read): query i, at segment position ``past + i``,
+    reads every one of the view's ``n_view`` slots (null slot and bank) and the segment's write
+    slots ``j <= past + i`` (cached: do not modify)."""
+    j = torch.arange(past + t, device=device)
+    i = torch.arange(past, past + t, device=device)
+    mask = torch.cat([torch.ones(t, n_view, dtype=torch.bool, device=device), j[None] <= i[:, None]], 1)
+    return mask.view(1, 1, t, -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _l0_channels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, 1, LEVELS]: the level one-hot channels of a raw (L0) slot."""
+    return F.one_hot(torch.tensor(0), LEVELS).view(1, 1, 1, LEVELS).to(device, dtype)
 
 
 def _age_onehot(age: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -181,6 +202,28 @@ class MemoryRead(nn.Module):
         vals = F.pad(flat.values.to(dtype), (0, self.aug_dim - d, 1, 0))
         return ReadView(kaug, vals, level_ids, s)
 
+    def self_slots(self, kv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment's own write slots as reads see them (``DNCConfig.self_read``).
+
+        kv [2, B, H, n, Dh] (``write_kv_packed`` of the segment's positions so far) -> augmented
+        (keys, values) [B, H, n, Dq] in ``dtype``: exactly what :meth:`build_view` makes of the same
+        slots once committed (level 0, age bucket 0, salience 1 so no salience term, the learned
+        importance in the bias channel when on), so the router and the query see them as the
+        newest raw slots."""
+        _, b, h, n, d = kv.shape
+        # the same sum as build_view's one-hot embedding lookup for (age bucket 0, level 0)
+        emb = (self.age_emb[0].to(dtype) + self.level_emb[0].to(dtype)).view(1, h, 1, d)
+        k = kv[0].to(dtype) + emb
+        if self.importance_w is not None:
+            bias = self.slot_importance(kv).to(dtype).unsqueeze(-1)                      # [B,H,n,1]
+        else:
+            bias = k.new_zeros(1, 1, 1, 1).expand(b, h, n, 1)
+        pad = self.aug_dim - d - LEVELS - 1
+        keys = torch.cat([k, _l0_channels(k.device, dtype).expand(b, h, n, -1), bias,
+                          k.new_zeros(1, 1, 1, pad).expand(b, h, n, -1)], -1)
+        vals = F.pad(kv[1].to(dtype), (0, self.aug_dim - d))
+        return keys, vals
+
     def augment_queries(self, h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """[q, router log-probs, 1, 0-pad] -> [B, H, T, Dq] (q already carries its temperature)."""
         b, hh, t, d = q.shape
@@ -189,56 +232,78 @@ class MemoryRead(nn.Module):
         return torch.cat([q, route, tail.expand(b, hh, t, -1)], -1)
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
-                trace: bool = False):
-        """Read the bank.
+                trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """Read the bank (and, with ``self_kv``, the segment's own writes).
 
         h: [B, T, D] normed hidden states; ``sample``: LongTensor of chunk positions whose
-        attention mass feeds the salience statistics (None = none). Returns (update [B, T, D], mass [B, S] or None, trace dict).
+        attention mass feeds the salience statistics (None = none); ``self_kv`` [2, B, H, P+T, Dh]:
+        the raw write slots of the segment's positions 0..P+T-1, this chunk's T last (``h[:, i]``
+        is at segment position P+i and reads writes 0..P+i). ``mask`` [B or 1, 1, T, S+1+...] bool:
+        which of ``view``'s slots each query may read (None = all), for a view that already holds
+        the write slots after the bank's (``dnc.ragged``). Returns (update [B, T, D], mass [B, S] or
+        None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
         hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
         q = self.augment_queries(hm, self.queries(hm, out_dtype=h.dtype))
         kv_k, kv_v = view.keys.to(q.dtype), view.values.to(q.dtype)
+        if self_kv is not None:
+            if mask is not None:
+                raise ValueError("pass self_kv (the write slots, masked here) or a mask over a view that holds them, not both")
+            sk, sv = self.self_slots(self_kv, q.dtype)
+            mask = _self_mask(kv_k.shape[2], self_kv.shape[3] - t, t, q.device)
+            kv_k, kv_v = torch.cat([kv_k, sk], 2), torch.cat([kv_v, sv], 2)
         s_tot = kv_k.shape[2]
         if topk and topk < s_tot:
-            out = self._read_topk(q, kv_k, kv_v, topk)
+            out = self._read_topk(q, kv_k, kv_v, topk, mask)
         else:
-            out = F.scaled_dot_product_attention(q, kv_k, kv_v, scale=1.0)
+            out = F.scaled_dot_product_attention(q, kv_k, kv_v, attn_mask=mask, scale=1.0)
         out = out[..., : self.head_dim].transpose(1, 2).reshape(b, t, dm)
         update = self.out(out)
         mass = None
         info: dict = {}
-        if view.n_slots and (sample is not None or trace):
+        s = view.n_slots
+        if s and (sample is not None or trace):
             with torch.no_grad():
                 qs = q if sample is None else q[:, :, sample]
-                probs = self.probs(qs, kv_k, topk)                               # [B,H,Ts,S+1]
-                mass = probs[..., 1:].float().sum((1, 2))                         # [B,S]
+                ms = None if mask is None or sample is None else mask[:, :, sample]
+                probs = self.probs(qs, kv_k, topk, ms)                           # [B,H,Ts,S+1(+P+T)]
+                mass = probs[..., 1:s + 1].float().sum((1, 2))                    # [B,S]
                 if trace:
-                    pall = self.probs(q, kv_k, topk)[..., 1:].float()             # [B,H,T,S]
+                    pfull = self.probs(q, kv_k, topk, mask).float()
+                    pall = pfull[..., 1:s + 1]                                    # [B,H,T,S]
                     lvl_mass = torch.stack([pall[..., view.levels == i].sum(-1) for i in range(LEVELS)], -1)
-                    k = min(4, view.n_slots)
+                    k = min(4, s)
                     top = pall.mean(1).topk(k, dim=-1)
                     info = {"mem_level_mass": lvl_mass.mean(1),
                             "mem_top_slots": (top.indices, top.values, view.levels[top.indices])}
+                    if self_kv is not None:  # [B, T] read share of the segment's own writes
+                        info["mem_self_mass"] = pfull[..., s + 1:].sum(-1).mean(1)
         return update, mass, info
 
     @staticmethod
-    def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0) -> torch.Tensor:
-        """Explicit read probabilities [B, H, T, S+1] float32 (top-k: zero outside each query's top k).
+    def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Explicit read probabilities [B, H, T, S+1] float32 (top-k: zero outside each query's top k;
+        ``mask`` [B or 1, 1, T, S+1] bool: zero where False).
 
         They feed the bank's salience statistics, which stay float32 (DESIGN): autocast is off here,
         as it otherwise casts the float32 operands to bf16 (two casts, and bf16 logits)."""
         with torch.autocast(q.device.type, enabled=False):
             logits = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float())
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         if topk and topk < k.shape[2]:
             thresh = logits.topk(topk, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < thresh, float("-inf"))
         return logits.softmax(-1)
 
     @staticmethod
-    def _read_topk(q, k, v, topk: int) -> torch.Tensor:
-        """Each query attends to its ``topk`` highest-logit slots only. Returns [B, H, T, Dq]."""
+    def _read_topk(q, k, v, topk: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each query attends to its ``topk`` highest-logit slots only (``mask`` [B or 1, 1, T, S+1] bool:
+        slots a query may not read, where False, are never among them). Returns [B, H, T, Dq]."""
         logits = torch.einsum("bhtd,bhsd->bhts", q, k)
+        if mask is not None:  # the null slot is always readable, so every query keeps a finite logit
+            logits = logits.masked_fill(~mask, float("-inf"))
         top = logits.topk(topk, dim=-1)                                          # [B,H,T,k]
         w = top.values.float().softmax(-1).to(v.dtype)
         b, h, t, kk = top.indices.shape

@@ -75,17 +75,22 @@ def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, 
     cos, sin, shift_cos, shift_sin = rope
     x = model.embed(tokens)
     new_caches, new_prev_x, mem_in, masses = [], [], [], []
+    self_kvs = []  # per memory layer with self_read: the segment's write slots, which the commit writes
     j = 0
     for blk, (k, v), px in zip(model.blocks, caches, prev_xs):
-        view = None
+        view, kw = None, {}
         if blk.mem is not None:
             view = blk.mem.build_view(_bank(banks[j][0], banks[j][1], banks[j][2], layout))
+            if blk.self_read:  # a whole segment: no earlier chunk, the first key shifts in prev_write
+                kw = {"write_prev": prev_writes[j]}
             j += 1
         args = (x, k, v, cos, sin, view, sample, cfg.mem_topk, px)
         if cfg.grad_checkpointing and model.training and torch.is_grad_enabled():
-            x, kk, vv, h, mass, _, px = checkpoint(blk, *args, use_reentrant=False)
+            x, kk, vv, h, mass, _, px, skv = checkpoint(blk, *args, use_reentrant=False, **kw)
         else:
-            x, kk, vv, h, mass, _, px = blk(*args)
+            x, kk, vv, h, mass, _, px, skv = blk(*args, **kw)
+        if skv is not None:
+            self_kvs.append(skv)
         # carry the last kv_window keys/values, moved into the next segment's position frame
         # (contiguous, and fresh empties without a window: the next step's inputs have one stride
         # pattern whatever made them, so they never trigger a recompile)
@@ -108,8 +113,8 @@ def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, 
     # the commit: every memory layer's bank written as one bank of L*B rows (as the eager commit does)
     mems = [blk.mem for blk in model.blocks if blk.mem is not None]
     writes, queries, new_prev_w = [], [], []
-    for mem, h, hb in zip(mems, mem_in, prev_writes):
-        kv_w, _ = mem.write_kv_packed(h, h_before=hb)
+    for i, (mem, h, hb) in enumerate(zip(mems, mem_in, prev_writes)):
+        kv_w = self_kvs[i] if self_kvs else mem.write_kv_packed(h, h_before=hb)[0]
         writes.append(kv_w)
         new_prev_w.append(h[:, -1:].contiguous())
         if want_recon:
