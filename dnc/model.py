@@ -6,8 +6,8 @@ Input of any length is processed in segments of ``segment_len`` tokens. Each blo
 memory layers write the segment into their StateBank (L0), which compresses/evicts on overflow.
 The bank is constant within a segment, so a full forward pass and token-by-token decoding compute
 the same function (tested). With ``self_read`` a read also sees the segment's own writes so far
-(causally, cached in the state as they are made), which keeps that equality. With ``memory=False`` and one segment spanning the input the same code
-is the plain Transformer baseline.
+(causally, cached in the state as they are made), which keeps that equality. With ``memory=False``
+and one segment spanning the input the same code is the plain Transformer baseline.
 """
 
 from __future__ import annotations
@@ -383,18 +383,21 @@ class DNC(nn.Module):
         return self._logits(x), traces
 
     @staticmethod
-    def pending_writes(blk: Block, ls: LayerState) -> torch.Tensor | None:
+    def pending_writes(blk: Block, ls: LayerState, keep: bool = True) -> torch.Tensor | None:
         """``config.self_read``: the write slots of ``ls``'s segment so far, keys and values
         [2, B, H, P, Dh] as ``blk.mem.write_kv_packed`` makes them (None at a segment start). The
         state's cache (``ls.self_kv``), or, for a state without it (imported, extracted from a
         decode batch, made by a model without ``self_read``), rebuilt from its pending memory
-        inputs and kept in ``ls``."""
+        inputs (and, with ``keep``, cached in ``ls``)."""
         if not ls.write_buf:
             return None
-        if ls.self_kv is None:
+        kv = ls.self_kv
+        if kv is None:
             h = torch.cat(ls.write_buf, 1) if len(ls.write_buf) > 1 else ls.write_buf[0]
-            ls.self_kv, _ = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
-        return ls.self_kv
+            kv, _ = blk.mem.write_kv_packed(h, h_before=ls.prev_write)
+            if keep:
+                ls.self_kv = kv
+        return kv
 
     def _commit_segment(self, state: DNCState) -> dict:
         """End of a segment: write memory layers' banks, carry the KV window, cut BPTT."""

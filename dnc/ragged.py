@@ -75,8 +75,8 @@ class LayerBuffers:
     k: torch.Tensor                      # [C, H, Lmax, Dh]
     v: torch.Tensor                      # [C, H, Lmax, Dh]
     prev_x: torch.Tensor                 # [C, 1, D] normed attention input of each row's last token
-    view_k: torch.Tensor | None = None   # [C, H, Smax+1, Dq] augmented read keys (slot 0 = null slot)
-    view_v: torch.Tensor | None = None   # [C, H, Smax+1, Dq]
+    view_k: torch.Tensor | None = None   # [C, H, Smax+1(+L), Dq] augmented read keys (slot 0 = null slot;
+    view_v: torch.Tensor | None = None   #   self_read: + segment_len write slots) and values
     mass: torch.Tensor | None = None     # [C, Smax] float32 read mass of the segment so far
     write_h: torch.Tensor | None = None  # [C, segment_len, D] normed memory inputs of the segment
     write_prev: torch.Tensor | None = None  # [C, 1, D] self_read: memory input of each row's last token
@@ -237,7 +237,7 @@ class RaggedBatch:
         first = self.smax + 1
         lb.view_k[slot, :, first:].zero_()
         lb.view_v[slot, :, first:].zero_()
-        kv = model.pending_writes(blk, ls)  # [2, 1, H, n, Dh]
+        kv = model.pending_writes(blk, ls, keep=False)  # [2, 1, H, n, Dh] (the caller's state stays as it was)
         if kv is not None:
             keys, vals = blk.mem.self_slots(kv, self.dtype)
             n = kv.shape[3]
