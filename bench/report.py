@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, str] = {
     "serve_load": "serve_load_report",
     "long_context": "long_context_report",
     "needle_probe": "needle_probe_report",
+    "recall_placement": "recall_placement_report",
     "segment_transfer": "segment_transfer",
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
