@@ -71,7 +71,8 @@ def train_arm(self_read: bool, args, seed: int) -> dict:
     """Train one arm; returns its held-out scores per placement and its training seconds."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    cfg = preset("tiny", segment_len=args.seg, l0_slots=max(128, args.seg), bptt_segments=4, self_read=self_read)
+    # L0 holds all four segments raw: the far pairs are read uncompressed, as in the memory-learning test
+    cfg = preset("tiny", segment_len=args.seg, l0_slots=4 * args.seg, bptt_segments=4, self_read=self_read)
     model = DNC(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -85,7 +86,7 @@ def train_arm(self_read: bool, args, seed: int) -> dict:
             g["lr"] = args.lr * min(1.0, (step + 1) / 30)
         opt.step()
         if (step + 1) % max(1, args.steps // 5) == 0:
-            print(f"  self_read={self_read} seed={seed} step {step + 1}/{args.steps} loss {float(loss):.3f}",
+            print(f"  self_read={self_read} seed={seed} step {step + 1}/{args.steps} loss {float(loss.detach()):.3f}",
                   file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
     model.eval()

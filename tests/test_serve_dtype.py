@@ -16,13 +16,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from serve.app import AppArgs
-from serve.modeling import (ModelSpec, load_model, resolve_dtype, state_dtype, state_from_bytes, state_to_bytes,
+from serve.modeling import (ModelSpec, load_model, resolve_dtype, state_dtype, state_from_bytes,
                             weights_digest)
 from serve.sessions import BankConfig, LocalBankClient, SessionBankShard
 from serve.sessions.turn_log import ReplayModels, cast_state, fingerprint_drift, rebuild_state, state_fingerprint
 from serve.sessions.turns import SessionTurns, state_of
+from session_turn_helpers import chat, same_state
 
 
 def _spec(**kw) -> dict:
@@ -68,32 +68,6 @@ class _OldReplica(LocalBankClient):
 
 def _replica(shard, model, models=None, old=False) -> SessionTurns:
     return SessionTurns(model, (_OldReplica if old else LocalBankClient)(shard), _run_here, models=models)
-
-
-def _prompt(i: int) -> list[int]:
-    return list(f"turn {i}: the memory keeps what the window forgets. ".encode())
-
-
-async def chat(turns: SessionTurns, sid: str, i: int, new_tokens: int = 8):
-    """One turn: lease, decode with the real decode loop (seeded sampling), commit. -> (turn, ack)."""
-    t = await turns.begin(sid, "alice", True)
-    try:
-        assert state_dtype(t.state) == turns.dtype  # the scheduler decodes states in the serving dtype
-        row = DecodeRow(_prompt(i), t.state, new_tokens, SamplingParams(0.9), seed=1000 + i)
-        dec = BatchDecoder(turns.model)
-        dec.add([row])
-        while dec.running:
-            dec.step()
-        assert row.finish_reason == "length", row.error
-        ack = await turns.commit(t, f"u-{sid}-{i}", _prompt(i), row.tokens, {"kind": "generate"})
-    finally:
-        await turns.end(t)
-    return t, ack
-
-
-def _same_state(a, b) -> None:
-    assert state_dtype(a) == state_dtype(b)
-    assert state_to_bytes(a) == state_to_bytes(b)  # bit for bit: replay on the CPU, batch 1, as decoded
 
 
 # --------------------------------------------------------------------------- the setting
@@ -156,7 +130,7 @@ def test_bfloat16_turns_come_back_after_a_shard_restart_and_through_the_shards_c
         b = _replica(shard2, bf)
         t = await b.begin("s", "alice", False)
         assert t.source == "loaded" and len(t.lease["turns"]) == 2
-        _same_state(t.state, reference)
+        same_state(t.state, reference)
         await b.end(t)
 
         res = await shard2.compact("s", "alice")  # replays the two bfloat16 turns on the shard's CPU model
@@ -181,7 +155,7 @@ def test_turns_without_a_dtype_replay_in_float32_and_a_bfloat16_server_continues
             await chat(old, "s", i)
         assert [("dtype" in t) for t in shard.sessions["s"].tail] == [False, False]
         bank = await shard.get_bank("s", "alice")
-        _same_state(state_of(f32, "s", bank), old.resident._items["s"].state)  # old records replay in float32
+        same_state(state_of(f32, "s", bank), old.resident._items["s"].state)  # old records replay in float32
 
         new = _replica(shard, bf, _cpu_models("bfloat16", bf))
         for i in range(2, 4):
@@ -195,7 +169,7 @@ def test_turns_without_a_dtype_replay_in_float32_and_a_bfloat16_server_continues
         fresh = _replica(shard2, bf, _cpu_models("bfloat16", bf))
         t = await fresh.begin("s", "alice", False)
         assert t.source == "loaded" and len(t.lease["turns"]) == 4
-        _same_state(t.state, reference)
+        same_state(t.state, reference)
         await fresh.end(t)
 
         # the arithmetic class matters: the bfloat16 turns replayed as float32 ones do not give the state back
@@ -225,12 +199,12 @@ def test_a_float32_server_replays_bfloat16_turns_in_bfloat16(tmp_path, models):
         a = _replica(shard, f32, _cpu_models("float32", f32))
         t = await a.begin("s", "alice", False)
         assert t.source == "loaded" and a.models.loads == ["bfloat16"]
-        _same_state(t.state, want)
+        same_state(t.state, want)
         await a.end(t)
         await chat(a, "s", 1)
         b = _replica(shard, f32, _cpu_models("float32", f32))
         t = await b.begin("s", "alice", False)
-        _same_state(t.state, a.resident._items["s"].state)
+        same_state(t.state, a.resident._items["s"].state)
         await b.end(t)
         with pytest.raises(ValueError, match="decoded in bfloat16 can only be replayed by a model in bfloat16"):
             await _replica(shard, f32).begin("s", "alice", False)  # no loader: said, not guessed

@@ -12,7 +12,6 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from serve.errors import StateDamaged
 from serve.modeling import ModelSpec, load_model, state_to_bytes
 from serve.sessions import BankConfig, LocalBankClient, SessionBankShard
@@ -20,6 +19,7 @@ from serve.sessions.resident import ResidentState, ResidentStates
 from serve.sessions.turn_log import (chain_digest, fingerprint_mismatch, pack_ids, rebuild_state, state_fingerprint,
                                      unpack_ids)
 from serve.sessions.turns import SessionTurns, state_of
+from session_turn_helpers import chat, same_state, turn_prompt
 
 
 @pytest.fixture(scope="module")
@@ -40,30 +40,6 @@ async def _run_here(fn, *args):
 
 def _replica(shard, model, budget=None) -> SessionTurns:
     return SessionTurns(model, LocalBankClient(shard), _run_here, budget)
-
-
-def _prompt(i: int) -> list[int]:
-    return list(f"turn {i}: the memory keeps what the window forgets. ".encode())
-
-
-async def chat(turns: SessionTurns, sid: str, i: int, new_tokens: int = 8, owner: str = "alice"):
-    """One turn: lease, decode with the real decode loop (seeded sampling), commit. -> (turn, ack)."""
-    t = await turns.begin(sid, owner, True)
-    try:
-        row = DecodeRow(_prompt(i), t.state, new_tokens, SamplingParams(0.9), seed=1000 + i)
-        dec = BatchDecoder(turns.model)
-        dec.add([row])
-        while dec.running:
-            dec.step()
-        assert row.finish_reason == "length", row.error
-        ack = await turns.commit(t, f"u-{sid}-{i}", _prompt(i), row.tokens, {"kind": "generate"})
-    finally:
-        await turns.end(t)
-    return t, ack
-
-
-def _same_state(a, b) -> None:
-    assert state_to_bytes(a) == state_to_bytes(b)  # bit for bit: replay on CPU, batch 1, as decoded
 
 
 # --------------------------------------------------------------------------- records
@@ -104,7 +80,7 @@ def test_ids_and_digest_chain():
 def test_fingerprint_tells_states_apart(model):
     s1 = model.init_state(1)
     with torch.no_grad():
-        model(torch.tensor([_prompt(0)]), state=s1, last_logits_only=True, metrics=False)
+        model(torch.tensor([turn_prompt(0)]), state=s1, last_logits_only=True, metrics=False)
     s2 = rebuild_state(model, state_to_bytes(s1), [])
     assert fingerprint_mismatch(state_fingerprint(s1), state_fingerprint(s2)) is None
     with torch.no_grad():
@@ -134,7 +110,7 @@ def test_a_restarted_shard_and_a_fresh_replica_rebuild_every_acknowledged_turn(t
         t = await b.begin("s", "alice", False)
         assert t.source == "loaded" and t.lease["seq"] == seq and t.lease["digest"] == dig
         assert len(t.lease["turns"]) == 1
-        _same_state(t.state, reference)
+        same_state(t.state, reference)
         await b.end(t)
 
         await shard2.checkpoint()  # the WAL folded into the snapshot file (full state + token turns)
@@ -143,7 +119,7 @@ def test_a_restarted_shard_and_a_fresh_replica_rebuild_every_acknowledged_turn(t
         shard2.store.close()
         shard3 = SessionBankShard(asdict(cfg), 0)
         bank = await shard3.get_bank("s", "alice")
-        _same_state(state_of(model, "s", bank), reference)
+        same_state(state_of(model, "s", bank), reference)
         # and the session goes on from there
         c = _replica(shard3, model)
         _, ack = await chat(c, "s", 7)
@@ -184,7 +160,7 @@ def test_resident_state_is_used_replayed_or_dropped_as_the_shard_says(tmp_path, 
         assert t.source == "replayed" and len(t.lease["turns"]) == 1 and t.lease["payload"] is None
         # the same turns on one replica from a state rebuilt from storage give the same state
         bank = await shard.get_bank("s", "alice")
-        _same_state(a.resident._items["s"].state, state_of(model, "s", bank))
+        same_state(a.resident._items["s"].state, state_of(model, "s", bank))
         # a compaction writes a full state: a's copy is stale and is dropped, not used
         await shard.compact("s", "alice")
         t, _ = await chat(a, "s", 4)
@@ -206,7 +182,7 @@ def test_a_turn_that_is_not_committed_leaves_no_resident_copy(tmp_path, model):
         t, ack = await chat(a, "s", 1)  # reloaded from the shard, the uncommitted tokens are not in it
         assert t.source == "loaded" and ack["info"]["seq"] == 2
         bank = await shard.get_bank("s", "alice")
-        _same_state(a.resident._items["s"].state, state_of(model, "s", bank))
+        same_state(a.resident._items["s"].state, state_of(model, "s", bank))
     asyncio.run(main())
 
 
