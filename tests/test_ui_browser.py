@@ -468,6 +468,9 @@ def test_owner_switch_clears_the_other_owners_views(page, server):
     page.fill("#owner", "ui-alice")
     page.dispatch_event("#owner", "change")
     expect(row).to_be_visible(timeout=30_000)
+    # the page selects a session again and loads it (state, then slots): deleting it while those
+    # requests are in flight would 404 them (a test race, not a page error), so wait for the slots
+    expect(page.locator("#slots-msg")).not_to_have_text(re.compile(r"^(loading slots…)?$"), timeout=30_000)
     page.evaluate("localStorage.removeItem('dnc-owner')")
     assert httpx.delete(f"{server}/v1/state/{sid}", headers={"X-Owner": "ui-alice"}, timeout=30).status_code == 200
 
