@@ -1,7 +1,9 @@
 """Evaluation of the long-context record (``bench/long_context.py``): the suites' samples and
-their wordings (phrasing x markers), greedy answers with one prefill per sample
-(:class:`GreedyReader`), one cell per model on the same samples (:func:`run_cells`), and the four
-phases a run goes through (:func:`evaluate`: passkey, recall, MQAR, bits per byte).
+their wordings (phrasing x markers), greedy exact match either by batched teacher forcing
+(:class:`TeacherReader`, the default) or by greedy answers with one prefill per sample
+(:class:`GreedyReader`, ``--scorer greedy``), one cell per model on the same samples
+(:func:`run_cells`), and the four phases a run goes through (:func:`evaluate`: passkey, recall,
+MQAR, bits per byte).
 """
 
 from __future__ import annotations
@@ -154,6 +156,42 @@ def answer(reader: GreedyReader, sample: task_lib.Sample) -> tuple[bool, int, in
     return task_lib.score(sample, pred), right, len(spans)
 
 
+class TeacherReader:
+    """The verdicts :func:`answer` gives through a :class:`GreedyReader`, from batched teacher
+    forcing (``dnc.training.exact_match``): each sample is one forward over prompt and true
+    answer, the cell's samples (all of one length) ``max_rows`` rows at a time, ``chunk`` tokens
+    per call, and only the logits at answer positions are kept, so a 1M-token row needs no more
+    memory than its prefill. ``max_batch_tokens`` caps rows x tokens of a model without memory
+    (its KV cache grows with the input); the DNC's state does not, so it is not capped."""
+
+    def __init__(self, model: DNC, chunk: int, device: torch.device, max_rows: int = 64,
+                 max_batch_tokens: int | None = None):
+        from dnc.training.exact_match import TeacherForcedScorer
+
+        if device.type == "cuda" and model.config.memory:
+            model.enable_cuda_graphs()  # whole-segment chunks, as GreedyReader's prefill
+        self.scorer = TeacherForcedScorer(model, device, True, max_rows=max_rows, chunk=chunk,
+                                          max_batch_tokens=None if model.config.memory else max_batch_tokens)
+
+    def answers(self, samples: list[task_lib.Sample]) -> list[tuple[bool, int, int]]:
+        """Per sample, what :func:`answer` returns: (exact match, spans right, spans)."""
+        from dnc.training.exact_match import span_hits
+
+        out = []
+        for s, h in zip(samples, self.scorer.hits(samples)):
+            per_span = span_hits(s, h)
+            out.append((bool(h.all()), sum(per_span), len(per_span)))
+        return out
+
+
+def answers(reader: GreedyReader | TeacherReader, samples: list[task_lib.Sample]) -> list[tuple[bool, int, int]]:
+    """:func:`answer` of every sample of a cell: batched through a :class:`TeacherReader`, one by
+    one through anything else."""
+    if isinstance(reader, TeacherReader):
+        return reader.answers(samples)
+    return [answer(reader, s) for s in samples]
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e)))
@@ -196,7 +234,8 @@ def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
     return start // segment_len != (start + len(sample.meta["passkey"]) - 1) // segment_len
 
 
-def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader], suite: str, length: int,
+def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
+              length: int,
               samples: list[task_lib.Sample], extra: dict[str, Any]) -> None:
     """Evaluate every model on the same ``samples`` and record one cell per model."""
     for name, model in models.items():
@@ -208,7 +247,7 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader]
         t0 = time.time()
         error = None
         try:
-            res = [answer(readers[name], s) for s in samples]
+            res = answers(readers[name], samples)
         except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
             if not is_oom(e):
                 raise
@@ -243,8 +282,13 @@ def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
     from dnc.training import text_bits_per_byte
 
     ds, device = run.ds, run.device
-    readers = {n: GreedyReader(m, m.config.segment_len if m.config.memory else ds["prefill_chunk"], device)
-               for n, m in models.items()}
+    def reader(m: DNC) -> GreedyReader | TeacherReader:
+        chunk = m.config.segment_len if m.config.memory else ds["prefill_chunk"]
+        if ds.get("scorer", "teacher") == "greedy":
+            return GreedyReader(m, chunk, device)
+        return TeacherReader(m, chunk, device, ds.get("score_rows", 64), ds.get("score_batch_tokens"))
+
+    readers = {n: reader(m) for n, m in models.items()}
 
     # ---------------------------------------------------------------------------------- passkey
     for ph, mk in ds["variants"]:
