@@ -160,6 +160,25 @@ def test_chunks_and_batch_splits_give_the_same_hits(trained):
         assert all(np.array_equal(a, b) for a, b in zip(got, ref)), kw
 
 
+def test_long_context_teacher_reader_gives_the_greedy_readers_answers(trained):
+    """bench/long_context.py's two scorers: (exact match, queries right, queries) per sample agree,
+    MQAR's per-query counts included, read in segment chunks."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from long_context_eval import GreedyReader, TeacherReader, answers
+
+    model, seen, unseen = trained
+    samples = seen + unseen + [corrupted(s, len(answer_positions(s)) - 2) for s in seen if s.task == "mqar"]
+    cpu = torch.device("cpu")
+    seg = model.config.segment_len
+    fast = answers(TeacherReader(model, seg, cpu, max_rows=4), samples)
+    assert fast == answers(GreedyReader(model, seg, cpu), samples)
+    mq = [r for s, r in zip(samples, fast) if s.task == "mqar"]
+    assert any(r[0] for r in mq) and any(0 < r[1] < r[2] for r in mq)  # all right, and some queries right
+
+
 def test_answers_that_break_the_equivalence_are_refused():
     s = task_lib.generate("kv_retrieval", 0, 64, 0.5)
     toks = s.tokens.copy()
