@@ -75,11 +75,13 @@ def task_accuracy(model: nn.Module, tasks: Sequence[str] | Any, lengths: Sequenc
         if progress:
             progress(task, length, results[task][length])
 
-    if mode == "teacher":  # every cell in one call: cells of one length share batches
-        verdicts = TeacherForcedScorer(model, device, bf16, max_rows=max_rows).score_samples(
-            [s for _, _, samples in cells for s in samples])
-        for i, (task, length, _) in enumerate(cells):
-            record(task, length, verdicts[i * n:(i + 1) * n])
+    if mode == "teacher":  # one call per length: its cells share batches (other lengths never could)
+        scorer = TeacherForcedScorer(model, device, bf16, max_rows=max_rows)
+        for length in dict.fromkeys(L for _, L, _ in cells):
+            same = [c for c in cells if c[1] == length]
+            verdicts = scorer.score_samples([s for _, _, samples in same for s in samples])
+            for i, (task, _, _) in enumerate(same):
+                record(task, length, verdicts[i * n:(i + 1) * n])
         return results
     predict = greedy_predict_fn(model, device, bf16)
     m = unwrap(model)

@@ -156,7 +156,9 @@ class TeacherForcedScorer:
         tokens per call, keeping the logits at answer positions only; one copy to the host at the
         end. Returns per row ``[A, V]`` float32."""
         m, dev = self.model, self.device
-        x = torch.from_numpy(np.stack([np.asarray(s.tokens[:-1], dtype=np.int64) for s in samples]))  # [B, T-1]
+        # [B, T-1] int32 on the device in one copy (a copy per chunk from pageable memory would make
+        # the host wait for the device before launching each chunk); int64 per chunk
+        x = torch.from_numpy(np.stack([np.asarray(s.tokens[:-1], dtype=np.int32) for s in samples])).to(dev)
         # logits at input position p predict token p + 1: answer token j is read at j - 1
         row = np.concatenate([np.full(len(p), r, dtype=np.int64) for r, p in enumerate(positions)])
         at = np.concatenate(positions) - 1
@@ -170,7 +172,7 @@ class TeacherForcedScorer:
         with autocast_ctx(dev, self.bf16):
             for t0 in range(0, n_in, self.chunk):
                 t1 = min(t0 + self.chunk, n_in)
-                logits = m(x[:, t0:t1].to(dev), state=state, metrics=False).logits  # [B, t1 - t0, V]
+                logits = m(x[:, t0:t1].long(), state=state, metrics=False).logits  # [B, t1 - t0, V]
                 a, b = np.searchsorted(at_sorted, [t0, t1])
                 if b > a:
                     picked[a:b] = logits[row_d[a:b], at_d[a:b] - t0].float()
