@@ -17,8 +17,9 @@ One run does three things:
      DNC one segment at a time, so 1M tokens stream through a bounded state; only the logits at
      answer positions are kept, no [T, vocab] logits are ever built): an answer is right when every
      answer token is the argmax before it, which is greedy decoding's verdict. ``--scorer greedy``
-     prefills each prompt once, in the same chunks, then decodes the short answer. The baseline runs only up to
-     ``--baseline-max-len`` tokens (longer cells are null); an out-of-memory cell is recorded as such.
+     prefills each prompt once, in the same chunks, then decodes the short answer. The baseline
+     runs only up to ``--baseline-max-len`` tokens (longer cells are null); an out-of-memory cell
+     is recorded as such.
   3. Write ``<out>/long_context_<tag>.json`` after every cell, and ``.md`` + PNG plots after every
      phase, so a run that is cut short keeps what it measured.
 
