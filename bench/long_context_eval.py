@@ -235,9 +235,11 @@ def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
 
 
 def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
-              length: int,
-              samples: list[task_lib.Sample], extra: dict[str, Any]) -> None:
-    """Evaluate every model on the same ``samples`` and record one cell per model."""
+              length: int, samples: list[task_lib.Sample], extra: dict[str, Any],
+              done: dict[str, tuple[list, float, int]] | None = None) -> None:
+    """Evaluate every model on the same ``samples`` and record one cell per model. ``done``: model
+    name -> (its answers to ``samples``, seconds, cells of the call) already read by
+    :func:`run_cell_group`."""
     for name, model in models.items():
         cell: dict[str, Any] = {"suite": suite, "model": name, "length": length, **extra, "n": len(samples)}
         if name == "baseline" and length > run.ds["baseline_max_len"]:
@@ -246,20 +248,25 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader 
             continue
         t0 = time.time()
         error = None
-        try:
-            res = answers(readers[name], samples)
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
-            if not is_oom(e):
-                raise
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if done and name in done:
+            res, seconds, shared = done[name]
+            cell["shared_call_cells"] = shared  # seconds: this cell's share (by samples) of one batched call
+        else:
+            try:
+                res = answers(readers[name], samples)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
+                if not is_oom(e):
+                    raise
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            seconds = time.time() - t0
         if error is not None:  # outside the except block: its traceback no longer pins the state
             free_memory(run.device)
-            cell.update(acc=None, status="oom", error=error, seconds=time.time() - t0)
+            cell.update(acc=None, status="oom", error=error, seconds=seconds)
             log(f"{suite} {fmt_len(length)} {extra} {name}: out of memory")
             run.add(cell)
             continue
         correct = sum(r[0] for r in res)
-        cell.update(correct=correct, acc=correct / len(samples), status="ok", seconds=time.time() - t0)
+        cell.update(correct=correct, acc=correct / len(samples), status="ok", seconds=seconds)
         if suite == "passkey" and model.config.memory:
             # needles whose digits cross a segment boundary: their second part is written in a
             # segment whose local attention never saw the first (kv_window carries some across)
@@ -272,6 +279,39 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader 
             f"{correct}/{len(samples)}" + (f" (queries {cell['query_acc']:.1%})" if suite == "mqar" else "")
             + f" in {cell['seconds']:.1f}s")
         run.add(cell)
+
+
+def run_cell_group(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
+                   cells: list[tuple[int, list[task_lib.Sample], dict[str, Any]]]) -> None:
+    """:func:`run_cells` for several ``(length, samples, extra)`` cells of one suite (the depths of a
+    passkey length): a :class:`TeacherReader` reads all their samples in one call (more rows per
+    forward pass), then every cell is recorded as ``run_cells`` records it, in the same order, its
+    ``seconds`` the call's share by sample count. A call that runs out of memory falls back to one
+    call per cell; other readers always read cell by cell."""
+    shared: dict[str, dict[int, tuple[list, float, int]]] = {}
+    for name in models:
+        todo = [c for c in cells if not (name == "baseline" and c[0] > run.ds["baseline_max_len"])]
+        if not isinstance(readers[name], TeacherReader) or len(todo) < 2:
+            continue
+        t0 = time.time()
+        oom = False
+        try:
+            res = answers(readers[name], [s for _, samples, _ in todo for s in samples])
+        except Exception as e:  # noqa: BLE001 - out of memory falls back to smaller calls; anything else re-raises
+            if not is_oom(e):
+                raise
+            oom = True
+        if oom:
+            free_memory(run.device)
+            log(f"{suite} {name}: out of memory reading {len(todo)} cells at once; one cell per call")
+            continue
+        per_sample = (time.time() - t0) / len(res)
+        it = iter(res)
+        shared[name] = {id(samples): ([next(it) for _ in samples], per_sample * len(samples), len(todo))
+                        for _, samples, _ in todo}
+    for length, samples, extra in cells:
+        run_cells(run, models, readers, suite, length, samples, extra,
+                  done={n: d[id(samples)] for n, d in shared.items() if id(samples) in d})
 
 
 def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
@@ -293,11 +333,13 @@ def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
     # ---------------------------------------------------------------------------------- passkey
     for ph, mk in ds["variants"]:
         for L in ds["passkey_lengths"]:
+            cells = []
             for di, d in enumerate(ds["depths"]):
                 seed = variant_seed([args.seed, SUITE_SEED["passkey"], L, di], ph, mk)
                 Ls, samples = draw_samples("needle", seed, L, args.n, 0.0, depth=d, n_decoys=args.decoys,
                                            **variant_kwargs(ph, mk))
-                run_cells(run, models, readers, "passkey", Ls, samples, {"depth": d, **variant_extra(ph, mk)})
+                cells.append((Ls, samples, {"depth": d, **variant_extra(ph, mk)}))
+            run_cell_group(run, models, readers, "passkey", cells)  # every depth of a length in one batch
     run.render("passkey")
 
     # ---------------------------------------------------------------------------------- recall

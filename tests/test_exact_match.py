@@ -179,6 +179,36 @@ def test_long_context_teacher_reader_gives_the_greedy_readers_answers(trained):
     assert any(r[0] for r in mq) and any(0 < r[1] < r[2] for r in mq)  # all right, and some queries right
 
 
+def test_long_context_cell_group_records_what_cell_by_cell_reading_records(trained, tmp_path):
+    """The passkey depths of one length read in one batched call are recorded cell for cell as the
+    greedy reader records them one cell at a time (only the timing fields differ)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import long_context
+    import long_context_eval as lc
+    from long_context_report import Run
+
+    model, seen, unseen = trained
+    needles = [s for s in seen + unseen if s.task == "needle" and len(s) == LENGTHS[1]]
+    cells = [(LENGTHS[1], needles[i::3], {"depth": float(i)}) for i in range(3)]
+    cpu = torch.device("cpu")
+    seg = model.config.segment_len
+    recorded = []
+    for tag, reader in (("teacher", lc.TeacherReader(model, seg, cpu)), ("greedy", lc.GreedyReader(model, seg, cpu))):
+        args = long_context.build_parser().parse_args(["--out", str(tmp_path / tag), "--tag", tag, "--device", "cpu"])
+        run = Run(args, [], cpu, {"baseline_max_len": 1024})
+        lc.run_cell_group(run, {"dnc": model}, {"dnc": reader}, "passkey", cells)
+        recorded.append(json.loads(run.json_path.read_text())["cells"])
+    teacher, greedy_cells = recorded
+    assert [c.pop("shared_call_cells") for c in teacher] == [3, 3, 3] and "shared_call_cells" not in greedy_cells[0]
+    for c in teacher + greedy_cells:
+        assert c.pop("seconds") >= 0
+    assert teacher == greedy_cells and 0 < sum(c["correct"] for c in teacher) < len(needles)
+
+
 def test_answers_that_break_the_equivalence_are_refused():
     s = task_lib.generate("kv_retrieval", 0, 64, 0.5)
     toks = s.tokens.copy()
