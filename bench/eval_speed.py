@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=8, help="curriculum samples per task and length (the trainer's "
                    "eval_samples); default 8")
     e.add_argument("--difficulty", type=float, default=None, help="curriculum difficulty (default: the stage's lowest)")
-    e.add_argument("--passkey-lengths", default="256,512", help="passkey sample lengths (k/M suffixes); default 256,512")
+    e.add_argument("--passkey-lengths", default="256,512",
+                   help="passkey sample lengths (k/M suffixes); default 256,512")
     e.add_argument("--depths", default="0,0.5,1", help="needle depths; default 0,0.5,1")
     e.add_argument("--n-passkey", type=int, default=4, help="passkey samples per length x depth; default 4")
     r = p.add_argument_group("scoring")

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher: one teacher-forced forward per sample, a cell's samples batched (greedy "
                         "decoding's verdicts, dnc.training.exact_match); greedy: prefill then token-by-token "
                         "decoding per sample (the old path). Default: teacher")
-    e.add_argument("--score-rows", type=int, default=64, help="samples per forward pass with --scorer teacher; default 64")
+    e.add_argument("--score-rows", type=int, default=64,
+                   help="samples per forward pass with --scorer teacher; default 64")
     e.add_argument("--score-batch-tokens", default="1M",
                    help="rows x tokens per forward pass of the memory-less baseline with --scorer teacher (its KV "
                         "cache grows with them; the DNC is not capped); default 1M")

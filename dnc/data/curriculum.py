@@ -25,6 +25,8 @@ from dnc.data.filler_text import HELDOUT_FILLERS
 from dnc.data.tasks import TASKS, PredictFn, Sample, collate, generate, predict_answer, score
 
 STATE_VERSION = 1
+
+
 class SampleScorer(Protocol):
     """Scores whole eval sets at once: ``score_samples(samples) -> [bool]`` exact match per sample
     (``dnc.training.exact_match.TeacherForcedScorer`` is one)."""

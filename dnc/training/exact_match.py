@@ -85,8 +85,9 @@ class TeacherForcedScorer:
 
     ``score_samples(samples) -> [bool]`` is the verdict of :func:`dnc.data.tasks.score` on
     :func:`dnc.data.tasks.predict_answer` with greedy ``model.generate``; :meth:`hits` gives the
-    per-answer-token detail and :meth:`answer_logits` the logits it is read from. The curriculum's ``evaluate`` and ``TaskSource.assess`` take an
-    instance wherever they take a ``predict_fn``.
+    per-answer-token detail and :meth:`answer_logits` the logits it is read from. The
+    curriculum's ``evaluate`` and ``TaskSource.assess`` take an instance wherever they take a
+    ``predict_fn``.
 
     Args:
         model: a DNC (or a DDP / compiled wrapper of one); put in eval mode while scoring.
