@@ -209,6 +209,23 @@ def test_long_context_cell_group_records_what_cell_by_cell_reading_records(train
     assert teacher == greedy_cells and 0 < sum(c["correct"] for c in teacher) < len(needles)
 
 
+def test_long_samples_never_build_logits_beyond_a_chunk():
+    """A sample of many segments goes through the model one chunk per call: no call returns more
+    than ``[B, chunk, V]`` logits, whatever the sample length (1M-token samples stay bounded)."""
+    torch.manual_seed(0)
+    model = DNC(preset("tiny")).eval()
+    samples = [task_lib.generate("needle", np.random.default_rng(i), 2048, 0.0) for i in range(3)]
+    shapes = []
+    hook = model.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.logits.shape)))
+    try:
+        hits = TeacherForcedScorer(model, bf16=False).hits(samples)
+    finally:
+        hook.remove()
+    seg = model.config.segment_len
+    assert len(shapes) == -(-2047 // seg) and max(s[1] for s in shapes) == seg and {s[0] for s in shapes} == {3}
+    assert [len(h) for h in hits] == [len(s.answer) for s in samples]
+
+
 def test_answers_that_break_the_equivalence_are_refused():
     s = task_lib.generate("kv_retrieval", 0, 64, 0.5)
     toks = s.tokens.copy()
