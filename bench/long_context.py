@@ -12,10 +12,14 @@ One run does three things:
   2. Evaluate greedy exact match of both models (same samples for both): passkey retrieval over
      ``--passkey-lengths`` x ``--depths``; two-hop relational recall and kv_retrieval at
      ``--recall-lengths``; MQAR with ``--mqar-pairs`` pairs (per-query and all-correct); bits per
-     byte on held-out stdlib source at ``--bpb-context``. Each prompt is prefilled once, in chunks
-     (the DNC one segment at a time, so 1M tokens stream through a bounded state; no [T, vocab]
-     logits are ever built), then the short answer is decoded. The baseline runs only up to
-     ``--baseline-max-len`` tokens (longer cells are null); an out-of-memory cell is recorded as such.
+     byte on held-out stdlib source at ``--bpb-context``. By default (``--scorer teacher``) each
+     sample is read in one teacher-forced forward, a cell's samples batched as rows, in chunks (the
+     DNC one segment at a time, so 1M tokens stream through a bounded state; only the logits at
+     answer positions are kept, no [T, vocab] logits are ever built): an answer is right when every
+     answer token is the argmax before it, which is greedy decoding's verdict. ``--scorer greedy``
+     prefills each prompt once, in the same chunks, then decodes the short answer. The baseline
+     runs only up to ``--baseline-max-len`` tokens (longer cells are null); an out-of-memory cell
+     is recorded as such.
   3. Write ``<out>/long_context_<tag>.json`` after every cell, and ``.md`` + PNG plots after every
      phase, so a run that is cut short keeps what it measured.
 
@@ -117,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline-max-len", default="128k", help="longest baseline cell; longer ones are null")
     e.add_argument("--prefill-chunk", type=int, default=4096,
                    help="baseline prefill chunk in tokens (the DNC uses its segment_len); default 4096")
+    e.add_argument("--scorer", choices=("teacher", "greedy"), default="teacher",
+                   help="teacher: one teacher-forced forward per sample, a cell's samples batched (greedy "
+                        "decoding's verdicts, dnc.training.exact_match); greedy: prefill then token-by-token "
+                        "decoding per sample (the old path). Default: teacher")
+    e.add_argument("--score-rows", type=int, default=64,
+                   help="samples per forward pass with --scorer teacher; default 64")
+    e.add_argument("--score-batch-tokens", default="1M",
+                   help="rows x tokens per forward pass of the memory-less baseline with --scorer teacher (its KV "
+                        "cache grows with them; the DNC is not capped); default 1M")
     e.add_argument("--seed", type=int, default=1234, help="sample seed")
     e.add_argument("--phrasings", default="template",
                    help="wordings of the retrieval suites, a comma list of template (the generators' own, the "
@@ -160,13 +173,17 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bpb_context": one_length(args.bpb_context, "--bpb-context"), "bpb_bytes": args.bpb_bytes,
         "baseline_max_len": one_length(args.baseline_max_len, "--baseline-max-len"),
         "prefill_chunk": args.prefill_chunk, "seed": args.seed,
+        "scorer": args.scorer, "score_rows": args.score_rows,
+        "score_batch_tokens": one_length(args.score_batch_tokens, "--score-batch-tokens"),
         "variants": parse_variants(args.phrasings, args.markers),
     }
     ds["mqar_lengths"] = mqar_lengths(ds)
     if not all(0.0 <= d <= 1.0 for d in ds["depths"]):
         raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
-    if min(args.n, args.n_recall, args.n_mqar, args.prefill_chunk, args.bpb_batch) < 1:
-        raise ValueError("--n, --n-recall, --n-mqar, --prefill-chunk and --bpb-batch must be >= 1")
+    if min(args.n, args.n_recall, args.n_mqar, args.prefill_chunk, args.bpb_batch, args.score_rows,
+           ds["score_batch_tokens"]) < 1:
+        raise ValueError("--n, --n-recall, --n-mqar, --prefill-chunk, --bpb-batch, --score-rows and "
+                         "--score-batch-tokens must be >= 1")
     return ds
 
 

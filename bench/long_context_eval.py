@@ -1,7 +1,9 @@
 """Evaluation of the long-context record (``bench/long_context.py``): the suites' samples and
-their wordings (phrasing x markers), greedy answers with one prefill per sample
-(:class:`GreedyReader`), one cell per model on the same samples (:func:`run_cells`), and the four
-phases a run goes through (:func:`evaluate`: passkey, recall, MQAR, bits per byte).
+their wordings (phrasing x markers), greedy exact match either by batched teacher forcing
+(:class:`TeacherReader`, the default) or by greedy answers with one prefill per sample
+(:class:`GreedyReader`, ``--scorer greedy``), one cell per model on the same samples
+(:func:`run_cells`), and the four phases a run goes through (:func:`evaluate`: passkey, recall,
+MQAR, bits per byte).
 """
 
 from __future__ import annotations
@@ -154,6 +156,42 @@ def answer(reader: GreedyReader, sample: task_lib.Sample) -> tuple[bool, int, in
     return task_lib.score(sample, pred), right, len(spans)
 
 
+class TeacherReader:
+    """The verdicts :func:`answer` gives through a :class:`GreedyReader`, from batched teacher
+    forcing (``dnc.training.exact_match``): each sample is one forward over prompt and true
+    answer, the cell's samples (all of one length) ``max_rows`` rows at a time, ``chunk`` tokens
+    per call, and only the logits at answer positions are kept, so a 1M-token row needs no more
+    memory than its prefill. ``max_batch_tokens`` caps rows x tokens of a model without memory
+    (its KV cache grows with the input); the DNC's state does not, so it is not capped."""
+
+    def __init__(self, model: DNC, chunk: int, device: torch.device, max_rows: int = 64,
+                 max_batch_tokens: int | None = None):
+        from dnc.training.exact_match import TeacherForcedScorer
+
+        if device.type == "cuda" and model.config.memory:
+            model.enable_cuda_graphs()  # whole-segment chunks, as GreedyReader's prefill
+        self.scorer = TeacherForcedScorer(model, device, True, max_rows=max_rows, chunk=chunk,
+                                          max_batch_tokens=None if model.config.memory else max_batch_tokens)
+
+    def answers(self, samples: list[task_lib.Sample]) -> list[tuple[bool, int, int]]:
+        """Per sample, what :func:`answer` returns: (exact match, spans right, spans)."""
+        from dnc.training.exact_match import span_hits
+
+        out = []
+        for s, h in zip(samples, self.scorer.hits(samples)):
+            per_span = span_hits(s, h)
+            out.append((bool(h.all()), sum(per_span), len(per_span)))
+        return out
+
+
+def answers(reader: GreedyReader | TeacherReader, samples: list[task_lib.Sample]) -> list[tuple[bool, int, int]]:
+    """:func:`answer` of every sample of a cell: batched through a :class:`TeacherReader`, one by
+    one through anything else."""
+    if isinstance(reader, TeacherReader):
+        return reader.answers(samples)
+    return [answer(reader, s) for s in samples]
+
+
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
         isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e)))
@@ -196,9 +234,12 @@ def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
     return start // segment_len != (start + len(sample.meta["passkey"]) - 1) // segment_len
 
 
-def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader], suite: str, length: int,
-              samples: list[task_lib.Sample], extra: dict[str, Any]) -> None:
-    """Evaluate every model on the same ``samples`` and record one cell per model."""
+def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
+              length: int, samples: list[task_lib.Sample], extra: dict[str, Any],
+              done: dict[str, tuple[list, float, int]] | None = None) -> None:
+    """Evaluate every model on the same ``samples`` and record one cell per model. ``done``: model
+    name -> (its answers to ``samples``, seconds, cells of the call) already read by
+    :func:`run_cell_group`."""
     for name, model in models.items():
         cell: dict[str, Any] = {"suite": suite, "model": name, "length": length, **extra, "n": len(samples)}
         if name == "baseline" and length > run.ds["baseline_max_len"]:
@@ -207,20 +248,25 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader]
             continue
         t0 = time.time()
         error = None
-        try:
-            res = [answer(readers[name], s) for s in samples]
-        except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
-            if not is_oom(e):
-                raise
-            error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if done and name in done:
+            res, seconds, shared = done[name]
+            cell["shared_call_cells"] = shared  # seconds: this cell's share (by samples) of one batched call
+        else:
+            try:
+                res = answers(readers[name], samples)
+            except Exception as e:  # noqa: BLE001 - only out-of-memory is recorded; anything else re-raises
+                if not is_oom(e):
+                    raise
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            seconds = time.time() - t0
         if error is not None:  # outside the except block: its traceback no longer pins the state
             free_memory(run.device)
-            cell.update(acc=None, status="oom", error=error, seconds=time.time() - t0)
+            cell.update(acc=None, status="oom", error=error, seconds=seconds)
             log(f"{suite} {fmt_len(length)} {extra} {name}: out of memory")
             run.add(cell)
             continue
         correct = sum(r[0] for r in res)
-        cell.update(correct=correct, acc=correct / len(samples), status="ok", seconds=time.time() - t0)
+        cell.update(correct=correct, acc=correct / len(samples), status="ok", seconds=seconds)
         if suite == "passkey" and model.config.memory:
             # needles whose digits cross a segment boundary: their second part is written in a
             # segment whose local attention never saw the first (kv_window carries some across)
@@ -235,6 +281,39 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader]
         run.add(cell)
 
 
+def run_cell_group(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
+                   cells: list[tuple[int, list[task_lib.Sample], dict[str, Any]]]) -> None:
+    """:func:`run_cells` for several ``(length, samples, extra)`` cells of one suite (the depths of a
+    passkey length): a :class:`TeacherReader` reads all their samples in one call (more rows per
+    forward pass), then every cell is recorded as ``run_cells`` records it, in the same order, its
+    ``seconds`` the call's share by sample count. A call that runs out of memory falls back to one
+    call per cell; other readers always read cell by cell."""
+    shared: dict[str, dict[int, tuple[list, float, int]]] = {}
+    for name in models:
+        todo = [c for c in cells if not (name == "baseline" and c[0] > run.ds["baseline_max_len"])]
+        if not isinstance(readers[name], TeacherReader) or len(todo) < 2:
+            continue
+        t0 = time.time()
+        oom = False
+        try:
+            res = answers(readers[name], [s for _, samples, _ in todo for s in samples])
+        except Exception as e:  # noqa: BLE001 - out of memory falls back to smaller calls; anything else re-raises
+            if not is_oom(e):
+                raise
+            oom = True
+        if oom:
+            free_memory(run.device)
+            log(f"{suite} {name}: out of memory reading {len(todo)} cells at once; one cell per call")
+            continue
+        per_sample = (time.time() - t0) / len(res)
+        it = iter(res)
+        shared[name] = {id(samples): ([next(it) for _ in samples], per_sample * len(samples), len(todo))
+                        for _, samples, _ in todo}
+    for length, samples, extra in cells:
+        run_cells(run, models, readers, suite, length, samples, extra,
+                  done={n: d[id(samples)] for n, d in shared.items() if id(samples) in d})
+
+
 def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
     """Every suite on every model, the same samples for each: passkey over lengths x depths,
     two-hop relational recall and kv_retrieval, MQAR, then bits per byte on ``held_out``
@@ -243,17 +322,24 @@ def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
     from dnc.training import text_bits_per_byte
 
     ds, device = run.ds, run.device
-    readers = {n: GreedyReader(m, m.config.segment_len if m.config.memory else ds["prefill_chunk"], device)
-               for n, m in models.items()}
+    def reader(m: DNC) -> GreedyReader | TeacherReader:
+        chunk = m.config.segment_len if m.config.memory else ds["prefill_chunk"]
+        if ds.get("scorer", "teacher") == "greedy":
+            return GreedyReader(m, chunk, device)
+        return TeacherReader(m, chunk, device, ds.get("score_rows", 64), ds.get("score_batch_tokens"))
+
+    readers = {n: reader(m) for n, m in models.items()}
 
     # ---------------------------------------------------------------------------------- passkey
     for ph, mk in ds["variants"]:
         for L in ds["passkey_lengths"]:
+            cells = []
             for di, d in enumerate(ds["depths"]):
                 seed = variant_seed([args.seed, SUITE_SEED["passkey"], L, di], ph, mk)
                 Ls, samples = draw_samples("needle", seed, L, args.n, 0.0, depth=d, n_decoys=args.decoys,
                                            **variant_kwargs(ph, mk))
-                run_cells(run, models, readers, "passkey", Ls, samples, {"depth": d, **variant_extra(ph, mk)})
+                cells.append((Ls, samples, {"depth": d, **variant_extra(ph, mk)}))
+            run_cell_group(run, models, readers, "passkey", cells)  # every depth of a length in one batch
     run.render("passkey")
 
     # ---------------------------------------------------------------------------------- recall

@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -25,6 +25,15 @@ from dnc.data.filler_text import HELDOUT_FILLERS
 from dnc.data.tasks import TASKS, PredictFn, Sample, collate, generate, predict_answer, score
 
 STATE_VERSION = 1
+
+
+class SampleScorer(Protocol):
+    """Scores whole eval sets at once: ``score_samples(samples) -> [bool]`` exact match per sample
+    (``dnc.training.exact_match.TeacherForcedScorer`` is one)."""
+
+    def score_samples(self, samples: Sequence[Sample]) -> list[bool]: ...
+
+
 HELDOUT_PHRASINGS = ("heldout",)
 """``phrasing`` values a training stage may not use (see :mod:`dnc.data.phrasings`)."""
 
@@ -460,33 +469,45 @@ class Curriculum:
         return True
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, predict_fn: PredictFn, n_per_task: int = 16,
+    def evaluate(self, predict_fn: PredictFn | SampleScorer, n_per_task: int = 16,
                  lengths: Sequence[int] | None = None, *, seed: int = 1234,
                  difficulty: float | None = None, tasks: Sequence[str] | None = None,
                  progress: bool = False) -> dict[str, float]:
         """Exact-match accuracy per task on a fixed eval set.
 
-        ``predict_fn(prefix_tokens [P] int32, max_new) -> list[int]`` (greedy decoding) answers
-        each sample (one call per answer span, see :func:`dnc.data.tasks.predict_answer`).
-        ``n_per_task`` samples per task and length; ``lengths`` default to the stage's
-        ``(min_len, max_len)``. The set depends only on ``seed``, the stage and the difficulty
-        (default: each task's current one), not on the training rng, so evals are comparable."""
+        ``predict_fn`` is either a :class:`SampleScorer` (``score_samples(samples) -> [bool]``,
+        e.g. ``dnc.training.exact_match.TeacherForcedScorer``: every sample in batched forward
+        passes) or ``predict_fn(prefix_tokens [P] int32, max_new) -> list[int]`` (greedy
+        decoding), which answers each sample (one call per answer span, see
+        :func:`dnc.data.tasks.predict_answer`). ``n_per_task`` samples per task and length;
+        ``lengths`` default to the stage's ``(min_len, max_len)``. The set depends only on
+        ``seed``, the stage and the difficulty (default: each task's current one), not on the
+        training rng, so evals are comparable."""
         st = self.stage
         lens = list(lengths) if lengths is not None else sorted({st.min_len, st.max_len})
         names = list(tasks) if tasks is not None else st.active_tasks
         rng = np.random.default_rng(seed)
         jobs = [(t, L) for t in names for L in lens for _ in range(n_per_task)]
-        it: Any = jobs
-        if progress:
-            from tqdm.auto import tqdm
+        # drawn in job order from one rng, before any scoring (scoring draws nothing): the set is
+        # the same whichever way it is scored
+        samples = []
+        for t, L in jobs:
+            d = difficulty if difficulty is not None else self.difficulty.get(t, st.difficulty[0])
+            samples.append(generate(t, rng, L, d, **st.task_kwargs.get(t, {})))
+        scorer = getattr(predict_fn, "score_samples", None)
+        if callable(scorer):
+            verdicts = [bool(v) for v in scorer(samples)]
+        else:
+            it: Any = samples
+            if progress:
+                from tqdm.auto import tqdm
 
-            it = tqdm(jobs, desc=f"eval {st.name}", leave=False)
+                it = tqdm(samples, desc=f"eval {st.name}", leave=False)
+            verdicts = [score(s, predict_answer(s, predict_fn)) for s in it]
         right: dict[str, int] = {t: 0 for t in names}
         total: dict[str, int] = {t: 0 for t in names}
-        for t, L in it:
-            d = difficulty if difficulty is not None else self.difficulty.get(t, st.difficulty[0])
-            s = generate(t, rng, L, d, **st.task_kwargs.get(t, {}))
-            right[t] += int(score(s, predict_answer(s, predict_fn)))
+        for (t, _), v in zip(jobs, verdicts):
+            right[t] += int(v)
             total[t] += 1
         return {t: right[t] / total[t] for t in names if total[t]}
 
@@ -507,4 +528,4 @@ def _jsonable_rng_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Stage", "Curriculum", "load_stages", "default_stage_dir", "STATE_VERSION"]
+__all__ = ["Stage", "Curriculum", "SampleScorer", "load_stages", "default_stage_dir", "STATE_VERSION"]

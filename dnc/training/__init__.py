@@ -4,6 +4,7 @@
 - :mod:`~dnc.training.optim`       ``build_optimizer``, ``LRSchedule``, ``PlateauDetector``
 - :mod:`~dnc.training.step`        ``train_step``, ``per_sample_loss``, ``autocast_ctx``
 - :mod:`~dnc.training.evaluate`    ``evaluate`` (task accuracy + bits per byte of text)
+- :mod:`~dnc.training.exact_match` ``TeacherForcedScorer`` (greedy exact match by batched teacher forcing)
 - :mod:`~dnc.training.data`        ``TaskSource`` (curriculum batches), ``corpus_windows``
 - :mod:`~dnc.training.checkpoint`  ``TrainState``, training checkpoints and RNG
 - :mod:`~dnc.training.metrics`     ``MetricsLogger``, ``read_metrics``
@@ -17,6 +18,7 @@ from dnc.training.checkpoint import (TrainState, latest_checkpoint, load_weights
 from dnc.training.config import TrainConfig, model_config_for
 from dnc.training.data import TaskSource, corpus_windows
 from dnc.training.evaluate import evaluate, greedy_predict_fn, task_accuracy, text_bits_per_byte
+from dnc.training.exact_match import TeacherForcedScorer
 from dnc.training.metrics import MetricsLogger, read_metrics
 from dnc.training.optim import LRSchedule, PlateauDetector, build_optimizer
 from dnc.training.step import IGNORE_INDEX, autocast_ctx, per_sample_loss, train_step
@@ -26,7 +28,7 @@ __all__ = [
     "TrainConfig", "model_config_for",
     "build_optimizer", "LRSchedule", "PlateauDetector",
     "train_step", "per_sample_loss", "autocast_ctx", "IGNORE_INDEX",
-    "evaluate", "task_accuracy", "text_bits_per_byte", "greedy_predict_fn",
+    "evaluate", "task_accuracy", "text_bits_per_byte", "greedy_predict_fn", "TeacherForcedScorer",
     "TaskSource", "corpus_windows",
     "TrainState", "read_train_state", "latest_checkpoint", "load_weights_from",
     "MetricsLogger", "read_metrics",

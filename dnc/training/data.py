@@ -60,9 +60,12 @@ class TaskSource:
             sums.setdefault(t, []).append(float(v))
         self.curriculum.record_losses({t: sum(v) / len(v) for t, v in sums.items()}, step=step)
 
-    def assess(self, predict: Callable, n: int, step: int) -> dict[str, float]:
+    def assess(self, predict: Callable | Any, n: int, step: int) -> dict[str, float]:
         """Exact-match eval of the current stage (its min/max lengths), adaptive difficulty and
-        promotion. Returns flat metrics: ``eval/acc`` (mean), ``eval/acc/<task>``,
+        promotion. ``predict``: a ``dnc.training.exact_match.TeacherForcedScorer`` (batched, what
+        the trainer uses) or a ``predict(prefix, max_new)`` function such as
+        ``greedy_predict_fn(model)`` (token-by-token generation; the same verdicts, slower); see
+        ``Curriculum.evaluate``. Returns flat metrics: ``eval/acc`` (mean), ``eval/acc/<task>``,
         ``curriculum/difficulty/<task>``, ``curriculum/promoted``, ``curriculum/stage_index``."""
         stage = self.curriculum.stage.name
         acc = self.curriculum.evaluate(predict, n_per_task=n, seed=self.cfg.seed + 1234)

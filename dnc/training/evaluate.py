@@ -1,4 +1,5 @@
-"""Evaluation of a model: exact-match accuracy on tasks (greedy generation) and bits per byte of text.
+"""Evaluation of a model: exact-match accuracy on tasks (greedy decoding's verdicts, by batched
+teacher forcing or by generation) and bits per byte of text.
 
 :func:`evaluate` is the entry point for a checkpoint (``ray_jobs.evaluate`` and the benchmarks);
 :func:`task_accuracy` and :func:`text_bits_per_byte` are its two parts. The curriculum's own
@@ -36,39 +37,59 @@ def greedy_predict_fn(model: nn.Module, device: torch.device | None = None, bf16
 def task_accuracy(model: nn.Module, tasks: Sequence[str] | Any, lengths: Sequence[int], n: int = 16, *,
                    seed: int = 1234, difficulty: float | None = None, device: torch.device | None = None,
                    bf16: bool = True, task_kwargs: dict[str, dict[str, Any]] | None = None,
-                   progress: Callable[[str, int, float], None] | None = None) -> dict[str, dict[int, float]]:
-    """Exact-match accuracy per task and length with greedy ``model.generate``.
+                   progress: Callable[[str, int, float], None] | None = None,
+                   mode: str = "teacher", max_rows: int = 64) -> dict[str, dict[int, float]]:
+    """Exact-match accuracy per task and length under greedy decoding.
 
     ``tasks``: task names of :data:`dnc.data.tasks.TASKS`, or a ``Curriculum`` (its current
-    stage's tasks, difficulties and task knobs). Each sample is answered span by span through
-    :func:`dnc.data.tasks.predict_answer` and scored with :func:`dnc.data.tasks.score`.
+    stage's tasks, difficulties and task knobs). ``mode="teacher"`` (default) scores every sample
+    with one teacher-forced forward pass, samples of equal length batched ``max_rows`` at a time
+    (:class:`dnc.training.exact_match.TeacherForcedScorer`: the same verdicts as greedy decoding);
+    ``mode="greedy"`` answers each sample span by span with ``model.generate`` through
+    :func:`dnc.data.tasks.predict_answer` and scores it with :func:`dnc.data.tasks.score`.
     Samples depend only on ``(seed, task, length)``. Returns ``{task: {length: accuracy}}``."""
     from dnc.data import tasks as task_lib
+    from dnc.training.exact_match import TeacherForcedScorer
 
+    if mode not in ("teacher", "greedy"):
+        raise ValueError(f"mode must be 'teacher' (batched teacher forcing) or 'greedy' (token-by-token "
+                         f"generation), got {mode!r}")
     diffs: dict[str, float] = {}
     if not isinstance(tasks, (list, tuple)):
         cur = tasks
         task_kwargs = task_kwargs or cur.stage.task_kwargs
         diffs = dict(cur.difficulty)
         tasks = cur.stage.active_tasks
+    cells: list[tuple[str, int, list]] = []  # (task, length, samples)
+    for task in tasks:
+        d = difficulty if difficulty is not None else diffs.get(task, 0.5)
+        for length in lengths:
+            rng = np.random.default_rng([seed, _stable_hash(task), int(length)])
+            cells.append((task, int(length), [task_lib.generate(task, rng, int(length), d,
+                                                                **(task_kwargs or {}).get(task, {}))
+                                              for _ in range(n)]))
+    results: dict[str, dict[int, float]] = {t: {} for t in tasks}
+
+    def record(task: str, length: int, verdicts: Sequence[bool]) -> None:
+        results[task][length] = sum(bool(v) for v in verdicts) / n
+        if progress:
+            progress(task, length, results[task][length])
+
+    if mode == "teacher":  # one call per length: its cells share batches (other lengths never could)
+        scorer = TeacherForcedScorer(model, device, bf16, max_rows=max_rows)
+        for length in dict.fromkeys(L for _, L, _ in cells):
+            same = [c for c in cells if c[1] == length]
+            verdicts = scorer.score_samples([s for _, _, samples in same for s in samples])
+            for i, (task, _, _) in enumerate(same):
+                record(task, length, verdicts[i * n:(i + 1) * n])
+        return results
     predict = greedy_predict_fn(model, device, bf16)
     m = unwrap(model)
     was_training = m.training
     m.eval()
-    results: dict[str, dict[int, float]] = {}
     try:
-        for task in tasks:
-            results[task] = {}
-            d = difficulty if difficulty is not None else diffs.get(task, 0.5)
-            for length in lengths:
-                rng = np.random.default_rng([seed, _stable_hash(task), int(length)])
-                correct = 0
-                for _ in range(n):
-                    sample = task_lib.generate(task, rng, int(length), d, **(task_kwargs or {}).get(task, {}))
-                    correct += int(task_lib.score(sample, task_lib.predict_answer(sample, predict)))
-                results[task][int(length)] = correct / n
-                if progress:
-                    progress(task, int(length), results[task][int(length)])
+        for task, length, samples in cells:
+            record(task, length, [task_lib.score(s, task_lib.predict_answer(s, predict)) for s in samples])
     finally:
         m.train(was_training)
     return results
@@ -121,14 +142,15 @@ def _stable_hash(s: str) -> int:
 def evaluate(model: nn.Module, *, tasks: Sequence[str] = (), lengths: Sequence[int] = (), n: int = 16,
              seed: int = 1234, difficulty: float | None = 0.5, text: bytes | str | None = None,
              context_len: int | None = None, max_bytes: int | None = None, device: torch.device | None = None,
-             bf16: bool = True) -> dict[str, Any]:
+             bf16: bool = True, mode: str = "teacher") -> dict[str, Any]:
     """Everything one evaluates a model with, in one call.
 
     Returns ``{"accuracy": {task: {length: exact match in [0, 1]}}, "bits_per_byte": float | None}``:
-    accuracy from :func:`task_accuracy` for each task x length (``n`` samples each), bits per byte
+    accuracy from :func:`task_accuracy` for each task x length (``n`` samples each; ``mode`` as
+    there: batched teacher forcing, or ``"greedy"`` generation), bits per byte
     of ``text`` from :func:`text_bits_per_byte` (``context_len`` defaults to 4 segments)."""
     acc = task_accuracy(model, list(tasks), list(lengths), n=n, seed=seed, difficulty=difficulty,
-                        device=device, bf16=bf16) if tasks and lengths else {}
+                        device=device, bf16=bf16, mode=mode) if tasks and lengths else {}
     bpb = None
     if text:
         ctx = context_len or 4 * unwrap(model).config.segment_len
