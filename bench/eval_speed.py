@@ -43,6 +43,12 @@ for _p in (str(HERE.parent), str(HERE)):  # the project (dnc) and bench/ (common
         sys.path.insert(0, _p)
 from common import fmt_len, md_table, parse_pairs, provenance, stderr_logger, write_json  # noqa: E402
 
+TITLE = "Evaluation cost: greedy generation against batched teacher forcing (`bench/eval_speed.py`)"
+WHAT = ("The same exact-match verdicts two ways on the same samples, timed in one run: token-by-token greedy "
+        "generation (the old path) and one teacher-forced forward per sample with equal-length samples as "
+        "rows (`dnc/training/exact_match.py`, now the default of the curriculum eval, `task_accuracy` and "
+        "`bench/long_context.py`). A verdict that differs is listed; the bench exits 1 then.")
+
 log = stderr_logger("eval_speed")
 
 

@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, str] = {
     "long_context": "long_context_report",
     "needle_probe": "needle_probe_report",
     "recall_placement": "recall_placement_report",
+    "eval_speed": "eval_speed",
     "segment_transfer": "segment_transfer",
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
