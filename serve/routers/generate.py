@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Depends
 
 from .. import schemas as S
@@ -17,6 +19,7 @@ router = APIRouter(tags=["generation"], responses=S.ERROR_RESPONSES)
              summary="Generate text (stream=true: Server-Sent Events, one `token` event per token, then `done`; "
                      "the tokens of one decode iteration arrive in one write)")
 async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(caller)):
+    t_in = time.perf_counter()  # the ingress's stages (timing.timeline.ingress_*) are ms after this
     owner = who.owner(req.owner)
     ctx.check_new_tokens(req.max_new_tokens)
     ids = ctx.check_prompt(ctx.tok.encode(req.prompt))
@@ -28,19 +31,38 @@ async def generate(req: S.GenerateRequest, ctx: ApiContext = Depends(get_ctx), w
                    prompt_preview=req.prompt[:200])
     ctx.count("generate")
     if not req.stream:
+        t_sent = time.perf_counter()
         async with foreign_session_hidden(req.state_id):
             out = await ctx.generator.generate.remote(g)
+        ingress_timeline(out, t_in, t_sent, None, None)
         return S.GenerateResponse(**{k: out[k] for k in S.GenerateResponse.model_fields if k in out})
+    t_sent = time.perf_counter()
     gen = ctx.generator.options(stream=True).generate_stream.remote(g)
     async with foreign_session_hidden(req.state_id):
         first, rest = await first_and_rest(gen)
+    t_first = time.perf_counter()
 
     async def events():
         # one write per Generator event (a scheduler iteration's tokens), one SSE event per token
+        n = 1
+        if first.get("type") == "done":
+            ingress_timeline(first, t_in, t_sent, t_first, n)
         yield sse_write(public_events(first))
         try:
             async for ev in rest:
+                n += 1
+                if ev.get("type") == "done":
+                    ingress_timeline(ev, t_in, t_sent, t_first, n)
                 yield sse_write(public_events(ev))
         except Exception as e:  # mid-stream: the status line is gone, report in-band
             yield sse(error_event(e))
     return streaming_response(events(), gen)
+
+
+def ingress_timeline(done: dict, t_in: float, t_sent: float, t_first: float | None, events: int | None) -> None:
+    """Add the ingress's stages (ms after ``t_in``, this process's clock) to the timeline of the
+    Generator's ``done`` dict: sent to the Generator, first event back (streams), result back."""
+    line = done.setdefault("timing", {}).setdefault("timeline", {})
+    line.update(ingress_sent_ms=(t_sent - t_in) * 1e3, ingress_done_ms=(time.perf_counter() - t_in) * 1e3)
+    if t_first is not None:
+        line.update(ingress_first_event_ms=(t_first - t_in) * 1e3, ingress_events=events)
