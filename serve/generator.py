@@ -192,6 +192,10 @@ class GeneratorSettings:
     stream_chunk_ms: float = 15.0
     """Decode work per scheduler iteration, and the shortest time between two token events of one
     request (but its first and last): a streamed event holds what was made in this time."""
+    stream_events_per_s: float = 500.0
+    """Token events the replica hands out a second, about, in all: under load one request's events
+    are ``max(stream_chunk_ms, running / stream_events_per_s)`` apart, because every event costs CPU
+    in the Generator, the Ray hop, the ingress and the proxy (0 = ``stream_chunk_ms`` at any load)."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -238,7 +242,8 @@ class Generator:
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
                                          max_batch=self.settings.max_batch_size,
                                          max_running=self.settings.max_ongoing_requests,
-                                         admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics)
+                                         admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics,
+                                         events_per_s=self.settings.stream_events_per_s)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()

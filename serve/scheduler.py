@@ -9,8 +9,12 @@ requests' queues, at most one list per request every ``chunk_s``: a request's fi
 last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
 Iterations cut short by arrivals (under load, nearly all of them) would otherwise send a list
 per request and step, and every list is one streamed event through Ray, the ingress and the
-proxy, which cost far more CPU than the step itself. Rows join and leave between steps; rows whose states share a layout decode as
-one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
+proxy, which cost far more CPU than the step itself. Under load the gap grows with the running
+requests (``events_per_s``): the replica hands out at most about that many lists a second in all,
+so the CPU the event path takes stays bounded while more streams share the model (measured:
+bench/serve_load.py's timeline, README "Session 10"). Lists that pile up in a request's queue
+while the asyncio loop is busy go out as one. Rows join and leave between steps; rows whose
+states share a layout decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
 thread between iterations.
 
 After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
@@ -72,16 +76,19 @@ class DecodeScheduler:
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
     a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
-    of token lists (tests drive it by hand)."""
+    of token lists (tests drive it by hand); ``events_per_s``: lists handed out a second, about, in
+    all: with ``n`` requests running, one request's lists are at least ``max(chunk_s, n / events_per_s)``
+    apart (0 = ``chunk_s`` whatever the load)."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
+        self.events_per_s = events_per_s
         self.max_running = max_running
         self.admit_wait_s = admit_wait_s
         self.clock = clock
@@ -119,12 +126,26 @@ class DecodeScheduler:
                 item = await job.queue.get()
                 if item is None:
                     return
-                # how long the list sat in the queue: the asyncio loop's delay, not the model's
-                job.timing["event_lag_s"] = job.timing.get("event_lag_s", 0.0) + time.perf_counter() - job.handed.popleft()
+                self._taken(job)
+                ended = False
+                while not job.queue.empty():  # lists that piled up while the loop was busy: one event
+                    more = job.queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    self._taken(job)
+                    item = item + more
                 yield item
+                if ended:
+                    return
         finally:
             if not row.done:
                 job.cancelled = True  # the driver drops it between steps
+
+    @staticmethod
+    def _taken(job: _Job) -> None:
+        # how long the list sat in the queue: the asyncio loop's delay, not the model's
+        job.timing["event_lag_s"] = job.timing.get("event_lag_s", 0.0) + time.perf_counter() - job.handed.popleft()
 
     # ------------------------------------------------------------------ the driver
     async def _drive(self) -> None:
@@ -165,12 +186,20 @@ class DecodeScheduler:
             job = self.active.get(id(st.row))
             if job is not None:
                 job.held.append(st)
+        gap = self.pacing_s()
         for key, job in list(self.active.items()):
-            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= self.chunk_s):
+            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= gap):
                 job.flush(now)
             if job.row.done:
                 job.queue.put_nowait(None)
                 del self.active[key]
+
+    def pacing_s(self) -> float:
+        """The shortest time between two lists of one request now (s): ``chunk_s``, or longer when
+        so many requests run that lists every ``chunk_s`` would exceed ``events_per_s`` in all."""
+        if self.events_per_s <= 0:
+            return self.chunk_s
+        return max(self.chunk_s, len(self.active) / self.events_per_s)
 
     def _record(self, it: _Iteration) -> None:
         self.stats["tokens"] += len(it.tokens)
