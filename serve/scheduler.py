@@ -11,11 +11,11 @@ Iterations cut short by arrivals (under load, nearly all of them) would otherwis
 per request and step, and every list is one streamed event through Ray, the ingress and the
 proxy, which cost far more CPU than the step itself. Under load the gap grows with the running
 requests (``events_per_s``): the replica hands out at most about that many lists a second in all,
-so the CPU the event path takes stays bounded while more streams share the model (measured:
-bench/serve_load.py's timeline, README "Session 10"). Lists that pile up in a request's queue
-while the asyncio loop is busy go out as one. Rows join and leave between steps; rows whose
-states share a layout decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
-thread between iterations.
+so the CPU the event path takes stays bounded while more streams share the model (measured with
+the timeline of bench/serve_load.py). Lists that pile up in a request's queue while the asyncio
+loop is busy go out as one. Rows join and leave between steps; rows whose states share a layout
+decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on
+the same thread between iterations.
 
 After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
 times) to a :class:`serve.metrics.ServeMetrics` when one is given, and keeps recent ones for the
