@@ -75,9 +75,9 @@ def test_scheduler_stamps_every_stage_in_order(model):
 
 
 def test_pacing_grows_with_running_requests(model):
-    """``events_per_s`` = 100: with 3 requests running the gap stays ``chunk_s`` (10 ms), with 40
-    it is 40 / 100 = 0.4 s; a request that ends still gets its tokens at once."""
-    sch = DecodeScheduler(model, run=None, chunk_s=0.010, events_per_s=100)
+    """``events_per_s`` = 1000: with 3 requests running the gap stays ``chunk_s`` (10 ms), with 40
+    it is 40 / 1000 = 40 ms; a request that ends still gets its tokens at once."""
+    sch = DecodeScheduler(model, run=None, chunk_s=0.010, events_per_s=1000)
     assert DecodeScheduler(model, run=None, chunk_s=0.010).pacing_s() == 0.010  # 0: no cap
     now = [0.0]
     sch.clock = lambda: now[0]
@@ -88,7 +88,7 @@ def test_pacing_grows_with_running_requests(model):
     assert sch.pacing_s() == 0.010
     for j in jobs[3:]:
         sch.active[id(j.row)] = j
-    assert sch.pacing_s() == pytest.approx(0.4)
+    assert sch.pacing_s() == pytest.approx(0.040)
 
     def step(t: float, index: int) -> list[int]:
         """One iteration at time ``t`` giving every row token ``index``; lists handed to row 0."""
@@ -100,10 +100,10 @@ def test_pacing_grows_with_running_requests(model):
             out.append(None if item is None else [st.index for st in item])
         return out
     assert step(0.0, 0) == [[0]]  # the first token at once
-    assert step(0.1, 1) == [] and step(0.3, 2) == []  # 0.3 s > chunk_s, < 0.4 s: held
-    assert step(0.45, 3) == [[1, 2, 3]]
+    assert step(0.012, 1) == [] and step(0.035, 2) == []  # > chunk_s but < 40 ms: held
+    assert step(0.045, 3) == [[1, 2, 3]]
     rows[0].finish_reason = "length"
-    assert step(0.5, 4) == [[4], None]  # the last list at once, then the end
+    assert step(0.050, 4) == [[4], None]  # the last list at once, then the end
 
 
 def test_lists_that_pile_up_go_out_as_one(model):
