@@ -8,9 +8,10 @@ ingress's stages (ms after it received the request) and the Generator's (ms afte
 What one process cannot see is the difference of two durations:
 
 ==============  =============================================================================
-``http``        client latency - ingress time: the client, HTTP, Serve's proxy, the ingress's
-                middleware and body parsing, and the answer's way back
-``ingress``     the ingress handler before it calls the Generator (auth, validation, tokenize)
+``http``        client latency - ingress time: the client, HTTP, Serve's proxy and its hop to the
+                ingress replica, and the answer's way back
+``asgi``        the ingress app before the route's handler (middleware, body parsing, validation)
+``ingress``     the route's handler before it calls the Generator (auth, quota, tokenize)
 ``ray``         ingress time after that call - Generator time: the Ray hops both ways
                 (routing, the Generator replica's queue, the streamed events' transport)
 ``session``     Generator: the session's state made resident (session turns)
@@ -29,8 +30,8 @@ from __future__ import annotations
 
 from typing import Any
 
-LATENCY_STAGES = ("http", "ingress", "ray", "session", "queue", "prefill", "decode", "tail")
-TTFT_STAGES = ("http", "ingress", "ray", "session", "queue", "prefill", "first step", "handout", "loop")
+LATENCY_STAGES = ("http", "asgi", "ingress", "ray", "session", "queue", "prefill", "decode", "tail")
+TTFT_STAGES = ("http", "asgi", "ingress", "ray", "session", "queue", "prefill", "first step", "handout", "loop")
 GENERATOR_COUNTERS = ("batches", "batched_requests", "iterations", "model_busy_s", "model_step_s",
                       "model_prefill_s", "model_hop_s")
 
@@ -48,7 +49,8 @@ def latency_stages(latency_ms: float, t: dict[str, Any]) -> dict[str, float] | N
     the timeline lacks a stage (a server without timelines, a failed request)."""
     try:
         ready = t.get("session_ready_ms") or 0.0
-        return {"http": latency_ms - t["ingress_done_ms"], "ingress": t["ingress_sent_ms"],
+        asgi = t.get("ingress_handler_ms") or 0.0  # servers before it: counted in "ingress"
+        return {"http": latency_ms - t["ingress_done_ms"], "asgi": asgi, "ingress": t["ingress_sent_ms"] - asgi,
                 "ray": t["ingress_done_ms"] - t["ingress_sent_ms"] - t["done_ms"], "session": ready,
                 "queue": t["admitted_ms"] - ready, "prefill": t["prefilled_ms"] - t["admitted_ms"],
                 "decode": t["last_token_ms"] - t["prefilled_ms"], "tail": t["done_ms"] - t["last_token_ms"]}
@@ -60,7 +62,8 @@ def ttft_stages(ttft_ms: float, t: dict[str, Any]) -> dict[str, float] | None:
     """A stream's client TTFT split into :data:`TTFT_STAGES` (ms, summing to it); None as above."""
     try:
         ready = t.get("session_ready_ms") or 0.0
-        return {"http": ttft_ms - t["ingress_first_event_ms"], "ingress": t["ingress_sent_ms"],
+        asgi = t.get("ingress_handler_ms") or 0.0
+        return {"http": ttft_ms - t["ingress_first_event_ms"], "asgi": asgi, "ingress": t["ingress_sent_ms"] - asgi,
                 "ray": t["ingress_first_event_ms"] - t["ingress_sent_ms"] - t["first_yield_ms"], "session": ready,
                 "queue": t["admitted_ms"] - ready, "prefill": t["prefilled_ms"] - t["admitted_ms"],
                 "first step": t["first_token_ms"] - t["prefilled_ms"],
@@ -155,6 +158,6 @@ def tables(rows: list[dict[str, Any]]) -> str:
         out.append("")
     if out:
         out.append("Stages (bench/serve_timeline.py): http = client latency - ingress time (client, HTTP, proxy); "
-                   "ingress = before the Generator call; ray = the Ray hops (ingress time - Generator time); "
+                   "asgi = ingress middleware, parsing, validation; ingress = the handler before the Generator call; ray = the Ray hops (ingress time - Generator time); "
                    "the rest inside the Generator. Durations only, each within one process's clock.")
     return "\n".join(out)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -145,9 +146,21 @@ def route_label(scope: dict[str, Any]) -> str:
     return "unmatched"
 
 
+ARRIVED = "dnc.arrived"
+"""The ASGI scope key of a request's arrival at the ingress app (:class:`RequestMetrics`)."""
+
+
 class RequestMetrics(TimedRequests):
     """ASGI middleware: ``app = RequestMetrics(app)`` counts every HTTP request by route, method
-    and status, and times it to the end of its body (streams included)."""
+    and status, and times it to the end of its body (streams included). The outermost middleware,
+    it also leaves the request's arrival (``time.perf_counter()``) in its scope (``ARRIVED``; not
+    ``scope["state"]``, which a server may share between requests): the origin of the ingress's
+    stages in a generation's timeline."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            scope[ARRIVED] = time.perf_counter()
+        return await super().__call__(scope, receive, send)
 
     def finished(self, scope, status: int, ms: float) -> None:
         try:

@@ -80,8 +80,8 @@ class GenerateRequest(SamplingParams):
 
 class Timeline(BaseModel):
     """Where a request's time went, stage by stage. Two clocks, never compared: the Generator's
-    stages are ms after the Generator received the request, the ingress's ms after the ingress
-    received it (both ``time.perf_counter()`` differences within one process). A stage the request
+    stages are ms after the Generator received the request, the ingress's ms after the ingress's
+    ASGI app received it (both ``time.perf_counter()`` differences within one process). A stage the request
     did not reach (cancelled, failed) is absent."""
 
     session_ready_ms: float | None = Field(None, description="Generator: the session's state resident here "
@@ -98,6 +98,8 @@ class Timeline(BaseModel):
     events: int = Field(0, description="Generator: token events (lists of tokens) this request got.")
     event_lag_ms_mean: float | None = Field(None, description="Generator: mean time an event waited in its queue "
                                             "for the asyncio loop.")
+    ingress_handler_ms: float | None = Field(None, description="Ingress: the route's handler began (after "
+                                             "middleware, body parsing and validation).")
     ingress_sent_ms: float | None = Field(None, description="Ingress: validated and sent to the Generator.")
     ingress_first_event_ms: float | None = Field(None, description="Ingress: the first event back (streams).")
     ingress_done_ms: float | None = Field(None, description="Ingress: the result back from the Generator.")
