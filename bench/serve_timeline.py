@@ -10,7 +10,10 @@ What one process cannot see is the difference of two durations:
 ==============  =============================================================================
 ``http``        client latency - ingress time: the client, HTTP, Serve's proxy and its hop to the
                 ingress replica, and the answer's way back
-``asgi``        the ingress app before the route's handler (middleware, body parsing, validation)
+``body``        the ingress app reading the request body (in a Serve replica each ``receive()`` is
+                a Ray call back to the proxy)
+``asgi``        the rest of the ingress app before the route's handler (middleware, parsing,
+                validation, dependencies)
 ``ingress``     the route's handler before it calls the Generator (auth, quota, tokenize)
 ``ray``         ingress time after that call - Generator time: the Ray hops both ways
                 (routing, the Generator replica's queue, the streamed events' transport)
@@ -30,8 +33,8 @@ from __future__ import annotations
 
 from typing import Any
 
-LATENCY_STAGES = ("http", "asgi", "ingress", "ray", "session", "queue", "prefill", "decode", "tail")
-TTFT_STAGES = ("http", "asgi", "ingress", "ray", "session", "queue", "prefill", "first step", "handout", "loop")
+LATENCY_STAGES = ("http", "body", "asgi", "ingress", "ray", "session", "queue", "prefill", "decode", "tail")
+TTFT_STAGES = ("http", "body", "asgi", "ingress", "ray", "session", "queue", "prefill", "first step", "handout", "loop")
 GENERATOR_COUNTERS = ("batches", "batched_requests", "iterations", "model_busy_s", "model_step_s",
                       "model_prefill_s", "model_hop_s")
 
@@ -44,13 +47,22 @@ def pct(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+def _front(t: dict[str, Any]) -> tuple[float, float]:
+    """(body, asgi) ms: the ingress app's time before the handler, split at the body's end (0 for
+    what a server without those stamps did not report: it counts in "ingress")."""
+    handler = t.get("ingress_handler_ms") or 0.0
+    body = min(t.get("ingress_body_ms") or 0.0, handler)
+    return body, handler - body
+
+
 def latency_stages(latency_ms: float, t: dict[str, Any]) -> dict[str, float] | None:
     """``latency_ms`` (the client's) split into :data:`LATENCY_STAGES` (ms, summing to it); None when
     the timeline lacks a stage (a server without timelines, a failed request)."""
     try:
         ready = t.get("session_ready_ms") or 0.0
-        asgi = t.get("ingress_handler_ms") or 0.0  # servers before it: counted in "ingress"
-        return {"http": latency_ms - t["ingress_done_ms"], "asgi": asgi, "ingress": t["ingress_sent_ms"] - asgi,
+        body, asgi = _front(t)
+        return {"http": latency_ms - t["ingress_done_ms"], "body": body, "asgi": asgi,
+                "ingress": t["ingress_sent_ms"] - body - asgi,
                 "ray": t["ingress_done_ms"] - t["ingress_sent_ms"] - t["done_ms"], "session": ready,
                 "queue": t["admitted_ms"] - ready, "prefill": t["prefilled_ms"] - t["admitted_ms"],
                 "decode": t["last_token_ms"] - t["prefilled_ms"], "tail": t["done_ms"] - t["last_token_ms"]}
@@ -62,8 +74,9 @@ def ttft_stages(ttft_ms: float, t: dict[str, Any]) -> dict[str, float] | None:
     """A stream's client TTFT split into :data:`TTFT_STAGES` (ms, summing to it); None as above."""
     try:
         ready = t.get("session_ready_ms") or 0.0
-        asgi = t.get("ingress_handler_ms") or 0.0
-        return {"http": ttft_ms - t["ingress_first_event_ms"], "asgi": asgi, "ingress": t["ingress_sent_ms"] - asgi,
+        body, asgi = _front(t)
+        return {"http": ttft_ms - t["ingress_first_event_ms"], "body": body, "asgi": asgi,
+                "ingress": t["ingress_sent_ms"] - body - asgi,
                 "ray": t["ingress_first_event_ms"] - t["ingress_sent_ms"] - t["first_yield_ms"], "session": ready,
                 "queue": t["admitted_ms"] - ready, "prefill": t["prefilled_ms"] - t["admitted_ms"],
                 "first step": t["first_token_ms"] - t["prefilled_ms"],
@@ -158,6 +171,6 @@ def tables(rows: list[dict[str, Any]]) -> str:
         out.append("")
     if out:
         out.append("Stages (bench/serve_timeline.py): http = client latency - ingress time (client, HTTP, proxy); "
-                   "asgi = ingress middleware, parsing, validation; ingress = the handler before the Generator call; ray = the Ray hops (ingress time - Generator time); "
+                   "body = reading the request body; asgi = the rest before the handler (middleware, validation); ingress = the handler before the Generator call; ray = the Ray hops (ingress time - Generator time); "
                    "the rest inside the Generator. Durations only, each within one process's clock.")
     return "\n".join(out)

@@ -98,6 +98,8 @@ class Timeline(BaseModel):
     events: int = Field(0, description="Generator: token events (lists of tokens) this request got.")
     event_lag_ms_mean: float | None = Field(None, description="Generator: mean time an event waited in its queue "
                                             "for the asyncio loop.")
+    ingress_body_ms: float | None = Field(None, description="Ingress: the request body read (in a Serve replica, "
+                                          "a call back to the proxy).")
     ingress_handler_ms: float | None = Field(None, description="Ingress: the route's handler began (after "
                                              "middleware, body parsing and validation).")
     ingress_sent_ms: float | None = Field(None, description="Ingress: validated and sent to the Generator.")

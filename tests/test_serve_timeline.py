@@ -141,12 +141,13 @@ def test_bench_stages_add_up_to_the_client_figures():
 
     t = {"admitted_ms": 2.0, "prefilled_ms": 9.0, "first_token_ms": 12.0, "first_event_ms": 12.5,
          "first_yield_ms": 13.0, "last_token_ms": 40.0, "last_event_ms": 40.5, "done_ms": 41.0, "events": 4,
-         "event_lag_ms_mean": 0.3, "session_ready_ms": 1.0, "ingress_handler_ms": 0.2, "ingress_sent_ms": 0.5,
+         "event_lag_ms_mean": 0.3, "session_ready_ms": 1.0, "ingress_body_ms": 0.05, "ingress_handler_ms": 0.2,
+         "ingress_sent_ms": 0.5,
          "ingress_first_event_ms": 16.0, "ingress_done_ms": 45.0}
     lat, first = latency_stages(60.0, t), ttft_stages(25.0, t)
     assert list(lat) == list(LATENCY_STAGES) and list(first) == list(TTFT_STAGES)
     assert sum(lat.values()) == pytest.approx(60.0) and sum(first.values()) == pytest.approx(25.0)
-    assert lat["asgi"] == 0.2 and lat["ingress"] == pytest.approx(0.3)
+    assert lat["body"] == 0.05 and lat["asgi"] == pytest.approx(0.15) and lat["ingress"] == pytest.approx(0.3)
     assert lat["http"] == 15.0 and lat["ray"] == pytest.approx(45.0 - 0.5 - 41.0) and lat["decode"] == 31.0
     assert first["ray"] == pytest.approx(16.0 - 0.5 - 13.0) and first["loop"] == pytest.approx(0.5)
     assert latency_stages(60.0, {k: v for k, v in t.items() if k != "done_ms"}) is None
@@ -182,7 +183,7 @@ def test_plain_streamed_and_session_responses_carry_their_timeline(client):
     line = plain["timing"]["timeline"]
     _check_generator_stages(line, plain["tokens"])
     # the ingress's clock: it sent the request before the Generator's work, got it back after
-    assert 0 < line["ingress_handler_ms"] < line["ingress_sent_ms"] < line["ingress_done_ms"] and line["ingress_done_ms"] >= line["done_ms"]
+    assert 0 < line["ingress_body_ms"] <= line["ingress_handler_ms"] < line["ingress_sent_ms"] < line["ingress_done_ms"] and line["ingress_done_ms"] >= line["done_ms"]
     assert line["ingress_first_event_ms"] is None and line["session_ready_ms"] is None
 
     events = []
