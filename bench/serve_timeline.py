@@ -142,7 +142,8 @@ def tables(rows: list[dict[str, Any]]) -> str:
     def cell(st: dict[str, Any]) -> str:
         if st["p50_ms"] is None:
             return "-"
-        return f"{st['p50_ms']:,.1f} ({100 * st['share_p50']:.0f}%)" if st["share_p50"] is not None else f"{st['p50_ms']:,.1f}"
+        share = st["share_p50"]
+        return f"{st['p50_ms']:,.1f}" + ("" if share is None else f" ({100 * share:.0f}%)")
     out = []
     for key, stages, title in (("latency", LATENCY_STAGES, "client latency"), ("ttft", TTFT_STAGES, "client TTFT")):
         have = [r for r in rows if (r.get("timeline") or {}).get(key)]
@@ -171,6 +172,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
         out.append("")
     if out:
         out.append("Stages (bench/serve_timeline.py): http = client latency - ingress time (client, HTTP, proxy); "
-                   "body = reading the request body; asgi = the rest before the handler (middleware, validation); ingress = the handler before the Generator call; ray = the Ray hops (ingress time - Generator time); "
-                   "the rest inside the Generator. Durations only, each within one process's clock.")
+                   "body = reading the request body; asgi = the rest before the handler (middleware, validation); "
+                   "ingress = the handler before the Generator call; ray = the Ray hops (ingress time - Generator "
+                   "time); the rest inside the Generator. Durations only, each within one process's clock.")
     return "\n".join(out)

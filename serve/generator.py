@@ -163,7 +163,8 @@ class DoneEvent:
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "done": True, "text": self.text, "token_ids": self.token_ids,
                 "tokens": self.tokens, "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason,
-                "state_id": self.state_id, "state": self.state, "timing": {**vars(self.timing), "timeline": dict(self.timing.timeline)},
+                "state_id": self.state_id, "state": self.state,
+                "timing": {**vars(self.timing), "timeline": dict(self.timing.timeline)},
                 "batch_size": self.batch_size}
 
 
