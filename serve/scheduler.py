@@ -2,8 +2,7 @@
 ``dnc.generate.BatchDecoder`` (sessionless and session requests, streamed or not).
 
 Requests are submitted from the asyncio loop; one driver task runs *iterations* on the model
-thread, the next one started before the last one's tokens are handed out: admit the waiting rows
-(prefill), drop the cancelled ones, then decode steps until
+thread: admit the waiting rows (prefill), drop the cancelled ones, then decode steps until
 ``chunk_s`` of work is done (or at once after admitting rows, so their first token goes out
 without delay, or when more requests are waiting). Each iteration's tokens are handed to the
 requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
@@ -152,12 +151,19 @@ class DecodeScheduler:
     async def _drive(self) -> None:
         if self.admit_wait_s and not self.active:
             await asyncio.sleep(self.admit_wait_s)
-        pending = self._launch()
-        while pending is not None:
-            started, task = pending
+        while self.waiting or self.active:
+            room = max(0, self.max_running - len(self.active))
+            admit, self.waiting = self.waiting[:room], self.waiting[room:]
+            admit = [j for j in admit if not j.cancelled]
+            cancelled = [j.row for j in self.active.values() if j.cancelled]
+            now = time.perf_counter()
+            for job in admit:
+                self.active[id(job.row)] = job
+                job.timing["queue_s"] = now - job.submitted
+                job.timing["admitted"] = now
             try:
-                it = await task
-                self.stats["hop_s"] += time.perf_counter() - started - it.busy_s
+                it = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                self.stats["hop_s"] += time.perf_counter() - now - it.busy_s
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
@@ -166,39 +172,15 @@ class DecodeScheduler:
                 self.active.clear()
                 if not isinstance(e, Exception):
                     raise
-                pending = self._launch() if self.waiting else None
                 continue
-            # no iteration runs now, so the rows' state is this iteration's: read which ended, then start
-            # the next iteration before handing this one's tokens out (the model thread does not wait
-            # for the loop's hand-out; it never touches what _hand_out reads but ``active``'s lookups)
-            ended = {key for key, job in self.active.items() if job.row.done}
-            more = self.waiting or len(self.active) > len(ended)
-            pending = self._launch(ended) if more else None
-            self._hand_out(it, ended)
+            self._hand_out(it)
             self._record(it)  # it.failed rows are done: handled in _hand_out
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
 
-    def _launch(self, ended: set[int] = frozenset()) -> tuple[float, asyncio.Future]:
-        """Admit what fits (rows of ``ended``, keys of ``active``, no longer count) and start an
-        iteration on the model thread: (when, its future)."""
-        room = max(0, self.max_running - (len(self.active) - len(ended)))
-        admit, self.waiting = self.waiting[:room], self.waiting[room:]
-        admit = [j for j in admit if not j.cancelled]
-        cancelled = [j.row for key, j in self.active.items() if j.cancelled and key not in ended]
-        now = time.perf_counter()
-        for job in admit:
-            self.active[id(job.row)] = job
-            job.timing["queue_s"] = now - job.submitted
-            job.timing["admitted"] = now
-        return now, asyncio.ensure_future(self.run(self._iterate, [j.row for j in admit], cancelled))
-
-    def _hand_out(self, it: _Iteration, ended: set[int] | None = None) -> None:
+    def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
-        end the requests whose rows are done (``ended``: their keys in ``active`` as of ``it``;
-        None = those whose rows are done now)."""
-        if ended is None:
-            ended = {key for key, job in self.active.items() if job.row.done}
+        end the requests whose rows are done."""
         now = self.clock()
         for st in it.tokens:
             job = self.active.get(id(st.row))
@@ -206,9 +188,9 @@ class DecodeScheduler:
                 job.held.append(st)
         gap = self.pacing_s()
         for key, job in list(self.active.items()):
-            if job.held and (job.sent_at is None or key in ended or now - job.sent_at >= gap):
+            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= gap):
                 job.flush(now)
-            if key in ended:
+            if job.row.done:
                 job.queue.put_nowait(None)
                 del self.active[key]
 

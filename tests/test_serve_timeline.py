@@ -223,3 +223,29 @@ def test_session_turns_name_their_dtype_over_http(client):
     gen = [h for h in hist if h["kind"] == "generate"]
     assert len(gen) == 2 and all(h["dtype"] == served for h in gen), hist
     assert all(h["dtype"] is None for h in hist if h["kind"] != "generate")
+
+
+def test_every_request_gets_exactly_its_tokens_under_load_pacing(model):
+    """Twelve requests of 1..12 new tokens, arriving staggered, paced as under load (``events_per_s``
+    = 50: lists 240 ms apart at 12 running): each request gets every token once, in order, equal to
+    its row decoded alone, and then its end."""
+    pool, run = _runner()
+
+    async def main():
+        sch = DecodeScheduler(model, run, chunk_s=0.0, events_per_s=50)
+
+        async def one(k: int):
+            await asyncio.sleep(0.004 * k)
+            row = DecodeRow(list(b"request %02d" % k), None, k, SamplingParams(0.0))
+            got = [(st.index, st.token) async for steps in sch.submit(row) for st in steps]
+            return row, got
+        return await asyncio.gather(*(one(k) for k in range(1, 13)))
+    out = asyncio.run(main())
+    pool.shutdown()
+    for row, got in out:
+        alone = BatchDecoder(model, 1)
+        ref = DecodeRow(list(row.prompt_ids), None, row.max_new_tokens, SamplingParams(0.0))
+        alone.add([ref])
+        while alone.running:
+            alone.step()
+        assert got == list(enumerate(ref.tokens)) and row.finish_reason == ref.finish_reason, (row.max_new_tokens, got)
