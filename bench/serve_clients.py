@@ -25,7 +25,8 @@ def prompt_text(n: int, turn: int | None = None) -> str:
 
 # ------------------------------------------------------------------------------ one client request
 async def one_request(client, args, stream: bool, sid: str | None, turn: int | None = None) -> dict[str, Any]:
-    """One ``/v1/generate``: latency; TTFT, every token's arrival gap (ITL) and tokens when streamed."""
+    """One ``/v1/generate``: latency; TTFT, every token's arrival gap (ITL) and tokens when streamed;
+    the server's ``timeline`` of the request (``serve.schemas.Timeline``, from ``timing``)."""
     body = {"prompt": prompt_text(args.prompt_len, turn), "max_new_tokens": args.max_new_tokens,
             "temperature": 0.0, "state_id": sid, "stream": stream}
     t0 = time.perf_counter()
@@ -36,8 +37,9 @@ async def one_request(client, args, stream: bool, sid: str | None, turn: int | N
             if r.status_code != 200:
                 return {"ok": False, "status": r.status_code, "latency": dt}
             out = r.json()
-            return {"ok": True, "latency": dt, "ttft": out["timing"]["ttft_ms"] / 1e3, "tokens": out["tokens"]}
-        arrivals, tokens = [], 0
+            return {"ok": True, "latency": dt, "ttft": out["timing"]["ttft_ms"] / 1e3, "tokens": out["tokens"],
+                    "timeline": out["timing"].get("timeline")}
+        arrivals, tokens, timeline = [], 0, None
         async with client.stream("POST", "/v1/generate", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
@@ -48,12 +50,12 @@ async def one_request(client, args, stream: bool, sid: str | None, turn: int | N
                 elif line.startswith("data: "):
                     ev = json.loads(line[6:])
                     if ev.get("type") == "done":
-                        tokens = ev["tokens"]
+                        tokens, timeline = ev["tokens"], ev.get("timing", {}).get("timeline")
                     elif ev.get("type") == "error":
                         return {"ok": False, "status": ev.get("status"), "latency": time.perf_counter() - t0}
         gaps = [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:])]
         return {"ok": True, "latency": time.perf_counter() - t0, "ttft": (arrivals[0] - t0) if arrivals else None,
-                "tokens": tokens, "itl_ms": gaps,
+                "tokens": tokens, "itl_ms": gaps, "timeline": timeline,
                 "itl_mean_ms": (arrivals[-1] - arrivals[0]) * 1e3 / (len(arrivals) - 1) if len(arrivals) > 1 else None}
     except Exception as e:  # a refused/reset connection is an error, not a crash of the benchmark
         return {"ok": False, "status": type(e).__name__, "latency": time.perf_counter() - t0}

@@ -50,6 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clients
 from serve_clients import prompt_text, run_clients, server_stats  # noqa: E402  (bench/serve_clients.py)
+from serve_timeline import aggregate, generator_figures  # noqa: E402  (bench/serve_timeline.py)
+from serve_timeline import tables as timeline_tables  # noqa: E402
 
 MODES = ("plain", "stream", "chat")
 APP_NAME = "dnc-bench"  # the Serve application this script starts
@@ -94,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Bearer key for a --url server with keys on (default $DNC_API_KEY)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout (s)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/serve_load-<time>.json)")
+    p.add_argument("--tag", default=None,
+                   help="write bench/results/<tag>.json and .md (bench/common.py write_result) instead of --out")
     args = p.parse_args(argv)
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.turns < 1:
         p.error("--clients, --requests, --turns and --client-procs must be >= 1")
@@ -147,7 +151,9 @@ def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
             "server_mean_batch": delta["batched_requests"] / delta["batches"] if delta["batches"] else None,
             "server": {"requests": delta["requests"], "tokens": delta["tokens_generated"],
                        "session_turns": delta["session_turns"], "itl_ms_p50": after.get("inter_token_ms_p50"),
-                       "ttft_ms_p50": after.get("ttft_ms_p50")}}
+                       "ttft_ms_p50": after.get("ttft_ms_p50")},
+            # the server's stages of each request (bench/serve_timeline.py) and its Generator over the level
+            "timeline": aggregate(ok, mode != "plain"), "generator": generator_figures(before, after, wall)}
 
 
 # ------------------------------------------------------------------------------ in-process baseline
@@ -463,6 +469,8 @@ def main(argv=None) -> dict[str, Any]:
             teardown(started)
     md = f"Weights and session states in {served_dtype}" + (f" (in-process baseline: {base['dtype']})" if base else "")
     md += ".\n\n" + table(rows, base)
+    if timeline_tables(rows):
+        md += "\n\n" + timeline_tables(rows)
     if pair:
         md += ("\n\n| paired, 1 client | pairs | served p50 ms | in-process p50 ms | added p50 ms | TTFT added p50 ms "
                "| same tokens |\n|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(
@@ -485,10 +493,15 @@ def main(argv=None) -> dict[str, Any]:
               "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
               "dtype": served_dtype, "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
               "in_process": base, "results": rows, "paired": pair, "targets": goals, "prometheus": prometheus, "markdown": md}
-    out = args.out or os.path.join(ROOT, "bench", "results", f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    from common import git_dirty, write_json, write_result  # bench/common.py
+
+    result["uncommitted"] = git_dirty()
+    if args.tag:
+        out = write_result(os.path.join(ROOT, "bench", "results"), args.tag, result,
+                           f"# serve_load {args.tag}\n\n`{env['command']}` (commit {env['commit']}, {result['device']})")
+    else:
+        out = write_json(args.out or os.path.join(ROOT, "bench", "results",
+                                                  f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"), result, indent=2)
     print(f"\nwrote {out}")
     return result
 

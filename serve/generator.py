@@ -40,7 +40,7 @@ from .errors import Unprocessable
 from .live import get_hub
 from .metrics import get_metrics, record_durable_bytes, set_resident_sessions
 from .modeling import ModelSpec, load_model
-from .scheduler import DecodeScheduler
+from .scheduler import DecodeScheduler, timeline_ms
 from .sessions import BankClient, BankConfig
 from .sessions.routing import ROUTER_CLASS as SESSION_ROUTER
 from .sessions.turn_log import ReplayModels
@@ -140,6 +140,9 @@ class Timing:
     ttft_ms: float
     total_ms: float
     tokens_per_s: float
+    timeline: dict[str, float] = field(default_factory=dict)
+    """Stages of the request, ms after it reached the Generator (``schemas.Timeline``; the ingress
+    adds its own stages, ms after it received the request)."""
 
 
 @dataclass
@@ -160,7 +163,8 @@ class DoneEvent:
     def to_dict(self) -> dict[str, Any]:
         return {"type": self.type, "done": True, "text": self.text, "token_ids": self.token_ids,
                 "tokens": self.tokens, "prompt_tokens": self.prompt_tokens, "finish_reason": self.finish_reason,
-                "state_id": self.state_id, "state": self.state, "timing": vars(self.timing).copy(),
+                "state_id": self.state_id, "state": self.state,
+                "timing": {**vars(self.timing), "timeline": dict(self.timing.timeline)},
                 "batch_size": self.batch_size}
 
 
@@ -189,6 +193,10 @@ class GeneratorSettings:
     stream_chunk_ms: float = 15.0
     """Decode work per scheduler iteration, and the shortest time between two token events of one
     request (but its first and last): a streamed event holds what was made in this time."""
+    stream_events_per_s: float = 500.0
+    """Token events the replica hands out a second, about, in all: under load one request's events
+    are ``max(stream_chunk_ms, running / stream_events_per_s)`` apart, because every event costs CPU
+    in the Generator, the Ray hop, the ingress and the proxy (0 = ``stream_chunk_ms`` at any load)."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -235,7 +243,8 @@ class Generator:
         self.scheduler = DecodeScheduler(self.lm.model, self._run, chunk_s=self.settings.stream_chunk_ms / 1e3,
                                          max_batch=self.settings.max_batch_size,
                                          max_running=self.settings.max_ongoing_requests,
-                                         admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics)
+                                         admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics,
+                                         events_per_s=self.settings.stream_events_per_s)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()
@@ -260,11 +269,18 @@ class Generator:
             logger.exception("could not publish a live event")
 
     def _finish(self, r: GenRequest, ids: list[int], text: str, finish: str, t0: float, ttft: float | None,
-                batch: int, queue_s: float) -> DoneEvent:
-        total = time.perf_counter() - t0
+                batch: int, stamps: dict) -> DoneEvent:
+        end = time.perf_counter()
+        total = end - t0
         gen_time = max(1e-9, total - (ttft or 0.0))
         tps = (len(ids) - 1) / gen_time if len(ids) > 1 else len(ids) / max(total, 1e-9)
-        timing = Timing(queue_ms=queue_s * 1e3, ttft_ms=(ttft or total) * 1e3, total_ms=total * 1e3, tokens_per_s=tps)
+        origin = r.arrival or t0
+        line = timeline_ms(stamps, origin)
+        if "first_yield" in stamps:
+            line["first_yield_ms"] = (stamps["first_yield"] - origin) * 1e3
+        line["done_ms"] = (end - origin) * 1e3
+        timing = Timing(queue_ms=stamps.get("queue_s", 0.0) * 1e3, ttft_ms=(ttft or total) * 1e3, total_ms=total * 1e3,
+                        tokens_per_s=tps, timeline=line)
         self.counters["requests"] += 1
         self.counters["tokens_generated"] += len(ids)
         self.metrics.record_generation("session" if r.state_id else "sessionless", finish)
@@ -299,7 +315,8 @@ class Generator:
         ttft, batch, timing = None, 1, {}
         async for steps in self.scheduler.submit(row, timing):
             if ttft is None:
-                ttft = time.perf_counter() - t0
+                timing["first_yield"] = time.perf_counter()
+                ttft = timing["first_yield"] - t0
                 self.metrics.record_ttft(ttft * 1e3, "session" if r.state_id else "sessionless")
             batch = max([batch] + [st.batch for st in steps])
             yield TokensEvent([TokenItem(deltas[st.index], st.token, st.index) for st in steps])
@@ -310,7 +327,7 @@ class Generator:
         tail = asm.finish()
         if tail:
             yield TokensEvent([TokenItem(tail, None, len(row.tokens))])
-        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing.get("queue_s", 0.0))
+        yield self._finish(r, list(row.tokens), asm.text, row.finish_reason, t0, ttft, batch, timing)
 
     async def _session_turn(self, r: GenRequest) -> AsyncIterator[GenEvent]:
         """A session turn (``serve.sessions.turns``): the session's state resident on this replica
@@ -318,6 +335,7 @@ class Generator:
         then, the full state) made durable before the answer."""
         t0 = time.perf_counter()
         turn = await self.turns.begin(r.state_id, r.owner, r.create_state)
+        ready = time.perf_counter()
         try:
             result = None
             async for ev in self._decode(r, turn.state, t0):
@@ -329,6 +347,9 @@ class Generator:
                     "duration_ms": result.timing.total_ms, "prompt_preview": r.prompt_preview[:200],
                     "completion_preview": result.text[:200]}
             ack = await self.turns.commit(turn, r.request_id, r.prompt_ids, result.token_ids, info)
+            origin = r.arrival or t0
+            result.timing.timeline.update(session_ready_ms=(ready - origin) * 1e3,
+                                          done_ms=(time.perf_counter() - origin) * 1e3)  # durable now
             result.state = ack["info"]
             self.counters["session_turns"] += 1
             self.counters[f"session_state_{turn.source}"] += 1  # resident | replayed | loaded
@@ -412,7 +433,11 @@ class Generator:
         # a "batch" is one model call of the decode loop; mean_batch = rows per call
         c.update(batches=sch["steps"], batched_requests=sch["rows_stepped"], max_batch=sch["max_batch"],
                  max_running=sch["max_running"], running=len(self.scheduler.active),
-                 waiting=len(self.scheduler.waiting))
+                 waiting=len(self.scheduler.waiting), iterations=sch["iterations"],
+                 # seconds since start, summed: the model thread in iterations / in decode steps / in
+                 # prefill, and the iterations' thread hops beyond that (differences over a run: busy fractions)
+                 model_busy_s=sch["busy_s"], model_step_s=sch["step_s"], model_prefill_s=sch["prefill_s"],
+                 model_hop_s=sch["hop_s"])
         c["mean_batch"] = c["batched_requests"] / max(1, c["batches"])
         recent = self.scheduler.recent()
         return {"uptime_s": time.time() - self.started, "device": str(self.lm.device), **c,

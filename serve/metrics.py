@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -145,9 +146,32 @@ def route_label(scope: dict[str, Any]) -> str:
     return "unmatched"
 
 
+ARRIVED = "dnc.arrived"
+"""The ASGI scope key of a request's arrival at the ingress app (:class:`RequestMetrics`)."""
+BODY_READ = "dnc.body_read"
+"""The ASGI scope key of the time its body had been read (inside a Serve replica each ``receive()``
+is a Ray call back to the proxy)."""
+
+
 class RequestMetrics(TimedRequests):
     """ASGI middleware: ``app = RequestMetrics(app)`` counts every HTTP request by route, method
-    and status, and times it to the end of its body (streams included)."""
+    and status, and times it to the end of its body (streams included). The outermost middleware,
+    it also leaves the request's arrival and the end of its body (``time.perf_counter()``) in its
+    scope (``ARRIVED``, ``BODY_READ``; not
+    ``scope["state"]``, which a server may share between requests): the origin of the ingress's
+    stages in a generation's timeline."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        scope[ARRIVED] = time.perf_counter()
+
+        async def timed_receive():
+            message = await receive()
+            if message.get("type") == "http.request" and not message.get("more_body"):
+                scope[BODY_READ] = time.perf_counter()
+            return message
+        return await super().__call__(scope, timed_receive, send)
 
     def finished(self, scope, status: int, ms: float) -> None:
         try:

@@ -9,9 +9,13 @@ requests' queues, at most one list per request every ``chunk_s``: a request's fi
 last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
 Iterations cut short by arrivals (under load, nearly all of them) would otherwise send a list
 per request and step, and every list is one streamed event through Ray, the ingress and the
-proxy, which cost far more CPU than the step itself. Rows join and leave between steps; rows whose states share a layout decode as
-one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on the same
-thread between iterations.
+proxy, which cost far more CPU than the step itself. Under load the gap grows with the running
+requests (``events_per_s``): the replica hands out at most about that many lists a second in all,
+so the CPU the event path takes stays bounded while more streams share the model (measured with
+the timeline of bench/serve_load.py). Lists that pile up in a request's queue while the asyncio
+loop is busy go out as one. Rows join and leave between steps; rows whose states share a layout
+decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on
+the same thread between iterations.
 
 After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
 times) to a :class:`serve.metrics.ServeMetrics` when one is given, and keeps recent ones for the
@@ -38,10 +42,16 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     held: list[StepToken] = field(default_factory=list)  # made, not yet handed out (see _hand_out)
     sent_at: float | None = None  # when the last list went to the queue
+    handed: collections.deque[float] = field(default_factory=collections.deque)  # perf_counter of each queued list
 
     def flush(self, now: float) -> None:
         if self.held:
             self.queue.put_nowait(self.held)
+            t = time.perf_counter()  # not ``now``: that clock may be a test's hand-driven one
+            self.handed.append(t)
+            self.timing.setdefault("first_event", t)
+            self.timing["last_event"] = t
+            self.timing["events"] = self.timing.get("events", 0) + 1
             self.held, self.sent_at = [], now
 
 
@@ -55,6 +65,8 @@ class _Iteration:
     """Rows of each model call, in order."""
     inter_token_ms: list[float] = field(default_factory=list)
     """For each step whose rows had a token before: ms since the end of the previous step."""
+    busy_s: float = 0.0
+    """Seconds the model thread spent in this iteration (drop, prefill and steps)."""
 
 
 class DecodeScheduler:
@@ -64,23 +76,29 @@ class DecodeScheduler:
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
     first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
     a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
-    of token lists (tests drive it by hand)."""
+    of token lists (tests drive it by hand); ``events_per_s``: lists handed out a second, about, in
+    all: with ``n`` requests running, one request's lists are at least ``max(chunk_s, n / events_per_s)``
+    apart (0 = ``chunk_s`` whatever the load)."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
+        self.events_per_s = events_per_s
         self.max_running = max_running
         self.admit_wait_s = admit_wait_s
         self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
         self._driver: asyncio.Task | None = None
-        self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0, "tokens": 0}
+        # busy_s: model thread inside iterations; step_s: of it in decode steps; prefill_s: in admissions;
+        # hop_s: iterations' round trips loop -> model thread -> loop beyond busy_s (executor and loop delays)
+        self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0, "tokens": 0,
+                      "iterations": 0, "busy_s": 0.0, "step_s": 0.0, "prefill_s": 0.0, "hop_s": 0.0}
         self.metrics = metrics
         self._last_step_end: float | None = None  # model thread: when the previous decode step ended
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.RECENT)
@@ -91,8 +109,13 @@ class DecodeScheduler:
         """Decode ``row`` with everything else running; yields its tokens as they are made (lists,
         one per iteration). When it ends, ``row.finish_reason`` (and ``row.error``) say how. Closing
         the iterator early cancels the row. ``timing["queue_s"]`` is set to the time the row waited
-        for a place in the batch."""
+        for a place in the batch, and these ``time.perf_counter()`` stamps of this process (s) to
+        the request's timeline: ``submitted``, ``admitted`` (given a place), ``prefilled`` (its
+        prompt went through the model), ``first_token`` / ``last_token`` (the end of the step that
+        made it), ``first_event`` / ``last_event`` (a list handed to the queue); ``events`` counts the
+        lists and ``event_lag_s`` sums, over them, the time from the queue to this iterator."""
         job = _Job(row, timing if timing is not None else {})
+        job.timing["submitted"] = job.submitted
         self.waiting.append(job)
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
@@ -103,10 +126,26 @@ class DecodeScheduler:
                 item = await job.queue.get()
                 if item is None:
                     return
+                self._taken(job)
+                ended = False
+                while not job.queue.empty():  # lists that piled up while the loop was busy: one event
+                    more = job.queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    self._taken(job)
+                    item = item + more
                 yield item
+                if ended:
+                    return
         finally:
             if not row.done:
                 job.cancelled = True  # the driver drops it between steps
+
+    @staticmethod
+    def _taken(job: _Job) -> None:
+        # how long the list sat in the queue: the asyncio loop's delay, not the model's
+        job.timing["event_lag_s"] = job.timing.get("event_lag_s", 0.0) + time.perf_counter() - job.handed.popleft()
 
     # ------------------------------------------------------------------ the driver
     async def _drive(self) -> None:
@@ -121,8 +160,10 @@ class DecodeScheduler:
             for job in admit:
                 self.active[id(job.row)] = job
                 job.timing["queue_s"] = now - job.submitted
+                job.timing["admitted"] = now
             try:
                 it = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                self.stats["hop_s"] += time.perf_counter() - now - it.busy_s
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
@@ -145,12 +186,20 @@ class DecodeScheduler:
             job = self.active.get(id(st.row))
             if job is not None:
                 job.held.append(st)
+        gap = self.pacing_s()
         for key, job in list(self.active.items()):
-            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= self.chunk_s):
+            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= gap):
                 job.flush(now)
             if job.row.done:
                 job.queue.put_nowait(None)
                 del self.active[key]
+
+    def pacing_s(self) -> float:
+        """The shortest time between two lists of one request now (s): ``chunk_s``, or longer when
+        so many requests run that lists every ``chunk_s`` would exceed ``events_per_s`` in all."""
+        if self.events_per_s <= 0:
+            return self.chunk_s
+        return max(self.chunk_s, len(self.active) / self.events_per_s)
 
     def _record(self, it: _Iteration) -> None:
         self.stats["tokens"] += len(it.tokens)
@@ -175,11 +224,17 @@ class DecodeScheduler:
 
     def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow]) -> _Iteration:
         """On the model thread: drop, admit (prefill), then decode steps for up to ``chunk_s``."""
+        t_start = time.perf_counter()
         dec = self.decoder
         dec.drop(cancelled)
         it = _Iteration([], dec.add(admit) if admit else [])
+        t_prefilled = time.perf_counter()
+        for job in (self.active.get(id(r)) for r in admit):  # active: only the loop changes it, between iterations
+            if job is not None:
+                job.timing["prefilled"] = t_prefilled
         self.stats["admitted"] += len(admit)
-        t_end = time.perf_counter() + self.chunk_s
+        self.stats["prefill_s"] += t_prefilled - t_start
+        t_end = t_prefilled + self.chunk_s
         while dec.running:
             sizes = dec.batch_sizes()
             self.stats["steps"] += len(sizes)
@@ -187,8 +242,17 @@ class DecodeScheduler:
             self.stats["max_batch"] = max(self.stats["max_batch"], max(sizes))
             self.stats["max_running"] = max(self.stats["max_running"], sum(sizes))
             it.batch_sizes += sizes
+            t_step = time.perf_counter()
             step = dec.step()
             now = time.perf_counter()
+            self.stats["step_s"] += now - t_step
+            for st in step:
+                if st.index == 0 or st.finish:
+                    job = self.active.get(id(st.row))
+                    if job is not None:
+                        job.timing.setdefault("first_token", now)
+                        if st.finish:
+                            job.timing["last_token"] = now
             # every running row gets one token per step, so a row with an earlier token had it at
             # the end of the previous step (rows at index 0 got their first token: that is TTFT)
             if self._last_step_end is not None and any(st.index > 0 for st in step):
@@ -197,4 +261,23 @@ class DecodeScheduler:
             it.tokens += step
             if admit or self.waiting or now > t_end:
                 break
+        it.busy_s = time.perf_counter() - t_start
+        self.stats["busy_s"] += it.busy_s
+        self.stats["iterations"] += 1
         return it
+
+
+TIMELINE_STAMPS = ("admitted", "prefilled", "first_token", "first_event", "last_token", "last_event")
+"""The stamps :meth:`DecodeScheduler.submit` leaves in a request's ``timing``, in order."""
+
+
+def timeline_ms(timing: dict, origin: float) -> dict[str, float]:
+    """A request's scheduler stamps as ``<stamp>_ms`` after ``origin`` (a ``time.perf_counter()`` of
+    the same process, ms), plus ``events`` and ``event_lag_ms_mean`` (queue to consumer, per list);
+    stamps the request never reached (cancelled, failed) are left out."""
+    out = {f"{k}_ms": (timing[k] - origin) * 1e3 for k in TIMELINE_STAMPS if k in timing}
+    n = timing.get("events", 0)
+    out["events"] = n
+    if n:
+        out["event_lag_ms_mean"] = timing.get("event_lag_s", 0.0) * 1e3 / n
+    return out

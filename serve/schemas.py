@@ -78,11 +78,42 @@ class GenerateRequest(SamplingParams):
     stream: bool = Field(False, description="Server-Sent Events: one `token` event per token, then `done`.")
 
 
+class Timeline(BaseModel):
+    """Where a request's time went, stage by stage. Two clocks, never compared: the Generator's
+    stages are ms after the Generator received the request, the ingress's ms after the ingress's
+    ASGI app received it (both ``time.perf_counter()`` differences within one process). A stage the request
+    did not reach (cancelled, failed) is absent."""
+
+    session_ready_ms: float | None = Field(None, description="Generator: the session's state resident here "
+                                           "(session turns only).")
+    admitted_ms: float | None = Field(None, description="Generator: given a place in the decode batch.")
+    prefilled_ms: float | None = Field(None, description="Generator: its prompt went through the model.")
+    first_token_ms: float | None = Field(None, description="Generator: the decode step that made its first token ended.")
+    first_event_ms: float | None = Field(None, description="Generator: its first token event handed to its queue.")
+    first_yield_ms: float | None = Field(None, description="Generator: that event taken from the queue (streamed "
+                                         "on from here).")
+    last_token_ms: float | None = Field(None, description="Generator: the step that made its last token ended.")
+    last_event_ms: float | None = Field(None, description="Generator: its last token event handed to its queue.")
+    done_ms: float | None = Field(None, description="Generator: the result ready (for session turns: durable).")
+    events: int = Field(0, description="Generator: token events (lists of tokens) this request got.")
+    event_lag_ms_mean: float | None = Field(None, description="Generator: mean time an event waited in its queue "
+                                            "for the asyncio loop.")
+    ingress_body_ms: float | None = Field(None, description="Ingress: the request body read (in a Serve replica, "
+                                          "a call back to the proxy).")
+    ingress_handler_ms: float | None = Field(None, description="Ingress: the route's handler began (after "
+                                             "middleware, body parsing and validation).")
+    ingress_sent_ms: float | None = Field(None, description="Ingress: validated and sent to the Generator.")
+    ingress_first_event_ms: float | None = Field(None, description="Ingress: the first event back (streams).")
+    ingress_done_ms: float | None = Field(None, description="Ingress: the result back from the Generator.")
+    ingress_events: int | None = Field(None, description="Ingress: events received from the Generator (streams).")
+
+
 class Timing(BaseModel):
     queue_ms: float = 0.0
     ttft_ms: float = Field(..., description="Time to first token.")
     total_ms: float
     tokens_per_s: float
+    timeline: Timeline | None = Field(None, description="The request's stages (see Timeline).")
 
 
 class LevelInfo(BaseModel):
@@ -101,6 +132,8 @@ class Turn(BaseModel):
     duration_ms: float = 0.0
     prompt_preview: str = ""
     completion_preview: str = ""
+    dtype: str | None = Field(None, description="Dtype the turn was decoded in (float32 | bfloat16); absent "
+                              "for turns recorded before the serving dtype existed (float32) and for non-generate turns.")
     detail: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -53,6 +53,16 @@ def test_serve_load_one_command(tmp_path):
         if mode != "plain":  # client-side inter-token gaps from SSE arrival times
             assert r["ttft_at"] == "client" and r["itl_mean_ms_p50"] is not None and r["itl_ms_p50"] >= 0
     assert rows[("stream", 3)]["server_mean_batch"] > 1  # three streams at once decode together
+    # the server's timeline of every measured request, split into stages (bench/serve_timeline.py)
+    for (mode, clients), r in rows.items():
+        line, gen = r["timeline"], r["generator"]
+        assert line["latency"]["n"] == r["ok"] and ("ttft" in line) == (mode != "plain"), (mode, line)
+        shares = [v["share_p50"] for k, v in line["latency"].items() if k != "n"]
+        assert all(-0.5 < x < 1.0 for x in shares) and line["latency"]["decode"]["p50_ms"] > 0
+        assert (line["latency"]["session"]["p50_ms"] > 0) == (mode == "chat")
+        assert 0 < gen["stepping_fraction"] <= gen["busy_fraction"] < 1.5 and gen["steps_per_s"] > 0, gen
+        assert gen["mean_rows_per_call"] == pytest.approx(r["server_mean_batch"])
+    assert "Where the client latency goes" in res["markdown"] and "Where the client TTFT goes" in res["markdown"]
     base = res["in_process"]
     assert base["requests"] == 6 and 0 < base["ttft_ms_p50"] < base["latency_ms_p50"]
     assert set(base["batched"]) == {"1", "3"} and all(b["tokens"] <= b["rows"] * 5 for b in base["batched"].values())
