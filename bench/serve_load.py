@@ -46,6 +46,8 @@ import sys
 import time
 from typing import Any
 
+import yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clients
@@ -57,6 +59,28 @@ MODES = ("plain", "stream", "chat")
 APP_NAME = "dnc-bench"  # the Serve application this script starts
 
 
+def server_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` (values parsed as YAML) -> AppArgs fields; an unknown field or a bad
+    value fails here in one line, before any cluster starts."""
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in AppArgs.model_fields:
+            raise SystemExit(f"--server-set {pair!r}: expected KEY=VALUE with KEY an AppArgs field "
+                             f"(e.g. stream_events_per_s=2000)")
+        out[key] = yaml.safe_load(value)
+    try:
+        AppArgs(**out)
+    except ValidationError as e:
+        raise SystemExit("--server-set: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                                                      for x in e.errors())) from None
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="benchmark this running server instead of starting one")
@@ -66,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="serving dtype of the started server (AppArgs dtype) and of the in-process baseline; "
                         "auto = bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--server-set", dest="server_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an AppArgs field of the started server (YAML value), e.g. --server-set "
+                        "stream_events_per_s=2000; repeatable")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level in plain/stream modes")
     p.add_argument("--turns", type=int, default=4, help="turns of each client's chat in chat mode")
@@ -99,6 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tag", default=None,
                    help="write bench/results/<tag>.json and .md (bench/common.py write_result) instead of --out")
     args = p.parse_args(argv)
+    server_overrides(args.server_set)  # a bad field fails now, not after the cluster started
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.turns < 1:
         p.error("--clients, --requests, --turns and --client-procs must be >= 1")
     return args
@@ -345,6 +373,7 @@ def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
         app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
+    app_args.update(server_overrides(args.server_set))
     return run_app(app_args, args.port, name=APP_NAME), app_args
 
 

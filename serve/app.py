@@ -69,6 +69,12 @@ class AppArgs(BaseModel):
                                         "when the replica is idle (s). 0 (default): it prefills at once, and "
                                         "requests arriving meanwhile join at the next decode step; every wait "
                                         "is added to a lone request's latency.")
+    stream_chunk_ms: float = Field(15.0, ge=0, le=1000, description="Shortest time between two streamed events "
+                                   "of one request (ms); its first and last tokens go out at once.")
+    stream_events_per_s: float = Field(500.0, ge=0, description="Streamed events per second one Generator "
+                                       "replica sends in all: under load a request's events are max(stream_chunk_ms, "
+                                       "running / this) apart, because each event costs CPU in the Generator, the "
+                                       "Ray hop, the ingress and the proxy (0 = stream_chunk_ms at any load).")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
@@ -201,7 +207,8 @@ def build_app(args: dict[str, Any]):
     gen_settings = GeneratorSettings(
         model=a.model_spec(), bank=a.bank_config(), hub_namespace=a.namespace, hub_name=a.hub_name(),
         device=a.device, max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s,
-        torch_threads=a.torch_threads, model_name=a.model_name, max_ongoing_requests=a.generator_max_ongoing_requests)
+        torch_threads=a.torch_threads, model_name=a.model_name, max_ongoing_requests=a.generator_max_ongoing_requests,
+        stream_chunk_ms=a.stream_chunk_ms, stream_events_per_s=a.stream_events_per_s)
     generator = Generator.options(
         num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},

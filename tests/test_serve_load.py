@@ -24,7 +24,7 @@ def test_serve_load_one_command(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--port", PORT, "--num-cpus", "2", "--clients", "1", "3", "--requests", "6", "--max-new-tokens", "5",
             "--modes", "plain", "stream", "chat", "--turns", "2", "--client-procs", "2", "--prometheus", "--paired", "3",
-            "--dtype", "bfloat16", "--out", str(out)]
+            "--dtype", "bfloat16", "--server-set", "stream_events_per_s=1000", "--out", str(out)]
     run = subprocess.run([sys.executable, "bench/serve_load.py", *argv], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -39,6 +39,7 @@ def test_serve_load_one_command(tmp_path):
     assert res["device"] == (env["gpu"] or env["cpu"])
     # the dtype asked for, as the server reports it (/model/stats), the baseline's and the started app's
     assert res["dtype"] == res["in_process"]["dtype"] == res["server_args"]["dtype"] == "bfloat16"
+    assert res["server_args"]["stream_events_per_s"] == 1000  # --server-set reached the started app
     assert res["markdown"].startswith("Weights and session states in bfloat16 (in-process baseline: bfloat16).")
     rows = {(r["mode"], r["clients"]): r for r in res["results"]}
     assert set(rows) == {(m, c) for m in ("plain", "stream", "chat") for c in (1, 3)}
@@ -87,3 +88,14 @@ def test_serve_load_one_command(tmp_path):
     plain = res["paired"]["plain"]
     assert all(0 < r["generator_ms"] <= r["served_ms"] for r in plain["rows"])  # the Generator's time is inside
     assert "| paired, 1 client | pairs |" in res["markdown"]
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("nope=1", "expected KEY=VALUE with KEY an AppArgs field"),
+    ("stream_events_per_s", "expected KEY=VALUE"),
+    ("stream_events_per_s=-1", "stream_events_per_s: Input should be greater than or equal to 0"),
+])
+def test_serve_load_refuses_a_bad_server_field_before_starting_anything(pair, message):
+    run = subprocess.run([sys.executable, "bench/serve_load.py", "--server-set", pair], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
