@@ -237,8 +237,10 @@ def test_training_monitor_follows_a_run_while_it_trains(page, live_runs_root):
     def train():
         torch.set_num_threads(1)
         try:
-            fit(tiny_train_config(100, log_interval=4, eval_interval=24), run_dir=os.path.join(live_runs_root, name), device="cpu",
-                progress=False, resume=False)
+            # ~20 s on one thread: the page must see several steps while it trains (100 steps took
+            # ~6 s once evaluations became one forward per sample, and the page saw one step)
+            fit(tiny_train_config(300, log_interval=4, eval_interval=48), run_dir=os.path.join(live_runs_root, name),
+                device="cpu", progress=False, resume=False)
         except BaseException as e:  # reported by the test
             errors.append(e)
 
