@@ -244,6 +244,9 @@ def _bank_rows(banks: list[StateBank], idx: torch.Tensor | None) -> StateBank:
         bank.kv, bank.meta = first.kv.index_select(1, idx), first.meta.index_select(1, idx)
         bank.valid, bank.alpha = first.valid.index_select(0, idx), first.alpha.index_select(0, idx)
     bank.clock_t = first.clock_t.clone()
+    if all(b.source is not None for b in banks):  # slot provenance (StateBank.track_sources) rides along
+        bank.source = torch.cat([b.source for b in banks], 1) if idx is None else first.source.index_select(1, idx)
+        bank.source_next, bank.source_pool = first.source_next, first.source_pool
     return bank
 
 

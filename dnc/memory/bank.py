@@ -9,18 +9,26 @@ rectangular), while ``valid`` says per sequence which positions hold real conten
 level are kept in write order (oldest first). All selection is batched (topk/gather): there is no
 Python loop over slots. The bank stores all levels packed (see :class:`StateBank`), so a segment's
 write is a fixed, small number of ops whatever overflows.
+
+Optionally (:meth:`StateBank.track_sources`, off by default) the bank records which token positions
+of the stream each slot summarises, ``source [2, B, n]`` int64 ``[lo, hi]``: a probe's instrument
+(``bench/needle_fate.py``), never saved with a state or a checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 LEVELS = 3
 META_FIELDS = ("salience", "age", "access", "last_access")
+STORED_FIELDS = ("keys", "values", *META_FIELDS, "valid")
+"""The :class:`BankLevel` fields a state export holds (``source``, a probe's instrument, is not one)."""
+NO_SOURCE = -1
+"""``lo`` and ``hi`` of a slot that holds nothing (a compressed group without a valid slot)."""
 
 
 @dataclass
@@ -32,6 +40,9 @@ class BankLevel:
     access: torch.Tensor       # [B, n] float32, segments in which the slot got an above-uniform share
     last_access: torch.Tensor  # [B, n] float32, bank clock (segment index) of the last access
     valid: torch.Tensor        # [B, n] bool
+    # [2, B, n] int64: token span [lo, hi] (absolute stream positions) each slot summarises, or None
+    # when the bank does not track it (StateBank.track_sources)
+    source: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -51,6 +62,7 @@ class BankLevel:
         return BankLevel(
             self.keys.gather(2, kv_idx), self.values.gather(2, kv_idx),
             *(getattr(self, f).gather(1, idx) for f in META_FIELDS), self.valid.gather(1, idx),
+            None if self.source is None else self.source.gather(2, idx.unsqueeze(0).expand(2, -1, -1)),
         )
 
     @staticmethod
@@ -59,19 +71,35 @@ class BankLevel:
             return b
         if b.n == 0:
             return a
+        both = a.source is not None and b.source is not None  # one side untracked: the result is too
         return BankLevel(torch.cat([a.keys, b.keys], 2), torch.cat([a.values, b.values], 2),
                          *(torch.cat([getattr(a, f), getattr(b, f)], 1) for f in META_FIELDS),
-                         torch.cat([a.valid, b.valid], 1))
+                         torch.cat([a.valid, b.valid], 1), torch.cat([a.source, b.source], 2) if both else None)
 
     def detach(self) -> "BankLevel":
-        return BankLevel(*(getattr(self, f.name).detach() for f in fields(self)))
+        return BankLevel(*(getattr(self, f).detach() for f in STORED_FIELDS), self.source)
 
     def to(self, device=None, dtype=None) -> "BankLevel":
         return BankLevel(self.keys.to(device=device, dtype=dtype), self.values.to(device=device, dtype=dtype),
-                         *(getattr(self, f).to(device) for f in META_FIELDS), self.valid.to(device))
+                         *(getattr(self, f).to(device) for f in META_FIELDS), self.valid.to(device),
+                         None if self.source is None else self.source.to(device))
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).numel() * getattr(self, f.name).element_size() for f in fields(self))
+        """Bytes of the stored fields (``source``, an instrument, is not counted)."""
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in STORED_FIELDS)
+
+
+def _group_span(source: torch.Tensor, valid: torch.Tensor, group: int) -> torch.Tensor:
+    """Spans of the slots a compressor makes of ``source [2, B, r]`` / ``valid [B, r]`` (r raw slots in
+    write order, adjacent groups of ``group`` compressed 2:1) -> ``[2, B, r/2]``: every output slot of
+    a group may draw on any valid slot of it (the compressor's queries attend over the whole group),
+    so it gets the group's min ``lo`` .. max ``hi`` (:data:`NO_SOURCE` for a group without one)."""
+    _, b, r = source.shape
+    ng = r // group
+    lo = torch.where(valid, source[0], torch.iinfo(torch.int64).max).view(b, ng, group).amin(-1)
+    hi = torch.where(valid, source[1], NO_SOURCE).view(b, ng, group).amax(-1)
+    lo = torch.where(hi == NO_SOURCE, NO_SOURCE, lo)
+    return torch.stack([lo, hi]).repeat_interleave(group // 2, dim=2)
 
 
 def _drop_order(keep: torch.Tensor, valid: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +155,18 @@ class StateBank:
       levels concatenated L0 | L1 | L2 (S = sum of ``sizes``);
     - ``meta``  [4, B, S] float32: salience, age, access, last_access (``META_FIELDS`` order);
     - ``valid`` [B, S] bool; ``sizes``: slots per level (host ints);
-    - ``clock`` (host int) and ``clock_t`` (the same as a float32 0-d device tensor): segments written.
+    - ``clock`` (host int) and ``clock_t`` (the same as a float32 0-d device tensor): segments written;
+    - ``source`` [2, B, S] int64 or None (the default): slot provenance, see :meth:`track_sources`.
 
     ``levels`` gives per-level :class:`BankLevel` *views* (in-place edits reach the bank;
     assigning a level's attribute does not: assign ``bank.levels = [...]`` to repack).
     """
+
+    # Slot provenance (track_sources). Class-level defaults: banks built with __new__ elsewhere
+    # (dnc.state, dnc.ragged, dnc.cuda_graphs, dnc.training.compiled_segment) do not track it.
+    source: torch.Tensor | None = None
+    source_next: int = 0   # stream position of the next token a write covers
+    source_pool: int = 1   # tokens per written slot (DNCConfig.write_pool)
 
     def __init__(self, levels: list[BankLevel], capacities: tuple[int, int, int], clock: int = 0,
                  alpha: torch.Tensor | None = None):
@@ -148,6 +183,36 @@ class StateBank:
     def empty(cls, batch, heads, head_dim, capacities, device, dtype) -> "StateBank":
         return cls([BankLevel.empty(batch, heads, head_dim, device, dtype) for _ in range(LEVELS)], capacities)
 
+    def track_sources(self, tokens_per_slot: int = 1, start: int = 0) -> "StateBank":
+        """Record, from now on, which token positions of the stream every slot summarises:
+        ``source [2, B, S]`` int64, ``source[0]`` = lo and ``source[1]`` = hi, absolute positions,
+        inclusive. Off by default; when off the bank holds no such tensor and runs no op for it.
+
+        - A write of ``m`` slots covers the next ``m * tokens_per_slot`` tokens of the stream (the model
+          commits one whole segment per write; ``tokens_per_slot`` is its ``write_pool``), slot ``j``
+          tokens ``start + j*p .. start + (j+1)*p - 1``, counted on from ``start`` (the stream position
+          of the first token the next write covers).
+        - Compression: each slot made of a group covers the group's min ``lo`` .. max ``hi`` over its
+          valid slots. That is an *upper bound* of what a compressed slot may hold (the compressor
+          attends over the whole group; what it keeps of each token is not known).
+        - :meth:`merge_duplicates`: the surviving slot's span grows to cover the slots merged into it.
+        - Eviction drops a slot's span with it; :meth:`stack`, :meth:`unstack`, ``levels``, and
+          :class:`BankLevel`'s select / cat / detach / to carry it; an invalid slot's span is
+          meaningless (read it with ``valid``).
+
+        Only this eager write path keeps it: the fixed-capacity bank of the compiled / CUDA-graph
+        paths (``dnc.memory.fixed_bank``, ``dnc.cuda_graphs``, ``dnc.training.compiled_segment``) and
+        ``dnc.ragged``'s decode rows do not, and :meth:`export` leaves it out (a probe's instrument,
+        not state). The bank must be empty (the spans of slots already written are unknown)."""
+        if self.kv.shape[3]:
+            raise ValueError(f"track_sources needs an empty bank (this one holds {self.sizes} slots, whose "
+                             f"token spans are unknown): turn it on before the first write")
+        if tokens_per_slot < 1 or start < 0:
+            raise ValueError(f"tokens_per_slot must be >= 1 and start >= 0, got {tokens_per_slot}, {start}")
+        self.source = torch.zeros(2, self.kv.shape[1], 0, dtype=torch.long, device=self.kv.device)
+        self.source_pool, self.source_next = int(tokens_per_slot), int(start)
+        return self
+
     # ---------------------------------------------------------------------------------- storage
     @property
     def levels(self) -> list[BankLevel]:
@@ -163,11 +228,15 @@ class StateBank:
         self.meta = torch.stack([torch.cat([getattr(lvl, f).float() for lvl in levels], 1) for f in META_FIELDS])
         self.valid = torch.cat([lvl.valid for lvl in levels], 1)
         self.sizes = [lvl.n for lvl in levels]
+        # provenance stays only when every level carries it (levels made without it turn it off)
+        tracked = all(lvl.source is not None for lvl in levels)
+        self.source = torch.cat([lvl.source for lvl in levels], 2) if tracked else None
 
     def _view(self, a: int, b: int, meta: torch.Tensor | None = None) -> BankLevel:
         """Slots ``a:b`` of the packed storage as a BankLevel of views."""
         meta = self.meta if meta is None else meta
-        return BankLevel(self.kv[0, :, :, a:b], self.kv[1, :, :, a:b], *meta[:, :, a:b].unbind(0), self.valid[:, a:b])
+        return BankLevel(self.kv[0, :, :, a:b], self.kv[1, :, :, a:b], *meta[:, :, a:b].unbind(0), self.valid[:, a:b],
+                         None if self.source is None else self.source[:, :, a:b])
 
     # ---------------------------------------------------------------------------------- groups
     @classmethod
@@ -183,11 +252,16 @@ class StateBank:
         group = getattr(first, "_group", None)
         if group is not None and len(group._members) == len(banks) and all(
                 m[0] is bank and bank.kv is m[1] and bank.meta is m[2] and bank.valid is m[3] and bank.alpha is m[4]
-                and bank.sizes == group.sizes and bank.clock == group.clock
+                and bank.source is m[5] and bank.sizes == group.sizes and bank.clock == group.clock
+                and bank.source_next == group.source_next
                 for m, bank in zip(group._members, banks)):
             return group
+        tracked = first.source is not None
         if any(bk.sizes != first.sizes or bk.capacities != first.capacities or bk.clock != first.clock
-               or bk.kv.shape[1] != first.kv.shape[1] or bk.kv.dtype != first.kv.dtype for bk in banks[1:]):
+               or bk.kv.shape[1] != first.kv.shape[1] or bk.kv.dtype != first.kv.dtype
+               or (bk.source is not None) != tracked
+               or (tracked and (bk.source_next, bk.source_pool) != (first.source_next, first.source_pool))
+               for bk in banks[1:]):
             return None
         group = cls.__new__(cls)
         group.capacities, group.clock, group.sizes = first.capacities, first.clock, list(first.sizes)
@@ -196,24 +270,28 @@ class StateBank:
         group.valid = torch.cat([bk.valid for bk in banks], 0)
         group.alpha = torch.cat([bk.alpha for bk in banks], 0)
         group.clock_t = first.clock_t  # equal clocks (checked above)
+        group.source = torch.cat([bk.source for bk in banks], 1) if tracked else None
+        group.source_next, group.source_pool = first.source_next, first.source_pool
         group._members = []
         return group
 
     def unstack(self, banks: list["StateBank"]) -> None:
         """Give each of ``banks`` its rows of this group (views; one split per tensor)."""
         b = self.kv.shape[1] // len(banks)
-        parts = zip(self.kv.split(b, 1), self.meta.split(b, 1), self.valid.split(b, 0), self.alpha.split(b, 0))
+        sources = self.source.split(b, 1) if self.source is not None else [None] * len(banks)
+        parts = zip(self.kv.split(b, 1), self.meta.split(b, 1), self.valid.split(b, 0), self.alpha.split(b, 0), sources)
         self._members = []
-        for bank, (kv, meta, valid, alpha) in zip(banks, parts):
+        for bank, (kv, meta, valid, alpha, source) in zip(banks, parts):
             bank.kv, bank.meta, bank.valid, bank.alpha = kv, meta, valid, alpha
             bank.sizes, bank.clock, bank.clock_t, bank._group = list(self.sizes), self.clock, self.clock_t, self
-            self._members.append((bank, kv, meta, valid, alpha))
+            bank.source, bank.source_next, bank.source_pool = source, self.source_next, self.source_pool
+            self._members.append((bank, kv, meta, valid, alpha, source))
 
     # ---------------------------------------------------------------------------------- reading
     def flat(self) -> tuple[BankLevel, torch.Tensor]:
         """All levels concatenated (L0, L1, L2; views, no copy) and the level id of each slot ``[S]``."""
         # unbind, not kv[0]/kv[1]: its backward is one stack instead of two zero-fill + copy pairs
-        return BankLevel(*self.kv.unbind(0), *self.meta.unbind(0), self.valid), self.level_ids()
+        return BankLevel(*self.kv.unbind(0), *self.meta.unbind(0), self.valid, self.source), self.level_ids()
 
     def level_ids(self) -> torch.Tensor:
         """LongTensor [S]: level of each slot (a cached constant: do not modify)."""
@@ -276,9 +354,16 @@ class StateBank:
         with torch.no_grad():
             self.meta = self.meta + const["age_step"]
             new_meta = (const["new_slot"] + const["clock_row"] * self.clock_t).expand(-1, kv.shape[1], kv.shape[3])
+        new_source = None
+        if self.source is not None:  # slot j covers the next tokens source_next + j*p .. + p - 1
+            m, p = kv.shape[3], self.source_pool
+            lo = self.source_next + p * torch.arange(m, device=self.source.device)
+            new_source = torch.stack([lo, lo + (p - 1)]).unsqueeze(1).expand(2, kv.shape[1], m)
+            self.source_next += m * p
         stats = self._cascade((kv.to(self.kv.dtype), new_meta, valid), start=0, compressors=compressors, policy=policy,
                               protect_salient=protect_salient, group=group, recon_queries=recon_queries,
-                              recon_groups=recon_groups, importance_w=importance_w, importance_weight=importance_weight)
+                              recon_groups=recon_groups, importance_w=importance_w, importance_weight=importance_weight,
+                              incoming_source=new_source)
         self.clock += 1
         self.clock_t = self.clock_t + 1
         return stats
@@ -326,7 +411,7 @@ class StateBank:
     def _cascade(self, incoming, *, start: int, compressors, policy, protect_salient: float, group: int,
                  recon_queries, compact: int = 0, recon_groups: int = 1,
                  importance_w: torch.Tensor | None = None, importance_weight: float = 0.0,
-                 pending_mass: torch.Tensor | None = None) -> dict:
+                 pending_mass: torch.Tensor | None = None, incoming_source: torch.Tensor | None = None) -> dict:
         """Append ``incoming`` (kv [2,B,H,m,Dh], meta [4,B,m], valid [B,m]) to L0 (or, for
         ``compact``, drop ``compact`` L0 slots and start at L1), making room by compressing into
         the next level (L0, L1) or by eviction (L2).
@@ -336,11 +421,12 @@ class StateBank:
         dropped L1 | evicted L2], one gather per packed tensor applies it, the dropped blocks are
         compressed, and one cat per packed tensor builds the new bank
         [kept L0, incoming | kept L1, compressed L0 | kept L2, compressed L1].
-        ``pending_mass [B, S]`` (optional) follows the same order (see :meth:`compact`).
+        ``pending_mass [B, S]`` (optional) follows the same order (see :meth:`compact`), and so does
+        ``source`` when tracked (``incoming_source [2, B, m]``: the spans of ``incoming``).
         """
         sizes = list(self.sizes)
         drop, recv = self._plan(incoming[0].shape[3] if incoming is not None else 0, start, compact, group)
-        kv, meta, valid = self.kv, self.meta, self.valid
+        kv, meta, valid, source = self.kv, self.meta, self.valid, self.source
         b = kv.shape[1]
         kept = [n - d for n, d in zip(sizes, drop)]
 
@@ -378,6 +464,8 @@ class StateBank:
                 valid = valid.gather(1, order)
                 if pending_mass is not None:
                     pending_mass = pending_mass.gather(1, order)
+                if source is not None:
+                    source = source.gather(2, order.unsqueeze(0).expand(2, -1, -1))
             kv = kv.gather(3, order[None, :, None, :, None].expand_as(kv))
         # the blocks [kept L0, kept L1, kept L2, dropped L0, dropped L1, evicted L2] of the (gathered)
         # bank; one split each (the backward of a split is one cat, of each slice a zero-fill + copy)
@@ -386,6 +474,8 @@ class StateBank:
         meta_blocks = meta.split(block_sizes, 2)
         valid_blocks = valid.split(block_sizes, 1)
         mass_blocks = pending_mass.split(block_sizes, 1) if pending_mass is not None else None
+        source_blocks = source.split(block_sizes, 2) if source is not None else None
+        new_source: list[torch.Tensor | None] = [incoming_source, None, None]  # spans of what each level receives
         new_mass: list[torch.Tensor | None] = [None, None, None]  # pending mass of what each level receives
         if mass_blocks is not None and incoming is not None:
             new_mass[0] = pending_mass.new_zeros(b, incoming[0].shape[3])  # new slots were not read yet
@@ -411,6 +501,9 @@ class StateBank:
             for j, i in enumerate(spill):
                 raw_kv, raw_valid = kv_blocks[LEVELS + i], valid_blocks[LEVELS + i]
                 comp = compressors[i].compress_packed(raw_kv, raw_valid)
+                if source_blocks is not None:
+                    new_source[i + 1] = _group_span(source_blocks[LEVELS + i], raw_valid,
+                                                    getattr(compressors[i], "group", group))
                 new[i + 1] = (comp, pair_meta[j], pair_valid[j])
                 if recon_queries is not None and recon_queries.shape[2] > 0:
                     from .compressor import reconstruction_loss
@@ -422,16 +515,21 @@ class StateBank:
 
         pieces: list[list[torch.Tensor]] = [[], [], []]  # kv, meta, valid pieces in the new order
         mass_pieces: list[torch.Tensor] = []
+        source_pieces: list[torch.Tensor] = []
         for i in range(LEVELS):
             parts = []
             if kept[i]:
                 parts.append((kv_blocks[i], meta_blocks[i], valid_blocks[i]))
                 if mass_blocks is not None:
                     mass_pieces.append(mass_blocks[i])
+                if source_blocks is not None:
+                    source_pieces.append(source_blocks[i])
             if new[i] is not None and new[i][0].shape[3]:
                 parts.append(new[i])
                 if mass_blocks is not None:
                     mass_pieces.append(new_mass[i])
+                if source_blocks is not None:
+                    source_pieces.append(new_source[i])
             for p in parts:
                 for j in range(3):
                     pieces[j].append(p[j])
@@ -441,6 +539,8 @@ class StateBank:
             self.valid = torch.cat(pieces[2], 1) if len(pieces[2]) > 1 else pieces[2][0]
         else:
             self.kv, self.meta, self.valid = kv[:, :, :, :0], meta[:, :, :0], valid[:, :0]
+        if source is not None:
+            self.source = torch.cat(source_pieces, 2) if source_pieces else source[:, :, :0]
         self.sizes = [k + r for k, r in zip(kept, recv)]
         loss = recon[0] if len(recon) == 1 else (sum(recon) if recon else _zero(kv.device))
         stats = {"recon_loss": loss, "compressed": drop[0] + drop[1], "evicted": drop[2]}
@@ -454,14 +554,16 @@ class StateBank:
         self.kv, self.meta, self.valid = self.kv.detach(), self.meta.detach(), self.valid.detach()
 
     def nbytes(self) -> int:
+        """Bytes of the bank's content (``source``, a probe's instrument, is not counted)."""
         return sum(t.numel() * t.element_size() for t in (self.kv, self.meta, self.valid))
 
     def export(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The bank as flat CPU tensors under ``prefix`` (``source`` is left out: an instrument)."""
         out: dict[str, torch.Tensor] = {f"{prefix}.clock": torch.tensor(self.clock),
                                         f"{prefix}.alpha": self.alpha.detach().cpu().clone()}
         for i, lvl in enumerate(self.levels):
-            for f in fields(lvl):
-                out[f"{prefix}.L{i}.{f.name}"] = getattr(lvl, f.name).detach().cpu().contiguous().clone()
+            for f in STORED_FIELDS:
+                out[f"{prefix}.L{i}.{f}"] = getattr(lvl, f).detach().cpu().contiguous().clone()
         return out
 
     @classmethod
@@ -469,12 +571,12 @@ class StateBank:
         levels = []
         for i in range(LEVELS):
             kw = {}
-            for f in fields(BankLevel):
-                key = f"{prefix}.L{i}.{f.name}"
+            for f in STORED_FIELDS:
+                key = f"{prefix}.L{i}.{f}"
                 if key not in d:
                     raise ValueError(f"state export is missing {key!r}")
                 t = d[key].to(device)
-                kw[f.name] = t.to(dtype) if f.name in ("keys", "values") else t
+                kw[f] = t.to(dtype) if f in ("keys", "values") else t
             lvl = BankLevel(**kw)
             if lvl.n > capacities[i]:
                 raise ValueError(f"{prefix}.L{i} holds {lvl.n} slots but the model's capacity is {capacities[i]}")
@@ -487,7 +589,8 @@ class StateBank:
         valid slot in the same level, folding their salience/access into it. Returns the count.
 
         ``pending_mass [B, S]`` (optional, see :meth:`compact`) is folded the same way, in place: a
-        merged-away slot's mass moves to the slot it merged into."""
+        merged-away slot's mass moves to the slot it merged into. With :meth:`track_sources` the
+        surviving slot's span grows to cover the spans merged into it (it now stands for them)."""
         merged = 0
         levels = self.levels  # views; edited per level below, then packed again
         starts = [sum(self.sizes[:i]) for i in range(LEVELS)]
@@ -509,12 +612,16 @@ class StateBank:
             gain_a = torch.zeros_like(lvl.access).scatter_add_(1, target, lvl.access * has)
             lvl.salience = (lvl.salience + gain_s).clamp(1e-4, 1e4)
             lvl.access = lvl.access + gain_a
-            if pending_mass is not None:
+            if pending_mass is not None or lvl.source is not None:
                 # to the slot that survives at the end of the chain i -> target(i) -> ... (targets are
                 # later slots, so pointer doubling reaches it in log2(n) steps)
                 final = torch.where(has, target, torch.arange(n, device=target.device).expand_as(target))
                 for _ in range(max(1, (n - 1).bit_length())):
                     final = final.gather(1, final)
+            if lvl.source is not None:  # every slot maps to itself or its survivor: min/max fold the spans
+                lvl.source = torch.stack([lvl.source[0].scatter_reduce(1, final, lvl.source[0], "amin"),
+                                          lvl.source[1].scatter_reduce(1, final, lvl.source[1], "amax")])
+            if pending_mass is not None:
                 m = pending_mass[:, start:start + n]
                 pending_mass[:, start:start + n] = torch.zeros_like(m).scatter_add_(1, final, m)
             lvl.valid = lvl.valid & ~has
