@@ -138,19 +138,25 @@ class FateCapture:
         return hook
 
 
-def layer_fate(snap: dict[str, Any], digits: np.ndarray) -> list[str]:
-    """Fate of every digit position in one layer's bank snapshot (see the module docstring)."""
+def layer_fate(snap: dict[str, Any], digits: np.ndarray) -> tuple[list[str], int | None]:
+    """(fate of every digit position in one layer's bank snapshot (see the module docstring), the
+    widest of the digits' narrowest covering spans in tokens, None when a digit has no covering slot).
+
+    The width tells how loose a compressed fate is: a compressed slot's span is the hull of its group,
+    an upper bound of what it holds (``StateBank.track_sources``)."""
     seg_start = snap["segment_start"]
     lo, hi = snap["source"][0].numpy(), snap["source"][1].numpy()
     valid, level = snap["valid"].numpy(), snap["level"].numpy()
-    out = []
+    out, width = [], 0
     for d in digits:
         if d >= seg_start:
             out.append("own_segment")
             continue
-        levels = level[valid & (lo <= d) & (d <= hi)]
+        cover = valid & (lo <= d) & (d <= hi)
+        levels = level[cover]
         out.append("evicted" if not len(levels) else ("raw", "L1", "L2")[int(levels.min())])
-    return out
+        width = None if width is None or not len(levels) else max(width, int((hi - lo + 1)[cover].min()))
+    return out, (width or None)
 
 
 def read_mass(probs: torch.Tensor, snap: dict[str, Any], digits: np.ndarray, pool: int) -> dict[str, float]:
@@ -216,7 +222,8 @@ def probe_batch(model: DNC, batch: list[tuple[float, task_lib.Sample]], device: 
         if not cap.snap[r]:
             raise RuntimeError(f"no snapshot at read position {reads[r]}: the scorer's calls changed")
         digits = s.meta["needle_pos"] + np.arange(len(s.meta["passkey"]))
-        per_digit = {i: layer_fate(sn, digits) for i, sn in cap.snap[r].items()}
+        fated = {i: layer_fate(sn, digits) for i, sn in cap.snap[r].items()}
+        per_digit = {i: f for i, (f, _) in fated.items()}
         layers = {i: max(f, key=_RANK.__getitem__) for i, f in per_digit.items()}
         best = min(layers, key=lambda i: _RANK[layers[i]])
         seg_start = next(iter(cap.snap[r].values()))["segment_start"]
@@ -228,6 +235,7 @@ def probe_batch(model: DNC, batch: list[tuple[float, task_lib.Sample]], device: 
             "fate": layers[best], "best_layer": best,
             "layers": {str(i): f for i, f in layers.items()},
             "digit_fates": {str(i): f for i, f in per_digit.items()},
+            "cover_width": {str(i): w for i, (_, w) in fated.items()},
             "read_mass": {str(i): read_mass(cap.probs[r][i], cap.snap[r][i], digits, cfg.write_pool)
                           for i in cap.probs[r]},
         })
@@ -251,16 +259,21 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
     """Accuracy by fate, by length and fate, and by layer and fate; the mean needle read mass by fate."""
     layers = sorted({k for r in rows for k in r["layers"]}, key=int)
     mass: dict[str, list[float]] = {}
+    width: dict[str, list[int]] = {}
     for r in rows:
         m = r["read_mass"].get(str(r["best_layer"]))
         if m is not None:
             mass.setdefault(r["fate"], []).append(m["needle_mean"])
+        w = r["cover_width"][str(r["best_layer"])]
+        if w is not None:
+            width.setdefault(r["fate"], []).append(w)
     return {
         "by_fate": tally(rows, lambda r: r["fate"]),
         "by_length_fate": {str(L): tally([r for r in rows if r["length"] == L], lambda r: r["fate"])
                            for L in sorted({r["length"] for r in rows})},
         "by_layer_fate": {i: tally(rows, lambda r, i=i: r["layers"][i]) for i in layers},
         "needle_mass_by_fate": {f: {"mean": float(np.mean(v)), "n": len(v)} for f, v in mass.items()},
+        "cover_width_by_fate": {f: {"median": common.median(v), "max": max(v), "n": len(v)} for f, v in width.items()},
     }
 
 
@@ -270,9 +283,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
     fates = [f for f in FATES if f in summary["by_fate"]]
     lines = ["Accuracy by fate (the sample's best memory layer):", ""]
-    lines += common.md_table(["fate", "exact match", "needle read mass (mean over heads)"],
+    lines += common.md_table(["fate", "exact match", "needle read mass (mean over heads)",
+                              "covering span, median tokens"],
                              [[f, cell(summary["by_fate"][f]),
-                               common.fmt_num(summary["needle_mass_by_fate"].get(f, {}).get("mean"), "{:.3f}")]
+                               common.fmt_num(summary["needle_mass_by_fate"].get(f, {}).get("mean"), "{:.3f}"),
+                               common.fmt_num(summary["cover_width_by_fate"].get(f, {}).get("median"), "{:g}")]
                               for f in fates])
     lines += ["", "By length and fate:", ""]
     lines += common.md_table(["length"] + fates,
