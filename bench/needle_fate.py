@@ -13,9 +13,11 @@ a *fate*:
 - ``evicted``: no valid slot covers it.
 
 A layer's fate is its worst digit's (the answer needs every digit); a sample's fate is its best
-layer's. Beside it: the read's probability mass on the slots covering a digit (the bank's and the
-segment's own writes, mean and max over heads) at the first answer position, and the verdict of
-teacher-forced exact match (``dnc.training.exact_match``, the verdict of greedy decoding).
+layer's. Beside it: the read's probability mass on the slots covering any digit (the bank's and the
+segment's own writes, mean and max over heads) at the first answer position, the width of the
+narrowest slot covering each digit (a compressed slot's span is its group's hull, an upper bound of
+what it holds), and the verdict of teacher-forced exact match (``dnc.training.exact_match``, the
+verdict of greedy decoding).
 
     python bench/needle_fate.py --checkpoint runs/long_context/h200_s7/dnc --lengths 4k,64k,256k,1M \\
         --depths 0,0.25,0.5,0.75,1 --n 8 --out bench/results
@@ -182,15 +184,18 @@ def load_model(args) -> DNC:
     from dnc.checkpoint import load_checkpoint
     from dnc.config import preset
 
-    changes = common.parse_pairs("--model-set", args.model_set)
-    if args.checkpoint:
-        ckpt, _ = resolve_checkpoint(args.checkpoint)
-        model, _ = load_checkpoint(ckpt, map_location="cpu")
-        if changes:
-            model = model.reconfigured(**changes)
-    else:
-        torch.manual_seed(args.seed)
-        model = DNC(preset(args.preset, **changes))
+    try:
+        changes = common.parse_pairs("--model-set", args.model_set)
+        if args.checkpoint:
+            ckpt, _ = resolve_checkpoint(args.checkpoint)
+            model, _ = load_checkpoint(ckpt, map_location="cpu")
+            if changes:
+                model = model.reconfigured(**changes)
+        else:
+            torch.manual_seed(args.seed)
+            model = DNC(preset(args.preset, **changes))
+    except (ValueError, TypeError) as e:  # ConfigError: an unknown preset or field, a bad value, new weight shapes
+        raise SystemExit(f"error: --preset/--model-set: {e}") from None
     if not model.config.memory:
         raise SystemExit("error: needle_fate needs a model with memory (config.memory is off)")
     return model
