@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE):  # the project (dnc) and bench/ (common)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-from common import fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
+from common import HelpFormatter, fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
 
 TITLE = "Training throughput and scaling (`bench/train_scaling.py`)"
 WHAT = ("Tokens/s, step time, MFU and peak memory of the real training step on one GPU, then DDP "
@@ -330,7 +330,7 @@ def render(res: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--preset", default=None, help="model preset (default: base on cuda, tiny on cpu)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048 cuda, 256 cpu)")
     p.add_argument("--segment-len", type=int, default=None, help="override the preset's segment_len")
