@@ -324,7 +324,8 @@ def render(res: dict[str, Any]) -> str:
     """Markdown of one result: where it ran, the table of modes, the targets; the body of its
     entry in ``bench/README.md`` and the ``.md`` file written next to the JSON."""
     e = res.get("env", {})
-    lines = [f"Device: {e.get('gpu_count')}x {e.get('gpu')}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
+    where = f"{e.get('gpu_count')}x {e.get('gpu')}" if e.get("gpu_count") else f"CPU ({res.get('device', '?')})"
+    lines = [f"Device: {where}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
              f"ray {e.get('ray')}; commit {e.get('commit') or 'unknown'}", ""] + tables(res)
     return "\n".join(lines + targets_section(targets(res)))
 
