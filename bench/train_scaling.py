@@ -187,7 +187,7 @@ def run_ray(a: dict[str, Any], strategy: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=a.get("verbose", False))
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=a.get("verbose", False))
     gpu = a["device"] == "cuda"
     trainer = TorchTrainer(
         _ray_loop, train_loop_config={"args": a, "strategy": strategy},

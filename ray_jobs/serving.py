@@ -55,7 +55,8 @@ def start(port: int) -> None:
     if not ray.is_initialized():
         if not os.environ.get("RAY_ADDRESS"):
             os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        # "local": not the machine's last `ray start` cluster (ray_jobs.train.init_ray says why)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     start_serve(port)
 
 
