@@ -38,7 +38,7 @@ import httpx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from common import provenance, write_json  # noqa: E402
+from common import HelpFormatter, provenance, write_json  # noqa: E402
 # sockets held open across calls (the caps) are closed by hand, not by `with`
 warnings.filterwarnings("ignore", message="connect\\(\\) must be used as a context manager")
 
@@ -399,7 +399,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--port", type=int, default=8126, help="port of the server this script starts")
     p.add_argument("--max-examples", type=int, default=100, help="schemathesis cases per operation")
     p.add_argument("--max-time", type=float, default=420.0, help="schemathesis time budget (s)")

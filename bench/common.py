@@ -13,6 +13,7 @@ called.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,6 +29,36 @@ from typing import Any, Iterable, Sequence
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+
+
+# ==============================================================================================
+# Command line
+# ==============================================================================================
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` that keeps the module docstring's layout and names every option's default.
+
+    argparse's ``ArgumentDefaultsHelpFormatter`` skips options without a help string and re-wraps
+    the description; this one shows ``(default: X)`` on every option whose default is a value
+    (not None, not a store_true's False) and whose help does not already say it.
+    """
+
+    def _shows_default(self, action: argparse.Action) -> bool:
+        return (bool(action.option_strings) and action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in (action.help or "").lower())
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):
+            # a copy with a help line (argparse prints none for an empty help); parsing keeps the original
+            action = argparse.Action(**{k: getattr(action, k) for k in (
+                "option_strings", "dest", "nargs", "const", "default", "type", "choices", "required",
+                "metavar")}, help="(default: %(default)s)")
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = (action.help or "").strip()
+        if self._shows_default(action):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
 
 
 # ==============================================================================================

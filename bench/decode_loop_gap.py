@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from common import device_tag, parse_pairs, provenance, write_json  # noqa: E402
+from common import HelpFormatter, device_tag, parse_pairs, provenance, write_json  # noqa: E402
 from decode_loop_gap_report import render  # noqa: E402
 
 from dnc.config import preset  # noqa: E402
@@ -51,7 +51,7 @@ MIXED = [SamplingParams(0.0), SamplingParams(0.8), SamplingParams(1.0, top_k=40)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--preset", default="tiny", help="model preset (untrained weights); default tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

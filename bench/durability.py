@@ -45,7 +45,8 @@ TEXT = "The cat sat on the mat. The dog ate the bone. Where did the cat sit? On 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import HelpFormatter  # bench/common.py (on sys.path above)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="name of the result files")
     p.add_argument("--port", type=int, default=8127)
     p.add_argument("--storage", default=None, help="session storage (default: a new temp dir)")

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 for _p in (str(HERE.parent), str(HERE)):  # the project (dnc) and bench/ (common, long_context_eval)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-from common import fmt_len, md_table, parse_pairs, provenance, stderr_logger, write_json  # noqa: E402
+from common import HelpFormatter, fmt_len, md_table, parse_pairs, provenance, stderr_logger, write_json  # noqa: E402
 
 TITLE = "Evaluation cost: greedy generation against batched teacher forcing (`bench/eval_speed.py`)"
 WHAT = ("The same exact-match verdicts two ways on the same samples, timed in one run: token-by-token greedy "
@@ -54,7 +54,7 @@ log = stderr_logger("eval_speed")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/eval_speed.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help="model preset without --checkpoint; default tiny")
     g.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -56,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from common import parse_pairs, stderr_logger  # noqa: E402
+from common import HelpFormatter, parse_pairs, stderr_logger  # noqa: E402
 from long_context_eval import evaluate, for_long_inputs, mqar_lengths, parse_variants  # noqa: E402
 from long_context_report import Run, markdown  # noqa: E402
 from long_context_train import (baseline_config, resolve_checkpoint, stdlib_texts, train_config,  # noqa: E402
@@ -77,7 +77,7 @@ log = stderr_logger("long_context")
 # ==============================================================================================
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/long_context.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--preset", default="small", help="model preset (tiny | small | base); default: small")
     g.add_argument("--config", default=None,

@@ -18,6 +18,7 @@ script is left.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -69,11 +70,18 @@ def migrate(old_report, results: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("old_report", argv[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("old_report", help="path of the old report.py (git show 1c92e01:bench/report.py > FILE)")
+    ap.add_argument("results", nargs="?", default=str(HERE / "results"),
+                    help="folder of result JSON files to migrate (default: %(default)s)")
+    a = ap.parse_args(argv)
+    spec = importlib.util.spec_from_file_location("old_report", a.old_report)
+    if spec is None or spec.loader is None:  # not a .py file: a traceback would not say which argument
+        ap.error(f"old_report must be a Python file, got {a.old_report!r}")
     old_report = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(HERE))
     spec.loader.exec_module(old_report)
-    for line in migrate(old_report, Path(argv[1]) if len(argv) > 1 else HERE / "results"):
+    for line in migrate(old_report, Path(a.results)):
         print(line)
     return 0
 

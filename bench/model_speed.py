@@ -239,7 +239,8 @@ def bench_decode_loop(model, state, batch: int, args, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import HelpFormatter  # bench/common.py (on sys.path above)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--presets", default=None, help="comma list (default: tiny on CPU, small,base on CUDA)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="CUDA compute dtype")

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt_num, md_table, provenance, write_json  # noqa: E402
+from common import HelpFormatter, fmt_num, md_table, provenance, write_json  # noqa: E402
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 from dnc.parallel import compile_segments  # noqa: E402
@@ -321,7 +321,7 @@ def main_count(a, argv: list[str]) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--length", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_tag, provenance, wilson, write_json  # noqa: E402
+from common import HelpFormatter, device_tag, provenance, wilson, write_json  # noqa: E402
 
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
@@ -103,7 +103,7 @@ def train_arm(self_read: bool, args, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=HelpFormatter, epilog=__doc__)
     p.add_argument("--steps", type=int, default=200, help="training steps per arm; default 200")
     p.add_argument("--batch", type=int, default=32, help="samples per step; default 32")
     p.add_argument("--seg", type=int, default=64, help="segment length in tokens; default 64")

@@ -33,7 +33,7 @@ for _p in (str(ROOT), str(HERE)):  # the project (dnc) and bench/ (the renderers
         sys.path.insert(0, _p)
 # Re-exported for the scripts (and their tests) that still import them from here: serve_load.py
 # (and tests/test_serve_load.py), model_speed.py, train_loop_gap.py; they belong to bench/common.py.
-from common import git_commit, parse_pairs  # noqa: E402,F401
+from common import HelpFormatter, git_commit, parse_pairs  # noqa: E402,F401
 
 BENCHMARKS: dict[str, str] = {
     # benchmark (a result's "benchmark" field, else its file name's prefix) -> the module that
@@ -159,7 +159,7 @@ def _anchor(title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--results", default=str(HERE / "results"), help="folder of result JSON files")
     p.add_argument("--readme", default=None, help="README to write (default: bench/README.md, or "
                                                   "<results>/README.md when --results is given)")

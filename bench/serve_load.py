@@ -82,7 +82,8 @@ def server_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import HelpFormatter  # bench/common.py (on sys.path above)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--url", help="benchmark this running server instead of starting one")
     p.add_argument("--port", type=int, default=8125, help="port of the server this script starts")
     p.add_argument("--checkpoint", default=None, help="checkpoint for the started server / in-process run")

@@ -41,7 +41,8 @@ from dnc.training import TaskSource, TrainConfig, build_optimizer, corpus_window
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import HelpFormatter  # bench/common.py (on sys.path above)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", default="configs/train/small.yaml", help="training YAML (its model and train sections)")
     p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a DNCConfig field, e.g. segment_len=512 (repeatable)")

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(HERE)
 for _p in (ROOT, HERE):  # the project (dnc) and bench/ (common)
     if _p not in sys.path:
         sys.path.insert(0, _p)
-from common import fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
+from common import HelpFormatter, fmt_num, git_commit, md_table, provenance, targets_section, write_json  # noqa: E402
 
 TITLE = "Training throughput and scaling (`bench/train_scaling.py`)"
 WHAT = ("Tokens/s, step time, MFU and peak memory of the real training step on one GPU, then DDP "
@@ -187,7 +187,7 @@ def run_ray(a: dict[str, Any], strategy: str) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=a.get("verbose", False))
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=a.get("verbose", False))
     gpu = a["device"] == "cuda"
     trainer = TorchTrainer(
         _ray_loop, train_loop_config={"args": a, "strategy": strategy},
@@ -324,13 +324,14 @@ def render(res: dict[str, Any]) -> str:
     """Markdown of one result: where it ran, the table of modes, the targets; the body of its
     entry in ``bench/README.md`` and the ``.md`` file written next to the JSON."""
     e = res.get("env", {})
-    lines = [f"Device: {e.get('gpu_count')}x {e.get('gpu')}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
+    where = f"{e.get('gpu_count')}x {e.get('gpu')}" if e.get("gpu_count") else f"CPU ({res.get('device', '?')})"
+    lines = [f"Device: {where}; torch {e.get('torch')}; CUDA {e.get('cuda')}; "
              f"ray {e.get('ray')}; commit {e.get('commit') or 'unknown'}", ""] + tables(res)
     return "\n".join(lines + targets_section(targets(res)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--preset", default=None, help="model preset (default: base on cuda, tiny on cpu)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 2048 cuda, 256 cpu)")
     p.add_argument("--segment-len", type=int, default=None, help="override the preset's segment_len")

@@ -34,11 +34,11 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from common import write_result  # noqa: E402
+from common import HelpFormatter, write_result  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="small")
     p.add_argument("--turns", type=int, default=8, help="turns per mode")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per turn")

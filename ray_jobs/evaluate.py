@@ -69,7 +69,7 @@ def evaluate_checkpoint(ckpt: str, tasks: Sequence[str], lengths: Sequence[int],
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"))
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # not a stale `ray start` (init_ray)
         remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(_eval_cell)
         pending = [remote.remote(ckpt, t, L, n, difficulty, seed, device) for t, L in cells]
         results = []

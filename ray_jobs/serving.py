@@ -37,6 +37,12 @@ def check_port(port: int) -> None:
         raise UsageError(f"--port must be in 1..65535, got {port}")
 
 
+# Serve kills a proxy that fails its ready check (5 s by default) three times, and serve.start then
+# raises. On 2 busy cores a proxy's start (its imports) took longer than those 15 s, so `dnc serve`
+# died at start; a local cluster gets more time (its processes inherit this environment).
+PROXY_READY_CHECK_TIMEOUT_S = "30"
+
+
 def start(port: int) -> None:
     """Ray (local unless RAY_ADDRESS) and Serve's HTTP proxy on 127.0.0.1:``port``, with the proxies'
     per-request access log off (``serve.app.start_serve``)."""
@@ -47,7 +53,10 @@ def start(port: int) -> None:
     from serve.app import start_serve
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        if not os.environ.get("RAY_ADDRESS"):
+            os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
+        # "local": not the machine's last `ray start` cluster (ray_jobs.train.init_ray says why)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     start_serve(port)
 
 

@@ -30,7 +30,9 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    # "local", not None: with None Ray joins the machine's last `ray start` cluster (its address file
+    # in /tmp/ray), and hangs retrying when that cluster is gone
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def _write_json(uri: str, obj: Any) -> None:

@@ -169,6 +169,25 @@ def test_resident_state_is_used_replayed_or_dropped_as_the_shard_says(tmp_path, 
     asyncio.run(main())
 
 
+def test_compaction_reports_the_size_of_the_state_it_compacted(tmp_path, model):
+    """bytes_before / bytes_after of POST /v1/state/{id}/compact: the stored form of the state before
+    and after, also when the session has only token turns (its last full state is none, 0 bytes)."""
+    async def main():
+        shard = SessionBankShard(asdict(_cfg(tmp_path / "bank", snapshot_every_turns=100)), 0)
+        turns = _replica(shard, model)
+        for i in range(3):
+            _, ack = await chat(turns, "s", i, new_tokens=32)
+            assert ack["record"] == "tokens"
+        full = len(state_to_bytes(turns.resident._items["s"].state))
+        res = await shard.compact("s", "alice")
+        assert res["moved"]["compressed"] > 0
+        assert res["bytes_before"] == full                   # was 0: the (absent) last full state
+        assert 0 < res["bytes_after"] < res["bytes_before"]  # compaction shrinks it
+        bank = await shard.get_bank("s", "alice")
+        assert res["bytes_after"] == len(bank["payload"])
+    asyncio.run(main())
+
+
 def test_a_turn_that_is_not_committed_leaves_no_resident_copy(tmp_path, model):
     async def main():
         shard = SessionBankShard(asdict(_cfg(tmp_path / "bank")), 0)

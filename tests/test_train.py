@@ -292,6 +292,7 @@ def test_train_scaling_bench_help_dry_run_and_cpu_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert rep["results"]["single"]["tokens_per_s"] > 0 and "| single | 1 |" in r.stdout
+    assert "Device: CPU" in r.stdout and "0x None" not in r.stdout        # no GPU named on a CPU run
 
 
 @pytest.mark.parametrize("argv, ratio", [

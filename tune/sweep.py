@@ -355,7 +355,7 @@ def run_sweep(sweep: SweepConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # not a stale `ray start` (ray_jobs.train.init_ray)
     base_job = sweep.base_job()
     total = base_job.train.stop_step
     storage = sweep.storage

@@ -45,9 +45,12 @@ class ManagerMixin:
         # stays in the last one's (the stored state's with no turns), and so does the compaction
         state = rebuild_state(models, payload, turns)
         before = state_meta(state)
+        # the state's stored size before, measured as bytes_after is: the last full state alone
+        # misses every token turn since (0 for a session that never had a snapshot)
+        bytes_before = len(state_to_bytes(state))
         moved = models(state_dtype(state)).compact_state(state)
         merged = state.merge_duplicates(threshold) if merge else 0
-        return state_to_bytes(state), before, state_meta(state), moved, merged
+        return state_to_bytes(state), before, state_meta(state), moved, merged, bytes_before
 
     async def compact(self, sid: str, owner: str | None, merge: bool = True,
                       threshold: float | None = None, wait: bool = True) -> dict[str, Any] | None:
@@ -58,10 +61,10 @@ class ManagerMixin:
         lease_id = await self._acquire(s, self.cfg.lease_wait_s if wait else 0.0)
         try:
             await self._ensure_loaded(s)
-            bytes_before, seq = s.nbytes, s.seq  # the full state's bytes (token turns add none)
+            seq = s.seq
             t0 = time.perf_counter()
             try:
-                payload, before, after, moved, merged = await asyncio.to_thread(
+                payload, before, after, moved, merged, bytes_before = await asyncio.to_thread(
                     self._compact_bytes, s.payload, list(s.tail), merge, threshold)
             except ReplayMismatch as e:
                 raise StateDamaged(f"state {sid!r} (shard {self.index}) cannot be compacted: {e}", "state_damaged",
