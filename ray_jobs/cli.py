@@ -9,7 +9,8 @@
 
 ``dnc COMMAND --help`` lists a command's options (from the docstrings). ``python -m ray_jobs.train``,
 ``python -m ray_jobs.evaluate`` and ``python -m tune.sweep`` are the same commands. Argument errors
-print one line and exit with status 2.
+print one line and exit with status 2. SIGTERM (``kill``, systemd, Kubernetes) stops a command as one
+Ctrl-C does: Ray and Serve shut down (status 143 where a Ctrl-C gives 130).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Callable, Literal, Sequence
 
 from dnc.config import ConfigError
 from ray_jobs.parsing import UsageError
+from ray_jobs.signals import Terminated, stop_on_sigterm
 
 
 # ------------------------------------------------------------------------------------- commands
@@ -232,11 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    stop_on_sigterm()
     try:
         return run_command(name, rest)
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130
 

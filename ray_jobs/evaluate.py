@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from ray_jobs.signals import stop_on_sigterm
+
 
 def parse_lengths(text: str) -> list[int]:
     """``"1k,4k,16k"`` -> ``[1024, 4096, 16384]`` (``M`` = 1024**2, plain numbers as given)."""
@@ -70,6 +72,7 @@ def evaluate_checkpoint(ckpt: str, tasks: Sequence[str], lengths: Sequence[int],
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # not a stale `ray start` (init_ray)
+            stop_on_sigterm()  # ray.init replaced it with Ray's (ray_jobs.signals)
         remote = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(_eval_cell)
         pending = [remote.remote(ckpt, t, L, n, difficulty, seed, device) for t, L in cells]
         results = []

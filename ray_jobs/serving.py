@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from ray_jobs.parsing import UsageError
+from ray_jobs.signals import stop_on_sigterm
 
 APP_NAME = "bwr-dnc"
 
@@ -57,6 +58,7 @@ def start(port: int) -> None:
             os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
         # "local": not the machine's last `ray start` cluster (ray_jobs.train.init_ray says why)
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        stop_on_sigterm()  # ray.init replaced it with Ray's (ray_jobs.signals)
     start_serve(port)
 
 

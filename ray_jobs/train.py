@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from ray_jobs.config import JobConfig
 from ray_jobs.progress import RunProgress
+from ray_jobs.signals import stop_on_sigterm
 
 
 def init_ray(address: str | None = None) -> None:
@@ -33,6 +34,7 @@ def init_ray(address: str | None = None) -> None:
     # "local", not None: with None Ray joins the machine's last `ray start` cluster (its address file
     # in /tmp/ray), and hangs retrying when that cluster is gone
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    stop_on_sigterm()  # ray.init replaced it with Ray's (ray_jobs.signals)
 
 
 def _write_json(uri: str, obj: Any) -> None:

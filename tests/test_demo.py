@@ -1,7 +1,8 @@
 """``dnc serve`` / ``dnc demo`` as a user runs them (real processes, real Ray, real HTTP):
 argument errors in one line with exit 2; the demo serves before it trains, the UI's training
 monitor sees the run grow, the trained checkpoint is swapped in, the driver's progress lines in its
-log appear once each; one Ctrl-C stops it all."""
+log appear once each; one Ctrl-C stops it all, and so does a SIGTERM to the driver alone (as
+``kill``, systemd and Kubernetes send it), leaving no process of its local Ray cluster behind."""
 
 from __future__ import annotations
 
@@ -82,10 +83,14 @@ def _start_demo(tmp_path, steps: int) -> tuple[subprocess.Popen, object]:
     return proc, log
 
 
-def _stop(proc: subprocess.Popen, log) -> float:
-    """One SIGINT (a Ctrl-C); the seconds until the process is gone."""
+def _stop(proc: subprocess.Popen, log, sig: int = signal.SIGINT) -> float:
+    """One SIGINT to the process group (a Ctrl-C), or ``sig`` to the driver alone; the seconds until
+    the process is gone."""
     t0 = time.time()
-    os.killpg(proc.pid, signal.SIGINT)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, sig)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -148,9 +153,21 @@ def test_demo_serves_while_training_then_swaps_in_the_trained_checkpoint(tmp_pat
                 and "Checkpoint successfully created" not in text)
     finally:
         if proc.poll() is None:
-            took = _stop(proc, log)
+            took = _stop(proc, log, signal.SIGTERM)
     assert took < 30, took
+    assert proc.returncode == 0, log.read_text()[-2000:]   # serving ends quietly, as after a Ctrl-C
     assert _port_closed()
+    # Ray's raylet, GCS and agents run in the driver's session: none may outlive it (with Ray's own
+    # SIGTERM handlers the driver aborted and left the dashboard and runtime-env agents running)
+    deadline = time.time() + 20
+    while (left := _session_processes(proc.pid)) and time.time() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 @pytest.mark.ray

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from ray_jobs.config import JobConfig, JobConfigError, load_job_config
+from ray_jobs.signals import stop_on_sigterm
 
 PBT_CHECKPOINTS_KEPT = 4
 """Checkpoints kept per PBT trial (Tune warns that 2 or fewer can be deleted before a clone)."""
@@ -356,6 +357,7 @@ def run_sweep(sweep: SweepConfig):
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")  # not a stale `ray start` (ray_jobs.train.init_ray)
+        stop_on_sigterm()  # ray.init replaced it with Ray's (ray_jobs.signals)
     base_job = sweep.base_job()
     total = base_job.train.stop_step
     storage = sweep.storage
