@@ -188,7 +188,8 @@ def test_needle_fate_end_to_end(tmp_path):
 
     out = tmp_path / "fate.json"
     assert main(["--preset", "tiny", "--model-set", "self_read=true", "--model-set", "memory_layers=[0,1]",
-                 "--lengths", "256,512", "--depths", "0,1", "--n", "2", "--threads", "1", "--out", str(out)]) == 0
+                 "--lengths", "256,512", "--depths", "0,1", "--n", "2", "--out", str(out)]) == 0
+    # (no --threads: it would set the process-wide thread count for every later test)
     res = json.loads(out.read_text())
     rows = res["rows"]
     assert len(rows) == 2 * 2 * 2 and res["commit"] and res["argv"][0] == "--preset"
