@@ -102,7 +102,8 @@ class Block(nn.Module):
         self.attn = LocalAttention(cfg)
         self.mem_norm = RMSNorm(cfg.d_model) if has_memory else None
         self.mem = MemoryRead(cfg.d_model, cfg.n_heads, cfg.max_age_buckets, cfg.write_pool, cfg.init_std,
-                              cfg.read_temperature, importance=cfg.write_importance > 0) if has_memory else None
+                              cfg.read_temperature, importance=cfg.write_importance > 0,
+                              forward=cfg.forward_read) if has_memory else None
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
         self.self_read = bool(cfg.self_read and has_memory)
@@ -130,7 +131,7 @@ class Block(nn.Module):
                 # the chunk's write slots, exactly as the commit writes them (token shift included)
                 kv, _ = self.mem.write_kv_packed(mem_in, h_before=write_prev)
                 self_kv = kv if self_past is None else torch.cat([self_past.to(kv.dtype), kv], 3)
-            m, mass, info = self.mem(mem_in, view, sample, topk, trace, self_kv=self_kv)
+            m, mass, info = self.mem(mem_in, view, sample, topk, trace, self_kv=self_kv, h_prev=write_prev)
             x = x + m
         f = self.ffn(self.ffn_norm(x))
         x = x + f

@@ -117,6 +117,12 @@ class RaggedBatch:
 
     def __init__(self, model, capacity: int, device=None, dtype=None):
         cfg = model.config
+        if cfg.forward_read:
+            # the view holds each row's write slots after its padded bank, so "the next slot" would
+            # need a per-row successor map kept through inserts and commits
+            raise NotImplementedError("forward_read is not supported by dnc.ragged (the batched decode of "
+                                      "generation and serving) yet; run the model's forward token by token "
+                                      "(model(tokens, state=state)) or use a model with forward_read=false")
         self.capacity = c = int(capacity)
         self.device = torch.device(device or model.device)
         self.dtype = dtype or model.embed.weight.dtype
