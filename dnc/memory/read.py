@@ -98,7 +98,10 @@ def successor_values(vals: torch.Tensor, sizes: tuple[int, ...], n_self: int) ->
       would be the first L1 slot in the key order, which holds far older, compressed content;
     - the last slot of L1, L2 and of the writes has none (zero): a compressed level's next content
       sits in a younger level in compressed form, and the write after the last is not made yet.
-    With L0 empty (a state compacted to keep no raw slot) nothing points into the writes."""
+    ``DNC.compact_state`` (the memory manager's compaction, off the request path) compresses L0
+    slots by keep score, possibly the newest: until the next commit L0's last link then skips the
+    compressed tokens, as every L0 link across a compressed slot does. With L0 empty nothing points
+    into the writes."""
     n0 = sizes[0] if sizes else 0
     zero = vals.new_zeros(1, 1, 1, 1).expand(vals.shape[0], vals.shape[1], 1, vals.shape[3])
     parts = [zero]                                                    # null slot
