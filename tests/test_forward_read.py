@@ -225,17 +225,88 @@ def test_gate_scale_gets_a_gradient_from_zero():
         assert blk.mem.fwd_scale.grad is not None and blk.mem.fwd_scale.grad.abs().sum() > 0
 
 
+# ================================================================================== ragged decode
+def test_successor_index_of_a_padded_view_matches_successor_values():
+    """dnc.ragged's successor map over [null | bank | padding | writes] picks, for every slot of the
+    bank and the writes, the value successor_values gives over the unpadded view."""
+    from dnc.memory.read import successor_values
+    from dnc.ragged import successor_index
+
+    sizes, smax, seg = (5, 3, 2), 14, 6
+    idx = successor_index(sizes, smax, seg)
+    unpadded = list(range(1 + sum(sizes))) + list(range(smax + 1, smax + 1 + seg))  # view index per unpadded key
+    vals = torch.tensor([float(i) for i in unpadded]).view(1, 1, -1, 1) + 1.0      # value = view index + 1
+    want = successor_values(vals, sizes, seg).view(-1) - 1.0                        # -1 = none
+    got = idx[torch.tensor(unpadded)].float()
+    got = torch.where(got == 0, torch.full_like(got, -1.0), got)
+    assert got.tolist() == want.tolist()
+    assert idx[1 + sum(sizes):smax + 1].eq(0).all()                                 # padding: none
+
+
+@pytest.mark.parametrize("mem_topk", [0, 24])
+def test_ragged_step_equals_each_row_alone(mem_topk):
+    """Four rows at different positions and layouts in one RaggedBatch, 50 greedy steps (segment
+    commits, compression, eviction): every step's logits match the row decoded alone through model
+    calls, with the gates open."""
+    from dnc.ragged import RaggedBatch, ragged_decode_step
+
+    m = make(forward_read=True, mem_topk=mem_topk, write_importance=2.0)
+    open_gates(m)
+    g = torch.Generator().manual_seed(5)
+    rows, want = [], []
+    with torch.no_grad():
+        for n in (3, 30, 45, 70):
+            x = torch.randint(0, 256, (1, n), generator=g)
+            st, ref = m.init_state(1), m.init_state(1)
+            lg = m(x, state=st, last_logits_only=True).logits[0, -1]
+            m(x, state=ref)
+            rows.append((st, lg))
+            toks, lgs, cur = [], [], lg
+            for _ in range(50):
+                toks.append(int(cur.argmax()))
+                cur = m(torch.tensor([[toks[-1]]]), state=ref, last_logits_only=True).logits[0, -1]
+                lgs.append(cur)
+            want.append((toks, lgs))
+        batch = RaggedBatch(m, 4)
+        for i, (st, lg) in enumerate(rows):
+            batch.insert(i, st, lg, m)
+        commits = 0
+        for t in range(50):
+            batch.tokens[:] = torch.tensor([w[0][t] for w in want])
+            lg = ragged_decode_step(m, batch)
+            commits += batch.after_step(m)["committed"]
+            for i, w in enumerate(want):
+                torch.testing.assert_close(lg[i], w[1][t], rtol=1e-4, atol=1e-4, msg=f"row {i} step {t}")
+    assert commits >= 4
+
+
+def test_generate_equals_greedy_model_calls():
+    """DNC.generate (the batched decoder's ragged step) equals greedy decoding through model calls
+    from a state 16 tokens into its second segment, for 60 tokens."""
+    m = make(forward_read=True)
+    open_gates(m)
+    x = torch.randint(0, 256, (1, 52), generator=torch.Generator().manual_seed(6))
+    s_gen, s_ref = m.init_state(1), m.init_state(1)
+    with torch.no_grad():
+        m(x[:, :48], state=s_gen)
+        m(x[:, :48], state=s_ref)
+        got = m.generate(x[0, 48:].tolist(), state=s_gen, max_new_tokens=60, temperature=0.0)
+        lg = m(x[:, 48:], state=s_ref, last_logits_only=True).logits[0, -1]
+        want = []
+        for _ in range(60):
+            want.append(int(lg.argmax()))
+            lg = m(torch.tensor([[want[-1]]]), state=s_ref, last_logits_only=True).logits[0, -1]
+    assert got == want
+    assert s_gen.segments == s_ref.segments >= 3
+
+
 # ================================================================================== unsupported paths
 def test_unsupported_paths_say_so():
     from dnc.cuda_graphs import DecodeGraphs, SegmentGraphs
-    from dnc.ragged import RaggedBatch
     from dnc.training.compiled_segment import CompiledTrainSegments
 
     m = make(forward_read=True)
-    for make_path, where in [(lambda: RaggedBatch(m, 2), "dnc.ragged"), (lambda: SegmentGraphs(m), "SegmentGraphs"),
-                             (lambda: DecodeGraphs(m), "DecodeGraphs"),
+    for make_path, where in [(lambda: SegmentGraphs(m), "SegmentGraphs"), (lambda: DecodeGraphs(m), "DecodeGraphs"),
                              (lambda: CompiledTrainSegments(m, compile=False), "compiled training segment")]:
         with pytest.raises(NotImplementedError, match=f"forward_read is not supported by .*{where}"):
             make_path()
-    with pytest.raises(NotImplementedError, match="forward_read is not supported by dnc.ragged"):
-        m.generate([1, 2, 3], max_new_tokens=2)

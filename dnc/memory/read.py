@@ -283,7 +283,7 @@ class MemoryRead(nn.Module):
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
                 trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                h_prev: torch.Tensor | None = None):
+                h_prev: torch.Tensor | None = None, fwd_view: tuple | None = None):
         """Read the bank (and, with ``self_kv``, the segment's own writes).
 
         h: [B, T, D] normed hidden states; ``sample``: LongTensor of chunk positions whose
@@ -293,7 +293,8 @@ class MemoryRead(nn.Module):
         which of ``view``'s slots each query may read (None = all), for a view that already holds
         the write slots after the bank's (``dnc.ragged``). ``h_prev`` [B, 1, D]: the normed memory
         input of the token before ``h[:, 0]`` (None at the stream start), the query of the first
-        position's forward read (``DNCConfig.forward_read``, see :meth:`forward_read`). Returns (update [B, T, D], mass [B, S] or
+        position's forward read (``DNCConfig.forward_read``, see :meth:`forward_read`); ``fwd_view``:
+        its (successor values, mask, rows on) for a view that holds the writes (``dnc.ragged``). Returns (update [B, T, D], mass [B, S] or
         None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
@@ -312,10 +313,11 @@ class MemoryRead(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, kv_k, kv_v, attn_mask=mask, scale=1.0)
         if self.fwd_gate is not None:
-            if self_kv is None or view.sizes is None:
+            if fwd_view is None and (self_kv is None or view.sizes is None):
                 raise ValueError("forward_read needs the segment's write slots (self_kv) and a view built by "
-                                 "build_view (its level sizes); a view that holds the writes (dnc.ragged) is not supported")
-            fwd = self.forward_read(hm, h_prev, q, kv_k, kv_v, view, self_kv.shape[3] - t, topk)
+                                 "build_view (its level sizes), or fwd_view for a view that holds the writes")
+            past = 0 if self_kv is None else self_kv.shape[3] - t
+            fwd = self.forward_read(hm, h_prev, q, kv_k, kv_v, view, past, topk, fwd_view)
             gate = torch.sigmoid(self.fwd_gate(hm).float()) * self.fwd_scale.float()      # [B,T,H]
             out = out + gate.transpose(1, 2).unsqueeze(-1).to(out.dtype) * fwd
         out = out[..., : self.head_dim].transpose(1, 2).reshape(b, t, dm)
@@ -342,7 +344,8 @@ class MemoryRead(nn.Module):
         return update, mass, info
 
     def forward_read(self, hm: torch.Tensor, h_prev: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor,
-                     vals: torch.Tensor, view: ReadView, past: int, topk: int = 0) -> torch.Tensor:
+                     vals: torch.Tensor, view: ReadView, past: int, topk: int = 0,
+                     fwd_view: tuple | None = None) -> torch.Tensor:
         """The forward (temporal-link) read (``DNCConfig.forward_read``): at position t, the previous
         position's read over the same keys, returning each slot's *successor's* value,
         ``sum_s softmax(q_{t-1} . K)[s] * V[succ(s)]`` (:func:`successor_values`).
@@ -351,8 +354,19 @@ class MemoryRead(nn.Module):
         ``hm[:, 0]`` or None at the stream start, where position 0 gets no forward read (zeros);
         q: [B, H, T, Dq] the chunk's augmented queries; keys/vals: [B, H, 1+S+P+T, Dq] the content
         read's (view, then the segment's write slots 0..P+T-1); past: P, the segment position of
-        ``hm[:, 0]``. Returns [B, H, T, Dq]."""
+        ``hm[:, 0]``. ``fwd_view`` (``dnc.ragged``, T = 1, a view that holds the write slots after
+        its padded bank): (successor values [B, H, S', Dq], mask [B, 1, 1, S'] of the previous
+        position's read, on [B] float: 0 for a row at the stream start) in place of what is built
+        here from ``view.sizes`` and ``past``. Returns [B, H, T, Dq]."""
         t = q.shape[2]
+        if fwd_view is not None:
+            succ, mask, on = fwd_view
+            qp = self.augment_queries(h_prev.to(hm.dtype), self.queries(h_prev.to(hm.dtype), out_dtype=q.dtype))
+            if topk and topk < keys.shape[2]:
+                fwd = self._read_topk(qp, keys, succ.to(q.dtype), topk, mask)
+            else:
+                fwd = F.scaled_dot_product_attention(qp, keys, succ.to(q.dtype), attn_mask=mask, scale=1.0)
+            return fwd * on.view(-1, 1, 1, 1).to(fwd.dtype)
         n_self = keys.shape[2] - 1 - view.n_slots
         if h_prev is None:  # any query for position 0: its result is zeroed below
             q_first = q[:, :, :1]
