@@ -115,7 +115,8 @@ class Block(nn.Module):
         x_prev: [B, 1, D] normed attention input of the previous token (None at the stream start).
         With ``self_read``: self_past [2, B, H, P, Dh] the write slots of the segment's earlier
         chunks (None: the chunk starts the segment), write_prev [B, 1, D] the memory input of the
-        token before the chunk (the token shift of its first write key; None at the stream start).
+        token before the chunk (the token shift of its first write key, and with ``forward_read`` the
+        query of its first position's forward read; None at the stream start).
         Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D],
         self_kv [2, B, H, P+t, Dh] or None (the segment's write slots so far; None without self_read));
         k/v [B, H, p+t, Dh] are the layer's new KV cache (past and this chunk's, concatenated once).
