@@ -102,7 +102,6 @@ def successor_values(vals: torch.Tensor, sizes: tuple[int, ...], n_self: int) ->
     slots by keep score, possibly the newest: until the next commit L0's last link then skips the
     compressed tokens, as every L0 link across a compressed slot does. With L0 empty nothing points
     into the writes."""
-    n0 = sizes[0] if sizes else 0
     zero = vals.new_zeros(1, 1, 1, 1).expand(vals.shape[0], vals.shape[1], 1, vals.shape[3])
     parts = [zero]                                                    # null slot
     a = 1
@@ -114,7 +113,7 @@ def successor_values(vals: torch.Tensor, sizes: tuple[int, ...], n_self: int) ->
     if n_self:
         parts += [vals[:, :, a + 1:a + n_self], zero]
     out = torch.cat(parts, 2)
-    assert out.shape == vals.shape, (out.shape, vals.shape, sizes, n_self, n0)
+    assert out.shape == vals.shape, (out.shape, vals.shape, sizes, n_self)
     return out
 
 
@@ -294,8 +293,8 @@ class MemoryRead(nn.Module):
         the write slots after the bank's (``dnc.ragged``). ``h_prev`` [B, 1, D]: the normed memory
         input of the token before ``h[:, 0]`` (None at the stream start), the query of the first
         position's forward read (``DNCConfig.forward_read``, see :meth:`forward_read`); ``fwd_view``:
-        its (successor values, mask, rows on) for a view that holds the writes (``dnc.ragged``). Returns (update [B, T, D], mass [B, S] or
-        None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
+        its (successor values, mask, rows on) for a view that holds the writes (``dnc.ragged``).
+        Returns (update [B, T, D], mass [B, S] or None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
         hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
