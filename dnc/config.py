@@ -88,6 +88,20 @@ class DNCConfig:
     segment 5/56 against 26/40 from the bank), so with this on one learned lookup serves every
     distance. Requires ``write_pool == 1`` (one slot per position). Off: behaviour and
     checkpoints exactly as before (it adds no parameters)."""
+    forward_read: bool = False
+    """A second, *forward* memory read (the DNC's temporal links, Graves et al. 2016): at position
+    t, what token t-1's read attended, moved one slot later,
+    ``fwd_t = sum_s softmax(q'_{t-1} . K)[s] * V[succ(s)]`` (one more SDPA call with the previous
+    position's augmented query and successor-shifted values), added per head as
+    ``content_t + g_t * fwd_t`` with a learned gate ``g_t = scale_h * sigmoid(w_h . h_t + b_h)``
+    (``scale`` starts at 0, so a fresh model computes exactly what it computes without this).
+    Why: a fact is copied out of memory token by token, and a content read finds each next token
+    only by "a slot whose previous token looks like mine", which thousands of slots of code and
+    prose also match (copies drift: 52157 -> 521212); the forward read follows the slot order
+    instead. ``succ`` is the next slot of the same level, the last L0 slot's is the segment's first
+    write slot (L0 is in write order, its last slot the previous segment's last token), the last
+    slot of L1 / L2 / the segment's writes has none (zero). Requires ``self_read`` (the previous
+    token's memory input and the segment's own slots). Off: no parameters, exactly as before."""
     mem_topk: int = 0
     """Slots each query reads when the bank holds more than this (0 = dense read over all)."""
     eviction: EvictionPolicyName = "hybrid"
@@ -155,6 +169,9 @@ class DNCConfig:
         need(not self.self_read or self.write_pool == 1,
              f"self_read reads each position's own write slot, so it needs write_pool == 1 "
              f"(got {self.write_pool}); set write_pool=1 or self_read=false")
+        need(not self.forward_read or self.self_read,
+             "forward_read follows the previous token's read one slot on, which needs self_read "
+             "(the segment's own write slots in the read); set self_read=true or forward_read=false")
         need(self.mem_topk >= 0, f"mem_topk must be >= 0, got {self.mem_topk}")
         need(self.write_importance >= 0, f"write_importance must be >= 0 (0 = off), got {self.write_importance}")
         need(self.mem_temperature >= 0, f"mem_temperature must be >= 0 (0 = auto), got {self.mem_temperature}")

@@ -142,6 +142,9 @@ class SegmentGraphs:
     """Captured segment steps of one model, keyed by state layout (see the module docstring)."""
 
     def __init__(self, model, max_graphs: int = 32):
+        if model.config.forward_read:
+            raise NotImplementedError("forward_read is not supported by dnc.cuda_graphs (SegmentGraphs) yet; "
+                                      "run the model eagerly (enable_cuda_graphs(False)) or with forward_read=false")
         self.model = model
         self.max_graphs = max_graphs
         self.graphs: dict[tuple, _Graph] = {}
@@ -246,6 +249,9 @@ class DecodeGraphs:
     docstring). On CPU (or with grad, or in training mode) ``step`` is the eager step."""
 
     def __init__(self, model):
+        if model.config.forward_read:
+            raise NotImplementedError("forward_read is not supported by dnc.cuda_graphs (DecodeGraphs) yet; "
+                                      "run the model eagerly (enable_cuda_graphs(False)) or with forward_read=false")
         self.model = model
         self.graphs: dict[tuple, _DecodeGraph] = {}
         self.seen: dict[tuple, RaggedBatch] = {}  # warmed up (held, so that its id stays its own)

@@ -102,7 +102,8 @@ class Block(nn.Module):
         self.attn = LocalAttention(cfg)
         self.mem_norm = RMSNorm(cfg.d_model) if has_memory else None
         self.mem = MemoryRead(cfg.d_model, cfg.n_heads, cfg.max_age_buckets, cfg.write_pool, cfg.init_std,
-                              cfg.read_temperature, importance=cfg.write_importance > 0) if has_memory else None
+                              cfg.read_temperature, importance=cfg.write_importance > 0,
+                              forward=cfg.forward_read) if has_memory else None
         self.ffn_norm = RMSNorm(cfg.d_model)
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout)
         self.self_read = bool(cfg.self_read and has_memory)
@@ -114,7 +115,8 @@ class Block(nn.Module):
         x_prev: [B, 1, D] normed attention input of the previous token (None at the stream start).
         With ``self_read``: self_past [2, B, H, P, Dh] the write slots of the segment's earlier
         chunks (None: the chunk starts the segment), write_prev [B, 1, D] the memory input of the
-        token before the chunk (the token shift of its first write key; None at the stream start).
+        token before the chunk (the token shift of its first write key, and with ``forward_read`` the
+        query of its first position's forward read; None at the stream start).
         Returns (x, k, v, mem_in [B,t,D] or None, mass [B,S] or None, trace dict, x_last [B,1,D],
         self_kv [2, B, H, P+t, Dh] or None (the segment's write slots so far; None without self_read));
         k/v [B, H, p+t, Dh] are the layer's new KV cache (past and this chunk's, concatenated once).
@@ -130,7 +132,7 @@ class Block(nn.Module):
                 # the chunk's write slots, exactly as the commit writes them (token shift included)
                 kv, _ = self.mem.write_kv_packed(mem_in, h_before=write_prev)
                 self_kv = kv if self_past is None else torch.cat([self_past.to(kv.dtype), kv], 3)
-            m, mass, info = self.mem(mem_in, view, sample, topk, trace, self_kv=self_kv)
+            m, mass, info = self.mem(mem_in, view, sample, topk, trace, self_kv=self_kv, h_prev=write_prev)
             x = x + m
         f = self.ffn(self.ffn_norm(x))
         x = x + f

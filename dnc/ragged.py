@@ -80,6 +80,7 @@ class LayerBuffers:
     mass: torch.Tensor | None = None     # [C, Smax] float32 read mass of the segment so far
     write_h: torch.Tensor | None = None  # [C, segment_len, D] normed memory inputs of the segment
     write_prev: torch.Tensor | None = None  # [C, 1, D] self_read: memory input of each row's last token
+    succ_idx: torch.Tensor | None = None  # [C, Smax+1+L] long, forward_read: view index of each slot's successor (0 = none)
 
 
 @dataclass
@@ -139,12 +140,16 @@ class RaggedBatch:
                 lb.write_h = torch.zeros(c, cfg.segment_len, d, device=dev, dtype=dt)
                 if cfg.self_read:
                     lb.write_prev = torch.zeros(c, 1, d, device=dev, dtype=dt)
+                if cfg.forward_read:
+                    lb.succ_idx = torch.zeros(c, n_view, dtype=torch.long, device=dev)
             self.layers.append(lb)
         self.smax = cfg.bank_slots
         self.self_read = bool(cfg.self_read and cfg.memory)
         self.aug_dim = next((b.mem.aug_dim for b in model.blocks if b.mem is not None), 0)  # Dq
         # view slot index of every key (self_read): bank slots 0..Smax, then segment positions
         self.view_pos = torch.arange(self.smax + 1 + cfg.segment_len, device=dev) if self.self_read else None
+        # forward_read: 1 for a row whose next token has a previous one (0 at the stream start)
+        self.fwd_on = torch.zeros(c, device=dev) if self.self_read and cfg.forward_read else None
         self.length = torch.zeros(c, dtype=torch.long, device=dev)
         self.seg_pos = torch.zeros(c, dtype=torch.long, device=dev)
         self.active = torch.zeros(c, dtype=torch.long, device=dev)
@@ -212,6 +217,8 @@ class RaggedBatch:
             lb.view_k[slot, :, s + 1:] = pad
             lb.view_v[slot, :, :s + 1] = view.values[0]
             lb.view_v[slot, :, s + 1:].zero_()
+            if lb.succ_idx is not None:
+                lb.succ_idx[slot] = successor_index(view.sizes, self.smax, self.segment_len).to(self.device)
             lb.mass[slot].zero_()
             if ls.mass is not None:
                 lb.mass[slot, :s] = ls.mass[0]
@@ -227,6 +234,8 @@ class RaggedBatch:
             meta.slots.append(s)
         self.length[slot] = length
         self.seg_pos[slot] = state.seg_pos
+        if self.fwd_on is not None:
+            self.fwd_on[slot] = 1.0 if state.tokens_seen else 0.0
         self.active[slot] = 1
         self.logits[slot] = logits.reshape(-1).float()
         self.rows[slot] = meta
@@ -327,11 +336,11 @@ class RaggedBatch:
         si = torch.tensor(src, device=self.device)
         di = torch.tensor(dst, device=other.device)
         for a, b in zip(self.layers, other.layers):
-            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev"):
+            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx"):
                 t = getattr(a, name)
                 if t is not None:
                     getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))
-        for name in ("length", "seg_pos", "active", "logits"):
+        for name in ("length", "seg_pos", "active", "logits") + (("fwd_on",) if self.fwd_on is not None else ()):
             getattr(other, name).index_copy_(0, di, getattr(self, name).index_select(0, si))
         for s, d in zip(src, dst):
             other.rows[d] = self.rows[s]
@@ -362,6 +371,9 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
         self_pos = (batch.smax + 1 + batch.seg_pos).view(c, 1, 1, 1)
         self_mask = batch.view_pos.view(1, 1, 1, -1) <= self_pos                   # [C, 1, 1, Smax+1+L]
         self_at = self_pos.expand(c, h, 1, batch.aug_dim)
+    prev_mask = None
+    if batch.fwd_on is not None:  # forward_read: the previous position's read (writes up to seg_pos - 1)
+        prev_mask = batch.view_pos.view(1, 1, 1, -1) < self_pos
     for blk, lb, view in zip(model.blocks, batch.layers, batch.views()):
         xn = blk.attn_norm(x)
         x = x + _attend(blk.attn, xn, lb, cos, sin, visible, kv_at)
@@ -372,8 +384,15 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
                 keys, vals = blk.mem.self_slots(kv, lb.view_k.dtype)                  # [C, H, 1, Dq]
                 lb.view_k.scatter_(2, self_at, keys)
                 lb.view_v.scatter_(2, self_at, vals)
+            fwd_view = h_prev = None
+            if prev_mask is not None:  # successors gathered after this token's slot is in the view
+                n_view = lb.view_v.shape[2]
+                succ = lb.view_v.gather(2, lb.succ_idx.view(c, 1, n_view, 1).expand(c, h, n_view, batch.aug_dim))
+                fwd_view, h_prev = (succ, prev_mask, batch.fwd_on), lb.write_prev.clone()
+            if self_mask is not None:
                 lb.write_prev.copy_(mem_in)
-            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk, mask=self_mask)
+            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk, mask=self_mask, h_prev=h_prev,
+                                 fwd_view=fwd_view)
             x = x + m
             lb.mass.add_(mass * sampled)
             lb.write_h.scatter_(1, write_at, mem_in.to(lb.write_h.dtype))
@@ -381,7 +400,25 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
         lb.prev_x.copy_(xn)
     batch.length.add_(batch.active)
     batch.seg_pos.add_(batch.active)
+    if batch.fwd_on is not None:
+        batch.fwd_on.fill_(1.0)  # every row's next token has a previous one
     return model._logits(x)[:, 0].float()
+
+
+def successor_index(sizes: tuple[int, ...], smax: int, seg_len: int) -> torch.Tensor:
+    """forward_read over a ragged view ``[null | bank (levels ``sizes``) | padding to Smax | seg_len
+    write slots]``: LongTensor [Smax+1+seg_len], the view index of each slot's successor, 0 (the
+    null slot, whose value is zero) for none: the map ``dnc.memory.read.successor_values`` applies
+    to a view without padding (L0's last -> the first write slot; last of L1, L2, the writes -> none)."""
+    idx = [0]
+    first_write = smax + 1
+    a = 1
+    for i, n in enumerate(sizes):
+        idx += list(range(a + 1, a + n)) + ([first_write if i == 0 else 0] if n else [])
+        a += n
+    idx += [0] * (smax + 1 - a)                                               # padding slots
+    idx += list(range(first_write + 1, first_write + seg_len)) + [0]
+    return torch.tensor(idx, dtype=torch.long)
 
 
 def _attend(attn, xn: torch.Tensor, lb: LayerBuffers, cos, sin, visible, kv_at) -> torch.Tensor:

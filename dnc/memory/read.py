@@ -35,6 +35,7 @@ class ReadView:
     values: torch.Tensor  # [B, H, S+1, Dq] values zero-padded to Dq (slot 0 = zeros)
     levels: torch.Tensor  # [S] level id of each real slot
     n_slots: int          # S
+    sizes: tuple[int, ...] | None = None  # slots per level (L0, L1, L2); the forward read needs them
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,6 +74,49 @@ def _self_mask(n_view: int, past: int, t: int, device: torch.device) -> torch.Te
     return mask.view(1, 1, t, -1)
 
 
+@functools.lru_cache(maxsize=256)
+def _prev_mask(n_view: int, past: int, t: int, device: torch.device) -> torch.Tensor:
+    """Bool [1, 1, t, n_view + past + t] (True = read): the read of the *previous* position
+    (``DNCConfig.forward_read``) for query i at segment position ``past + i``: the view's slots and
+    the write slots ``j <= past + i - 1`` (none at the segment's first position; cached)."""
+    j = torch.arange(past + t, device=device)
+    i = torch.arange(past, past + t, device=device)
+    mask = torch.cat([torch.ones(t, n_view, dtype=torch.bool, device=device), j[None] < i[:, None]], 1)
+    return mask.view(1, 1, t, -1)
+
+
+def successor_values(vals: torch.Tensor, sizes: tuple[int, ...], n_self: int) -> torch.Tensor:
+    """The forward read's values: ``out[:, :, i]`` = the value of the slot written after slot i.
+
+    vals: [B, H, 1 + S + n_self, Dq] in the read's key order ``[null | L0 | L1 | L2 | own writes
+    0..n_self-1]`` (level sizes ``sizes``, S = their sum) -> [B, H, 1 + S + n_self, Dq]:
+    - the null slot has no successor (zero);
+    - within a level (and within the segment's writes) the next slot: every level is kept in write
+      order (oldest first), so L0's next slot is the next token written (with ``write_pool == 1``);
+    - L0's last slot is the previous segment's last token (the commit appends a whole segment to L0
+      and compresses only older slots), so its successor is the segment's first write slot. It
+      would be the first L1 slot in the key order, which holds far older, compressed content;
+    - the last slot of L1, L2 and of the writes has none (zero): a compressed level's next content
+      sits in a younger level in compressed form, and the write after the last is not made yet.
+    ``DNC.compact_state`` (the memory manager's compaction, off the request path) compresses L0
+    slots by keep score, possibly the newest: until the next commit L0's last link then skips the
+    compressed tokens, as every L0 link across a compressed slot does. With L0 empty nothing points
+    into the writes."""
+    zero = vals.new_zeros(1, 1, 1, 1).expand(vals.shape[0], vals.shape[1], 1, vals.shape[3])
+    parts = [zero]                                                    # null slot
+    a = 1
+    for i, n in enumerate(sizes or ()):
+        if n:
+            parts.append(vals[:, :, a + 1:a + n])
+            parts.append(vals[:, :, 1 + sum(sizes):2 + sum(sizes)] if i == 0 and n_self else zero)
+        a += n
+    if n_self:
+        parts += [vals[:, :, a + 1:a + n_self], zero]
+    out = torch.cat(parts, 2)
+    assert out.shape == vals.shape, (out.shape, vals.shape, sizes, n_self)
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def _l0_channels(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[1, 1, 1, LEVELS]: the level one-hot channels of a raw (L0) slot."""
@@ -88,7 +132,7 @@ def _age_onehot(age: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
 
 class MemoryRead(nn.Module):
     def __init__(self, d_model: int, n_heads: int, max_age_buckets: int, write_pool: int, init_std: float = 0.02,
-                 temperature: float = 8.0, importance: bool = False):
+                 temperature: float = 8.0, importance: bool = False, forward: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -109,6 +153,11 @@ class MemoryRead(nn.Module):
         # learned slot importance (DNCConfig.write_importance): weights on a slot's [key; value] per
         # head, added to its read logit (which trains them) and used by the bank's keep scores
         self.importance_w = nn.Parameter(torch.zeros(2, n_heads, self.head_dim)) if importance else None
+        # forward read (DNCConfig.forward_read): gate g_t = fwd_scale_h * sigmoid(fwd_gate(h_t)_h); the
+        # scale starts at 0 so a fresh model reads exactly as without it, and the sigmoid lets a
+        # position switch the copy on (inside a fact) or off (elsewhere)
+        self.fwd_gate = nn.Linear(d_model, n_heads) if forward else None
+        self.fwd_scale = nn.Parameter(torch.zeros(n_heads)) if forward else None
         # augmented width: Dh + LEVELS router channels + 1 bias channel, padded to a multiple of 8
         self.aug_dim = ((self.head_dim + LEVELS + 1 + 7) // 8) * 8
 
@@ -200,7 +249,7 @@ class MemoryRead(nn.Module):
         kaug = torch.cat([keys, const["onehot_lvl_null"].expand(b, h, -1, -1), bias.unsqueeze(-1),
                           const["pad"].expand(b, h, s + 1, -1)], -1)                            # [B,H,S+1,Dq]
         vals = F.pad(flat.values.to(dtype), (0, self.aug_dim - d, 1, 0))
-        return ReadView(kaug, vals, level_ids, s)
+        return ReadView(kaug, vals, level_ids, s, tuple(bank.sizes))
 
     def self_slots(self, kv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The segment's own write slots as reads see them (``DNCConfig.self_read``).
@@ -232,7 +281,8 @@ class MemoryRead(nn.Module):
         return torch.cat([q, route, tail.expand(b, hh, t, -1)], -1)
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
-                trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                h_prev: torch.Tensor | None = None, fwd_view: tuple | None = None):
         """Read the bank (and, with ``self_kv``, the segment's own writes).
 
         h: [B, T, D] normed hidden states; ``sample``: LongTensor of chunk positions whose
@@ -240,8 +290,11 @@ class MemoryRead(nn.Module):
         the raw write slots of the segment's positions 0..P+T-1, this chunk's T last (``h[:, i]``
         is at segment position P+i and reads writes 0..P+i). ``mask`` [B or 1, 1, T, S+1+...] bool:
         which of ``view``'s slots each query may read (None = all), for a view that already holds
-        the write slots after the bank's (``dnc.ragged``). Returns (update [B, T, D], mass [B, S] or
-        None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
+        the write slots after the bank's (``dnc.ragged``). ``h_prev`` [B, 1, D]: the normed memory
+        input of the token before ``h[:, 0]`` (None at the stream start), the query of the first
+        position's forward read (``DNCConfig.forward_read``, see :meth:`forward_read`); ``fwd_view``:
+        its (successor values, mask, rows on) for a view that holds the writes (``dnc.ragged``).
+        Returns (update [B, T, D], mass [B, S] or None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
         hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
@@ -258,6 +311,14 @@ class MemoryRead(nn.Module):
             out = self._read_topk(q, kv_k, kv_v, topk, mask)
         else:
             out = F.scaled_dot_product_attention(q, kv_k, kv_v, attn_mask=mask, scale=1.0)
+        if self.fwd_gate is not None:
+            if fwd_view is None and (self_kv is None or view.sizes is None):
+                raise ValueError("forward_read needs the segment's write slots (self_kv) and a view built by "
+                                 "build_view (its level sizes), or fwd_view for a view that holds the writes")
+            past = 0 if self_kv is None else self_kv.shape[3] - t
+            fwd = self.forward_read(hm, h_prev, q, kv_k, kv_v, view, past, topk, fwd_view)
+            gate = torch.sigmoid(self.fwd_gate(hm).float()) * self.fwd_scale.float()      # [B,T,H]
+            out = out + gate.transpose(1, 2).unsqueeze(-1).to(out.dtype) * fwd
         out = out[..., : self.head_dim].transpose(1, 2).reshape(b, t, dm)
         update = self.out(out)
         mass = None
@@ -280,6 +341,47 @@ class MemoryRead(nn.Module):
                     if self_kv is not None:  # [B, T] read share of the segment's own writes
                         info["mem_self_mass"] = pfull[..., s + 1:].sum(-1).mean(1)
         return update, mass, info
+
+    def forward_read(self, hm: torch.Tensor, h_prev: torch.Tensor | None, q: torch.Tensor, keys: torch.Tensor,
+                     vals: torch.Tensor, view: ReadView, past: int, topk: int = 0,
+                     fwd_view: tuple | None = None) -> torch.Tensor:
+        """The forward (temporal-link) read (``DNCConfig.forward_read``): at position t, the previous
+        position's read over the same keys, returning each slot's *successor's* value,
+        ``sum_s softmax(q_{t-1} . K)[s] * V[succ(s)]`` (:func:`successor_values`).
+
+        hm: [B, T, D] the chunk's memory inputs (matmul dtype); h_prev: [B, 1, D] the input before
+        ``hm[:, 0]`` or None at the stream start, where position 0 gets no forward read (zeros);
+        q: [B, H, T, Dq] the chunk's augmented queries; keys/vals: [B, H, 1+S+P+T, Dq] the content
+        read's (view, then the segment's write slots 0..P+T-1); past: P, the segment position of
+        ``hm[:, 0]``. ``fwd_view`` (``dnc.ragged``, T = 1, a view that holds the write slots after
+        its padded bank): (successor values [B, H, S', Dq], mask [B, 1, 1, S'] of the previous
+        position's read, on [B] float: 0 for a row at the stream start) in place of what is built
+        here from ``view.sizes`` and ``past``. Returns [B, H, T, Dq]."""
+        t = q.shape[2]
+        if fwd_view is not None:
+            succ, mask, on = fwd_view
+            qp = self.augment_queries(h_prev.to(hm.dtype), self.queries(h_prev.to(hm.dtype), out_dtype=q.dtype))
+            if topk and topk < keys.shape[2]:
+                fwd = self._read_topk(qp, keys, succ.to(q.dtype), topk, mask)
+            else:
+                fwd = F.scaled_dot_product_attention(qp, keys, succ.to(q.dtype), attn_mask=mask, scale=1.0)
+            return fwd * on.view(-1, 1, 1, 1).to(fwd.dtype)
+        n_self = keys.shape[2] - 1 - view.n_slots
+        if h_prev is None:  # any query for position 0: its result is zeroed below
+            q_first = q[:, :, :1]
+        else:
+            hp = h_prev.to(hm.dtype)
+            q_first = self.augment_queries(hp, self.queries(hp, out_dtype=q.dtype))
+        qp = q_first if t == 1 else torch.cat([q_first, q[:, :, :-1]], 2)       # [B,H,T,Dq] of t-1
+        succ = successor_values(vals, view.sizes, n_self)
+        mask = _prev_mask(1 + view.n_slots, past, t, q.device)
+        if topk and topk < keys.shape[2]:
+            fwd = self._read_topk(qp, keys, succ, topk, mask)
+        else:
+            fwd = F.scaled_dot_product_attention(qp, keys, succ, attn_mask=mask, scale=1.0)
+        if h_prev is None:
+            fwd = torch.cat([torch.zeros_like(fwd[:, :, :1]), fwd[:, :, 1:]], 2)
+        return fwd
 
     @staticmethod
     def probs(q: torch.Tensor, k: torch.Tensor, topk: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:

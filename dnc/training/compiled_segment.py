@@ -160,6 +160,11 @@ class CompiledTrainSegments:
     def __init__(self, model, *, backend: str = "inductor", mode: str | None = None, compile: bool = True,
                  fallback=None):
         cfg = model.config
+        if cfg.forward_read:
+            # the fixed-capacity bank keeps each level padded to its capacity, so L0's last valid
+            # slot (whose successor is the segment's first write) is not at a static index
+            raise NotImplementedError("forward_read is not supported by the compiled training segment "
+                                      "(train.compile: segment) yet; train with train.compile off or forward_read=false")
         self.model = model
         self.fallback = fallback
         self.layout = FixedLayout.for_bank((cfg.l0_slots, cfg.l1_slots, cfg.l2_slots),
