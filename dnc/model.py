@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -231,6 +232,11 @@ class DNC(nn.Module):
         A shorthand for ``set_step_runner(SegmentGraphs(model))`` and ``set_decode_runner(DecodeGraphs(model))``."""
         from .cuda_graphs import DecodeGraphs, SegmentGraphs  # here, not at module level: they build on this module
 
+        if enabled and self.config.forward_read:
+            # the graphs do not capture the forward read yet: stay eager (slower, same numbers), so a
+            # forward_read checkpoint still evaluates and serves on a GPU
+            warnings.warn("forward_read has no CUDA-graph path yet: inference runs eagerly", stacklevel=2)
+            enabled = False
         self.set_step_runner(SegmentGraphs(self) if enabled else None)
         self.set_decode_runner(DecodeGraphs(self) if enabled else None)
         return self

@@ -310,3 +310,12 @@ def test_unsupported_paths_say_so():
                              (lambda: CompiledTrainSegments(m, compile=False), "compiled training segment")]:
         with pytest.raises(NotImplementedError, match=f"forward_read is not supported by .*{where}"):
             make_path()
+
+
+def test_enable_cuda_graphs_keeps_a_forward_read_model_eager():
+    """A forward_read checkpoint still evaluates and serves where graphs are switched on (a GPU):
+    enable_cuda_graphs warns and leaves both runners off."""
+    m = make(self_read=True, forward_read=True)
+    with pytest.warns(UserWarning, match="forward_read has no CUDA-graph path"):
+        m.enable_cuda_graphs()
+    assert m.decode_runner is None and m.step_runner is None
