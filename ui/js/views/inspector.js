@@ -18,17 +18,25 @@ function levelBars(info) {
   return asList(info?.levels).map((l, i) => ({ label: `L${l.level ?? i}`, value: l.slots ?? 0, max: l.capacity }));
 }
 
+// Each refresh's number: a list that arrives after a newer refresh began is stale (say the owner
+// changed while it loaded) and is dropped, or the page would select another owner's session and
+// ask for it under the new owner (a 404).
+let refreshSeq = 0;
+
 export async function refreshStates() {
   const box = $("states-error");
   box.hidden = true;
+  const seq = ++refreshSeq;
   let list;
   try {
     list = asList(await getJSON("/v1/states"), "states");
   } catch (e) {
+    if (seq !== refreshSeq) return;
     box.hidden = false;
     box.textContent = `${e.status ? e.status + ": " : ""}${e.message}`;
     return;
   }
+  if (seq !== refreshSeq) return;
   store.sessions = list;
   const tbody = $("states-list");
   tbody.replaceChildren();
