@@ -1,5 +1,5 @@
-"""Prompts and histories the decode-loop tests share (imported by test_generate, test_decode_ragged
-and test_decode_graphs; pytest puts tests/ on sys.path)."""
+"""Prompts and histories the decode-loop tests share (imported by test_generate, test_decode_ragged,
+test_decode_graphs, test_self_read and test_forward_read; pytest puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ def solo(model, row_kw: dict):
     dec.add([row])
     list(dec.run())
     return row
+
+
+def generate_and_greedy_calls(model, x: torch.Tensor, prefix: int, new_tokens: int):
+    """Two batch-1 states fed ``x[:, :prefix]``; then ``model.generate`` from one (the batched
+    decoder's ragged step) and greedy decoding through plain model calls from the other, each
+    ``new_tokens`` long after ``x[:, prefix:]``. Returns (generated ids, greedy ids, its state,
+    the reference state)."""
+    s_gen, s_ref = model.init_state(1), model.init_state(1)
+    with torch.no_grad():
+        model(x[:, :prefix], state=s_gen)
+        model(x[:, :prefix], state=s_ref)
+        got = model.generate(x[0, prefix:].tolist(), state=s_gen, max_new_tokens=new_tokens, temperature=0.0)
+        lg = model(x[:, prefix:], state=s_ref, last_logits_only=True).logits[0, -1]
+        want = []
+        for _ in range(new_tokens):
+            want.append(int(lg.argmax()))
+            lg = model(torch.tensor([[want[-1]]]), state=s_ref, last_logits_only=True).logits[0, -1]
+    return got, want, s_gen, s_ref

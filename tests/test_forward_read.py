@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decode_helpers import generate_and_greedy_calls
 from dnc.config import ConfigError, preset
 
 SMALL_BANK = dict(segment_len=32, l0_slots=32, l1_slots=16, l2_slots=8, self_read=True)  # overflow after 2 segments
@@ -286,16 +287,7 @@ def test_generate_equals_greedy_model_calls():
     m = make(forward_read=True)
     open_gates(m)
     x = torch.randint(0, 256, (1, 52), generator=torch.Generator().manual_seed(6))
-    s_gen, s_ref = m.init_state(1), m.init_state(1)
-    with torch.no_grad():
-        m(x[:, :48], state=s_gen)
-        m(x[:, :48], state=s_ref)
-        got = m.generate(x[0, 48:].tolist(), state=s_gen, max_new_tokens=60, temperature=0.0)
-        lg = m(x[:, 48:], state=s_ref, last_logits_only=True).logits[0, -1]
-        want = []
-        for _ in range(60):
-            want.append(int(lg.argmax()))
-            lg = m(torch.tensor([[want[-1]]]), state=s_ref, last_logits_only=True).logits[0, -1]
+    got, want, s_gen, s_ref = generate_and_greedy_calls(m, x, prefix=48, new_tokens=60)
     assert got == want
     assert s_gen.segments == s_ref.segments >= 3
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from decode_helpers import generate_and_greedy_calls
 from dnc.config import preset
 
 DIGEST = Path(__file__).resolve().parent / "assets" / "self_read_off_digest.json"
@@ -328,16 +329,7 @@ def test_generate_equals_greedy_model_calls():
     m = make(self_read=True, write_importance=2.0)
     randomise_slot_embeddings(m)
     x = torch.randint(0, 256, (1, 52))
-    s_gen, s_ref = m.init_state(1), m.init_state(1)
-    with torch.no_grad():
-        m(x[:, :48], state=s_gen)
-        m(x[:, :48], state=s_ref)
-        got = m.generate(x[0, 48:].tolist(), state=s_gen, max_new_tokens=60, temperature=0.0)
-        lg = m(x[:, 48:], state=s_ref, last_logits_only=True).logits[0, -1]
-        want = []
-        for _ in range(60):
-            want.append(int(lg.argmax()))
-            lg = m(torch.tensor([[want[-1]]]), state=s_ref, last_logits_only=True).logits[0, -1]
+    got, want, s_gen, s_ref = generate_and_greedy_calls(m, x, prefix=48, new_tokens=60)
     assert got == want
     assert s_gen.segments == s_ref.segments >= 3
     assert_exports_close(s_gen.export(), s_ref.export(), rtol=1e-4, atol=1e-4)
