@@ -47,3 +47,16 @@ def generate_and_greedy_calls(model, x: torch.Tensor, prefix: int, new_tokens: i
             want.append(int(lg.argmax()))
             lg = model(torch.tensor([[want[-1]]]), state=s_ref, last_logits_only=True).logits[0, -1]
     return got, want, s_gen, s_ref
+
+
+def assert_causal(model, x: torch.Tensor, positions) -> None:
+    """Changing token j of ``x`` [1, T] never changes ``model``'s logits before j, and does change
+    them from j on, for each j in ``positions``."""
+    with torch.no_grad():
+        base = model(x).logits
+        for j in positions:
+            y = x.clone()
+            y[0, j] = (y[0, j] + 1) % 256
+            out = model(y).logits
+            assert torch.equal(out[:, :j], base[:, :j]), j
+            assert not torch.allclose(out[:, j:], base[:, j:]), j
