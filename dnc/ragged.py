@@ -309,6 +309,13 @@ class RaggedBatch:
             meta.tokens_seen += 1
             if meta.seg_pos == self.segment_len:
                 full.append(slot)
+        return self.commit_rows(model, full, stats)
+
+    def commit_rows(self, model, full: list[int], stats: dict | None = None) -> dict:
+        """Commit the rows in slots ``full`` (their host ``seg_pos`` is ``segment_len``): each is
+        extracted, committed by the model (``commit`` is its ``commit_segment``) and put back with
+        a rebuilt read view. Adds to ``stats`` {"compressed", "evicted", "committed"} and returns it."""
+        stats = {"compressed": 0, "evicted": 0, "committed": 0} if stats is None else stats
         # rows whose states share a layout (e.g. sessions that started together) commit as one batch:
         # the commit is row-wise, so that is each row's own commit in fewer ops
         groups: dict[tuple, list[tuple[int, DNCState]]] = {}
