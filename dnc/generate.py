@@ -250,10 +250,11 @@ class BatchDecoder:
         rb = self._new_batch(bucket_for(len(rows)))
         placed: list[tuple[int, DecodeRow]] = []
         rest: list[DecodeRow] = []
-        zeros = None
+        zeros = torch.zeros(m.config.vocab_size, device=rb.device)
+        fresh = None  # the slot of the first fresh row: later fresh rows are copies of it
         for slot, row in enumerate(rows):
-            if zeros is None:
-                zeros = torch.zeros(m.config.vocab_size, device=rb.device)
+            if row.state is None and fresh is not None:
+                continue
             try:  # the state's tensors are copied in (its banks shared read-only): the row's own state stays
                 rb.insert(slot, m.init_state(1) if row.state is None else row.state, zeros, m)
             except Exception:
@@ -261,6 +262,12 @@ class BatchDecoder:
                 rest.append(row)
                 continue
             placed.append((slot, row))
+            if row.state is None:
+                fresh = slot
+        if fresh is not None:
+            copies = [(slot, row) for slot, row in enumerate(rows) if row.state is None and slot != fresh]
+            rb.clone_row(fresh, [slot for slot, _ in copies])
+            placed = sorted(placed + copies, key=lambda p: p[0])
         if placed:
             try:
                 stats = ragged_prefill(m, rb, {slot: list(r.prompt_ids) for slot, r in placed},

@@ -335,6 +335,30 @@ class RaggedBatch:
                 self.insert(slot, state if len(members) == 1 else state.select([j]), logits, model)
         return stats
 
+    def clone_row(self, src: int, dst: list[int]) -> None:
+        """Copies of the row in slot ``src`` into free slots ``dst``: one index copy per tensor
+        whatever the number of copies (``insert`` is a few dozen ops per row), e.g. for many fresh
+        rows admitted together. The copies share the row's banks read-only, as ``insert`` does."""
+        if not dst:
+            return
+        si = torch.full((len(dst),), src, dtype=torch.long, device=self.device)
+        di = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for lb in self.layers:
+            for name in self._ROW_TENSORS:
+                t = getattr(lb, name)
+                if t is not None:
+                    t.index_copy_(0, di, t.index_select(0, si))
+        for name in ("length", "seg_pos", "active", "logits") + (("fwd_on",) if self.fwd_on is not None else ()):
+            t = getattr(self, name)
+            t.index_copy_(0, di, t.index_select(0, si))
+        m = self.rows[src]
+        for d in dst:
+            self.rows[d] = RowMeta(m.seg_pos, m.tokens_seen, m.segments, list(m.carry_len),
+                                   [None if b is None else _shallow_bank(b) for b in m.banks], list(m.prev_write),
+                                   list(m.has_prev_x), list(m.has_mass), list(m.slots), m.settled)
+
+    _ROW_TENSORS = ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx")
+
     def copy_rows_to(self, other: "RaggedBatch", src: list[int], dst: list[int]) -> None:
         """Move the rows in slots ``src`` of this batch to free slots ``dst`` of ``other`` (a batch of
         the same model, e.g. another bucket); the source slots are freed."""
@@ -343,7 +367,7 @@ class RaggedBatch:
         si = torch.tensor(src, device=self.device)
         di = torch.tensor(dst, device=other.device)
         for a, b in zip(self.layers, other.layers):
-            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx"):
+            for name in self._ROW_TENSORS:
                 t = getattr(a, name)
                 if t is not None:
                     getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))
