@@ -265,7 +265,7 @@ class BatchDecoder:
             if row.state is None:
                 fresh = slot
         if fresh is not None:
-            copies = [(slot, row) for slot, row in enumerate(rows) if row.state is None and slot != fresh]
+            copies = [(slot, row) for slot, row in enumerate(rows) if row.state is None and slot > fresh]  # (earlier: failed)
             rb.clone_row(fresh, [slot for slot, _ in copies])
             placed = sorted(placed + copies, key=lambda p: p[0])
         if placed:
