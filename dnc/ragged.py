@@ -21,6 +21,7 @@ preallocated tensors, so one decode step has the same shapes whatever each row h
 
 :func:`ragged_decode_step` is the one-token step over those tensors, in place, with no host
 synchronisation: what ``dnc.cuda_graphs.DecodeGraphs`` captures per bucket (on CPU it runs eagerly).
+``dnc.ragged_prefill`` steps the same tensors by up to T prompt tokens per row (admissions).
 Every op is row-wise, and padding only adds terms of weight exactly 0, so each row gets what it
 would get alone (up to float summation order: greedy tokens equal, logits ``assert_close``).
 
