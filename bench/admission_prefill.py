@@ -41,6 +41,12 @@ from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 
 
+TITLE = "Admitting rows into a running batch: ragged prefill against per-layout prefill (`bench/admission_prefill.py`)"
+WHAT = ("K rows of mixed prompt lengths admitted together into a running decode batch, through the ragged "
+        "prefill (one model call for all) and the per-layout prefill (one call per start layout and prompt "
+        "length), alternating in one run: median ms per admission, their ratio, model calls per admission.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
