@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import apply_rope_full, matmul_dtype, rope_table_full
-from .memory import MemoryRead
+from .memory import MemoryRead, ReadView
 from .ragged import RaggedBatch, successor_index  # noqa: F401  (successor_index: same view layout)
 
 TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256)
@@ -68,13 +68,19 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device)
 
 
-def ragged_prefill_step(model, batch: RaggedBatch, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def ragged_prefill_step(model, batch: RaggedBatch, tokens: torch.Tensor, counts: torch.Tensor,
+                        key_len: int | None = None, slot_len: int | None = None) -> torch.Tensor:
     """Row ``i`` of ``batch`` takes ``tokens[i, :counts[i]]`` (``tokens [C, T]`` long, ``counts [C]``
     long on the batch's device, ``counts[i] <= segment_len - seg_pos`` of the row, 0 for a free or
     idle slot) through every block, into the batch's tensors in place (see the module docstring);
     ``length`` / ``seg_pos`` += counts, ``batch.logits`` of the rows with tokens := their next-token
     logits. Static shapes, no host synchronisation. Returns logits [C, V] float32 (a new tensor;
-    rows without tokens: garbage). The host side (:func:`after_prefill`) must follow."""
+    rows without tokens: garbage). The host side (:func:`after_prefill`) must follow.
+
+    ``key_len`` / ``slot_len`` (eager calls, where shapes need not be static; see :func:`prefill`):
+    attend over the first ``key_len`` KV positions only (at least every row's ``length`` + max(counts,
+    1)) and, without ``self_read``, read the first ``slot_len`` bank slots only (at least every row's
+    bank size): the padding they cut carries weight 0, so the result is the same, with less work."""
     cfg = model.config
     c, t = tokens.shape
     h, dh = cfg.n_heads, cfg.head_dim
@@ -86,12 +92,19 @@ def ragged_prefill_step(model, batch: RaggedBatch, tokens: torch.Tensor, counts:
     src = torch.minimum(j.view(1, t), last.view(c, 1))                             # [C, T]
     x = model.embed(tokens)                                                        # [C, T, D]
     d = x.shape[-1]
+    key_len = batch.max_len if key_len is None else key_len
+    views = batch.views()
+    smax = batch.smax
+    if slot_len is not None and not batch.self_read:  # the view's first slot_len bank slots (+ the null slot)
+        views = [None if v is None else ReadView(v.keys[:, :, :slot_len + 1], v.values[:, :, :slot_len + 1],
+                                                  v.levels[:slot_len], slot_len) for v in views]
+        smax = slot_len
     pos = batch.length.view(c, 1) + j.view(1, t)                                   # [C, T] RoPE / KV positions
     cos_t, sin_t = rope_table_full(batch.max_len, dh, cfg.rope_theta, dev)
     at = pos.clamp_max(batch.max_len - 1).reshape(-1)                              # (padding may run past Lmax)
     cos = cos_t.index_select(0, at).view(c, 1, t, dh)
     sin = sin_t.index_select(0, at).view(c, 1, t, dh)
-    visible = batch.key_pos.view(1, 1, 1, -1) <= pos.view(c, 1, t, 1)             # [C, 1, T, Lmax] causal
+    visible = batch.key_pos[:key_len].view(1, 1, 1, -1) <= pos.view(c, 1, t, 1)   # [C, 1, T, Lmax] causal
     kv_at = (batch.length.view(c, 1) + src).view(c, 1, t, 1).expand(c, h, t, dh)
     src_kv = src.view(c, 1, t, 1).expand(c, h, t, dh)
     seg_at = batch.seg_pos.view(c, 1) + src                                        # [C, T] segment position written
@@ -118,9 +131,10 @@ def ragged_prefill_step(model, batch: RaggedBatch, tokens: torch.Tensor, counts:
         if batch.fwd_on is not None:  # forward_read: position i repeats the read of i - 1
             prev_mask = view_pos < q_slot.view(c, 1, t, 1)
             on = torch.cat([batch.fwd_on.view(c, 1), batch.fwd_on.new_ones(1, 1).expand(c, t - 1)], 1)  # [C, T]
-    for blk, lb, view in zip(model.blocks, batch.layers, batch.views()):
+    for blk, lb, view in zip(model.blocks, batch.layers, views):
         xn = blk.attn_norm(x)
-        x = x + _attend_chunk(blk.attn, xn, lb, cos, sin, visible, kv_at, src_kv)
+        x = x + _attend_chunk(blk.attn, xn, lb.k[:, :, :key_len], lb.v[:, :, :key_len], lb.prev_x, cos, sin,
+                              visible, kv_at, src_kv)
         if blk.mem is not None:
             mem_in = blk.mem_norm(x)                                               # [C, T, D]
             if self_mask is not None:  # the chunk's write slots, as the commit will write them
@@ -138,8 +152,9 @@ def ragged_prefill_step(model, batch: RaggedBatch, tokens: torch.Tensor, counts:
                 lb.write_prev.copy_(torch.where(has.view(c, 1, 1), mem_in.gather(1, last_d), lb.write_prev))
             m, _, _ = blk.mem(mem_in, view, None, cfg.mem_topk, mask=self_mask, h_prev=h_prev, fwd_view=fwd_view)
             x = x + m
-            lb.mass.add_(_sampled_mass(blk.mem, mem_in.gather(1, samp_d), view, samp_mask, samp_w, cfg.mem_topk,
-                                       batch.smax))
+            if smax:
+                lb.mass[:, :smax].add_(_sampled_mass(blk.mem, mem_in.gather(1, samp_d), view, samp_mask, samp_w,
+                                                     cfg.mem_topk, smax))
             lb.write_h.scatter_(1, write_at, mem_in.gather(1, src_d).to(lb.write_h.dtype))
         x = x + blk.ffn(blk.ffn_norm(x))
         lb.prev_x.copy_(torch.where(has.view(c, 1, 1), xn.gather(1, last_d), lb.prev_x))
@@ -164,19 +179,20 @@ def _sampled_mass(mem: MemoryRead, hs: torch.Tensor, view, mask, weight: torch.T
     return (probs[..., 1:smax + 1].float() * weight).sum((1, 2))
 
 
-def _attend_chunk(attn, xn: torch.Tensor, lb, cos, sin, visible, kv_at, src_kv) -> torch.Tensor:
-    """``LocalAttention.forward`` for T tokens per row over the padded cache: the chunk's keys and
-    values are written at the rows' positions first, then each query sees the keys up to its own
-    position. xn [C, T, D] -> update [C, T, D]."""
+def _attend_chunk(attn, xn: torch.Tensor, keys, values, prev_x, cos, sin, visible, kv_at, src_kv) -> torch.Tensor:
+    """``LocalAttention.forward`` for T tokens per row over the padded cache ``keys`` / ``values``
+    [C, H, L, Dh] (views of the batch's, written in place): the chunk's keys and values are written
+    at the rows' positions first, then each query sees the keys up to its own position.
+    xn [C, T, D], prev_x [C, 1, D] (the input before each row's first token) -> update [C, T, D]."""
     b, t, d = xn.shape
     q, k, v = attn.qkv(xn).view(b, t, 3, attn.n_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # [C, H, T, Dh]
     if attn.key_shift:  # tied token shift: key i += query projection of token i - 1 (the row's last one for i = 0)
-        first = attn.qkv(lb.prev_x)[..., :d].view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2).to(q.dtype)
+        first = attn.qkv(prev_x)[..., :d].view(b, 1, attn.n_heads, attn.head_dim).transpose(1, 2).to(q.dtype)
         k = k + (first if t == 1 else torch.cat([first, q[:, :, :-1]], 2))
     q, k = apply_rope_full(torch.stack([q, k]), cos, sin).unbind(0)
-    lb.k.scatter_(2, kv_at, k.gather(2, src_kv).to(lb.k.dtype))
-    lb.v.scatter_(2, kv_at, v.gather(2, src_kv).to(lb.v.dtype))
-    y = F.scaled_dot_product_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), attn_mask=visible)  # [C, H, T, Dh]
+    keys.scatter_(2, kv_at, k.gather(2, src_kv).to(keys.dtype))
+    values.scatter_(2, kv_at, v.gather(2, src_kv).to(values.dtype))
+    y = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible)  # [C, H, T, Dh]
     return attn.dropout(attn.out(y.transpose(1, 2).reshape(b, t, d)))
 
 
@@ -237,8 +253,11 @@ def prefill(model, batch: RaggedBatch, prompts: dict[int, Sequence[int]], max_to
         counts_t = torch.tensor(counts, dtype=torch.long).to(batch.device, non_blocking=True)
         if runner is not None:
             runner.prefill_step(batch, tokens, counts_t)
-        else:
-            ragged_prefill_step(model, batch, tokens, counts_t)
+        else:  # eager: no static shapes needed, so the keys and slots no row uses are cut (the host knows them)
+            occupied = [(meta, counts[i]) for i, meta in enumerate(batch.rows) if meta is not None]
+            key_len = min(batch.max_len, max([1] + [meta.carry_len[0] + meta.seg_pos + max(n, 1) for meta, n in occupied]))
+            slot_len = max([0] + [s for meta, _ in occupied for s in meta.slots])
+            ragged_prefill_step(model, batch, tokens, counts_t, key_len, slot_len)
         committed = after_prefill(model, batch, counts)
         for slot, n in enumerate(counts):
             if n:

@@ -16,7 +16,7 @@ from dnc.config import preset
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.ragged import RaggedBatch, bucket_for
-from dnc.ragged_prefill import prefill, token_bucket
+from dnc.ragged_prefill import prefill, ragged_prefill_step, token_bucket
 
 SEG = 16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -84,12 +84,25 @@ def _pieces(seg_pos: int, n: int, max_tokens: int) -> int:
     return calls
 
 
+class _StaticShapes:
+    """A prefill runner that calls the step with its static shapes (every KV position and view slot,
+    as a captured graph does): on CPU the eager prefill cuts the unused ones instead."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill_step(self, batch, tokens, counts):
+        return ragged_prefill_step(self.model, batch, tokens, counts)
+
+
+@pytest.mark.parametrize("shapes", ["trimmed", "static"])
 @pytest.mark.parametrize("max_tokens", [256, 6])
 @pytest.mark.parametrize("kw", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_ragged_prefill_equals_each_row_alone(kw, max_tokens):
+def test_ragged_prefill_equals_each_row_alone(kw, max_tokens, shapes):
     """Ten rows (fresh and continued states, prompts of 1 to 2.5 segments) prefilled together:
     each row's next-token logits and every tensor of its state equal prefilling it alone; the rows
-    take the calls the longest needs, not one each; their commits compressed and evicted."""
+    take the calls the longest needs, not one each; their commits compressed and evicted. Eager
+    calls cut the KV positions and bank slots no row uses ("trimmed"); graphs keep them ("static")."""
     model = _model(**kw)
     states, prompts = _states_and_prompts(model)
     assert len({s.layout() for s in states}) == len(states) - 4  # the fresh ones share a layout, no other
@@ -98,7 +111,8 @@ def test_ragged_prefill_equals_each_row_alone(kw, max_tokens):
     batch = RaggedBatch(model, bucket_for(len(states)))
     for i, s in enumerate(states):
         batch.insert(i, s, torch.zeros(model.config.vocab_size), model)
-    stats = prefill(model, batch, dict(enumerate(prompts)), max_tokens=max_tokens)
+    runner = _StaticShapes(model) if shapes == "static" else None
+    stats = prefill(model, batch, dict(enumerate(prompts)), max_tokens=max_tokens, runner=runner)
     calls = max(_pieces(s.seg_pos, len(p), max_tokens) for s, p in zip(states, prompts))
     assert stats["calls"] == calls and stats["tokens"] == sum(map(len, prompts))
     assert stats["compressed"] > 0 and stats["evicted"] > 0
