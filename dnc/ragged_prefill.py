@@ -24,10 +24,13 @@ float summation order, because every op is row-wise and padding adds only terms 
 
 :func:`ragged_prefill_step` has static shapes and no host synchronisation (a CUDA graph per
 (rows, tokens) bucket: ``dnc.cuda_graphs.DecodeGraphs.prefill_step``). :func:`prefill` is the
-host loop: it cuts each row's prompt at its segment boundaries and at ``max_tokens``, pads the
-call to a token bucket (:data:`TOKEN_BUCKETS`), and commits the rows whose segment is full (the
-model's own commit, as ``RaggedBatch.after_step`` does). A prompt within one segment is one call
-for all rows; a prompt across ``k`` boundaries takes ``k + 1`` or more.
+host loop: it cuts each row's prompt at its segment boundaries and at ``max_tokens``, and commits
+the rows whose segment is full (the model's own commit, as ``RaggedBatch.after_step`` does). A
+prompt within one segment is one call for all rows; a prompt across ``k`` boundaries takes
+``k + 1`` or more. Through a graph runner a call is padded to a token bucket
+(:data:`TOKEN_BUCKETS`) and spans every KV position and view slot; an eager call (CPU) takes the
+longest row's tokens and only the KV positions and bank slots some row uses, all known on the
+host: the same numbers with less padding, which on a CPU is compute.
 
 Shapes: C rows (batch capacity), T tokens of a call, H heads, Dh head dim, D model dim,
 Lmax = kv_window + segment_len, S' = view slots (Smax + 1, + segment_len with ``self_read``),
@@ -244,7 +247,7 @@ def prefill(model, batch: RaggedBatch, prompts: dict[int, Sequence[int]], max_to
         longest = max(counts)
         if not longest:
             return stats
-        t = token_bucket(longest)
+        t = token_bucket(longest) if runner is not None else longest  # static shapes only where graphs need them
         rows = [[0] * t for _ in range(c)]
         for slot, n in enumerate(counts):
             if n:
