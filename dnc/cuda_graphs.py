@@ -26,6 +26,9 @@ place, so a replay copies nothing but the logits out. The runner therefore owns 
 (``acquire(capacity)`` / ``release(batch)``, reused across decoders), one graph per batch. A batch's
 first step runs eagerly (on a side stream: the warm-up that fills cached constants), its second is
 captured and from then on it is replayed. Segment commits of single rows run eagerly outside it.
+Its :meth:`DecodeGraphs.prefill_step` does the same for :func:`dnc.ragged_prefill.ragged_prefill_step`
+(admissions: up to T prompt tokens per row), one graph per (batch, T) with its own static
+``tokens [C, T]`` / ``counts [C]`` inputs, copied in before each replay.
 
 Only for inference (``torch.no_grad``, eval mode) on CUDA. Graphs hold pointers to the parameters:
 after replacing parameter tensors (``model.to(dtype)``, not an in-place ``load_state_dict``) call
@@ -44,6 +47,7 @@ import torch
 from .attention import KVCache
 from .memory import StateBank
 from .ragged import RaggedBatch, ragged_decode_step
+from .ragged_prefill import ragged_prefill_step
 from .state import DNCState, LayerState
 
 
@@ -242,6 +246,8 @@ class _DecodeGraph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor  # the step's output [C, V] in graph memory
     batch: RaggedBatch    # held: the graph points into its tensors (and keeps its id from being reused)
+    tokens: torch.Tensor | None = None  # prefill graphs: static inputs [C, T] and [C]
+    counts: torch.Tensor | None = None
 
 
 class DecodeGraphs:
@@ -259,6 +265,8 @@ class DecodeGraphs:
         self.pool = None
         self.replays = 0
         self.eager = 0
+        self.prefill_replays = 0
+        self.prefill_eager = 0
         self._lock = threading.Lock()
 
     def clear(self) -> None:
@@ -315,12 +323,48 @@ class DecodeGraphs:
         return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                              cache_enabled=False)
 
-    def _warm_up(self, batch: RaggedBatch) -> torch.Tensor:
-        """A real (eager) step on a side stream, as capture wants: fills the cached constants."""
+    def prefill_step(self, batch: RaggedBatch, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """:func:`dnc.ragged_prefill.ragged_prefill_step` on ``batch`` (``tokens [C, T]``, ``counts
+        [C]`` long on its device), replayed from the graph of (batch, T) where there is one: a
+        pair's first call runs eagerly (the warm-up), its second is captured and replayed.
+        Returns the next-token logits [C, V] (a new tensor)."""
+        if not self.eligible(batch):
+            return ragged_prefill_step(self.model, batch, tokens, counts)
+        with self._lock:
+            key = ("prefill", id(batch), tokens.shape[1], self.model.embed.weight.data_ptr(),
+                   torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+            entry = self.graphs.get(key)
+            if entry is None:
+                if key not in self.seen:
+                    self.seen[key] = batch
+                    self.prefill_eager += 1
+                    return self._warm_up(batch, lambda: ragged_prefill_step(self.model, batch, tokens, counts))
+                entry = self._capture_prefill(key, batch, tokens, counts)
+            entry.tokens.copy_(tokens)
+            entry.counts.copy_(counts)
+            entry.graph.replay()
+            self.prefill_replays += 1
+            return entry.logits.clone()
+
+    def _capture_prefill(self, key: tuple, batch: RaggedBatch, tokens: torch.Tensor, counts: torch.Tensor) -> _DecodeGraph:
+        """Capture the prefill step on ``batch``'s tensors and new static inputs (runs nothing)."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static_tokens, static_counts = tokens.clone(), counts.clone()
+        graph = torch.cuda.CUDAGraph()
+        with capturing(graph, self.pool), self._amp():
+            logits = ragged_prefill_step(self.model, batch, static_tokens, static_counts)
+        entry = _DecodeGraph(graph, logits, batch, static_tokens, static_counts)
+        self.graphs[key] = entry
+        return entry
+
+    def _warm_up(self, batch: RaggedBatch, step=None) -> torch.Tensor:
+        """A real (eager) step on a side stream, as capture wants: fills the cached constants.
+        ``step``: what to run (default the decode step on ``batch``)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), self._amp():
-            logits = ragged_decode_step(self.model, batch)
+            logits = ragged_decode_step(self.model, batch) if step is None else step()
         torch.cuda.current_stream().wait_stream(side)
         logits.record_stream(torch.cuda.current_stream())  # read on this stream after the side one is done
         return logits

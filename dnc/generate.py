@@ -4,8 +4,10 @@
   here): the next token from logits; no argument value can make them raise.
 * :class:`BatchDecoder`: the decode loop of the library (:func:`generate_stream`, ``DNC.generate``)
   and of the server. Each row has its own prompt, state, sampling parameters, seed and stop
-  condition. Rows are prefilled together when their states share a layout and their prompts a
-  length (or chunk by chunk between decode steps: ``add(rows, prefill_chunk=N)``), then decoded one
+  condition. Rows added together are prefilled together whatever their states and prompt lengths
+  (``dnc.ragged_prefill``: one model call for prompts within a segment; the rows' states padded
+  into a decode batch, which then joins the running ones), or chunk by chunk between decode steps
+  (``add(rows, prefill_chunk=N)``), then decoded one
   token per row per :meth:`BatchDecoder.step`: every running row, whatever its position in the
   segment, bank fill or clock, in one model call per batch of up to ``max_batch`` rows
   (``dnc.ragged``: static per-row tensors, padded to a bucket of 1, 2, 4, ..., 64 rows, so the step
@@ -34,6 +36,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .ragged import RaggedBatch, bucket_for, ragged_decode_step
+from .ragged_prefill import MAX_TOKENS, prefill as ragged_prefill
 from .sampling import MIN_TEMPERATURE, RowSampler, SamplingParams, sample_next, sample_rows  # noqa: F401  (dnc.generate API)
 from .state import DNCState
 
@@ -134,17 +137,22 @@ class StepToken:
 class BatchDecoder:
     """Decodes any number of :class:`DecodeRow` s together (see the module docstring).
 
-    ``add(rows)`` prefills them (rows whose states share a layout and whose prompts share a length
-    as one batch) or, with ``prefill_chunk=N``, queues them: each later ``step()`` first feeds at
+    ``add(rows)`` prefills them together (``ragged_prefill``, the default: one ragged call per
+    prompt piece up to a segment boundary or ``prefill_tokens`` tokens, for every row at once;
+    off: rows whose states share a layout and whose prompts share a length as one model call) or,
+    with ``prefill_chunk=N``, queues them: each later ``step()`` first feeds at
     most N prompt tokens (oldest row first, chunks cut at segment boundaries), so a long prompt does
     not stall the running rows. ``step()`` emits one token for every running row; ``running`` says
     whether any row is left (decoding or prefilling). ``max_batch`` caps the rows of one model call
     (more rows form several batches). Runs under ``torch.no_grad``; the model should be in eval mode.
     Decode steps go through ``model.decode_runner`` when it is set (CUDA graphs), else eagerly."""
 
-    def __init__(self, model, max_batch: int = 64):
+    def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS):
         self.model = model
         self.max_batch_rows = max(1, int(max_batch))  # rows in one model call at most
+        self.ragged_prefill = bool(ragged_prefill)
+        self.prefill_tokens = max(1, int(prefill_tokens))  # tokens per row per ragged prefill call at most
+        self.prefill_calls = 0  # model calls of admissions (a ragged call, or one segment piece of a forward)
         self.batches: list[_Batch] = []
         self.prefilling: list[_Prefill] = []
         self.prefill_chunk = 0  # prompt tokens fed per step while rows are prefilling
@@ -170,8 +178,7 @@ class BatchDecoder:
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
                                           or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int (tokens per step) or None, got {prefill_chunk!r}")
-        failed = []
-        buckets: dict[tuple, list[DecodeRow]] = {}
+        failed, ready = [], []
         for row in rows:
             problem = self._check(row)
             if problem:
@@ -185,9 +192,17 @@ class BatchDecoder:
                 self.prefilling.append(_Prefill(row, state))
                 self.prefill_chunk = prefill_chunk
                 continue
+            ready.append(row)
+        n = self.max_batch_rows
+        if self.ragged_prefill:
+            rest = []
+            for i in range(0, len(ready), n):
+                rest += self._admit_ragged(ready[i:i + n])
+            ready = rest  # rows the ragged path left to the per-layout path (see _admit_ragged)
+        buckets: dict[tuple, list[DecodeRow]] = {}
+        for row in ready:
             start = None if row.state is None else row.state.layout()
             buckets.setdefault((start, len(row.prompt_ids)), []).append(row)
-        n = self.max_batch_rows
         joined: list[tuple[DecodeRow, DNCState, torch.Tensor]] = []
         for bucket in buckets.values():
             for i in range(0, len(bucket), n):
@@ -213,6 +228,7 @@ class BatchDecoder:
         m = self.model
         state = m.init_state(len(rows)) if rows[0].state is None else DNCState.stack([r.state for r in rows])
         ids = torch.tensor([list(r.prompt_ids) for r in rows], dtype=torch.long, device=m.device)
+        self.prefill_calls += _pieces(state.seg_pos, ids.shape[1], m.config.segment_len)
         try:
             logits = m(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
         except Exception as e:
@@ -224,6 +240,92 @@ class BatchDecoder:
         for i, r in enumerate(rows):
             joined.append((r, state if len(rows) == 1 else state.select([i]), logits[i]))
         return []
+
+    def _admit_ragged(self, rows: list[DecodeRow]) -> list[DecodeRow]:
+        """Prefill ``rows`` (at most ``max_batch`` of them) together in a fresh decode batch
+        (``dnc.ragged_prefill``), which then joins the running batches. Returns the rows left to
+        the per-layout path: those whose state does not fit a ragged batch, or all of them when a
+        ragged call failed (that path then fails the culprit alone)."""
+        m = self.model
+        rb = self._new_batch(bucket_for(len(rows)))
+        placed: list[tuple[int, DecodeRow]] = []
+        rest: list[DecodeRow] = []
+        zeros = torch.zeros(m.config.vocab_size, device=rb.device)
+        fresh = None  # the slot of the first fresh row: later fresh rows are copies of it
+        for slot, row in enumerate(rows):
+            if row.state is None and fresh is not None:
+                continue
+            try:  # the state's tensors are copied in (its banks shared read-only): the row's own state stays
+                rb.insert(slot, m.init_state(1) if row.state is None else row.state, zeros, m)
+            except Exception:
+                rb.release(slot)
+                rest.append(row)
+                continue
+            placed.append((slot, row))
+            if row.state is None:
+                fresh = slot
+        if fresh is not None:
+            copies = [(slot, row) for slot, row in enumerate(rows) if row.state is None and slot > fresh]  # (earlier: failed)
+            rb.clone_row(fresh, [slot for slot, _ in copies])
+            placed = sorted(placed + copies, key=lambda p: p[0])
+        if placed:
+            try:
+                stats = ragged_prefill(m, rb, {slot: list(r.prompt_ids) for slot, r in placed},
+                                       self.prefill_tokens, self._prefill_runner())
+            except Exception:  # the batch's tensors are partial: every row goes the per-layout way
+                for slot, _ in placed:
+                    rb.release(slot)
+                rest += [r for _, r in placed]
+                placed = []
+            else:
+                self.prefill_calls += stats["calls"]
+        if placed:
+            self._join_batch(rb, placed)
+        else:
+            self._free_batch(rb)
+        return rest
+
+    def _prefill_runner(self):
+        runner = self._runner()
+        return runner if runner is not None and hasattr(runner, "prefill_step") else None
+
+    def _join_batch(self, rb: RaggedBatch, placed: list[tuple[int, DecodeRow]]) -> None:
+        """Prefilled rows (``placed``: slot, row) of ``rb`` join the decode batches: the free slots of
+        running batches first (their tensors copied over), the rest stay in ``rb``, which becomes
+        a decode batch of its own. Rows with nothing to decode finish at once."""
+        todo = []
+        for slot, row in placed:
+            if row.max_new_tokens <= 0 or (row.forced is not None and len(row.forced) == 0):
+                row.finish_reason = "length"
+                if row.state is not None:
+                    row.state.assign_(rb.extract(slot))
+                rb.release(slot)
+            else:
+                todo.append((slot, row))
+        cap = self.max_batch_rows
+        for b in self.batches:
+            if not todo:
+                break
+            n = b.rb.n_active
+            k = min(cap - n, len(todo))
+            if k <= 0:
+                continue
+            if n + k > b.rb.capacity:
+                self._resize(b, bucket_for(n + k))
+            dst = b.rb.free_slots()[:k]
+            rb.copy_rows_to(b.rb, [slot for slot, _ in todo[:k]], dst)
+            for d, (_, row) in zip(dst, todo[:k]):
+                b.slots[d] = row
+            todo = todo[k:]
+        if not todo:
+            self._free_batch(rb)
+            return
+        b = _Batch(rb, [None] * rb.capacity)
+        for slot, row in todo:
+            b.slots[slot] = row
+        self.batches.append(b)
+        if bucket_for(len(todo)) < rb.capacity:
+            self._resize(b, bucket_for(len(todo)))
 
     def _advance_prefill(self) -> list[tuple[DecodeRow, DNCState, torch.Tensor]]:
         """Feed at most ``prefill_chunk`` prompt tokens of the queued rows, oldest first, in chunks
@@ -240,6 +342,7 @@ class BatchDecoder:
                     break  # the next chunk would not fit: keep it whole for the next step
                 n = budget
             x = torch.tensor([list(ids[p.fed:p.fed + n])], dtype=torch.long, device=m.device)
+            self.prefill_calls += 1
             first = False
             budget -= n
             try:
@@ -458,6 +561,12 @@ class BatchDecoder:
         """Step until every row has finished, yielding each emitted token."""
         while self.running:
             yield from self.step()
+
+
+def _pieces(seg_pos: int, n: int, segment_len: int) -> int:
+    """Segment pieces (model steps) of ``n`` tokens fed from segment position ``seg_pos``."""
+    head = min(n, segment_len - seg_pos)
+    return 1 + -(-(n - head) // segment_len)
 
 
 # ================================================================================== library API

@@ -21,6 +21,7 @@ preallocated tensors, so one decode step has the same shapes whatever each row h
 
 :func:`ragged_decode_step` is the one-token step over those tensors, in place, with no host
 synchronisation: what ``dnc.cuda_graphs.DecodeGraphs`` captures per bucket (on CPU it runs eagerly).
+``dnc.ragged_prefill`` steps the same tensors by up to T prompt tokens per row (admissions).
 Every op is row-wise, and padding only adds terms of weight exactly 0, so each row gets what it
 would get alone (up to float summation order: greedy tokens equal, logits ``assert_close``).
 
@@ -309,6 +310,13 @@ class RaggedBatch:
             meta.tokens_seen += 1
             if meta.seg_pos == self.segment_len:
                 full.append(slot)
+        return self.commit_rows(model, full, stats)
+
+    def commit_rows(self, model, full: list[int], stats: dict | None = None) -> dict:
+        """Commit the rows in slots ``full`` (their host ``seg_pos`` is ``segment_len``): each is
+        extracted, committed by the model (``commit`` is its ``commit_segment``) and put back with
+        a rebuilt read view. Adds to ``stats`` {"compressed", "evicted", "committed"} and returns it."""
+        stats = {"compressed": 0, "evicted": 0, "committed": 0} if stats is None else stats
         # rows whose states share a layout (e.g. sessions that started together) commit as one batch:
         # the commit is row-wise, so that is each row's own commit in fewer ops
         groups: dict[tuple, list[tuple[int, DNCState]]] = {}
@@ -328,6 +336,30 @@ class RaggedBatch:
                 self.insert(slot, state if len(members) == 1 else state.select([j]), logits, model)
         return stats
 
+    def clone_row(self, src: int, dst: list[int]) -> None:
+        """Copies of the row in slot ``src`` into free slots ``dst``: one index copy per tensor
+        whatever the number of copies (``insert`` is a few dozen ops per row), e.g. for many fresh
+        rows admitted together. The copies share the row's banks read-only, as ``insert`` does."""
+        if not dst:
+            return
+        si = torch.full((len(dst),), src, dtype=torch.long, device=self.device)
+        di = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for lb in self.layers:
+            for name in self._ROW_TENSORS:
+                t = getattr(lb, name)
+                if t is not None:
+                    t.index_copy_(0, di, t.index_select(0, si))
+        for name in ("length", "seg_pos", "active", "logits") + (("fwd_on",) if self.fwd_on is not None else ()):
+            t = getattr(self, name)
+            t.index_copy_(0, di, t.index_select(0, si))
+        m = self.rows[src]
+        for d in dst:
+            self.rows[d] = RowMeta(m.seg_pos, m.tokens_seen, m.segments, list(m.carry_len),
+                                   [None if b is None else _shallow_bank(b) for b in m.banks], list(m.prev_write),
+                                   list(m.has_prev_x), list(m.has_mass), list(m.slots), m.settled)
+
+    _ROW_TENSORS = ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx")
+
     def copy_rows_to(self, other: "RaggedBatch", src: list[int], dst: list[int]) -> None:
         """Move the rows in slots ``src`` of this batch to free slots ``dst`` of ``other`` (a batch of
         the same model, e.g. another bucket); the source slots are freed."""
@@ -336,7 +368,7 @@ class RaggedBatch:
         si = torch.tensor(src, device=self.device)
         di = torch.tensor(dst, device=other.device)
         for a, b in zip(self.layers, other.layers):
-            for name in ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx"):
+            for name in self._ROW_TENSORS:
                 t = getattr(a, name)
                 if t is not None:
                     getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))

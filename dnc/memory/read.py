@@ -353,10 +353,11 @@ class MemoryRead(nn.Module):
         ``hm[:, 0]`` or None at the stream start, where position 0 gets no forward read (zeros);
         q: [B, H, T, Dq] the chunk's augmented queries; keys/vals: [B, H, 1+S+P+T, Dq] the content
         read's (view, then the segment's write slots 0..P+T-1); past: P, the segment position of
-        ``hm[:, 0]``. ``fwd_view`` (``dnc.ragged``, T = 1, a view that holds the write slots after
-        its padded bank): (successor values [B, H, S', Dq], mask [B, 1, 1, S'] of the previous
-        position's read, on [B] float: 0 for a row at the stream start) in place of what is built
-        here from ``view.sizes`` and ``past``. Returns [B, H, T, Dq]."""
+        ``hm[:, 0]``. ``fwd_view`` (``dnc.ragged`` and ``dnc.ragged_prefill``, a view that holds the
+        write slots after its padded bank; ``h_prev`` is then [B, T, D], the input before each
+        position): (successor values [B, H, S', Dq], mask [B, 1, T, S'] of the previous position's
+        read, on [B] or [B, T] float: 0 where a position has no previous token) in place of what is
+        built here from ``view.sizes`` and ``past``. Returns [B, H, T, Dq]."""
         t = q.shape[2]
         if fwd_view is not None:
             succ, mask, on = fwd_view
@@ -365,7 +366,7 @@ class MemoryRead(nn.Module):
                 fwd = self._read_topk(qp, keys, succ.to(q.dtype), topk, mask)
             else:
                 fwd = F.scaled_dot_product_attention(qp, keys, succ.to(q.dtype), attn_mask=mask, scale=1.0)
-            return fwd * on.view(-1, 1, 1, 1).to(fwd.dtype)
+            return fwd * on.view(on.shape[0], 1, -1, 1).to(fwd.dtype)  # on [B] or [B, T]
         n_self = keys.shape[2] - 1 - view.n_slots
         if h_prev is None:  # any query for position 0: its result is zeroed below
             q_first = q[:, :, :1]

@@ -1,0 +1,203 @@
+"""Admitting rows into a running decode batch: the ragged prefill (one model call for every row
+that arrives together, ``dnc.ragged_prefill``) against the per-layout prefill (rows batched only
+when their states share a layout and their prompts a length: in practice one call per row).
+
+Issue 14: at 64 concurrent streams the server's model thread spent 43% of its time prefilling
+arrivals one model call each. Here two ``BatchDecoder`` s, one per path, each keep ``--running``
+rows decoding; each wave admits ``K`` new rows (prompt lengths drawn uniformly from
+``--min-len..--max-len``, fresh states, or with ``--continued`` states of random histories, so
+every row has its own layout) into each decoder in turn, the order alternating between waves so a
+change of machine load hits both alike. Timed: ``add()`` (prefill + joining the running batch),
+synchronised before and after; counted: model calls (``BatchDecoder.prefill_calls``). The
+admitted rows then decode two steps and are dropped, so the running batch stays the same. The
+table gives per K the median ms per admission of each path, their ratio (old / new, from the same
+run), and model calls per admission. Plain PyTorch, no Ray.
+
+    python bench/admission_prefill.py --device cpu --preset tiny --admit 1 4 16
+    python bench/admission_prefill.py --device cuda --preset small --admit 1 2 4 8 16 --running 32
+
+Writes ``<out>/admission_prefill_<tag>.json`` (provenance: argv, command, commit, device, torch)
+and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+from common import HelpFormatter, device_tag, fmt_num, md_table, parse_pairs, provenance, write_json  # noqa: E402
+
+from dnc.config import preset  # noqa: E402
+from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
+from dnc.model import DNC  # noqa: E402
+
+
+TITLE = "Admitting rows into a running batch: ragged prefill against per-layout prefill (`bench/admission_prefill.py`)"
+WHAT = ("K rows of mixed prompt lengths admitted together into a running decode batch, through the ragged "
+        "prefill (one model call for all) and the per-layout prefill (one call per start layout and prompt "
+        "length), alternating in one run: median ms per admission, their ratio, model calls per admission.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--preset", default="tiny", help="model preset (untrained weights)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable (e.g. --set self_read=true)")
+    p.add_argument("--admit", type=int, nargs="+", default=[1, 4, 16], help="rows admitted together (K)")
+    p.add_argument("--running", type=int, default=16, help="rows decoding while the others are admitted")
+    p.add_argument("--min-len", type=int, default=16, help="shortest prompt (tokens)")
+    p.add_argument("--max-len", type=int, default=128, help="longest prompt (tokens)")
+    p.add_argument("--continued", action="store_true",
+                   help="admitted rows carry states with histories of 0..2 segments (each its own layout)")
+    p.add_argument("--waves", type=int, default=10, help="timed admissions per K and path")
+    p.add_argument("--warmup", type=int, default=4, help="untimed admissions per K and path first (graph capture)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="CUDA weights dtype")
+    p.add_argument("--no-graphs", action="store_true", help="CUDA: eager steps (no CUDA graphs)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="weights and prompts seed")
+    p.add_argument("--tag", default=None, help="result name suffix (default: device tag, e.g. h200 or cpu)")
+    p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
+    return p
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Rows:
+    """Prompts (and with ``--continued`` states) drawn from one generator: both paths are given
+    the very same rows, made before either is timed."""
+
+    def __init__(self, model, args):
+        self.model, self.args = model, args
+        self.g = torch.Generator().manual_seed(args.seed + 1)
+        self.vocab = min(model.config.vocab_size, 256)
+
+    def ids(self, n: int) -> list[int]:
+        return torch.randint(0, self.vocab, (n,), generator=self.g).tolist()
+
+    def make(self, k: int, max_new: int) -> list[tuple[list[int], object]]:
+        out = []
+        for _ in range(k):
+            n = int(torch.randint(self.args.min_len, self.args.max_len + 1, (1,), generator=self.g))
+            state = None
+            if self.args.continued:
+                hist = int(torch.randint(0, 2 * self.model.config.segment_len, (1,), generator=self.g))
+                state = self.model.init_state(1)
+                if hist:
+                    with torch.no_grad():
+                        self.model(torch.tensor([self.ids(hist)], device=self.model.device), state=state, metrics=False)
+            out.append((self.ids(n), state))
+        return out
+
+
+def decode_rows(spec, max_new: int) -> list[DecodeRow]:
+    """Rows of ``spec`` ((ids, state) pairs): greedy, each on its own copy of the state."""
+    return [DecodeRow(ids, None if st is None else st.select([0]), max_new, SamplingParams(0.0)) for ids, st in spec]
+
+
+def admit(dec: BatchDecoder, spec, device) -> tuple[float, int]:
+    """One admission into ``dec`` (timed), two decode steps, the admitted rows dropped.
+    Returns (seconds, model calls)."""
+    rows = decode_rows(spec, 1 << 20)
+    calls = dec.prefill_calls
+    sync(device)
+    t0 = time.perf_counter()
+    failed = dec.add(rows)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert not failed, [r.error for r in failed]
+    dec.step()
+    dec.step()
+    dec.drop(rows)
+    return dt, dec.prefill_calls - calls
+
+
+def bench_k(model, k: int, decoders: dict, rows: Rows, args, device) -> dict:
+    times = {name: [] for name in decoders}
+    calls = {name: [] for name in decoders}
+    for wave in range(args.warmup + args.waves):
+        spec = rows.make(k, 1)
+        order = list(decoders) if wave % 2 == 0 else list(reversed(decoders))
+        for name in order:
+            dt, n = admit(decoders[name], spec, device)
+            if wave >= args.warmup:
+                times[name].append(dt)
+                calls[name].append(n)
+    out = {"k": k, "waves": args.waves}
+    for name in decoders:
+        out[f"{name}_ms_median"] = 1e3 * statistics.median(times[name])
+        out[f"{name}_ms_mean"] = 1e3 * statistics.fmean(times[name])
+        out[f"{name}_calls_mean"] = statistics.fmean(calls[name])
+    out["old_over_new"] = out["old_ms_median"] / out["new_ms_median"]
+    return out
+
+
+def render(res: dict) -> str:
+    head = ["K rows", "old ms", "new ms", "old / new", "old calls", "new calls", "waves"]
+    body = [[str(r["k"]), fmt_num(r["old_ms_median"], "{:.2f}"), fmt_num(r["new_ms_median"], "{:.2f}"),
+             fmt_num(r["old_over_new"], "{:.2f}x"), fmt_num(r["old_calls_mean"], "{:.1f}"),
+             fmt_num(r["new_calls_mean"], "{:.1f}"), str(r["waves"])] for r in res["admissions"]]
+    lines = [f"Admission prefill, {res['preset']} on {res['device']} ({res['dtype']}, graphs "
+             f"{'on' if res['graphs'] else 'off'}): K rows of {res['min_len']}..{res['max_len']} prompt tokens "
+             f"({'continued' if res['continued'] else 'fresh'} states) into {res['running']} decoding rows; "
+             "median ms per admission, model calls per admission (mean)", ""]
+    return "\n".join(lines + md_table(head, body, "rrrrrrr"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = preset(args.preset, **parse_pairs("--set", args.overrides))
+    model = DNC(cfg).to(device).eval()
+    graphs = False
+    if device.type == "cuda":
+        if args.dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        if not args.no_graphs:
+            model.enable_cuda_graphs()
+            graphs = model.decode_runner is not None
+    rows = Rows(model, args)
+    decoders = {"old": BatchDecoder(model, ragged_prefill=False), "new": BatchDecoder(model)}
+    running = rows.make(args.running, 1)
+    for dec in decoders.values():  # the running rows: the same prompts in both, decoding throughout
+        assert not dec.add(decode_rows(running, 1 << 20))
+        dec.step()
+    res = provenance("admission_prefill", argv, device) | {
+        "preset": args.preset, "model_config": cfg.to_dict(), "dtype": args.dtype if device.type == "cuda" else "fp32",
+        "graphs": graphs, "running": args.running, "min_len": args.min_len, "max_len": args.max_len,
+        "continued": args.continued, "threads": torch.get_num_threads(), "admissions": []}
+    for k in args.admit:
+        r = bench_k(model, k, decoders, rows, args, device)
+        res["admissions"].append(r)
+        print(f"K {k:3d}: old {r['old_ms_median']:.2f} ms ({r['old_calls_mean']:.1f} calls), new "
+              f"{r['new_ms_median']:.2f} ms ({r['new_calls_mean']:.1f} calls): x{r['old_over_new']:.2f}",
+              file=sys.stderr, flush=True)
+    for dec in decoders.values():
+        dec.close()
+    res["markdown"] = render(res)
+    print(res["markdown"])
+    path = write_json(Path(args.out) / f"admission_prefill_{args.tag or device_tag(device)}.json", res)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
