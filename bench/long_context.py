@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-only", action="store_true",
                    help="stop after training (evaluate later with --checkpoint / --baseline-checkpoint)")
     g.add_argument("--resume", action="store_true",
-                   help="continue training in existing run dirs (default: start them afresh)")
+                   help="continue training in existing run dirs; exits with an error if one has no checkpoint "
+                        "(default: start them afresh)")
     g.add_argument("--work-dir", default="runs/long_context", help="run dirs go to <work-dir>/<tag>/{dnc,baseline}")
     e = p.add_argument_group("evaluation")
     e.add_argument("--passkey-lengths", default="4k,16k,64k,256k,1M", help="default 4k,16k,64k,256k,1M")
@@ -213,7 +214,6 @@ def prepare_models(run: Run, args: argparse.Namespace, corpus: list[bytes], held
     if not need_training:
         corpus = []
     work = Path(args.work_dir) / run.tag
-
     models: dict[str, DNC] = {}
 
     def register(name: str, ckpt: str, run_dir: str | None, wall: float | None, given: bool) -> None:
@@ -262,6 +262,16 @@ def prepare_models(run: Run, args: argparse.Namespace, corpus: list[bytes], held
     return models
 
 
+def runs_without_checkpoint(args: argparse.Namespace, tag: str) -> list[str]:
+    """The run dirs this invocation would train that hold no checkpoint to resume from."""
+    from dnc.training import latest_checkpoint
+
+    work = Path(args.work_dir) / tag
+    to_train = ([] if args.checkpoint else ["dnc"]) + ([] if args.skip_baseline or args.baseline_checkpoint
+                                                       else ["baseline"])
+    return [str(work / n) for n in to_train if latest_checkpoint(str(work / n)) is None]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -275,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Run(args, argv, device, ds)
+    missing = runs_without_checkpoint(args, run.tag) if args.resume else []
+    if missing:  # a resume that found nothing would silently train afresh and spend the budget
+        print(f"error: --resume: no checkpoint to continue from in {', '.join(missing)} "
+              f"(check --tag / --work-dir, or drop --resume to start afresh)", file=sys.stderr)
+        return 2
     log(f"results -> {run.json_path}")
     corpus, held_out = stdlib_texts()  # held-out text: training evals and the final bits per byte
     models = prepare_models(run, args, corpus, held_out)

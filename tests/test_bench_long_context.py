@@ -230,3 +230,23 @@ def test_wilson_interval():
     assert abs(lo - 0.352) < 1e-3 and abs(hi - 0.648) < 1e-3
     assert common.fmt_count(20, 40) == "50.0% (20/40) [35–65%]"
     assert common.fmt_count(60, 80) == "75.0% (60/80)"  # 50 samples or more: no interval
+
+
+def test_resume_without_a_checkpoint_fails_fast_and_names_the_run_dir(lc_run: Path):
+    """``--resume`` on a tag that has no checkpoint must not silently train afresh (session 12 lost a
+    GPU budget that way); on the fixture's own tag it finds the checkpoint."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from long_context import build_parser, runs_without_checkpoint
+    finally:
+        sys.path.remove(str(BENCH))
+    args = build_parser().parse_args(["--resume", "--work-dir", str(lc_run / "runs")])
+    assert runs_without_checkpoint(args, "test") == []
+    assert runs_without_checkpoint(args, "other") == [str(lc_run / "runs" / "other" / "dnc"),
+                                                      str(lc_run / "runs" / "other" / "baseline")]
+    cmd = [sys.executable, str(BENCH / "long_context.py"), "--preset", "tiny", "--resume", "--skip-baseline",
+           "--device", "cpu", "--tag", "other", "--out", str(lc_run / "other"), "--work-dir", str(lc_run / "runs")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"no checkpoint to continue from in {lc_run / 'runs' / 'other' / 'dnc'}" in proc.stderr
+    assert not (lc_run / "runs" / "other").exists()
