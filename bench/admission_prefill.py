@@ -16,6 +16,19 @@ run), and model calls per admission. Plain PyTorch, no Ray.
     python bench/admission_prefill.py --device cpu --preset tiny --admit 1 4 16
     python bench/admission_prefill.py --device cuda --preset small --admit 1 2 4 8 16 --running 32
 
+``--count-ops`` (ragged path only) instead counts, per admission of K fresh rows of ``--min-len``
+tokens, the aten ops ``add()`` dispatches, split by phase: ``state`` (the rows' fresh states into
+a new decode batch), ``prefill`` (the ragged prefill calls), ``join`` (merging into the running
+batch), then ``step1`` (the first decode step after it: new sampling plan, first tokens) against
+``step`` (a decode step of an unchanged batch). Columns: kernel ops (aten ops that launch a
+kernel), host syncs (``.item()`` and friends), host tensors (tensors built from Python data: on
+CUDA a blocking upload unless made non-blocking) and, on CUDA, the syncs
+``torch.cuda.set_sync_debug_mode`` reports (blocking copies, ``.tolist()``). Also the median ms
+per admission of the same run. Run it before and after a change with ``--tag``:
+
+    python bench/admission_prefill.py --count-ops --device cpu --preset tiny --admit 1 4 16 --running 32 \
+        --min-len 64 --max-len 64 --tag cpu_ops
+
 Writes ``<out>/admission_prefill_<tag>.json`` (provenance: argv, command, commit, device, torch)
 and prints a table.
 """
@@ -23,9 +36,13 @@ and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import statistics
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,6 +52,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from common import HelpFormatter, device_tag, fmt_num, md_table, parse_pairs, provenance, write_json  # noqa: E402
+
+from profile_model import OpCounter  # noqa: E402
 
 from dnc.config import preset  # noqa: E402
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
@@ -68,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weights and prompts seed")
     p.add_argument("--tag", default=None, help="result name suffix (default: device tag, e.g. h200 or cpu)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count ops, syncs and host tensors per admission phase (ragged path; see above)")
     return p
 
 
@@ -157,6 +178,132 @@ def render(res: dict) -> str:
     return "\n".join(lines + md_table(head, body, "rrrrrrr"))
 
 
+class PhaseCounter(OpCounter):
+    """An :class:`OpCounter` whose counts go to the current phase (``self.phase``); on CUDA it also
+    records the syncs ``torch.cuda.set_sync_debug_mode`` warns about, per phase."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "other"
+        self.by_phase: dict[str, Counter] = {}
+        self.cuda_syncs: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_phase.setdefault(self.phase, Counter())[func] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary_of(self, phase: str) -> dict:
+        self.ops = self.by_phase.get(phase, Counter())
+        s = self.summary()
+        host = sum(n for f, n in self.ops.items() if not isinstance(f, str) and f.overloadpacket.__name__ == "lift_fresh")
+        return {"kernel_ops": s["kernel_ops"], "host_syncs": s["host_syncs"], "host_tensors": host,
+                "cuda_syncs": self.cuda_syncs[phase], "top": s["top"]}
+
+
+@contextlib.contextmanager
+def phases(counter: PhaseCounter, device: torch.device):
+    """Route ``BatchDecoder.add`` 's ops to phases: ``state`` until the ragged prefill starts,
+    ``prefill`` during it, ``join`` after it (the module attribute the decoder calls is wrapped)."""
+    import dnc.generate as gen
+    mod = importlib.import_module(gen.BatchDecoder._admit_ragged.__module__)
+    orig = mod.ragged_prefill
+
+    def wrapped(*a, **k):
+        counter.phase = "prefill"
+        try:
+            return orig(*a, **k)
+        finally:
+            counter.phase = "join"
+
+    mod.ragged_prefill = wrapped
+    cm = warnings.catch_warnings(record=True) if device.type == "cuda" else contextlib.nullcontext([])
+    try:
+        with cm as caught:
+            if device.type == "cuda":
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            counter.caught = caught
+            yield
+    finally:
+        mod.ragged_prefill = orig
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def count_admission(dec: BatchDecoder, spec, device, counter: PhaseCounter) -> None:
+    """One counted admission of ``spec`` into ``dec``: add (phases state/prefill/join), the first
+    step after it (step1), one more step (step), then the rows are dropped."""
+    rows = decode_rows(spec, 1 << 20)
+    seen = 0
+
+    def run(phase: str, fn):
+        nonlocal seen
+        counter.phase = phase
+        out = fn()
+        counter.phase = "other"
+        caught = counter.caught
+        for w in caught[seen:]:
+            if "synchroniz" in str(w.message):
+                counter.cuda_syncs[phase] += 1
+        seen = len(caught)
+        return out
+
+    sync(device)
+    with counter:
+        failed = run("state", lambda: dec.add(rows))
+    assert not failed, [r.error for r in failed]
+    with counter:
+        run("step1", dec.step)
+        run("step", dec.step)
+    dec.drop(rows)
+
+
+def main_count(args, argv, model, rows, device, graphs, cfg) -> int:
+    """``--count-ops``: per K, op/sync counts per phase of one admission (mean over ``--waves``)."""
+    dec = BatchDecoder(model)
+    assert not dec.add(decode_rows(rows.make(args.running, 1), 1 << 20))
+    dec.step()
+    res = provenance("admission_prefill", argv, device) | {
+        "mode": "count_ops", "preset": args.preset, "model_config": cfg.to_dict(), "graphs": graphs,
+        "dtype": args.dtype if device.type == "cuda" else "fp32", "running": args.running,
+        "min_len": args.min_len, "max_len": args.max_len, "threads": torch.get_num_threads(), "counts": []}
+    names = ("state", "prefill", "join", "step1", "step")
+    for k in args.admit:
+        times, per = [], []
+        for wave in range(args.warmup + args.waves):
+            spec = rows.make(k, 1)
+            counter = PhaseCounter()
+            with phases(counter, device):
+                count_admission(dec, spec, device, counter)
+            dt, _ = admit(dec, spec, device)  # timed apart: counting slows the host down
+            if wave >= args.warmup:
+                times.append(dt)
+                per.append({n: counter.summary_of(n) for n in names})
+        r = {"k": k, "waves": args.waves, "ms_median": 1e3 * statistics.median(times),
+             "ms_mean": 1e3 * statistics.fmean(times)}
+        for n in names:
+            r[n] = {key: statistics.fmean(p[n][key] for p in per) for key in ("kernel_ops", "host_syncs", "host_tensors", "cuda_syncs")}
+            r[n]["top"] = per[-1][n]["top"]
+        res["counts"].append(r)
+        print(f"K {k:3d}: {r['ms_median']:.2f} ms; " + ", ".join(
+            f"{n} {r[n]['kernel_ops']:.0f} ops/{r[n]['host_syncs']:.0f}+{r[n]['cuda_syncs']:.0f} syncs" for n in names),
+            file=sys.stderr, flush=True)
+    dec.close()
+    head = ["K rows", "ms / admission"] + [f"{n} ops / syncs / host t." for n in names] + ["waves"]
+    body = [[str(r["k"]), fmt_num(r["ms_median"], "{:.2f}")] + [
+        f"{r[n]['kernel_ops']:.0f} / {r[n]['host_syncs'] + r[n]['cuda_syncs']:.0f} / {r[n]['host_tensors']:.0f}"
+        for n in names] + [str(r["waves"])] for r in res["counts"]]
+    res["markdown"] = "\n".join([
+        f"Admission host work, {args.preset} on {res['device']} ({res['dtype']}, graphs {'on' if graphs else 'off'}): "
+        f"K fresh rows of {args.min_len}..{args.max_len} tokens into {args.running} decoding rows; per phase: "
+        "kernel ops / host syncs (item-like + CUDA sync-debug) / tensors built from host data (mean per admission)",
+        ""] + md_table(head, body, "r" * len(head)))
+    print(res["markdown"])
+    path = write_json(Path(args.out) / f"admission_ops_{args.tag or device_tag(device)}.json", res)
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -175,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
             model.enable_cuda_graphs()
             graphs = model.decode_runner is not None
     rows = Rows(model, args)
+    if args.count_ops:
+        return main_count(args, argv, model, rows, device, graphs, cfg)
     decoders = {"old": BatchDecoder(model, ragged_prefill=False), "new": BatchDecoder(model)}
     running = rows.make(args.running, 1)
     for dec in decoders.values():  # the running rows: the same prompts in both, decoding throughout
