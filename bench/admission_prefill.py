@@ -21,13 +21,16 @@ tokens, the aten ops ``add()`` dispatches, split by phase: ``state`` (the rows' 
 a new decode batch), ``prefill`` (the ragged prefill calls), ``join`` (merging into the running
 batch), then ``step1`` (the first decode step after it: new sampling plan, first tokens) against
 ``step`` (a decode step of an unchanged batch). Columns: kernel ops (aten ops that launch a
-kernel), host syncs (``.item()`` and friends), host tensors (tensors built from Python data: on
-CUDA a blocking upload unless made non-blocking) and, on CUDA, the syncs
-``torch.cuda.set_sync_debug_mode`` reports (blocking copies, ``.tolist()``). Also the median ms
-per admission of the same run. Run it before and after a change with ``--tag``:
+kernel), host syncs (``.item()`` and friends, and on CUDA those ``torch.cuda.set_sync_debug_mode``
+reports: blocking copies, ``.tolist()``), blocking uploads (``torch.tensor(data, device=d)`` calls,
+counted on any device: on CUDA each copies from pageable memory and then waits for the stream, i.e.
+for every queued decode step). Also the median ms
+per admission (timed apart, uncounted). ``--baseline-src DIR`` runs the ``dnc`` package of another
+checkout (the commit before a change) beside this one, alternating wave by wave, with the ratio:
 
-    python bench/admission_prefill.py --count-ops --device cpu --preset tiny --admit 1 4 16 --running 32 \
-        --min-len 64 --max-len 64 --tag cpu_ops
+    git worktree add /tmp/base 649445f
+    python bench/admission_prefill.py --count-ops --device cpu --preset tiny --set segment_len=128 \
+        --admit 1 4 16 --running 32 --min-len 64 --max-len 64 --baseline-src /tmp/base --tag cpu_ops
 
 Writes ``<out>/admission_prefill_<tag>.json`` (provenance: argv, command, commit, device, torch)
 and prints a table.
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import statistics
 import sys
 import time
@@ -89,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
     p.add_argument("--count-ops", action="store_true",
                    help="count ops, syncs and host tensors per admission phase (ragged path; see above)")
+    p.add_argument("--baseline-src", default=None, metavar="DIR",
+                   help="--count-ops: also run the dnc package of the checkout DIR (git worktree add DIR <commit>), "
+                        "alternating, and give the ms ratio baseline / this")
     return p
 
 
@@ -124,15 +131,17 @@ class Rows:
         return out
 
 
-def decode_rows(spec, max_new: int) -> list[DecodeRow]:
-    """Rows of ``spec`` ((ids, state) pairs): greedy, each on its own copy of the state."""
-    return [DecodeRow(ids, None if st is None else st.select([0]), max_new, SamplingParams(0.0)) for ids, st in spec]
+def decode_rows(spec, max_new: int, pkg=None) -> list[DecodeRow]:
+    """Rows of ``spec`` ((ids, state) pairs): greedy, each on its own copy of the state (``pkg``: the
+    dnc package whose ``DecodeRow`` to make, default this one)."""
+    row, params = (DecodeRow, SamplingParams) if pkg is None else (pkg.generate.DecodeRow, pkg.generate.SamplingParams)
+    return [row(ids, None if st is None else st.select([0]), max_new, params(0.0)) for ids, st in spec]
 
 
-def admit(dec: BatchDecoder, spec, device) -> tuple[float, int]:
+def admit(dec: BatchDecoder, spec, device, pkg=None) -> tuple[float, int]:
     """One admission into ``dec`` (timed), two decode steps, the admitted rows dropped.
     Returns (seconds, model calls)."""
-    rows = decode_rows(spec, 1 << 20)
+    rows = decode_rows(spec, 1 << 20, pkg)
     calls = dec.prefill_calls
     sync(device)
     t0 = time.perf_counter()
@@ -187,6 +196,7 @@ class PhaseCounter(OpCounter):
         self.phase = "other"
         self.by_phase: dict[str, Counter] = {}
         self.cuda_syncs: Counter = Counter()
+        self.uploads: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.by_phase.setdefault(self.phase, Counter())[func] += 1
@@ -197,15 +207,14 @@ class PhaseCounter(OpCounter):
         s = self.summary()
         host = sum(n for f, n in self.ops.items() if not isinstance(f, str) and f.overloadpacket.__name__ == "lift_fresh")
         return {"kernel_ops": s["kernel_ops"], "host_syncs": s["host_syncs"], "host_tensors": host,
-                "cuda_syncs": self.cuda_syncs[phase], "top": s["top"]}
+                "cuda_syncs": self.cuda_syncs[phase], "blocking_uploads": self.uploads[phase], "top": s["top"]}
 
 
 @contextlib.contextmanager
-def phases(counter: PhaseCounter, device: torch.device):
-    """Route ``BatchDecoder.add`` 's ops to phases: ``state`` until the ragged prefill starts,
-    ``prefill`` during it, ``join`` after it (the module attribute the decoder calls is wrapped)."""
-    import dnc.generate as gen
-    mod = importlib.import_module(gen.BatchDecoder._admit_ragged.__module__)
+def phases(counter: PhaseCounter, dec, device: torch.device):
+    """Route ``dec.add`` 's ops to phases: ``state`` until the ragged prefill starts, ``prefill``
+    during it, ``join`` after it (the module attribute the decoder calls is wrapped)."""
+    mod = importlib.import_module(type(dec)._admit_ragged.__module__)
     orig = mod.ragged_prefill
 
     def wrapped(*a, **k):
@@ -215,7 +224,15 @@ def phases(counter: PhaseCounter, device: torch.device):
         finally:
             counter.phase = "join"
 
+    tensor = torch.tensor
+
+    def counted_tensor(*a, **k):  # torch.tensor(data, device=d): on CUDA a copy, then a wait for the stream
+        if k.get("device") is not None:
+            counter.uploads[counter.phase] += 1
+        return tensor(*a, **k)
+
     mod.ragged_prefill = wrapped
+    torch.tensor = counted_tensor
     cm = warnings.catch_warnings(record=True) if device.type == "cuda" else contextlib.nullcontext([])
     try:
         with cm as caught:
@@ -226,14 +243,15 @@ def phases(counter: PhaseCounter, device: torch.device):
             yield
     finally:
         mod.ragged_prefill = orig
+        torch.tensor = tensor
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode(0)
 
 
-def count_admission(dec: BatchDecoder, spec, device, counter: PhaseCounter) -> None:
+def count_admission(dec, spec, device, counter: PhaseCounter, pkg) -> None:
     """One counted admission of ``spec`` into ``dec``: add (phases state/prefill/join), the first
     step after it (step1), one more step (step), then the rows are dropped."""
-    rows = decode_rows(spec, 1 << 20)
+    rows = decode_rows(spec, 1 << 20, pkg)
     seen = 0
 
     def run(phase: str, fn):
@@ -241,11 +259,10 @@ def count_admission(dec: BatchDecoder, spec, device, counter: PhaseCounter) -> N
         counter.phase = phase
         out = fn()
         counter.phase = "other"
-        caught = counter.caught
-        for w in caught[seen:]:
+        for w in counter.caught[seen:]:
             if "synchroniz" in str(w.message):
                 counter.cuda_syncs[phase] += 1
-        seen = len(caught)
+        seen = len(counter.caught)
         return out
 
     sync(device)
@@ -258,46 +275,86 @@ def count_admission(dec: BatchDecoder, spec, device, counter: PhaseCounter) -> N
     dec.drop(rows)
 
 
+def load_baseline(src: str):
+    """The ``dnc`` package of the checkout at ``src`` (e.g. ``git worktree add /tmp/base <commit>``),
+    imported as ``dnc_baseline`` beside this one (its imports are relative)."""
+    init = Path(src) / "dnc" / "__init__.py"
+    if not init.exists():
+        raise SystemExit(f"--baseline-src: no dnc package at {init.parent}; give a checkout of the baseline commit")
+    spec = importlib.util.spec_from_file_location("dnc_baseline", init, submodule_search_locations=[str(init.parent)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["dnc_baseline"] = pkg
+    spec.loader.exec_module(pkg)
+    for sub in ("generate", "model", "config"):
+        importlib.import_module(f"dnc_baseline.{sub}")
+    return pkg
+
+
 def main_count(args, argv, model, rows, device, graphs, cfg) -> int:
-    """``--count-ops``: per K, op/sync counts per phase of one admission (mean over ``--waves``)."""
-    dec = BatchDecoder(model)
-    assert not dec.add(decode_rows(rows.make(args.running, 1), 1 << 20))
-    dec.step()
+    """``--count-ops``: per K, op/sync counts per phase of one admission (mean over ``--waves``) and
+    the uncounted ms per admission; with ``--baseline-src`` the same for the baseline's code, the
+    two alternating wave by wave, and their ratio."""
+    import dnc
+    versions = {"this": (dnc, model)}
+    if args.baseline_src:
+        base = load_baseline(args.baseline_src)
+        bm = base.model.DNC(base.config.DNCConfig.from_dict(cfg.to_dict())).to(device).eval()
+        bm.load_state_dict(model.state_dict())
+        if device.type == "cuda" and graphs:
+            bm.enable_cuda_graphs()
+        versions["baseline"] = (base, bm)
+    running = rows.make(args.running, 1)
+    decs = {}
+    for name, (pkg, m) in versions.items():
+        decs[name] = pkg.generate.BatchDecoder(m)
+        assert not decs[name].add(decode_rows(running, 1 << 20, pkg))
+        decs[name].step()
     res = provenance("admission_prefill", argv, device) | {
         "mode": "count_ops", "preset": args.preset, "model_config": cfg.to_dict(), "graphs": graphs,
         "dtype": args.dtype if device.type == "cuda" else "fp32", "running": args.running,
-        "min_len": args.min_len, "max_len": args.max_len, "threads": torch.get_num_threads(), "counts": []}
+        "min_len": args.min_len, "max_len": args.max_len, "threads": torch.get_num_threads(),
+        "baseline_src": args.baseline_src, "counts": []}
     names = ("state", "prefill", "join", "step1", "step")
     for k in args.admit:
-        times, per = [], []
+        times = {v: [] for v in versions}
+        per = {v: [] for v in versions}
         for wave in range(args.warmup + args.waves):
             spec = rows.make(k, 1)
-            counter = PhaseCounter()
-            with phases(counter, device):
-                count_admission(dec, spec, device, counter)
-            dt, _ = admit(dec, spec, device)  # timed apart: counting slows the host down
-            if wave >= args.warmup:
-                times.append(dt)
-                per.append({n: counter.summary_of(n) for n in names})
-        r = {"k": k, "waves": args.waves, "ms_median": 1e3 * statistics.median(times),
-             "ms_mean": 1e3 * statistics.fmean(times)}
-        for n in names:
-            r[n] = {key: statistics.fmean(p[n][key] for p in per) for key in ("kernel_ops", "host_syncs", "host_tensors", "cuda_syncs")}
-            r[n]["top"] = per[-1][n]["top"]
-        res["counts"].append(r)
-        print(f"K {k:3d}: {r['ms_median']:.2f} ms; " + ", ".join(
-            f"{n} {r[n]['kernel_ops']:.0f} ops/{r[n]['host_syncs']:.0f}+{r[n]['cuda_syncs']:.0f} syncs" for n in names),
-            file=sys.stderr, flush=True)
-    dec.close()
-    head = ["K rows", "ms / admission"] + [f"{n} ops / syncs / host t." for n in names] + ["waves"]
-    body = [[str(r["k"]), fmt_num(r["ms_median"], "{:.2f}")] + [
-        f"{r[n]['kernel_ops']:.0f} / {r[n]['host_syncs'] + r[n]['cuda_syncs']:.0f} / {r[n]['host_tensors']:.0f}"
+            order = list(versions) if wave % 2 == 0 else list(reversed(versions))
+            for v in order:
+                pkg = versions[v][0]
+                counter = PhaseCounter()
+                with phases(counter, decs[v], device):
+                    count_admission(decs[v], spec, device, counter, pkg)
+                dt, _ = admit(decs[v], spec, device, pkg)  # timed apart: counting slows the host down
+                if wave >= args.warmup:
+                    times[v].append(dt)
+                    per[v].append({n: counter.summary_of(n) for n in names})
+        for v in versions:
+            r = {"k": k, "code": v, "waves": args.waves, "ms_median": 1e3 * statistics.median(times[v]),
+                 "ms_mean": 1e3 * statistics.fmean(times[v])}
+            for n in names:
+                r[n] = {key: statistics.fmean(p[n][key] for p in per[v])
+                        for key in ("kernel_ops", "host_syncs", "host_tensors", "cuda_syncs", "blocking_uploads")}
+                r[n]["top"] = per[v][-1][n]["top"]
+            if v == "baseline":
+                r["baseline_over_this"] = r["ms_median"] / res["counts"][-1]["ms_median"]
+            res["counts"].append(r)
+            print(f"K {k:3d} {v}: {r['ms_median']:.2f} ms; " + ", ".join(
+                f"{n} {r[n]['kernel_ops']:.0f} ops/{r[n]['host_syncs']:.0f}+{r[n]['cuda_syncs']:.0f} syncs"
+                for n in names), file=sys.stderr, flush=True)
+    for d in decs.values():
+        d.close()
+    head = ["K rows", "code", "ms / admission", "baseline / this"] + [f"{n} ops / syncs / uploads" for n in names] + ["waves"]
+    body = [[str(r["k"]), r["code"], fmt_num(r["ms_median"], "{:.2f}"),
+             fmt_num(r["baseline_over_this"], "{:.2f}x") if "baseline_over_this" in r else ""] + [
+        f"{r[n]['kernel_ops']:.0f} / {r[n]['host_syncs'] + r[n]['cuda_syncs']:.0f} / {r[n]['blocking_uploads']:.0f}"
         for n in names] + [str(r["waves"])] for r in res["counts"]]
     res["markdown"] = "\n".join([
         f"Admission host work, {args.preset} on {res['device']} ({res['dtype']}, graphs {'on' if graphs else 'off'}): "
-        f"K fresh rows of {args.min_len}..{args.max_len} tokens into {args.running} decoding rows; per phase: "
-        "kernel ops / host syncs (item-like + CUDA sync-debug) / tensors built from host data (mean per admission)",
-        ""] + md_table(head, body, "r" * len(head)))
+        f"K fresh rows of {args.min_len}..{args.max_len} tokens into {args.running} decoding rows; median ms per "
+        "admission (add, uncounted) and per phase kernel ops / host syncs (item-like + CUDA sync-debug) / "
+        "blocking uploads (torch.tensor(..., device=...): on CUDA each waits for the queued steps; mean per admission)", ""] + md_table(head, body, "rlrr" + "r" * (len(head) - 4)))
     print(res["markdown"])
     path = write_json(Path(args.out) / f"admission_ops_{args.tag or device_tag(device)}.json", res)
     print(f"wrote {path}")

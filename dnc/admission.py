@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .ragged import RaggedBatch, bucket_for
+from .ragged import RaggedBatch, bucket_for, upload
 from .ragged_prefill import prefill as ragged_prefill
 from .state import DNCState
 
@@ -103,7 +103,7 @@ class Admission:
         appends (row, its batch-1 state, next-token logits [V]) to ``joined``. Returns failed rows."""
         m = self.model
         state = m.init_state(len(rows)) if rows[0].state is None else DNCState.stack([r.state for r in rows])
-        ids = torch.tensor([list(r.prompt_ids) for r in rows], dtype=torch.long, device=m.device)
+        ids = upload([list(r.prompt_ids) for r in rows], m.device)
         self.prefill_calls += _pieces(state.seg_pos, ids.shape[1], m.config.segment_len)
         try:
             logits = m(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
@@ -227,7 +227,7 @@ class Admission:
                 if not first:
                     break  # the next chunk would not fit: keep it whole for the next step
                 n = budget
-            x = torch.tensor([list(ids[p.fed:p.fed + n])], dtype=torch.long, device=m.device)
+            x = upload([list(ids[p.fed:p.fed + n])], m.device)
             self.prefill_calls += 1
             first = False
             budget -= n

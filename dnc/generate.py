@@ -225,13 +225,13 @@ class BatchDecoder(Admission):
         forced = [(j, r) for j, r in enumerate(rows) if r.forced is not None]
         if len(forced) == n:  # a replayed turn: nothing to sample, the tokens are known here
             toks_host = [int(r.forced[len(r.tokens)]) for r in rows]
-            toks = torch.tensor(toks_host, dtype=torch.long, device=rb.device)
+            toks = upload(toks_host, rb.device)
         else:
             toks_host = None
             toks = plan.sampler.sample(rb.logits[:n] if contiguous else rb.logits.index_select(0, plan.slots))
             if forced:
-                toks[torch.tensor([j for j, _ in forced], device=rb.device)] = torch.tensor(
-                    [int(r.forced[len(r.tokens)]) for _, r in forced], dtype=torch.long, device=rb.device)
+                toks[upload([j for j, _ in forced], rb.device)] = upload(
+                    [int(r.forced[len(r.tokens)]) for _, r in forced], rb.device)
         if contiguous:
             rb.tokens[:n].copy_(toks)  # the next input stays on the device (free slots: stale ids, ignored)
         else:
