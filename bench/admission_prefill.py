@@ -24,16 +24,17 @@ batch), then ``step1`` (the first decode step after it: new sampling plan, first
 kernel), host syncs (``.item()`` and friends, and on CUDA those ``torch.cuda.set_sync_debug_mode``
 reports: blocking copies, ``.tolist()``), blocking uploads (``torch.tensor(data, device=d)`` calls,
 counted on any device: on CUDA each copies from pageable memory and then waits for the stream, i.e.
-for every queued decode step). Also the median ms
-per admission (timed apart, uncounted). ``--baseline-src DIR`` runs the ``dnc`` package of another
-checkout (the commit before a change) beside this one, alternating wave by wave, with the ratio:
+for every queued decode step). Also the median ms per admission (timed apart, uncounted).
+``--baseline-src DIR`` runs the ``dnc`` package of another checkout (the commit before a change)
+beside this one, alternating wave by wave, with the ratio baseline / this:
 
     git worktree add /tmp/base 649445f
-    python bench/admission_prefill.py --count-ops --device cpu --preset tiny --set segment_len=128 \
-        --admit 1 4 16 --running 32 --min-len 64 --max-len 64 --baseline-src /tmp/base --tag cpu_ops
+    python bench/admission_prefill.py --count-ops --device cpu --preset tiny --set segment_len=128
+        --admit 1 4 16 --running 32 --min-len 64 --max-len 64 --threads 1 --baseline-src /tmp/base
+        --tag cpu_ops   (one command line)
 
-Writes ``<out>/admission_prefill_<tag>.json`` (provenance: argv, command, commit, device, torch)
-and prints a table.
+Writes ``<out>/admission_prefill_<tag>.json`` (``--count-ops``: ``admission_ops_<tag>.json``;
+provenance: argv, command, commit, device, torch) and prints a table.
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ def bench_k(model, k: int, decoders: dict, rows: Rows, args, device) -> dict:
 
 
 def render(res: dict) -> str:
+    if res.get("mode") == "count_ops":  # --count-ops: its table was made by main_count
+        return res["markdown"]
     head = ["K rows", "old ms", "new ms", "old / new", "old calls", "new calls", "waves"]
     body = [[str(r["k"]), fmt_num(r["old_ms_median"], "{:.2f}"), fmt_num(r["new_ms_median"], "{:.2f}"),
              fmt_num(r["old_over_new"], "{:.2f}x"), fmt_num(r["old_calls_mean"], "{:.1f}"),

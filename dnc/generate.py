@@ -5,7 +5,7 @@
 * :class:`BatchDecoder`: the decode loop of the library (:func:`generate_stream`, ``DNC.generate``)
   and of the server. Each row has its own prompt, state, sampling parameters, seed and stop
   condition. Rows added together are prefilled together whatever their states and prompt lengths
-  (``dnc.ragged_prefill``: one model call for prompts within a segment; the rows' states padded
+  (``dnc.admission``, ``dnc.ragged_prefill``: one model call for prompts within a segment; the rows' states padded
   into a decode batch, which then joins the running ones), or chunk by chunk between decode steps
   (``add(rows, prefill_chunk=N)``), then decoded one
   token per row per :meth:`BatchDecoder.step`: every running row, whatever its position in the
