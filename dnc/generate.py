@@ -5,7 +5,7 @@
 * :class:`BatchDecoder`: the decode loop of the library (:func:`generate_stream`, ``DNC.generate``)
   and of the server. Each row has its own prompt, state, sampling parameters, seed and stop
   condition. Rows added together are prefilled together whatever their states and prompt lengths
-  (``dnc.ragged_prefill``: one model call for prompts within a segment; the rows' states padded
+  (``dnc.admission``, ``dnc.ragged_prefill``: one model call for prompts within a segment; the rows' states padded
   into a decode batch, which then joins the running ones), or chunk by chunk between decode steps
   (``add(rows, prefill_chunk=N)``), then decoded one
   token per row per :meth:`BatchDecoder.step`: every running row, whatever its position in the
@@ -35,8 +35,9 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .ragged import RaggedBatch, bucket_for, ragged_decode_step
-from .ragged_prefill import MAX_TOKENS, prefill as ragged_prefill
+from .admission import Admission, _Prefill
+from .ragged import RaggedBatch, bucket_for, ragged_decode_step, upload
+from .ragged_prefill import MAX_TOKENS
 from .sampling import MIN_TEMPERATURE, RowSampler, SamplingParams, sample_next, sample_rows  # noqa: F401  (dnc.generate API)
 from .state import DNCState
 
@@ -105,7 +106,7 @@ class _Batch:
             dev = self.rb.device
             sampler = RowSampler([r.sampling for _, r in occ], [r.generator for _, r in occ],
                                  model.config.vocab_size, dev)
-            self.plan = _Plan(key, sampler, torch.tensor([s for s, _ in occ], device=dev))
+            self.plan = _Plan(key, sampler, upload([s for s, _ in occ], dev))  # (no host sync)
         return self.plan
 
     def host_buffer(self, n: int) -> torch.Tensor:
@@ -113,13 +114,6 @@ class _Batch:
         if self.host is None or self.host.numel() < n:
             self.host = torch.empty(max(n, self.rb.capacity), dtype=torch.long, pin_memory=True)
         return self.host[:n]
-
-
-@dataclass(eq=False)
-class _Prefill:
-    row: DecodeRow
-    state: DNCState    # the row's own copy, prefilled chunk by chunk
-    fed: int = 0       # prompt tokens fed so far
 
 
 @dataclass(frozen=True)
@@ -134,7 +128,7 @@ class StepToken:
     """Rows decoded in the same model call."""
 
 
-class BatchDecoder:
+class BatchDecoder(Admission):
     """Decodes any number of :class:`DecodeRow` s together (see the module docstring).
 
     ``add(rows)`` prefills them together (``ragged_prefill``, the default: one ragged call per
@@ -169,196 +163,12 @@ class BatchDecoder:
         sizes = [b.rb.n_active for b in self.batches]
         return sizes or ([0] if self.prefilling else [])
 
-    # ------------------------------------------------------------------ admission
-    @torch.no_grad()
-    def add(self, rows: Sequence[DecodeRow], prefill_chunk: int | None = None) -> list[DecodeRow]:
-        """Prefill ``rows`` and let them join the batch, or with ``prefill_chunk`` (tokens, >= 1) queue
-        their prefill for the next steps (see the class docstring). Returns the rows that failed
-        already (``finish_reason == "error"``: bad prompt, state of another model)."""
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
-                                          or prefill_chunk < 1):
-            raise ValueError(f"prefill_chunk must be a positive int (tokens per step) or None, got {prefill_chunk!r}")
-        failed, ready = [], []
-        for row in rows:
-            problem = self._check(row)
-            if problem:
-                self._fail(row, ValueError(problem))
-                failed.append(row)
-                continue
-            if row.generator is None and row.seed is not None:
-                row.generator = torch.Generator(device=self.model.device).manual_seed(int(row.seed))
-            if prefill_chunk is not None:
-                state = self.model.init_state(1) if row.state is None else row.state.select([0])
-                self.prefilling.append(_Prefill(row, state))
-                self.prefill_chunk = prefill_chunk
-                continue
-            ready.append(row)
-        n = self.max_batch_rows
-        if self.ragged_prefill:
-            rest = []
-            for i in range(0, len(ready), n):
-                rest += self._admit_ragged(ready[i:i + n])
-            ready = rest  # rows the ragged path left to the per-layout path (see _admit_ragged)
-        buckets: dict[tuple, list[DecodeRow]] = {}
-        for row in ready:
-            start = None if row.state is None else row.state.layout()
-            buckets.setdefault((start, len(row.prompt_ids)), []).append(row)
-        joined: list[tuple[DecodeRow, DNCState, torch.Tensor]] = []
-        for bucket in buckets.values():
-            for i in range(0, len(bucket), n):
-                failed += self._prefill(bucket[i:i + n], joined)
-        self._join(joined)
-        return failed
-
-    def _check(self, row: DecodeRow) -> str | None:
-        vocab = self.model.config.vocab_size
-        ids = row.prompt_ids
-        if len(ids) == 0:
-            return "prompt must contain at least one token"
-        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            return f"prompt token ids must be ints in [0, {vocab}); got {bad[0]!r}"
-        if row.state is not None and row.state.batch_size != 1:
-            return f"a row's state must have batch size 1, got {row.state.batch_size}"
-        return None
-
-    def _prefill(self, rows: list[DecodeRow], joined: list) -> list[DecodeRow]:
-        """One model call for ``rows`` (equal layouts and prompt lengths) on a copy of their states;
-        appends (row, its batch-1 state, next-token logits [V]) to ``joined``. Returns failed rows."""
-        m = self.model
-        state = m.init_state(len(rows)) if rows[0].state is None else DNCState.stack([r.state for r in rows])
-        ids = torch.tensor([list(r.prompt_ids) for r in rows], dtype=torch.long, device=m.device)
-        self.prefill_calls += _pieces(state.seg_pos, ids.shape[1], m.config.segment_len)
-        try:
-            logits = m(ids, state=state, last_logits_only=True, metrics=False).logits[:, -1]
-        except Exception as e:
-            if len(rows) == 1:
-                self._fail(rows[0], e)
-                return rows
-            # find the culprit: each row alone (their own states are untouched: the batch was a copy)
-            return [r for r in rows for f in [self._prefill([r], joined)] if f]
-        for i, r in enumerate(rows):
-            joined.append((r, state if len(rows) == 1 else state.select([i]), logits[i]))
-        return []
-
-    def _admit_ragged(self, rows: list[DecodeRow]) -> list[DecodeRow]:
-        """Prefill ``rows`` (at most ``max_batch`` of them) together in a fresh decode batch
-        (``dnc.ragged_prefill``), which then joins the running batches. Returns the rows left to
-        the per-layout path: those whose state does not fit a ragged batch, or all of them when a
-        ragged call failed (that path then fails the culprit alone)."""
-        m = self.model
-        rb = self._new_batch(bucket_for(len(rows)))
-        placed: list[tuple[int, DecodeRow]] = []
-        rest: list[DecodeRow] = []
-        zeros = torch.zeros(m.config.vocab_size, device=rb.device)
-        fresh = None  # the slot of the first fresh row: later fresh rows are copies of it
-        for slot, row in enumerate(rows):
-            if row.state is None and fresh is not None:
-                continue
-            try:  # the state's tensors are copied in (its banks shared read-only): the row's own state stays
-                rb.insert(slot, m.init_state(1) if row.state is None else row.state, zeros, m)
-            except Exception:
-                rb.release(slot)
-                rest.append(row)
-                continue
-            placed.append((slot, row))
-            if row.state is None:
-                fresh = slot
-        if fresh is not None:
-            copies = [(slot, row) for slot, row in enumerate(rows) if row.state is None and slot > fresh]  # (earlier: failed)
-            rb.clone_row(fresh, [slot for slot, _ in copies])
-            placed = sorted(placed + copies, key=lambda p: p[0])
-        if placed:
-            try:
-                stats = ragged_prefill(m, rb, {slot: list(r.prompt_ids) for slot, r in placed},
-                                       self.prefill_tokens, self._prefill_runner())
-            except Exception:  # the batch's tensors are partial: every row goes the per-layout way
-                for slot, _ in placed:
-                    rb.release(slot)
-                rest += [r for _, r in placed]
-                placed = []
-            else:
-                self.prefill_calls += stats["calls"]
-        if placed:
-            self._join_batch(rb, placed)
-        else:
-            self._free_batch(rb)
-        return rest
-
-    def _prefill_runner(self):
-        runner = self._runner()
-        return runner if runner is not None and hasattr(runner, "prefill_step") else None
-
-    def _join_batch(self, rb: RaggedBatch, placed: list[tuple[int, DecodeRow]]) -> None:
-        """Prefilled rows (``placed``: slot, row) of ``rb`` join the decode batches: the free slots of
-        running batches first (their tensors copied over), the rest stay in ``rb``, which becomes
-        a decode batch of its own. Rows with nothing to decode finish at once."""
-        todo = []
-        for slot, row in placed:
-            if row.max_new_tokens <= 0 or (row.forced is not None and len(row.forced) == 0):
-                row.finish_reason = "length"
-                if row.state is not None:
-                    row.state.assign_(rb.extract(slot))
-                rb.release(slot)
-            else:
-                todo.append((slot, row))
-        cap = self.max_batch_rows
-        for b in self.batches:
-            if not todo:
-                break
-            n = b.rb.n_active
-            k = min(cap - n, len(todo))
-            if k <= 0:
-                continue
-            if n + k > b.rb.capacity:
-                self._resize(b, bucket_for(n + k))
-            dst = b.rb.free_slots()[:k]
-            rb.copy_rows_to(b.rb, [slot for slot, _ in todo[:k]], dst)
-            for d, (_, row) in zip(dst, todo[:k]):
-                b.slots[d] = row
-            todo = todo[k:]
-        if not todo:
-            self._free_batch(rb)
-            return
-        b = _Batch(rb, [None] * rb.capacity)
-        for slot, row in todo:
-            b.slots[slot] = row
-        self.batches.append(b)
-        if bucket_for(len(todo)) < rb.capacity:
-            self._resize(b, bucket_for(len(todo)))
-
-    def _advance_prefill(self) -> list[tuple[DecodeRow, DNCState, torch.Tensor]]:
-        """Feed at most ``prefill_chunk`` prompt tokens of the queued rows, oldest first, in chunks
-        that end at segment boundaries (whole segments replay as CUDA graphs). Returns the rows whose
-        prompt is now complete, with their states and next-token logits."""
-        m, seg = self.model, self.model.config.segment_len
-        budget, first, done = self.prefill_chunk, True, []
-        while self.prefilling and budget > 0:
-            p = self.prefilling[0]
-            ids = p.row.prompt_ids
-            n = min(len(ids) - p.fed, seg - p.state.seg_pos)
-            if n > budget:
-                if not first:
-                    break  # the next chunk would not fit: keep it whole for the next step
-                n = budget
-            x = torch.tensor([list(ids[p.fed:p.fed + n])], dtype=torch.long, device=m.device)
-            self.prefill_calls += 1
-            first = False
-            budget -= n
-            try:
-                logits = m(x, state=p.state, last_logits_only=True, metrics=False).logits[0, -1]
-            except Exception as e:
-                self._fail(p.row, e)
-                self.prefilling.pop(0)
-                continue
-            p.fed += n
-            if p.fed == len(ids):
-                self.prefilling.pop(0)
-                done.append((p.row, p.state, logits))
-        return done
-
     def _runner(self):
         return getattr(self.model, "decode_runner", None)
+
+    def _decode_batch(self, rb: RaggedBatch) -> "_Batch":
+        """A new, empty decode batch over ``rb`` (used by the admission code)."""
+        return _Batch(rb, [None] * rb.capacity)
 
     def _new_batch(self, capacity: int) -> RaggedBatch:
         runner = self._runner()
@@ -377,47 +187,6 @@ class BatchDecoder:
         self._free_batch(b.rb)
         b.rb = new
         b.slots = [r for _, r in occ] + [None] * (capacity - len(occ))
-
-    def _join(self, joined: list[tuple[DecodeRow, DNCState, torch.Tensor]]) -> None:
-        """Rows with a complete prompt join the decode batches (free slots first, growing a batch to
-        the next bucket, else a new batch). Rows with nothing to decode finish at once."""
-        todo = []
-        for row, state, logits in joined:
-            if row.max_new_tokens <= 0 or (row.forced is not None and len(row.forced) == 0):
-                row.finish_reason = "length"
-                if row.state is not None:
-                    row.state.assign_(state)
-            else:
-                todo.append((row, state, logits))
-        cap = self.max_batch_rows
-        for b in self.batches:
-            if not todo:
-                return
-            n = b.rb.n_active
-            k = min(cap - n, len(todo))
-            if k <= 0:
-                continue
-            if n + k > b.rb.capacity:
-                self._resize(b, bucket_for(n + k))
-            self._insert(b, todo[:k])
-            todo = todo[k:]
-        while todo:
-            k = min(cap, len(todo))
-            b = _Batch(self._new_batch(bucket_for(k)), [])
-            b.slots = [None] * b.rb.capacity
-            self.batches.append(b)
-            self._insert(b, todo[:k])
-            todo = todo[k:]
-
-    def _insert(self, b: _Batch, rows: list[tuple[DecodeRow, DNCState, torch.Tensor]]) -> None:
-        for slot, (row, state, logits) in zip(b.rb.free_slots(), rows):
-            try:
-                b.rb.insert(slot, state, logits, self.model)
-            except Exception as e:  # a state that does not fit (another model's): this row alone
-                b.rb.release(slot)
-                self._fail(row, e)
-                continue
-            b.slots[slot] = row
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -456,13 +225,13 @@ class BatchDecoder:
         forced = [(j, r) for j, r in enumerate(rows) if r.forced is not None]
         if len(forced) == n:  # a replayed turn: nothing to sample, the tokens are known here
             toks_host = [int(r.forced[len(r.tokens)]) for r in rows]
-            toks = torch.tensor(toks_host, dtype=torch.long, device=rb.device)
+            toks = upload(toks_host, rb.device)
         else:
             toks_host = None
             toks = plan.sampler.sample(rb.logits[:n] if contiguous else rb.logits.index_select(0, plan.slots))
             if forced:
-                toks[torch.tensor([j for j, _ in forced], device=rb.device)] = torch.tensor(
-                    [int(r.forced[len(r.tokens)]) for _, r in forced], dtype=torch.long, device=rb.device)
+                toks[upload([j for j, _ in forced], rb.device)] = upload(
+                    [int(r.forced[len(r.tokens)]) for _, r in forced], rb.device)
         if contiguous:
             rb.tokens[:n].copy_(toks)  # the next input stays on the device (free slots: stale ids, ignored)
         else:
@@ -561,12 +330,6 @@ class BatchDecoder:
         """Step until every row has finished, yielding each emitted token."""
         while self.running:
             yield from self.step()
-
-
-def _pieces(seg_pos: int, n: int, segment_len: int) -> int:
-    """Segment pieces (model steps) of ``n`` tokens fed from segment position ``seg_pos``."""
-    head = min(n, segment_len - seg_pos)
-    return 1 + -(-(n - head) // segment_len)
 
 
 # ================================================================================== library API

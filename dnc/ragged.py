@@ -45,6 +45,7 @@ Dh head dim, D model dim, V vocab.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +220,7 @@ class RaggedBatch:
             lb.view_v[slot, :, :s + 1] = view.values[0]
             lb.view_v[slot, :, s + 1:].zero_()
             if lb.succ_idx is not None:
-                lb.succ_idx[slot] = successor_index(view.sizes, self.smax, self.segment_len).to(self.device)
+                lb.succ_idx[slot] = successor_index(view.sizes, self.smax, self.segment_len).to(self.device, non_blocking=True)
             lb.mass[slot].zero_()
             if ls.mass is not None:
                 lb.mass[slot, :s] = ls.mass[0]
@@ -337,26 +338,32 @@ class RaggedBatch:
         return stats
 
     def clone_row(self, src: int, dst: list[int]) -> None:
-        """Copies of the row in slot ``src`` into free slots ``dst``: one index copy per tensor
-        whatever the number of copies (``insert`` is a few dozen ops per row), e.g. for many fresh
-        rows admitted together. The copies share the row's banks read-only, as ``insert`` does."""
+        """Copies of the row in slot ``src`` into free slots ``dst`` (see :meth:`clone_rows_to`)."""
+        self.clone_rows_to(self, [src] * len(dst), dst)
+
+    def clone_rows_to(self, other: "RaggedBatch", src: list[int], dst: list[int]) -> None:
+        """Copies of the rows in slots ``src`` of this batch into free slots ``dst`` of ``other`` (this
+        batch or another of the same model; the source rows stay): one index copy per tensor
+        whatever the number of rows (``insert`` is a few dozen ops per row), e.g. many fresh rows
+        admitted together from one template row. The copies share the rows' banks read-only, as
+        ``insert`` does. No host sync (the slot indices go up without waiting for the device)."""
         if not dst:
             return
-        si = torch.full((len(dst),), src, dtype=torch.long, device=self.device)
-        di = torch.tensor(dst, dtype=torch.long, device=self.device)
-        for lb in self.layers:
+        one = len(set(src)) == 1  # one source row (a template): broadcast it, no gather
+        di = upload(dst, other.device)
+        si = None if one else upload(src, self.device)
+        for a, b in zip(self.layers, other.layers):
             for name in self._ROW_TENSORS:
-                t = getattr(lb, name)
+                t = getattr(a, name)
                 if t is not None:
-                    t.index_copy_(0, di, t.index_select(0, si))
+                    _copy_rows(getattr(b, name), di, t, src[0] if one else si, len(dst))
         for name in ("length", "seg_pos", "active", "logits") + (("fwd_on",) if self.fwd_on is not None else ()):
-            t = getattr(self, name)
-            t.index_copy_(0, di, t.index_select(0, si))
-        m = self.rows[src]
-        for d in dst:
-            self.rows[d] = RowMeta(m.seg_pos, m.tokens_seen, m.segments, list(m.carry_len),
-                                   [None if b is None else _shallow_bank(b) for b in m.banks], list(m.prev_write),
-                                   list(m.has_prev_x), list(m.has_mass), list(m.slots), m.settled)
+            _copy_rows(getattr(other, name), di, getattr(self, name), src[0] if one else si, len(dst))
+        for s, d in zip(src, dst):
+            m = self.rows[s]
+            other.rows[d] = RowMeta(m.seg_pos, m.tokens_seen, m.segments, list(m.carry_len),
+                                    [None if b is None else _shallow_bank(b) for b in m.banks], list(m.prev_write),
+                                    list(m.has_prev_x), list(m.has_mass), list(m.slots), m.settled)
 
     _ROW_TENSORS = ("k", "v", "prev_x", "view_k", "view_v", "mass", "write_h", "write_prev", "succ_idx")
 
@@ -365,18 +372,34 @@ class RaggedBatch:
         the same model, e.g. another bucket); the source slots are freed."""
         if not src:
             return
-        si = torch.tensor(src, device=self.device)
-        di = torch.tensor(dst, device=other.device)
+        si = upload(src, self.device)  # (no host sync: see upload)
+        di = upload(dst, other.device)
         for a, b in zip(self.layers, other.layers):
             for name in self._ROW_TENSORS:
                 t = getattr(a, name)
                 if t is not None:
-                    getattr(b, name).index_copy_(0, di, t.index_select(0, si).to(getattr(b, name).dtype))
+                    _copy_rows(getattr(b, name), di, t, si, len(dst))
         for name in ("length", "seg_pos", "active", "logits") + (("fwd_on",) if self.fwd_on is not None else ()):
-            getattr(other, name).index_copy_(0, di, getattr(self, name).index_select(0, si))
+            _copy_rows(getattr(other, name), di, getattr(self, name), si, len(dst))
         for s, d in zip(src, dst):
             other.rows[d] = self.rows[s]
-            self.release(s)
+            self.rows[s] = None
+        for name in ("active", "length", "seg_pos"):  # release(src): one op per tensor for all rows
+            getattr(self, name).index_fill_(0, si, 0)
+
+
+def upload(data: Sequence, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``torch.tensor(data, dtype)`` on ``device`` without a host sync. ``torch.tensor(data,
+    device=cuda)`` copies from pageable memory and then waits for the stream, i.e. for every queued
+    decode step; a non-blocking copy only stages the bytes (the host tensor may then go)."""
+    t = torch.tensor(data, dtype=dtype)
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _copy_rows(dst: torch.Tensor, di: torch.Tensor, src: torch.Tensor, si, n: int) -> None:
+    """``dst[di] = src[si]`` as one index copy (``si`` an int: that row broadcast to ``n`` rows)."""
+    rows = src[si:si + 1].expand(n, *src.shape[1:]) if isinstance(si, int) else src.index_select(0, si)
+    dst.index_copy_(0, di, rows.to(dst.dtype))
 
 
 def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from .ragged import upload
+
 MIN_TEMPERATURE = 1e-4
 """Temperatures below this (and non-finite ones) mean greedy decoding."""
 
@@ -138,7 +140,7 @@ class RowSampler:
         if not rows:
             return
         dev = torch.device(device)
-        self.rows = torch.tensor(rows, device=dev)
+        self.rows = upload(rows, dev)  # (no host sync: a composition change must not wait for queued steps)
         temps = [norm[i][1] for i in rows]
         if dev.type == "cuda":
             # CUDA computes ``logits / t`` (a Python number, as sample_next divides) as a multiply by
@@ -146,11 +148,11 @@ class RowSampler:
             # (1 ulp), so take torch's very reciprocal and multiply: seeded tokens stay sample_next's.
             self.scale = torch.mul, torch.cat([torch.ones(1, 1, device=dev) / t for t in temps])  # [S, 1]
         else:  # the CPU truly divides, by a tensor as by a number
-            self.scale = torch.div, torch.tensor([[t] for t in temps], device=dev)                  # [S, 1]
+            self.scale = torch.div, upload([[t] for t in temps], dev, torch.float32)                  # [S, 1]
         ks = [norm[i][2] for i in rows]
         ps = [norm[i][3] for i in rows]
-        self.top_k = torch.tensor([[k - 1 if k else vocab - 1] for k in ks], device=dev) if any(ks) else None
-        self.top_p = (torch.tensor([[p] for p in ps], device=dev), torch.tensor([[p < 1.0] for p in ps], device=dev)) \
+        self.top_k = upload([[k - 1 if k else vocab - 1] for k in ks], dev) if any(ks) else None
+        self.top_p = (upload([[p] for p in ps], dev, torch.float32), upload([[p < 1.0] for p in ps], dev, torch.bool)) \
             if any(p < 1.0 for p in ps) else None
         # Exp(1) noise [S, V], refilled every step; the views are made here so that a step's only
         # per-row op is a seeded row's exponential_ (the draw its generator must make on its own)
