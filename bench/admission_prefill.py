@@ -177,13 +177,16 @@ def bench_k(model, k: int, decoders: dict, rows: Rows, args, device) -> dict:
 
 
 def render(res: dict) -> str:
+    """The body of a result's entry in ``bench/README.md``: where it ran, then its table."""
+    where = (f"Device: {res.get('gpu') or res.get('device')}; torch {res.get('torch')}; "
+             f"commit {res.get('commit') or 'unknown'}")
     if res.get("mode") == "count_ops":  # --count-ops: its table was made by main_count
-        return res["markdown"]
+        return f"{where}\n\n{res['markdown']}"
     head = ["K rows", "old ms", "new ms", "old / new", "old calls", "new calls", "waves"]
     body = [[str(r["k"]), fmt_num(r["old_ms_median"], "{:.2f}"), fmt_num(r["new_ms_median"], "{:.2f}"),
              fmt_num(r["old_over_new"], "{:.2f}x"), fmt_num(r["old_calls_mean"], "{:.1f}"),
              fmt_num(r["new_calls_mean"], "{:.1f}"), str(r["waves"])] for r in res["admissions"]]
-    lines = [f"Admission prefill, {res['preset']} on {res['device']} ({res['dtype']}, graphs "
+    lines = [where, "", f"Admission prefill, {res['preset']} on {res['device']} ({res['dtype']}, graphs "
              f"{'on' if res['graphs'] else 'off'}): K rows of {res['min_len']}..{res['max_len']} prompt tokens "
              f"({'continued' if res['continued'] else 'fresh'} states) into {res['running']} decoding rows; "
              "median ms per admission, model calls per admission (mean)", ""]
