@@ -71,10 +71,14 @@ class Admission:
             ready.append(row)
         n = self.max_batch_rows
         if self.ragged_prefill:
-            rest = []
-            for i in range(0, len(ready), n):
-                rest += self._admit_ragged(ready[i:i + n])
-            ready = rest  # rows the ragged path left to the per-layout path (see _admit_ragged)
+            # a prompt longer than one ragged call goes the per-layout way: its forward runs whole
+            # segments (captured as segment graphs on a GPU), where the ragged path would take
+            # len / prefill_tokens calls (a 128k-token prompt: 512 calls instead of 64 segments)
+            short = [r for r in ready if len(r.prompt_ids) <= self.prefill_tokens]
+            rest = [r for r in ready if len(r.prompt_ids) > self.prefill_tokens]
+            for i in range(0, len(short), n):
+                rest += self._admit_ragged(short[i:i + n])
+            ready = rest  # long prompts, and rows the ragged path left (see _admit_ragged)
         buckets: dict[tuple, list[DecodeRow]] = {}
         for row in ready:
             start = None if row.state is None else row.state.layout()

@@ -132,7 +132,8 @@ class BatchDecoder(Admission):
     """Decodes any number of :class:`DecodeRow` s together (see the module docstring).
 
     ``add(rows)`` prefills them together (``ragged_prefill``, the default: one ragged call per
-    prompt piece up to a segment boundary or ``prefill_tokens`` tokens, for every row at once;
+    prompt piece up to a segment boundary or ``prefill_tokens`` tokens, for every row at once,
+    for prompts of at most ``prefill_tokens`` tokens; longer ones go segment by segment as below;
     off: rows whose states share a layout and whose prompts share a length as one model call) or,
     with ``prefill_chunk=N``, queues them: each later ``step()`` first feeds at
     most N prompt tokens (oldest row first, chunks cut at segment boundaries), so a long prompt does

@@ -282,3 +282,26 @@ def test_decoder_with_graphs_decodes_what_the_eager_decoder_decodes():
         assert a.tokens == b.tokens
         _assert_same_state(a.state, b.state, tol=1e-4)
     model.enable_cuda_graphs(False)
+
+
+def test_a_prompt_longer_than_one_ragged_call_goes_segment_by_segment():
+    """Short prompts share one ragged call; a prompt over ``prefill_tokens`` takes the per-layout
+    forward (one call per segment piece, whole segments graphable) instead of a ragged call per
+    ``prefill_tokens`` tokens; every row decodes what it decodes alone."""
+    model = _model()
+    prompts = [prompt_ids(400, 3), prompt_ids(401, 6), prompt_ids(402, 2 * SEG + 5)]
+    solo = []
+    for p in prompts:
+        dec = BatchDecoder(model, ragged_prefill=False)
+        row = DecodeRow(p, None, 6, SamplingParams(0.0))
+        dec.add([row])
+        list(dec.run())
+        solo.append(row.tokens)
+    dec = BatchDecoder(model, prefill_tokens=8)
+    rows = [DecodeRow(p, None, 6, SamplingParams(0.0)) for p in prompts]
+    assert dec.add(rows) == []
+    # one ragged call for the two short rows + three pieces (SEG, SEG, 5) for the long one; ragged
+    # calls of 8 tokens would have taken ceil(37 / 8) = 5 for it
+    assert dec.prefill_calls == 1 + 3
+    list(dec.run())
+    assert [r.tokens for r in rows] == solo
