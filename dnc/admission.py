@@ -20,7 +20,7 @@ phase: ``bench/admission_prefill.py --count-ops``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ from .ragged_prefill import prefill as ragged_prefill
 from .state import DNCState
 
 if TYPE_CHECKING:
-    from .generate import DecodeRow
+    from .generate import DecodeRow, _Batch
 
 
 @dataclass(eq=False)
@@ -192,21 +192,14 @@ class Admission:
                 rb.release(slot)
             else:
                 todo.append((slot, row))
-        cap = self.max_batch_rows
-        for b in self.batches:
-            if not todo:
-                break
-            n = b.rb.n_active
-            k = min(cap - n, len(todo))
-            if k <= 0:
-                continue
-            if n + k > b.rb.capacity:
-                self._resize(b, bucket_for(n + k))
-            dst = b.rb.free_slots()[:k]
-            rb.copy_rows_to(b.rb, [slot for slot, _ in todo[:k]], dst)
-            for d, (_, row) in zip(dst, todo[:k]):
+
+        def copy_in(b: _Batch, items: list[tuple[int, DecodeRow]]) -> None:
+            dst = b.rb.free_slots()[:len(items)]
+            rb.copy_rows_to(b.rb, [slot for slot, _ in items], dst)
+            for d, (_, row) in zip(dst, items):
                 b.slots[d] = row
-            todo = todo[k:]
+
+        todo = self._into_running(todo, copy_in)
         if not todo:
             self._free_batch(rb)
             return
@@ -258,24 +251,30 @@ class Admission:
                     row.state.assign_(state)
             else:
                 todo.append((row, state, logits))
+        todo = self._into_running(todo, self._insert)
+        while todo:
+            k = min(self.max_batch_rows, len(todo))
+            b = self._decode_batch(self._new_batch(bucket_for(k)))
+            self.batches.append(b)
+            self._insert(b, todo[:k])
+            todo = todo[k:]
+
+    def _into_running(self, todo: list, place: Callable[[_Batch, list], None]) -> list:
+        """``place(batch, items)`` puts items of ``todo`` into the free slots of the running batches,
+        growing a batch to the next bucket up to ``max_batch`` rows; returns the items left over."""
         cap = self.max_batch_rows
         for b in self.batches:
             if not todo:
-                return
+                break
             n = b.rb.n_active
             k = min(cap - n, len(todo))
             if k <= 0:
                 continue
             if n + k > b.rb.capacity:
                 self._resize(b, bucket_for(n + k))
-            self._insert(b, todo[:k])
+            place(b, todo[:k])
             todo = todo[k:]
-        while todo:
-            k = min(cap, len(todo))
-            b = self._decode_batch(self._new_batch(bucket_for(k)))
-            self.batches.append(b)
-            self._insert(b, todo[:k])
-            todo = todo[k:]
+        return todo
 
     def _insert(self, b: _Batch, rows: list[tuple[DecodeRow, DNCState, torch.Tensor]]) -> None:
         for slot, (row, state, logits) in zip(b.rb.free_slots(), rows):
