@@ -130,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     server_overrides(args.server_set)  # a bad field fails now, not after the cluster started
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.turns < 1:
         p.error("--clients, --requests, --turns and --client-procs must be >= 1")
+    if args.tag and args.out:  # one of them would be ignored, and a run's result lost with it
+        p.error("give --tag (bench/results/<tag>.json) or --out (a JSON path), not both")
     return args
 
 

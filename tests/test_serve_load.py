@@ -90,12 +90,14 @@ def test_serve_load_one_command(tmp_path):
     assert "| paired, 1 client | pairs |" in res["markdown"]
 
 
-@pytest.mark.parametrize("pair, message", [
-    ("nope=1", "expected KEY=VALUE with KEY an AppArgs field"),
-    ("stream_events_per_s", "expected KEY=VALUE"),
-    ("stream_events_per_s=-1", "stream_events_per_s: Input should be greater than or equal to 0"),
+@pytest.mark.parametrize("args, message", [
+    (["--server-set", "nope=1"], "expected KEY=VALUE with KEY an AppArgs field"),
+    (["--server-set", "stream_events_per_s"], "expected KEY=VALUE"),
+    (["--server-set", "stream_events_per_s=-1"], "stream_events_per_s: Input should be greater than or equal to 0"),
+    # session 12 lost a GPU run's JSON: --tag won and --out, the folder that came back, was ignored
+    (["--tag", "x", "--out", "/tmp/x.json"], "give --tag (bench/results/<tag>.json) or --out (a JSON path), not both"),
 ])
-def test_serve_load_refuses_a_bad_server_field_before_starting_anything(pair, message):
-    run = subprocess.run([sys.executable, "bench/serve_load.py", "--server-set", pair], cwd=ROOT,
+def test_serve_load_refuses_bad_arguments_before_starting_anything(args, message):
+    run = subprocess.run([sys.executable, "bench/serve_load.py", *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
