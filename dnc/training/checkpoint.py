@@ -4,6 +4,8 @@ Layout of one checkpoint directory (local or fsspec URI)::
 
     <ckpt>/model.safetensors, config.json, extra.json   dnc.checkpoint.save_checkpoint (load_checkpoint(<ckpt>) works)
     <ckpt>/optimizer.pt                                  full (unsharded) optimizer state, keyed by parameter name
+                                                         (absent in one unpacked by dnc.training.portable:
+                                                         the Trainer resumes with a fresh optimizer)
     <ckpt>/train_state.json                              TrainState: step, schedule, plateau, curriculum, configs
     <ckpt>/rng/rank_00000.pt                             per-rank torch/CUDA/numpy/python RNG + data-source state
 """
@@ -173,6 +175,12 @@ def read_rank_state(path: str, rank: int) -> dict[str, Any] | None:
     fs, p = fs_and_path(path)
     f = f"{p}/rng/rank_{rank:05d}.pt"
     return _torch_load(fs, f) if fs.exists(f) else None
+
+
+def has_optimizer_state(path: str) -> bool:
+    """Whether checkpoint ``path`` holds ``optimizer.pt`` (a portable one does not)."""
+    fs, p = fs_and_path(path)
+    return fs.exists(f"{p}/optimizer.pt")
 
 
 def read_optimizer_state(path: str) -> dict[str, Any]:

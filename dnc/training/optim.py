@@ -77,13 +77,20 @@ class PlateauDetector:
 class LRSchedule:
     """Linear warmup to ``lr``, cosine decay to ``lr * min_lr_ratio`` at ``total_steps``,
     multiplied by the plateau detector's scale. ``lr_at(step)`` is the LR for the update that
-    produces step ``step + 1``."""
+    produces step ``step + 1``.
+
+    ``rewarm(step)`` adds a second linear warmup over ``warmup_steps`` starting at ``step``: a
+    run resumed without its optimizer state (a portable checkpoint, ``dnc.training.portable``)
+    starts AdamW with zero moments, whose first updates at full LR are a shock to trained weights.
+    The re-warm start is part of ``state_dict()``, so a checkpoint written mid-re-warm resumes it."""
 
     def __init__(self, cfg: TrainConfig):
         self.base_lr, self.warmup, self.total = cfg.lr, cfg.warmup_steps, cfg.total_steps
         self.min_ratio = cfg.min_lr_ratio
         self.plateau = PlateauDetector(cfg.plateau_patience, cfg.plateau_factor, cfg.plateau_threshold,
                                        cfg.plateau_min_scale)
+        self.rewarm_from: int | None = None
+        """Step at which a re-warm started (None = none)."""
 
     def base_at(self, step: int) -> float:
         if self.warmup > 0 and step < self.warmup:
@@ -93,8 +100,18 @@ class LRSchedule:
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.base_lr * (self.min_ratio + (1.0 - self.min_ratio) * cosine)
 
+    def rewarm(self, step: int) -> None:
+        """Ramp the LR linearly from ~0 back to the schedule over ``warmup_steps`` from ``step``."""
+        self.rewarm_from = step
+
+    def rewarm_factor(self, step: int) -> float:
+        """In (0, 1]: the re-warm's share of the scheduled LR at ``step`` (1 without a re-warm)."""
+        if self.rewarm_from is None or self.warmup <= 0:
+            return 1.0
+        return min(1.0, max(1, step - self.rewarm_from + 1) / self.warmup)
+
     def lr_at(self, step: int) -> float:
-        return self.base_at(step) * self.plateau.scale
+        return self.base_at(step) * self.plateau.scale * self.rewarm_factor(step)
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         lr = self.lr_at(step)
@@ -103,7 +120,11 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau": self.plateau.state_dict()}
+        d: dict[str, Any] = {"plateau": self.plateau.state_dict()}
+        if self.rewarm_from is not None:   # absent otherwise: checkpoints without a re-warm stay as they were
+            d["rewarm_from"] = self.rewarm_from
+        return d
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.plateau.load_state_dict(d["plateau"])
+        self.rewarm_from = d.get("rewarm_from")

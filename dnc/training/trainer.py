@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from dnc.config import DNCConfig
 from dnc.parallel import compile_blocks, compile_segments, is_fsdp, unwrap
 from dnc.training.checkpoint import (TrainState, capture_rng, fs_and_path, full_model_state,
-                                     full_optimizer_state, latest_checkpoint, load_optimizer_state,
+                                     full_optimizer_state, has_optimizer_state, latest_checkpoint,
+                                     load_optimizer_state,
                                      load_weights_from, read_optimizer_state, read_rank_state,
                                      read_train_state, restore_rng, save_train_checkpoint)
 from dnc.training.config import TrainConfig, model_config_for
@@ -110,8 +111,16 @@ class Trainer:
         self.resumed_from_step: int | None = None
 
         if resume_state is not None:
-            load_optimizer_state(self.model, self.optimizer, read_optimizer_state(resume_from))
             self.schedule.load_state_dict(resume_state.schedule)
+            if has_optimizer_state(resume_from):
+                load_optimizer_state(self.model, self.optimizer, read_optimizer_state(resume_from))
+            else:
+                # A portable checkpoint (dnc.training.portable) carries no AdamW moments: the fresh
+                # optimizer's first updates would be full-LR steps on trained weights, so re-warm.
+                self.schedule.rewarm(resume_state.step)
+                if rank == 0:
+                    print(f"[dnc.training] {resume_from} has no optimizer.pt: fresh AdamW, LR re-warmed over "
+                          f"{cfg.warmup_steps} steps from step {resume_state.step}")
             if self.data is not None and resume_state.data.get("source"):
                 self.data.load_state_dict(resume_state.data["source"])
             self.state.step, self.state.tokens_seen = resume_state.step, resume_state.tokens_seen
