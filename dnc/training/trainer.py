@@ -119,8 +119,9 @@ class Trainer:
                 # optimizer's first updates would be full-LR steps on trained weights, so re-warm.
                 self.schedule.rewarm(resume_state.step)
                 if rank == 0:
-                    print(f"[dnc.training] {resume_from} has no optimizer.pt: fresh AdamW, LR re-warmed over "
-                          f"{cfg.warmup_steps} steps from step {resume_state.step}")
+                    how = (f"LR re-warmed over {cfg.warmup_steps} steps from step {resume_state.step}"
+                           if cfg.warmup_steps > 0 else "no LR re-warm (warmup_steps is 0)")
+                    print(f"[dnc.training] {resume_from} has no optimizer.pt: fresh AdamW, {how}")
             if self.data is not None and resume_state.data.get("source"):
                 self.data.load_state_dict(resume_state.data["source"])
             self.state.step, self.state.tokens_seen = resume_state.step, resume_state.tokens_seen
