@@ -23,9 +23,8 @@ from dnc.config import DNCConfig
 from dnc.parallel import compile_blocks, compile_segments, is_fsdp, unwrap
 from dnc.training.checkpoint import (TrainState, capture_rng, fs_and_path, full_model_state,
                                      full_optimizer_state, has_optimizer_state, latest_checkpoint,
-                                     load_optimizer_state,
-                                     load_weights_from, read_optimizer_state, read_rank_state,
-                                     read_train_state, restore_rng, save_train_checkpoint)
+                                     load_optimizer_state, load_weights_from, read_optimizer_state,
+                                     read_rank_state, read_train_state, restore_rng, save_train_checkpoint)
 from dnc.training.config import TrainConfig, model_config_for
 from dnc.training.data import TaskSource, corpus_windows
 from dnc.training.evaluate import text_bits_per_byte
