@@ -21,6 +21,7 @@ from dnc.training.evaluate import evaluate, greedy_predict_fn, task_accuracy, te
 from dnc.training.exact_match import TeacherForcedScorer
 from dnc.training.metrics import MetricsLogger, read_metrics
 from dnc.training.optim import LRSchedule, PlateauDetector, build_optimizer
+from dnc.training.portable import PortableError, pack, unpack
 from dnc.training.step import IGNORE_INDEX, autocast_ctx, per_sample_loss, train_step
 from dnc.training.trainer import InjectedFault, ReportFn, Trainer, fit
 
@@ -32,5 +33,6 @@ __all__ = [
     "TaskSource", "corpus_windows",
     "TrainState", "read_train_state", "latest_checkpoint", "load_weights_from",
     "MetricsLogger", "read_metrics",
+    "pack", "unpack", "PortableError",
     "Trainer", "fit", "ReportFn", "InjectedFault",
 ]
