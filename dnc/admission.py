@@ -41,8 +41,8 @@ class _Prefill:
 
 class Admission:
     """The admission half of :class:`dnc.generate.BatchDecoder` (see the module docstring). Relies
-    on the decoder's ``model``, ``batches``, ``prefilling``, ``_new_batch``, ``_free_batch``,
-    ``_resize``, ``_decode_batch``, ``_runner`` and ``_fail``."""
+    on the decoder's ``model``, ``batches``, ``prefilling``, ``shrink_after``, ``_new_batch``,
+    ``_free_batch``, ``_resize``, ``_decode_batch``, ``_runner`` and ``_fail``."""
 
     _template: tuple | None = None  # (weights key, RaggedBatch of 1: the fresh row), see _fresh_template
 
@@ -207,8 +207,8 @@ class Admission:
         for slot, row in todo:
             b.slots[slot] = row
         self.batches.append(b)
-        if bucket_for(len(todo)) < rb.capacity:
-            self._resize(b, bucket_for(len(todo)))
+        if self.shrink_after <= 1 and bucket_for(len(todo)) < rb.capacity:
+            self._resize(b, bucket_for(len(todo)))  # (else the step's rule shrinks it if it stays small)
 
     def _advance_prefill(self) -> list[tuple[DecodeRow, DNCState, torch.Tensor]]:
         """Feed at most ``prefill_chunk`` prompt tokens of the queued rows, oldest first, in chunks
