@@ -144,16 +144,17 @@ class BatchDecoder(Admission):
     Decode steps go through ``model.decode_runner`` when it is set (CUDA graphs), else eagerly.
 
     ``shrink_after`` (steps): a batch moves down to the smaller bucket its rows fit once they have
-    fitted it after that many consecutive steps (<= 1: after the first, as before issue 14's
-    host-cost work). A move copies every state tensor of every row, and under a churn of arrivals
-    near a bucket boundary (64 clients, rows hovering around 32) each shrink was undone by the
-    next arrival's growth: a full copy each way, every few steps. Waiting costs at most
-    ``shrink_after`` steps at the larger bucket when the load really drops (padded rows: on a GPU
-    nearly free, the step being launch-bound). ``resizes`` / ``resized_rows`` count the moves
-    (growth and shrink) and the rows they copied."""
+    fitted it after that many consecutive steps (<= 1: after the first, the rule before issue 14's
+    host-cost work). A move copies every state tensor of every row (small: ~54 MB a row in bf16,
+    one index copy per tensor), and under a churn of arrivals near a bucket boundary (rows
+    hovering around 32) each shrink was undone by the next arrival's growth: a full copy each way,
+    every other step. Waiting is not free either: the step computes its padded slots (H200, small:
+    ~0.03 ms a slot, so 32 of them ~1 ms a step), so the wait is short, about what a move there
+    costs in padded steps (ski rental). ``resizes`` / ``resized_rows`` count the moves (growth and
+    shrink) and the rows they copied; ``bench/decode_churn.py`` measures both sides."""
 
-    SHRINK_AFTER = 64
-    """Default ``shrink_after`` (steps); bench/decode_churn.py counts resize copies under churn."""
+    SHRINK_AFTER = 4
+    """Default ``shrink_after`` (steps)."""
 
     def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS,
                  shrink_after: int = SHRINK_AFTER):
