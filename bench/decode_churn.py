@@ -16,7 +16,7 @@ decoder    ``BatchDecoder`` s, one per ``--shrink-after`` value (the first is th
            across the decoders (greedy).
 scheduler  ``serve.scheduler.DecodeScheduler`` on a model thread (as the Generator runs it) with
            ``--sched-clients`` closed-loop clients, each sending ``--sched-requests`` requests
-           of ``--sched-new-tokens`` tokens, one after another: ``before`` (arrivals admitted at
+           (``--new-tokens``), one after another, ``--think-ms`` apart: ``before`` (arrivals admitted at
            the next step, one by one under load, and the old shrink rule) against ``after`` (the
            defaults: coalesced admissions, shrink after ``BatchDecoder.SHRINK_AFTER`` steps).
            Tokens/s, admissions and rows per admission, the model thread's share in admissions
@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shrink-after", type=int, nargs="+", default=[1, BatchDecoder.SHRINK_AFTER],
                    help="decoder: BatchDecoder.shrink_after values compared (the first is the baseline)")
     p.add_argument("--sched-clients", type=int, nargs="+", default=[1, 32], help="scheduler: client levels")
-    p.add_argument("--sched-requests", type=int, default=6, help="scheduler: requests per client per round")
-    p.add_argument("--sched-new-tokens", type=int, default=16, help="scheduler: tokens per request")
+    p.add_argument("--sched-requests", type=int, default=12, help="scheduler: requests per client per round")
+    p.add_argument("--think-ms", type=float, nargs=2, default=[0.0, 10.0], metavar=("MIN", "MAX"),
+                   help="scheduler: a client's pause between its requests (the HTTP round trip), drawn uniformly")
     p.add_argument("--rounds", type=int, default=3, help="scheduler: rounds of each configuration (alternating)")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="CUDA weights dtype")
@@ -182,14 +183,17 @@ async def _closed_loop(sch, args, n_clients: int, rnd: int) -> dict:
 
     async def client(c: int):
         for k in range(args.sched_requests):
-            ids, n = _request(args, 1000 * (rnd + 1) + c, k, args.sched_new_tokens)
+            ids, n = _request(args, 1000 * (rnd + 1) + c, k)
             row = DecodeRow(ids, None, n, SamplingParams(0.0))
+            g = torch.Generator().manual_seed(rnd * 1_000_003 + c * 1009 + k)
+            think = args.think_ms[0] + (args.think_ms[1] - args.think_ms[0]) * float(torch.rand(1, generator=g))
             t0, first = time.perf_counter(), None
             async for _ in sch.submit(row):
                 if first is None:
                     first = time.perf_counter() - t0
             ttft.append(1e3 * first)
             tokens[(c, k)] = row.tokens
+            await asyncio.sleep(think / 1e3)
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(n_clients)))
     return {"wall_s": time.perf_counter() - t0, "ttft_ms": ttft, "tokens": tokens}
@@ -245,8 +249,8 @@ def run_scheduler(model, args) -> dict:
             print(f"{n_clients} clients {r['config']}: {r['tokens_per_s']:.0f} tok/s, {r['admissions']} admissions "
                   f"({r['rows_per_admission']:.1f} rows), prefill {100 * r['prefill_share']:.0f}% of busy, "
                   f"TTFT p50 {r['ttft_ms_p50']:.1f} ms", file=sys.stderr, flush=True)
-    return {"rounds": args.rounds, "requests_per_client": args.sched_requests,
-            "new_tokens": args.sched_new_tokens, "configs": CONFIGS, "levels": levels}
+    return {"rounds": args.rounds, "requests_per_client": args.sched_requests, "new_tokens": args.new_tokens,
+            "think_ms": args.think_ms, "configs": CONFIGS, "levels": levels}
 
 
 # ================================================================================== report
@@ -275,7 +279,8 @@ def render(res: dict) -> str:
     s = res.get("scheduler")
     if s:
         lines += [f"Scheduler, closed-loop clients in process: {s['requests_per_client']} requests of "
-                  f"{s['new_tokens']} tokens per client and round, {s['rounds']} rounds per configuration "
+                  f"{s['new_tokens'][0]}..{s['new_tokens'][1]} tokens per client and round, "
+                  f"{s['think_ms'][0]:g}..{s['think_ms'][1]:g} ms apart, {s['rounds']} rounds per configuration "
                   "(alternating), figures pooled; before = admitted one by one at the next step, old shrink rule", ""]
         head = ["clients", "config", "requests", "tokens/s", "admissions", "rows / admission", "admission share",
                 "TTFT p50 ms", "TTFT p90 ms", "rows / step", "resizes / 1k steps", "tokens equal"]
