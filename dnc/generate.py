@@ -148,12 +148,15 @@ class BatchDecoder(Admission):
     host-cost work). A move copies every state tensor of every row (small: ~54 MB a row in bf16,
     one index copy per tensor), and under a churn of arrivals near a bucket boundary (rows
     hovering around 32) each shrink was undone by the next arrival's growth: a full copy each way,
-    every other step. Waiting is not free either: the step computes its padded slots (H200, small:
-    ~0.03 ms a slot, so 32 of them ~1 ms a step), so the wait is short, about what a move there
-    costs in padded steps (ski rental). ``resizes`` / ``resized_rows`` count the moves (growth and
-    shrink) and the rows they copied; ``bench/decode_churn.py`` measures both sides."""
+    every other step. Waiting is not free either: the step computes its padded slots, so the wait
+    is about what a move pair costs in padded steps (ski rental). H200, small, 32 rows in a batch
+    of 64: the 32 padded slots cost ~1 ms a step (0.03 ms a slot, bench/decode_loop_gap.py), a move
+    copies ~1.7 GB (~1 ms) plus its host ops, so a shrink and the growth that undoes it cost about
+    2.5 padded steps. On a CPU the copy is cheap beside the padded compute: ``bench/decode_churn.py``
+    measures both sides. ``resizes`` / ``resized_rows`` count the moves (growth and shrink) and the
+    rows they copied."""
 
-    SHRINK_AFTER = 4
+    SHRINK_AFTER = 3
     """Default ``shrink_after`` (steps)."""
 
     def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS,
