@@ -46,7 +46,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-from common import HelpFormatter, device_tag, fmt_num, md_table, parse_pairs, percentile, provenance, write_json  # noqa: E402
+from common import (HelpFormatter, device_tag, fmt_num, md_table, parse_pairs, percentile,  # noqa: E402
+                    provenance, write_json)
 
 from profile_model import OpCounter  # noqa: E402
 
@@ -262,15 +263,16 @@ def render(res: dict) -> str:
     d = res.get("decoder")
     if d:
         base = d["rows"][0]
-        lines += [f"Decoder under churn: {d['clients']} closed-loop clients, {d['new_tokens'][0]}..{d['new_tokens'][1]} "
-                  f"tokens per request, next request {d['gap'][0]}..{d['gap'][1]} steps after the last (running rows: mean "
-                  f"{base['running_mean']:.1f}, p10..p90 {base['running_p10_p90'][0]:.0f}..{base['running_p10_p90'][1]:.0f}); "
-                  "per 1,000 steps "
-                  f"(ratio against shrink_after {base['shrink_after']}); tokens equal: each request's tokens against "
-                  "the baseline's", ""]
+        lo, hi = base["running_p10_p90"]
+        lines += [f"Decoder under churn: {d['clients']} closed-loop clients, {d['new_tokens'][0]}.."
+                  f"{d['new_tokens'][1]} tokens per request, next request {d['gap'][0]}..{d['gap'][1]} steps after "
+                  f"the last (running rows: mean {base['running_mean']:.1f}, p10..p90 {lo:.0f}..{hi:.0f}); per 1,000 "
+                  f"steps (ratio against shrink_after {base['shrink_after']}); tokens equal: each request's tokens "
+                  "against the baseline's", ""]
         head = ["shrink_after", "steps", "requests", "resizes / 1k", "rows copied / 1k", "resize kernel ops / 1k",
                 "ms / step (median)", "vs baseline", "padded slots / row", "tokens equal"]
-        body = [[str(r["shrink_after"]), str(r["steps"]), str(r["requests_done"]), fmt_num(r["resizes_per_1k"], "{:.1f}"),
+        body = [[str(r["shrink_after"]), str(r["steps"]), str(r["requests_done"]),
+                 fmt_num(r["resizes_per_1k"], "{:.1f}"),
                  fmt_num(r["rows_copied_per_1k"], "{:,.0f}"), fmt_num(r["resize_kernel_ops_per_1k"], "{:,.0f}"),
                  fmt_num(r["ms_median"], "{:.2f}"), fmt_num(r["ms_median"] / base["ms_median"], "{:.2f}x"),
                  fmt_num(r["padded_per_row_mean"], "{:.2f}"),
