@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, str] = {
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
     "decode_loop_gap": "decode_loop_gap_report",
+    "decode_churn": "decode_churn",
     "admission_prefill": "admission_prefill",
     "durability": "durability_report",
     "abuse": "abuse",

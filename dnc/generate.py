@@ -95,6 +95,7 @@ class _Batch:
     plan: _Plan | None = None
     host: torch.Tensor | None = None     # pinned [capacity] long: the step's tokens come back here (CUDA)
     ready: "torch.cuda.Event | None" = None  # recorded after that copy: the host waits on it alone
+    fit_steps: int = 0                   # consecutive steps its rows fitted a smaller bucket (see BatchDecoder.step)
 
     def occupied(self) -> list[tuple[int, DecodeRow]]:
         return [(i, r) for i, r in enumerate(self.slots) if r is not None]
@@ -140,9 +141,26 @@ class BatchDecoder(Admission):
     not stall the running rows. ``step()`` emits one token for every running row; ``running`` says
     whether any row is left (decoding or prefilling). ``max_batch`` caps the rows of one model call
     (more rows form several batches). Runs under ``torch.no_grad``; the model should be in eval mode.
-    Decode steps go through ``model.decode_runner`` when it is set (CUDA graphs), else eagerly."""
+    Decode steps go through ``model.decode_runner`` when it is set (CUDA graphs), else eagerly.
 
-    def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS):
+    ``shrink_after`` (steps): a batch moves down to the smaller bucket its rows fit once they have
+    fitted it after that many consecutive steps (<= 1: after the first, the rule before issue 14's
+    host-cost work). A move copies every state tensor of every row (small: ~54 MB a row in bf16,
+    one index copy per tensor), and under a churn of arrivals near a bucket boundary (rows
+    hovering around 32) each shrink was undone by the next arrival's growth: a full copy each way,
+    every other step. Waiting is not free either: the step computes its padded slots, so the wait
+    is about what a move pair costs in padded steps (ski rental). H200, small, 32 rows in a batch
+    of 64: the 32 padded slots cost ~1 ms a step (0.03 ms a slot, bench/decode_loop_gap.py), a move
+    copies ~1.7 GB (~1 ms) plus its host ops, so a shrink and the growth that undoes it cost about
+    2.5 padded steps. On a CPU the copy is cheap beside the padded compute: ``bench/decode_churn.py``
+    measures both sides. ``resizes`` / ``resized_rows`` count the moves (growth and shrink) and the
+    rows they copied."""
+
+    SHRINK_AFTER = 3
+    """Default ``shrink_after`` (steps)."""
+
+    def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS,
+                 shrink_after: int = SHRINK_AFTER):
         self.model = model
         self.max_batch_rows = max(1, int(max_batch))  # rows in one model call at most
         self.ragged_prefill = bool(ragged_prefill)
@@ -154,6 +172,9 @@ class BatchDecoder(Admission):
         self.steps = 0
         self.max_batch = 0  # the most rows one model call has decoded
         self.commits = 0    # segment commits of decoding rows
+        self.shrink_after = int(shrink_after)
+        self.resizes = 0       # batches moved to another bucket (each a copy of every row's state)
+        self.resized_rows = 0  # rows those moves copied
 
     @property
     def running(self) -> bool:
@@ -188,6 +209,9 @@ class BatchDecoder(Admission):
         self._free_batch(b.rb)
         b.rb = new
         b.slots = [r for _, r in occ] + [None] * (capacity - len(occ))
+        b.fit_steps = 0
+        self.resizes += 1
+        self.resized_rows += len(occ)
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -203,11 +227,16 @@ class BatchDecoder(Admission):
         self.max_batch = max([self.max_batch] + self.batch_sizes())
         for b in list(self.batches):
             out += self._step_batch(b)
-            if b.rb.n_active == 0:
+            n = b.rb.n_active
+            if n == 0:
                 self.batches.remove(b)
                 self._free_batch(b.rb)
-            elif bucket_for(b.rb.n_active) < b.rb.capacity:
-                self._resize(b, bucket_for(b.rb.n_active))  # fewer rows: a smaller bucket
+            elif bucket_for(n) < b.rb.capacity:  # fewer rows: a smaller bucket, once they stay fewer
+                b.fit_steps += 1
+                if b.fit_steps >= self.shrink_after:
+                    self._resize(b, bucket_for(n))
+            else:
+                b.fit_steps = 0
         return out
 
     def _step_batch(self, b: _Batch) -> list[StepToken]:

@@ -4,7 +4,16 @@
 Requests are submitted from the asyncio loop; one driver task runs *iterations* on the model
 thread: admit the waiting rows (prefill), drop the cancelled ones, then decode steps until
 ``chunk_s`` of work is done (or at once after admitting rows, so their first token goes out
-without delay, or when more requests are waiting). Each iteration's tokens are handed to the
+without delay, or when waiting requests are due for admission).
+
+Arrivals are coalesced while rows are decoding: they are admitted together once ``admit_batch``
+are waiting (or as many as there is room for) or the oldest has waited ``admit_delay_s``. Under
+load each closed-loop client's next request arrives alone, and an admission has a host cost of
+its own whatever its rows (a fresh decode batch, the prefill call, the join into the running
+batch, a new sampling plan): admitted one by one, arrivals took a third of the model thread at
+64 streams (issue 14). With nothing decoding a request is admitted at once (``admit_wait_s``
+aside), so a lone request's first token is not delayed; nor is an iteration cut short for
+arrivals that have no room to join. Each iteration's tokens are handed to the
 requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
 last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
 Iterations cut short by arrivals (under load, nearly all of them) would otherwise send a list
@@ -69,12 +78,22 @@ class _Iteration:
     """Seconds the model thread spent in this iteration (drop, prefill and steps)."""
 
 
+ADMIT_BATCH = 8
+"""Arrivals admitted together while rows decode (``DecodeScheduler.admit_batch``)."""
+ADMIT_DELAY_S = 0.005
+"""The longest an arrival waits to be admitted with others while rows decode (s): small beside
+the 100 ms time-to-first-token target (bench/decode_churn.py measures both)."""
+
+
 class DecodeScheduler:
     """One decoder per model (see the module docstring).
 
     ``run(fn, *args)`` runs ``fn`` on the model thread and is awaited; ``max_batch`` caps the rows of
     one model call; ``max_running`` caps the rows decoding at once (later ones wait); ``admit_wait_s``: when nothing is decoding, how long the
-    first arrival waits for others to arrive with it (they then prefill as one batch); ``metrics``:
+    first arrival waits for others to arrive with it (they then prefill as one batch);
+    ``admit_batch`` / ``admit_delay_s`` (rows, s): while rows are decoding, arrivals are admitted
+    once that many wait (or as many as there is room for) or the oldest has waited that long
+    (1 / 0: at the next step, as before issue 14's host-cost work); ``metrics``:
     a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
     of token lists (tests drive it by hand); ``events_per_s``: lists handed out a second, about, in
     all: with ``n`` requests running, one request's lists are at least ``max(chunk_s, n / events_per_s)``
@@ -84,13 +103,16 @@ class DecodeScheduler:
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
-                 clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0):
+                 clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0,
+                 admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
         self.events_per_s = events_per_s
         self.max_running = max_running
         self.admit_wait_s = admit_wait_s
+        self.admit_batch = max(1, int(admit_batch))
+        self.admit_delay_s = max(0.0, float(admit_delay_s))
         self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
@@ -98,7 +120,8 @@ class DecodeScheduler:
         # busy_s: model thread inside iterations; step_s: of it in decode steps; prefill_s: in admissions;
         # hop_s: iterations' round trips loop -> model thread -> loop beyond busy_s (executor and loop delays)
         self.stats = {"steps": 0, "rows_stepped": 0, "max_batch": 0, "max_running": 0, "admitted": 0, "tokens": 0,
-                      "iterations": 0, "busy_s": 0.0, "step_s": 0.0, "prefill_s": 0.0, "hop_s": 0.0}
+                      "iterations": 0, "busy_s": 0.0, "step_s": 0.0, "prefill_s": 0.0, "hop_s": 0.0,
+                      "admissions": 0}
         self.metrics = metrics
         self._last_step_end: float | None = None  # model thread: when the previous decode step ended
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque(maxlen=self.RECENT)
@@ -153,6 +176,8 @@ class DecodeScheduler:
             await asyncio.sleep(self.admit_wait_s)
         while self.waiting or self.active:
             room = max(0, self.max_running - len(self.active))
+            if not self.due(time.perf_counter()):
+                room = 0  # coalescing: decode on, the arrivals join together a little later
             admit, self.waiting = self.waiting[:room], self.waiting[room:]
             admit = [j for j in admit if not j.cancelled]
             cancelled = [j.row for j in self.active.values() if j.cancelled]
@@ -177,6 +202,19 @@ class DecodeScheduler:
             self._record(it)  # it.failed rows are done: handled in _hand_out
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
+
+    def due(self, now: float) -> bool:
+        """Whether the waiting requests are to be admitted now (``now``: ``time.perf_counter()``):
+        some wait, there is room, and nothing is decoding, or ``admit_batch`` wait (as many as
+        there is room for), or the oldest has waited ``admit_delay_s``. Read on the model thread
+        too (``waiting`` and ``active`` change on the loop's: a stale answer costs one step)."""
+        waiting = self.waiting
+        room = self.max_running - len(self.active)
+        if not waiting or room <= 0:
+            return False
+        if not self.active or len(waiting) >= min(self.admit_batch, room):
+            return True
+        return now - waiting[0].submitted >= self.admit_delay_s
 
     def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
@@ -229,6 +267,7 @@ class DecodeScheduler:
         dec.drop(cancelled)
         it = _Iteration([], dec.add(admit) if admit else [])
         t_prefilled = time.perf_counter()
+        self.stats["admissions"] += bool(admit)
         for job in (self.active.get(id(r)) for r in admit):  # active: only the loop changes it, between iterations
             if job is not None:
                 job.timing["prefilled"] = t_prefilled
@@ -259,7 +298,7 @@ class DecodeScheduler:
                 it.inter_token_ms.append((now - self._last_step_end) * 1e3)
             self._last_step_end = now
             it.tokens += step
-            if admit or self.waiting or now > t_end:
+            if admit or now > t_end or self.due(now):
                 break
         it.busy_s = time.perf_counter() - t_start
         self.stats["busy_s"] += it.busy_s

@@ -88,6 +88,26 @@ def test_template_follows_the_weights():
                if torch.is_tensor(a))  # the test would see a stale template
 
 
+def test_template_follows_a_replaced_embedding_and_another_model():
+    """The kept parameter list (see ``_weights_key``) is made again when the embedding weight is a
+    new object or the decoder's model is another one: the template is then rebuilt."""
+    m = _model()
+    dec = BatchDecoder(m)
+    first = dec._fresh_template()
+    assert dec._fresh_template() is first
+    with torch.no_grad():
+        m.embed.weight = torch.nn.Parameter(m.embed.weight + 0.01)  # a new object: its _version starts over
+    second = dec._fresh_template()
+    assert second is not first and dec._params[1] is m.embed.weight
+    ref = RaggedBatch(m, 1)
+    ref.insert(0, m.init_state(1), torch.zeros(m.config.vocab_size), m)
+    _assert_same(_slot(second, 0), _slot(ref, 0))
+    other = _model(self_read=True)
+    dec.model = other
+    third = dec._fresh_template()
+    assert third is not second and dec._params[0] is other
+
+
 def test_clone_and_copy_rows_move_what_insert_put_there():
     m = _model(self_read=True)
     a, b = RaggedBatch(m, 4), RaggedBatch(m, 8)

@@ -34,7 +34,7 @@ def _rows(model, n_rows: int = 6, max_new: int = 50):
 
 
 def _decode(model, rows):
-    dec = BatchDecoder(model)
+    dec = BatchDecoder(model, shrink_after=1)  # shrink as soon as rows leave: buckets 8, 4, 2, 1 (their graphs)
     dec.add(rows)
     list(dec.run())
     return rows

@@ -122,5 +122,118 @@ def test_a_lone_request_is_admitted_without_waiting(model):
     assert waited >= 0.2 and no_wait < 0.1, (no_wait, waited)
 
 
+def test_a_lone_request_is_admitted_at_once_whatever_the_coalescing(model):
+    """Coalescing waits only while rows decode: with ``admit_delay_s`` of 10 s and ``admit_batch``
+    of 8, an idle scheduler still prefills a lone request at once (and its first token follows)."""
+    pool = ThreadPoolExecutor(1)
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def main():
+        sch = DecodeScheduler(model, run, admit_batch=8, admit_delay_s=10.0)
+        timing: dict = {}
+        n = await _drain(sch.submit(DecodeRow(list(b"alone"), None, 3, SamplingParams(0.0)), timing))
+        return n, timing, sch.stats
+    n, timing, stats = asyncio.run(main())
+    pool.shutdown()
+    assert n == 3 and stats["admissions"] == 1
+    assert timing["queue_s"] < 0.5 and timing["first_token"] - timing["submitted"] < 1.0, timing
+
+
+def test_arrivals_while_rows_decode_are_admitted_together(model):
+    """While a long request decodes, four requests arrive 30 ms apart: with coalescing (admit when
+    4 wait, or the oldest waited 5 s) they prefill as one admission; admitted at the next step
+    (``admit_batch=1``, the old way) they take one each (on a loaded machine a step may outlast a
+    gap: two may then share one). Every request gets its solo tokens."""
+    pool = ThreadPoolExecutor(1)
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    prompts = [list(b"arrival %d" % i) for i in range(4)]
+
+    async def main(**kw):
+        sch = DecodeScheduler(model, run, chunk_s=0.005, **kw)
+        long_row = DecodeRow(list(b"the long one"), None, 400, SamplingParams(0.0))
+        rows = [DecodeRow(p, None, 3, SamplingParams(0.0)) for p in prompts]
+        long_task = asyncio.ensure_future(_drain(sch.submit(long_row)))
+        while len(long_row.tokens) < 10:  # decoding, past the first (slower) steps
+            await asyncio.sleep(0.002)
+        tasks = []
+        for r in rows:
+            tasks.append(asyncio.ensure_future(_drain(sch.submit(r))))
+            await asyncio.sleep(0.03)
+        await asyncio.gather(*tasks)
+        long_task.cancel()
+        try:
+            await long_task
+        except asyncio.CancelledError:
+            pass
+        return sch.stats["admissions"], [r.tokens for r in rows]
+    together, tokens = asyncio.run(main(admit_batch=4, admit_delay_s=5.0))
+    one_by_one, tokens_old = asyncio.run(main(admit_batch=1, admit_delay_s=0.0))
+    pool.shutdown()
+    assert together == 2, together  # the long request, then the four
+    assert one_by_one >= 4, one_by_one
+    assert tokens == tokens_old
+    for p, got in zip(prompts, tokens):
+        ref = DecodeRow(p, None, 3, SamplingParams(0.0))
+        dec = BatchDecoder(model)
+        dec.add([ref])
+        list(dec.run())
+        assert got == ref.tokens
+
+
+def test_admission_is_due_by_count_age_or_an_idle_batch_and_never_without_room(model):
+    from serve.scheduler import _Job
+
+    sch = DecodeScheduler(model, run=None, max_running=4, admit_batch=3, admit_delay_s=0.05)
+
+    def job(age: float) -> _Job:
+        j = _Job(DecodeRow([1], None, 1), {})
+        j.submitted = 100.0 - age
+        return j
+    assert not sch.due(100.0)  # nothing waits
+    sch.waiting = [job(0.0)]
+    assert sch.due(100.0)  # nothing decodes: at once
+    sch.active = {1: job(1.0)}
+    assert not sch.due(100.0)  # one waits, briefly: decoding goes on
+    assert sch.due(100.06)  # the oldest has waited admit_delay_s
+    sch.waiting = [job(0.0), job(0.0), job(0.0)]
+    assert sch.due(100.0)  # admit_batch wait
+    sch.active = {i: job(1.0) for i in range(2)}
+    sch.waiting = [job(0.0), job(0.0)]
+    assert sch.due(100.0)  # as many wait as there is room for
+    sch.active = {i: job(1.0) for i in range(4)}
+    assert not sch.due(1e9)  # no room: no admission, and no iteration cut short for it
+
+
+def test_iterations_are_not_cut_short_by_arrivals_without_room(model):
+    """``max_running=1``: a second request waits for the first to end. Its arrival used to end
+    every iteration after one step (an empty admission each time); now iterations run ``chunk_s``."""
+    pool = ThreadPoolExecutor(1)
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def main():
+        sch = DecodeScheduler(model, run, chunk_s=0.2, max_running=1)
+        first = DecodeRow(list(b"first"), None, 40, SamplingParams(0.0))
+        second = DecodeRow(list(b"second"), None, 2, SamplingParams(0.0))
+        t1 = asyncio.ensure_future(_drain(sch.submit(first)))
+        while not first.tokens:
+            await asyncio.sleep(0.001)
+        t2 = asyncio.ensure_future(_drain(sch.submit(second)))
+        await asyncio.gather(t1, t2)
+        return sch.stats, first, second
+    stats, first, second = asyncio.run(main())
+    pool.shutdown()
+    assert len(first.tokens) == 40 and len(second.tokens) == 2
+    assert stats["admissions"] == 2
+    # 41 decode steps in all; one iteration per step would be ~42
+    assert stats["iterations"] < 20, stats
+
+
 async def _drain(stream) -> int:
     return sum([len(steps) async for steps in stream])
