@@ -75,6 +75,11 @@ class AppArgs(BaseModel):
                                        "replica sends in all: under load a request's events are max(stream_chunk_ms, "
                                        "running / this) apart, because each event costs CPU in the Generator, the "
                                        "Ray hop, the ingress and the proxy (0 = stream_chunk_ms at any load).")
+    admit_batch: int = Field(8, ge=1, le=256, description="While rows decode, arrivals are admitted (prefilled "
+                             "together) once this many wait, or once the oldest has waited admit_delay_ms; a request "
+                             "that finds the replica idle is admitted at once. 1 = each arrival at the next step.")
+    admit_delay_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait of an arrival for others to "
+                                  "be admitted with it while rows decode (ms); added to its time to first token.")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
@@ -142,6 +147,16 @@ class AppArgs(BaseModel):
                       max_sessions_per_owner=self.max_sessions_per_owner, max_ws_per_owner=self.max_ws_per_owner,
                       max_ws_total=self.max_ws_total)
 
+    def generator_settings(self) -> GeneratorSettings:
+        """What every Generator replica is built with (typed; Ray pickles it to the replicas)."""
+        return GeneratorSettings(
+            model=self.model_spec(), bank=self.bank_config(), hub_namespace=self.namespace,
+            hub_name=self.hub_name(), device=self.device, max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s, torch_threads=self.torch_threads,
+            model_name=self.model_name, max_ongoing_requests=self.generator_max_ongoing_requests,
+            stream_chunk_ms=self.stream_chunk_ms, stream_events_per_s=self.stream_events_per_s,
+            admit_batch=self.admit_batch, admit_delay_ms=self.admit_delay_ms)
+
     def hub_name(self) -> str:
         return f"dnc-live-hub-{self.bank_config().fingerprint()}"
 
@@ -204,11 +219,7 @@ def build_app(args: dict[str, Any]):
     print(f"[serve] {check_bind(serve_http_host(a.http_host), keys)}", file=sys.stderr, flush=True)
     check_layout(a.storage, a.bank_shards)
     # typed objects travel to the replicas (pickled by Ray), validated here once
-    gen_settings = GeneratorSettings(
-        model=a.model_spec(), bank=a.bank_config(), hub_namespace=a.namespace, hub_name=a.hub_name(),
-        device=a.device, max_batch_size=a.max_batch_size, batch_wait_timeout_s=a.batch_wait_timeout_s,
-        torch_threads=a.torch_threads, model_name=a.model_name, max_ongoing_requests=a.generator_max_ongoing_requests,
-        stream_chunk_ms=a.stream_chunk_ms, stream_events_per_s=a.stream_events_per_s)
+    gen_settings = a.generator_settings()
     generator = Generator.options(
         num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},

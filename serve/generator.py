@@ -197,6 +197,10 @@ class GeneratorSettings:
     """Token events the replica hands out a second, about, in all: under load one request's events
     are ``max(stream_chunk_ms, running / stream_events_per_s)`` apart, because every event costs CPU
     in the Generator, the Ray hop, the ingress and the proxy (0 = ``stream_chunk_ms`` at any load)."""
+    admit_batch: int = 8
+    """While rows decode, arrivals are admitted together once this many wait (or ``admit_delay_ms``)."""
+    admit_delay_ms: float = 5.0
+    """Longest wait of an arrival for others while rows decode (ms); an idle replica admits at once."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -244,7 +248,9 @@ class Generator:
                                          max_batch=self.settings.max_batch_size,
                                          max_running=self.settings.max_ongoing_requests,
                                          admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics,
-                                         events_per_s=self.settings.stream_events_per_s)
+                                         events_per_s=self.settings.stream_events_per_s,
+                                         admit_batch=self.settings.admit_batch,
+                                         admit_delay_s=self.settings.admit_delay_ms / 1e3)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()

@@ -268,3 +268,21 @@ def test_kmeans_separates_blobs():
     labels, inertia = kmeans(torch.cat([a, b]), 2)
     assert len(set(labels[:30].tolist())) == 1 and len(set(labels[30:].tolist())) == 1
     assert labels[0] != labels[-1] and inertia < 10
+
+
+def test_admission_coalescing_settings_reach_the_scheduler(tmp_path):
+    """AppArgs.admit_batch / admit_delay_ms are validated at the edge and travel, typed, through
+    GeneratorSettings to the replica's scheduler (ms -> s)."""
+    from pydantic import ValidationError
+
+    from serve.app import AppArgs
+
+    with pytest.raises(ValidationError, match="admit_batch"):
+        AppArgs(admit_batch=0)
+    with pytest.raises(ValidationError, match="admit_delay_ms"):
+        AppArgs(admit_delay_ms=-1)
+    settings = AppArgs(storage=str(tmp_path), device="cpu", admit_batch=3, admit_delay_ms=7.5).generator_settings()
+    g = Generator.func_or_class(settings)
+    assert g.scheduler.admit_batch == 3 and g.scheduler.admit_delay_s == pytest.approx(0.0075)
+    defaults = AppArgs()
+    assert (defaults.admit_batch, defaults.admit_delay_ms) == (8, 5.0)
