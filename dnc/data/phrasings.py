@@ -155,18 +155,47 @@ class NeedlePhrasing:
         return self._fill(self.question, self.subject)
 
 
-@lru_cache(maxsize=None)
-def needle_phrasings(split: str) -> tuple[NeedlePhrasing, ...]:
-    """Every (subject, fact, question) combination of ``split``, in a fixed order."""
-    return tuple(NeedlePhrasing(s, f, q, split) for s in of_split(NEEDLE_SUBJECTS, split)
-                 for f in of_split(NEEDLE_FACTS, split) for q in of_split(NEEDLE_QUESTIONS, split))
+NEEDLE_PARTS = ("subject", "fact", "question")
+"""The three parts of a needle's wording, each with its own train / held-out table."""
+
+PART_PHRASINGS: dict[str, tuple[str, str, str]] = {
+    "heldout_subject": (H, T, T), "heldout_fact": (T, H, T), "heldout_question": (T, T, H),
+    "heldout_frames": (T, H, H),
+}
+"""Needle wordings held out in some parts only (the split of subject, fact frame, question frame),
+for evaluations that ask which held-out part a model fails on (``bench/heldout_parts.py``). Each
+holds a held-out part, so training may not use them (:data:`HELDOUT_PHRASINGS`)."""
+
+HELDOUT_PHRASINGS = (H,) + tuple(PART_PHRASINGS)
+"""``phrasing`` values that contain held-out wording: evaluation only
+(``dnc.data.curriculum.Stage.validate`` refuses them in a training stage)."""
+
+
+def needle_part_splits(phrasing: str) -> tuple[str, str, str]:
+    """(subject split, fact split, question split) of a needle ``phrasing``: a split of
+    :data:`SPLITS` for all three parts, or one of :data:`PART_PHRASINGS`."""
+    if phrasing in PART_PHRASINGS:
+        return PART_PHRASINGS[phrasing]
+    if phrasing not in SPLITS:
+        raise ValueError(f"needle phrasing must be one of {SPLITS + tuple(PART_PHRASINGS)} (or None for the "
+                         f"original template), got {phrasing!r}")
+    return (phrasing,) * 3
 
 
 @lru_cache(maxsize=None)
-def shortest_needle(split: str) -> NeedlePhrasing:
-    """The phrasing of ``split`` with the fewest fact + question bytes (the fallback when a drawn
+def needle_phrasings(phrasing: str) -> tuple[NeedlePhrasing, ...]:
+    """Every (subject, fact, question) combination of ``phrasing`` (a split, or a per-part mix of
+    :data:`PART_PHRASINGS`), in a fixed order."""
+    ss, fs, qs = needle_part_splits(phrasing)
+    return tuple(NeedlePhrasing(s, f, q, phrasing) for s in of_split(NEEDLE_SUBJECTS, ss)
+                 for f in of_split(NEEDLE_FACTS, fs) for q in of_split(NEEDLE_QUESTIONS, qs))
+
+
+@lru_cache(maxsize=None)
+def shortest_needle(phrasing: str) -> NeedlePhrasing:
+    """The phrasing of ``phrasing`` with the fewest fact + question bytes (the fallback when a drawn
     one does not fit a short sample)."""
-    return min(needle_phrasings(split),
+    return min(needle_phrasings(phrasing),
                key=lambda o: len(o.fact_text("00000").encode()) + len(o.question_text().encode()))
 
 
@@ -201,5 +230,6 @@ def template_regex(template: str, **fixed: str) -> re.Pattern[str]:
 __all__ = [
     "SPLITS", "NEEDLE_SUBJECTS", "NEEDLE_FACTS", "NEEDLE_QUESTIONS", "PAIR_FACTS", "PAIR_QUESTIONS",
     "RELATION_FACTS", "RELATION_QUESTIONS", "NeedlePhrasing", "needle_phrasings", "shortest_needle", "of_split",
-    "identifier", "draw", "template_regex", "check_split",
+    "identifier", "draw", "template_regex", "check_split", "NEEDLE_PARTS", "PART_PHRASINGS",
+    "HELDOUT_PHRASINGS", "needle_part_splits",
 ]

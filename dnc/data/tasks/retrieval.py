@@ -208,7 +208,10 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     (:func:`dnc.data.phrasings.needle_phrasings`, e.g. ``"# NOTE: the access code is 12345"`` /
     ``"Q: what was the access code?\\nA: [12345]"``); decoys then use other subjects of the split in
     the same frame. When the drawn wording does not fit ``length`` the shortest of the split is
-    used. ``markers=False`` drops ``<needle>``/``<query>``; ``filler`` picks the filler source."""
+    used. ``phrasing`` may also hold out only some parts (:data:`dnc.data.phrasings.PART_PHRASINGS`,
+    e.g. ``"heldout_subject"``: a held-out subject in train frames; decoys take subjects of the
+    subject's split), to tell which part a model fails on. ``markers=False`` drops
+    ``<needle>``/``<query>``; ``filler`` picks the filler source."""
     check_common(length, difficulty)
     rng = as_rng(rng)
     check_filler(filler)
@@ -221,9 +224,10 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
         p, decoy_subjects = _LEGACY_NEEDLE, ["room number"] * nd
         shortest = p
     else:
-        options = ph.needle_phrasings(ph.check_split(phrasing))
+        options = ph.needle_phrasings(phrasing)
         p = options[int(rng.integers(0, len(options)))]
-        others = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing) if s != p.subject]
+        subjects = ph.of_split(ph.NEEDLE_SUBJECTS, ph.needle_part_splits(phrasing)[0])
+        others = [s for s in subjects if s != p.subject]
         if n_decoys is None:
             nd = min(nd, len(others))
         if nd > len(others):
@@ -240,8 +244,7 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     for attempt in (p, shortest):
         p = attempt
         if p is not _LEGACY_NEEDLE and p.subject in decoy_subjects:  # the shortest may clash
-            decoy_subjects = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing)
-                              if s != p.subject][:nd]
+            decoy_subjects = [s for s in subjects if s != p.subject][:nd]
         parts = _needle_parts(p, nums, decoy_subjects, markers)
         if n_decoys is None:
             while nd > 0 and need(parts, nd) > length:
