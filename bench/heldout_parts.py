@@ -16,7 +16,9 @@ Cells (``--cells``; each ``name=phrasing/filler``, phrasing ``template`` for the
 - ``frames``: both frames held out, a train subject;
 - ``filler``: train wording, held-out filler;
 - ``wording``: every wording part held out, train filler;
-- ``heldout``: everything held out (the record's held-out cell).
+- ``heldout``: everything held out (the record's held-out cell);
+- ``train_echo`` / ``heldout_echo``: train / held-out subject and fact frame (and filler), the
+  question being the fact's own text up to the value, as in the template (an induction copy).
 
 Per cell it prints exact match (teacher-forced argmax, the record's verdict), digits right, how often
 the first answer token is a digit at all, and whether the needle sat in the question's segment.
@@ -64,6 +66,8 @@ CELLS: dict[str, tuple[str, str]] = {
     "filler": ("train", "stdlib_heldout"),
     "wording": ("heldout", "stdlib"),
     "heldout": ("heldout", "stdlib_heldout"),
+    "train_echo": ("train_echo", "stdlib"),
+    "heldout_echo": ("heldout_echo", "stdlib_heldout"),
 }
 """Cell name -> (needle phrasing, filler source); see the module docstring."""
 POSITIONS = {"bank": 0.0, "own": 1.0}

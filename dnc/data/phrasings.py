@@ -158,15 +158,21 @@ class NeedlePhrasing:
 NEEDLE_PARTS = ("subject", "fact", "question")
 """The three parts of a needle's wording, each with its own train / held-out table."""
 
+ECHO = "echo"
+"""Question "split" of :data:`PART_PHRASINGS`: the question is the fact's own text up to its value
+("# NOTE: the {s} is " for "# NOTE: the {s} is {v}\n"), as the original template's question is, so
+the answer can be copied on from the words before it (an induction step) without matching the subject
+across two different frames."""
+
 PART_PHRASINGS: dict[str, tuple[str, str, str]] = {
     "heldout_subject": (H, T, T), "heldout_fact": (T, H, T), "heldout_question": (T, T, H),
-    "heldout_frames": (T, H, H),
+    "heldout_frames": (T, H, H), "train_echo": (T, T, ECHO), "heldout_echo": (H, H, ECHO),
 }
-"""Needle wordings held out in some parts only (the split of subject, fact frame, question frame),
-for evaluations that ask which held-out part a model fails on (``bench/heldout_parts.py``). Each
-holds a held-out part, so training may not use them (:data:`HELDOUT_PHRASINGS`)."""
+"""Needle wordings mixed part by part (the split of subject, fact frame, question frame), for
+evaluations that ask which part a model fails on (``bench/heldout_parts.py``). Those with a held-out
+part are refused in training (:data:`HELDOUT_PHRASINGS`)."""
 
-HELDOUT_PHRASINGS = (H,) + tuple(PART_PHRASINGS)
+HELDOUT_PHRASINGS = (H,) + tuple(k for k, v in PART_PHRASINGS.items() if H in v)
 """``phrasing`` values that contain held-out wording: evaluation only
 (``dnc.data.curriculum.Stage.validate`` refuses them in a training stage)."""
 
@@ -187,8 +193,18 @@ def needle_phrasings(phrasing: str) -> tuple[NeedlePhrasing, ...]:
     """Every (subject, fact, question) combination of ``phrasing`` (a split, or a per-part mix of
     :data:`PART_PHRASINGS`), in a fixed order."""
     ss, fs, qs = needle_part_splits(phrasing)
+    if qs == ECHO:  # facts that name the subject before the value, each asked with its own prefix
+        return tuple(NeedlePhrasing(s, f, echo_question(f), phrasing) for s in of_split(NEEDLE_SUBJECTS, ss)
+                     for f in of_split(NEEDLE_FACTS, fs) if echo_question(f) is not None)
     return tuple(NeedlePhrasing(s, f, q, phrasing) for s in of_split(NEEDLE_SUBJECTS, ss)
                  for f in of_split(NEEDLE_FACTS, fs) for q in of_split(NEEDLE_QUESTIONS, qs))
+
+
+def echo_question(fact: str) -> str | None:
+    """The fact frame's text before ``{v}`` (its :data:`ECHO` question), None when that text does
+    not name the subject ("Remember {v}: it is the {s}. ")."""
+    head = fact.split("{v}")[0]
+    return head if any(x in head for x in ("{s}", "{S}", "{i}")) else None
 
 
 @lru_cache(maxsize=None)
@@ -231,5 +247,5 @@ __all__ = [
     "SPLITS", "NEEDLE_SUBJECTS", "NEEDLE_FACTS", "NEEDLE_QUESTIONS", "PAIR_FACTS", "PAIR_QUESTIONS",
     "RELATION_FACTS", "RELATION_QUESTIONS", "NeedlePhrasing", "needle_phrasings", "shortest_needle", "of_split",
     "identifier", "draw", "template_regex", "check_split", "NEEDLE_PARTS", "PART_PHRASINGS",
-    "HELDOUT_PHRASINGS", "needle_part_splits",
+    "HELDOUT_PHRASINGS", "needle_part_splits", "ECHO", "echo_question",
 ]
