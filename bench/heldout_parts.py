@@ -20,8 +20,11 @@ Cells (``--cells``; each ``name=phrasing/filler``, phrasing ``template`` for the
 - ``train_echo`` / ``heldout_echo``: train / held-out subject and fact frame (and filler), the
   question being the fact's own text up to the value, as in the template (an induction copy).
 
-Per cell it prints exact match (teacher-forced argmax, the record's verdict), digits right, how often
-the first answer token is a digit at all, and whether the needle sat in the question's segment.
+Per cell it prints exact match (teacher-forced argmax, the record's verdict: the number and then
+``<eos>``), how often the number alone is right, how often its first digit is (the one digit the
+question alone must find: teacher forcing hands the later ones the true digits before them), how often
+the first answer token is a digit at all, digits right, and whether the needle sat in the question's
+segment.
 
     python bench/heldout_parts.py --checkpoint runs/ck_s13 --length 2k --n 16 --positions bank \\
         --device cpu --threads 1 --out bench/results --tag cpu_heldout_bank
@@ -126,21 +129,55 @@ def score(scorer: TeacherForcedScorer, samples: list[task_lib.Sample], segment_l
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Counts over one cell's rows. ``number_right``: every digit right, whether or not ``<eos>``
+    follows (exact match also needs the ``<eos>``: a worded fact goes on after its number, "12345.\\n",
+    and a model that copies that on is wrong by the record's verdict with the right number).
+    ``first_digit_right``: the first digit, the one the question alone must find (teacher forcing
+    gives the later digits the true ones before them, so a model that copies on from there gets them
+    right once the first is given: ``digits_right`` flatters a model that cannot find the needle)."""
     return {"n": len(rows), "correct": sum(r["correct"] for r in rows),
+            "number_right": sum(r["digits_right"] == r["digits"] for r in rows),
+            "first_digit_right": sum(r["first_pred"] == ord(r["passkey"][0]) for r in rows),
             "digits_right": sum(r["digits_right"] for r in rows), "digits": sum(r["digits"] for r in rows),
             "first_is_digit": sum(r["first_is_digit"] for r in rows),
             "in_question_segment": sum(r["in_question_segment"] for r in rows)}
 
 
+def cell_table(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The cells of a result with :func:`summarise`'s counts recomputed from its rows (results written
+    before ``number_right`` existed get it too)."""
+    out = []
+    for c in res["cells"]:
+        rows = [r for r in res.get("rows", []) if r["cell"] == c["cell"] and r["position"] == c["position"]]
+        out.append(c | (summarise(rows) if rows else {}))
+    return out
+
+
 def markdown(cells: list[dict[str, Any]]) -> str:
     """The table: one row per cell x position."""
     rows = [[c["cell"], c["phrasing"], c["filler"], c["position"], common.fmt_len(c["length"]),
-             common.fmt_count(c["correct"], c["n"]), common.fmt_count(c["digits_right"], c["digits"]),
-             common.fmt_count(c["first_is_digit"], c["n"]), f"{c['in_question_segment']}/{c['n']}"]
+             common.fmt_count(c["correct"], c["n"]), common.fmt_count(c.get("number_right"), c["n"]),
+             common.fmt_count(c.get("first_digit_right"), c["n"]), common.fmt_count(c["first_is_digit"], c["n"]),
+             common.fmt_count(c["digits_right"], c["digits"]), f"{c['in_question_segment']}/{c['n']}"]
             for c in cells]
-    return "\n".join(common.md_table(["cell", "phrasing", "filler", "needle", "length", "exact match", "digits right",
-                                      "first answer token a digit", "needle in the question's segment"],
-                                     rows, "llllrrrrr"))
+    return "\n".join(common.md_table(["cell", "phrasing", "filler", "needle", "length", "exact match",
+                                      "number right (eos or not)", "first digit right", "first answer token a digit",
+                                      "digits right (teacher-forced)", "needle in the question's segment"],
+                                     rows, "llllrrrrrrr"))
+
+
+TITLE = "Which held-out part a passkey fails on (`bench/heldout_parts.py`)"
+WHAT = ("Passkey exact match of one trained DNC when one part of the wording at a time (subject, fact frame, "
+        "question frame, filler) is held out of training, with the needle in the memory bank (depth 0) or in the "
+        "question's own segment (depth 1).")
+
+
+def render(res: dict) -> str:
+    """The body of a heldout_parts result's entry in ``bench/README.md``."""
+    st = res.get("settings", {})
+    head = (f"Device: {res.get('device')}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}; "
+            f"markers {st.get('markers')}, {st.get('n')} samples per cell, segment_len {res.get('segment_len')}")
+    return "\n".join([head, "", markdown(cell_table(res)), ""])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                             "depth": POSITIONS[pos], "length": L, **summary})
             all_rows += [{"cell": name, "position": pos, **r} for r in rows]
             log(f"{pos} {name} ({phrasing}/{filler}) {common.fmt_len(L)}: {summary['correct']}/{summary['n']} right, "
-                f"digits {summary['digits_right']}/{summary['digits']}, first a digit {summary['first_is_digit']}/"
+                f"number right {summary['number_right']}/{summary['n']}, first digit {summary['first_digit_right']}/"
+                f"{summary['n']}, digits {summary['digits_right']}/"
+                f"{summary['digits']}, first a digit {summary['first_is_digit']}/"
                 f"{summary['n']} ({time.time() - t0:.1f}s)")
     md = markdown(results)
     print(md)
