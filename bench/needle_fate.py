@@ -305,6 +305,22 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TITLE = "Where the needle ends up in the bank (`bench/needle_fate.py`)"
+WHAT = ("Per passkey sample of a trained DNC, where its digits are at the question (the question's own segment, "
+        "a raw L0 slot, compressed once or twice, or evicted), the read's probability mass on the slots that "
+        "hold them, and exact match by that fate.")
+
+
+def render(res: dict) -> str:
+    """The body of a needle_fate result's entry in ``bench/README.md``: where it ran, its wording, the tables."""
+    st = res.get("settings", {})
+    head = (f"Device: {res.get('device')}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}; "
+            f"phrasing {st.get('phrasing')}, markers {st.get('markers')}, lengths "
+            f"{', '.join(common.fmt_len(x) for x in st.get('lengths', []))}, depths {st.get('depths')}, "
+            f"{st.get('n')} per cell")
+    return "\n".join([head, "", res.get("markdown", ""), ""])
+
+
 # ==============================================================================================
 # Command line
 # ==============================================================================================

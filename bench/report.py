@@ -43,6 +43,8 @@ BENCHMARKS: dict[str, str] = {
     "serve_load": "serve_load_report",
     "long_context": "long_context_report",
     "needle_probe": "needle_probe_report",
+    "needle_fate": "needle_fate",
+    "heldout_parts": "heldout_parts",
     "recall_placement": "recall_placement_report",
     "eval_speed": "eval_speed",
     "segment_transfer": "segment_transfer",

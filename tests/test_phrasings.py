@@ -38,12 +38,77 @@ def test_every_family_has_train_and_heldout_templates_and_dozens_of_needle_phras
         train, held = ph.of_split(table, "train"), ph.of_split(table, "heldout")
         assert train and held and not set(train) & set(held)
         assert len(set(train + held)) == len(table)  # no template listed twice
-    train, held = ph.needle_phrasings("train"), ph.needle_phrasings("heldout")
-    assert len(train) >= 500 and len(held) >= 50
-    held_words = {p.subject for p in held} | {p.fact for p in held} | {p.question for p in held}
-    assert not held_words & ({p.subject for p in train} | {p.fact for p in train} | {p.question for p in train})
+    held = ph.needle_phrasings("heldout")
+    assert len(held) >= 50
+    # the train needle split is procedural: thousands of subjects and fact frames, >100 questions
+    assert len(ph.subject_pool("train")) >= 5000 and len(ph.fact_pool("train")) >= 2000
+    assert len(ph.question_pool("train")) >= 100
+    for pool in (ph.subject_pool, ph.fact_pool, ph.question_pool):
+        assert not set(pool("train")) & set(pool("heldout"))
     with pytest.raises(ValueError, match="phrasing must be one of"):
         ph.of_split(ph.PAIR_FACTS, "test")
+    with pytest.raises(ValueError, match="draw it with draw_needle"):
+        ph.needle_phrasings("train")
+
+
+def test_no_heldout_subject_word_or_frame_can_come_out_of_the_train_pools():
+    """Disjointness by construction: every train subject, fact and question frame the sampler can
+    draw is checked, not a sample of them."""
+    held_subjects = ph.of_split(ph.NEEDLE_SUBJECTS, "heldout")
+    train_table_words = {w.lower() for s in ph.of_split(ph.NEEDLE_SUBJECTS, "train") for w in s.split()}
+    # the held-out words no train subject may have: every word of a held-out subject the train table lacks
+    assert set(ph.HELDOUT_SUBJECT_WORDS) == {w.lower() for s in held_subjects for w in s.split()} - train_table_words
+    for s in ph.subject_pool("train"):
+        low = s.lower()
+        assert not any(w in low for w in ph.HELDOUT_SUBJECT_WORDS), s
+        assert ph.identifier(s) not in {ph.identifier(h) for h in held_subjects}
+    # frames: a train frame rendered with a listed subject never matches a held-out frame (anywhere in it)
+    fact_rx = [ph.template_regex(f) for f in ph.of_split(ph.NEEDLE_FACTS, "heldout")]
+    q_rx = [ph.template_regex(q + "{v}") for q in ph.of_split(ph.NEEDLE_QUESTIONS, "heldout")]
+    n = 0
+    for subject in ("pass key", "PIN"):
+        for f in ph.fact_pool("train"):
+            text = ph.NeedlePhrasing(subject, f, f, "train").fact_text("12345")
+            assert text.count("12345") == 1 and not any(r.search(text) for r in fact_rx + q_rx), text
+            n += 1
+        for q in ph.question_pool("train"):
+            text = ph.NeedlePhrasing(subject, q, q, "train").question_text() + "12345"
+            assert "{" not in text and not any(r.search(text) for r in fact_rx + q_rx), text
+            n += 1
+    assert n == 2 * (len(ph.fact_pool("train")) + len(ph.question_pool("train")))
+    # the checks can fail: a held-out frame or subject word is caught
+    assert fact_rx[0].search(ph.NeedlePhrasing("pass key", ph.of_split(ph.NEEDLE_FACTS, "heldout")[0], "",
+                                               "heldout").fact_text("12345"))
+    # every frame names its subject, so a question can only be answered by matching it
+    for f in ph.fact_pool("train") + ph.question_pool("train"):
+        assert any(x in f for x in ("{s}", "{S}", "{i}")), f
+
+
+def test_train_draws_cover_the_pools_and_part_mixes_take_each_part_from_its_split():
+    rng = np.random.default_rng(1)
+    got = [ph.draw_needle(rng, "train") for _ in range(3000)]
+    assert all(ph.is_needle_phrasing(p, "train") for p in got)
+    assert len({p.subject for p in got}) > 2000 and len({p.fact for p in got}) > 1500
+    assert len({p.question for p in got}) > 100
+    for phrasing, splits in ph.PART_PHRASINGS.items():
+        for _ in range(50):
+            p = ph.draw_needle(rng, phrasing)
+            assert ph.is_needle_phrasing(p, phrasing)
+            for part, split in zip(ph.NEEDLE_PARTS, splits):
+                if split == ph.ECHO:  # the question repeats the fact up to its value
+                    assert p.fact.startswith(p.question) and p.fact[len(p.question):].startswith("{v}")
+                    continue
+                pool = {"subject": ph.subject_pool, "fact": ph.fact_pool, "question": ph.question_pool}[part]
+                assert getattr(p, part) in pool(split) and getattr(p, part) not in pool(
+                    "train" if split == "heldout" else "heldout")
+        kw = {"needle": {"phrasing": phrasing}}
+        if "heldout" in splits:
+            with pytest.raises(ValueError, match="held-out data"):
+                Stage(name="s", tasks={"needle": 1.0}, min_len=64, max_len=128, task_kwargs=kw)
+        else:  # an echo question of train parts is train data
+            Stage(name="s", tasks={"needle": 1.0}, min_len=64, max_len=128, task_kwargs=kw)
+    with pytest.raises(ValueError, match="needle phrasing must be one of"):
+        generate("needle", 0, 400, phrasing="heldout_filler")
 
 
 # ---------------------------------------------------------------------------------------------- the tasks
@@ -72,16 +137,50 @@ def test_needle_phrasing_puts_the_fact_at_needle_pos_and_asks_in_the_question_fr
                 s = generate("needle", rng, 800, 1.0, phrasing=split, markers=markers, filler="stdlib")
                 key, f = s.meta["passkey"], s.meta["frames"]
                 p = ph.NeedlePhrasing(f["subject"], f["fact"], f["question"], split)
-                assert p in ph.needle_phrasings(split)
+                assert ph.is_needle_phrasing(p, split)
                 assert text_of(s.tokens[s.meta["needle_pos"]:s.meta["needle_pos"] + 5]) == key
                 assert p.fact_text(key) in text_of(s.tokens)
                 assert text_of(s.prompt).endswith(p.question_text())
                 # decoys: the same frame with other subjects of the split, other numbers
-                for sub in ph.of_split(ph.NEEDLE_SUBJECTS, split):
-                    if sub != p.subject:
-                        i = ph.identifier(sub)
-                        m = ph.template_regex(p.fact, s=sub, S=i.upper(), i=i).search(text_of(s.tokens))
-                        assert m is None or key not in m.group(0)
+                text = text_of(s.tokens[:s.answer_start])
+                found = [(m.group("s"), m.group("v")) for m in _any_subject(p.fact).finditer(text)]
+                assert sum(v == key for _, v in found) == 1 and len(found) >= 1 + s.meta["n_decoys"]
+
+
+def _any_subject(frame: str) -> re.Pattern[str]:
+    """``frame`` with its value as group ``v`` and any subject (in any of its forms) as group ``s``."""
+    forms = {"s": r"[A-Za-z][\w ]*?", "S": r"[A-Z][A-Z0-9_]*", "i": r"[a-z][a-z0-9_]*"}
+    out, pos, seen = [], 0, False
+    for m in re.finditer(r"\{(\w)\}", frame):
+        out.append(re.escape(frame[pos:m.start()]))
+        name = m.group(1)
+        if name == "v":
+            out.append(r"(?P<v>\d+)")
+        elif not seen:
+            out.append(f"(?P<s>{forms[name]})")
+            seen = True
+        else:
+            out.append(forms[name])
+        pos = m.end()
+    return re.compile("".join(out) + re.escape(frame[pos:]))
+
+
+def test_worded_needles_carry_decoys_from_difficulty_zero_and_the_template_does_not():
+    """A worded needle alone in a digit-free haystack can be answered with "the only number"; its
+    decoys (other subjects' numbers in the same frame) make the subject the only way to the answer."""
+    from dnc.data.tasks.retrieval import WORDED_MIN_DECOYS
+
+    rng = np.random.default_rng(4)
+    for filler in ("words", "stdlib"):
+        for _ in range(20):
+            s = generate("needle", rng, 2048, 0.0, phrasing="train", filler=filler, markers=False)
+            assert s.meta["n_decoys"] == WORDED_MIN_DECOYS >= 2
+            f = s.meta["frames"]
+            found = {m.group("s"): m.group("v") for m in _any_subject(f["fact"]).finditer(text_of(s.prompt))}
+            values = [v for v in found.values() if len(v) == 5]
+            assert s.meta["passkey"] in values and len(set(values)) >= 1 + WORDED_MIN_DECOYS
+    assert generate("needle", rng, 2048, 0.0, filler="words").meta["n_decoys"] == 0  # the headline layout
+    assert generate("needle", rng, 2048, 0.0, phrasing="heldout", n_decoys=0).meta["n_decoys"] == 0  # evals ask
 
 
 def test_needle_falls_back_to_the_shortest_wording_when_the_drawn_one_does_not_fit():

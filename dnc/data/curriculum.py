@@ -21,6 +21,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from dnc.data import phrasings
 from dnc.data.filler_text import HELDOUT_FILLERS
 from dnc.data.tasks import TASKS, PredictFn, Sample, collate, generate, predict_answer, score
 
@@ -34,7 +35,7 @@ class SampleScorer(Protocol):
     def score_samples(self, samples: Sequence[Sample]) -> list[bool]: ...
 
 
-HELDOUT_PHRASINGS = ("heldout",)
+HELDOUT_PHRASINGS = phrasings.HELDOUT_PHRASINGS
 """``phrasing`` values a training stage may not use (see :mod:`dnc.data.phrasings`)."""
 
 

@@ -3,6 +3,7 @@ passkey retrieval (:func:`needle`). The layouts and difficulty knobs are in :mod
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Sequence
 
 import numpy as np
@@ -173,6 +174,13 @@ def mqar(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
                                                   question=q_frame)))
 
 
+WORDED_MIN_DECOYS = 2
+"""Decoys a worded needle carries at difficulty 0 (when ``n_decoys`` is not given): other subjects'
+numbers in the same frame. Without them the passkey was the only number in a words-filler haystack,
+and a model learnt to answer with "the number" instead of the one its subject names: the session-13
+checkpoint found 9/16 worded needles in words filler and 3/16 in stdlib text, which has numbers of
+its own (``bench/results/heldout_parts_cpu_heldout_*``)."""
+
 _LEGACY_NEEDLE = ph.NeedlePhrasing("pass key", "the {s} is {v}. ", "the {s} is ", "template")
 """The original passkey wording (``phrasing=None``); its decoys say "the room number is ..."."""
 
@@ -201,35 +209,41 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     ``<bos> ... <needle>the pass key is 12345. ... <query>the pass key is [12345<eos>]``.
     The question repeats the needle's own words, so the answer continues text seen before.
     ``meta["needle_pos"]`` is the index of the passkey's first digit. Difficulty adds decoy
-    numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4.
+    numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4 (worded:
+    :data:`WORDED_MIN_DECOYS` -> 4, so the subject has to be matched).
 
     Generalisation knobs (defaults reproduce the layout above): ``phrasing`` ``"train"`` /
     ``"heldout"`` draws a subject, fact frame and question frame of that split
-    (:func:`dnc.data.phrasings.needle_phrasings`, e.g. ``"# NOTE: the access code is 12345"`` /
-    ``"Q: what was the access code?\\nA: [12345]"``); decoys then use other subjects of the split in
+    (:func:`dnc.data.phrasings.draw_needle`, e.g. ``"# NOTE: the access code is 12345"`` /
+    ``"Q: what was the access code?\\nA: [12345]"``; the train split is procedural, thousands of
+    subjects and frames); decoys then use other subjects of the split in
     the same frame. When the drawn wording does not fit ``length`` the shortest of the split is
-    used. ``markers=False`` drops ``<needle>``/``<query>``; ``filler`` picks the filler source."""
+    used. ``phrasing`` may also hold out only some parts (:data:`dnc.data.phrasings.PART_PHRASINGS`,
+    e.g. ``"heldout_subject"``: a held-out subject in train frames; decoys take subjects of the
+    subject's split), to tell which part a model fails on. ``markers=False`` drops
+    ``<needle>``/``<query>``; ``filler`` picks the filler source."""
     check_common(length, difficulty)
     rng = as_rng(rng)
     check_filler(filler)
     d = float(rng.random()) if depth is None else float(depth)
     if not 0.0 <= d <= 1.0:
         raise ValueError(f"needle: depth must be in [0, 1], got {depth!r}")
-    nd = n_decoys if n_decoys is not None else lerp(0, 4, difficulty)
+    low = 0 if phrasing is None else WORDED_MIN_DECOYS  # the template keeps its headline layout
+    nd = n_decoys if n_decoys is not None else lerp(low, 4, difficulty)
     nums = rng.integers(10000, 100000, size=1 + nd)
     if phrasing is None:
         p, decoy_subjects = _LEGACY_NEEDLE, ["room number"] * nd
         shortest = p
     else:
-        options = ph.needle_phrasings(ph.check_split(phrasing))
-        p = options[int(rng.integers(0, len(options)))]
-        others = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing) if s != p.subject]
+        p = ph.draw_needle(rng, phrasing)
+        split = ph.needle_part_splits(phrasing)[0]
+        n_others = len(ph.subject_pool(split)) - 1
         if n_decoys is None:
-            nd = min(nd, len(others))
-        if nd > len(others):
+            nd = min(nd, n_others)
+        if nd > n_others:
             raise ValueError(f"needle: {nd} decoys need {nd} other subjects; split {phrasing!r} "
-                             f"has {len(others)}")
-        decoy_subjects = [others[i] for i in rng.permutation(len(others))[:nd]]
+                             f"has {n_others}")
+        decoy_subjects = ph.draw_other_subjects(rng, split, nd, p.subject)
         shortest = ph.shortest_needle(phrasing)
     key = encode_text(str(int(nums[0])))
 
@@ -240,8 +254,7 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     for attempt in (p, shortest):
         p = attempt
         if p is not _LEGACY_NEEDLE and p.subject in decoy_subjects:  # the shortest may clash
-            decoy_subjects = [s for s in ph.of_split(ph.NEEDLE_SUBJECTS, phrasing)
-                              if s != p.subject][:nd]
+            decoy_subjects = list(islice((s for s in ph.subject_pool(split) if s != p.subject), nd))
         parts = _needle_parts(p, nums, decoy_subjects, markers)
         if n_decoys is None:
             while nd > 0 and need(parts, nd) > length:
