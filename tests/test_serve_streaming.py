@@ -4,7 +4,9 @@
   each still its own ``data:`` event of the schema clients parse (``/v1/generate`` and OpenAI);
 * the Generator takes more than the old constant 64 streams at once (``generator_max_ongoing_requests``,
   default 256) and decodes them all together;
-* plain (whole) requests, streams and OpenAI completions join the same continuous batch.
+* plain (whole) requests, streams and OpenAI completions join the same continuous batch;
+* ``ingress_one_loop`` reaches the ingress replicas' processes (and only them): their FastAPI app
+  and Generator handle run on the replica's main loop, and every test here runs that way.
 
 One app for the module on ``$DNC_SERVE_TEST_PORT`` (tiny untrained model, two ingress replicas);
 Serve and the app's detached actors are removed at module end.
@@ -35,7 +37,8 @@ def app_args(tmp_path_factory):
     # an idle replica waits 0.5 s for company, so requests sent together prefill (and decode) together
     return {"storage": str(tmp_path_factory.mktemp("serve-storage")), "manager_interval_s": 0,
             "max_new_tokens": 128, "batch_wait_timeout_s": 0.5, "bank_shards": 1, "live_interval_s": 5.0,
-            "ingress_replicas": 2}  # requests spread over two ingress replicas, one Generator
+            "ingress_replicas": 2,  # requests spread over two ingress replicas, one Generator
+            "ingress_one_loop": True}  # every stream test below runs on the ingress's one event loop
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,35 @@ def test_max_ongoing_requests_are_typed_and_checked():
         AppArgs(generator_max_ongoing_requests=0)
     with pytest.raises(ValidationError, match="ingress_replicas"):
         AppArgs(ingress_replicas=0)
+
+
+def test_ingress_one_loop_sets_rays_switches_for_the_ingress_only():
+    from serve.app import INGRESS_ONE_LOOP_ENV, AppArgs, ingress_actor_options
+
+    on = ingress_actor_options(AppArgs(ingress_one_loop=True))
+    assert on == {"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ONE_LOOP_ENV}}
+    assert set(INGRESS_ONE_LOOP_ENV.values()) == {"0"}
+    assert ingress_actor_options(AppArgs(ingress_one_loop=False)) == {"num_cpus": 0}
+
+
+def _replica_flags(deployment: str) -> list[tuple[bool, bool]]:
+    """(user code in a separate thread, router in a separate loop) as Ray Serve's constants read
+    them inside each live replica process of ``deployment`` of this module's app."""
+    import ray
+
+    def flags(_self):
+        from ray.serve._private import constants as c
+
+        return c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::dnc-test-streaming#{deployment}#")]
+    handles = [ray.get_actor(n, namespace="serve") for n in names]
+    return ray.get([h.__ray_call__.remote(flags) for h in handles], timeout=60)
+
+
+def test_ingress_replicas_run_on_one_loop_and_the_generator_keeps_its_own(server):
+    assert _replica_flags("Ingress") == [(False, False)] * 2  # both ingress replicas
+    assert _replica_flags("Generator") == [(True, True)]      # Ray's defaults: untouched
 
 
 # ------------------------------------------------------------------------------ chunked streams
