@@ -31,6 +31,11 @@ Examples:
     # an already running server (the in-process baseline still loads --preset/--checkpoint here):
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 1 4
 
+For a server it starts, each level also reads the CPU time the Serve processes spent on its
+measured requests (inside each actor: the HTTP proxy, the Ingress and the Generator replicas):
+ms per request and per streamed event, the cost that decides how many ingress replicas a host
+needs. Robust to a shared machine where wall-clock figures are not.
+
 Prints a markdown table and writes JSON (argv, device names, torch, Ray, commit, every row) to
 bench/results/serve_load-<time>.json.
 """

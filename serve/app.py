@@ -78,13 +78,16 @@ class AppArgs(BaseModel):
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
-    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. Each costs CPU per "
-                                  "streamed event, not per request: add replicas when many streams saturate one.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. An ingress spends CPU per "
+                                  "request and per streamed event, nearly all of it in Ray's request path (about 7 ms "
+                                  "and 0.6 ms on a 2-core VM: bench/serve_load.py's CPU table); add replicas when one "
+                                  "saturates its core and the host has idle ones (a second one on 2 busy cores only "
+                                  "adds CPU).")
     ingress_one_loop: bool = Field(False, description="Run each ingress replica's FastAPI app and its handle to "
                                    "the Generator on the replica's main event loop (Ray's RAY_SERVE_RUN_USER_CODE_IN_"
                                    "SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 for the ingress only) "
                                    "instead of three loops on three threads, which hand every request and streamed "
-                                   "event across threads under one GIL. false = Ray's default.")
+                                   "event across threads under one GIL. false = Ray's default (no difference measured on a 2-core VM).")
     ingress_max_ongoing_requests: int = Field(
         1024, ge=1, le=65536, description="HTTP requests one ingress replica handles at once, open streams "
         "included; at least generator_max_ongoing_requests, so the ingress never caps the Generators.")

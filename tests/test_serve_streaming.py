@@ -96,24 +96,48 @@ def test_ingress_one_loop_sets_rays_switches_for_the_ingress_only():
     assert ingress_actor_options(AppArgs(ingress_one_loop=False)) == {"num_cpus": 0}
 
 
-def _replica_flags(deployment: str) -> list[tuple[bool, bool]]:
-    """(user code in a separate thread, router in a separate loop) as Ray Serve's constants read
-    them inside each live replica process of ``deployment`` of this module's app."""
+def _in_replicas(deployment: str, fn) -> list:
+    """``fn(actor)`` run inside each live replica process of ``deployment`` of this module's app."""
     import ray
 
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::dnc-test-streaming#{deployment}#")]
+    handles = [ray.get_actor(n, namespace="serve") for n in names]
+    return ray.get([h.__ray_call__.remote(fn) for h in handles], timeout=60)
+
+
+def _replica_flags(deployment: str) -> list[tuple[bool, bool]]:
+    """(user code in a separate thread, router in a separate loop) as Ray Serve's constants read
+    them inside each live replica process of ``deployment``."""
     def flags(_self):
         from ray.serve._private import constants as c
 
         return c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::dnc-test-streaming#{deployment}#")]
-    handles = [ray.get_actor(n, namespace="serve") for n in names]
-    return ray.get([h.__ray_call__.remote(flags) for h in handles], timeout=60)
+    return _in_replicas(deployment, flags)
 
 
 def test_ingress_replicas_run_on_one_loop_and_the_generator_keeps_its_own(server):
     assert _replica_flags("Ingress") == [(False, False)] * 2  # both ingress replicas
     assert _replica_flags("Generator") == [(True, True)]      # Ray's defaults: untouched
+
+
+def test_hot_routes_never_hop_to_the_thread_pool(client):
+    """FastAPI runs a plain ``def`` dependency or route in its (anyio) thread pool: a thread
+    hand-off per request, and a wait for a free worker under load. The routes a load sends
+    (generate, OpenAI, stats) have none, so no ingress replica starts a pool worker (one lingers
+    10 s after its last job: the check right after the requests would see it)."""
+    body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0}
+    for _ in range(4):  # over both ingress replicas
+        assert client.post("/v1/generate", json=body).status_code == 200
+        _raw_pieces(client, "/v1/generate", {**body, "stream": True})
+        assert client.post("/v1/completions", json={"model": "bwr-dnc", "prompt": PROMPT, "max_tokens": 4}).status_code == 200
+        assert client.get("/model/stats").status_code == 200
+
+    def pool_threads(_self):
+        import threading
+
+        return sorted(t.name for t in threading.enumerate() if t.name == "AnyIO worker thread")
+    assert _in_replicas("Ingress", pool_threads) == [[], []]
 
 
 # ------------------------------------------------------------------------------ chunked streams
