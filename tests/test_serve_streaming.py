@@ -122,22 +122,40 @@ def test_ingress_replicas_run_on_one_loop_and_the_generator_keeps_its_own(server
 
 
 def test_hot_routes_never_hop_to_the_thread_pool(client):
-    """FastAPI runs a plain ``def`` dependency or route in its (anyio) thread pool: a thread
-    hand-off per request, and a wait for a free worker under load. The routes a load sends
-    (generate, OpenAI, stats) have none, so no ingress replica starts a pool worker (one lingers
-    10 s after its last job: the check right after the requests would see it)."""
+    """FastAPI runs a plain ``def`` dependency or route in anyio's thread pool; inside a Serve
+    replica every request gets a fresh worker thread (anyio keeps its pool per request task),
+    started and stopped per request. The routes a load sends (generate, streamed or not, OpenAI,
+    stats) have none: no job reaches the pool in either ingress replica."""
+    def count_jobs(_actor, start: bool) -> int:
+        # inside a replica (defined here so that Ray pickles it by value): ``start`` wraps anyio's
+        # ``to_thread.run_sync``, what FastAPI and Starlette call for each sync dependency or route,
+        # with a counter that calls through; ``start=False`` restores it and returns the count
+        import anyio.to_thread as to_thread
+
+        if start:
+            original = to_thread.run_sync
+
+            async def counted(*args, **kwargs):
+                counted.jobs += 1
+                return await original(*args, **kwargs)
+            counted.jobs, counted.original = 0, original
+            to_thread.run_sync = counted
+            return 0
+        counted = to_thread.run_sync
+        to_thread.run_sync = counted.original
+        return counted.jobs
+    assert _in_replicas("Ingress", lambda a: count_jobs(a, True)) == [0, 0]
     body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0}
-    for _ in range(4):  # over both ingress replicas
-        assert client.post("/v1/generate", json=body).status_code == 200
-        _raw_pieces(client, "/v1/generate", {**body, "stream": True})
-        assert client.post("/v1/completions", json={"model": "bwr-dnc", "prompt": PROMPT, "max_tokens": 4}).status_code == 200
-        assert client.get("/model/stats").status_code == 200
-
-    def pool_threads(_self):
-        import threading
-
-        return sorted(t.name for t in threading.enumerate() if t.name == "AnyIO worker thread")
-    assert _in_replicas("Ingress", pool_threads) == [[], []]
+    try:
+        for _ in range(4):  # over both ingress replicas
+            assert client.post("/v1/generate", json=body).status_code == 200
+            _raw_pieces(client, "/v1/generate", {**body, "stream": True})
+            assert client.post("/v1/completions", json={"model": "bwr-dnc", "prompt": PROMPT,
+                                                        "max_tokens": 4}).status_code == 200
+            assert client.get("/model/stats").status_code == 200
+    finally:
+        jobs = _in_replicas("Ingress", lambda a: count_jobs(a, False))
+    assert jobs == [0, 0]
 
 
 # ------------------------------------------------------------------------------ chunked streams
