@@ -111,15 +111,19 @@ def server_stats(url: str, args) -> dict[str, Any]:
     return r.json()["serving"]["generator"]
 
 
-def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+def run_clients(url: str, args, mode: str, level: int,
+                warmed_up=None) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
     """All clients of a level, over ``--client-procs`` processes: (records, wall seconds, the
-    server's stats after the warm-up)."""
+    server's stats after the warm-up). ``warmed_up()``, when given, is called after the warm-up,
+    just before the timed requests start (serve_load reads the processes' CPU there)."""
     procs = min(args.client_procs, level)
     shares = [list(range(level))[i::procs] for i in range(procs)]
     before: dict[str, Any] = {}
     if procs == 1:
         def warmed():
             before.update(server_stats(url, args))
+            if warmed_up:
+                warmed_up()
         out = [asyncio.run(drive_clients(url, args, mode, shares[0], level, warmed))]
     else:
         ctx = mp.get_context("spawn")
@@ -131,6 +135,8 @@ def run_clients(url: str, args, mode: str, level: int) -> tuple[list[dict[str, A
         for _ in ps:
             ready.get(timeout=args.timeout * (1 + args.warmup))
         before.update(server_stats(url, args))
+        if warmed_up:
+            warmed_up()
         go.set()
         out = [results.get(timeout=args.timeout * max(1, args.requests, args.turns)) for _ in ps]
         for p in ps:

@@ -31,6 +31,11 @@ Examples:
     # an already running server (the in-process baseline still loads --preset/--checkpoint here):
     python bench/serve_load.py --url http://127.0.0.1:8000 --clients 1 4
 
+For a server it starts, each level also reads the CPU time the Serve processes spent on its
+measured requests (inside each actor: the HTTP proxy, the Ingress and the Generator replicas):
+ms per request and per streamed event, the cost that decides how many ingress replicas a host
+needs. Robust to a shared machine where wall-clock figures are not.
+
 Prints a markdown table and writes JSON (argv, device names, torch, Ray, commit, every row) to
 bench/results/serve_load-<time>.json.
 """
@@ -158,8 +163,52 @@ def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
     return {"url": where, "application": app, "series": summary}
 
 
-def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
-    results, wall, before = run_clients(url, args, mode, clients)
+SERVE_PROCESSES = ("proxy", "ingress", "generator")
+
+
+def serve_process_cpu(app: str) -> dict[str, float]:
+    """CPU seconds (every thread, user + system: ``time.process_time()``) each kind of Serve
+    process has used so far, summed over its actors: the HTTP proxies, and ``app``'s Ingress and
+    Generator replicas. Asked inside each actor (``__ray_call__``), so it holds on any node; needs
+    this process connected to the cluster. A kind whose actors cannot be reached is left out."""
+    import ray
+
+    def used(_self):
+        return time.process_time()
+
+    kinds = {"proxy": "SERVE_PROXY_ACTOR", "ingress": f"SERVE_REPLICA::{app}#Ingress#",
+             "generator": f"SERVE_REPLICA::{app}#Generator#"}
+    out: dict[str, float] = {}
+    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    for kind, prefix in kinds.items():
+        try:
+            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(used) for n in named if n.startswith(prefix)]
+            if refs:
+                out[kind] = sum(ray.get(refs, timeout=30))
+        except Exception:  # an actor restarting or gone: no figure rather than a wrong one
+            pass
+    return out
+
+
+def cpu_figures(before: dict[str, float], after: dict[str, float], requests: int, tokens: int,
+                events: int | None) -> dict[str, Any] | None:
+    """CPU the Serve processes spent over a level: seconds by kind, and ms per request, per
+    streamed event (``events``: the level's Generator events, None for whole answers) and per token."""
+    used = {k: after[k] - before[k] for k in SERVE_PROCESSES if k in before and k in after}
+    if not used or not requests:
+        return None
+    per = lambda n: {k: v * 1e3 / n for k, v in used.items()} if n else None  # noqa: E731
+    return {"seconds": used, "ms_per_request": per(requests), "ms_per_event": per(events),
+            "ms_per_token": per(tokens), "events": events}
+
+
+def run_level(url: str, args, mode: str, clients: int, cpu_app: str | None = None) -> dict[str, Any]:
+    """One load level; ``cpu_app``: the Serve application to read the processes' CPU of (the
+    server this script started), None = no CPU figures."""
+    cpu_before: dict[str, float] = {}
+    results, wall, before = run_clients(url, args, mode, clients,
+                                        lambda: cpu_before.update(serve_process_cpu(cpu_app)) if cpu_app else None)
+    cpu_after = serve_process_cpu(cpu_app) if cpu_app else {}
     after = server_stats(url, args)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_requests", "session_turns",
                                                              "tokens_generated", "requests")}
@@ -184,7 +233,11 @@ def run_level(url: str, args, mode: str, clients: int) -> dict[str, Any]:
                        "session_turns": delta["session_turns"], "itl_ms_p50": after.get("inter_token_ms_p50"),
                        "ttft_ms_p50": after.get("ttft_ms_p50")},
             # the server's stages of each request (bench/serve_timeline.py) and its Generator over the level
-            "timeline": aggregate(ok, mode != "plain"), "generator": generator_figures(before, after, wall)}
+            "timeline": aggregate(ok, mode != "plain"), "generator": generator_figures(before, after, wall),
+            # the CPU of the proxy, ingress and Generator processes (per request, per streamed event)
+            "cpu": cpu_figures(cpu_before, cpu_after, len(ok), sum(r["tokens"] for r in ok),
+                               sum((r.get("timeline") or {}).get("ingress_events") or 0 for r in ok)
+                               if mode != "plain" else None)}
 
 
 # ------------------------------------------------------------------------------ in-process baseline
@@ -436,6 +489,26 @@ def table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
     return "\n".join(out)
 
 
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    """CPU ms of each Serve process kind per request and per streamed event, over each level
+    ("" when no row has CPU figures: a --url server)."""
+    with_cpu = [r for r in rows if r.get("cpu")]
+    if not with_cpu:
+        return ""
+    f = lambda d, k: "-" if not d or k not in d else f"{d[k]:.2f}"  # noqa: E731
+    out = ["CPU of Serve's processes over each level (every thread, after the warm-up): ms per request, "
+           "per streamed event (the Generator's events, one ASGI write each at the ingress):", "",
+           "| mode | clients | requests | events | " + " | ".join(f"{k} ms/req" for k in SERVE_PROCESSES) + " | "
+           + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
+           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES))]
+    for r in with_cpu:
+        c = r["cpu"]
+        out.append(f"| {r['mode']} | {r['clients']} | {r['ok']} | {c['events'] if c['events'] is not None else '-'} | "
+                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + " | "
+                   + " | ".join(f(c["ms_per_event"], k) for k in SERVE_PROCESSES) + " |")
+    return "\n".join(out)
+
+
 def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None,
             pair: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Issue 14's serving targets, from this run's rows where it measured them (64 clients; 1 client
@@ -481,7 +554,7 @@ def main(argv=None) -> dict[str, Any]:
         print(f"server {url}: weights in {served_dtype}", flush=True)
         for mode in args.modes:
             for c in args.clients:
-                r = run_level(url, args, mode, c)
+                r = run_level(url, args, mode, c, cpu_app=None if args.url else APP_NAME)
                 rows.append(r)
                 print(f"{mode:6s} clients={c:3d}: {r['tokens_per_s']:.1f} tok/s, p50 {r['latency_ms_p50']} ms, "
                       f"TTFT p50 {r['ttft_ms_p50']} ms, ITL p50 {r['itl_ms_p50']} ms, errors {r['errors']}", flush=True)
@@ -503,6 +576,8 @@ def main(argv=None) -> dict[str, Any]:
     md += ".\n\n" + table(rows, base)
     if timeline_tables(rows):
         md += "\n\n" + timeline_tables(rows)
+    if cpu_table(rows):
+        md += "\n\n" + cpu_table(rows)
     if pair:
         md += ("\n\n| paired, 1 client | pairs | served p50 ms | in-process p50 ms | added p50 ms | TTFT added p50 ms "
                "| same tokens |\n|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(

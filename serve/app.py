@@ -83,8 +83,16 @@ class AppArgs(BaseModel):
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
-    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. Each costs CPU per "
-                                  "streamed event, not per request: add replicas when many streams saturate one.")
+    ingress_replicas: int = Field(1, ge=1, le=64, description="Ingress (HTTP) replicas. An ingress spends CPU per "
+                                  "request and per streamed event, nearly all of it in Ray's request path (about 7 ms "
+                                  "and 0.6 ms on a 2-core VM: bench/serve_load.py's CPU table); add replicas when one "
+                                  "saturates its core and the host has idle ones (a second one on 2 busy cores only "
+                                  "adds CPU).")
+    ingress_one_loop: bool = Field(False, description="Run each ingress replica's FastAPI app and its handle to "
+                                   "the Generator on the replica's main event loop (Ray's RAY_SERVE_RUN_USER_CODE_IN_"
+                                   "SEPARATE_THREAD=0, RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 for the ingress only) "
+                                   "instead of three loops on three threads, which hand every request and streamed "
+                                   "event across threads under one GIL. false = Ray's default (no difference measured on a 2-core VM).")
     ingress_max_ongoing_requests: int = Field(
         1024, ge=1, le=65536, description="HTTP requests one ingress replica handles at once, open streams "
         "included; at least generator_max_ongoing_requests, so the ingress never caps the Generators.")
@@ -203,6 +211,23 @@ class Ingress:
         return create_api(self.ctx)
 
 
+INGRESS_ONE_LOOP_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+"""Ray Serve's switches (read when a replica process starts) that put a replica's user code and its
+handles' router on the replica's main event loop; ``AppArgs.ingress_one_loop`` sets them for the
+ingress replicas only (the Generator keeps its own loops; the proxies read them from the cluster's
+environment)."""
+
+
+def ingress_actor_options(a: AppArgs) -> dict[str, Any]:
+    """The Ingress replicas' ``ray_actor_options``: no CPU reserved (it waits on I/O), and with
+    ``ingress_one_loop`` the environment of :data:`INGRESS_ONE_LOOP_ENV` (Serve merges these
+    ``env_vars`` into the application's ``runtime_env``)."""
+    opts: dict[str, Any] = {"num_cpus": 0}
+    if a.ingress_one_loop:
+        opts["runtime_env"] = {"env_vars": dict(INGRESS_ONE_LOOP_ENV)}
+    return opts
+
+
 def start_serve(port: int = 8000, host: str = "127.0.0.1") -> None:
     """``serve.start`` for this app: HTTP on ``host:port``, and the proxies' per-request access log
     off (the ingress writes one line per request itself, none for polling: serve/access_log.py)."""
@@ -224,7 +249,8 @@ def build_app(args: dict[str, Any]):
         num_replicas=a.generator_replicas, max_ongoing_requests=a.generator_max_ongoing_requests,
         ray_actor_options={"num_cpus": a.generator_num_cpus, "num_gpus": a.num_gpus()},
     ).bind(gen_settings)
-    ingress = Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing_requests)
+    ingress = Ingress.options(num_replicas=a.ingress_replicas, max_ongoing_requests=a.ingress_max_ongoing_requests,
+                              ray_actor_options=ingress_actor_options(a))
     return ingress.bind(generator, a, keys.digests)
 
 

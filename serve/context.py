@@ -122,8 +122,10 @@ class ApiContext:
             del self.ws_open[owner]
 
 
-def get_ctx(conn: HTTPConnection) -> ApiContext:
-    """FastAPI dependency: the app's context (HTTP requests and WebSockets alike)."""
+async def get_ctx(conn: HTTPConnection) -> ApiContext:
+    """FastAPI dependency: the app's context (HTTP requests and WebSockets alike). ``async`` on
+    purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hand-off (and a
+    wait for a free worker under load) on every request for an attribute read."""
     return conn.app.state.ctx
 
 

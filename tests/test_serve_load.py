@@ -64,6 +64,17 @@ def test_serve_load_one_command(tmp_path):
         assert 0 < gen["stepping_fraction"] <= gen["busy_fraction"] < 1.5 and gen["steps_per_s"] > 0, gen
         assert gen["mean_rows_per_call"] == pytest.approx(r["server_mean_batch"])
     assert "Where the client latency goes" in res["markdown"] and "Where the client TTFT goes" in res["markdown"]
+    # the CPU each kind of Serve process spent on a level's measured requests, read inside the actors
+    for (mode, clients), r in rows.items():
+        cpu = r["cpu"]
+        assert set(cpu["seconds"]) == {"proxy", "ingress", "generator"} and min(cpu["seconds"].values()) > 0, cpu
+        assert cpu["ms_per_request"]["ingress"] == pytest.approx(cpu["seconds"]["ingress"] * 1e3 / r["ok"])
+        assert cpu["ms_per_token"]["generator"] == pytest.approx(cpu["seconds"]["generator"] * 1e3 / r["tokens"])
+        if mode == "plain":
+            assert cpu["events"] is None and cpu["ms_per_event"] is None
+        else:  # every streamed request got at least its first event and its `done`
+            assert r["ok"] <= cpu["events"] <= r["tokens"] + r["ok"], cpu
+    assert "| stream | 3 | 6 |" in res["markdown"].split("CPU of Serve's processes")[1]
     base = res["in_process"]
     assert base["requests"] == 6 and 0 < base["ttft_ms_p50"] < base["latency_ms_p50"]
     assert set(base["batched"]) == {"1", "3"} and all(b["tokens"] <= b["rows"] * 5 for b in base["batched"].values())

@@ -4,7 +4,9 @@
   each still its own ``data:`` event of the schema clients parse (``/v1/generate`` and OpenAI);
 * the Generator takes more than the old constant 64 streams at once (``generator_max_ongoing_requests``,
   default 256) and decodes them all together;
-* plain (whole) requests, streams and OpenAI completions join the same continuous batch.
+* plain (whole) requests, streams and OpenAI completions join the same continuous batch;
+* ``ingress_one_loop`` reaches the ingress replicas' processes (and only them): their FastAPI app
+  and Generator handle run on the replica's main loop, and every test here runs that way.
 
 One app for the module on ``$DNC_SERVE_TEST_PORT`` (tiny untrained model, two ingress replicas);
 Serve and the app's detached actors are removed at module end.
@@ -35,7 +37,8 @@ def app_args(tmp_path_factory):
     # an idle replica waits 0.5 s for company, so requests sent together prefill (and decode) together
     return {"storage": str(tmp_path_factory.mktemp("serve-storage")), "manager_interval_s": 0,
             "max_new_tokens": 128, "batch_wait_timeout_s": 0.5, "bank_shards": 1, "live_interval_s": 5.0,
-            "ingress_replicas": 2}  # requests spread over two ingress replicas, one Generator
+            "ingress_replicas": 2,  # requests spread over two ingress replicas, one Generator
+            "ingress_one_loop": True}  # every stream test below runs on the ingress's one event loop
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,77 @@ def test_max_ongoing_requests_are_typed_and_checked():
         AppArgs(generator_max_ongoing_requests=0)
     with pytest.raises(ValidationError, match="ingress_replicas"):
         AppArgs(ingress_replicas=0)
+
+
+def test_ingress_one_loop_sets_rays_switches_for_the_ingress_only():
+    from serve.app import INGRESS_ONE_LOOP_ENV, AppArgs, ingress_actor_options
+
+    on = ingress_actor_options(AppArgs(ingress_one_loop=True))
+    assert on == {"num_cpus": 0, "runtime_env": {"env_vars": INGRESS_ONE_LOOP_ENV}}
+    assert set(INGRESS_ONE_LOOP_ENV.values()) == {"0"}
+    assert ingress_actor_options(AppArgs(ingress_one_loop=False)) == {"num_cpus": 0}
+
+
+def _in_replicas(deployment: str, fn) -> list:
+    """``fn(actor)`` run inside each live replica process of ``deployment`` of this module's app."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::dnc-test-streaming#{deployment}#")]
+    handles = [ray.get_actor(n, namespace="serve") for n in names]
+    return ray.get([h.__ray_call__.remote(fn) for h in handles], timeout=60)
+
+
+def _replica_flags(deployment: str) -> list[tuple[bool, bool]]:
+    """(user code in a separate thread, router in a separate loop) as Ray Serve's constants read
+    them inside each live replica process of ``deployment``."""
+    def flags(_self):
+        from ray.serve._private import constants as c
+
+        return c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, c.RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP
+    return _in_replicas(deployment, flags)
+
+
+def test_ingress_replicas_run_on_one_loop_and_the_generator_keeps_its_own(server):
+    assert _replica_flags("Ingress") == [(False, False)] * 2  # both ingress replicas
+    assert _replica_flags("Generator") == [(True, True)]      # Ray's defaults: untouched
+
+
+def test_hot_routes_never_hop_to_the_thread_pool(client):
+    """FastAPI runs a plain ``def`` dependency or route in anyio's thread pool; inside a Serve
+    replica every request gets a fresh worker thread (anyio keeps its pool per request task),
+    started and stopped per request. The routes a load sends (generate, streamed or not, OpenAI,
+    stats) have none: no job reaches the pool in either ingress replica."""
+    def count_jobs(_actor, start: bool) -> int:
+        # inside a replica (defined here so that Ray pickles it by value): ``start`` wraps anyio's
+        # ``to_thread.run_sync``, what FastAPI and Starlette call for each sync dependency or route,
+        # with a counter that calls through; ``start=False`` restores it and returns the count
+        import anyio.to_thread as to_thread
+
+        if start:
+            original = to_thread.run_sync
+
+            async def counted(*args, **kwargs):
+                counted.jobs += 1
+                return await original(*args, **kwargs)
+            counted.jobs, counted.original = 0, original
+            to_thread.run_sync = counted
+            return 0
+        counted = to_thread.run_sync
+        to_thread.run_sync = counted.original
+        return counted.jobs
+    assert _in_replicas("Ingress", lambda a: count_jobs(a, True)) == [0, 0]
+    body = {"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0.0}
+    try:
+        for _ in range(4):  # over both ingress replicas
+            assert client.post("/v1/generate", json=body).status_code == 200
+            _raw_pieces(client, "/v1/generate", {**body, "stream": True})
+            assert client.post("/v1/completions", json={"model": "bwr-dnc", "prompt": PROMPT,
+                                                        "max_tokens": 4}).status_code == 200
+            assert client.get("/model/stats").status_code == 200
+    finally:
+        jobs = _in_replicas("Ingress", lambda a: count_jobs(a, False))
+    assert jobs == [0, 0]
 
 
 # ------------------------------------------------------------------------------ chunked streams

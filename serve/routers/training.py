@@ -24,12 +24,13 @@ from ..training_runs import list_runs, read_metrics
 router = APIRouter(tags=["training"], dependencies=[Depends(caller)], responses=S.ERROR_RESPONSES)
 
 
-def runs_root(request: Request) -> str:
-    """The storage root of training runs, from the app's context."""
+async def runs_root(request: Request) -> str:
+    """The storage root of training runs, from the app's context (``async``: no thread pool for
+    an attribute read, see serve.context.get_ctx)."""
     return request.app.state.ctx.runs_root
 
 
-def bench_results_dir(request: Request) -> str:
+async def bench_results_dir(request: Request) -> str:
     return getattr(request.app.state.ctx, "bench_results_dir", None) or REPO_BENCH_RESULTS
 
 
