@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from decimal import ROUND_HALF_UP, Decimal
 
 import httpx
 import pytest
@@ -391,9 +392,15 @@ def test_inspector_never_shows_a_stale_bank(page, server):
     assert page.get_by_test_id("slot-item").count() == 0 and page.get_by_test_id("slots-msg").text_content() == ""
 
 
+def _to_fixed(v: float, digits: int) -> str:
+    """JavaScript's ``v.toFixed(digits)``: the exact binary value rounded half up (3.25 -> "3.3"),
+    where Python's format rounds half to even ("3.2")."""
+    return str(Decimal(v).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
 def _count_text(v: float) -> str:
     """How the inspector writes a count (age, access): whole numbers as such, else one decimal."""
-    return f"{int(v):,}" if float(v).is_integer() else f"{v:.1f}"
+    return f"{int(v):,}" if float(v).is_integer() else _to_fixed(v, 1)
 
 
 def expect_slot_cards(page, server, sid: str) -> None:
@@ -419,11 +426,11 @@ def expect_slot_cards(page, server, sid: str) -> None:
             card = items.nth(i)
             expect(card).to_have_attribute("data-index", str(slot["index"]))
             expect(card).to_have_attribute("data-layer", str(slot["layer"]))
-            expect(card.locator('[data-field="salience"]')).to_have_text(f"{slot['salience']:.3f}")
+            expect(card.locator('[data-field="salience"]')).to_have_text(_to_fixed(slot["salience"], 3))
             expect(card.locator('[data-field="age"]')).to_have_text(_count_text(slot["age"]))
             expect(card.locator('[data-field="access"]')).to_have_text(_count_text(slot["access"]))
             if "importance" in slot:
-                expect(card.locator('[data-field="importance"]')).to_have_text(f"{slot['importance']:.3f}")
+                expect(card.locator('[data-field="importance"]')).to_have_text(_to_fixed(slot["importance"], 3))
 
 
 def test_inspector_slot_cards_empty_bank_and_bad_page_size(page, server, console):

@@ -113,11 +113,16 @@ export function fillSessionSelects() {
   }
 }
 
-/** Show a byte token; non-printable bytes (\\xNN) as a dim dot with the byte in the title. */
+/** Show a byte token; non-printable bytes (\\xNN) as a dim dot with the byte in the title. A line
+ * break shows as a dim "↵" before the break: a span holding only "\n" has no width under pre-wrap, so
+ * it could be neither seen nor hovered. */
 export function byteToken(span, t) {
   if (/^\\x[0-9a-f]{2}$/.test(t)) {
     span.textContent = "·";
     span.classList.add("byte");
     span.title = t;
+  } else if (t === "\n" || t === "\r") {
+    span.textContent = "↵\n";
+    span.classList.add("byte");
   } else span.textContent = t;
 }
