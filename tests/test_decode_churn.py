@@ -69,7 +69,7 @@ def _churn(model, shrink_after: int, clients: int = 10, steps: int = 60) -> tupl
 
 def test_churn_rows_decode_what_they_decode_alone_with_fewer_resizes(model):
     old, done_old = _churn(model, 1)
-    new, done_new = _churn(model, BatchDecoder.SHRINK_AFTER)
+    new, done_new = _churn(model, 3)
     assert done_new.keys() == done_old.keys() and len(done_new) > 40
     assert old.resizes >= 20  # the schedule does churn across a boundary (else the comparison proves nothing)
     assert new.resizes <= old.resizes / 2, (new.resizes, old.resizes)
