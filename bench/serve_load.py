@@ -163,18 +163,45 @@ def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
     return {"url": where, "application": app, "series": summary}
 
 
-SERVE_PROCESSES = ("proxy", "ingress", "generator")
+SERVE_PROCESSES = ("proxy", "haproxy", "ingress", "generator")
 
 
 def serve_process_cpu(app: str) -> dict[str, float]:
-    """CPU seconds (every thread, user + system: ``time.process_time()``) each kind of Serve
-    process has used so far, summed over its actors: the HTTP proxies, and ``app``'s Ingress and
-    Generator replicas. Asked inside each actor (``__ray_call__``), so it holds on any node; needs
-    this process connected to the cluster. A kind whose actors cannot be reached is left out."""
+    """CPU seconds (every thread, user + system) each kind of Serve process has used so far, summed
+    over its actors: the HTTP proxies (the Python ProxyActor; in HAProxy mode the Python
+    HAProxyManager and the fallback ProxyActor), ``haproxy`` (the proxies' child processes: the
+    HAProxy binary, absent in Python mode), and ``app``'s Ingress and Generator replicas. Asked
+    inside each actor (``__ray_call__``), so it holds on any node; needs this process connected to
+    the cluster. A kind whose actors cannot be reached is left out."""
     import ray
 
-    def used(_self):
-        return time.process_time()
+    def process_cpu(_actor=None) -> tuple[float, float]:  # nested: Ray pickles it by value
+        """(CPU seconds of this process, every thread; CPU seconds of its child processes: the live
+        ones from /proc, the ended ones from this process's cutime/cstime). Run inside a Serve actor:
+        the HAProxyManager's child is the haproxy binary, whose CPU ``process_time`` does not see.
+        Children are 0 where /proc is missing."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def fields(pid) -> list[str]:  # /proc/PID/stat from field 3 (state) on: the name may hold spaces
+            with open(f"/proc/{pid}/stat") as f:
+                s = f.read()
+            return s[s.rindex(")") + 2:].split()
+        children = 0.0
+        try:
+            me = os.getpid()
+            own = fields(me)
+            children = (int(own[13]) + int(own[14])) / tick  # cutime, cstime: children already waited for
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        f = fields(pid)
+                        if int(f[1]) == me:  # ppid
+                            children += (int(f[11]) + int(f[12])) / tick  # utime, stime
+                    except (OSError, ValueError, IndexError):
+                        pass
+        except (OSError, ValueError, IndexError):
+            pass
+        return time.process_time(), children
 
     kinds = {"proxy": "SERVE_PROXY_ACTOR", "ingress": f"SERVE_REPLICA::{app}#Ingress#",
              "generator": f"SERVE_REPLICA::{app}#Generator#"}
@@ -182,9 +209,13 @@ def serve_process_cpu(app: str) -> dict[str, float]:
     named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     for kind, prefix in kinds.items():
         try:
-            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(used) for n in named if n.startswith(prefix)]
+            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(process_cpu)
+                    for n in named if n.startswith(prefix)]
             if refs:
-                out[kind] = sum(ray.get(refs, timeout=30))
+                got = ray.get(refs, timeout=30)
+                out[kind] = sum(own for own, _ in got)
+                if kind == "proxy" and any(child for _, child in got):
+                    out["haproxy"] = sum(child for _, child in got)
         except Exception:  # an actor restarting or gone: no figure rather than a wrong one
             pass
     return out
@@ -413,23 +444,28 @@ def environment(argv: list[str]) -> dict[str, Any]:
 
 
 def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
-    """A local Ray cluster and the Serve app on 127.0.0.1:``--port`` (``serve.app.run_app``)."""
+    """A local Ray cluster and the Serve app on 127.0.0.1:``--port`` (``serve.app.run_app``), behind
+    the proxy ``--server-set proxy=...`` names (python by default): its environment is set here,
+    before the cluster starts, because Ray reads it then (serve/proxy_mode.py)."""
     import ray
 
-    from serve.app import run_app
+    from serve.app import AppArgs, run_app
+    from serve.proxy_mode import apply_env
 
-    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset, "dtype": args.dtype,
                 "max_new_tokens": max(512, args.max_new_tokens), "manager_interval_s": 0,
                 "torch_threads": args.torch_threads, "generator_replicas": args.replicas,
-                "max_batch_size": args.max_batch_size or min(256, max(args.clients)),
                 "max_sessions_per_owner": max(1000, 2 * sum(args.clients) * (1 + args.warmup))}
-    if args.replicas > 1:
-        app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
     app_args.update(server_overrides(args.server_set))
+    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
+        typed = AppArgs(**{k: v for k, v in app_args.items() if k in ("proxy", "ray_throughput_optimized")})
+        apply_env(typed.proxy, typed.ray_throughput_optimized)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    app_args.setdefault("max_batch_size", args.max_batch_size or min(256, max(args.clients)))
+    if args.replicas > 1 and "generator_num_gpus" not in app_args:  # --server-set wins
+        app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     return run_app(app_args, args.port, name=APP_NAME), app_args
 
 
@@ -497,14 +533,17 @@ def cpu_table(rows: list[dict[str, Any]]) -> str:
         return ""
     f = lambda d, k: "-" if not d or k not in d else f"{d[k]:.2f}"  # noqa: E731
     out = ["CPU of Serve's processes over each level (every thread, after the warm-up): ms per request, "
-           "per streamed event (the Generator's events, one ASGI write each at the ingress):", "",
+           "per streamed event (the Generator's events, one ASGI write each at the ingress); haproxy = the "
+           "HAProxy binary (HAProxy mode; proxy is then Ray's Python HAProxyManager and fallback proxy); "
+           "all = their sum:", "",
            "| mode | clients | requests | events | " + " | ".join(f"{k} ms/req" for k in SERVE_PROCESSES) + " | "
-           + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
-           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES))]
+           + "all ms/req | " + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
+           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES) + 1)]
     for r in with_cpu:
         c = r["cpu"]
+        total = sum((c["ms_per_request"] or {}).values())
         out.append(f"| {r['mode']} | {r['clients']} | {r['ok']} | {c['events'] if c['events'] is not None else '-'} | "
-                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + " | "
+                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + f" | {total:.2f} | "
                    + " | ".join(f(c["ms_per_event"], k) for k in SERVE_PROCESSES) + " |")
     return "\n".join(out)
 
@@ -572,7 +611,11 @@ def main(argv=None) -> dict[str, Any]:
             from serve.app import teardown
 
             teardown(started)
+    proxy = (started or {}).get("proxy", "python") if started is not None else None
     md = f"Weights and session states in {served_dtype}" + (f" (in-process baseline: {base['dtype']})" if base else "")
+    if started is not None:
+        md += (f"; HTTP through the {proxy} proxy"
+               + (" (RAY_SERVE_THROUGHPUT_OPTIMIZED)" if started.get("ray_throughput_optimized") else ""))
     md += ".\n\n" + table(rows, base)
     if timeline_tables(rows):
         md += "\n\n" + timeline_tables(rows)
@@ -598,7 +641,8 @@ def main(argv=None) -> dict[str, Any]:
     print(md)
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
               "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
-              "dtype": served_dtype, "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
+              "dtype": served_dtype, "proxy": proxy,
+              "ray_throughput_optimized": bool((started or {}).get("ray_throughput_optimized")), "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
               "in_process": base, "results": rows, "paired": pair, "targets": goals, "prometheus": prometheus, "markdown": md}
     from common import git_dirty, write_json, write_result  # bench/common.py
 

@@ -22,10 +22,11 @@ def checked_app(args: dict[str, Any]):
 
     from serve.app import build_app
     from serve.auth import KeyConfigError
+    from serve.proxy_mode import ProxyModeError
 
     try:
         return build_app(args)
-    except KeyConfigError as e:
+    except (KeyConfigError, ProxyModeError) as e:
         raise UsageError(str(e)) from None
     except ValidationError as e:
         first = e.errors()[0]
@@ -100,9 +101,11 @@ def stop(args: dict[str, Any]) -> None:
 
 
 def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
-                  dtype: str = "auto") -> None:
-    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``."""
-    args: dict[str, Any] = {"storage": storage, "dtype": dtype}
+                  dtype: str = "auto", proxy: str = "python") -> None:
+    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``, behind
+    ``proxy`` (``python`` | ``haproxy``: set in this process's environment by ``checked_app``, before
+    :func:`start` starts the local cluster that reads it)."""
+    args: dict[str, Any] = {"storage": storage, "dtype": dtype, "proxy": proxy}
     if checkpoint:
         args["checkpoint"] = checkpoint
     check_port(port)

@@ -24,6 +24,7 @@ from .context import ApiContext, Limits
 from .generator import Generator, GeneratorSettings
 from .live import Broadcaster, get_hub
 from .modeling import ModelSpec
+from .proxy_mode import ProxyMode, apply_env, check_cluster
 from .sessions import BankClient, BankConfig, check_layout
 
 logger = logging.getLogger("serve.app")
@@ -110,6 +111,14 @@ class AppArgs(BaseModel):
                                                         "to $DNC_API_KEYS. Keys are required beyond loopback.")
     allowed_origins: list[str] = Field(default_factory=list, description="Browser origins allowed besides "
                                        "the server's own (CORS and the WebSocket Origin check); '*' = any.")
+    proxy: ProxyMode = Field("python", description="What takes HTTP in front of the Ingress: Ray's Python proxy "
+                             "actor (python, Ray's default) or HAProxy (haproxy: a C load balancer on the port, the "
+                             "Ingress replicas serving HTTP themselves; HTTP only, SSE and WebSockets pass). A setting "
+                             "of the Ray cluster, read when it starts: applied to a local cluster this process starts, "
+                             "checked against a running one (serve/proxy_mode.py; docs/serving-performance.md).")
+    ray_throughput_optimized: bool = Field(False, description="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED bundle "
+                                           "(gRPC between deployments, one loop per replica, GC frozen after start); "
+                                           "like proxy, a setting of the cluster.")
     http_host: str = Field("127.0.0.1", description="Host the HTTP proxy binds when build_app starts Serve "
                                                     "itself; a running Serve instance's own host wins.")
     runs_root: str = Field("runs", description="Training runs the UI's monitor follows (dirs with metrics.jsonl).")
@@ -234,13 +243,27 @@ def start_serve(port: int = 8000, host: str = "127.0.0.1") -> None:
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
 
 
+def prepare_cluster(a: AppArgs) -> None:
+    """The proxy mode (``a.proxy``, ``a.ray_throughput_optimized``) where Ray will read it: into this
+    process's environment when no Ray runs here yet (a local cluster started from here inherits it),
+    else checked against the running Serve controller (:class:`serve.proxy_mode.ProxyModeError`)."""
+    import ray
+
+    if not ray.is_initialized():
+        apply_env(a.proxy, a.ray_throughput_optimized)
+    else:
+        check_cluster(a.proxy, a.ray_throughput_optimized)
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`).
 
     Raises :class:`serve.auth.KeyConfigError` (one line) for malformed keys, or for a bind address
-    beyond loopback without keys."""
+    beyond loopback without keys; :class:`serve.proxy_mode.ProxyModeError` when the running Serve
+    uses another proxy mode than ``proxy``."""
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     keys = load_key_ring(a.api_keys_file)
+    prepare_cluster(a)
     print(f"[serve] {check_bind(serve_http_host(a.http_host), keys)}", file=sys.stderr, flush=True)
     check_layout(a.storage, a.bank_shards)
     # typed objects travel to the replicas (pickled by Ray), validated here once
@@ -256,12 +279,17 @@ def build_app(args: dict[str, Any]):
 
 def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc", timeout_s: float = 300.0) -> str:
     """Start Serve on 127.0.0.1:``port`` (:func:`start_serve`), deploy this app under ``name`` and wait
-    until ``/health`` answers 200 (a real forward pass). Returns the base URL. Raises TimeoutError
+    until ``/health`` answers 200 (a real forward pass), through the front ``args.proxy`` names (the
+    cluster's mode: see :func:`prepare_cluster`). Returns the base URL. Raises TimeoutError
     after ``timeout_s`` seconds. Tests, benchmarks and the CLI start the app this one way."""
     import httpx
+    import ray
 
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    if not ray.is_initialized():  # serve.start would start a local cluster: with a's proxy mode
+        apply_env(a.proxy, a.ray_throughput_optimized)
     start_serve(port)
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    serve.run(build_app(a), name=name, route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

