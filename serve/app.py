@@ -111,14 +111,16 @@ class AppArgs(BaseModel):
                                                         "to $DNC_API_KEYS. Keys are required beyond loopback.")
     allowed_origins: list[str] = Field(default_factory=list, description="Browser origins allowed besides "
                                        "the server's own (CORS and the WebSocket Origin check); '*' = any.")
-    proxy: ProxyMode = Field("python", description="What takes HTTP in front of the Ingress: Ray's Python proxy "
-                             "actor (python, Ray's default) or HAProxy (haproxy: a C load balancer on the port, the "
-                             "Ingress replicas serving HTTP themselves; HTTP only, SSE and WebSockets pass). A setting "
-                             "of the Ray cluster, read when it starts: applied to a local cluster this process starts, "
-                             "checked against a running one (serve/proxy_mode.py; docs/serving-performance.md).")
-    ray_throughput_optimized: bool = Field(False, description="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED bundle "
-                                           "(gRPC between deployments, one loop per replica, GC frozen after start); "
-                                           "like proxy, a setting of the cluster.")
+    proxy: ProxyMode | None = Field(None, description="What takes HTTP in front of the Ingress: Ray's Python proxy "
+                                    "actor (python) or HAProxy (haproxy: a C load balancer on the port, the Ingress "
+                                    "replicas serving HTTP themselves; HTTP only, SSE and WebSockets pass). A setting of "
+                                    "the Ray cluster, read when it starts: applied to a local cluster this process "
+                                    "starts, checked against a running one; null = as the cluster was started (Ray's "
+                                    "default: python). serve/proxy_mode.py; docs/serving-performance.md.")
+    ray_throughput_optimized: bool | None = Field(None, description="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED "
+                                                  "bundle (gRPC between deployments, one loop per replica, GC frozen "
+                                                  "after start); like proxy, a setting of the cluster (null = as it "
+                                                  "was started).")
     http_host: str = Field("127.0.0.1", description="Host the HTTP proxy binds when build_app starts Serve "
                                                     "itself; a running Serve instance's own host wins.")
     runs_root: str = Field("runs", description="Training runs the UI's monitor follows (dirs with metrics.jsonl).")
@@ -130,7 +132,7 @@ class AppArgs(BaseModel):
     def _abs_storage(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
-    @field_validator("checkpoint", "ui_dir", "api_keys_file", mode="before")
+    @field_validator("checkpoint", "ui_dir", "api_keys_file", "proxy", "ray_throughput_optimized", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
         return None if v in ("", "none", "None", "null") else v

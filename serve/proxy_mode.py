@@ -51,19 +51,23 @@ class ProxyModeError(ValueError):
     """The running Ray cluster's proxy mode is not the one asked for (one line, what to do)."""
 
 
-def proxy_env(mode: str, throughput_optimized: bool = False) -> dict[str, str]:
-    """The environment a Ray cluster needs for ``mode`` (``python`` | ``haproxy``); "0" for switches
-    that must be off, so a leftover ``export`` cannot turn them on."""
-    if mode not in PROXY_MODES:
+def proxy_env(mode: str | None, throughput_optimized: bool | None = None) -> dict[str, str]:
+    """The environment a Ray cluster needs for ``mode`` (``python`` | ``haproxy``) and the throughput
+    bundle; "0" for switches that must be off, so a leftover ``export`` cannot turn them on. None
+    (either): not set, the environment as it is decides."""
+    if mode is not None and mode not in PROXY_MODES:
         raise ProxyModeError(f"proxy must be one of {', '.join(PROXY_MODES)}, got {mode!r}")
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1" if mode == "haproxy" else "0",
-           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if throughput_optimized else "0"}
+    env: dict[str, str] = {}
+    if mode is not None:
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if mode == "haproxy" else "0"
+    if throughput_optimized is not None:
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if throughput_optimized else "0"
     if throughput_optimized and mode == "python":
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"
     return env
 
 
-def apply_env(mode: str, throughput_optimized: bool = False) -> dict[str, str]:
+def apply_env(mode: str | None, throughput_optimized: bool | None = None) -> dict[str, str]:
     """Put :func:`proxy_env` into ``os.environ`` (before ``ray.init`` starts a local cluster, whose
     processes inherit it). Returns what was set. No effect on a cluster that already runs."""
     env = proxy_env(mode, throughput_optimized)
@@ -96,14 +100,16 @@ def cluster_mode() -> tuple[str, bool] | None:
         return None
 
 
-def check_cluster(mode: str, throughput_optimized: bool = False) -> None:
-    """Raise :class:`ProxyModeError` when a running Serve controller uses another mode than asked."""
+def check_cluster(mode: str | None, throughput_optimized: bool | None = None) -> None:
+    """Raise :class:`ProxyModeError` when a running Serve controller uses another mode than asked
+    (None: anything goes)."""
     running = cluster_mode()
-    if running is None or running == (mode, throughput_optimized):
+    if running is None or ((mode is None or running[0] == mode)
+                           and (throughput_optimized is None or running[1] == throughput_optimized)):
         return
     env = " ".join(f"{k}={v}" for k, v in proxy_env(mode, throughput_optimized).items())
     raise ProxyModeError(
-        f"proxy={mode} throughput_optimized={throughput_optimized} asked, but the running Serve uses "
-        f"proxy={running[0]} throughput_optimized={running[1]}: Ray reads these when the cluster starts; "
+        f"proxy={mode} ray_throughput_optimized={throughput_optimized} asked, but the running Serve uses "
+        f"proxy={running[0]} ray_throughput_optimized={running[1]}: Ray reads these when the cluster starts; "
         f"restart the cluster with `{env} ray start ...` (a local one: from a process with that "
-        "environment), or ask for the running mode")
+        "environment), or leave them unset (null: the cluster's mode)")
