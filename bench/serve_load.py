@@ -660,9 +660,10 @@ def round_markdown(rnd: dict[str, Any], base: dict[str, Any] | None) -> str:
     """The tables of one server's measurement (``serve_round``)."""
     rows, pair, started = rnd["rows"], rnd["paired"], rnd["server_args"]
     md = f"Weights and session states in {rnd['dtype']}" + (f" (in-process baseline: {base['dtype']})" if base else "")
-    if started is not None:
-        md += f"; HTTP through the {rnd['proxy']} proxy"
-    md += ".\n\n" + table(rows, base)
+    md += "."
+    if rnd["proxy"]:  # a started server: the mode its controller runs (serve/proxy_mode.py)
+        md += f" HTTP through the {rnd['proxy']} proxy."
+    md += "\n\n" + table(rows, base)
     if timeline_tables(rows):
         md += "\n\n" + timeline_tables(rows)
     if cpu_table(rows):

@@ -63,6 +63,17 @@ def start(port: int) -> None:
     start_serve(port)
 
 
+def check_proxy(proxy: str | None) -> None:
+    """A RAY_ADDRESS cluster keeps the proxy mode it was started with: a different ``proxy`` is a
+    one-line :class:`UsageError` (a local cluster took it from this process's environment)."""
+    from serve.proxy_mode import ProxyModeError, check_cluster
+
+    try:
+        check_cluster(proxy)
+    except ProxyModeError as e:
+        raise UsageError(str(e)) from None
+
+
 def deploy(app) -> None:
     """Deploy ``app`` (or replace the running one: a new checkpoint), returning once it is up."""
     from ray import serve as ray_serve
@@ -101,7 +112,7 @@ def stop(args: dict[str, Any]) -> None:
 
 
 def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
-                  dtype: str = "auto", proxy: str = "python") -> None:
+                  dtype: str = "auto", proxy: str | None = None) -> None:
     """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``, behind
     ``proxy`` (``python`` | ``haproxy``: set in this process's environment by ``checked_app``, before
     :func:`start` starts the local cluster that reads it)."""
@@ -112,6 +123,7 @@ def serve_forever(checkpoint: str | None, port: int, seconds: float | None, stor
     app = checked_app(args)
     try:
         start(port)
+        check_proxy(proxy)
         deploy(app)
         print_links(port)
         wait(seconds)

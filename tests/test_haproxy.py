@@ -21,8 +21,6 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.ray
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8128"))
 BASE = f"http://127.0.0.1:{PORT}"
@@ -89,6 +87,7 @@ def frontend_requests(stats_port: int) -> int:
     return int(rows[0]["req_tot"] or 0)
 
 
+@pytest.mark.ray
 def test_haproxy_takes_the_port_and_streams_tokens(haproxy_server):
     import httpx
 
@@ -109,6 +108,7 @@ def test_haproxy_takes_the_port_and_streams_tokens(haproxy_server):
     assert frontend_requests(haproxy_server) >= before + 2  # both went through HAProxy
 
 
+@pytest.mark.ray
 def test_keys_owners_and_errors_hold_behind_haproxy(haproxy_server):
     import httpx
 
@@ -129,6 +129,7 @@ def test_keys_owners_and_errors_hold_behind_haproxy(haproxy_server):
         assert ui.status_code == 200 and ui.headers["content-type"].startswith("text/html")
 
 
+@pytest.mark.ray
 def test_websockets_authenticate_behind_haproxy(haproxy_server):
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
@@ -148,6 +149,7 @@ def test_websockets_authenticate_behind_haproxy(haproxy_server):
     assert e.value.rcvd.code == 4403
 
 
+@pytest.mark.ray
 def test_the_ingress_replicas_own_port_is_loopback_and_keyed(haproxy_server):
     """HAProxy forwards to the Ingress replica's own HTTP server; that port must not be a way
     around the keys, nor open beyond loopback when the server is loopback-only."""
@@ -162,3 +164,44 @@ def test_the_ingress_replicas_own_port_is_loopback_and_keyed(haproxy_server):
         assert host == "127.0.0.1", addr
         r = httpx.get(f"http://{addr}/v1/states", timeout=30)
         assert r.status_code == 401, (addr, r.status_code)
+
+
+def test_the_proxy_environment_is_explicit_and_validated():
+    from serve.app import AppArgs
+    from serve.proxy_mode import ProxyModeError, proxy_env
+
+    assert proxy_env("haproxy") == {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert proxy_env("python") == {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # a stray export cannot turn it on
+    assert proxy_env(None) == {}  # null: the environment as it is decides
+    # Ray's throughput bundle turns direct ingress on; the python mode keeps its proxy on the port
+    assert proxy_env("python", True) == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                                         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+    with pytest.raises(ProxyModeError, match="python, haproxy"):
+        proxy_env("nginx")
+    assert AppArgs(proxy="null").proxy is None and AppArgs(proxy="haproxy").proxy == "haproxy"
+    with pytest.raises(ValueError, match="proxy"):
+        AppArgs(proxy="nginx")
+
+
+def test_serve_load_alternates_the_proxies_and_compares_medians():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from serve_load import proxy_schedule, proxy_set
+    from serve_load_report import proxy_comparison, proxy_summary
+
+    assert proxy_schedule(None, 3) == [None]
+    assert proxy_schedule(["python", "haproxy"], 3) == ["python", "haproxy", "haproxy", "python", "python", "haproxy"]
+    assert proxy_set("haproxy+throughput") == ["proxy=haproxy", "ray_throughput_optimized=true"]
+
+    def row(tps, cpu):
+        return {"mode": "stream", "clients": 32, "ok": 10, "errors": {}, "tokens_per_s": tps, "latency_ms_p50": 5.0,
+                "ttft_ms_p50": 1.0, "cpu": {"ms_per_request": cpu}}
+    rounds = [{"proxy": "python", "round": 1, "rows": [row(100.0, {"proxy": 7.0, "ingress": 3.0})], "paired": None},
+              {"proxy": "haproxy", "round": 2, "rows": [row(300.0, {"proxy": 0.5, "haproxy": 0.25})], "paired": None},
+              {"proxy": "haproxy", "round": 3, "rows": [row(100.0, {"proxy": 0.5, "haproxy": 0.75})], "paired": None},
+              {"proxy": "python", "round": 4, "rows": [row(50.0, {"proxy": 9.0, "ingress": 3.0})], "paired": None}]
+    by = {s["proxy"]: s for s in proxy_summary(rounds)}
+    assert by["python"]["tokens_per_s"] == 75.0 and by["haproxy"]["tokens_per_s"] == 200.0  # medians of 2
+    assert by["haproxy"]["tokens_per_s_vs_base"] == pytest.approx(200 / 75) and by["python"]["n"] == 2
+    assert by["haproxy"]["front_cpu_ms_per_request"] == 1.0 and by["python"]["cpu_ms_per_request"] == 11.0
+    table = proxy_comparison(rounds)
+    assert "order python haproxy haproxy python" in table and "| haproxy | stream | 32 | 2 (20 req, 0 err) |" in table
