@@ -305,12 +305,32 @@ def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc",
         time.sleep(0.5)
 
 
+def wait_serve_gone(timeout_s: float = 180.0) -> bool:
+    """Wait until Serve's controller actor is gone; False after ``timeout_s`` s. ``serve.shutdown``
+    returns after 30 s even when the controller is still stopping (behind HAProxy each Ingress
+    replica drains first: serve/proxy_mode.py), and a ``serve.start`` meanwhile joins the dying
+    controller, whose deployments then fail."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: gone
+            return True
+        time.sleep(0.5)
+    logger.warning("Serve's controller still exists %.0f s after serve.shutdown()", timeout_s)
+    return False
+
+
 def teardown(args: dict[str, Any] | None = None) -> None:
     """Shut Serve down and remove this app's detached actors (shards, live hub); storage stays."""
     import ray
 
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     serve.shutdown()
+    wait_serve_gone()
     BankClient(a.bank_config()).kill_all()
     try:
         ray.kill(ray.get_actor(a.hub_name(), namespace=a.namespace), no_restart=True)

@@ -67,10 +67,21 @@ def proxy_env(mode: str | None, throughput_optimized: bool | None = None) -> dic
     return env
 
 
+LOCAL_DRAIN_ENV = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+"""A local cluster's drain: behind HAProxy every Ingress replica stays open at least this long when
+it stops (Ray's default 30 s, so that load balancers on other nodes drop it first), which made each
+``serve.shutdown`` outlast its own 30 s wait. One node's HAProxy drops a replica within about 0.5 s
+(health checks every 250 ms, 2 failures) and retries refused connections; 2 s covers it. Set only
+when not already in the environment."""
+
+
 def apply_env(mode: str | None, throughput_optimized: bool | None = None) -> dict[str, str]:
     """Put :func:`proxy_env` into ``os.environ`` (before ``ray.init`` starts a local cluster, whose
-    processes inherit it). Returns what was set. No effect on a cluster that already runs."""
+    processes inherit it), and for HAProxy :data:`LOCAL_DRAIN_ENV` unless set. Returns what was
+    set. No effect on a cluster that already runs."""
     env = proxy_env(mode, throughput_optimized)
+    if mode == "haproxy" or (throughput_optimized and mode != "python"):  # direct ingress: replicas drain
+        env.update({k: v for k, v in LOCAL_DRAIN_ENV.items() if k not in os.environ})
     os.environ.update(env)
     return env
 

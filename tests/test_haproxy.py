@@ -35,9 +35,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def haproxy_server(tmp_path_factory):
-    """``dnc serve --proxy haproxy`` with keys for alice and bob; yields HAProxy's stats port. Its
-    fixed default ports (stats 8404, exporter 9101, fallback proxy 8500/9500) are moved to free
-    ones, so it can run beside another cluster."""
+    """``dnc serve --proxy haproxy`` with keys for alice and bob; yields (HAProxy's stats port, the
+    folder of the HAProxy config Ray writes). Its fixed default ports (stats 8404, exporter 9101,
+    fallback proxy 8500/9500) are moved to free ones, so it can run beside another cluster."""
     import httpx
 
     tmp = tmp_path_factory.mktemp("haproxy")
@@ -45,7 +45,8 @@ def haproxy_server(tmp_path_factory):
     env = {**os.environ, "DNC_API_KEYS": f"alice:{ALICE},bob:{BOB}", "WANDB_MODE": "offline",
            "RAY_SERVE_HAPROXY_STATS_PORT": str(stats), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-           "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port())}
+           "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+           "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(tmp / "haproxy" / "haproxy.cfg")}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.cli", "serve", "--proxy", "haproxy", "--port", str(PORT),
@@ -62,7 +63,7 @@ def haproxy_server(tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, (tmp / "serve.log").read_text()[-3000:]
             time.sleep(1)
-        yield stats
+        yield stats, tmp / "haproxy"
     finally:
         proc.send_signal(signal.SIGTERM)  # the driver tears Serve and its local cluster down
         try:
@@ -91,7 +92,7 @@ def frontend_requests(stats_port: int) -> int:
 def test_haproxy_takes_the_port_and_streams_tokens(haproxy_server):
     import httpx
 
-    before = frontend_requests(haproxy_server)
+    before = frontend_requests(haproxy_server[0])
     body = {"prompt": "The quick brown fox", "max_new_tokens": 8, "temperature": 0.0, "stream": True}
     events = []
     with httpx.Client(base_url=BASE, timeout=120, headers={"Authorization": f"Bearer {ALICE}"}) as c:
@@ -105,7 +106,7 @@ def test_haproxy_takes_the_port_and_streams_tokens(haproxy_server):
     assert [e["index"] for e in tokens] == list(range(len(tokens))) and len(tokens) >= 1
     assert events[-1]["type"] == "done" and events[-1]["tokens"] == len(tokens) == whole["tokens"]
     assert "".join(e["token"] for e in tokens) == whole["text"]  # greedy: the same answer either way
-    assert frontend_requests(haproxy_server) >= before + 2  # both went through HAProxy
+    assert frontend_requests(haproxy_server[0]) >= before + 2  # both went through HAProxy
 
 
 @pytest.mark.ray
@@ -153,12 +154,15 @@ def test_websockets_authenticate_behind_haproxy(haproxy_server):
 def test_the_ingress_replicas_own_port_is_loopback_and_keyed(haproxy_server):
     """HAProxy forwards to the Ingress replica's own HTTP server; that port must not be a way
     around the keys, nor open beyond loopback when the server is loopback-only."""
+    import re
+
     import httpx
 
-    servers = [r for r in haproxy_stats(haproxy_server)
-               if r["svname"] not in ("FRONTEND", "BACKEND") and r.get("addr") and r["pxname"] != "stats"]
-    direct = [r["addr"] for r in servers if not r["addr"].endswith(f":{PORT}")]
-    assert direct, servers
+    configs = list(haproxy_server[1].rglob("haproxy.cfg"))  # Ray writes one per node, in a folder per node
+    assert len(configs) == 1, configs
+    direct = re.findall(r"^\s*server (SERVE_REPLICA\S*) (\S+:\d+)", configs[0].read_text(), re.M)
+    assert direct, configs[0].read_text()
+    direct = [addr for _name, addr in direct]
     for addr in direct:
         host, port = addr.rsplit(":", 1)
         assert host == "127.0.0.1", addr
