@@ -24,6 +24,8 @@ HAProxy mode, what changes (Ray 2.60):
   (``RAY_SERVE_HAPROXY_METRICS_PORT``, 9101) bind every interface, without auth (Ray's template):
   firewall them on a shared host. A Python fallback proxy stays on ``RAY_SERVE_FALLBACK_PROXY_HTTP_PORT``
   (8500, loopback).
+* Stopping: each Ingress replica drains before it stops (Ray: 30 s; a local cluster here: 2 s,
+  :data:`LOCAL_DRAIN_ENV`), and ``serve.app.teardown`` waits for the controller to be gone.
 """
 
 from __future__ import annotations
