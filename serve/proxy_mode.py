@@ -39,24 +39,17 @@ logger = logging.getLogger("serve.proxy_mode")
 ProxyMode = Literal["python", "haproxy"]
 PROXY_MODES: tuple[str, ...] = ("python", "haproxy")
 
-HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
-"""Ray Serve's switch: HAProxy on the HTTP port, Ingress replicas serve HTTP directly."""
-
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-"""Ray Serve's bundle: gRPC between deployments (handles), user code and router on each replica's
-main loop, request-path log buffering, GC frozen after start. It also turns on direct ingress,
-which in ``python`` mode we turn back off (``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``) so that the
-Python proxy keeps the HTTP port."""
-
-
 class ProxyModeError(ValueError):
     """The running Ray cluster's proxy mode is not the one asked for (one line, what to do)."""
 
 
 def proxy_env(mode: str | None, throughput_optimized: bool | None = None) -> dict[str, str]:
-    """The environment a Ray cluster needs for ``mode`` (``python`` | ``haproxy``) and the throughput
-    bundle; "0" for switches that must be off, so a leftover ``export`` cannot turn them on. None
-    (either): not set, the environment as it is decides."""
+    """The environment a Ray cluster needs for ``mode`` (``python`` | ``haproxy``: Ray's
+    ``RAY_SERVE_ENABLE_HA_PROXY``) and Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` bundle (gRPC between
+    deployments, user code and router on each replica's main loop, request-path log buffering, GC
+    frozen after start; it also turns direct ingress on, which ``python`` turns back off so that
+    the Python proxy keeps the port). "0" for switches that must be off, so a leftover ``export``
+    cannot turn them on. None (either): not set, the environment as it is decides."""
     if mode is not None and mode not in PROXY_MODES:
         raise ProxyModeError(f"proxy must be one of {', '.join(PROXY_MODES)}, got {mode!r}")
     env: dict[str, str] = {}
