@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clie
 from serve_clients import prompt_text, run_clients, server_stats  # noqa: E402  (bench/serve_clients.py)
 from serve_timeline import aggregate, generator_figures  # noqa: E402  (bench/serve_timeline.py)
 from serve_timeline import tables as timeline_tables  # noqa: E402
+from serve_load_report import proxy_comparison, proxy_summary  # noqa: E402
 
 MODES = ("plain", "stream", "chat")
 APP_NAME = "dnc-bench"  # the Serve application this script starts
@@ -99,6 +100,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--server-set", dest="server_set", action="append", default=[], metavar="KEY=VALUE",
                    help="an AppArgs field of the started server (YAML value), e.g. --server-set "
                         "stream_events_per_s=2000; repeatable")
+    p.add_argument("--proxies", nargs="+", default=None, choices=PROXY_CHOICES,
+                   help="measure one started server per name, each on a fresh local Ray cluster (Ray reads the "
+                        "proxy switches when a cluster starts; serve/proxy_mode.py), and compare them: AppArgs proxy, "
+                        "+throughput = ray_throughput_optimized. Default: one server as --server-set says")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --proxies: measure each this many times, the order reversed every other round")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     p.add_argument("--requests", type=int, default=32, help="requests per level in plain/stream modes")
     p.add_argument("--turns", type=int, default=4, help="turns of each client's chat in chat mode")
@@ -135,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     server_overrides(args.server_set)  # a bad field fails now, not after the cluster started
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.turns < 1:
         p.error("--clients, --requests, --turns and --client-procs must be >= 1")
+    if args.proxies and (args.url or any(kv.split("=")[0] in ("proxy", "ray_throughput_optimized")
+                                         for kv in args.server_set)):
+        p.error("--proxies starts its own servers and sets their proxy: not with --url or --server-set proxy=...")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
     if args.tag and args.out:  # one of them would be ignored, and a run's result lost with it
         p.error("give --tag (bench/results/<tag>.json) or --out (a JSON path), not both")
     return args
@@ -163,18 +175,45 @@ def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
     return {"url": where, "application": app, "series": summary}
 
 
-SERVE_PROCESSES = ("proxy", "ingress", "generator")
+SERVE_PROCESSES = ("proxy", "haproxy", "ingress", "generator")
 
 
 def serve_process_cpu(app: str) -> dict[str, float]:
-    """CPU seconds (every thread, user + system: ``time.process_time()``) each kind of Serve
-    process has used so far, summed over its actors: the HTTP proxies, and ``app``'s Ingress and
-    Generator replicas. Asked inside each actor (``__ray_call__``), so it holds on any node; needs
-    this process connected to the cluster. A kind whose actors cannot be reached is left out."""
+    """CPU seconds (every thread, user + system) each kind of Serve process has used so far, summed
+    over its actors: the HTTP proxies (the Python ProxyActor; in HAProxy mode the Python
+    HAProxyManager and the fallback ProxyActor), ``haproxy`` (the proxies' child processes: the
+    HAProxy binary, absent in Python mode), and ``app``'s Ingress and Generator replicas. Asked
+    inside each actor (``__ray_call__``), so it holds on any node; needs this process connected to
+    the cluster. A kind whose actors cannot be reached is left out."""
     import ray
 
-    def used(_self):
-        return time.process_time()
+    def process_cpu(_actor=None) -> tuple[float, float]:  # nested: Ray pickles it by value
+        """(CPU seconds of this process, every thread; CPU seconds of its child processes: the live
+        ones from /proc, the ended ones from this process's cutime/cstime). Run inside a Serve actor:
+        the HAProxyManager's child is the haproxy binary, whose CPU ``process_time`` does not see.
+        Children are 0 where /proc is missing."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def fields(pid) -> list[str]:  # /proc/PID/stat from field 3 (state) on: the name may hold spaces
+            with open(f"/proc/{pid}/stat") as f:
+                s = f.read()
+            return s[s.rindex(")") + 2:].split()
+        children = 0.0
+        try:
+            me = os.getpid()
+            own = fields(me)
+            children = (int(own[13]) + int(own[14])) / tick  # cutime, cstime: children already waited for
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        f = fields(pid)
+                        if int(f[1]) == me:  # ppid
+                            children += (int(f[11]) + int(f[12])) / tick  # utime, stime
+                    except (OSError, ValueError, IndexError):
+                        pass
+        except (OSError, ValueError, IndexError):
+            pass
+        return time.process_time(), children
 
     kinds = {"proxy": "SERVE_PROXY_ACTOR", "ingress": f"SERVE_REPLICA::{app}#Ingress#",
              "generator": f"SERVE_REPLICA::{app}#Generator#"}
@@ -182,9 +221,13 @@ def serve_process_cpu(app: str) -> dict[str, float]:
     named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     for kind, prefix in kinds.items():
         try:
-            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(used) for n in named if n.startswith(prefix)]
+            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(process_cpu)
+                    for n in named if n.startswith(prefix)]
             if refs:
-                out[kind] = sum(ray.get(refs, timeout=30))
+                got = ray.get(refs, timeout=30)
+                out[kind] = sum(own for own, _ in got)
+                if kind == "proxy" and any(child for _, child in got):
+                    out["haproxy"] = sum(child for _, child in got)
         except Exception:  # an actor restarting or gone: no figure rather than a wrong one
             pass
     return out
@@ -412,24 +455,59 @@ def environment(argv: list[str]) -> dict[str, Any]:
             "cuda": torch.version.cuda if cuda else None, "ray": ray_version, "python": platform.python_version()}
 
 
-def start_server(args, storage: str) -> tuple[str, dict[str, Any]]:
-    """A local Ray cluster and the Serve app on 127.0.0.1:``--port`` (``serve.app.run_app``)."""
+PROXY_CHOICES = ("python", "haproxy", "python+throughput", "haproxy+throughput")
+"""``--proxies`` names: AppArgs ``proxy``, and ``+throughput`` for ``ray_throughput_optimized``."""
+
+
+def proxy_set(proxy: str | None) -> list[str]:
+    """A ``--proxies`` name as ``--server-set`` pairs ([] for None)."""
+    if proxy is None:
+        return []
+    mode, _, extra = proxy.partition("+")
+    return [f"proxy={mode}", f"ray_throughput_optimized={'true' if extra == 'throughput' else 'false'}"]
+
+
+def running_proxy() -> str | None:
+    """The ``--proxies`` name of what the running Serve controller uses (asked in its process, so an
+    exported RAY_SERVE_ENABLE_HA_PROXY counts too); None when it cannot be asked."""
+    from serve.proxy_mode import cluster_mode
+
+    running = cluster_mode()
+    return None if running is None else running[0] + ("+throughput" if running[1] else "")
+
+
+def proxy_schedule(proxies: list[str] | None, rounds: int) -> list[str | None]:
+    """The servers to measure, in order: ``proxies`` ``rounds`` times, every other repetition
+    reversed (A B B A ...: a drift of the shared machine falls on both alike); [None] = one server
+    as ``--server-set`` says."""
+    if not proxies:
+        return [None]
+    return [p for r in range(rounds) for p in (proxies if r % 2 == 0 else proxies[::-1])]
+
+
+def start_server(args, storage: str, extra_set: list[str] | None = None) -> tuple[str, dict[str, Any]]:
+    """A local Ray cluster and the Serve app on 127.0.0.1:``--port`` (``serve.app.run_app``), behind
+    the proxy ``--server-set proxy=...`` names (python by default): its environment is set here,
+    before the cluster starts, because Ray reads it then (serve/proxy_mode.py)."""
     import ray
 
-    from serve.app import run_app
+    from serve.app import AppArgs, run_app
+    from serve.proxy_mode import apply_env
 
-    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     app_args = {"storage": storage, "checkpoint": args.checkpoint, "preset": args.preset, "dtype": args.dtype,
                 "max_new_tokens": max(512, args.max_new_tokens), "manager_interval_s": 0,
                 "torch_threads": args.torch_threads, "generator_replicas": args.replicas,
-                "max_batch_size": args.max_batch_size or min(256, max(args.clients)),
                 "max_sessions_per_owner": max(1000, 2 * sum(args.clients) * (1 + args.warmup))}
-    if args.replicas > 1:
-        app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     if args.batch_wait_ms is not None:
         app_args["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
-    app_args.update(server_overrides(args.server_set))
+    app_args.update(server_overrides(args.server_set + list(extra_set or [])))
+    if not ray.is_initialized():  # a new local cluster, never one that `ray start` left on this machine
+        typed = AppArgs(**{k: v for k, v in app_args.items() if k in ("proxy", "ray_throughput_optimized")})
+        apply_env(typed.proxy, typed.ray_throughput_optimized)
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    app_args.setdefault("max_batch_size", args.max_batch_size or min(256, max(args.clients)))
+    if args.replicas > 1 and "generator_num_gpus" not in app_args:  # --server-set wins
+        app_args["generator_num_gpus"] = 1.0 / args.replicas if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
     return run_app(app_args, args.port, name=APP_NAME), app_args
 
 
@@ -497,14 +575,17 @@ def cpu_table(rows: list[dict[str, Any]]) -> str:
         return ""
     f = lambda d, k: "-" if not d or k not in d else f"{d[k]:.2f}"  # noqa: E731
     out = ["CPU of Serve's processes over each level (every thread, after the warm-up): ms per request, "
-           "per streamed event (the Generator's events, one ASGI write each at the ingress):", "",
+           "per streamed event (the Generator's events, one ASGI write each at the ingress); haproxy = the "
+           "HAProxy binary (HAProxy mode; proxy is then Ray's Python HAProxyManager and fallback proxy); "
+           "all = their sum:", "",
            "| mode | clients | requests | events | " + " | ".join(f"{k} ms/req" for k in SERVE_PROCESSES) + " | "
-           + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
-           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES))]
+           + "all ms/req | " + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
+           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES) + 1)]
     for r in with_cpu:
         c = r["cpu"]
+        total = sum((c["ms_per_request"] or {}).values())
         out.append(f"| {r['mode']} | {r['clients']} | {r['ok']} | {c['events'] if c['events'] is not None else '-'} | "
-                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + " | "
+                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + f" | {total:.2f} | "
                    + " | ".join(f(c["ms_per_event"], k) for k in SERVE_PROCESSES) + " |")
     return "\n".join(out)
 
@@ -532,26 +613,25 @@ def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None,
             for name, v, op, goal in found if v is not None]
 
 
-def main(argv=None) -> dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    env = environment(redact_key(argv))
-    # in-process first, while no Ray workers compete for the cores
-    base = None if args.no_in_process else in_process(args, max(4, min(args.requests, 16)))
-    if base:
-        print(f"in-process: {base['tokens_per_s']:.1f} tok/s one stream, p50 {base['latency_ms_p50']:.1f} ms; "
-              + ", ".join(f"batch {c}: {b['tokens_per_s']:.0f} tok/s" for c, b in base["batched"].items()), flush=True)
+def serve_round(args, base: dict[str, Any] | None, proxy: str | None = None) -> dict[str, Any]:
+    """Every level (and the pairs, the Prometheus scrape) against one server: ``--url``, or one this
+    function starts and tears down, behind ``proxy`` (a :data:`PROXY_CHOICES` name; None = what
+    ``--server-set`` says). Returns the server's dtype, its AppArgs (None for ``--url``), the rows,
+    the pairs and the scrape."""
     started = None
     if args.url:
         url = args.url.rstrip("/")
     else:
         import tempfile
 
-        url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"))
+        url, started = start_server(args, tempfile.mkdtemp(prefix="dnc-bench-storage-"), proxy_set(proxy))
     rows, prometheus, pair = [], None, None
     try:
+        proxy_seen = running_proxy() if started is not None else None
+        if proxy and proxy_seen != proxy:  # the cluster did not take the environment: no figures under a wrong name
+            raise RuntimeError(f"asked for the {proxy} proxy, the running Serve uses {proxy_seen}")
         served_dtype = served_model(url, args)["dtype"]  # what the server runs, whoever started it
-        print(f"server {url}: weights in {served_dtype}", flush=True)
+        print(f"server {url}: weights in {served_dtype}" + (f", {proxy_seen} proxy" if proxy_seen else ""), flush=True)
         for mode in args.modes:
             for c in args.clients:
                 r = run_level(url, args, mode, c, cpu_app=None if args.url else APP_NAME)
@@ -572,8 +652,18 @@ def main(argv=None) -> dict[str, Any]:
             from serve.app import teardown
 
             teardown(started)
-    md = f"Weights and session states in {served_dtype}" + (f" (in-process baseline: {base['dtype']})" if base else "")
-    md += ".\n\n" + table(rows, base)
+    return {"proxy": proxy_seen, "url": url, "dtype": served_dtype, "server_args": started, "rows": rows, "paired": pair,
+            "prometheus": prometheus}
+
+
+def round_markdown(rnd: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """The tables of one server's measurement (``serve_round``)."""
+    rows, pair, started = rnd["rows"], rnd["paired"], rnd["server_args"]
+    md = f"Weights and session states in {rnd['dtype']}" + (f" (in-process baseline: {base['dtype']})" if base else "")
+    md += "."
+    if rnd["proxy"]:  # a started server: the mode its controller runs (serve/proxy_mode.py)
+        md += f" HTTP through the {rnd['proxy']} proxy."
+    md += "\n\n" + table(rows, base)
     if timeline_tables(rows):
         md += "\n\n" + timeline_tables(rows)
     if cpu_table(rows):
@@ -594,12 +684,46 @@ def main(argv=None) -> dict[str, Any]:
         md += "\n\n| target (issue 14) | measured | goal | met |\n|---|---:|---:|---|\n" + "\n".join(
             f"| {g['target']}{' (' + g['from'] + ')' if g['from'] else ''} | {g['measured']:,.1f} | {g['goal']} | "
             f"{'yes' if g['met'] else 'no'} |" for g in goals)
+    return md
+
+
+def main(argv=None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    env = environment(redact_key(argv))
+    # in-process first, while no Ray workers compete for the cores
+    base = None if args.no_in_process else in_process(args, max(4, min(args.requests, 16)))
+    if base:
+        print(f"in-process: {base['tokens_per_s']:.1f} tok/s one stream, p50 {base['latency_ms_p50']:.1f} ms; "
+              + ", ".join(f"batch {c}: {b['tokens_per_s']:.0f} tok/s" for c, b in base["batched"].items()), flush=True)
+    rounds = []
+    for i, proxy in enumerate(proxy_schedule(args.proxies, args.rounds)):
+        if args.proxies:
+            print(f"--- round {i + 1}: {proxy} proxy", flush=True)
+        rounds.append({"round": i + 1, **serve_round(args, base, proxy)})
+        if args.proxies:  # Ray reads the proxy switches when a cluster starts: a fresh one per round
+            import ray
+
+            ray.shutdown()
+    rows = [{**r, "proxy": rnd["proxy"], "round": rnd["round"]} for rnd in rounds for r in rnd["rows"]]
+    if len(rounds) == 1:
+        md = round_markdown(rounds[0], base)
+    else:
+        md = proxy_comparison(rounds, base) + "".join(
+            f"\n\n### Round {rnd['round']}: {rnd['proxy']} proxy\n\n" + round_markdown(rnd, base) for rnd in rounds)
     print()
     print(md)
+    first = rounds[0]
     result = {"benchmark": "serve_load", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "commit": env["commit"],
-              "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"], "url": url,
-              "dtype": served_dtype, "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None}, "server_args": started,
-              "in_process": base, "results": rows, "paired": pair, "targets": goals, "prometheus": prometheus, "markdown": md}
+              "device": env["gpu"] or env["cpu"], "env": env, "host": env["host"], "cpus": env["cpus"],
+              "url": first["url"], "dtype": first["dtype"], "proxy": first["proxy"] if len(rounds) == 1 else None,
+              "args": {**vars(args), "api_key": "<redacted>" if args.api_key else None},
+              "server_args": first["server_args"] if len(rounds) == 1 else None, "in_process": base, "results": rows,
+              "paired": first["paired"] if len(rounds) == 1 else None,
+              "targets": targets(first["rows"], base, first["paired"]) if len(rounds) == 1 else None,
+              "prometheus": first["prometheus"] if len(rounds) == 1 else None,
+              "rounds": rounds if len(rounds) > 1 else None,
+              "proxy_summary": proxy_summary(rounds) if len(rounds) > 1 else None, "markdown": md}
     from common import git_dirty, write_json, write_result  # bench/common.py
 
     result["uncommitted"] = git_dirty()

@@ -58,7 +58,8 @@ def evaluate(checkpoint: str, lengths: str = "1k,4k,16k", tasks: str | None = No
 
 
 def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/serve-storage",
-          seconds: float | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto") -> int:
+          seconds: float | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+          proxy: Literal["python", "haproxy"] | None = None) -> int:
     """Serve a checkpoint (or an untrained tiny model) with Ray Serve: HTTP/WebSocket API and the UI.
 
     Args:
@@ -67,10 +68,12 @@ def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/
         storage: Session-bank storage (directory or fsspec URI).
         seconds: Seconds to serve before exiting; null = until Ctrl-C.
         dtype: Serving dtype of the weights and session states: auto = bfloat16 on CUDA, float32 on the CPU.
+        proxy: What takes HTTP: Ray's Python proxy, or HAProxy (C, Ray 2.60; HTTP only) in front of the ingress;
+            null = Ray's default (python), or the mode a RAY_ADDRESS cluster was started with.
     """
     from ray_jobs.serving import serve_forever
 
-    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage, dtype)
+    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage, dtype, proxy)
     return 0
 
 

@@ -22,10 +22,11 @@ def checked_app(args: dict[str, Any]):
 
     from serve.app import build_app
     from serve.auth import KeyConfigError
+    from serve.proxy_mode import ProxyModeError
 
     try:
         return build_app(args)
-    except KeyConfigError as e:
+    except (KeyConfigError, ProxyModeError) as e:
         raise UsageError(str(e)) from None
     except ValidationError as e:
         first = e.errors()[0]
@@ -60,6 +61,17 @@ def start(port: int) -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
         stop_on_sigterm()  # ray.init replaced it with Ray's (ray_jobs.signals)
     start_serve(port)
+
+
+def check_proxy(proxy: str | None) -> None:
+    """A RAY_ADDRESS cluster keeps the proxy mode it was started with: a different ``proxy`` is a
+    one-line :class:`UsageError` (a local cluster took it from this process's environment)."""
+    from serve.proxy_mode import ProxyModeError, check_cluster
+
+    try:
+        check_cluster(proxy)
+    except ProxyModeError as e:
+        raise UsageError(str(e)) from None
 
 
 def deploy(app) -> None:
@@ -100,15 +112,18 @@ def stop(args: dict[str, Any]) -> None:
 
 
 def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
-                  dtype: str = "auto") -> None:
-    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``."""
-    args: dict[str, Any] = {"storage": storage, "dtype": dtype}
+                  dtype: str = "auto", proxy: str | None = None) -> None:
+    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``, behind
+    ``proxy`` (``python`` | ``haproxy``: set in this process's environment by ``checked_app``, before
+    :func:`start` starts the local cluster that reads it)."""
+    args: dict[str, Any] = {"storage": storage, "dtype": dtype, "proxy": proxy}
     if checkpoint:
         args["checkpoint"] = checkpoint
     check_port(port)
     app = checked_app(args)
     try:
         start(port)
+        check_proxy(proxy)
         deploy(app)
         print_links(port)
         wait(seconds)

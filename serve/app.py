@@ -24,6 +24,7 @@ from .context import ApiContext, Limits
 from .generator import Generator, GeneratorSettings
 from .live import Broadcaster, get_hub
 from .modeling import ModelSpec
+from .proxy_mode import ProxyMode, apply_env, check_cluster
 from .sessions import BankClient, BankConfig, check_layout
 
 logger = logging.getLogger("serve.app")
@@ -110,6 +111,16 @@ class AppArgs(BaseModel):
                                                         "to $DNC_API_KEYS. Keys are required beyond loopback.")
     allowed_origins: list[str] = Field(default_factory=list, description="Browser origins allowed besides "
                                        "the server's own (CORS and the WebSocket Origin check); '*' = any.")
+    proxy: ProxyMode | None = Field(None, description="What takes HTTP in front of the Ingress: Ray's Python proxy "
+                                    "actor (python) or HAProxy (haproxy: a C load balancer on the port, the Ingress "
+                                    "replicas serving HTTP themselves; HTTP only, SSE and WebSockets pass). A setting of "
+                                    "the Ray cluster, read when it starts: applied to a local cluster this process "
+                                    "starts, checked against a running one; null = as the cluster was started (Ray's "
+                                    "default: python). serve/proxy_mode.py; docs/serving-performance.md.")
+    ray_throughput_optimized: bool | None = Field(None, description="Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED "
+                                                  "bundle (gRPC between deployments, one loop per replica, GC frozen "
+                                                  "after start); like proxy, a setting of the cluster (null = as it "
+                                                  "was started).")
     http_host: str = Field("127.0.0.1", description="Host the HTTP proxy binds when build_app starts Serve "
                                                     "itself; a running Serve instance's own host wins.")
     runs_root: str = Field("runs", description="Training runs the UI's monitor follows (dirs with metrics.jsonl).")
@@ -121,7 +132,7 @@ class AppArgs(BaseModel):
     def _abs_storage(cls, v: str) -> str:
         return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
-    @field_validator("checkpoint", "ui_dir", "api_keys_file", mode="before")
+    @field_validator("checkpoint", "ui_dir", "api_keys_file", "proxy", "ray_throughput_optimized", mode="before")
     @classmethod
     def _none(cls, v: Any) -> Any:
         return None if v in ("", "none", "None", "null") else v
@@ -234,13 +245,27 @@ def start_serve(port: int = 8000, host: str = "127.0.0.1") -> None:
     serve.start(http_options={"host": host, "port": port}, logging_config={"enable_access_log": False})
 
 
+def prepare_cluster(a: AppArgs) -> None:
+    """The proxy mode (``a.proxy``, ``a.ray_throughput_optimized``) where Ray will read it: into this
+    process's environment when no Ray runs here yet (a local cluster started from here inherits it),
+    else checked against the running Serve controller (:class:`serve.proxy_mode.ProxyModeError`)."""
+    import ray
+
+    if not ray.is_initialized():
+        apply_env(a.proxy, a.ray_throughput_optimized)
+    else:
+        check_cluster(a.proxy, a.ray_throughput_optimized)
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for ``serve run`` / ``serve deploy`` (see :class:`AppArgs`).
 
     Raises :class:`serve.auth.KeyConfigError` (one line) for malformed keys, or for a bind address
-    beyond loopback without keys."""
+    beyond loopback without keys; :class:`serve.proxy_mode.ProxyModeError` when the running Serve
+    uses another proxy mode than ``proxy``."""
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     keys = load_key_ring(a.api_keys_file)
+    prepare_cluster(a)
     print(f"[serve] {check_bind(serve_http_host(a.http_host), keys)}", file=sys.stderr, flush=True)
     check_layout(a.storage, a.bank_shards)
     # typed objects travel to the replicas (pickled by Ray), validated here once
@@ -256,12 +281,17 @@ def build_app(args: dict[str, Any]):
 
 def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc", timeout_s: float = 300.0) -> str:
     """Start Serve on 127.0.0.1:``port`` (:func:`start_serve`), deploy this app under ``name`` and wait
-    until ``/health`` answers 200 (a real forward pass). Returns the base URL. Raises TimeoutError
+    until ``/health`` answers 200 (a real forward pass), through the front ``args.proxy`` names (the
+    cluster's mode: see :func:`prepare_cluster`). Returns the base URL. Raises TimeoutError
     after ``timeout_s`` seconds. Tests, benchmarks and the CLI start the app this one way."""
     import httpx
+    import ray
 
+    a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
+    if not ray.is_initialized():  # serve.start would start a local cluster: with a's proxy mode
+        apply_env(a.proxy, a.ray_throughput_optimized)
     start_serve(port)
-    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    serve.run(build_app(a), name=name, route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:
@@ -275,12 +305,32 @@ def run_app(args: dict[str, Any] | AppArgs, port: int = 8000, name: str = "dnc",
         time.sleep(0.5)
 
 
+def wait_serve_gone(timeout_s: float = 180.0) -> bool:
+    """Wait until Serve's controller actor is gone; False after ``timeout_s`` s. ``serve.shutdown``
+    returns after 30 s even when the controller is still stopping (behind HAProxy each Ingress
+    replica drains first: serve/proxy_mode.py), and a ``serve.start`` meanwhile joins the dying
+    controller, whose deployments then fail."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: gone
+            return True
+        time.sleep(0.5)
+    logger.warning("Serve's controller still exists %.0f s after serve.shutdown()", timeout_s)
+    return False
+
+
 def teardown(args: dict[str, Any] | None = None) -> None:
     """Shut Serve down and remove this app's detached actors (shards, live hub); storage stays."""
     import ray
 
     a = args if isinstance(args, AppArgs) else AppArgs(**(args or {}))
     serve.shutdown()
+    wait_serve_gone()
     BankClient(a.bank_config()).kill_all()
     try:
         ray.kill(ray.get_actor(a.hub_name(), namespace=a.namespace), no_restart=True)

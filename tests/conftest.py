@@ -14,12 +14,23 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--serve-proxy", default=os.environ.get("DNC_SERVE_PROXY") or None,
+                     choices=["python", "haproxy"],
+                     help="proxy mode of the session's Ray cluster (serve/proxy_mode.py), so the Serve app "
+                          "tests run behind it; default $DNC_SERVE_PROXY, else Ray's (python)")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    """A real local Ray cluster shared by every Ray test in the session."""
+def ray_cluster(tmp_path_factory, request):
+    """A real local Ray cluster shared by every Ray test in the session, in the proxy mode of
+    ``--serve-proxy`` (its environment is set before the cluster starts: Ray reads it then)."""
     import ray
 
     if not ray.is_initialized():
+        from serve.proxy_mode import apply_env
+
+        apply_env(request.config.getoption("--serve-proxy"))
         ray.init(
             num_cpus=2,
             include_dashboard=False,
