@@ -359,7 +359,7 @@ class Generator:
             result.state = ack["info"]
             self.counters["session_turns"] += 1
             self.counters[f"session_state_{turn.source}"] += 1  # resident | replayed | loaded
-            durable = int(ack["durable_bytes"])  # what the shard wrote for this turn
+            durable = int(ack.get("durable_bytes", 0))  # what the shard wrote for this turn (0: a retried, duplicate commit)
             self.counters["session_durable_bytes"] += durable
             self.durable_bytes.append(durable)
             record_durable_bytes(durable)

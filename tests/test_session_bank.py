@@ -106,6 +106,9 @@ def test_updates_durable_idempotent_ordered(tmp_path, lm):
         # a retried commit (same seq, same update id) is acknowledged, not reapplied
         again = await shard.apply_update("s1", 2, "u-s1-2", p2, {}, {"kind": "generate"})
         assert again["duplicate"] and not again["applied"]
+        # with the keys of a fresh ack (the Generator reads durable_bytes; a retried commit after a shard
+        # restart once answered the client 500 with KeyError 'durable_bytes' for a durable turn)
+        assert again["durable_bytes"] == 0 and again["record"] == "duplicate" and again["info"]["seq"] == 2
         # a different update for an applied seq is a conflict
         with pytest.raises(Conflict):
             await shard.apply_update("s1", 2, "other", p1, {}, None)

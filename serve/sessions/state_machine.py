@@ -268,7 +268,10 @@ class StateMachineMixin:
             if seq <= s.seq:
                 if s.applied.get(seq) == update_id:
                     self.counters["duplicates"] += 1
-                    return {"seq": s.seq, "applied": False, "duplicate": True, "info": s.info(self.index)}
+                    # a retry after a lost ack (e.g. the shard restarted): the first delivery wrote the
+                    # record, this one writes nothing, but its ack has the same keys as a fresh one's
+                    return {"seq": s.seq, "applied": False, "duplicate": True, "info": s.info(self.index),
+                            "durable_bytes": 0, "record": "duplicate"}
                 self.counters["conflicts"] += 1
                 raise Conflict(f"state {sid!r} changed during this request (now at seq {s.seq}, this "
                                f"update was for seq {seq}); retry the request", "state_conflict", "state_id")
