@@ -41,8 +41,9 @@ VARIANT_FILLER = {"template": "words", "train": "stdlib", "heldout": "stdlib_hel
 """Filler of each phrasing cell: held-out wording comes with held-out text (stdlib eval modules);
 the crosses take the other one."""
 VARIANT_WORDING = {"cross_template": "template", "cross_heldout": "heldout"}
-"""Wording of a cross variant (the others are their own). A cross draws with its wording's seed, so
-its samples have the same passkeys and wordings as that variant's and differ in the filler."""
+"""Wording of a cross variant (the others are their own). A cross draws with its wording's seed: the
+first sample of a cell has that variant's passkey and wording in the other filler (later ones differ:
+the two fillers use the generator's draws differently)."""
 BASE_VARIANT = ("template", True)
 """(phrasing, markers) of the original suites: their samples and seeds are unchanged."""
 

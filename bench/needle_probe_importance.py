@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from ray_jobs.evaluate import parse_lengths  # noqa: E402
 
 log = common.stderr_logger("needle_probe_importance")
 HORIZONS = (65536, 262144, 1048576)
+NEAR = 64
+"""Tokens on either side of the needle (and before the question) that are not counted as filler."""
 
 
 class ImportanceTap:
@@ -90,6 +93,11 @@ def importance_per_token(model, samples, device) -> np.ndarray:
     return per.reshape(n_mem, len(samples), -1)
 
 
+def _show(token: int) -> str:
+    """A byte token as text (``repr`` of its character), a special token by id."""
+    return repr(chr(token)) if token < 256 else f"<{token}>"
+
+
 def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -> dict[str, Any]:
     cfg = model.config
     s_seed = variant_seed([seed, SUITE_SEED["passkey"], length, 0], variant, True)
@@ -97,7 +105,7 @@ def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -
     imp = importance_per_token(model, samples, device)
     out: dict[str, Any] = {"variant": variant, "filler": VARIANT_FILLER[variant], "n": len(samples), "layers": {}}
     for li, layer in enumerate(cfg.memory_layer_ids):
-        above, total, needle, filler_med = 0, 0, [], []
+        above, total, needle, filler_med, top = 0, 0, [], [], Counter()
         for b, s in enumerate(samples):
             digits = s.meta["needle_pos"] + np.arange(len(s.meta["passkey"]))
             row = imp[li, b]
@@ -107,16 +115,20 @@ def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -
                 continue  # the needle is in the unwritten last segment (not at these depths)
             weakest = float(row[d].min())
             mask = np.ones(written, dtype=bool)
-            mask[max(0, d[0] - 64):d[-1] + 64] = False  # the needle's sentence is not filler
+            mask[max(0, d[0] - NEAR):d[-1] + NEAR] = False  # the needle's sentence is not filler,
+            mask[max(0, s.meta["answer_spans"][0][0] - NEAR):] = False  # nor the question and its answer
             fill = row[mask]
             above += int((fill >= weakest).sum())
+            top.update(s.tokens[:written][mask][fill >= weakest].tolist())
             total += len(fill)
             needle.append(weakest)
             filler_med.append(float(np.median(fill)))
         f = above / total if total else None
         out["layers"][str(layer)] = {
             "needle_weakest_digit": needle, "filler_median": filler_med, "above": above, "filler_slots": total,
-            "share_above": f, "expected_above": {str(L): (None if f is None else f * L) for L in HORIZONS}}
+            "share_above": f,
+            "top_tokens_above": [[_show(t), c] for t, c in top.most_common(8)],
+            "expected_above": {str(L): (None if f is None else f * L) for L in HORIZONS}}
     return out
 
 
@@ -132,9 +144,11 @@ def markdown(rows: list[dict], l0: int) -> str:
                          common.fmt_num(np.mean(c["needle_weakest_digit"]) if c["needle_weakest_digit"] else None, "{:.2f}"),
                          common.fmt_num(np.mean(c["filler_median"]) if c["filler_median"] else None, "{:.2f}"),
                          f"{common.fmt_pct(f, 2)} ({c['above']:,}/{c['filler_slots']:,})"]
-                        + [common.fmt_num(c["expected_above"][str(L)]) for L in HORIZONS])
+                        + [common.fmt_num(c["expected_above"][str(L)]) for L in HORIZONS]
+                        + [", ".join(f"{t} {k}" for t, k in c.get("top_tokens_above", [])[:5]).replace("|", "\\|") or "—"])
     lines += common.md_table(["variant", "filler", "layer", "samples", "needle importance (weakest digit, mean)",
-                              "filler median", "filler >= needle"] + [f"x {common.fmt_len(L)}" for L in HORIZONS], body)
+                              "filler median", "filler >= needle"] + [f"x {common.fmt_len(L)}" for L in HORIZONS]
+                             + ["filler tokens above it (most common)"], body)
     return "\n".join(lines)
 
 
