@@ -44,6 +44,9 @@ from ray_jobs.evaluate import parse_lengths  # noqa: E402
 
 log = common.stderr_logger("needle_probe_importance")
 HORIZONS = (65536, 262144, 1048576)
+MARGINS = (0.0, 5.0, 10.0, 15.0)
+"""Keep-score handicaps of the needle against a fresh slot: an old needle loses ``log1p(age)`` (4.6 at
+100 segments, 7.6 at 2,000) and, when no query reads it, up to ``log(1e-4) = -9.2`` of salience."""
 NEAR = 64
 """Tokens on either side of the needle (and before the question) that are not counted as filler."""
 
@@ -106,6 +109,7 @@ def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -
     out: dict[str, Any] = {"variant": variant, "filler": VARIANT_FILLER[variant], "n": len(samples), "layers": {}}
     for li, layer in enumerate(cfg.memory_layer_ids):
         above, total, needle, filler_med, top = 0, 0, [], [], Counter()
+        above_m = dict.fromkeys(MARGINS, 0)
         for b, s in enumerate(samples):
             digits = s.meta["needle_pos"] + np.arange(len(s.meta["passkey"]))
             row = imp[li, b]
@@ -119,6 +123,8 @@ def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -
             mask[max(0, s.meta["answer_spans"][0][0] - NEAR):] = False  # nor the question and its answer
             fill = row[mask]
             above += int((fill >= weakest).sum())
+            for m in MARGINS:
+                above_m[m] += int((fill >= weakest - m).sum())
             top.update(s.tokens[:written][mask][fill >= weakest].tolist())
             total += len(fill)
             needle.append(weakest)
@@ -128,6 +134,7 @@ def probe_variant(model, variant: str, length: int, n: int, seed: int, device) -
             "needle_weakest_digit": needle, "filler_median": filler_med, "above": above, "filler_slots": total,
             "share_above": f,
             "top_tokens_above": [[_show(t), c] for t, c in top.most_common(8)],
+            "share_above_margin": {f"{m:g}": (a / total if total else None) for m, a in above_m.items()},
             "expected_above": {str(L): (None if f is None else f * L) for L in HORIZONS}}
     return out
 
@@ -149,6 +156,12 @@ def markdown(rows: list[dict], l0: int) -> str:
     lines += common.md_table(["variant", "filler", "layer", "samples", "needle importance (weakest digit, mean)",
                               "filler median", "filler >= needle"] + [f"x {common.fmt_len(L)}" for L in HORIZONS]
                              + ["filler tokens above it (most common)"], body)
+    lines += ["", "The same share against the needle's importance lowered by a margin (an old, unread needle's "
+              "age and salience handicap in the keep score, up to about 17 at 1M):", ""]
+    lines += common.md_table(["variant", "filler", "layer"] + [f"margin {m:g}" for m in MARGINS],
+                             [[r["variant"], r["filler"], layer]
+                              + [common.fmt_pct(c.get("share_above_margin", {}).get(f"{m:g}"), 2) for m in MARGINS]
+                              for r in rows for layer, c in r["layers"].items()])
     return "\n".join(lines)
 
 
