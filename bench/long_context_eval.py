@@ -32,11 +32,18 @@ log = stderr_logger("long_context")
 SUITE_SEED = {"passkey": 1, "relational_2hop": 2, "kv_retrieval": 3, "mqar": 4}
 """Per-suite component of the sample seed (samples depend only on seed, suite, length, cell)."""
 
-PHRASINGS = ("template", "train", "heldout")
-"""``--phrasings``: the generators' original wording, the phrasings training draws, and the ones it
-never sees (``dnc.data.phrasings``)."""
-VARIANT_FILLER = {"template": "words", "train": "stdlib", "heldout": "stdlib_heldout"}
-"""Filler of each phrasing cell: held-out wording comes with held-out text (stdlib eval modules)."""
+PHRASINGS = ("template", "train", "heldout", "cross_template", "cross_heldout")
+"""``--phrasings``: the generators' original wording, the phrasings training draws, the ones it
+never sees (``dnc.data.phrasings``), and two crosses that swap the filler of ``template`` and
+``heldout`` (issue 11: tells a wording failure from a filler failure)."""
+VARIANT_FILLER = {"template": "words", "train": "stdlib", "heldout": "stdlib_heldout",
+                  "cross_template": "stdlib_heldout", "cross_heldout": "words"}
+"""Filler of each phrasing cell: held-out wording comes with held-out text (stdlib eval modules);
+the crosses take the other one."""
+VARIANT_WORDING = {"cross_template": "template", "cross_heldout": "heldout"}
+"""Wording of a cross variant (the others are their own). A cross draws with its wording's seed: the
+first sample of a cell has that variant's passkey and wording in the other filler (later ones differ:
+the two fillers use the generator's draws differently)."""
 BASE_VARIANT = ("template", True)
 """(phrasing, markers) of the original suites: their samples and seeds are unchanged."""
 
@@ -45,12 +52,15 @@ def variant_kwargs(phrasing: str, markers: bool) -> dict[str, Any]:
     """Task keyword arguments of one (phrasing, markers) cell; none for :data:`BASE_VARIANT`."""
     if (phrasing, markers) == BASE_VARIANT:
         return {}
-    return {"phrasing": None if phrasing == "template" else phrasing, "markers": markers,
+    wording = VARIANT_WORDING.get(phrasing, phrasing)
+    return {"phrasing": None if wording == "template" else wording, "markers": markers,
             "filler": VARIANT_FILLER[phrasing]}
 
 
 def variant_seed(base: list[int], phrasing: str, markers: bool) -> list[int]:
-    """The suite's seed list, extended for every variant but the base one (whose samples stay)."""
+    """The suite's seed list, extended for every variant but the base one (whose samples stay); a
+    cross takes its wording's seed (:data:`VARIANT_WORDING`)."""
+    phrasing = VARIANT_WORDING.get(phrasing, phrasing)
     if (phrasing, markers) == BASE_VARIANT:
         return base
     return base + [1 + 2 * PHRASINGS.index(phrasing) + int(not markers)]

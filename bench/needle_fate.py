@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
-from long_context_eval import PHRASINGS, SUITE_SEED, draw_samples, variant_kwargs, variant_seed  # noqa: E402
+from long_context_eval import (PHRASINGS, SUITE_SEED, VARIANT_FILLER, draw_samples, variant_kwargs,  # noqa: E402
+                               variant_seed)
 from long_context_train import resolve_checkpoint  # noqa: E402
 
 from dnc.data import tasks as task_lib  # noqa: E402
@@ -265,7 +266,9 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
     layers = sorted({k for r in rows for k in r["layers"]}, key=int)
     mass: dict[str, list[float]] = {}
     width: dict[str, list[int]] = {}
+    digits: dict[str, list[int]] = {}
     for r in rows:
+        digits.setdefault(r["fate"], []).append(r["digits_right"])
         m = r["read_mass"].get(str(r["best_layer"]))
         if m is not None:
             mass.setdefault(r["fate"], []).append(m["needle_mean"])
@@ -279,6 +282,8 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
         "by_layer_fate": {i: tally(rows, lambda r, i=i: r["layers"][i]) for i in layers},
         "needle_mass_by_fate": {f: {"mean": float(np.mean(v)), "n": len(v)} for f, v in mass.items()},
         "cover_width_by_fate": {f: {"median": common.median(v), "max": max(v), "n": len(v)} for f, v in width.items()},
+        # partial credit: at 1M exact match is often 0 everywhere while the digits still tell fates apart
+        "digits_right_by_fate": {f: {"right": sum(v), "of": 5 * len(v)} for f, v in digits.items()},
     }
 
 
@@ -288,9 +293,11 @@ def markdown(summary: dict[str, Any]) -> str:
 
     fates = [f for f in FATES if f in summary["by_fate"]]
     lines = ["Accuracy by fate (the sample's best memory layer):", ""]
-    lines += common.md_table(["fate", "exact match", "needle read mass (mean over heads)",
+    dig = summary.get("digits_right_by_fate", {})
+    lines += common.md_table(["fate", "exact match", "passkey digits right", "needle read mass (mean over heads)",
                               "covering span, median tokens"],
                              [[f, cell(summary["by_fate"][f]),
+                               common.fmt_count(dig[f]["right"], dig[f]["of"]) if f in dig else "—",
                                common.fmt_num(summary["needle_mass_by_fate"].get(f, {}).get("mean"), "{:.3f}"),
                                common.fmt_num(summary["cover_width_by_fate"].get(f, {}).get("median"), "{:g}")]
                               for f in fates])
@@ -314,11 +321,15 @@ WHAT = ("Per passkey sample of a trained DNC, where its digits are at the questi
 def render(res: dict) -> str:
     """The body of a needle_fate result's entry in ``bench/README.md``: where it ran, its wording, the tables."""
     st = res.get("settings", {})
+    filler = VARIANT_FILLER.get(st.get("phrasing"), "?")
     head = (f"Device: {res.get('device')}; torch {res.get('torch')}; commit {res.get('commit') or 'unknown'}; "
-            f"phrasing {st.get('phrasing')}, markers {st.get('markers')}, lengths "
+            f"phrasing {st.get('phrasing')} (filler {filler}), markers {st.get('markers')}, lengths "
             f"{', '.join(common.fmt_len(x) for x in st.get('lengths', []))}, depths {st.get('depths')}, "
             f"{st.get('n')} per cell")
-    return "\n".join([head, "", res.get("markdown", ""), ""])
+    rows = res.get("rows") or []
+    # tables from the rows (results stored before a column existed get it too), else as stored
+    md = markdown(summarise(rows)) if rows and all("digits_right" in r for r in rows) else res.get("markdown", "")
+    return "\n".join([head] + ([f"Note: {res['note']}"] if res.get("note") else []) + ["", md, ""])
 
 
 # ==============================================================================================

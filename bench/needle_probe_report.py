@@ -13,7 +13,11 @@ WHAT = ("Greedy passkey answers of one trained DNC by needle depth: whether the 
 
 
 def render(res: dict) -> str:
-    """The body of a needle_probe result's entry in ``bench/README.md``."""
+    """The body of a needle_probe result's entry in ``bench/README.md`` (``bench/needle_probe_importance.py``
+    results, ``kind`` "importance", render their own table)."""
+    if res.get("kind") == "importance":
+        from needle_probe_importance import render as render_importance  # imports torch: only for those results
+        return render_importance(res)
     readers = next((list(r["correct_by_reader"]) for r in res.get("rows", []) if r.get("correct_by_reader")), [])
     rows = []
     for r in res.get("rows", []):

@@ -250,3 +250,30 @@ def test_resume_without_a_checkpoint_fails_fast_and_names_the_run_dir(lc_run: Pa
     assert proc.returncode == 2
     assert f"no checkpoint to continue from in {lc_run / 'runs' / 'other' / 'dnc'}" in proc.stderr
     assert not (lc_run / "runs" / "other").exists()
+
+
+def test_cross_wordings_run_as_cells_beside_the_base_one(tmp_path):
+    """--phrasings cross_template,cross_heldout (issue 11: wording and filler swapped) are cells of
+    their own, with the other filler, and stay out of the headline passkey table."""
+    from dnc.checkpoint import save_checkpoint
+    from dnc.config import preset
+    from dnc.model import DNC
+
+    ckpt = save_checkpoint(str(tmp_path / "ckpt"), DNC(preset("tiny")))
+    out = tmp_path / "res"
+    cmd = [sys.executable, str(BENCH / "long_context.py"), "--checkpoint", ckpt, "--skip-baseline",
+           "--phrasings", "template,cross_template,cross_heldout", "--passkey-lengths", "256", "--depths", "0.5",
+           "--n", "2", "--recall-lengths", "256", "--n-recall", "1", "--mqar-pairs", "4", "--mqar-len", "32",
+           "--n-mqar", "1", "--bpb-context", "64", "--bpb-bytes", "512", "--device", "cpu", "--threads", "1",
+           "--tag", "x", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "long_context_x.json").read_text())
+    passkey = {(c["phrasing"], c["filler"]) for c in res["cells"] if c["suite"] == "passkey"}
+    assert passkey == {("template", "words"), ("cross_template", "stdlib_heldout"), ("cross_heldout", "words")}
+    assert res["summary"]["passkey_by_length"]["dnc"].keys() == {"256"}
+    md = (out / "long_context_x.md").read_text()
+    head = md[md.index("## Passkey retrieval"):md.index("## Recall")]
+    assert head.count("| 0.5 |") == 1  # the base wording only
+    assert "| passkey | DNC | cross_template | on | stdlib_heldout |" in md
