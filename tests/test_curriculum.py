@@ -255,11 +255,8 @@ def test_evaluate_with_oracle_and_wrong_model():
     assert acc == {"copy": 0.0, "kv_retrieval": 0.0}
 
 
-<<<<<<< HEAD
-@pytest.mark.parametrize("name", ["local_first", "template_first", "local_template_first", "local_replay", "time_boxed"])
-=======
-@pytest.mark.parametrize("name", ["local_first", "template_first", "local_template_first", "local_replay", "stdlib_tail"])
->>>>>>> h-fate
+@pytest.mark.parametrize("name", ["local_first", "template_first", "local_template_first", "local_replay", "time_boxed",
+                                  "stdlib_tail"])
 def test_ablation_curricula_load_for_small(name):
     """The ablation stage dirs (issue 11) build a curriculum for small's 512-token segments."""
     d = default_stage_dir().parent / "ablations" / name
