@@ -172,6 +172,26 @@ def write_result(folder: str | os.PathLike, stem: str, result: dict[str, Any], h
     return path
 
 
+def add_probe_args(p: argparse.ArgumentParser, preset_help: str, model_set_help: str) -> None:
+    """The flags every probe of a trained DNC shares: ``--checkpoint`` or ``--preset`` (one is
+    required), ``--model-set`` (repeatable), ``--device`` and ``--threads``."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="DNC run dir or checkpoint (step) dir")
+    src.add_argument("--preset", help=preset_help)
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE", help=model_set_help)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def save_to(out: str | os.PathLike, stem: str, result: dict[str, Any], header: str) -> Path:
+    """``--out`` as probes take it: a ``.json`` path gets the JSON alone; a folder gets
+    ``<stem>.json`` and its ``.md`` (:func:`write_result`). Returns the JSON's path."""
+    out = Path(out)
+    if out.suffix == ".json":
+        return write_json(out, result)
+    return write_result(out, stem, result, header)
+
+
 def parse_pairs(flag: str, pairs: Iterable[str]) -> dict[str, Any]:
     """Repeated ``KEY=VALUE`` command-line values (each value read as YAML) -> dict, for the
     benchmark scripts' config overrides; ValueError naming ``flag`` for a malformed one."""

@@ -183,11 +183,8 @@ def render(res: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/heldout_parts.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="DNC run dir or checkpoint (step) dir")
-    src.add_argument("--preset", help="an untrained preset instead (e.g. tiny, for smoke runs)")
-    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config change for the model (weights kept); repeatable")
+    common.add_probe_args(p, preset_help="an untrained preset instead (e.g. tiny, for smoke runs)",
+                          model_set_help="config change for the model (weights kept); repeatable")
     p.add_argument("--length", default="2k", help="sample length (k/M suffix); default 2k")
     p.add_argument("--n", type=int, default=16, help="samples per cell and position; default 16")
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma list of cells; default all: {', '.join(CELLS)}")
@@ -195,8 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markers", choices=["on", "off"], default="on", help="<needle>/<query> markers; default on")
     p.add_argument("--seed", type=int, default=1234, help="sample seed; default 1234")
     p.add_argument("--rows", type=int, default=16, help="samples per forward pass; default 16")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default=None, help="folder for heldout_parts_<tag>.json and .md")
     p.add_argument("--tag", default=None, help="result name suffix (default: the device)")
     return p

@@ -338,11 +338,8 @@ def render(res: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/needle_fate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="DNC run dir or checkpoint (step) dir")
-    src.add_argument("--preset", help="an untrained preset instead (e.g. tiny, for CPU smoke runs)")
-    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config change for the model (e.g. l0_slots=256; weights kept); repeatable")
+    common.add_probe_args(p, preset_help="an untrained preset instead (e.g. tiny, for CPU smoke runs)",
+                          model_set_help="config change for the model (e.g. l0_slots=256; weights kept); repeatable")
     p.add_argument("--lengths", default="4k,64k,256k,1M", help="haystack lengths (k/M suffix); default 4k,64k,256k,1M")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths in [0, 1]; default 0,0.25,0.5,0.75,1")
     p.add_argument("--n", type=int, default=4, help="samples per length x depth cell; default 4")
@@ -351,8 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markers", choices=["on", "off"], default="on", help="<needle>/<query> markers; default on")
     p.add_argument("--seed", type=int, default=1234, help="sample seed (long_context's default: the same samples)")
     p.add_argument("--rows", type=int, default=16, help="samples per forward pass; default 16")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default=None, help="result .json file, or a folder for needle_fate_<device>.json + .md")
     return p
 
@@ -398,12 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {"lengths": lengths, "depths": depths, "n": args.n, "decoys": args.decoys,
                          "phrasing": args.phrasing, "markers": args.markers, "seed": args.seed},
             **summary, "rows": rows, "markdown": md}
-        out = Path(args.out)
-        if out.suffix == ".json":
-            common.write_json(out, res)
-        else:
-            out = common.write_result(out, f"needle_fate_{common.device_tag(device)}", res,
-                                      "# Where the needle ends up in the bank (bench/needle_fate.py)")
+        out = common.save_to(args.out, f"needle_fate_{common.device_tag(device)}", res,
+                             "# Where the needle ends up in the bank (bench/needle_fate.py)")
         log(f"wrote {out}")
     return 0
 

@@ -177,18 +177,13 @@ def render(res: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/needle_probe_importance.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=common.HelpFormatter, epilog=__doc__)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="DNC run dir or checkpoint (step) dir")
-    src.add_argument("--preset", help="an untrained preset instead (CPU smoke runs; needs write_importance)")
-    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config change for the model (weights kept); repeatable")
+    common.add_probe_args(p, preset_help="an untrained preset instead (CPU smoke runs; needs write_importance)",
+                          model_set_help="config change for the model (weights kept); repeatable")
     p.add_argument("--variants", default="template,cross_template,heldout,cross_heldout",
                    help=f"comma list of {', '.join(PHRASINGS)}")
     p.add_argument("--length", default="4k", help="sample length (k suffix)")
     p.add_argument("--n", type=int, default=4, help="samples per variant")
     p.add_argument("--seed", type=int, default=1234, help="sample seed")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--out", default=None, help="result .json file, or a folder")
     return p
 
@@ -220,12 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "importance", "model_config": model.config.to_dict(),
             "settings": {"length": length, "n": args.n, "seed": args.seed, "variants": variants},
             "rows": rows, "markdown": md}
-        out = Path(args.out)
-        if out.suffix == ".json":
-            common.write_json(out, res)
-        else:
-            out = common.write_result(out, f"needle_probe_importance_{common.device_tag(device)}", res,
-                                      "# Needle importance against its filler (bench/needle_probe_importance.py)")
+        out = common.save_to(args.out, f"needle_probe_importance_{common.device_tag(device)}", res,
+                             "# Needle importance against its filler (bench/needle_probe_importance.py)")
         log(f"wrote {out}")
     return 0
 
