@@ -220,7 +220,7 @@ def test_an_app_refuses_a_proxy_mode_the_running_cluster_lacks(ray_cluster, tmp_
     from serve.app import build_app, start_serve, wait_serve_gone
     from serve.proxy_mode import ProxyModeError, cluster_mode
 
-    start_serve(PORT)
+    start_serve(free_port())  # not PORT: the module's HAProxy server holds it until the module ends
     try:
         running, _ = cluster_mode()
         other = "python" if running == "haproxy" else "haproxy"
