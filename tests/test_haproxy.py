@@ -209,26 +209,3 @@ def test_serve_load_alternates_the_proxies_and_compares_medians():
     assert by["haproxy"]["front_cpu_ms_per_request"] == 1.0 and by["python"]["cpu_ms_per_request"] == 11.0
     table = proxy_comparison(rounds)
     assert "order python haproxy haproxy python" in table and "| haproxy | stream | 32 | 2 (20 req, 0 err) |" in table
-
-
-@pytest.mark.ray
-def test_an_app_refuses_a_proxy_mode_the_running_cluster_lacks(ray_cluster, tmp_path):
-    """Ray reads the mode when the cluster starts: asking a running one for the other mode is a
-    one-line error that says how to start it, not a server that silently runs the wrong front."""
-    from ray import serve
-
-    from serve.app import build_app, start_serve, wait_serve_gone
-    from serve.proxy_mode import ProxyModeError, cluster_mode
-
-    start_serve(free_port())  # not PORT: the module's HAProxy server holds it until the module ends
-    try:
-        running, _ = cluster_mode()
-        other = "python" if running == "haproxy" else "haproxy"
-        with pytest.raises(ProxyModeError, match=f"proxy={other} .* running Serve uses proxy={running}") as e:
-            build_app({"storage": str(tmp_path), "proxy": other})
-        assert "ray start" in str(e.value) and "\n" not in str(e.value)
-        build_app({"storage": str(tmp_path), "proxy": running})  # the running mode, or null, builds
-        build_app({"storage": str(tmp_path)})
-    finally:
-        serve.shutdown()
-        wait_serve_gone()

@@ -398,3 +398,19 @@ def test_docs_and_redoc_render_offline(server):
         browser.close()
     assert not outside, f"the docs pages asked for outside resources: {outside}"
     assert not errors, errors
+
+
+def test_an_app_refuses_a_proxy_mode_the_running_cluster_lacks(server, app_args):
+    """Ray reads the proxy mode when the cluster starts (serve/proxy_mode.py): asking the running
+    Serve for the other mode is a one-line error that says how to start it, not a server that
+    silently runs the wrong front. The running mode, or none, builds."""
+    from serve.app import build_app
+    from serve.proxy_mode import ProxyModeError, cluster_mode
+
+    running, _ = cluster_mode()
+    other = "python" if running == "haproxy" else "haproxy"
+    with pytest.raises(ProxyModeError, match=f"proxy={other} .* running Serve uses proxy={running}") as e:
+        build_app({**app_args, "proxy": other})
+    assert "ray start" in str(e.value) and "\n" not in str(e.value)
+    build_app({**app_args, "proxy": running})
+    build_app(app_args)
