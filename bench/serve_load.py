@@ -58,8 +58,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clients
 from serve_clients import prompt_text, run_clients, server_stats  # noqa: E402  (bench/serve_clients.py)
 from serve_timeline import aggregate, generator_figures  # noqa: E402  (bench/serve_timeline.py)
-from serve_timeline import tables as timeline_tables  # noqa: E402
-from serve_load_report import proxy_comparison, proxy_summary  # noqa: E402
+from serve_load_report import proxy_comparison, proxy_summary, round_markdown, targets  # noqa: E402
+from serve_processes import cpu_figures, scrape_prometheus, serve_process_cpu  # noqa: E402
 
 MODES = ("plain", "stream", "chat")
 APP_NAME = "dnc-bench"  # the Serve application this script starts
@@ -157,92 +157,6 @@ def pct(xs: list[float], q: float) -> float | None:
         return None
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
-def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
-    """The serving series of the whole run (every level and warm-up), summed over replicas. Waits
-    one Ray export period first, so the last requests are in."""
-    import httpx
-
-    from serve.metrics import parse_prometheus, summarize_scrape
-
-    if where == "auto":
-        import ray
-
-        where = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
-    time.sleep(12)
-    summary = summarize_scrape(parse_prometheus(httpx.get(where, timeout=30).text), application=app)
-    return {"url": where, "application": app, "series": summary}
-
-
-SERVE_PROCESSES = ("proxy", "haproxy", "ingress", "generator")
-
-
-def serve_process_cpu(app: str) -> dict[str, float]:
-    """CPU seconds (every thread, user + system) each kind of Serve process has used so far, summed
-    over its actors: the HTTP proxies (the Python ProxyActor; in HAProxy mode the Python
-    HAProxyManager and the fallback ProxyActor), ``haproxy`` (the proxies' child processes: the
-    HAProxy binary, absent in Python mode), and ``app``'s Ingress and Generator replicas. Asked
-    inside each actor (``__ray_call__``), so it holds on any node; needs this process connected to
-    the cluster. A kind whose actors cannot be reached is left out."""
-    import ray
-
-    def process_cpu(_actor=None) -> tuple[float, float]:  # nested: Ray pickles it by value
-        """(CPU seconds of this process, every thread; CPU seconds of its child processes: the live
-        ones from /proc, the ended ones from this process's cutime/cstime). Run inside a Serve actor:
-        the HAProxyManager's child is the haproxy binary, whose CPU ``process_time`` does not see.
-        Children are 0 where /proc is missing."""
-        tick = os.sysconf("SC_CLK_TCK")
-
-        def fields(pid) -> list[str]:  # /proc/PID/stat from field 3 (state) on: the name may hold spaces
-            with open(f"/proc/{pid}/stat") as f:
-                s = f.read()
-            return s[s.rindex(")") + 2:].split()
-        children = 0.0
-        try:
-            me = os.getpid()
-            own = fields(me)
-            children = (int(own[13]) + int(own[14])) / tick  # cutime, cstime: children already waited for
-            for pid in os.listdir("/proc"):
-                if pid.isdigit():
-                    try:
-                        f = fields(pid)
-                        if int(f[1]) == me:  # ppid
-                            children += (int(f[11]) + int(f[12])) / tick  # utime, stime
-                    except (OSError, ValueError, IndexError):
-                        pass
-        except (OSError, ValueError, IndexError):
-            pass
-        return time.process_time(), children
-
-    kinds = {"proxy": "SERVE_PROXY_ACTOR", "ingress": f"SERVE_REPLICA::{app}#Ingress#",
-             "generator": f"SERVE_REPLICA::{app}#Generator#"}
-    out: dict[str, float] = {}
-    named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    for kind, prefix in kinds.items():
-        try:
-            refs = [ray.get_actor(n, namespace="serve").__ray_call__.remote(process_cpu)
-                    for n in named if n.startswith(prefix)]
-            if refs:
-                got = ray.get(refs, timeout=30)
-                out[kind] = sum(own for own, _ in got)
-                if kind == "proxy" and any(child for _, child in got):
-                    out["haproxy"] = sum(child for _, child in got)
-        except Exception:  # an actor restarting or gone: no figure rather than a wrong one
-            pass
-    return out
-
-
-def cpu_figures(before: dict[str, float], after: dict[str, float], requests: int, tokens: int,
-                events: int | None) -> dict[str, Any] | None:
-    """CPU the Serve processes spent over a level: seconds by kind, and ms per request, per
-    streamed event (``events``: the level's Generator events, None for whole answers) and per token."""
-    used = {k: after[k] - before[k] for k in SERVE_PROCESSES if k in before and k in after}
-    if not used or not requests:
-        return None
-    per = lambda n: {k: v * 1e3 / n for k, v in used.items()} if n else None  # noqa: E731
-    return {"seconds": used, "ms_per_request": per(requests), "ms_per_event": per(events),
-            "ms_per_token": per(tokens), "events": events}
 
 
 def run_level(url: str, args, mode: str, clients: int, cpu_app: str | None = None) -> dict[str, Any]:
@@ -524,95 +438,6 @@ def served_model(url: str, args) -> dict[str, Any]:
     return {**body, "dtype": str(body["dtype"]).removeprefix("torch.")}
 
 
-def latency_added(row: dict[str, Any], base: dict[str, Any] | None) -> float | None:
-    """Served p50 latency minus the in-process one at the same concurrency (ms): one stream
-    (``generate_stream``) for 1 client, else the time the ``BatchDecoder`` took for a batch of as
-    many rows (every row of it finishes then)."""
-    if not base or row["latency_ms_p50"] is None:
-        return None
-    if row["clients"] == 1:
-        return row["latency_ms_p50"] - base["latency_ms_p50"]
-    ref = base["batched"].get(str(row["clients"]))
-    return row["latency_ms_p50"] - ref["seconds"] * 1e3 if ref else None
-
-
-def table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
-    f = lambda v, d=1: "-" if v is None else f"{v:,.{d}f}"  # noqa: E731
-    out = ["| mode | clients | requests | errors | tok/s | req/s | p50 ms | p99 ms | TTFT p50 ms | TTFT p99 ms "
-           "| ITL p50 ms | ITL p99 ms | ITL mean p50 ms | mean batch | p50 added ms | tok/s vs in-process batch |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ref = (base or {}).get("batched", {}).get(str(r["clients"]))
-        added = latency_added(r, base)
-        vs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        out.append(f"| {r['mode']} | {r['clients']} | {r['requests']} | {sum(r['errors'].values())} | "
-                   f"{f(r['tokens_per_s'])} | {f(r['requests_per_s'], 2)} | {f(r['latency_ms_p50'])} | "
-                   f"{f(r['latency_ms_p99'])} | {f(r['ttft_ms_p50'])}{'*' if r['ttft_at'] == 'server' else ''} | "
-                   f"{f(r['ttft_ms_p99'])} | {f(r['itl_ms_p50'], 2)} | {f(r['itl_ms_p99'], 2)} | "
-                   f"{f(r['itl_mean_ms_p50'], 2)} | {f(r['server_mean_batch'])} | {f(added)} | "
-                   f"{vs} |")
-    if base:
-        out.append(f"| in-process, 1 stream | 1 | {base['requests']} | 0 | {f(base['tokens_per_s'])} | "
-                   f"{f(base['requests_per_s'], 2)} | {f(base['latency_ms_p50'])} | {f(base['latency_ms_p99'])} | "
-                   f"{f(base['ttft_ms_p50'])} | - | {f(base['itl_ms_p50'], 2)} | {f(base['itl_ms_p99'], 2)} | "
-                   "- | 1 | 0 | - |")
-        for c, b in base["batched"].items():
-            out.append(f"| in-process, BatchDecoder | {c} | {c} | 0 | {f(b['tokens_per_s'])} | - | "
-                       f"{f(b['seconds'] * 1e3)} | - | - | - | - | - | {f(b['step_ms_mean'], 2)} | {c} | 0 | 1.00x |")
-    out.append("")
-    out.append("TTFT and ITL at the client (SSE arrival times; * = as the server reports it, plain mode). ITL "
-               "p50/p99: every gap between token events; ITL mean: (last - first token) / (tokens - 1) per "
-               "request. p50 added: served p50 latency - in-process latency at the same concurrency and prompt "
-               "(1 client: one generate_stream; N clients: a BatchDecoder batch of N rows).")
-    return "\n".join(out)
-
-
-def cpu_table(rows: list[dict[str, Any]]) -> str:
-    """CPU ms of each Serve process kind per request and per streamed event, over each level
-    ("" when no row has CPU figures: a --url server)."""
-    with_cpu = [r for r in rows if r.get("cpu")]
-    if not with_cpu:
-        return ""
-    f = lambda d, k: "-" if not d or k not in d else f"{d[k]:.2f}"  # noqa: E731
-    out = ["CPU of Serve's processes over each level (every thread, after the warm-up): ms per request, "
-           "per streamed event (the Generator's events, one ASGI write each at the ingress); haproxy = the "
-           "HAProxy binary (HAProxy mode; proxy is then Ray's Python HAProxyManager and fallback proxy); "
-           "all = their sum:", "",
-           "| mode | clients | requests | events | " + " | ".join(f"{k} ms/req" for k in SERVE_PROCESSES) + " | "
-           + "all ms/req | " + " | ".join(f"{k} ms/event" for k in SERVE_PROCESSES) + " |",
-           "|---|---:|---:|---:|" + "---:|" * (2 * len(SERVE_PROCESSES) + 1)]
-    for r in with_cpu:
-        c = r["cpu"]
-        total = sum((c["ms_per_request"] or {}).values())
-        out.append(f"| {r['mode']} | {r['clients']} | {r['ok']} | {c['events'] if c['events'] is not None else '-'} | "
-                   + " | ".join(f(c["ms_per_request"], k) for k in SERVE_PROCESSES) + f" | {total:.2f} | "
-                   + " | ".join(f(c["ms_per_event"], k) for k in SERVE_PROCESSES) + " |")
-    return "\n".join(out)
-
-
-def targets(rows: list[dict[str, Any]], base: dict[str, Any] | None,
-            pair: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Issue 14's serving targets, from this run's rows where it measured them (64 clients; 1 client
-    for the latency added: the paired streams when measured, else the stream level against the
-    in-process baseline). ITL here is the per-request mean pacing (the server sends tokens in
-    chunks, so most gaps between single events are ~0)."""
-    def row(mode, clients):
-        return next((r for r in rows if r["mode"] == mode and r["clients"] == clients and r["ok"]), None)
-    streamed = row("chat", 64) or row("stream", 64)
-    plain, one = row("plain", 64), row("stream", 1)
-    added = latency_added(one, base) if one else None
-    if pair and "stream" in pair:
-        added = pair["stream"]["added_ms_p50"]
-    found = [("streamed, 64 concurrent, tokens/s", streamed and streamed["tokens_per_s"], ">=", 20000),
-             ("streamed, 64 concurrent, p50 ITL ms", streamed and streamed["itl_mean_ms_p50"], "<=", 5),
-             ("streamed, 64 concurrent, p50 TTFT ms", streamed and streamed["ttft_ms_p50"], "<=", 100),
-             ("sessionless plain, 64 clients, tokens/s", plain and plain["tokens_per_s"], ">=", 20000),
-             ("served vs in-process at 1 client, p50 latency added ms", added, "<=", 2)]
-    return [{"target": name, "measured": v, "goal": f"{op} {goal:,}", "met": (v >= goal if op == ">=" else v <= goal),
-             "from": (streamed or {}).get("mode") if name.startswith("streamed") else None}
-            for name, v, op, goal in found if v is not None]
-
-
 def serve_round(args, base: dict[str, Any] | None, proxy: str | None = None) -> dict[str, Any]:
     """Every level (and the pairs, the Prometheus scrape) against one server: ``--url``, or one this
     function starts and tears down, behind ``proxy`` (a :data:`PROXY_CHOICES` name; None = what
@@ -654,37 +479,6 @@ def serve_round(args, base: dict[str, Any] | None, proxy: str | None = None) -> 
             teardown(started)
     return {"proxy": proxy_seen, "url": url, "dtype": served_dtype, "server_args": started, "rows": rows, "paired": pair,
             "prometheus": prometheus}
-
-
-def round_markdown(rnd: dict[str, Any], base: dict[str, Any] | None) -> str:
-    """The tables of one server's measurement (``serve_round``)."""
-    rows, pair, started = rnd["rows"], rnd["paired"], rnd["server_args"]
-    md = f"Weights and session states in {rnd['dtype']}" + (f" (in-process baseline: {base['dtype']})" if base else "")
-    md += "."
-    if rnd["proxy"]:  # a started server: the mode its controller runs (serve/proxy_mode.py)
-        md += f" HTTP through the {rnd['proxy']} proxy."
-    md += "\n\n" + table(rows, base)
-    if timeline_tables(rows):
-        md += "\n\n" + timeline_tables(rows)
-    if cpu_table(rows):
-        md += "\n\n" + cpu_table(rows)
-    if pair:
-        md += ("\n\n| paired, 1 client | pairs | served p50 ms | in-process p50 ms | added p50 ms | TTFT added p50 ms "
-               "| same tokens |\n|---|---:|---:|---:|---:|---:|---|\n" + "\n".join(
-                   f"| {m} | {v['pairs']} | {v['served_ms_p50']:.1f} | {v['in_process_ms_p50']:.1f} | "
-                   f"{v['added_ms_p50']:.1f} | {v['ttft_added_ms_p50']:.1f}{'*' if m == 'plain' else ''} | "
-                   f"{'yes' if v['same_tokens'] else 'no'} |" for m, v in pair.items()))
-        plain = pair.get("plain", {})
-        md += ("\n\nPaired: each pair is a served request then the same generation in-process, back to back; "
-               "added = median of the per-pair differences (* plain: TTFT as the server reports it). Plain, split: "
-               f"the Generator's own time (arrival to done) - in-process p50 {plain.get('generator_added_ms_p50', 0):.1f} ms; "
-               f"served - the Generator's own time (HTTP, proxy, ingress, Ray hop) p50 {plain.get('transport_ms_p50', 0):.1f} ms.")
-    goals = targets(rows, base, pair)
-    if goals:
-        md += "\n\n| target (issue 14) | measured | goal | met |\n|---|---:|---:|---|\n" + "\n".join(
-            f"| {g['target']}{' (' + g['from'] + ')' if g['from'] else ''} | {g['measured']:,.1f} | {g['goal']} | "
-            f"{'yes' if g['met'] else 'no'} |" for g in goals)
-    return md
 
 
 def main(argv=None) -> dict[str, Any]:
