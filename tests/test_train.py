@@ -256,6 +256,13 @@ def test_batch_tokens_sizes_curriculum_batches_by_stage_length():
     batch, tasks = src.next_batch()
     assert batch["tokens"].shape[0] == len(tasks) == n
     assert TaskSource(tiny_train(), rank=0, pad_to_multiple=1, segment_len=32).batch_size() == 4   # falls back to batch_size
+    few = TaskSource(tiny_train(max_len=256, batch_tokens=64), rank=0, pad_to_multiple=1, segment_len=32)
+    assert few.batch_size() == max(1, 64 // few.curriculum.stage.max_len) < 6
+    rows = TaskSource(tiny_train(max_len=256, batch_tokens=64, min_batch_rows=6), rank=0, pad_to_multiple=1,
+                      segment_len=32)
+    assert rows.batch_size() == 6 and rows.next_batch()[0]["tokens"].shape[0] == 6   # the floor holds
+    with pytest.raises(ConfigError, match="min_batch_rows"):
+        tiny_train(min_batch_rows=0).validate()
 
 
 # ------------------------------------------------------------------------------ CLIs around it

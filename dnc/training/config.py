@@ -44,6 +44,11 @@ class TrainConfig:
     """Curriculum token budget per micro-batch per worker: a batch holds
     ``max(1, batch_tokens // stage.max_len)`` sequences, so short early stages train on many
     samples per step and long late ones on few (None = always ``batch_size``)."""
+    min_batch_rows: int = 1
+    """With ``batch_tokens``: at least this many sequences per curriculum batch. A late stage's
+    samples span 8-64 segments that run one after another, and a segment of a few rows is too small
+    to keep a GPU busy (issue 11: the segment loop is bound by host work), so more rows per segment
+    cost little wall time."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (global batch = batch_size*grad_accum*workers)."""
     max_len: int = 256
@@ -127,6 +132,7 @@ class TrainConfig:
         need(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.batch_tokens is None or self.batch_tokens >= 1, f"batch_tokens must be >= 1, got {self.batch_tokens}")
+        need(self.min_batch_rows >= 1, f"min_batch_rows must be >= 1, got {self.min_batch_rows}")
         need(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
         need(self.max_len >= 8, f"max_len must be >= 8, got {self.max_len}")
         for name in ("log_interval", "eval_interval", "checkpoint_interval"):

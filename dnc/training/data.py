@@ -41,10 +41,11 @@ class TaskSource:
 
     # -- batches ---------------------------------------------------------------------------------
     def batch_size(self) -> int:
-        """Sequences per batch in the current stage (``batch_tokens`` / the stage's longest sample)."""
+        """Sequences per batch in the current stage (``batch_tokens`` / the stage's longest sample,
+        at least ``min_batch_rows``)."""
         if self.cfg.batch_tokens is None:
             return self.cfg.batch_size
-        return max(1, self.cfg.batch_tokens // self.curriculum.stage.max_len)
+        return max(self.cfg.min_batch_rows, self.cfg.batch_tokens // self.curriculum.stage.max_len)
 
     def next_batch(self) -> tuple[dict[str, torch.Tensor], list[str]]:
         b = self.curriculum.sample_batch(self.batch_size(), rng=self.rng)
