@@ -11,7 +11,10 @@ are waiting (or as many as there is room for) or the oldest has waited ``admit_d
 load each closed-loop client's next request arrives alone, and an admission has a host cost of
 its own whatever its rows (a fresh decode batch, the prefill call, the join into the running
 batch, a new sampling plan): admitted one by one, arrivals took a third of the model thread at
-64 streams (issue 14). With nothing decoding a request is admitted at once (``admit_wait_s``
+64 streams (issue 14). Coalescing alone still admitted arrivals one by one when they came
+further apart than ``admit_delay_s`` (a closed loop at 64 streams on the H200: one every ~8 ms,
+admissions 36% of the model thread), so admissions are also spaced by their measured cost
+(``admit_share``, :meth:`DecodeScheduler.admit_gap_s`). With nothing decoding a request is admitted at once (``admit_wait_s``
 aside), so a lone request's first token is not delayed; nor is an iteration cut short for
 arrivals that have no room to join. Each iteration's tokens are handed to the
 requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
@@ -81,8 +84,13 @@ class _Iteration:
 ADMIT_BATCH = 8
 """Arrivals admitted together while rows decode (``DecodeScheduler.admit_batch``)."""
 ADMIT_DELAY_S = 0.005
-"""The longest an arrival waits to be admitted with others while rows decode (s): small beside
+"""The shortest an arrival waits to be admitted with others while rows decode (s): small beside
 the 100 ms time-to-first-token target (bench/decode_churn.py measures both)."""
+ADMIT_SHARE = 0.2
+"""While rows decode, admissions are spaced so that they take at most about this share of the
+model thread (``DecodeScheduler.admit_share``; 0 = no spacing, as in session 14)."""
+ADMIT_MAX_DELAY_S = 0.025
+"""The longest the spacing holds an arrival back while rows decode (s)."""
 
 
 class DecodeScheduler:
@@ -97,14 +105,19 @@ class DecodeScheduler:
     a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
     of token lists (tests drive it by hand); ``events_per_s``: lists handed out a second, about, in
     all: with ``n`` requests running, one request's lists are at least ``max(chunk_s, n / events_per_s)``
-    apart (0 = ``chunk_s`` whatever the load)."""
+    apart (0 = ``chunk_s`` whatever the load); ``admit_share`` / ``admit_max_delay_s``: while rows
+    decode, an admission that is not a full group (``admit_batch`` arrivals with room for them) waits
+    until the model thread has decoded long enough since the previous one that admissions take at
+    most ``admit_share`` of it (their measured cost, see :meth:`admit_gap_s`), but never past
+    ``admit_max_delay_s`` after the oldest arrival (0: no spacing)."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
                  clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0,
-                 admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S):
+                 admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S,
+                 admit_share: float = ADMIT_SHARE, admit_max_delay_s: float = ADMIT_MAX_DELAY_S):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
@@ -113,6 +126,11 @@ class DecodeScheduler:
         self.admit_wait_s = admit_wait_s
         self.admit_batch = max(1, int(admit_batch))
         self.admit_delay_s = max(0.0, float(admit_delay_s))
+        self.admit_share = min(1.0, max(0.0, float(admit_share)))
+        self.admit_max_delay_s = max(self.admit_delay_s, float(admit_max_delay_s))
+        # model thread: seconds one admission took (running mean) and when the last one ended (perf_counter)
+        self._admit_cost_s = 0.0
+        self._last_admit: float | None = None
         self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
@@ -205,16 +223,41 @@ class DecodeScheduler:
 
     def due(self, now: float) -> bool:
         """Whether the waiting requests are to be admitted now (``now``: ``time.perf_counter()``):
-        some wait, there is room, and nothing is decoding, or ``admit_batch`` wait (as many as
-        there is room for), or the oldest has waited ``admit_delay_s``. Read on the model thread
-        too (``waiting`` and ``active`` change on the loop's: a stale answer costs one step)."""
+        some wait, there is room, and nothing is decoding, or a full group waits (``admit_batch``
+        and room for them), or the oldest has waited ``admit_delay_s`` and the previous admission
+        is :meth:`admit_gap_s` old, or the oldest has waited ``admit_max_delay_s``. Read on the
+        model thread too (``waiting`` and ``active`` change on the loop's: a stale answer costs one
+        step).
+
+        Why the spacing (issue 14, session 15): an admission's cost on the model thread hardly
+        depends on its rows (the prefill call, the join, a new sampling plan, the iteration it
+        ends), and under a closed loop at 64 streams the arrivals come one by one, each ~8 ms
+        apart on the H200: admitted as they came (``admit_delay_s`` alone), there was one admission
+        per arrival and they took 36% of the model thread. When the batch is at ``max_running``
+        one finishing row frees one place, which the old rule (``admit_share`` 0) filled at once,
+        arrival by arrival."""
         waiting = self.waiting
         room = self.max_running - len(self.active)
         if not waiting or room <= 0:
             return False
-        if not self.active or len(waiting) >= min(self.admit_batch, room):
+        # a full group; without spacing (session 14) also as many as there is room for
+        group = self.admit_batch if self.admit_share > 0 else min(self.admit_batch, room)
+        if not self.active or (len(waiting) >= group and room >= group):
             return True
-        return now - waiting[0].submitted >= self.admit_delay_s
+        waited = now - waiting[0].submitted
+        if waited >= self.admit_max_delay_s:
+            return True
+        last = self._last_admit
+        return waited >= self.admit_delay_s and (last is None or now - last >= self.admit_gap_s())
+
+    def admit_gap_s(self) -> float:
+        """The decode time wanted between two admissions while rows decode (s): an admission's
+        measured cost (running mean over admissions) times ``(1 - admit_share) / admit_share``, so
+        that admissions take about ``admit_share`` of the model thread; at most
+        ``admit_max_delay_s``, 0 when ``admit_share`` is 0."""
+        if self.admit_share <= 0:
+            return 0.0
+        return min(self.admit_max_delay_s, self._admit_cost_s * (1 - self.admit_share) / self.admit_share)
 
     def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
@@ -273,6 +316,10 @@ class DecodeScheduler:
                 job.timing["prefilled"] = t_prefilled
         self.stats["admitted"] += len(admit)
         self.stats["prefill_s"] += t_prefilled - t_start
+        if admit:
+            cost = t_prefilled - t_start
+            self._admit_cost_s = cost if self._last_admit is None else 0.8 * self._admit_cost_s + 0.2 * cost
+            self._last_admit = t_prefilled
         t_end = t_prefilled + self.chunk_s
         while dec.running:
             sizes = dec.batch_sizes()
