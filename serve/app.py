@@ -86,6 +86,10 @@ class AppArgs(BaseModel):
                                "(their measured cost); 0 = no spacing (session 14).")
     admit_max_delay_ms: float = Field(25.0, ge=0, le=1000, description="The longest that spacing holds an "
                                       "arrival back while rows decode (ms); added to its time to first token.")
+    keep_stepping_ms: float = Field(0.0, ge=0, le=1000, description="The Generator's model thread runs decode "
+                                    "iterations back to back for up to this long, handing tokens to the asyncio "
+                                    "loop without waiting for it; research and health calls wait up to that long. "
+                                    "0 = back to the loop after every iteration.")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
@@ -180,7 +184,7 @@ class AppArgs(BaseModel):
             model_name=self.model_name, max_ongoing_requests=self.generator_max_ongoing_requests,
             stream_chunk_ms=self.stream_chunk_ms, stream_events_per_s=self.stream_events_per_s,
             admit_batch=self.admit_batch, admit_delay_ms=self.admit_delay_ms, admit_share=self.admit_share,
-            admit_max_delay_ms=self.admit_max_delay_ms)
+            admit_max_delay_ms=self.admit_max_delay_ms, keep_stepping_ms=self.keep_stepping_ms)
 
     def hub_name(self) -> str:
         return f"dnc-live-hub-{self.bank_config().fingerprint()}"

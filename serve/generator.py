@@ -206,6 +206,10 @@ class GeneratorSettings:
     at most (0 = no spacing; ``DecodeScheduler.admit_share``)."""
     admit_max_delay_ms: float = 25.0
     """The longest that spacing holds an arrival back while rows decode (ms)."""
+    keep_stepping_ms: float = 0.0
+    """The model thread runs decode iterations back to back for up to this long, handing tokens to
+    the asyncio loop without waiting for it (0 = back to the loop after every iteration;
+    ``DecodeScheduler.keep_stepping_s``)."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -257,7 +261,8 @@ class Generator:
                                          admit_batch=self.settings.admit_batch,
                                          admit_delay_s=self.settings.admit_delay_ms / 1e3,
                                          admit_share=self.settings.admit_share,
-                                         admit_max_delay_s=self.settings.admit_max_delay_ms / 1e3)
+                                         admit_max_delay_s=self.settings.admit_max_delay_ms / 1e3,
+                                         keep_stepping_s=self.settings.keep_stepping_ms / 1e3)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()

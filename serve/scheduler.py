@@ -79,6 +79,11 @@ class _Iteration:
     """For each step whose rows had a token before: ms since the end of the previous step."""
     busy_s: float = 0.0
     """Seconds the model thread spent in this iteration (drop, prefill and steps)."""
+    done: set[int] | None = None
+    """``id`` of the rows that ended in this iteration (finished, failed, cancelled), read on the
+    model thread at its end: with ``keep_stepping_s`` the loop hands it out while the next
+    iteration runs, so ``row.done`` may already be true of a row that ends later (None: read
+    ``row.done``)."""
 
 
 ADMIT_BATCH = 8
@@ -109,7 +114,11 @@ class DecodeScheduler:
     decode, an admission that is not a full group (``admit_batch`` arrivals with room for them) waits
     until the model thread has decoded long enough since the previous one that admissions take at
     most ``admit_share`` of it (their measured cost, see :meth:`admit_gap_s`), but never past
-    ``admit_max_delay_s`` after the oldest arrival (0: no spacing)."""
+    ``admit_max_delay_s`` after the oldest arrival (0: no spacing); ``keep_stepping_s``: the model
+    thread runs iterations back to back for up to this long (s), handing each one's tokens to the
+    loop without waiting for it (``call_soon_threadsafe``), and comes back to the loop early when
+    arrivals are due or a request was cancelled (0: back to the loop after every iteration). Other
+    work on the model thread (research, health) waits up to that long."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
@@ -117,7 +126,8 @@ class DecodeScheduler:
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
                  clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0,
                  admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S,
-                 admit_share: float = ADMIT_SHARE, admit_max_delay_s: float = ADMIT_MAX_DELAY_S):
+                 admit_share: float = ADMIT_SHARE, admit_max_delay_s: float = ADMIT_MAX_DELAY_S,
+                 keep_stepping_s: float = 0.0):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
@@ -131,6 +141,8 @@ class DecodeScheduler:
         # model thread: seconds one admission took (running mean) and when the last one ended (perf_counter)
         self._admit_cost_s = 0.0
         self._last_admit: float | None = None
+        self.keep_stepping_s = max(0.0, float(keep_stepping_s))
+        self._cancels = 0  # requests cancelled so far (the loop counts, the model thread compares)
         self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
@@ -182,6 +194,7 @@ class DecodeScheduler:
         finally:
             if not row.done:
                 job.cancelled = True  # the driver drops it between steps
+                self._cancels += 1
 
     @staticmethod
     def _taken(job: _Job) -> None:
@@ -204,9 +217,14 @@ class DecodeScheduler:
                 self.active[id(job.row)] = job
                 job.timing["queue_s"] = now - job.submitted
                 job.timing["admitted"] = now
+            busy0 = self.stats["busy_s"]  # (the model thread adds each iteration's busy_s)
             try:
-                it = await self.run(self._iterate, [j.row for j in admit], cancelled)
-                self.stats["hop_s"] += time.perf_counter() - now - it.busy_s
+                if self.keep_stepping_s > 0:
+                    it = await self.run(self._iterate_on, [j.row for j in admit], cancelled,
+                                        asyncio.get_running_loop())
+                else:
+                    it = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                self.stats["hop_s"] += time.perf_counter() - now - (self.stats["busy_s"] - busy0)
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
@@ -216,8 +234,7 @@ class DecodeScheduler:
                 if not isinstance(e, Exception):
                     raise
                 continue
-            self._hand_out(it)
-            self._record(it)  # it.failed rows are done: handled in _hand_out
+            self._deliver(it)
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
 
@@ -259,6 +276,11 @@ class DecodeScheduler:
             return 0.0
         return min(self.admit_max_delay_s, self._admit_cost_s * (1 - self.admit_share) / self.admit_share)
 
+    def _deliver(self, it: _Iteration) -> None:
+        """On the loop: hand out iteration ``it``'s tokens and record its figures."""
+        self._hand_out(it)
+        self._record(it)  # it.failed rows are done: handled in _hand_out
+
     def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
         end the requests whose rows are done."""
@@ -269,9 +291,10 @@ class DecodeScheduler:
                 job.held.append(st)
         gap = self.pacing_s()
         for key, job in list(self.active.items()):
-            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= gap):
+            done = job.row.done if it.done is None else key in it.done
+            if job.held and (job.sent_at is None or done or now - job.sent_at >= gap):
                 job.flush(now)
-            if job.row.done:
+            if done:
                 job.queue.put_nowait(None)
                 del self.active[key]
 
@@ -350,6 +373,21 @@ class DecodeScheduler:
         it.busy_s = time.perf_counter() - t_start
         self.stats["busy_s"] += it.busy_s
         self.stats["iterations"] += 1
+        it.done = {id(r) for r in [st.row for st in it.tokens] + list(admit) + list(cancelled) if r.done}
+        return it
+
+    def _iterate_on(self, admit: list[DecodeRow], cancelled: list[DecodeRow], loop) -> _Iteration:
+        """On the model thread: :meth:`_iterate`, then more iterations while rows run, for up to
+        ``keep_stepping_s``, each handed to ``loop`` as it ends (callbacks run in order, before
+        the driver sees the returned last one); back early when arrivals are due or a request
+        was cancelled, which only the loop can act on."""
+        cancels = self._cancels
+        t_stop = time.perf_counter() + self.keep_stepping_s
+        it = self._iterate(admit, cancelled)
+        while (self.decoder.running and self._cancels == cancels and not self.due(time.perf_counter())
+               and time.perf_counter() < t_stop):
+            loop.call_soon_threadsafe(self._deliver, it)
+            it = self._iterate([], [])
         return it
 
 
