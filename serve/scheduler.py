@@ -29,6 +29,11 @@ loop is busy go out as one. Rows join and leave between steps; rows whose states
 decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on
 the same thread between iterations.
 
+With ``keep_stepping_s`` (off by default) the model thread does not wait for the loop between
+iterations: it runs them back to back, handing each one to the loop as it ends, and comes back
+when arrivals are due or a request was cancelled (measured slower on a CPU, where the thread then
+holds the GIL; docs/serving-performance.md, session 15).
+
 After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
 times) to a :class:`serve.metrics.ServeMetrics` when one is given, and keeps recent ones for the
 JSON view (:meth:`DecodeScheduler.recent`).
