@@ -14,8 +14,8 @@ batch, a new sampling plan): admitted one by one, arrivals took a third of the m
 64 streams (issue 14). Coalescing alone still admitted arrivals one by one when they came
 further apart than ``admit_delay_s`` (a closed loop at 64 streams on the H200: one every ~8 ms,
 admissions 36% of the model thread), so admissions are also spaced by their measured cost
-(``admit_share``, :meth:`DecodeScheduler.admit_gap_s`). With nothing decoding a request is admitted at once (``admit_wait_s``
-aside), so a lone request's first token is not delayed; nor is an iteration cut short for
+(``admit_share``, :meth:`DecodeScheduler.admit_gap_s`). With nothing decoding a request is
+admitted at once (``admit_wait_s`` aside), so a lone request's first token is not delayed; nor is an iteration cut short for
 arrivals that have no room to join. Each iteration's tokens are handed to the
 requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
 last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
