@@ -81,6 +81,15 @@ class AppArgs(BaseModel):
                              "that finds the replica idle is admitted at once. 1 = each arrival at the next step.")
     admit_delay_ms: float = Field(5.0, ge=0, le=1000, description="Longest wait of an arrival for others to "
                                   "be admitted with it while rows decode (ms); added to its time to first token.")
+    admit_share: float = Field(0.2, ge=0, le=1, description="While rows decode, admissions that are not a full "
+                               "admit_batch group are spaced so they take about this share of the model thread "
+                               "(their measured cost); 0 = no spacing (session 14).")
+    admit_max_delay_ms: float = Field(25.0, ge=0, le=1000, description="The longest that spacing holds an "
+                                      "arrival back while rows decode (ms); added to its time to first token.")
+    keep_stepping_ms: float = Field(0.0, ge=0, le=1000, description="The Generator's model thread runs decode "
+                                    "iterations back to back for up to this long, handing tokens to the asyncio "
+                                    "loop without waiting for it; research and health calls wait up to that long. "
+                                    "0 = back to the loop after every iteration.")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
@@ -174,7 +183,8 @@ class AppArgs(BaseModel):
             batch_wait_timeout_s=self.batch_wait_timeout_s, torch_threads=self.torch_threads,
             model_name=self.model_name, max_ongoing_requests=self.generator_max_ongoing_requests,
             stream_chunk_ms=self.stream_chunk_ms, stream_events_per_s=self.stream_events_per_s,
-            admit_batch=self.admit_batch, admit_delay_ms=self.admit_delay_ms)
+            admit_batch=self.admit_batch, admit_delay_ms=self.admit_delay_ms, admit_share=self.admit_share,
+            admit_max_delay_ms=self.admit_max_delay_ms, keep_stepping_ms=self.keep_stepping_ms)
 
     def hub_name(self) -> str:
         return f"dnc-live-hub-{self.bank_config().fingerprint()}"

@@ -201,6 +201,15 @@ class GeneratorSettings:
     """While rows decode, arrivals are admitted together once this many wait (or ``admit_delay_ms``)."""
     admit_delay_ms: float = 5.0
     """Longest wait of an arrival for others while rows decode (ms); an idle replica admits at once."""
+    admit_share: float = 0.2
+    """While rows decode, admissions are spaced so they take about this share of the model thread
+    at most (0 = no spacing; ``DecodeScheduler.admit_share``)."""
+    admit_max_delay_ms: float = 25.0
+    """The longest that spacing holds an arrival back while rows decode (ms)."""
+    keep_stepping_ms: float = 0.0
+    """The model thread runs decode iterations back to back for up to this long, handing tokens to
+    the asyncio loop without waiting for it (0 = back to the loop after every iteration;
+    ``DecodeScheduler.keep_stepping_s``)."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -250,7 +259,10 @@ class Generator:
                                          admit_wait_s=self.settings.batch_wait_timeout_s, metrics=self.metrics,
                                          events_per_s=self.settings.stream_events_per_s,
                                          admit_batch=self.settings.admit_batch,
-                                         admit_delay_s=self.settings.admit_delay_ms / 1e3)
+                                         admit_delay_s=self.settings.admit_delay_ms / 1e3,
+                                         admit_share=self.settings.admit_share,
+                                         admit_max_delay_s=self.settings.admit_max_delay_ms / 1e3,
+                                         keep_stepping_s=self.settings.keep_stepping_ms / 1e3)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()

@@ -11,8 +11,11 @@ are waiting (or as many as there is room for) or the oldest has waited ``admit_d
 load each closed-loop client's next request arrives alone, and an admission has a host cost of
 its own whatever its rows (a fresh decode batch, the prefill call, the join into the running
 batch, a new sampling plan): admitted one by one, arrivals took a third of the model thread at
-64 streams (issue 14). With nothing decoding a request is admitted at once (``admit_wait_s``
-aside), so a lone request's first token is not delayed; nor is an iteration cut short for
+64 streams (issue 14). Coalescing alone still admitted arrivals one by one when they came
+further apart than ``admit_delay_s`` (a closed loop at 64 streams on the H200: one every ~8 ms,
+admissions 36% of the model thread), so admissions are also spaced by their measured cost
+(``admit_share``, :meth:`DecodeScheduler.admit_gap_s`). With nothing decoding a request is
+admitted at once (``admit_wait_s`` aside), so a lone request's first token is not delayed; nor is an iteration cut short for
 arrivals that have no room to join. Each iteration's tokens are handed to the
 requests' queues, at most one list per request every ``chunk_s``: a request's first tokens and its
 last go out at once, the others are held until ``chunk_s`` has passed since its previous list.
@@ -25,6 +28,11 @@ the timeline of bench/serve_load.py). Lists that pile up in a request's queue wh
 loop is busy go out as one. Rows join and leave between steps; rows whose states share a layout
 decode as one batch (``DNCState.layout``). Work that is not decoding (research, health) runs on
 the same thread between iterations.
+
+With ``keep_stepping_s`` (off by default) the model thread does not wait for the loop between
+iterations: it runs them back to back, handing each one to the loop as it ends, and comes back
+when arrivals are due or a request was cancelled (measured slower on a CPU, where the thread then
+holds the GIL; docs/serving-performance.md, session 15).
 
 After each iteration the driver hands its figures (tokens, rows per model call, step-to-step
 times) to a :class:`serve.metrics.ServeMetrics` when one is given, and keeps recent ones for the
@@ -76,13 +84,23 @@ class _Iteration:
     """For each step whose rows had a token before: ms since the end of the previous step."""
     busy_s: float = 0.0
     """Seconds the model thread spent in this iteration (drop, prefill and steps)."""
+    done: set[int] | None = None
+    """``id`` of the rows that ended in this iteration (finished, failed, cancelled), read on the
+    model thread at its end: with ``keep_stepping_s`` the loop hands it out while the next
+    iteration runs, so ``row.done`` may already be true of a row that ends later (None: read
+    ``row.done``)."""
 
 
 ADMIT_BATCH = 8
 """Arrivals admitted together while rows decode (``DecodeScheduler.admit_batch``)."""
 ADMIT_DELAY_S = 0.005
-"""The longest an arrival waits to be admitted with others while rows decode (s): small beside
+"""The shortest an arrival waits to be admitted with others while rows decode (s): small beside
 the 100 ms time-to-first-token target (bench/decode_churn.py measures both)."""
+ADMIT_SHARE = 0.2
+"""While rows decode, admissions are spaced so that they take at most about this share of the
+model thread (``DecodeScheduler.admit_share``; 0 = no spacing, as in session 14)."""
+ADMIT_MAX_DELAY_S = 0.025
+"""The longest the spacing holds an arrival back while rows decode (s)."""
 
 
 class DecodeScheduler:
@@ -97,14 +115,24 @@ class DecodeScheduler:
     a :class:`serve.metrics.ServeMetrics` (None = record nothing); ``clock``: seconds, for the pacing
     of token lists (tests drive it by hand); ``events_per_s``: lists handed out a second, about, in
     all: with ``n`` requests running, one request's lists are at least ``max(chunk_s, n / events_per_s)``
-    apart (0 = ``chunk_s`` whatever the load)."""
+    apart (0 = ``chunk_s`` whatever the load); ``admit_share`` / ``admit_max_delay_s``: while rows
+    decode, an admission that is not a full group (``admit_batch`` arrivals with room for them) waits
+    until the model thread has decoded long enough since the previous one that admissions take at
+    most ``admit_share`` of it (their measured cost, see :meth:`admit_gap_s`), but never past
+    ``admit_max_delay_s`` after the oldest arrival (0: no spacing); ``keep_stepping_s``: the model
+    thread runs iterations back to back for up to this long (s), handing each one's tokens to the
+    loop without waiting for it (``call_soon_threadsafe``), and comes back to the loop early when
+    arrivals are due or a request was cancelled (0: back to the loop after every iteration). Other
+    work on the model thread (research, health) waits up to that long."""
 
     RECENT = 2048  # iterations / steps kept for the JSON view
 
     def __init__(self, model, run: Callable[..., Awaitable], chunk_s: float = 0.015, max_batch: int = 64,
                  max_running: int = 64, admit_wait_s: float = 0.0, metrics=None,
                  clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0,
-                 admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S):
+                 admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S,
+                 admit_share: float = ADMIT_SHARE, admit_max_delay_s: float = ADMIT_MAX_DELAY_S,
+                 keep_stepping_s: float = 0.0):
         self.decoder = BatchDecoder(model, max_batch)
         self.run = run
         self.chunk_s = chunk_s
@@ -113,6 +141,13 @@ class DecodeScheduler:
         self.admit_wait_s = admit_wait_s
         self.admit_batch = max(1, int(admit_batch))
         self.admit_delay_s = max(0.0, float(admit_delay_s))
+        self.admit_share = min(1.0, max(0.0, float(admit_share)))
+        self.admit_max_delay_s = max(self.admit_delay_s, float(admit_max_delay_s))
+        # model thread: seconds one admission took (running mean) and when the last one ended (perf_counter)
+        self._admit_cost_s = 0.0
+        self._last_admit: float | None = None
+        self.keep_stepping_s = max(0.0, float(keep_stepping_s))
+        self._cancels = 0  # requests cancelled so far (the loop counts, the model thread compares)
         self.clock = clock
         self.waiting: list[_Job] = []
         self.active: dict[int, _Job] = {}
@@ -164,6 +199,7 @@ class DecodeScheduler:
         finally:
             if not row.done:
                 job.cancelled = True  # the driver drops it between steps
+                self._cancels += 1
 
     @staticmethod
     def _taken(job: _Job) -> None:
@@ -186,9 +222,14 @@ class DecodeScheduler:
                 self.active[id(job.row)] = job
                 job.timing["queue_s"] = now - job.submitted
                 job.timing["admitted"] = now
+            busy0 = self.stats["busy_s"]  # (the model thread adds each iteration's busy_s)
             try:
-                it = await self.run(self._iterate, [j.row for j in admit], cancelled)
-                self.stats["hop_s"] += time.perf_counter() - now - it.busy_s
+                if self.keep_stepping_s > 0:
+                    it = await self.run(self._iterate_on, [j.row for j in admit], cancelled,
+                                        asyncio.get_running_loop())
+                else:
+                    it = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                self.stats["hop_s"] += time.perf_counter() - now - (self.stats["busy_s"] - busy0)
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
                     job.row.finish_reason, job.row.error = "error", e
@@ -198,23 +239,52 @@ class DecodeScheduler:
                 if not isinstance(e, Exception):
                     raise
                 continue
-            self._hand_out(it)
-            self._record(it)  # it.failed rows are done: handled in _hand_out
+            self._deliver(it)
         if self.metrics is not None:
             self.metrics.set_queue(len(self.waiting), len(self.active))
 
     def due(self, now: float) -> bool:
         """Whether the waiting requests are to be admitted now (``now``: ``time.perf_counter()``):
-        some wait, there is room, and nothing is decoding, or ``admit_batch`` wait (as many as
-        there is room for), or the oldest has waited ``admit_delay_s``. Read on the model thread
-        too (``waiting`` and ``active`` change on the loop's: a stale answer costs one step)."""
+        some wait, there is room, and nothing is decoding, or a full group waits (``admit_batch``
+        and room for them), or the oldest has waited ``admit_delay_s`` and the previous admission
+        is :meth:`admit_gap_s` old, or the oldest has waited ``admit_max_delay_s``. Read on the
+        model thread too (``waiting`` and ``active`` change on the loop's: a stale answer costs one
+        step).
+
+        Why the spacing (issue 14, session 15): an admission's cost on the model thread hardly
+        depends on its rows (the prefill call, the join, a new sampling plan, the iteration it
+        ends), and under a closed loop at 64 streams the arrivals come one by one, each ~8 ms
+        apart on the H200: admitted as they came (``admit_delay_s`` alone), there was one admission
+        per arrival and they took 36% of the model thread. When the batch is at ``max_running``
+        one finishing row frees one place, which the old rule (``admit_share`` 0) filled at once,
+        arrival by arrival."""
         waiting = self.waiting
         room = self.max_running - len(self.active)
         if not waiting or room <= 0:
             return False
-        if not self.active or len(waiting) >= min(self.admit_batch, room):
+        # a full group; without spacing (session 14) also as many as there is room for
+        group = self.admit_batch if self.admit_share > 0 else min(self.admit_batch, room)
+        if not self.active or (len(waiting) >= group and room >= group):
             return True
-        return now - waiting[0].submitted >= self.admit_delay_s
+        waited = now - waiting[0].submitted
+        if waited >= self.admit_max_delay_s:
+            return True
+        last = self._last_admit
+        return waited >= self.admit_delay_s and (last is None or now - last >= self.admit_gap_s())
+
+    def admit_gap_s(self) -> float:
+        """The decode time wanted between two admissions while rows decode (s): an admission's
+        measured cost (running mean over admissions) times ``(1 - admit_share) / admit_share``, so
+        that admissions take about ``admit_share`` of the model thread; at most
+        ``admit_max_delay_s``, 0 when ``admit_share`` is 0."""
+        if self.admit_share <= 0:
+            return 0.0
+        return min(self.admit_max_delay_s, self._admit_cost_s * (1 - self.admit_share) / self.admit_share)
+
+    def _deliver(self, it: _Iteration) -> None:
+        """On the loop: hand out iteration ``it``'s tokens and record its figures."""
+        self._hand_out(it)
+        self._record(it)  # it.failed rows are done: handled in _hand_out
 
     def _hand_out(self, it: _Iteration) -> None:
         """Give each request its tokens of iteration ``it`` (paced, see the module docstring) and
@@ -226,9 +296,10 @@ class DecodeScheduler:
                 job.held.append(st)
         gap = self.pacing_s()
         for key, job in list(self.active.items()):
-            if job.held and (job.sent_at is None or job.row.done or now - job.sent_at >= gap):
+            done = job.row.done if it.done is None else key in it.done
+            if job.held and (job.sent_at is None or done or now - job.sent_at >= gap):
                 job.flush(now)
-            if job.row.done:
+            if done:
                 job.queue.put_nowait(None)
                 del self.active[key]
 
@@ -273,6 +344,10 @@ class DecodeScheduler:
                 job.timing["prefilled"] = t_prefilled
         self.stats["admitted"] += len(admit)
         self.stats["prefill_s"] += t_prefilled - t_start
+        if admit:
+            cost = t_prefilled - t_start
+            self._admit_cost_s = cost if self._last_admit is None else 0.8 * self._admit_cost_s + 0.2 * cost
+            self._last_admit = t_prefilled
         t_end = t_prefilled + self.chunk_s
         while dec.running:
             sizes = dec.batch_sizes()
@@ -303,6 +378,21 @@ class DecodeScheduler:
         it.busy_s = time.perf_counter() - t_start
         self.stats["busy_s"] += it.busy_s
         self.stats["iterations"] += 1
+        it.done = {id(r) for r in [st.row for st in it.tokens] + list(admit) + list(cancelled) if r.done}
+        return it
+
+    def _iterate_on(self, admit: list[DecodeRow], cancelled: list[DecodeRow], loop) -> _Iteration:
+        """On the model thread: :meth:`_iterate`, then more iterations while rows run, for up to
+        ``keep_stepping_s``, each handed to ``loop`` as it ends (callbacks run in order, before
+        the driver sees the returned last one); back early when arrivals are due or a request
+        was cancelled, which only the loop can act on."""
+        cancels = self._cancels
+        t_stop = time.perf_counter() + self.keep_stepping_s
+        it = self._iterate(admit, cancelled)
+        while (self.decoder.running and self._cancels == cancels and not self.due(time.perf_counter())
+               and time.perf_counter() < t_stop):
+            loop.call_soon_threadsafe(self._deliver, it)
+            it = self._iterate([], [])
         return it
 
 

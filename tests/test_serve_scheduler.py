@@ -188,7 +188,8 @@ def test_arrivals_while_rows_decode_are_admitted_together(model):
 def test_admission_is_due_by_count_age_or_an_idle_batch_and_never_without_room(model):
     from serve.scheduler import _Job
 
-    sch = DecodeScheduler(model, run=None, max_running=4, admit_batch=3, admit_delay_s=0.05)
+    # (no spacing: the session-14 rule; tests/test_scheduler_spacing.py covers admit_share)
+    sch = DecodeScheduler(model, run=None, max_running=4, admit_batch=3, admit_delay_s=0.05, admit_share=0.0)
 
     def job(age: float) -> _Job:
         j = _Job(DecodeRow([1], None, 1), {})
