@@ -201,7 +201,7 @@ class GeneratorSettings:
     """While rows decode, arrivals are admitted together once this many wait (or ``admit_delay_ms``)."""
     admit_delay_ms: float = 5.0
     """Longest wait of an arrival for others while rows decode (ms); an idle replica admits at once."""
-    admit_share: float = 0.2
+    admit_share: float = 0.0
     """While rows decode, admissions are spaced so they take about this share of the model thread
     at most (0 = no spacing; ``DecodeScheduler.admit_share``)."""
     admit_max_delay_ms: float = 25.0

@@ -138,7 +138,7 @@ def test_spacing_settings_reach_the_scheduler(tmp_path):
     settings = AppArgs(storage=str(tmp_path), device="cpu", admit_share=0.1, admit_max_delay_ms=40).generator_settings()
     g = Generator.func_or_class(settings)
     assert g.scheduler.admit_share == pytest.approx(0.1) and g.scheduler.admit_max_delay_s == pytest.approx(0.04)
-    assert (AppArgs().admit_share, AppArgs().admit_max_delay_ms) == (0.2, 25.0)
+    assert (AppArgs().admit_share, AppArgs().admit_max_delay_ms) == (0.0, 25.0)   # off by default until the H200 A/B
 
 
 async def _drain(it) -> int:
