@@ -72,7 +72,7 @@ class ManagerMixin:
             turn = {"kind": "compact", "duration_ms": (time.perf_counter() - t0) * 1e3,
                     "tokens_seen": after["tokens_seen"], "detail": {**moved, "merged": merged}}
             res = await self.apply_update(sid, seq + 1, f"compact-{uuid.uuid4().hex}", payload, after, turn,
-                                          compacted=True)
+                                          compacted=True, inc=s.inc)
         finally:
             self._release(s, lease_id)
         await self._enforce_budget()

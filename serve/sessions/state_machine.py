@@ -5,6 +5,11 @@ A session's updates apply in ``seq`` order (an early one waits for its predecess
 applied update (same seq and id, as Ray's retries do) is acknowledged again without being reapplied;
 a different update for an applied seq is a conflict (409). A turn holds a lease renewed by its
 holder; a commit under a lease that was superseded is refused (409 ``lease_lost``).
+
+A lease names the incarnation it was granted on (``<inc>.<random>``), and so does every update made
+under one: an update of an incarnation that was deleted meanwhile is refused (404), even once the id
+was created again (a reset, or another owner) and its seq would fit there. Leases are not durable, so
+the fencing token alone cannot tell after a shard restart.
 """
 
 from __future__ import annotations
@@ -16,8 +21,15 @@ from typing import Any
 
 from ..bank_store import digest
 from .turn_log import chain_digest, pack_ids, unpack_ids
-from ..errors import Busy, Conflict, StateDamaged, session_not_found
+from ..errors import Busy, Conflict, NotFound, StateDamaged, session_not_found
 from .session import Session
+
+
+def lease_incarnation(lease_id: str | None) -> str | None:
+    """The incarnation a lease was granted on (None: no lease, or one without it)."""
+    if not lease_id or "." not in lease_id:
+        return None
+    return lease_id.split(".", 1)[0]
 
 
 class StateMachineMixin:
@@ -223,6 +235,7 @@ class StateMachineMixin:
         return await self._commit(sid, lease_id, seq, update_id, None, meta, turn, tokens)
 
     async def _commit(self, sid, lease_id, seq, update_id, payload, meta, turn, tokens) -> dict[str, Any]:
+        inc = lease_incarnation(lease_id)
         try:
             s = self.sessions.get(sid)
             if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
@@ -230,7 +243,7 @@ class StateMachineMixin:
                 self.counters["fenced"] += 1
                 raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
                                "another request; this turn was not saved, retry it", "lease_lost", "state_id")
-            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens)
+            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc)
         finally:
             s = self.sessions.get(sid)
             if s is not None and lease_id is not None:
@@ -245,14 +258,19 @@ class StateMachineMixin:
 
     async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
                            meta: dict[str, Any], turn: dict[str, Any] | None = None,
-                           compacted: bool = False, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
+                           compacted: bool = False, tokens: dict[str, Any] | None = None,
+                           inc: str | None = None) -> dict[str, Any]:
         """The ordered, idempotent update queue of a session. Returns once the update is durable.
 
         ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``,
         and ``"dtype"``) the update is a token turn instead (a "turn" record holding the ids, 4 bytes a
-        token)."""
+        token). ``inc``: the incarnation the update was computed on (None: whichever is live); 404
+        when the session is another one now."""
         self._start_manager()
         s = self._get(sid, None)
+        if inc is not None and s.inc != inc:
+            raise NotFound(f"state {sid!r} was deleted while this request ran (the id now names a new "
+                           "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
@@ -315,7 +333,7 @@ class StateMachineMixin:
                     pass
             if s.deleted:
                 raise session_not_found(s.state_id)
-            lease_id = uuid.uuid4().hex
+            lease_id = f"{s.inc}.{uuid.uuid4().hex}"  # see lease_incarnation
             s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
             s.grant = lease_id
             return lease_id

@@ -1,0 +1,113 @@
+"""Defects that lost or broke users' sessions (session 15 audit), each reproduced on the real session
+store: a real shard (the class Ray runs as the actor) on real files, in-process.
+
+* A turn or a compaction that began on a session which was then deleted and created again (a
+  "reset", or another owner taking the freed id) must not land in the new incarnation: it belonged
+  to the old one (whose content the user asked to drop) and perhaps to another owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+
+import pytest
+
+from serve.errors import APIError
+from serve.sessions import BankConfig, SessionBankShard
+
+
+def _cfg(root, **kw):
+    base = dict(storage=str(root), num_shards=1, model={"preset": "tiny", "seed": 0},
+                manager_interval_s=0, lease_wait_s=0.5, queue_wait_s=1.0)
+    base.update(kw)
+    return BankConfig(**base)
+
+
+def _shard(cfg) -> SessionBankShard:
+    return SessionBankShard(asdict(cfg), 0)
+
+
+def _ids(tag: str) -> list[int]:
+    return list(f"{tag}: what this turn said ".encode())
+
+
+async def _commit(shard, sid, lease, tag):
+    ids = _ids(tag)
+    return await shard.commit_tokens(sid, lease["lease_id"], lease["seq"] + 1, f"u-{tag}", ids, 8, None,
+                                     {"tokens_seen": len(ids)}, {"kind": "generate", "tag": tag})
+
+
+def _tags(info) -> list[str]:
+    return [t.get("tag") for t in info["history"] if t.get("kind") == "generate"]
+
+
+# --------------------------------------------------------------------------- incarnations
+@pytest.mark.parametrize("new_owner", ["alice", "bob"])
+@pytest.mark.parametrize("turns_before", [0, 1])
+def test_a_turn_in_flight_across_delete_and_recreate_does_not_land_in_the_new_session(tmp_path, new_owner,
+                                                                                        turns_before):
+    """alice's turn is leased on "s"; the session is deleted and "s" created again (by alice: a reset;
+    by bob: the freed id taken), and reaches the seq before the old turn's (``turns_before`` turns;
+    with one, the shard restarted after it, as leases are not durable). The old turn's commit must
+    be refused, and neither the live shard nor a restarted one may show its tokens in the new
+    session (before the fix it was applied as the new incarnation's next seq: alice's text in bob's
+    session)."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        for i in range(turns_before):
+            await _commit(shard, "s", await shard.begin_turn("s", "alice", False), f"old-{i}")
+        old = await shard.begin_turn("s", "alice", False)  # in flight (decoding) ...
+        await shard.delete("s", "alice")                   # ... while the session is deleted
+        await shard.create("s", new_owner)
+        expect = []
+        for i in range(turns_before):
+            await _commit(shard, "s", await shard.begin_turn("s", new_owner, False), f"new-{i}")
+            expect.append(f"new-{i}")
+        if turns_before:
+            shard.store.close()
+            shard = _shard(cfg)
+        with pytest.raises(APIError) as e:
+            await _commit(shard, "s", old, "old-turn")
+        assert e.value.status in (404, 409), e.value
+        info = await shard.info("s", new_owner)
+        assert info["seq"] == turns_before and _tags(info) == expect
+        bank = await shard.get_bank("s", new_owner)
+        assert [t["ids"] for t in bank["turns"]] == [_ids(t) for t in expect]
+        shard.store.close()
+        again = await _shard(cfg).info("s", new_owner)
+        assert again["seq"] == turns_before and _tags(again) == expect
+    asyncio.run(main())
+
+
+def test_a_compaction_in_flight_across_delete_and_recreate_does_not_land_in_the_new_session(tmp_path):
+    """The same for a compaction (it leases the session, computes for a while on the CPU, then applies
+    its full state as seq + 1): the old incarnation's compacted bank must not become the new one's."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank", queue_wait_s=5.0)
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        await shard.apply_update("s", 1, "u-1", b"alice's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        started = asyncio.Event()
+
+        def slow_compact(payload, turns, merge, threshold):  # the real work is the model's; its timing is the point
+            started.set()
+            import time
+            time.sleep(0.3)
+            meta = {"tokens_seen": 1, "levels": []}
+            return b"alice's compacted bank " * 50, meta, meta, {}, 0, len(payload)
+        shard._compact_bytes = slow_compact
+        compaction = asyncio.create_task(shard.compact("s", "alice"))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        await shard.delete("s", "alice")
+        await shard.create("s", "bob")
+        await shard.apply_update("s", 1, "bob-1", b"bob's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        with pytest.raises(APIError) as e:
+            await compaction
+        assert e.value.status in (404, 409), e.value
+        bank = await shard.get_bank("s", "bob")
+        assert bank["payload"] == b"bob's bank " * 100 and bank["seq"] == 1
+    asyncio.run(main())
