@@ -111,3 +111,43 @@ def test_a_compaction_in_flight_across_delete_and_recreate_does_not_land_in_the_
         bank = await shard.get_bank("s", "bob")
         assert bank["payload"] == b"bob's bank " * 100 and bank["seq"] == 1
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- torn WAL tail
+@pytest.mark.parametrize("magic", [b"DNW2", b"DNCW"])
+def test_a_torn_last_record_holding_a_record_magic_is_torn_not_damage(tmp_path, magic):
+    """A crash mid-append leaves the last record cut short; it was never acknowledged, so recovery
+    drops it and the session is at its last acknowledged seq. When the cut record's intact part held
+    the bytes of a record magic (a user's prompt text in the header's preview, or bank bytes), the
+    reader took them for the next record and reported the cut record as damage: the session was
+    marked damaged (500 on every call) after an ordinary crash."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        await _commit(shard, "s", await shard.begin_turn("s", "alice", False), "kept")
+        lease = await shard.begin_turn("s", "alice", False)
+        text = f"the user wrote {magic.decode()} here " * 4
+        await shard.commit_tokens("s", lease["lease_id"], 2, "u-cut", _ids("cut") * 20, 8, None, {"tokens_seen": 9},
+                                  {"kind": "generate", "tag": "cut", "prompt_preview": text})
+        shard.store.close()
+        log = _last_log(cfg)
+        data = open(log, "rb").read()
+        cut = data.rindex(magic) + 8  # the crash: the record is written up to a little past the magic
+        assert cut < len(data)
+        with open(log, "r+b") as f:
+            f.truncate(cut)
+        again = _shard(cfg)
+        info = await again.info("s", "alice")  # before the fix: StateDamaged
+        assert info["seq"] == 1 and _tags(info) == ["kept"]
+        assert again.counters["damaged_records"] == 0
+        await _commit(again, "s", await again.begin_turn("s", "alice", False), "after")
+        assert _tags(await _shard(cfg).info("s", "alice")) == ["kept", "after"]
+    asyncio.run(main())
+
+
+def _last_log(cfg) -> str:
+    import os
+    wal = os.path.join(cfg.storage, "shard-0", "wal")
+    logs = sorted(f for f in os.listdir(wal) if f.endswith(".log") and os.path.getsize(os.path.join(wal, f)))
+    return os.path.join(wal, logs[-1])
