@@ -151,3 +151,40 @@ def _last_log(cfg) -> str:
     wal = os.path.join(cfg.storage, "shard-0", "wal")
     logs = sorted(f for f in os.listdir(wal) if f.endswith(".log") and os.path.getsize(os.path.join(wal, f)))
     return os.path.join(wal, logs[-1])
+
+
+# --------------------------------------------------------------------------- shard restart mid-turn
+def test_a_turn_keeps_its_session_across_a_shard_restart(tmp_path):
+    """Leases are not durable: a shard that restarts while a turn decodes forgets the turn's lease.
+    The turn's holder is alive and renews it; before the fix the renewal was refused, the session
+    looked free, a second request leased it at the same seq, and the first turn (which had begun
+    first and was the only one the user had waited on) was refused at its commit (409 lease_lost).
+    Now the restarted shard hands the lease back to its renewing holder (nobody leased the session
+    since), so the second request waits for it and both turns are saved in order."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank", lease_wait_s=0.3)
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        first = await shard.begin_turn("s", "alice", False)
+        shard.store.close()
+        shard = _shard(cfg)  # Ray reran the actor's __init__: recovered from storage, no leases
+        assert await shard.renew_lease("s", first["lease_id"])  # the holder's keep_lease, ttl/4 later
+        from serve.errors import Busy
+        with pytest.raises(Busy):  # the session is the first turn's again: a second one waits
+            await shard.begin_turn("s", "alice", False)
+        await _commit(shard, "s", first, "first")
+        second = await shard.begin_turn("s", "alice", False)
+        assert second["seq"] == 1
+        await _commit(shard, "s", second, "second")
+        assert _tags(await shard.info("s", "alice")) == ["first", "second"]
+        # a lease the session was granted to someone else since is never handed back
+        stale = await shard.begin_turn("s", "alice", False)
+        await shard.abort_turn("s", stale["lease_id"])
+        third = await shard.begin_turn("s", "alice", False)
+        assert not await shard.renew_lease("s", stale["lease_id"])
+        await shard.abort_turn("s", third["lease_id"])
+        # nor one of a deleted incarnation
+        await shard.delete("s", "alice")
+        await shard.create("s", "alice")
+        assert not await shard.renew_lease("s", third["lease_id"])
+    asyncio.run(main())

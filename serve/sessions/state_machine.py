@@ -206,9 +206,18 @@ class StateMachineMixin:
                 "tokens_seen": int(s.meta.get("tokens_seen", 0)), "lease_ttl_s": self.cfg.lease_ttl_s}
 
     async def renew_lease(self, sid: str, lease_id: str) -> bool:
-        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost."""
+        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost.
+
+        A shard that restarted forgot its leases (they are not durable): a renewal there takes the
+        lease back when nobody leased the session since (no grant) and it is the lease's incarnation,
+        so a second request waits for the turn in flight instead of overtaking it (which got that
+        turn refused at its commit, 409 ``lease_lost``)."""
         s = self.sessions.get(sid)
-        if s is None or s.lease is None or s.lease[0] != lease_id:
+        if s is None or s.deleted:
+            return False
+        if s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc:
+            s.grant = lease_id
+        elif s.lease is None or s.lease[0] != lease_id:
             return False
         s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
         return True
