@@ -188,3 +188,39 @@ def test_a_turn_keeps_its_session_across_a_shard_restart(tmp_path):
         await shard.create("s", "alice")
         assert not await shard.renew_lease("s", third["lease_id"])
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
+    """A session offloaded to storage keeps taking turns from the replica that holds its state
+    resident: they are token records, and its bank stays offloaded. The checkpoint skipped offloaded
+    sessions, so such a session's newer records kept every old WAL epoch alive: the log grew without
+    bound (each checkpoint opened one more epoch) and every restart replayed all of it. The checkpoint
+    must snapshot it, drop the old epochs, and lose nothing."""
+    import os
+
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        await shard.apply_update("s", 1, "u-1", b"the bank " * 500, {"tokens_seen": 1}, {"kind": "generate"})
+        assert await shard.offload("s")
+        have = {"inc": shard.sessions["s"].inc, "seq": 1, "digest": shard.sessions["s"].digest}
+        for i in range(3):  # the replica's resident copy is current: no bank is loaded for these turns
+            lease = await shard.begin_turn("s", "alice", False, have)
+            assert not lease["base"]
+            ack = await _commit(shard, "s", lease, f"t{i}")
+            have = {"inc": have["inc"], "seq": ack["seq"], "digest": ack["info"]["digest"]}
+        assert shard.sessions["s"].offloaded and shard.sessions["s"].snapshot_seq < shard.sessions["s"].seq
+        await shard.checkpoint()
+        await shard.checkpoint()
+        wal = os.path.join(cfg.storage, "shard-0", "wal")
+        assert len(shard.store.epochs()) == 1, sorted(os.listdir(wal))  # before the fix: 3, and growing
+        shard.store.close()
+        again = _shard(cfg)
+        info = await again.info("s", "alice")
+        assert info["seq"] == 4 and _tags(info)[-3:] == ["t0", "t1", "t2"]
+        bank = await again.get_bank("s", "alice")
+        assert bank["payload"] == b"the bank " * 500 and [t["ids"] for t in bank["turns"]] == [
+            _ids(f"t{i}") for i in range(3)]
+    asyncio.run(main())

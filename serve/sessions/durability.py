@@ -243,8 +243,14 @@ class DurabilityMixin:
             covered = {sid: s.seq for sid, s in self.sessions.items() if not s.deleted}
         for sid in covered:
             s = self.sessions.get(sid)
-            if s is not None and not s.deleted and not s.offloaded and s.snapshot_seq < s.seq:
+            if s is not None and not s.deleted and s.snapshot_seq < s.seq:
+                # an offloaded session too: token turns from a replica holding its state resident do
+                # not load its bank, and skipping it kept every old epoch alive (the WAL grew forever).
+                # _snapshot loads it; it goes back to storage right after
+                was_offloaded = s.offloaded
                 await self._snapshot(s)
+                if was_offloaded:
+                    await self.offload(sid)
         if all(s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
                if sid in covered):
             await asyncio.to_thread(self.store.delete_epochs_before, new_epoch)
