@@ -224,3 +224,62 @@ def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
         assert bank["payload"] == b"the bank " * 500 and [t["ids"] for t in bank["turns"]] == [
             _ids(f"t{i}") for i in range(3)]
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- a read-only sessions directory
+@pytest.fixture
+def read_only_dir():
+    """Makes a real directory read-only for a while (a read-only bind mount onto itself: needs root;
+    root ignores permission bits). ``with read_only_dir(path): ...``"""
+    import contextlib
+    import subprocess
+
+    @contextlib.contextmanager
+    def ro(path):
+        r = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot bind-mount here (needs root): {r.stderr.decode().strip()}")
+        try:
+            r = subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True)
+            assert r.returncode == 0, r.stderr
+            yield
+        finally:
+            subprocess.run(["umount", "-l", str(path)])
+    return ro
+
+
+def test_a_delete_whose_snapshot_cannot_be_removed_stays_deleted(tmp_path, read_only_dir):
+    """DELETE logs the delete, then removes the session's snapshot file. When the removal failed (a
+    real read-only directory here; an object store's transient error), the client got a 500 for a
+    delete that was durable, the next checkpoint dropped the WAL epoch holding the delete record, and
+    the session came back from its snapshot at the next restart: a deleted session (maybe deleted
+    for privacy) returned. The snapshot goes once it can; until then the delete record is kept."""
+    import os
+
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        for sid in ("gone", "kept"):
+            await shard.create(sid, "alice")
+            await shard.apply_update(sid, 1, f"u-{sid}", f"{sid}'s bank ".encode() * 100, {"tokens_seen": 1},
+                                     {"kind": "generate"})
+            assert await shard.offload(sid)  # each has a snapshot file
+        sessions_dir = os.path.join(cfg.storage, "shard-0", "sessions")
+        with read_only_dir(sessions_dir):
+            assert (await shard.delete("gone", "alice"))["deleted"]  # before the fix: OSError (a 500)
+            await shard.checkpoint()
+            again = _shard(cfg)  # a restart while the directory is still read-only
+            with pytest.raises(APIError) as e:
+                await again.info("gone", "alice")
+            assert e.value.status == 404
+            await again.checkpoint()
+            again.store.close()
+        await shard.checkpoint()  # the directory is writable again: the stale snapshot goes
+        shard.store.close()
+        assert sorted(os.listdir(sessions_dir)) == ["kept.snap"]
+        last = _shard(cfg)
+        with pytest.raises(APIError) as e:
+            await last.info("gone", "alice")
+        assert e.value.status == 404
+        assert (await last.get_bank("kept", "alice"))["payload"] == b"kept's bank " * 100
+    asyncio.run(main())

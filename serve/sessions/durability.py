@@ -28,7 +28,7 @@ class DurabilityMixin:
     def _try_start(self) -> bool:
         try:
             self.store = BankStore(self.cfg.shard_uri(self.index))
-            self.sessions = {}
+            self.sessions, self.stale_snapshots = {}, {}
             self._recover()
         except OSError as e:
             if self.store is not None:
@@ -121,8 +121,13 @@ class DurabilityMixin:
             self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
         for s in list(self.sessions.values()):
             if s.deleted:
-                self.store.delete_snapshot(s.state_id)
                 del self.sessions[s.state_id]
+                try:
+                    self.store.delete_snapshot(s.state_id)
+                except OSError as e:  # storage refuses for now: the WAL keeps the delete record
+                    logger.warning("shard %d: could not remove the snapshot of deleted %s: %s", self.index,
+                                   s.state_id, e)
+                    self.stale_snapshots[s.state_id] = s.inc
         self.counters["recovered_records"] = n
         self.counters["damaged_records"] = sum(not d.torn for d in bad_records)
         # every restart opens a new epoch: fold the old ones into snapshots at the next manager pass
@@ -222,6 +227,31 @@ class DurabilityMixin:
             await asyncio.to_thread(self.store.write_snapshot, s.state_id, header, payload)
             s.snapshot_seq = max(s.snapshot_seq, seq)
 
+    async def remove_stale_snapshots(self) -> bool:
+        """Remove the snapshot files of deleted sessions (``stale_snapshots``: id -> the deleted
+        incarnation) that storage refused to remove so far; True when none is left. A file that
+        now holds another incarnation (the id was created again and snapshotted) is that one's."""
+        _, snap_lock = self._locks()
+        async with snap_lock:
+            for sid, inc in list(self.stale_snapshots.items()):
+                live = self.sessions.get(sid)
+                try:
+                    if live is not None and live.inc != inc:
+                        header = await asyncio.to_thread(self.store.read_snapshot_header, sid)
+                        if header.get("inc", "") != inc:
+                            del self.stale_snapshots[sid]
+                            continue
+                    await asyncio.to_thread(self.store.delete_snapshot, sid)
+                except FileNotFoundError:
+                    pass
+                except (OSError, RecordDamage, ValueError) as e:
+                    self.counters["storage_errors"] += 1
+                    logger.warning("shard %d: could not remove the snapshot of deleted %s (retried at the next "
+                                   "checkpoint; the WAL keeps its delete record): %s", self.index, sid, e)
+                    continue
+                del self.stale_snapshots[sid]
+        return not self.stale_snapshots
+
     async def _maybe_checkpoint(self, force: bool = False) -> None:
         if force or self.store.wal_bytes >= self.cfg.checkpoint_wal_bytes:
             await self.checkpoint()
@@ -251,7 +281,10 @@ class DurabilityMixin:
                 await self._snapshot(s)
                 if was_offloaded:
                     await self.offload(sid)
-        if all(s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
-               if sid in covered):
+        # a deleted session's snapshot still on storage would come back at a restart without the delete
+        # record: the old epochs stay until it is gone
+        if await self.remove_stale_snapshots() and all(
+                s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
+                if sid in covered):
             await asyncio.to_thread(self.store.delete_epochs_before, new_epoch)
         self.counters["checkpoints"] += 1

@@ -157,9 +157,10 @@ class StateMachineMixin:
             self._apply_record(header, None)
             s.condition().notify_all()
         self.sessions.pop(sid, None)
-        _, snap_lock = self._locks()
-        async with snap_lock:
-            await asyncio.to_thread(self.store.delete_snapshot, sid)
+        # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
+        # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
+        self.stale_snapshots[sid] = s.inc
+        await self.remove_stale_snapshots()
         return {"state_id": sid, "deleted": True}
 
     # ------------------------------------------------------------------ public: turns
