@@ -320,3 +320,37 @@ def test_concurrent_turns_on_one_session_are_all_kept_in_order(tmp_path):
         same_state(t.state, reference)
         await fresh.end(t)
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- owners of damaged sessions
+def test_a_damaged_snapshot_stays_its_owners_session(tmp_path):
+    """A snapshot whose header is unreadable makes its session damaged (never guessed over). The
+    owner was in that header, so the damaged session had no owner, and every owner could see it
+    (500 naming it) and delete it (the owner's evidence gone, the id free for anyone). The WAL still
+    names the owner when its records of the session are there: the damaged session stays theirs."""
+    import os
+
+    async def main():
+        cfg = _cfg(tmp_path / "bank")
+        shard = _shard(cfg)
+        await shard.create("a", "alice")
+        await shard.apply_update("a", 1, "u-1", b"alice's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        assert await shard.offload("a")
+        shard.store.close()
+        path = os.path.join(cfg.storage, "shard-0", "sessions", "a.snap")
+        with open(path, "r+b") as f:
+            f.truncate(10)  # the header is gone
+        again = _shard(cfg)
+        for call in (again.info("a", "bob"), again.delete("a", "bob")):
+            with pytest.raises(APIError) as e:
+                await call
+            assert e.value.status == 404, e.value  # before the fix: 500 naming it, and a delete
+        with pytest.raises(APIError) as e:
+            await again.info("a", "alice")
+        assert e.value.status == 500 and e.value.code == "state_damaged"
+        again.store.close()
+        third = _shard(cfg)  # the owner is kept with the damage verdict
+        with pytest.raises(APIError) as e:
+            await third.info("a", "bob")
+        assert e.value.status == 404
+    asyncio.run(main())

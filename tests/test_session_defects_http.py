@@ -17,7 +17,7 @@ from conftest import serve_app
 pytestmark = pytest.mark.ray
 
 PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8560"))
-LONG = 1024  # tokens: several seconds of the tiny model on a CPU, so the turn is surely in flight
+LONG = 4096  # tokens (the most a server allows): seconds of the tiny model on a CPU, so the turn is surely in flight
 
 
 @pytest.fixture(scope="module")

@@ -92,9 +92,12 @@ class DurabilityMixin:
             self.sessions[sid] = s
         bad_records: list[RecordDamage] = []
         last_good: dict[str, list[tuple[int, str, int, str]]] = {}  # sid -> (record index, inc, seq, op)
+        owners: dict[str, str] = {}  # sid -> the owner its last WAL record names
         n = 0
         for header, payload in self.store.replay(bad_records.append):
             self._apply_record(header, payload)
+            if header.get("owner") and header.get("op") != "delete":
+                owners[header["sid"]] = header["owner"]
             last_good.setdefault(header["sid"], []).append(
                 (len(bad_records), header.get("inc", ""), header["seq"], header.get("op", "put")))
             n += 1
@@ -119,6 +122,15 @@ class DurabilityMixin:
                                self.index, d.sid, d.seq, where, d.reason)
                 continue
             self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
+        for s in self.sessions.values():
+            if s.damage and not s.owner and owners.get(s.state_id):
+                # its snapshot header (which held the owner) is unreadable: without an owner every owner
+                # could see and delete it. The WAL names the owner; the verdict keeps it from now on
+                s.owner = owners[s.state_id]
+                try:
+                    self.store.write_snapshot(s.state_id, s.header(), None)
+                except OSError as e:
+                    logger.error("shard %d: could not persist the owner of damaged %s: %s", self.index, s.state_id, e)
         for s in list(self.sessions.values()):
             if s.deleted:
                 del self.sessions[s.state_id]
