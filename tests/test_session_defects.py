@@ -1,9 +1,17 @@
 """Defects that lost or broke users' sessions (session 15 audit), each reproduced on the real session
-store: a real shard (the class Ray runs as the actor) on real files, in-process.
+store: a real shard (the class Ray runs as the actor) on real files, in-process. Each test failed on
+the code before its fix.
 
-* A turn or a compaction that began on a session which was then deleted and created again (a
-  "reset", or another owner taking the freed id) must not land in the new incarnation: it belonged
-  to the old one (whose content the user asked to drop) and perhaps to another owner.
+* a turn or a compaction begun on a session that was then deleted and created again (a reset, or
+  another owner taking the freed id) landed in the new incarnation;
+* a torn last WAL record holding the bytes of a record magic (a user's text, bank bytes) was taken
+  for damage: the session was marked damaged after an ordinary crash;
+* a shard restart mid-turn let a second request overtake the turn, which was then refused (409);
+* checkpoints skipped offloaded sessions that took token turns: the WAL never shrank again;
+* a delete whose snapshot file could not be removed answered 500 and came back after a restart;
+* a session damaged by an unreadable snapshot header had no owner: every owner saw and could delete it.
+
+And a guard: concurrent turns on one session from two replicas are all kept, in order.
 """
 
 from __future__ import annotations
