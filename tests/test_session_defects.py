@@ -362,3 +362,46 @@ def test_a_damaged_snapshot_stays_its_owners_session(tmp_path):
             await third.info("a", "bob")
         assert e.value.status == 404
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- background compaction
+def test_a_turn_does_not_wait_for_a_background_compaction(tmp_path):
+    """The memory manager compacts idle sessions in the background, under the session's lease, for as
+    long as the CPU replay of its token turns takes (minutes for a real model: it runs on one thread).
+    A user coming back meanwhile waited ``lease_wait_s`` and got 503 state_busy. Now the turn takes
+    the session over; the compaction's result, computed from the state before the turn, is refused
+    (it would have been a 409 for the turn) and the manager tries again later."""
+    async def main():
+        # the manager compacts every session idle for 0 s whose L0 is at least 0 full: this one
+        cfg = _cfg(tmp_path / "bank", lease_wait_s=0.3, compact_idle_s=0.0, compact_l0_fill=0.0)
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        await shard.apply_update("s", 1, "u-1", b"the bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        started = asyncio.Event()
+
+        def slow_compact(payload, turns, merge, threshold):  # stands in for the model's replay: its length is the point
+            started.set()
+            import time
+            time.sleep(1.0)
+            meta = {"tokens_seen": 1, "levels": []}
+            return b"compacted " * 50, meta, meta, {}, 0, len(payload)
+        shard._compact_bytes = slow_compact
+        manager = asyncio.create_task(shard.manage_once())
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        lease = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy after 0.3 s
+        assert lease["seq"] == 1
+        assert (await manager)["compacted"] == 0  # refused: it would overwrite what the turn began from
+        await _commit(shard, "s", lease, "turn")
+        bank = await shard.get_bank("s", "alice")
+        assert bank["seq"] == 2 and bank["payload"] == b"the bank " * 100 and len(bank["turns"]) == 1
+        # a compaction the user asked for (POST /v1/state/{id}/compact) is not preempted: a turn waits
+        user_compaction = asyncio.create_task(shard.compact("s", "alice"))
+        started.clear()
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        with pytest.raises(APIError) as e:
+            await shard.begin_turn("s", "alice", False)
+        assert e.value.status == 503
+        assert (await user_compaction)["state"]["seq"] == 3
+    asyncio.run(main())

@@ -189,7 +189,7 @@ class StateMachineMixin:
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
-        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s)
+        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
         resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
                     and s.digest_at(int(have["seq"])) == have.get("digest"))
         try:
@@ -269,13 +269,14 @@ class StateMachineMixin:
     async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
                            meta: dict[str, Any], turn: dict[str, Any] | None = None,
                            compacted: bool = False, tokens: dict[str, Any] | None = None,
-                           inc: str | None = None) -> dict[str, Any]:
+                           inc: str | None = None, fence: str | None = None) -> dict[str, Any]:
         """The ordered, idempotent update queue of a session. Returns once the update is durable.
 
         ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``,
         and ``"dtype"``) the update is a token turn instead (a "turn" record holding the ids, 4 bytes a
         token). ``inc``: the incarnation the update was computed on (None: whichever is live); 404
-        when the session is another one now."""
+        when the session is another one now. ``fence``: the lease it was computed under; 409 when
+        the session was leased to another request since (checked with the append, atomically)."""
         self._start_manager()
         s = self._get(sid, None)
         if inc is not None and s.inc != inc:
@@ -283,6 +284,9 @@ class StateMachineMixin:
                            "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
+            if fence is not None and s.grant != fence:
+                raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in the "
+                               "background; the compaction was not saved", "compaction_preempted", "state_id")
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
                 try:
                     await asyncio.wait_for(cond.wait_for(lambda: s.deleted or s.seq >= seq - 1),
@@ -328,11 +332,13 @@ class StateMachineMixin:
                 "record": "tokens" if tokens is not None else "state"}
 
     # ------------------------------------------------------------------ leases
-    async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None) -> str:
+    async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None, preempt: bool = False) -> str:
+        """Lease ``s`` (waiting up to ``wait_s`` for the holder); ``preempt``: take it over from a
+        background compaction (``Session.background``), whose result is then fenced out."""
         cond = s.condition()
         deadline = time.monotonic() + wait_s
         async with cond:
-            while s.leased():
+            while s.leased() and not (preempt and s.background is not None and s.lease[0] == s.background):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Busy(f"state {s.state_id!r} is busy with another request; retry shortly",
@@ -345,7 +351,7 @@ class StateMachineMixin:
                 raise session_not_found(s.state_id)
             lease_id = f"{s.inc}.{uuid.uuid4().hex}"  # see lease_incarnation
             s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
-            s.grant = lease_id
+            s.grant, s.background = lease_id, None
             return lease_id
 
     def _release(self, s: Session, lease_id: str) -> None:
