@@ -309,7 +309,9 @@ def test_concurrent_turns_on_one_session_are_all_kept_in_order(tmp_path):
         return fn(*args)
 
     async def main():
-        cfg = _cfg(tmp_path / "bank", lease_wait_s=30.0, snapshot_every_turns=4)
+        # the decode runs on the event loop here (a replica runs it on its model thread), so leases are
+        # not renewed meanwhile: a TTL no loaded CI machine reaches
+        cfg = _cfg(tmp_path / "bank", lease_wait_s=60.0, lease_ttl_s=300.0, snapshot_every_turns=4)
         shard = _shard(cfg)
         replicas = [SessionTurns(model, LocalBankClient(shard), run_here) for _ in range(2)]
         await shard.create("s", "alice")
@@ -404,4 +406,33 @@ def test_a_turn_does_not_wait_for_a_background_compaction(tmp_path):
             await shard.begin_turn("s", "alice", False)
         assert e.value.status == 503
         assert (await user_compaction)["state"]["seq"] == 3
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- fencing
+def test_a_commit_is_fenced_against_the_lease_taken_while_it_waited_to_append(tmp_path):
+    """Turn 1's lease expired (its holder stalled); turn 2 waits for the session. Turn 1's commit
+    checked its fencing token, then waited for the session's lock, which turn 2 took first to lease
+    the session at the same seq: turn 1 was then saved behind turn 2's back, and turn 2's own commit
+    refused (409 state_conflict), the one that held the lease. The check is now made with the append."""
+    async def main():
+        cfg = _cfg(tmp_path / "bank", lease_ttl_s=0.2, lease_wait_s=5.0)
+        shard = _shard(cfg)
+        await shard.create("s", "alice")
+        first = await shard.begin_turn("s", "alice", False)
+        second = asyncio.create_task(shard.begin_turn("s", "alice", False))  # waits for the lease
+        await asyncio.sleep(0.05)
+        cond = shard.sessions["s"].condition()
+        await cond.acquire()  # the session's lock is busy a moment (as with any other call on it)
+        await asyncio.sleep(0.3)  # the first lease expires: the second request queues for the lock
+        late = asyncio.create_task(_commit(shard, "s", first, "late"))
+        await asyncio.sleep(0.05)  # the late commit passed its early check and queues for the lock too
+        cond.release()
+        lease = await second
+        assert lease["seq"] == 0
+        with pytest.raises(APIError) as e:
+            await late  # before the fix: saved as seq 1
+        assert e.value.code == "lease_lost"
+        await _commit(shard, "s", lease, "live")  # before the fix: 409 state_conflict
+        assert _tags(await shard.info("s", "alice")) == ["live"]
     asyncio.run(main())

@@ -247,13 +247,8 @@ class StateMachineMixin:
     async def _commit(self, sid, lease_id, seq, update_id, payload, meta, turn, tokens) -> dict[str, Any]:
         inc = lease_incarnation(lease_id)
         try:
-            s = self.sessions.get(sid)
-            if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
-                    and s.applied.get(seq) != update_id):
-                self.counters["fenced"] += 1
-                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
-                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
-            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc)
+            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc,
+                                          fence=lease_id)
         finally:
             s = self.sessions.get(sid)
             if s is not None and lease_id is not None:
@@ -276,7 +271,9 @@ class StateMachineMixin:
         and ``"dtype"``) the update is a token turn instead (a "turn" record holding the ids, 4 bytes a
         token). ``inc``: the incarnation the update was computed on (None: whichever is live); 404
         when the session is another one now. ``fence``: the lease it was computed under; 409 when
-        the session was leased to another request since (checked with the append, atomically)."""
+        the session was leased to another request since (checked under the session's lock with the
+        append: checked before it, a request could lease the session while this update waited for
+        the lock). A restarted shard knows no lease (no grant): then the seq check alone decides."""
         self._start_manager()
         s = self._get(sid, None)
         if inc is not None and s.inc != inc:
@@ -284,9 +281,13 @@ class StateMachineMixin:
                            "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
-            if fence is not None and s.grant != fence:
-                raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in the "
-                               "background; the compaction was not saved", "compaction_preempted", "state_id")
+            if fence is not None and s.grant is not None and s.grant != fence and s.applied.get(seq) != update_id:
+                self.counters["fenced"] += 1
+                if compacted:
+                    raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in "
+                                   "the background; the compaction was not saved", "compaction_preempted", "state_id")
+                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
+                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
                 try:
                     await asyncio.wait_for(cond.wait_for(lambda: s.deleted or s.seq >= seq - 1),
