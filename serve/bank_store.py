@@ -156,7 +156,12 @@ def iter_records(data: bytes, on_damage=None) -> Iterator[tuple[dict[str, Any], 
         try:
             header, payload, end = _parse_one(data, off)
         except RecordDamage as d:
-            if d.length and not d.torn:
+            if d.torn and d.sid is not None:
+                # a format-2 record whose intact prefix (its CRC holds the lengths) runs past the end: the
+                # torn tail. Nothing follows it; scanning its bytes for a magic would take a magic inside
+                # its header (a user's text) or payload for a record and report this one as damage
+                nxt = len(data)
+            elif d.length and not d.torn:
                 nxt = off + d.length  # prefix intact: the lengths are right
             else:
                 nxt = _next_magic(data, off + 1)

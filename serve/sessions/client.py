@@ -39,6 +39,9 @@ class BankClient:
             self._handles[i] = h
         return h
 
+    def shard_indices(self) -> range:
+        return range(self.cfg.num_shards)
+
     def for_session(self, state_id: str):
         return self.handle(self.shard_of(state_id))
 
@@ -46,14 +49,18 @@ class BankClient:
         """``method(state_id, ...)`` on the session's shard. A dead actor handle (the actor was
         removed, or its name now points at a new one) is dropped and resolved again, with backoff;
         every shard method is safe to repeat (seq numbers, update ids)."""
+        return await self.on_shard(self.shard_of(state_id), method, state_id, *args, **kwargs)
+
+    async def on_shard(self, i: int, method: str, *args, **kwargs):
+        """``method(*args)`` on shard ``i``, re-resolving a dead handle as :meth:`call` does (the
+        calls over every shard too: a listing must not keep a dead handle either)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-        i = self.shard_of(state_id)
         delay = 0.1
         for attempt in range(self.RESOLVE_ATTEMPTS):
             h = self.handle(i)
             try:
-                return await getattr(h, method).remote(state_id, *args, **kwargs)
+                return await getattr(h, method).remote(*args, **kwargs)
             except (ActorDiedError, ActorUnavailableError) as e:
                 if self._handles.get(i) is h:
                     del self._handles[i]
@@ -85,21 +92,21 @@ class BankClient:
             self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
-        parts = await asyncio.gather(*(self.handle(i).list_sessions.remote(owner) for i in range(self.cfg.num_shards)))
+        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in self.shard_indices()))
         out = [s for p in parts for s in p]
         return sorted(out, key=lambda s: s["updated_at"], reverse=True)
 
     async def stats(self) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self.handle(i).stats.remote() for i in range(self.cfg.num_shards))))
+        return list(await asyncio.gather(*(self.on_shard(i, "stats") for i in self.shard_indices())))
 
     async def ping_all(self, timeout_s: float = 5.0) -> int:
         async def one(i):
             try:
-                await asyncio.wait_for(self.handle(i).ping.remote(), timeout_s)
+                await asyncio.wait_for(self.on_shard(i, "ping"), timeout_s)
                 return 1
             except Exception:
                 return 0
-        return sum(await asyncio.gather(*(one(i) for i in range(self.cfg.num_shards))))
+        return sum(await asyncio.gather(*(one(i) for i in self.shard_indices())))
 
     def kill_all(self) -> None:
         """Remove the shard actors (tests, teardown). Their storage stays."""
@@ -121,5 +128,8 @@ class LocalBankClient(BankClient):
         super().__init__(shard.cfg)
         self.shard = shard
 
-    async def call(self, state_id: str, method: str, *args, **kwargs):
-        return await getattr(self.shard, method)(state_id, *args, **kwargs)
+    def shard_indices(self) -> range:
+        return range(1)
+
+    async def on_shard(self, i: int, method: str, *args, **kwargs):
+        return await getattr(self.shard, method)(*args, **kwargs)  # the one shard, whatever ``i``

@@ -28,7 +28,7 @@ class DurabilityMixin:
     def _try_start(self) -> bool:
         try:
             self.store = BankStore(self.cfg.shard_uri(self.index))
-            self.sessions = {}
+            self.sessions, self.stale_snapshots = {}, {}
             self._recover()
         except OSError as e:
             if self.store is not None:
@@ -92,9 +92,12 @@ class DurabilityMixin:
             self.sessions[sid] = s
         bad_records: list[RecordDamage] = []
         last_good: dict[str, list[tuple[int, str, int, str]]] = {}  # sid -> (record index, inc, seq, op)
+        owners: dict[str, str] = {}  # sid -> the owner its last WAL record names
         n = 0
         for header, payload in self.store.replay(bad_records.append):
             self._apply_record(header, payload)
+            if header.get("owner") and header.get("op") != "delete":
+                owners[header["sid"]] = header["owner"]
             last_good.setdefault(header["sid"], []).append(
                 (len(bad_records), header.get("inc", ""), header["seq"], header.get("op", "put")))
             n += 1
@@ -119,10 +122,24 @@ class DurabilityMixin:
                                self.index, d.sid, d.seq, where, d.reason)
                 continue
             self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
+        for s in self.sessions.values():
+            if s.damage and not s.owner and owners.get(s.state_id):
+                # its snapshot header (which held the owner) is unreadable: without an owner every owner
+                # could see and delete it. The WAL names the owner; the verdict keeps it from now on
+                s.owner = owners[s.state_id]
+                try:
+                    self.store.write_snapshot(s.state_id, s.header(), None)
+                except OSError as e:
+                    logger.error("shard %d: could not persist the owner of damaged %s: %s", self.index, s.state_id, e)
         for s in list(self.sessions.values()):
             if s.deleted:
-                self.store.delete_snapshot(s.state_id)
                 del self.sessions[s.state_id]
+                try:
+                    self.store.delete_snapshot(s.state_id)
+                except OSError as e:  # storage refuses for now: the WAL keeps the delete record
+                    logger.warning("shard %d: could not remove the snapshot of deleted %s: %s", self.index,
+                                   s.state_id, e)
+                    self.stale_snapshots[s.state_id] = s.inc
         self.counters["recovered_records"] = n
         self.counters["damaged_records"] = sum(not d.torn for d in bad_records)
         # every restart opens a new epoch: fold the old ones into snapshots at the next manager pass
@@ -222,6 +239,31 @@ class DurabilityMixin:
             await asyncio.to_thread(self.store.write_snapshot, s.state_id, header, payload)
             s.snapshot_seq = max(s.snapshot_seq, seq)
 
+    async def remove_stale_snapshots(self) -> bool:
+        """Remove the snapshot files of deleted sessions (``stale_snapshots``: id -> the deleted
+        incarnation) that storage refused to remove so far; True when none is left. A file that
+        now holds another incarnation (the id was created again and snapshotted) is that one's."""
+        _, snap_lock = self._locks()
+        async with snap_lock:
+            for sid, inc in list(self.stale_snapshots.items()):
+                live = self.sessions.get(sid)
+                try:
+                    if live is not None and live.inc != inc:
+                        header = await asyncio.to_thread(self.store.read_snapshot_header, sid)
+                        if header.get("inc", "") != inc:
+                            del self.stale_snapshots[sid]
+                            continue
+                    await asyncio.to_thread(self.store.delete_snapshot, sid)
+                except FileNotFoundError:
+                    pass
+                except (OSError, RecordDamage, ValueError) as e:
+                    self.counters["storage_errors"] += 1
+                    logger.warning("shard %d: could not remove the snapshot of deleted %s (retried at the next "
+                                   "checkpoint; the WAL keeps its delete record): %s", self.index, sid, e)
+                    continue
+                del self.stale_snapshots[sid]
+        return not self.stale_snapshots
+
     async def _maybe_checkpoint(self, force: bool = False) -> None:
         if force or self.store.wal_bytes >= self.cfg.checkpoint_wal_bytes:
             await self.checkpoint()
@@ -243,9 +285,18 @@ class DurabilityMixin:
             covered = {sid: s.seq for sid, s in self.sessions.items() if not s.deleted}
         for sid in covered:
             s = self.sessions.get(sid)
-            if s is not None and not s.deleted and not s.offloaded and s.snapshot_seq < s.seq:
+            if s is not None and not s.deleted and s.snapshot_seq < s.seq:
+                # an offloaded session too: token turns from a replica holding its state resident do
+                # not load its bank, and skipping it kept every old epoch alive (the WAL grew forever).
+                # _snapshot loads it; it goes back to storage right after
+                was_offloaded = s.offloaded
                 await self._snapshot(s)
-        if all(s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
-               if sid in covered):
+                if was_offloaded:
+                    await self.offload(sid)
+        # a deleted session's snapshot still on storage would come back at a restart without the delete
+        # record: the old epochs stay until it is gone
+        if await self.remove_stale_snapshots() and all(
+                s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
+                if sid in covered):
             await asyncio.to_thread(self.store.delete_epochs_before, new_epoch)
         self.counters["checkpoints"] += 1

@@ -53,12 +53,19 @@ class ManagerMixin:
         return state_to_bytes(state), before, state_meta(state), moved, merged, bytes_before
 
     async def compact(self, sid: str, owner: str | None, merge: bool = True,
-                      threshold: float | None = None, wait: bool = True) -> dict[str, Any] | None:
-        """Compact one session now (``model.compact_state`` then ``merge_duplicates``)."""
+                      threshold: float | None = None, wait: bool = True,
+                      background: bool = False) -> dict[str, Any] | None:
+        """Compact one session now (``model.compact_state`` then ``merge_duplicates``).
+
+        ``background`` (the memory manager's): a turn arriving meanwhile takes the session over
+        instead of waiting for the CPU replay (minutes for a real model), and this compaction is then
+        refused (409 ``compaction_preempted``) rather than overwrite what the turn began from."""
         self._start_manager()
         s = self._get(sid, owner)
         threshold = self.cfg.merge_threshold if threshold is None else threshold
         lease_id = await self._acquire(s, self.cfg.lease_wait_s if wait else 0.0)
+        if background:
+            s.background = lease_id
         try:
             await self._ensure_loaded(s)
             seq = s.seq
@@ -72,8 +79,10 @@ class ManagerMixin:
             turn = {"kind": "compact", "duration_ms": (time.perf_counter() - t0) * 1e3,
                     "tokens_seen": after["tokens_seen"], "detail": {**moved, "merged": merged}}
             res = await self.apply_update(sid, seq + 1, f"compact-{uuid.uuid4().hex}", payload, after, turn,
-                                          compacted=True)
+                                          compacted=True, inc=s.inc, fence=lease_id if background else None)
         finally:
+            if s.background == lease_id:
+                s.background = None
             self._release(s, lease_id)
         await self._enforce_budget()
         self.counters["compactions"] += 1
@@ -107,7 +116,7 @@ class ManagerMixin:
             if (self.cfg.auto_compact and s.compacted_seq < s.seq and s.nbytes
                     and now - s.last_access >= self.cfg.compact_idle_s and self._l0_fill(s) >= self.cfg.compact_l0_fill):
                 try:
-                    await self.compact(s.state_id, None, merge=True, wait=False)
+                    await self.compact(s.state_id, None, merge=True, wait=False, background=True)
                     done["compacted"] += 1
                 except (Busy, Conflict, NotFound, StateDamaged, StorageUnavailable):
                     pass

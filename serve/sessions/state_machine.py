@@ -5,6 +5,11 @@ A session's updates apply in ``seq`` order (an early one waits for its predecess
 applied update (same seq and id, as Ray's retries do) is acknowledged again without being reapplied;
 a different update for an applied seq is a conflict (409). A turn holds a lease renewed by its
 holder; a commit under a lease that was superseded is refused (409 ``lease_lost``).
+
+A lease names the incarnation it was granted on (``<inc>.<random>``), and so does every update made
+under one: an update of an incarnation that was deleted meanwhile is refused (404), even once the id
+was created again (a reset, or another owner) and its seq would fit there. Leases are not durable, so
+the fencing token alone cannot tell after a shard restart.
 """
 
 from __future__ import annotations
@@ -16,8 +21,15 @@ from typing import Any
 
 from ..bank_store import digest
 from .turn_log import chain_digest, pack_ids, unpack_ids
-from ..errors import Busy, Conflict, StateDamaged, session_not_found
+from ..errors import Busy, Conflict, NotFound, StateDamaged, session_not_found
 from .session import Session
+
+
+def lease_incarnation(lease_id: str | None) -> str | None:
+    """The incarnation a lease was granted on (None: no lease, or one without it)."""
+    if not lease_id or "." not in lease_id:
+        return None
+    return lease_id.split(".", 1)[0]
 
 
 class StateMachineMixin:
@@ -145,9 +157,10 @@ class StateMachineMixin:
             self._apply_record(header, None)
             s.condition().notify_all()
         self.sessions.pop(sid, None)
-        _, snap_lock = self._locks()
-        async with snap_lock:
-            await asyncio.to_thread(self.store.delete_snapshot, sid)
+        # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
+        # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
+        self.stale_snapshots[sid] = s.inc
+        await self.remove_stale_snapshots()
         return {"state_id": sid, "deleted": True}
 
     # ------------------------------------------------------------------ public: turns
@@ -176,7 +189,7 @@ class StateMachineMixin:
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
-        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s)
+        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
         resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
                     and s.digest_at(int(have["seq"])) == have.get("digest"))
         try:
@@ -194,9 +207,18 @@ class StateMachineMixin:
                 "tokens_seen": int(s.meta.get("tokens_seen", 0)), "lease_ttl_s": self.cfg.lease_ttl_s}
 
     async def renew_lease(self, sid: str, lease_id: str) -> bool:
-        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost."""
+        """Extend a turn's lease by ``lease_ttl_s`` (its holder is alive). False once it is lost.
+
+        A shard that restarted forgot its leases (they are not durable): a renewal there takes the
+        lease back when nobody leased the session since (no grant) and it is the lease's incarnation,
+        so a second request waits for the turn in flight instead of overtaking it (which got that
+        turn refused at its commit, 409 ``lease_lost``)."""
         s = self.sessions.get(sid)
-        if s is None or s.lease is None or s.lease[0] != lease_id:
+        if s is None or s.deleted:
+            return False
+        if s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc:
+            s.grant = lease_id
+        elif s.lease is None or s.lease[0] != lease_id:
             return False
         s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
         return True
@@ -223,14 +245,10 @@ class StateMachineMixin:
         return await self._commit(sid, lease_id, seq, update_id, None, meta, turn, tokens)
 
     async def _commit(self, sid, lease_id, seq, update_id, payload, meta, turn, tokens) -> dict[str, Any]:
+        inc = lease_incarnation(lease_id)
         try:
-            s = self.sessions.get(sid)
-            if (s is not None and lease_id is not None and s.grant is not None and s.grant != lease_id
-                    and s.applied.get(seq) != update_id):
-                self.counters["fenced"] += 1
-                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
-                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
-            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens)
+            res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc,
+                                          fence=lease_id)
         finally:
             s = self.sessions.get(sid)
             if s is not None and lease_id is not None:
@@ -245,16 +263,31 @@ class StateMachineMixin:
 
     async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
                            meta: dict[str, Any], turn: dict[str, Any] | None = None,
-                           compacted: bool = False, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
+                           compacted: bool = False, tokens: dict[str, Any] | None = None,
+                           inc: str | None = None, fence: str | None = None) -> dict[str, Any]:
         """The ordered, idempotent update queue of a session. Returns once the update is durable.
 
         ``payload`` is a full state (a "put" record); with ``tokens`` (``{"ids", "n_prompt", "fp"}``,
         and ``"dtype"``) the update is a token turn instead (a "turn" record holding the ids, 4 bytes a
-        token)."""
+        token). ``inc``: the incarnation the update was computed on (None: whichever is live); 404
+        when the session is another one now. ``fence``: the lease it was computed under; 409 when
+        the session was leased to another request since (checked under the session's lock with the
+        append: checked before it, a request could lease the session while this update waited for
+        the lock). A restarted shard knows no lease (no grant): then the seq check alone decides."""
         self._start_manager()
         s = self._get(sid, None)
+        if inc is not None and s.inc != inc:
+            raise NotFound(f"state {sid!r} was deleted while this request ran (the id now names a new "
+                           "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
+            if fence is not None and s.grant is not None and s.grant != fence and s.applied.get(seq) != update_id:
+                self.counters["fenced"] += 1
+                if compacted:
+                    raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in "
+                                   "the background; the compaction was not saved", "compaction_preempted", "state_id")
+                raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
+                               "another request; this turn was not saved, retry it", "lease_lost", "state_id")
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
                 try:
                     await asyncio.wait_for(cond.wait_for(lambda: s.deleted or s.seq >= seq - 1),
@@ -300,11 +333,13 @@ class StateMachineMixin:
                 "record": "tokens" if tokens is not None else "state"}
 
     # ------------------------------------------------------------------ leases
-    async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None) -> str:
+    async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None, preempt: bool = False) -> str:
+        """Lease ``s`` (waiting up to ``wait_s`` for the holder); ``preempt``: take it over from a
+        background compaction (``Session.background``), whose result is then fenced out."""
         cond = s.condition()
         deadline = time.monotonic() + wait_s
         async with cond:
-            while s.leased():
+            while s.leased() and not (preempt and s.background is not None and s.lease[0] == s.background):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Busy(f"state {s.state_id!r} is busy with another request; retry shortly",
@@ -315,9 +350,9 @@ class StateMachineMixin:
                     pass
             if s.deleted:
                 raise session_not_found(s.state_id)
-            lease_id = uuid.uuid4().hex
+            lease_id = f"{s.inc}.{uuid.uuid4().hex}"  # see lease_incarnation
             s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
-            s.grant = lease_id
+            s.grant, s.background = lease_id, None
             return lease_id
 
     def _release(self, s: Session, lease_id: str) -> None:

@@ -76,13 +76,14 @@ class SessionTurns:
         self.bank = bank
         self.cfg = bank.cfg
         self.run = run
+        self._orphans: set[asyncio.Task] = set()  # lease give-backs of cancelled turns (see _lease)
         self.resident = ResidentStates(self.cfg.resident_budget_bytes if budget_bytes is None else budget_bytes)
         self.counters = {"turns_resident": 0, "turns_replayed": 0, "turns_loaded": 0, "turn_records_tokens": 0,
                          "turn_records_state": 0, "turn_durable_bytes": 0, "turn_replay_mismatches": 0}
 
     async def begin(self, sid: str, owner: str, create: bool) -> Turn:
         mine = self.resident.take(sid)  # the turn owns it now; it comes back only when committed
-        lease = await self.bank.call(sid, "begin_turn", owner, create, mine.have() if mine else None)
+        lease = await self._lease(sid, owner, create, mine.have() if mine else None)
         keeper = self.bank.start_keep_lease(sid, lease)  # the lease lives as long as this turn
         try:
             if lease["base"]:
@@ -104,6 +105,23 @@ class SessionTurns:
             raise
         self.counters[f"turns_{source}"] += 1
         return Turn(sid, lease, state, keeper, source)
+
+    async def _lease(self, sid: str, owner: str, create: bool, have: dict[str, Any] | None) -> dict[str, Any]:
+        """``begin_turn`` on the shard. Cancelling the caller does not cancel a call to a Ray actor: a
+        turn cancelled while it waits for its session (another turn holds it) would leave the shard
+        granting the lease to nobody, the session busy for a whole ``lease_ttl_s``. So a lease granted
+        after the turn was cancelled is given back."""
+        call = asyncio.ensure_future(self.bank.call(sid, "begin_turn", owner, create, have))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            def give_back(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    task = asyncio.ensure_future(self._abort(sid, done.result()))
+                    self._orphans.add(task)  # a strong reference until it ran
+                    task.add_done_callback(self._orphans.discard)
+            call.add_done_callback(give_back)
+            raise
 
     async def commit(self, turn: Turn, update_id: str, prompt_ids: Sequence[int], new_ids: Sequence[int],
                      info: dict[str, Any]) -> dict[str, Any]:
