@@ -124,7 +124,8 @@ def served(ray_cluster, tmp_path_factory):
 
 
 def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
-    """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every ~10 s)."""
+    """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every
+    ``RAY_metrics_report_interval_ms``: 2 s in the tests, conftest.py)."""
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     deadline, samples = time.monotonic() + timeout_s, []
     while time.monotonic() < deadline:
@@ -134,7 +135,7 @@ def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
             samples = []
         if ready(samples):
             return samples
-        time.sleep(2)
+        time.sleep(0.5)
     names = sorted({n for n, lab, _ in samples if n.startswith("ray_dnc_")})
     pytest.fail(f"metrics not exported within {timeout_s:.0f} s; dnc series seen: {names}")
 
