@@ -1,5 +1,5 @@
 """Run several Python command-line scripts in one interpreter, each as ``python <script> <args>``
-would run it alone. Argument: a JSON list of argv lists (``[["bench/x.py", "--help"], ...]``);
+would run it alone. Argument: a JSON list of argv lists (``[["bench/x.py", "--help"], ["-m", "pkg.mod", "--help"]]``);
 prints a JSON list of ``{"argv", "code", "stdout", "stderr"}``, one per argv, in order.
 
 Why: a subprocess per script pays a ``torch`` import each (0.4 s of CPU, seconds on a loaded
@@ -35,14 +35,23 @@ def _project_modules() -> list[str]:
 
 
 def run_script(argv: list[str], base_path: list[str]) -> dict:
-    """``argv[0]`` run as ``__main__`` with ``argv``; its exit code and what it printed."""
-    sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *base_path]   # as `python script` sets it
-    sys.argv[:] = list(argv)
+    """``argv[0]`` run as ``__main__`` with ``argv`` (``["-m", module, ...]``: the module, as
+    ``python -m`` runs it); its exit code and what it printed."""
+    module = argv[1] if argv[0] == "-m" else None
+    if module:   # `python -m`: the working directory first, sys.argv[0] becomes the module's file
+        sys.path[:] = [os.getcwd(), *base_path]
+        sys.argv[:] = [module, *argv[2:]]
+    else:        # `python script`: the script's directory first
+        sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *base_path]
+        sys.argv[:] = list(argv)
     out, err = io.StringIO(), io.StringIO()
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_path(argv[0], run_name="__main__")
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
         except SystemExit as e:   # argparse's exit(2), --help's exit(0), sys.exit("message")
             if e.code is None or isinstance(e.code, int):
                 code = e.code or 0
