@@ -1,12 +1,13 @@
 """Run several Python command-line scripts in one interpreter, each as ``python <script> <args>``
-would run it alone. Argument: a JSON list of argv lists (``[["bench/x.py", "--help"], ["-m", "pkg.mod", "--help"]]``);
-prints a JSON list of ``{"argv", "code", "stdout", "stderr"}``, one per argv, in order.
+would run it alone. Argument: a JSON list of argv lists
+(``[["bench/x.py", "--help"], ["-m", "pkg.mod", "--help"]]``); prints a JSON list of
+``{"argv", "code", "stdout", "stderr"}``, one per argv, in order.
 
-Why: a subprocess per script pays a ``torch`` import each (0.4 s of CPU, seconds on a loaded
-2-core CI machine), and test_bench_help runs 21 scripts: 21 s of CPU one by one, 3 s here. Here third-party modules (torch, numpy,
-ray) load once; everything else a script imported (this project's modules, ``bench/common``) is
-dropped before the next one, and each gets ``sys.argv`` and ``sys.path`` as ``python <script>``
-gives them, so a script that only works because another ran first still fails."""
+Why: a subprocess per script pays its imports (torch, Ray) each time; test_bench_help's 21 scripts
+took 21 s of CPU one by one and take 3 s here (seconds of wall time on a 2-core CI machine). Here
+third-party modules load once; everything else a script imported (this project's modules,
+``bench/common``) is dropped before the next one, and each gets ``sys.argv`` and ``sys.path`` as
+``python <script>`` gives them, so a script that only works because another ran first still fails."""
 
 from __future__ import annotations
 
