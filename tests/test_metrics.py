@@ -174,7 +174,11 @@ def test_prometheus_endpoint_shows_serving_metrics(served, ray_cluster):
         return (total(s, "ray_dnc_generated_tokens_total") >= tokens
                 and total(s, "ray_dnc_durable_bytes_per_turn_count") >= 2
                 and total(s, "ray_dnc_resident_sessions", tier="store") >= 1
-                and total(s, "ray_dnc_http_requests_total", route="/v1/state/{state_id}") >= 1)
+                and total(s, "ray_dnc_http_requests_total", route="/v1/state/{state_id}") >= 1
+                # a gauge's export can lag its process's counters by one period: wait (90 s at most)
+                # until both show the idle server, as they must once every request is answered
+                and bool(series(s, "ray_dnc_queue_depth")) and total(s, "ray_dnc_queue_depth") == 0
+                and bool(series(s, "ray_dnc_running_requests")) and total(s, "ray_dnc_running_requests") == 0)
     s = scrape_until(ray_cluster, ready)
     # tokens/s: a counter of every decoded token (rate() of it is tokens/s)
     assert total(s, "ray_dnc_generated_tokens_total") == tokens
