@@ -124,8 +124,7 @@ def served(ray_cluster, tmp_path_factory):
 
 
 def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
-    """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every
-    ``RAY_metrics_report_interval_ms``: 2 s in the tests, conftest.py)."""
+    """Scrape the node's metrics endpoint until ``ready(samples)`` (Ray exports every ~10 s)."""
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
     deadline, samples = time.monotonic() + timeout_s, []
     while time.monotonic() < deadline:
@@ -135,7 +134,7 @@ def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
             samples = []
         if ready(samples):
             return samples
-        time.sleep(0.5)
+        time.sleep(2)
     names = sorted({n for n, lab, _ in samples if n.startswith("ray_dnc_")})
     pytest.fail(f"metrics not exported within {timeout_s:.0f} s; dnc series seen: {names}")
 
@@ -174,11 +173,7 @@ def test_prometheus_endpoint_shows_serving_metrics(served, ray_cluster):
         return (total(s, "ray_dnc_generated_tokens_total") >= tokens
                 and total(s, "ray_dnc_durable_bytes_per_turn_count") >= 2
                 and total(s, "ray_dnc_resident_sessions", tier="store") >= 1
-                and total(s, "ray_dnc_http_requests_total", route="/v1/state/{state_id}") >= 1
-                # a gauge's export can lag its process's counters by one period: wait (90 s at most)
-                # until both show the idle server, as they must once every request is answered
-                and bool(series(s, "ray_dnc_queue_depth")) and total(s, "ray_dnc_queue_depth") == 0
-                and bool(series(s, "ray_dnc_running_requests")) and total(s, "ray_dnc_running_requests") == 0)
+                and total(s, "ray_dnc_http_requests_total", route="/v1/state/{state_id}") >= 1)
     s = scrape_until(ray_cluster, ready)
     # tokens/s: a counter of every decoded token (rate() of it is tokens/s)
     assert total(s, "ray_dnc_generated_tokens_total") == tokens
