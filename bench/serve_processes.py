@@ -11,7 +11,8 @@ from typing import Any
 
 def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
     """The serving series of the whole run (every level and warm-up), summed over replicas. Waits
-    one Ray export period first, so the last requests are in."""
+    one Ray export period (``RAY_metrics_report_interval_ms``, 10 s by default) and 2 s first, so
+    the last requests are in."""
     import httpx
 
     from serve.metrics import parse_prometheus, summarize_scrape
@@ -20,7 +21,7 @@ def scrape_prometheus(where: str, app: str | None) -> dict[str, Any]:
         import ray
 
         where = f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics"
-    time.sleep(12)
+    time.sleep(max(1.0, float(os.environ.get("RAY_metrics_report_interval_ms", 10_000)) / 1000) + 2)
     summary = summarize_scrape(parse_prometheus(httpx.get(where, timeout=30).text), application=app)
     return {"url": where, "application": app, "series": summary}
 

@@ -10,6 +10,13 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Every Ray cluster the tests start (the session fixture's, and those of the `dnc demo` and `ray start`
+# subprocesses, which inherit this environment) reads this when it starts: Ray Train's controller
+# polls its workers every 0.5 s, not 2 s, so each run's end and each dead worker are noticed up to
+# 1.5 s sooner (a missed poll is not a failure; a worker is declared dead after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). (RAY_metrics_report_interval_ms stays Ray's 10 s
+# here: at 2 s test_metrics never saw the dnc_queue_depth and dnc_running_requests gauges exported.)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Keep CPU tests deterministic and light on a 2-core machine.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

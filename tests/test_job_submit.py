@@ -9,6 +9,7 @@ process on the machine by name, other clusters included.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -87,10 +88,15 @@ def test_runtime_env_excludes_heavy_paths():
 
 
 def test_job_entrypoints_help():
-    for mod in ("ray_jobs.train", "ray_jobs.evaluate", "tune.sweep"):
-        out = subprocess.run([sys.executable, "-m", mod, "--help"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0 and "usage:" in out.stdout, (mod, out.stderr[-2000:])
+    # `python -m <mod> --help` for each, in one interpreter (tests/script_runner.py): one Ray import
+    argvs = [["-m", mod, "--help"] for mod in ("ray_jobs.train", "ray_jobs.evaluate", "tune.sweep")]
+    run = subprocess.run([sys.executable, "tests/script_runner.py", json.dumps(argvs)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    assert [r["argv"] for r in results] == argvs
+    for r in results:
+        assert r["code"] == 0 and r["stdout"].startswith("usage:"), (r["argv"], r["stderr"][-2000:])
 
 
 def _free_ports(n: int) -> list[int]:
