@@ -60,6 +60,10 @@ class TrainConfig:
     compile_mode: str | None = None
     """``torch.compile`` mode of ``compile: segment`` (None = the default; e.g.
     ``max-autotune-no-cudagraphs``)."""
+    compile_dynamic_batch: bool = True
+    """``compile: segment`` with the batch dim dynamic: one graph serves every batch size >= 2 (the
+    curriculum's stages change it: 128/32/16/8 rows for small), compiled once per run instead of at
+    every stage change; false compiles one static graph per batch size."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward (sets ``DNCConfig.grad_checkpointing``)."""
     log_interval: int = 10
