@@ -111,8 +111,9 @@ def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, 
         if w:
             kk, vv = kk[:, :, -w:], vv[:, :, -w:].contiguous()
             kk = _rope_apply(kk, shift_cos, shift_sin) if shift_cos is not None else kk.contiguous()
-        else:
-            kk, vv = kk.new_zeros(kk.shape[0], kk.shape[1], 0, kk.shape[3]), vv.new_zeros(vv.shape[0], vv.shape[1], 0, vv.shape[3])
+        else:  # in the input's dtype: under bf16 autocast kk is bf16, and a dtype change would recompile
+            # (an empty cache is skipped by attention, so its dtype changes no number)
+            kk, vv = k.new_zeros(k.shape), v.new_zeros(v.shape)
         new_caches.append((kk, vv))
         new_prev_x.append(px.contiguous())  # one stride pattern whatever made it (no recompile)
         if h is not None:
@@ -300,9 +301,10 @@ class CompiledTrainSegments:
         dtype = m.embed.weight.dtype
         zeros = lambda: torch.zeros(b, 1, d, device=dev, dtype=dtype)  # noqa: E731  (= no previous token)
         caches = tuple((leaf(ls.cache.k), leaf(ls.cache.v)) for ls in state.layers)
-        prev_xs = tuple(leaf(ls.prev_x if ls.prev_x is not None else zeros()) for ls in state.layers)
-        banks = tuple((leaf(ls.bank.kv), ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t) for ls in mem_layers)
-        prev_ws = tuple(leaf(ls.prev_write if ls.prev_write is not None else zeros()) for ls in mem_layers)
+        prev_xs = tuple(_canonical(leaf(ls.prev_x if ls.prev_x is not None else zeros())) for ls in state.layers)
+        banks = tuple((leaf(_canonical(ls.bank.kv)), _canonical(ls.bank.meta), ls.bank.valid, ls.bank.alpha,
+                       ls.bank.clock_t) for ls in mem_layers)
+        prev_ws = tuple(_canonical(leaf(ls.prev_write if ls.prev_write is not None else zeros())) for ls in mem_layers)
         want_recon = m.training and grad
         tokens = tokens.contiguous()  # a segment's slice of [B, T] rows: one stride for every T (no recompile)
         args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
@@ -355,6 +357,21 @@ def mark_batch_dynamic(args: tuple) -> None:
         mark(meta, 1)
         mark(valid, 0)
         mark(alpha, 0)
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``torch.empty(t.shape)`` has. A contiguous tensor with a size-1 dim
+    can carry any stride there (``h[:, -1:].contiguous()`` of one row keeps the row stride), and
+    dynamo guards on strides: with a batch of one row the second segment would recompile. A view
+    (no copy) where the strides differ, ``t`` itself otherwise."""
+    if not t.is_contiguous():
+        return t
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= max(int(n), 1)
+    want = tuple(reversed(want))
+    return t if t.stride() == want else t.as_strided(t.shape, want)
 
 
 def _graph_count() -> int:
