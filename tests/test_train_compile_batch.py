@@ -109,3 +109,30 @@ def test_train_config_sets_dynamic_batch():
     on = Trainer(TrainConfig(**common), preset("tiny"), device="cpu", progress=False)
     off = Trainer(TrainConfig(compile_dynamic_batch=False, **common), preset("tiny"), device="cpu", progress=False)
     assert unwrap(on.model).step_runner.dynamic_batch and not unwrap(off.model).step_runner.dynamic_batch
+
+
+def _signature(x):
+    """(shape, stride, dtype, requires_grad) of every tensor in a nest of tuples: what dynamo guards."""
+    if torch.is_tensor(x):
+        return tuple(x.shape), x.stride(), x.dtype, x.requires_grad
+    if isinstance(x, (tuple, list)):
+        return tuple(_signature(y) for y in x)
+    return None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_inputs_keep_one_signature_under_autocast(batch):
+    """From the first segment on, the step's inputs have the same shapes, strides, dtypes and grad
+    flags (so the graph of the first segment serves the rest): under bf16 autocast the empty carried
+    caches stay in their dtype, and with one row the [1, 1, D] carries keep canonical strides."""
+    cfg, _, model = _pair()
+    compile_segments(model, compile=False)
+    runner = unwrap(model).step_runner
+    state = model.init_state(batch)
+    seen = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for seg in range(SEGMENTS):
+            args, host = runner.prepare(torch.randint(0, 256, (batch, cfg.segment_len)), state)
+            seen.append(_signature(args[2:]))
+            runner._finish(state, runner.step_fn(*args), host)
+    assert all(s == seen[0] for s in seen[1:])
