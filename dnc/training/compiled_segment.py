@@ -301,10 +301,10 @@ class CompiledTrainSegments:
         dtype = m.embed.weight.dtype
         zeros = lambda: torch.zeros(b, 1, d, device=dev, dtype=dtype)  # noqa: E731  (= no previous token)
         caches = tuple((leaf(ls.cache.k), leaf(ls.cache.v)) for ls in state.layers)
-        prev_xs = tuple(_canonical(leaf(ls.prev_x if ls.prev_x is not None else zeros())) for ls in state.layers)
+        prev_xs = tuple(leaf(_canonical(ls.prev_x if ls.prev_x is not None else zeros())) for ls in state.layers)
         banks = tuple((leaf(_canonical(ls.bank.kv)), _canonical(ls.bank.meta), ls.bank.valid, ls.bank.alpha,
                        ls.bank.clock_t) for ls in mem_layers)
-        prev_ws = tuple(_canonical(leaf(ls.prev_write if ls.prev_write is not None else zeros())) for ls in mem_layers)
+        prev_ws = tuple(leaf(_canonical(ls.prev_write if ls.prev_write is not None else zeros())) for ls in mem_layers)
         want_recon = m.training and grad
         tokens = tokens.contiguous()  # a segment's slice of [B, T] rows: one stride for every T (no recompile)
         args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
