@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{tps / 1e3:.1f}k" if tps else "-", f"{tps / base:.2f}x" if (tps and base) else "-",
                      f"{r['wall_s']:.1f}"])
     table = md_table(["mode", "steps", "batch sizes", "graphs", "compile s", "segments compiled/eager",
-                      f"steady tokens/s", "vs off", "wall s"], rows)
+                      "steady tokens/s", "vs off", "wall s"], rows)
     result["markdown"] = "\n".join(table)
     print("\n".join(table))
     for mode, r in result["modes"].items():
