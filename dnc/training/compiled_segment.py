@@ -343,8 +343,11 @@ def mark_batch_dynamic(args: tuple) -> None:
     """Mark the batch dim of every batched input of :func:`fixed_segment_step` dynamic
     (``torch._dynamo.mark_dynamic``): tokens, caches, prev_xs, prev_writes [B, ...]; bank kv and
     meta [., B, ...], valid and alpha [B, ...]. The rope tables, sample positions, flags and the
-    bank clock have no batch dim. Raises if the traced step specialises on the batch size."""
-    mark = torch._dynamo.mark_dynamic
+    bank clock have no batch dim. ``maybe_mark_dynamic``, not ``mark_dynamic``: inductor on CPU
+    (torch 2.13, first batch 2) specialised the batch size, which ``mark_dynamic`` turns into a
+    ConstraintViolationError; this way such a backend compiles per batch size again (each compile
+    is in ``CompiledTrainSegments.graphs``) instead of stopping the run."""
+    mark = torch._dynamo.maybe_mark_dynamic
     _, _, tokens, _, _, _, caches, prev_xs, banks, prev_ws, _ = args
     mark(tokens, 0)
     for k, v in caches:
