@@ -42,13 +42,13 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> None:
 
 
 def compile_segments(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                     compile: bool = True, dynamic_batch: bool = True) -> nn.Module:
+                     compile: bool = True, dynamic_batch: bool = False) -> nn.Module:
     """``torch.compile`` the model's whole training segment step (``TrainConfig.compile: segment``):
     every whole segment of a training forward runs through one graph over fixed-capacity banks
     (:class:`dnc.training.compiled_segment.CompiledTrainSegments`, installed as the model's step
     runner; the runner it replaces still serves what it served, e.g. inference CUDA graphs). Eval
     and generation stay as they were. ``backend="aot_eager"`` runs without a C++ compiler (CPU
-    tests); ``compile=False`` runs the same fixed-shape step eagerly. ``dynamic_batch``: one graph
+    tests); ``compile=False`` runs the same fixed-shape step eagerly. ``dynamic_batch``: try one graph
     for every batch size >= 2 (``TrainConfig.compile_dynamic_batch``). Apply before DDP wrapping.
     Returns the model."""
     import torch._dynamo

@@ -1,6 +1,6 @@
 """The compiled training segment step across batch-size changes (the curriculum's stages change it).
 
-With ``dynamic_batch`` one graph serves every batch of two rows or more, and its losses and
+With ``dynamic_batch`` (aot_eager) one graph serves every batch of two rows or more, and its losses and
 gradients are the eager ones for each size; without it each batch size is a graph, and past
 ``max_graphs`` a new size runs uncompiled with a warning (same numbers). CPU: ``aot_eager``.
 """
@@ -54,9 +54,8 @@ def test_dynamic_batch_one_graph_for_every_batch_size():
 
     torch._dynamo.reset()
     cfg, eager, compiled = _pair()
-    compile_segments(compiled, backend="aot_eager")
+    compile_segments(compiled, backend="aot_eager", dynamic_batch=True)
     runner = unwrap(compiled).step_runner
-    assert runner.dynamic_batch
     _assert_same(_step(compiled, _batch(cfg, 3, 1)), _step(eager, _batch(cfg, 3, 1)))
     assert [g["batch"] for g in runner.graphs] == [3] and runner.graphs[0]["at_step"] == 0
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -88,7 +87,7 @@ def test_static_batch_past_max_graphs_runs_uncompiled_with_a_warning():
 def test_shape_keys():
     """Every batch >= 2 shares one key with dynamic_batch; size 1, grad mode and autocast part it."""
     _, _, model = _pair()
-    compile_segments(model, compile=False)
+    compile_segments(model, compile=False, dynamic_batch=True)
     runner = unwrap(model).step_runner
     assert runner.shape_key(2) == runner.shape_key(128) == ("dynamic", True, None)
     assert runner.shape_key(1) == (1, True, None)
@@ -101,13 +100,13 @@ def test_shape_keys():
 
 
 def test_train_config_sets_dynamic_batch():
-    """``train.compile_dynamic_batch`` reaches the runner the Trainer installs (default on)."""
+    """``train.compile_dynamic_batch`` reaches the runner the Trainer installs (default off)."""
     from dnc.training import Trainer, TrainConfig
 
     common = dict(max_steps=1, batch_size=2, max_len=64, corpus_ratio=0.0, eval_interval=1000,
                   checkpoint_interval=1000, log_interval=1, compile="segment")
-    on = Trainer(TrainConfig(**common), preset("tiny"), device="cpu", progress=False)
-    off = Trainer(TrainConfig(compile_dynamic_batch=False, **common), preset("tiny"), device="cpu", progress=False)
+    on = Trainer(TrainConfig(compile_dynamic_batch=True, **common), preset("tiny"), device="cpu", progress=False)
+    off = Trainer(TrainConfig(**common), preset("tiny"), device="cpu", progress=False)
     assert unwrap(on.model).step_runner.dynamic_batch and not unwrap(off.model).step_runner.dynamic_batch
 
 

@@ -22,9 +22,9 @@ gradients for those leaves, which the eager path skips).
 Shapes and recompiles: the curriculum changes the batch size per stage (``batch_tokens`` / the
 stage's longest sample: 128, 32, 16, 8 rows for the small preset's stages), and a static graph per
 batch size costs a compile (seconds on a CPU, up to a minute on a GPU) at every stage change. With
-``dynamic_batch`` (the default) every batch-dim of the step's inputs is marked dynamic, so one graph
-serves every batch of two rows or more (a batch of one row gets its own: dynamo specialises sizes 0
-and 1). Other shapes never change during training: the segment length, bank capacities and carried
+``dynamic_batch`` every batch dim of the step's inputs is marked dynamic, so one graph can serve
+every batch of two rows or more (a batch of one row gets its own: dynamo specialises sizes 0 and 1);
+``aot_eager`` keeps one graph, inductor on CPU still specialised each batch size (off by default). Other shapes never change during training: the segment length, bank capacities and carried
 window are fixed, partial segments and eval run eagerly. Each new graph is logged with its compile
 seconds (``graphs``); past ``max_graphs`` a new shape runs the uncompiled step with a warning rather
 than compiling again or falling back silently.
@@ -176,7 +176,7 @@ class CompiledTrainSegments:
     = compiled_steps then)."""
 
     def __init__(self, model, *, backend: str = "inductor", mode: str | None = None, compile: bool = True,
-                 fallback=None, dynamic_batch: bool = True, max_graphs: int = 8, log: bool = True):
+                 fallback=None, dynamic_batch: bool = False, max_graphs: int = 8, log: bool = True):
         cfg = model.config
         if cfg.forward_read:
             # the fixed-capacity bank keeps each level padded to its capacity, so L0's last valid
