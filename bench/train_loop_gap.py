@@ -11,6 +11,7 @@ drawn once with the training config's seeds):
 
     python bench/train_loop_gap.py --config configs/train/small.yaml --model-set segment_len=512 --steps 40
     python bench/train_loop_gap.py ... --compile segment    # the compiled segment step (train.compile)
+    python bench/train_loop_gap.py ... --compile segment --compile-batch static   # a graph per batch size
 
 Writes ``bench/results/train_loop_gap_<tag>.json`` (argv, device, torch, commit) and prints a table.
 """
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile nothing, each block, or the whole training segment step "
                         "(TrainConfig.compile; default: the config's)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (TrainConfig.compile_mode)")
+    p.add_argument("--compile-batch", choices=("dynamic", "static"), default=None,
+                   help="--compile segment: one graph for every batch size, or one per size "
+                        "(TrainConfig.compile_dynamic_batch; default: the config's)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--tag", default=None, help="result name suffix (default: gpu or cpu name)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         section["compile"] = False if args.compile == "off" else args.compile
     if args.compile_mode is not None:
         section["compile_mode"] = args.compile_mode
+    if args.compile_batch is not None:
+        section["compile_dynamic_batch"] = args.compile_batch == "dynamic"
     cfg = TrainConfig.from_dict(section)
     overrides = dict((raw.get("model") or {}).get("overrides") or {})
     overrides.update(parse_pairs("--model-set", args.model_overrides))
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.compile_target == "blocks":
         compile_blocks(model)
     elif cfg.compile_target == "segment":
-        compile_segments(model, mode=cfg.compile_mode)
+        compile_segments(model, mode=cfg.compile_mode, dynamic_batch=cfg.compile_dynamic_batch)
     opt = build_optimizer(model, cfg)
     bf16 = cfg.bf16 and device.type == "cuda"
 

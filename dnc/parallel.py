@@ -42,22 +42,24 @@ def compile_blocks(model: nn.Module, *, backend: str = "inductor") -> None:
 
 
 def compile_segments(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
-                     compile: bool = True) -> nn.Module:
+                     compile: bool = True, dynamic_batch: bool = False) -> nn.Module:
     """``torch.compile`` the model's whole training segment step (``TrainConfig.compile: segment``):
     every whole segment of a training forward runs through one graph over fixed-capacity banks
     (:class:`dnc.training.compiled_segment.CompiledTrainSegments`, installed as the model's step
     runner; the runner it replaces still serves what it served, e.g. inference CUDA graphs). Eval
     and generation stay as they were. ``backend="aot_eager"`` runs without a C++ compiler (CPU
-    tests); ``compile=False`` runs the same fixed-shape step eagerly. Apply before DDP wrapping.
+    tests); ``compile=False`` runs the same fixed-shape step eagerly. ``dynamic_batch``: try one graph
+    for every batch size >= 2 (``TrainConfig.compile_dynamic_batch``). Apply before DDP wrapping.
     Returns the model."""
     import torch._dynamo
 
     from dnc.training.compiled_segment import CompiledTrainSegments
 
-    # one graph per batch shape: curriculum stages change the batch size a few times
+    # the runner caps its own graphs (max_graphs, with a warning); dynamo's limit must not cut in first
     torch._dynamo.config.recompile_limit = max(getattr(torch._dynamo.config, "recompile_limit", 8), 64)
     m = unwrap(model)
-    m.step_runner = CompiledTrainSegments(m, backend=backend, mode=mode, compile=compile, fallback=m.step_runner)
+    m.step_runner = CompiledTrainSegments(m, backend=backend, mode=mode, compile=compile, fallback=m.step_runner,
+                                          dynamic_batch=dynamic_batch)
     return model
 
 

@@ -18,14 +18,27 @@ State tensors that carry gradients across segments (bank keys/values, the token-
 carried KV window) always enter the graph requiring grad: at the first segment and after a BPTT
 cut they are fresh leaves, so one graph serves all segments (the backward then also computes
 gradients for those leaves, which the eager path skips).
+
+Shapes and recompiles: the curriculum changes the batch size per stage (``batch_tokens`` / the
+stage's longest sample: 128, 32, 16, 8 rows for the small preset's stages), and a static graph per
+batch size costs a compile (seconds on a CPU, up to a minute on a GPU) at every stage change. With
+``dynamic_batch`` every batch dim of the step's inputs is marked dynamic, so one graph can serve
+every batch of two rows or more (a batch of one row gets its own: dynamo specialises sizes 0 and 1);
+``aot_eager`` keeps one graph, inductor on CPU still specialised each batch size (off by default). Other shapes never change during training: the segment length, bank capacities and carried
+window are fixed, partial segments and eval run eagerly. Each new graph is logged with its compile
+seconds (``graphs``); past ``max_graphs`` a new shape runs the uncompiled step with a warning rather
+than compiling again or falling back silently.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+import warnings
 from typing import Any
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -98,8 +111,9 @@ def fixed_segment_step(model, layout: FixedLayout | None, tokens: torch.Tensor, 
         if w:
             kk, vv = kk[:, :, -w:], vv[:, :, -w:].contiguous()
             kk = _rope_apply(kk, shift_cos, shift_sin) if shift_cos is not None else kk.contiguous()
-        else:
-            kk, vv = kk.new_zeros(kk.shape[0], kk.shape[1], 0, kk.shape[3]), vv.new_zeros(vv.shape[0], vv.shape[1], 0, vv.shape[3])
+        else:  # in the input's dtype: under bf16 autocast kk is bf16, and a dtype change would recompile
+            # (an empty cache is skipped by attention, so its dtype changes no number)
+            kk, vv = k.new_zeros(k.shape), v.new_zeros(v.shape)
         new_caches.append((kk, vv))
         new_prev_x.append(px.contiguous())  # one stride pattern whatever made it (no recompile)
         if h is not None:
@@ -153,12 +167,16 @@ class CompiledTrainSegments:
     ``backend``/``mode`` go to ``torch.compile`` (``aot_eager`` runs on CPU without a C++ compiler;
     ``compile=False`` runs the same fixed-shape function eagerly, the reference the tests compare).
     ``fallback``: the runner this one replaced (e.g. inference CUDA graphs), used for what this one
-    does not take. Counters: ``compiled_steps`` (segments through the graph), ``eager_steps``
-    (segments through the uncompiled function: the first of a run with a carried KV window, whose
-    cache is still empty)."""
+    does not take. ``dynamic_batch``: one graph for every batch size >= 2 (batch dims marked
+    dynamic) rather than one per batch size; ``max_graphs``: shape keys (:meth:`shape_key`) compiled
+    at most, later ones run uncompiled with a warning. Counters: ``compiled_steps`` (segments through
+    the graph), ``eager_steps`` (segments through the uncompiled function: the first of a run with a
+    carried KV window, whose cache is still empty, and shapes past ``max_graphs``); ``graphs``: one
+    dict per compile dynamo made (``key``, ``batch``, ``seconds`` of the call that compiled, ``at_step``
+    = compiled_steps then)."""
 
     def __init__(self, model, *, backend: str = "inductor", mode: str | None = None, compile: bool = True,
-                 fallback=None):
+                 fallback=None, dynamic_batch: bool = False, max_graphs: int = 8, log: bool = True):
         cfg = model.config
         if cfg.forward_read:
             # the fixed-capacity bank keeps each level padded to its capacity, so L0's last valid
@@ -171,8 +189,12 @@ class CompiledTrainSegments:
                                            cfg.segment_len // cfg.write_pool, cfg.compress_group) if cfg.memory else None
         self.step_fn = (torch.compile(fixed_segment_step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
                         if compile else fixed_segment_step)
+        self.compile, self.dynamic_batch, self.max_graphs, self.log = compile, dynamic_batch, max_graphs, log
         self.compiled_steps = 0
         self.eager_steps = 0
+        self.graphs: list[dict[str, Any]] = []
+        self._keys: set = set()      # shape keys given to the compiled function
+        self._refused: set = set()   # shape keys past max_graphs (run uncompiled)
 
     def clear(self) -> None:
         if self.fallback is not None and hasattr(self.fallback, "clear"):
@@ -199,13 +221,51 @@ class CompiledTrainSegments:
         if not self._mine(tokens, state):
             return self.fallback.step(tokens, state)
         args, host = self.prepare(tokens, state)
-        fn = self.step_fn if host["steady"] else fixed_segment_step
-        out = fn(*args)
-        if host["steady"]:
-            self.compiled_steps += 1
-        else:
+        compiled = host["steady"] and self._admit(self.shape_key(tokens.shape[0]))
+        if not compiled:
             self.eager_steps += 1
+            return self._finish(state, fixed_segment_step(*args), host)
+        if self.compile and self.dynamic_batch and tokens.shape[0] >= 2:
+            mark_batch_dynamic(args)
+        before = _graph_count()
+        t0 = time.perf_counter()
+        out = self.step_fn(*args)
+        if _graph_count() > before:  # dynamo compiled a graph for this call (it was not in its cache)
+            self._record_compile(tokens.shape[0], time.perf_counter() - t0)
+        self.compiled_steps += 1
         return self._finish(state, out, host)
+
+    # ------------------------------------------------------------------ shapes and compiles
+    def shape_key(self, batch: int) -> tuple:
+        """What decides whether a call can reuse a graph: the batch size (or "dynamic" for every
+        size >= 2 with ``dynamic_batch``), grad mode and the autocast dtype (dynamo guards on both)."""
+        b = "dynamic" if (self.dynamic_batch and batch >= 2) else batch
+        dev = self.model.embed.weight.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return (b, torch.is_grad_enabled(), cast)
+
+    def _admit(self, key: tuple) -> bool:
+        """Whether a steady segment of shape ``key`` goes through the compiled function: known keys
+        and new ones up to ``max_graphs``; a new key past it runs uncompiled, with one warning."""
+        if not self.compile or key in self._keys:
+            return True
+        if len(self._keys) >= self.max_graphs:
+            if key not in self._refused:
+                self._refused.add(key)
+                warnings.warn(f"compiled training segment: {len(self._keys)} shape keys compiled already "
+                              f"(max_graphs={self.max_graphs}); {key} runs uncompiled (slower, not wrong). "
+                              f"Keep batch sizes >= 2 with dynamic_batch, or raise max_graphs", stacklevel=3)
+            return False
+        self._keys.add(key)
+        return True
+
+    def _record_compile(self, batch: int, seconds: float) -> None:
+        rec = {"key": repr(self.shape_key(batch)), "batch": batch, "seconds": round(seconds, 3),
+               "at_step": self.compiled_steps}
+        self.graphs.append(rec)
+        if self.log:
+            print(f"[dnc.training] compiled the training segment step for {rec['key']} (batch {batch}) in "
+                  f"{seconds:.1f} s (graph {len(self.graphs)})", flush=True)
 
     def prepare(self, tokens: torch.Tensor, state) -> tuple[tuple, dict[str, Any]]:
         """The arguments of :func:`fixed_segment_step` for the next segment of ``state`` (its banks
@@ -241,9 +301,10 @@ class CompiledTrainSegments:
         dtype = m.embed.weight.dtype
         zeros = lambda: torch.zeros(b, 1, d, device=dev, dtype=dtype)  # noqa: E731  (= no previous token)
         caches = tuple((leaf(ls.cache.k), leaf(ls.cache.v)) for ls in state.layers)
-        prev_xs = tuple(leaf(ls.prev_x if ls.prev_x is not None else zeros()) for ls in state.layers)
-        banks = tuple((leaf(ls.bank.kv), ls.bank.meta, ls.bank.valid, ls.bank.alpha, ls.bank.clock_t) for ls in mem_layers)
-        prev_ws = tuple(leaf(ls.prev_write if ls.prev_write is not None else zeros()) for ls in mem_layers)
+        prev_xs = tuple(leaf(_canonical(ls.prev_x if ls.prev_x is not None else zeros())) for ls in state.layers)
+        banks = tuple((leaf(_canonical(ls.bank.kv)), _canonical(ls.bank.meta), ls.bank.valid, ls.bank.alpha,
+                       ls.bank.clock_t) for ls in mem_layers)
+        prev_ws = tuple(leaf(_canonical(ls.prev_write if ls.prev_write is not None else zeros())) for ls in mem_layers)
         want_recon = m.training and grad
         tokens = tokens.contiguous()  # a segment's slice of [B, T] rows: one stride for every T (no recompile)
         args = (m, self.layout, tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws, want_recon)
@@ -276,6 +337,51 @@ class CompiledTrainSegments:
         recon_terms = [recon] if (host["want_recon"] and host["compressed"]) else []
         k = len(mem_layers)
         return logits, {"compressed": host["compressed"] * k, "evicted": host["evicted"] * k, "recon_terms": recon_terms}
+
+
+def mark_batch_dynamic(args: tuple) -> None:
+    """Mark the batch dim of every batched input of :func:`fixed_segment_step` dynamic
+    (``torch._dynamo.mark_dynamic``): tokens, caches, prev_xs, prev_writes [B, ...]; bank kv and
+    meta [., B, ...], valid and alpha [B, ...]. The rope tables, sample positions, flags and the
+    bank clock have no batch dim. ``maybe_mark_dynamic``, not ``mark_dynamic``: inductor on CPU
+    (torch 2.13, first batch 2) specialised the batch size, which ``mark_dynamic`` turns into a
+    ConstraintViolationError; this way such a backend compiles per batch size again (each compile
+    is in ``CompiledTrainSegments.graphs``) instead of stopping the run."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    _, _, tokens, _, _, _, caches, prev_xs, banks, prev_ws, _ = args
+    mark(tokens, 0)
+    for k, v in caches:
+        mark(k, 0)
+        mark(v, 0)
+    for t in (*prev_xs, *prev_ws):
+        mark(t, 0)
+    for kv, meta, valid, alpha, _ in banks:
+        mark(kv, 1)
+        mark(meta, 1)
+        mark(valid, 0)
+        mark(alpha, 0)
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides ``torch.empty(t.shape)`` has. A contiguous tensor with a size-1 dim
+    can carry any stride there (``h[:, -1:].contiguous()`` of one row keeps the row stride), and
+    dynamo guards on strides: with a batch of one row the second segment would recompile. A view
+    (no copy) where the strides differ, ``t`` itself otherwise."""
+    if not t.is_contiguous():
+        return t
+    want, acc = [], 1
+    for n in reversed(t.shape):
+        want.append(acc)
+        acc *= max(int(n), 1)
+    want = tuple(reversed(want))
+    return t if t.stride() == want else t.as_strided(t.shape, want)
+
+
+def _graph_count() -> int:
+    """Graphs dynamo has compiled in this process (all functions)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _is_fixed(state) -> bool:

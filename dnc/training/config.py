@@ -65,6 +65,12 @@ class TrainConfig:
     compile_mode: str | None = None
     """``torch.compile`` mode of ``compile: segment`` (None = the default; e.g.
     ``max-autotune-no-cudagraphs``)."""
+    compile_dynamic_batch: bool = False
+    """``compile: segment`` with the batch dim marked dynamic (``maybe_mark_dynamic``), so that one
+    graph could serve every batch size >= 2 (the curriculum's stages change it: 128/32/16/8 rows for
+    small) instead of one static graph per batch size. Off by default: ``aot_eager`` keeps one graph,
+    but inductor on CPU still specialised every batch size and took 198 s for the first (dynamic)
+    compile; measure it on the GPU (``bench/train_loop_gap_compile.py``) before turning it on."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward (sets ``DNCConfig.grad_checkpointing``)."""
     log_interval: int = 10

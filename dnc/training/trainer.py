@@ -94,7 +94,7 @@ class Trainer:
         if cfg.compile_target == "blocks":
             compile_blocks(model)
         elif cfg.compile_target == "segment":
-            compile_segments(model, mode=cfg.compile_mode)
+            compile_segments(model, mode=cfg.compile_mode, dynamic_batch=cfg.compile_dynamic_batch)
         self.model = parallelize(model) if parallelize else model
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg)
