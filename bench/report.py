@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, str] = {
     "segment_transfer": "segment_transfer",
     "op_counts": "profile_model",
     "train_loop_gap": "train_loop_gap_report",
+    "train_loop_gap_compile": "train_loop_gap_compile_report",
     "decode_loop_gap": "decode_loop_gap_report",
     "decode_churn": "decode_churn",
     "admission_prefill": "admission_prefill",

@@ -13,24 +13,12 @@ import os
 import struct
 import subprocess
 import zlib
-from dataclasses import asdict
 
 import pytest
 
 from serve.bank_store import BankStore, RecordDamage, iter_records, pack_record
 from serve.errors import NotFound, StateDamaged, StorageUnavailable
-from serve.sessions import BankConfig, SessionBankShard
-
-
-def _cfg(root, **kw):
-    base = dict(storage=str(root), num_shards=1, model={"preset": "tiny", "seed": 0},
-                manager_interval_s=0, lease_wait_s=0.5, queue_wait_s=1.0)
-    base.update(kw)
-    return BankConfig(**base)
-
-
-def _shard(cfg) -> SessionBankShard:
-    return SessionBankShard(asdict(cfg), 0)
+from shard_helpers import local_shard, shard_config
 
 
 def _payload(sid: str, seq: int) -> bytes:
@@ -109,8 +97,8 @@ def test_format_1_logs_still_load(tmp_path):
 
 def test_bit_flip_in_a_wal_record_loses_no_other_session(tmp_path):
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         for seq in (1, 2):
             for sid in ("a", "b", "c", "d"):
                 await _put(shard, sid, seq)
@@ -123,7 +111,7 @@ def test_bit_flip_in_a_wal_record_loses_no_other_session(tmp_path):
         off = next(o for o, h in recs if h.get("sid") == "a" and h["seq"] == 3)
         _flip(path, off + 117 + 500)  # inside its payload
 
-        shard2 = _shard(cfg)
+        shard2 = local_shard(cfg)
         for sid in ("b", "c", "d"):  # everything written after the bad record is there
             info = await shard2.info(sid, "alice")
             assert info["seq"] == 3 and info["digest"] is not None
@@ -139,29 +127,29 @@ def test_bit_flip_in_a_wal_record_loses_no_other_session(tmp_path):
         # the verdict survives a checkpoint that drops the log holding the evidence, and a restart
         await shard2.checkpoint()
         shard2.store.close()
-        shard3 = _shard(cfg)
+        shard3 = local_shard(cfg)
         with pytest.raises(StateDamaged):
             await shard3.info("a", "alice")
         # DELETE clears it; the id can be used again
         await shard3.delete("a", "alice")
         await _put(shard3, "a", 1)
         shard3.store.close()
-        shard4 = _shard(cfg)
+        shard4 = local_shard(cfg)
         assert (await shard4.info("a", "alice"))["seq"] == 1
     asyncio.run(main())
 
 
 def test_damaged_record_that_is_superseded_costs_nothing(tmp_path):
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         for seq in (1, 2, 3):
             await _put(shard, "a", seq)
         shard.store.close()
         path = _log(cfg.storage)
         off = next(o for o, h in _offsets(open(path, "rb").read()) if h["seq"] == 2 and h.get("op") == "put")
         _flip(path, off + 117 + 300)
-        shard2 = _shard(cfg)
+        shard2 = local_shard(cfg)
         assert (await shard2.get_bank("a", "alice"))["payload"] == _payload("a", 3)
         assert shard2.counters["damaged_records"] == 1
     asyncio.run(main())
@@ -170,8 +158,8 @@ def test_damaged_record_that_is_superseded_costs_nothing(tmp_path):
 # --------------------------------------------------------------------------- snapshots
 def _snapshotted(tmp_path):
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         for sid in ("a", "b"):
             for seq in (1, 2):
                 await _put(shard, sid, seq)
@@ -196,7 +184,7 @@ def test_damaged_snapshot_is_reported_never_recreated_or_reowned(tmp_path, damag
             f.write(data[:10])
 
     async def main():
-        shard = _shard(cfg)
+        shard = local_shard(cfg)
         assert (await shard.get_bank("b", "alice"))["payload"] == _payload("b", 2)  # others unaffected
         with pytest.raises(StateDamaged) as e:
             await shard.get_bank("a", "alice")
@@ -205,7 +193,7 @@ def test_damaged_snapshot_is_reported_never_recreated_or_reowned(tmp_path, damag
             with pytest.raises((StateDamaged, NotFound)):
                 await shard.begin_turn("a", owner, True)
         shard.store.close()
-        shard2 = _shard(cfg)  # the verdict is persistent
+        shard2 = local_shard(cfg)  # the verdict is persistent
         with pytest.raises(StateDamaged):
             await shard2.get_bank("a", "alice")
         assert os.path.exists(path + ".damaged") or damage == "payload_byte" and os.path.exists(path + ".damaged")
@@ -240,8 +228,8 @@ def _fill(mnt) -> str:
 
 def test_disk_full_is_an_answer_not_a_loss(small_disk):
     async def main():
-        cfg = _cfg(small_disk / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(small_disk / "bank")
+        shard = local_shard(cfg)
         acked = {}
         for sid in ("a", "b"):
             for seq in (1, 2):
@@ -268,7 +256,7 @@ def test_disk_full_is_an_answer_not_a_loss(small_disk):
         damage = []
         list(BankStore(f"{cfg.storage}/shard-0").replay(damage.append))
         assert damage == []  # no torn record left behind for later records to hide behind
-        shard2 = _shard(cfg)  # a restart recovers every acknowledged update
+        shard2 = local_shard(cfg)  # a restart recovers every acknowledged update
         for sid, seq in acked.items():
             bank = await shard2.get_bank(sid, "alice")
             assert bank["seq"] == seq and bank["payload"] == _payload(sid, seq)
@@ -305,12 +293,12 @@ def test_shard_whose_storage_is_unwritable_at_start_recovers_by_itself(tmp_path)
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         async def main():
-            cfg = _cfg(mnt / "bank")
-            shard = _shard(cfg)
+            cfg = shard_config(mnt / "bank")
+            shard = local_shard(cfg)
             await _put(shard, "a", 1)
             shard.store.close()
             subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
-            shard2 = _shard(cfg)  # must not raise: Ray does not restart an actor whose __init__ failed
+            shard2 = local_shard(cfg)  # must not raise: Ray does not restart an actor whose __init__ failed
             with pytest.raises(StorageUnavailable) as e:
                 await shard2.info("a", "alice")
             assert e.value.status == 503 and "shard 0" in e.value.message
@@ -331,7 +319,7 @@ def test_shard_whose_storage_is_unwritable_at_start_recovers_by_itself(tmp_path)
 # --------------------------------------------------------------------------- leases
 def test_lease_expires_without_renewal_and_fences_the_late_writer(tmp_path):
     async def main():
-        shard = _shard(_cfg(tmp_path / "bank", lease_ttl_s=0.3, lease_wait_s=2.0))
+        shard = local_shard(shard_config(tmp_path / "bank", lease_ttl_s=0.3, lease_wait_s=2.0))
         await _put(shard, "s", 1)
         dead = await shard.begin_turn("s", "alice", False)  # its holder dies: no renewals
         t0 = asyncio.get_running_loop().time()
@@ -362,8 +350,8 @@ def test_concurrent_first_turns_on_a_new_session_create_it_once(tmp_path):
     both appended a create record; the live shard kept the second incarnation, replay the first,
     and every acknowledged turn of the second was dropped at the next restart)."""
     async def main():
-        cfg = _cfg(tmp_path / "bank", lease_wait_s=5.0)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", lease_wait_s=5.0)
+        shard = local_shard(cfg)
 
         async def turn(tag):
             lease = await shard.begin_turn("shared", "alice", True)
@@ -373,7 +361,7 @@ def test_concurrent_first_turns_on_a_new_session_create_it_once(tmp_path):
         acks = await asyncio.gather(turn("one"), turn("two"))
         assert sorted(a["seq"] for a in acks) == [1, 2]
         shard.store.close()
-        shard2 = _shard(cfg)
+        shard2 = local_shard(cfg)
         assert (await shard2.info("shared", "alice"))["seq"] == 2
     asyncio.run(main())
 
@@ -394,8 +382,8 @@ def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, wh
     turn builds on): that session answers 500 state_damaged naming it and the seq; the sessions
     logged around it keep every acknowledged turn, token turns and full states alike."""
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await _put(shard, "b", 1)
         for n in (1, 2, 3):
             await _tokens(shard, "a", n)
@@ -412,7 +400,7 @@ def test_a_damaged_token_turn_record_is_reported_naming_its_session(tmp_path, wh
         header_len = len(json.dumps(h, separators=(",", ":")))
         _flip(path, off + 117 + (header_len + 20 if where == "ids" else 30))
 
-        shard2 = _shard(cfg)
+        shard2 = local_shard(cfg)
         for sid in ("b", "c"):
             info = await shard2.info(sid, "alice")
             assert info["seq"] == (2 if sid == "b" else 3) and info["digest"] == digests[sid]
@@ -429,8 +417,8 @@ def test_token_turns_survive_checkpoints_offload_and_restarts(tmp_path):
     """A session's token turns live in the WAL, then in its snapshot file (beside its last full
     state) once a checkpoint folds the WAL; offloaded and restored, it replays the same turns."""
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await _put(shard, "a", 1)
         for seq in (2, 3):
             await _tokens(shard, "a", seq)
@@ -442,7 +430,7 @@ def test_token_turns_survive_checkpoints_offload_and_restarts(tmp_path):
         assert (await shard.stats())["offloaded"] == 1
         await shard.checkpoint()  # loads it to snapshot the new tail
         shard.store.close()
-        shard2 = _shard(cfg)
+        shard2 = local_shard(cfg)
         after = await shard2.get_bank("a", "alice")
         assert after["payload"] == before["payload"] == _payload("a", 1)
         assert [t["seq"] for t in after["turns"]] == [2, 3, 4]

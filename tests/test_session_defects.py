@@ -17,23 +17,11 @@ And a guard: concurrent turns on one session from two replicas are all kept, in 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
 
 import pytest
 
 from serve.errors import APIError
-from serve.sessions import BankConfig, SessionBankShard
-
-
-def _cfg(root, **kw):
-    base = dict(storage=str(root), num_shards=1, model={"preset": "tiny", "seed": 0},
-                manager_interval_s=0, lease_wait_s=0.5, queue_wait_s=1.0)
-    base.update(kw)
-    return BankConfig(**base)
-
-
-def _shard(cfg) -> SessionBankShard:
-    return SessionBankShard(asdict(cfg), 0)
+from shard_helpers import local_shard, shard_config
 
 
 def _ids(tag: str) -> list[int]:
@@ -62,8 +50,8 @@ def test_a_turn_in_flight_across_delete_and_recreate_does_not_land_in_the_new_se
     session (before the fix it was applied as the new incarnation's next seq: alice's text in bob's
     session)."""
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         for i in range(turns_before):
             await _commit(shard, "s", await shard.begin_turn("s", "alice", False), f"old-{i}")
@@ -76,7 +64,7 @@ def test_a_turn_in_flight_across_delete_and_recreate_does_not_land_in_the_new_se
             expect.append(f"new-{i}")
         if turns_before:
             shard.store.close()
-            shard = _shard(cfg)
+            shard = local_shard(cfg)
         with pytest.raises(APIError) as e:
             await _commit(shard, "s", old, "old-turn")
         assert e.value.status in (404, 409), e.value
@@ -85,7 +73,7 @@ def test_a_turn_in_flight_across_delete_and_recreate_does_not_land_in_the_new_se
         bank = await shard.get_bank("s", new_owner)
         assert [t["ids"] for t in bank["turns"]] == [_ids(t) for t in expect]
         shard.store.close()
-        again = await _shard(cfg).info("s", new_owner)
+        again = await local_shard(cfg).info("s", new_owner)
         assert again["seq"] == turns_before and _tags(again) == expect
     asyncio.run(main())
 
@@ -94,8 +82,8 @@ def test_a_compaction_in_flight_across_delete_and_recreate_does_not_land_in_the_
     """The same for a compaction (it leases the session, computes for a while on the CPU, then applies
     its full state as seq + 1): the old incarnation's compacted bank must not become the new one's."""
     async def main():
-        cfg = _cfg(tmp_path / "bank", queue_wait_s=5.0)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", queue_wait_s=5.0)
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         await shard.apply_update("s", 1, "u-1", b"alice's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
         started = asyncio.Event()
@@ -130,8 +118,8 @@ def test_a_torn_last_record_holding_a_record_magic_is_torn_not_damage(tmp_path, 
     reader took them for the next record and reported the cut record as damage: the session was
     marked damaged (500 on every call) after an ordinary crash."""
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         await _commit(shard, "s", await shard.begin_turn("s", "alice", False), "kept")
         lease = await shard.begin_turn("s", "alice", False)
@@ -145,12 +133,12 @@ def test_a_torn_last_record_holding_a_record_magic_is_torn_not_damage(tmp_path, 
         assert cut < len(data)
         with open(log, "r+b") as f:
             f.truncate(cut)
-        again = _shard(cfg)
+        again = local_shard(cfg)
         info = await again.info("s", "alice")  # before the fix: StateDamaged
         assert info["seq"] == 1 and _tags(info) == ["kept"]
         assert again.counters["damaged_records"] == 0
         await _commit(again, "s", await again.begin_turn("s", "alice", False), "after")
-        assert _tags(await _shard(cfg).info("s", "alice")) == ["kept", "after"]
+        assert _tags(await local_shard(cfg).info("s", "alice")) == ["kept", "after"]
     asyncio.run(main())
 
 
@@ -170,12 +158,12 @@ def test_a_turn_keeps_its_session_across_a_shard_restart(tmp_path):
     Now the restarted shard hands the lease back to its renewing holder (nobody leased the session
     since), so the second request waits for it and both turns are saved in order."""
     async def main():
-        cfg = _cfg(tmp_path / "bank", lease_wait_s=0.3)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", lease_wait_s=0.3)
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         first = await shard.begin_turn("s", "alice", False)
         shard.store.close()
-        shard = _shard(cfg)  # Ray reran the actor's __init__: recovered from storage, no leases
+        shard = local_shard(cfg)  # Ray reran the actor's __init__: recovered from storage, no leases
         assert await shard.renew_lease("s", first["lease_id"])  # the holder's keep_lease, ttl/4 later
         from serve.errors import Busy
         with pytest.raises(Busy):  # the session is the first turn's again: a second one waits
@@ -208,8 +196,8 @@ def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
     import os
 
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         await shard.apply_update("s", 1, "u-1", b"the bank " * 500, {"tokens_seen": 1}, {"kind": "generate"})
         assert await shard.offload("s")
@@ -225,7 +213,7 @@ def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
         wal = os.path.join(cfg.storage, "shard-0", "wal")
         assert len(shard.store.epochs()) == 1, sorted(os.listdir(wal))  # before the fix: 3, and growing
         shard.store.close()
-        again = _shard(cfg)
+        again = local_shard(cfg)
         info = await again.info("s", "alice")
         assert info["seq"] == 4 and _tags(info)[-3:] == ["t0", "t1", "t2"]
         bank = await again.get_bank("s", "alice")
@@ -265,8 +253,8 @@ def test_a_delete_whose_snapshot_cannot_be_removed_stays_deleted(tmp_path, read_
     import os
 
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         for sid in ("gone", "kept"):
             await shard.create(sid, "alice")
             await shard.apply_update(sid, 1, f"u-{sid}", f"{sid}'s bank ".encode() * 100, {"tokens_seen": 1},
@@ -276,7 +264,7 @@ def test_a_delete_whose_snapshot_cannot_be_removed_stays_deleted(tmp_path, read_
         with read_only_dir(sessions_dir):
             assert (await shard.delete("gone", "alice"))["deleted"]  # before the fix: OSError (a 500)
             await shard.checkpoint()
-            again = _shard(cfg)  # a restart while the directory is still read-only
+            again = local_shard(cfg)  # a restart while the directory is still read-only
             with pytest.raises(APIError) as e:
                 await again.info("gone", "alice")
             assert e.value.status == 404
@@ -285,7 +273,7 @@ def test_a_delete_whose_snapshot_cannot_be_removed_stays_deleted(tmp_path, read_
         await shard.checkpoint()  # the directory is writable again: the stale snapshot goes
         shard.store.close()
         assert sorted(os.listdir(sessions_dir)) == ["kept.snap"]
-        last = _shard(cfg)
+        last = local_shard(cfg)
         with pytest.raises(APIError) as e:
             await last.info("gone", "alice")
         assert e.value.status == 404
@@ -311,8 +299,8 @@ def test_concurrent_turns_on_one_session_are_all_kept_in_order(tmp_path):
     async def main():
         # the decode runs on the event loop here (a replica runs it on its model thread), so leases are
         # not renewed meanwhile: a TTL no loaded CI machine reaches
-        cfg = _cfg(tmp_path / "bank", lease_wait_s=60.0, lease_ttl_s=300.0, snapshot_every_turns=4)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", lease_wait_s=60.0, lease_ttl_s=300.0, snapshot_every_turns=4)
+        shard = local_shard(cfg)
         replicas = [SessionTurns(model, LocalBankClient(shard), run_here) for _ in range(2)]
         await shard.create("s", "alice")
         done = await asyncio.gather(*(chat(replicas[i % 2], "s", i) for i in range(6)))
@@ -323,7 +311,7 @@ def test_concurrent_turns_on_one_session_are_all_kept_in_order(tmp_path):
         reference = next(h.state for h in held if h.seq == 6)  # the other replica may hold an older seq
         assert last[1]["info"]["digest"] == (await shard.info("s", "alice"))["digest"]
         shard.store.close()
-        again = _shard(cfg)
+        again = local_shard(cfg)
         fresh = SessionTurns(model, LocalBankClient(again), run_here)
         t = await fresh.begin("s", "alice", False)
         assert t.lease["seq"] == 6
@@ -341,8 +329,8 @@ def test_a_damaged_snapshot_stays_its_owners_session(tmp_path):
     import os
 
     async def main():
-        cfg = _cfg(tmp_path / "bank")
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
         await shard.create("a", "alice")
         await shard.apply_update("a", 1, "u-1", b"alice's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
         assert await shard.offload("a")
@@ -350,7 +338,7 @@ def test_a_damaged_snapshot_stays_its_owners_session(tmp_path):
         path = os.path.join(cfg.storage, "shard-0", "sessions", "a.snap")
         with open(path, "r+b") as f:
             f.truncate(10)  # the header is gone
-        again = _shard(cfg)
+        again = local_shard(cfg)
         for call in (again.info("a", "bob"), again.delete("a", "bob")):
             with pytest.raises(APIError) as e:
                 await call
@@ -359,7 +347,7 @@ def test_a_damaged_snapshot_stays_its_owners_session(tmp_path):
             await again.info("a", "alice")
         assert e.value.status == 500 and e.value.code == "state_damaged"
         again.store.close()
-        third = _shard(cfg)  # the owner is kept with the damage verdict
+        third = local_shard(cfg)  # the owner is kept with the damage verdict
         with pytest.raises(APIError) as e:
             await third.info("a", "bob")
         assert e.value.status == 404
@@ -375,8 +363,8 @@ def test_a_turn_does_not_wait_for_a_background_compaction(tmp_path):
     (it would have been a 409 for the turn) and the manager tries again later."""
     async def main():
         # the manager compacts every session idle for 0 s whose L0 is at least 0 full: this one
-        cfg = _cfg(tmp_path / "bank", lease_wait_s=0.3, compact_idle_s=0.0, compact_l0_fill=0.0)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", lease_wait_s=0.3, compact_idle_s=0.0, compact_l0_fill=0.0)
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         await shard.apply_update("s", 1, "u-1", b"the bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
         started = asyncio.Event()
@@ -416,8 +404,8 @@ def test_a_commit_is_fenced_against_the_lease_taken_while_it_waited_to_append(tm
     the session at the same seq: turn 1 was then saved behind turn 2's back, and turn 2's own commit
     refused (409 state_conflict), the one that held the lease. The check is now made with the append."""
     async def main():
-        cfg = _cfg(tmp_path / "bank", lease_ttl_s=0.2, lease_wait_s=5.0)
-        shard = _shard(cfg)
+        cfg = shard_config(tmp_path / "bank", lease_ttl_s=0.2, lease_wait_s=5.0)
+        shard = local_shard(cfg)
         await shard.create("s", "alice")
         first = await shard.begin_turn("s", "alice", False)
         second = asyncio.create_task(shard.begin_turn("s", "alice", False))  # waits for the lease
