@@ -121,3 +121,31 @@ def test_serve_load_results_that_keep_their_environment_under_env_render():
            "in_process": {"batched": {}}, "markdown": "| mode | req/s |\n|---|---:|\n| plain | 3.0 |\n"}
     body = serve_load_report.render(res)
     assert body.startswith("Device: Xeon, host h, 2 CPUs; torch 2.13; ray 2.60; commit abc\n\n| mode | req/s |")
+
+
+def test_latest_results_in_full_older_ones_on_a_line(tmp_path: Path):
+    """Each benchmark's newest session (else its batch: within an hour of the newest) in full; the
+    older results one line with their JSON link and command; ``--full`` renders all of them."""
+    assert [report.session_of(n) for n in ("serve_load_h200_s15_proxy", "serve_load-cpu-tiny-s8-before-r3",
+                                           "long_context_h200_s12b", "op_counts_session6", "long_context_h100_r4",
+                                           "train_scaling_fsdp")] == [15, 8, 12, 6, None, None]
+    assert report.started_of({"started": "2026-12-03T00:00:10Z"}) - report.started_of({"time": 1796256000.0}) == 10
+    results = tmp_path / "results"
+    results.mkdir()
+    res = json.loads((BENCH / "results" / "train_scaling_h200_b8_bf16.json").read_text())
+    for stem, started in (("train_scaling_s3_a", 100.0), ("train_scaling_s4_a", 50.0), ("train_scaling_s4_b", 60.0),
+                          ("train_scaling_old", 10.0), ("train_scaling_batch", 9000.0)):
+        (results / f"{stem}.json").write_text(json.dumps({**res, "time": started}))
+    (results / "train_scaling_s3_a.md").write_text("# s3\n")
+    assert report.main(["--results", str(results)]) == 0
+    text = (results / "README.md").read_text()
+    assert "### `train_scaling_s4_a.json`" in text and "### `train_scaling_s4_b.json`" in text
+    assert "### `train_scaling_s3_a.json`" not in text and "### `train_scaling_old.json`" not in text
+    assert "- [`train_scaling_s3_a.json`](./train_scaling_s3_a.json) ([md](./train_scaling_s3_a.md)): " in text
+    assert "Older results (3, one line each" in text and f"`{report.stored_command(res, 'train_scaling')}`" in text
+    assert report.latest([("a_old", {"time": 0.0}), ("a_b", {"time": 5000.0}), ("a_c", {"time": 8000.0})]) == \
+        {"a_b", "a_c"}  # no session: the newest's batch
+    full = tmp_path / "full" / "README.md"
+    assert report.main(["--results", str(results), "--full", "--readme", str(full)]) == 0
+    assert all(f"### `{p.stem}.json`" in full.read_text() for p in results.glob("*.json"))
+    assert "Older results" not in full.read_text()
