@@ -149,3 +149,29 @@ def test_latest_results_in_full_older_ones_on_a_line(tmp_path: Path):
     assert report.main(["--results", str(results), "--full", "--readme", str(full)]) == 0
     assert all(f"### `{p.stem}.json`" in full.read_text() for p in results.glob("*.json"))
     assert "Older results" not in full.read_text()
+
+
+def test_serve_load_rounds_store_each_row_once_and_the_migration_is_lossless(tmp_path: Path):
+    """A multi-round serve_load result keeps its rows once (``results``); the renderer rebuilds
+    the rounds, the proxy summary and the tables. bench/compact_results.py turns the older form
+    (rows in both places, the summary and the tables stored) into exactly that, rendering the same."""
+    import compact_results
+    import serve_load_report as slr
+
+    res = json.loads((BENCH / "results" / "serve_load_h200_s15_proxy.json").read_text())
+    assert "markdown" not in res and "proxy_summary" not in res and all("rows" not in r for r in res["rounds"])
+    rounds = slr.rounds_of(res)
+    assert [len(r["rows"]) for r in rounds] == [4, 4] and sum(map(len, (r["rows"] for r in rounds))) == len(res["results"])
+    body = slr.render(res)
+    assert "Proxy comparison: medians over the rounds" in body and body.count("### Round ") == 2
+    legacy = {**res, "rounds": rounds, "proxy_summary": slr.proxy_summary(rounds),
+              "markdown": slr.result_markdown(rounds, res["in_process"])}
+    (tmp_path / "serve_load_x.json").write_text(json.dumps(legacy, indent=2))
+    (tmp_path / "broken_rows.json").write_text(json.dumps({**legacy, "results": legacy["results"][1:]}, indent=2))
+    assert compact_results.main(["--results", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "serve_load_x.json").read_text()) == res
+    assert slr.render(json.loads((tmp_path / "serve_load_x.json").read_text())) == body == slr.render(legacy)
+    # two copies of the rows that disagree: both kept (only the indentation goes)
+    assert json.loads((tmp_path / "broken_rows.json").read_text())["rounds"][0]["rows"] == rounds[0]["rows"]
+    assert compact_results.same_figures("a; 1.5 b\n| 2 |", "a. 1.5 b\n| 2 |")
+    assert not compact_results.same_figures("a 1.5", "a 1.6")
