@@ -164,14 +164,22 @@ def test_serve_load_rounds_store_each_row_once_and_the_migration_is_lossless(tmp
     assert [len(r["rows"]) for r in rounds] == [4, 4] and sum(map(len, (r["rows"] for r in rounds))) == len(res["results"])
     body = slr.render(res)
     assert "Proxy comparison: medians over the rounds" in body and body.count("### Round ") == 2
-    legacy = {**res, "rounds": rounds, "proxy_summary": slr.proxy_summary(rounds),
+    assert all("rows" not in v and v["pairs"] >= 1 for r in rounds for v in r["paired"].values())  # counts kept
+    # the older form: rows in both places, the summary and tables stored, the per-pair samples
+    samples = [{**r, "paired": {m: {**v, "rows": [{"served_ms": 1.0, "in_process_ms": 0.5}] * v["pairs"]}
+                                for m, v in r["paired"].items()}} for r in rounds]
+    legacy = {**res, "rounds": samples, "proxy_summary": slr.proxy_summary(rounds),
               "markdown": slr.result_markdown(rounds, res["in_process"])}
     (tmp_path / "serve_load_x.json").write_text(json.dumps(legacy, indent=2))
     (tmp_path / "broken_rows.json").write_text(json.dumps({**legacy, "results": legacy["results"][1:]}, indent=2))
+    (tmp_path / "serve_load_x.md").write_text(f"# serve_load x\n\n{legacy['markdown']}\n")
+    (tmp_path / "broken_rows.md").write_text("# broken\n\n| 123456.789 |\n")
     assert compact_results.main(["--results", str(tmp_path)]) == 0
     assert json.loads((tmp_path / "serve_load_x.json").read_text()) == res
     assert slr.render(json.loads((tmp_path / "serve_load_x.json").read_text())) == body == slr.render(legacy)
+    assert not (tmp_path / "serve_load_x.md").exists()  # it repeated the JSON's figures
+    assert (tmp_path / "broken_rows.md").read_text() == "# broken\n\n| 123456.789 |\n"  # a figure the JSON lacks
     # two copies of the rows that disagree: both kept (only the indentation goes)
-    assert json.loads((tmp_path / "broken_rows.json").read_text())["rounds"][0]["rows"] == rounds[0]["rows"]
+    assert json.loads((tmp_path / "broken_rows.json").read_text())["rounds"][0]["rows"] == samples[0]["rows"]
     assert compact_results.same_figures("a; 1.5 b\n| 2 |", "a. 1.5 b\n| 2 |")
     assert not compact_results.same_figures("a 1.5", "a 1.6")
