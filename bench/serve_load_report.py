@@ -34,11 +34,12 @@ def rounds_of(res: dict) -> list[dict] | None:
 
 def result_markdown(rounds: list[dict], base: dict | None) -> str:
     """The tables of a run: one round's (:func:`round_markdown`), or the proxy comparison then each
-    round's (what bench/serve_load.py prints)."""
+    round's under a level-4 heading (it sits under the result's own ``###`` in bench/README.md; what
+    bench/serve_load.py prints)."""
     if len(rounds) == 1:
         return round_markdown(rounds[0], base)
     return proxy_comparison(rounds, base) + "".join(
-        f"\n\n### Round {rnd['round']}: {rnd['proxy']} proxy\n\n" + round_markdown(rnd, base) for rnd in rounds)
+        f"\n\n#### Round {rnd['round']}: {rnd['proxy']} proxy\n\n" + round_markdown(rnd, base) for rnd in rounds)
 
 
 def render(res: dict) -> str:

@@ -163,7 +163,7 @@ def test_serve_load_rounds_store_each_row_once_and_the_migration_is_lossless(tmp
     rounds = slr.rounds_of(res)
     assert [len(r["rows"]) for r in rounds] == [4, 4] and sum(map(len, (r["rows"] for r in rounds))) == len(res["results"])
     body = slr.render(res)
-    assert "Proxy comparison: medians over the rounds" in body and body.count("### Round ") == 2
+    assert "Proxy comparison: medians over the rounds" in body and body.count("\n#### Round ") == 2
     assert all("rows" not in v and v["pairs"] >= 1 for r in rounds for v in r["paired"].values())  # counts kept
     # the older form: rows in both places, the summary and tables stored, the per-pair samples
     samples = [{**r, "paired": {m: {**v, "rows": [{"served_ms": 1.0, "in_process_ms": 0.5}] * v["pairs"]}
