@@ -153,9 +153,10 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def write_json(path: str | os.PathLike, result: dict[str, Any], indent: int = 1) -> Path:
+def write_json(path: str | os.PathLike, result: dict[str, Any], indent: int | None = None) -> Path:
     """Write ``result`` atomically (a temporary file renamed over ``path``), so a reader or a run
-    cut short never sees half a file; values JSON cannot hold are written as strings."""
+    cut short never sees half a file; values JSON cannot hold are written as strings. Compact (no
+    indent) by default: results are committed, and indentation made them a third larger."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -164,11 +165,14 @@ def write_json(path: str | os.PathLike, result: dict[str, Any], indent: int = 1)
     return path
 
 
-def write_result(folder: str | os.PathLike, stem: str, result: dict[str, Any], header: str) -> Path:
-    """``<folder>/<stem>.json`` (:func:`write_json`, indent 2) and ``<stem>.md``: ``header``, a blank
-    line, then ``result["markdown"]``. Returns the JSON path."""
-    path = write_json(Path(folder) / f"{stem}.json", result, indent=2)
-    path.with_suffix(".md").write_text(f"{header}\n\n{result['markdown']}\n", encoding="utf-8")
+def write_result(folder: str | os.PathLike, stem: str, result: dict[str, Any], header: str,
+                 markdown: str | None = None) -> Path:
+    """``<folder>/<stem>.json`` (:func:`write_json`, compact) and ``<stem>.md``: ``header``, a blank
+    line, then ``markdown`` (default ``result["markdown"]``; given apart when the JSON does not store
+    the tables its renderer rebuilds). Returns the JSON path."""
+    path = write_json(Path(folder) / f"{stem}.json", result)
+    md = result["markdown"] if markdown is None else markdown
+    path.with_suffix(".md").write_text(f"{header}\n\n{md}\n", encoding="utf-8")
     return path
 
 

@@ -27,9 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def indent_of(text: str) -> int:
-    """The indent the file was written with (1 or 2 spaces), so a rewrite changes only new keys."""
-    second = text.split("\n", 2)[1] if "\n" in text else ""
+def indent_of(text: str) -> int | None:
+    """The indent the file was written with (1 or 2 spaces; None: compact, one line, as
+    bench/common.py's write_json writes since session 16), so a rewrite changes only new keys."""
+    if text.rstrip("\n").count("\n") == 0:
+        return None
+    second = text.split("\n", 2)[1]
     return len(second) - len(second.lstrip(" ")) or 1
 
 

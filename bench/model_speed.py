@@ -326,7 +326,7 @@ def save(results: dict, args, cuda: bool) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = ("cuda" if cuda else "cpu") + (f"_{args.tag}" if args.tag else "")
-    (out / f"model_speed_{tag}.json").write_text(json.dumps(results, indent=2))
+    (out / f"model_speed_{tag}.json").write_text(json.dumps(results))  # compact: results are committed
     table = markdown(results)
     (out / f"model_speed_{tag}.md").write_text(table)
     return table

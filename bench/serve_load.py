@@ -58,7 +58,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))  # report.git_commit, serve_clients
 from serve_clients import prompt_text, run_clients, server_stats  # noqa: E402  (bench/serve_clients.py)
 from serve_timeline import aggregate, generator_figures  # noqa: E402  (bench/serve_timeline.py)
-from serve_load_report import proxy_comparison, proxy_summary, round_markdown, targets  # noqa: E402
+from serve_load_report import result_markdown, targets  # noqa: E402
 from serve_processes import cpu_figures, scrape_prometheus, serve_process_cpu  # noqa: E402
 
 MODES = ("plain", "stream", "chat")
@@ -500,11 +500,7 @@ def main(argv=None) -> dict[str, Any]:
 
             ray.shutdown()
     rows = [{**r, "proxy": rnd["proxy"], "round": rnd["round"]} for rnd in rounds for r in rnd["rows"]]
-    if len(rounds) == 1:
-        md = round_markdown(rounds[0], base)
-    else:
-        md = proxy_comparison(rounds, base) + "".join(
-            f"\n\n### Round {rnd['round']}: {rnd['proxy']} proxy\n\n" + round_markdown(rnd, base) for rnd in rounds)
+    md = result_markdown(rounds, base)
     print()
     print(md)
     first = rounds[0]
@@ -516,17 +512,20 @@ def main(argv=None) -> dict[str, Any]:
               "paired": first["paired"] if len(rounds) == 1 else None,
               "targets": targets(first["rows"], base, first["paired"]) if len(rounds) == 1 else None,
               "prometheus": first["prometheus"] if len(rounds) == 1 else None,
-              "rounds": rounds if len(rounds) > 1 else None,
-              "proxy_summary": proxy_summary(rounds) if len(rounds) > 1 else None, "markdown": md}
+              # several rounds: each row once (in "results", tagged with its round), the rounds without
+              # them, and no summary or tables: bench/serve_load_report.py rebuilds both from the rows
+              "rounds": [{k: v for k, v in rnd.items() if k != "rows"} for rnd in rounds] if len(rounds) > 1 else None,
+              "markdown": md if len(rounds) == 1 else None}
     from common import git_dirty, write_json, write_result  # bench/common.py
 
     result["uncommitted"] = git_dirty()
     if args.tag:
         out = write_result(os.path.join(ROOT, "bench", "results"), args.tag, result,
-                           f"# serve_load {args.tag}\n\n`{env['command']}` (commit {env['commit']}, {result['device']})")
+                           f"# serve_load {args.tag}\n\n`{env['command']}` (commit {env['commit']}, {result['device']})",
+                           markdown=md)
     else:
         out = write_json(args.out or os.path.join(ROOT, "bench", "results",
-                                                  f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"), result, indent=2)
+                                                  f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"), result)
     print(f"\nwrote {out}")
     return result
 

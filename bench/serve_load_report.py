@@ -15,9 +15,37 @@ WHAT = ("Requests/s, tokens/s, latency percentiles and time to first token of `/
         "generation run in-process.")
 
 
+def rounds_of(res: dict) -> list[dict] | None:
+    """The rounds of a ``--proxies``/``--rounds`` result, each with its ``rows``: stored compactly
+    (since session 16) the rows live once, in ``results`` (each tagged with its ``round`` and
+    ``proxy``), and a round keeps only what is its own; older results carry them in both."""
+    rounds = res.get("rounds")
+    if not isinstance(rounds, list) or not rounds:
+        return None
+    out = []
+    for rnd in rounds:
+        if "rows" not in rnd:
+            rows = [{k: v for k, v in r.items() if k not in ("proxy", "round")}
+                    for r in res.get("results", []) if r.get("round") == rnd["round"]]
+            rnd = {**rnd, "rows": rows}
+        out.append(rnd)
+    return out
+
+
+def result_markdown(rounds: list[dict], base: dict | None) -> str:
+    """The tables of a run: one round's (:func:`round_markdown`), or the proxy comparison then each
+    round's under a level-4 heading (it sits under the result's own ``###`` in bench/README.md; what
+    bench/serve_load.py prints)."""
+    if len(rounds) == 1:
+        return round_markdown(rounds[0], base)
+    return proxy_comparison(rounds, base) + "".join(
+        f"\n\n#### Round {rnd['round']}: {rnd['proxy']} proxy\n\n" + round_markdown(rnd, base) for rnd in rounds)
+
+
 def render(res: dict) -> str:
     """The body of a serve_load result's entry in ``bench/README.md``: where it ran and the table
-    the script printed (stored in the result), or one rebuilt from its rows."""
+    the script printed (stored in the result; a multi-round result's is rebuilt from its rounds),
+    or one rebuilt from its rows."""
     env = res.get("env") if isinstance(res.get("env"), dict) else {}
     ip = res.get("in_process") if isinstance(res.get("in_process"), dict) else {}
     if env:  # results that record their environment (device names, versions, argv) under "env"
@@ -29,6 +57,9 @@ def render(res: dict) -> str:
     lines = [f"{where}; commit {res.get('commit') or env.get('commit') or 'unknown'}", ""]
     if res.get("markdown"):
         return "\n".join(lines + [res["markdown"].rstrip("\n"), ""])
+    rounds = rounds_of(res)
+    if rounds:
+        return "\n".join(lines + [result_markdown(rounds, ip or None).rstrip("\n"), ""])
     rows = [[r.get("mode", "?"), str(r.get("clients", "?")), fmt_num(r.get("requests_per_s"), "{:.2f}"),
              fmt_num(r.get("tokens_per_s"), "{:.1f}"), fmt_num(r.get("latency_ms_p50"), "{:.1f}"),
              fmt_num(r.get("latency_ms_p99"), "{:.1f}")] for r in res.get("results", [])]

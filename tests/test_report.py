@@ -121,3 +121,65 @@ def test_serve_load_results_that_keep_their_environment_under_env_render():
            "in_process": {"batched": {}}, "markdown": "| mode | req/s |\n|---|---:|\n| plain | 3.0 |\n"}
     body = serve_load_report.render(res)
     assert body.startswith("Device: Xeon, host h, 2 CPUs; torch 2.13; ray 2.60; commit abc\n\n| mode | req/s |")
+
+
+def test_latest_results_in_full_older_ones_on_a_line(tmp_path: Path):
+    """Each benchmark's newest session (else its batch: within an hour of the newest) in full; the
+    older results one line with their JSON link and command; ``--full`` renders all of them."""
+    assert [report.session_of(n) for n in ("serve_load_h200_s15_proxy", "serve_load-cpu-tiny-s8-before-r3",
+                                           "long_context_h200_s12b", "op_counts_session6", "long_context_h100_r4",
+                                           "train_scaling_fsdp")] == [15, 8, 12, 6, None, None]
+    assert report.started_of({"started": "2026-12-03T00:00:10Z"}) - report.started_of({"time": 1796256000.0}) == 10
+    results = tmp_path / "results"
+    results.mkdir()
+    res = json.loads((BENCH / "results" / "train_scaling_h200_b8_bf16.json").read_text())
+    for stem, started in (("train_scaling_s3_a", 100.0), ("train_scaling_s4_a", 50.0), ("train_scaling_s4_b", 60.0),
+                          ("train_scaling_old", 10.0), ("train_scaling_batch", 9000.0)):
+        (results / f"{stem}.json").write_text(json.dumps({**res, "time": started}))
+    (results / "train_scaling_s3_a.md").write_text("# s3\n")
+    assert report.main(["--results", str(results)]) == 0
+    text = (results / "README.md").read_text()
+    assert "### `train_scaling_s4_a.json`" in text and "### `train_scaling_s4_b.json`" in text
+    assert "### `train_scaling_s3_a.json`" not in text and "### `train_scaling_old.json`" not in text
+    assert "- [`train_scaling_s3_a.json`](./train_scaling_s3_a.json) ([md](./train_scaling_s3_a.md)): " in text
+    assert "Older results (3, one line each" in text and f"`{report.stored_command(res, 'train_scaling')}`" in text
+    assert report.latest([("a_old", {"time": 0.0}), ("a_b", {"time": 5000.0}), ("a_c", {"time": 8000.0})]) == \
+        {"a_b", "a_c"}  # no session: the newest's batch
+    full = tmp_path / "full" / "README.md"
+    assert report.main(["--results", str(results), "--full", "--readme", str(full)]) == 0
+    assert all(f"### `{p.stem}.json`" in full.read_text() for p in results.glob("*.json"))
+    assert "Older results" not in full.read_text()
+
+
+def test_serve_load_rounds_store_each_row_once_and_the_migration_is_lossless(tmp_path: Path):
+    """A multi-round serve_load result keeps its rows once (``results``); the renderer rebuilds
+    the rounds, the proxy summary and the tables. bench/compact_results.py turns the older form
+    (rows in both places, the summary and the tables stored) into exactly that, rendering the same."""
+    import compact_results
+    import serve_load_report as slr
+
+    res = json.loads((BENCH / "results" / "serve_load_h200_s15_proxy.json").read_text())
+    assert "markdown" not in res and "proxy_summary" not in res and all("rows" not in r for r in res["rounds"])
+    rounds = slr.rounds_of(res)
+    assert [len(r["rows"]) for r in rounds] == [4, 4] and sum(map(len, (r["rows"] for r in rounds))) == len(res["results"])
+    body = slr.render(res)
+    assert "Proxy comparison: medians over the rounds" in body and body.count("\n#### Round ") == 2
+    assert all("rows" not in v and v["pairs"] >= 1 for r in rounds for v in r["paired"].values())  # counts kept
+    # the older form: rows in both places, the summary and tables stored, the per-pair samples
+    samples = [{**r, "paired": {m: {**v, "rows": [{"served_ms": 1.0, "in_process_ms": 0.5}] * v["pairs"]}
+                                for m, v in r["paired"].items()}} for r in rounds]
+    legacy = {**res, "rounds": samples, "proxy_summary": slr.proxy_summary(rounds),
+              "markdown": slr.result_markdown(rounds, res["in_process"])}
+    (tmp_path / "serve_load_x.json").write_text(json.dumps(legacy, indent=2))
+    (tmp_path / "broken_rows.json").write_text(json.dumps({**legacy, "results": legacy["results"][1:]}, indent=2))
+    (tmp_path / "serve_load_x.md").write_text(f"# serve_load x\n\n{legacy['markdown']}\n")
+    (tmp_path / "broken_rows.md").write_text("# broken\n\n| 123456.789 |\n")
+    assert compact_results.main(["--results", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "serve_load_x.json").read_text()) == res
+    assert slr.render(json.loads((tmp_path / "serve_load_x.json").read_text())) == body == slr.render(legacy)
+    assert not (tmp_path / "serve_load_x.md").exists()  # it repeated the JSON's figures
+    assert (tmp_path / "broken_rows.md").read_text() == "# broken\n\n| 123456.789 |\n"  # a figure the JSON lacks
+    # two copies of the rows that disagree: both kept (only the indentation goes)
+    assert json.loads((tmp_path / "broken_rows.json").read_text())["rounds"][0]["rows"] == samples[0]["rows"]
+    assert compact_results.same_figures("a; 1.5 b\n| 2 |", "a. 1.5 b\n| 2 |")
+    assert not compact_results.same_figures("a 1.5", "a 1.6")
