@@ -129,18 +129,25 @@ class _SegmentGraph:
 
         self.static_in = [t.detach().clone() for t in inputs]
         # warm-up on a side stream (as torch.cuda.graph requires): fills the model's cached
-        # constants and picks kernels, forward and backward
+        # constants (made during a capture they would live in graph memory) and picks kernels, for
+        # both graphs' code paths: the forward without grad, the forward with grad and its backward
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
+            with torch.no_grad(), self.autocast():
+                self.call(self.static_in)
             with torch.enable_grad(), self.autocast():
                 req = [t.detach().requires_grad_(g) for t, g in zip(self.static_in, self.grad_in)]
                 outs = self.call(req)
             self.out_diff = [o.requires_grad for o in outs]
-            self.static_gout = [torch.zeros_like(o) for o, d in zip(outs, self.out_diff) if d]
+            gouts = [torch.zeros_like(o) for o, d in zip(outs, self.out_diff) if d]
             del req, outs
-            self.recompute(self.static_in, self.static_gout)
+            self.recompute(self.static_in, gouts)
         torch.cuda.current_stream().wait_stream(side)
+        # the static grads of the outputs on the main stream, where the replays use them (memory
+        # made on the side stream would return to its free list at a time unsynchronised with ours)
+        self.static_gout = [torch.zeros_like(g) for g in gouts]
+        del gouts
         self.fwd_graph, self.bwd_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.no_grad(), capturing(self.fwd_graph, pool), self.autocast():
             self.static_out = self.call(self.static_in)
