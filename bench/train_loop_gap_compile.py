@@ -1,7 +1,8 @@
 """Recompiles of the compiled training segment step (``train.compile: segment``), or captures of its
-CUDA graphs (``train.compile: graphs``), through curriculum stage changes, and what they cost: the real :class:`dnc.training.Trainer` loop (curriculum batches,
-corpus batches, evaluation and promotion) with every stage cut to ``--stage-steps`` steps, so a short
-run crosses every stage change the full run makes (the batch size changes per stage: small, 512-token
+CUDA graphs (``train.compile: graphs``), through curriculum stage changes, and what they cost: the
+real :class:`dnc.training.Trainer` loop (curriculum batches, corpus batches, evaluation and
+promotion) with every stage cut to ``--stage-steps`` steps, so a short run crosses every stage
+change the full run makes (the batch size changes per stage: small, 512-token
 segments, 65,536 batch tokens: 128, 32, 16, 8, 8, 8 rows; corpus batches 8 x 8k).
 
 Modes, each from the same seed, in one process (``torch._dynamo.reset()`` between them):
@@ -19,8 +20,8 @@ steady tokens/s (steps that compiled nothing, evaluation time excluded) and the 
         --set curriculum_dir=configs/ablations/time_boxed_stdlib --stage-steps 20          # GPU
     python bench/train_loop_gap_compile.py --config configs/train/small.yaml --preset tiny \\
         --set batch_tokens=1024 --set max_len=1024 --backend aot_eager --stage-steps 3      # CPU
-    python bench/train_loop_gap_compile.py --config configs/train/small.yaml \
-        --set curriculum_dir=configs/ablations/time_boxed_stdlib --stage-steps 20 --modes off,graphs
+    python bench/train_loop_gap_compile.py --config configs/train/small.yaml \\
+        --set curriculum_dir=configs/ablations/time_boxed_stdlib --stage-steps 20 --modes off,graphs  # GPU
 
 Writes ``bench/results/train_loop_gap_compile_<tag>.json`` (provenance of bench/common.py) and
 prints a table.
