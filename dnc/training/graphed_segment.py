@@ -80,7 +80,7 @@ class _SegmentGraph:
 
     model: Any
     layout: Any
-    in_spec: tuple                    # split_tensors structure of (tokens, flags, rope, sample, caches, prev_xs, banks, prev_ws)
+    in_spec: tuple                    # split_tensors structure of the step's tensor arguments
     want_recon: bool
     grad_in: list[bool]
     params: list[torch.nn.Parameter]  # every trainable parameter, in model.parameters() order
