@@ -94,6 +94,24 @@ def test_recomputed_segments_match_eager(overrides):
     assert len(runner.entries) == 1 and len(runner.graphs) == 1  # one key serves every segment of both steps
 
 
+def test_partial_last_segment_reads_the_graphed_state():
+    """A sequence that ends inside a segment: its whole segments go through the Function, the
+    partial one reads their (saved) outputs eagerly; loss and every grad as the eager forward."""
+    cfg, eager, graphed = _models()
+    graph_segments(graphed)
+    x, y = _batch(cfg, segments=4)
+    x, y = x[:, :3 * cfg.segment_len + 11], y[:, :3 * cfg.segment_len + 11]
+    got, want = graphed(x, targets=y), eager(x, targets=y)
+    got.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(graphed.named_parameters(), eager.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert graphed.step_runner.compiled_steps == 3
+
+
 def test_one_key_per_batch_size_and_max_graphs():
     """A new batch size is a new key (a new pair of graphs on CUDA); past ``max_graphs`` a new key
     runs the eager step with one warning, and still gives the eager numbers."""
