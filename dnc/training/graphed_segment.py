@@ -64,6 +64,18 @@ def join_tensors(tensors, structure: tuple):
     return tree_unflatten(leaves, spec)
 
 
+class _Step(torch.nn.Module):
+    """``fixed_segment_step`` as a module over the model, for ``torch.func.functional_call``: the
+    recompute runs it with aliases of the parameters (see :meth:`_SegmentGraph.recompute`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, layout, *args):
+        return fixed_segment_step(self.model, layout, *args)
+
+
 def _copy_all(dst: list[torch.Tensor], src) -> None:
     if dst:
         torch._foreach_copy_(dst, list(src))  # a few launches for all of them
@@ -79,11 +91,13 @@ class _SegmentGraph:
     (logits [B, L, V], caches, prev_xs, banks, prev_writes, recon []), whether it carries grad."""
 
     model: Any
+    step: _Step
     layout: Any
     in_spec: tuple                    # split_tensors structure of the step's tensor arguments
     want_recon: bool
     grad_in: list[bool]
-    params: list[torch.nn.Parameter]  # every trainable parameter, in model.parameters() order
+    names: list[str]                  # every trainable parameter's name, as model.named_parameters() gives it
+    params: list[torch.nn.Parameter]  # ... and the parameters
     amp: tuple[str, torch.dtype, bool]  # autocast (device type, dtype, enabled) of the caller
     out_spec: Any = None
     out_diff: list[bool] = field(default_factory=list)
@@ -101,19 +115,30 @@ class _SegmentGraph:
         dev, dtype, enabled = self.amp
         return torch.autocast(dev, dtype=dtype, enabled=enabled, cache_enabled=False)
 
-    def call(self, flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``fixed_segment_step`` over flat inputs; its flat outputs."""
-        args = join_tensors(flat, self.in_spec)
-        out, self.out_spec = split_tensors(fixed_segment_step(self.model, self.layout, *args, self.want_recon))
+    def call(self, flat: list[torch.Tensor], params: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``fixed_segment_step`` over flat inputs (and ``params`` in place of the parameters, in
+        ``names`` order); its flat outputs."""
+        args = (self.layout, *join_tensors(flat, self.in_spec), self.want_recon)
+        if params is None:
+            out = fixed_segment_step(self.model, *args)
+        else:
+            out = torch.func.functional_call(self.step, {f"model.{n}": p for n, p in zip(self.names, params)}, args)
+        out, self.out_spec = split_tensors(out)
         return out
 
     def recompute(self, inputs, gouts) -> list:
         """The forward again, with grad, and its grads for the ``grad_in`` inputs then the params,
-        given the grads ``gouts`` of the ``out_diff`` outputs (what the backward graph holds)."""
+        given the grads ``gouts`` of the ``out_diff`` outputs (what the backward graph holds).
+
+        Differentiated with respect to fresh leaves that alias the parameters (same storage), not
+        the parameters: a parameter's own grad accumulator may be alive (the training graph's, or
+        DDP's, made on the default stream), and the autograd engine would make that stream wait on
+        the capture stream, which invalidates the capture. An alias's accumulator is made here."""
         with torch.enable_grad(), self.autocast():
             req = [t.detach().requires_grad_(g) for t, g in zip(inputs, self.grad_in)]
-            outs = [o for o, d in zip(self.call(req), self.out_diff) if d]
-            wrt = [t for t, g in zip(req, self.grad_in) if g] + self.params
+            aliases = [p.detach().requires_grad_() for p in self.params]
+            outs = [o for o, d in zip(self.call(req, aliases), self.out_diff) if d]
+            wrt = [t for t, g in zip(req, self.grad_in) if g] + aliases
             return list(torch.autograd.grad(outs, wrt, list(gouts), allow_unused=True))
 
     # ------------------------------------------------------------------ setup
@@ -212,6 +237,7 @@ class GraphedTrainSegments(CompiledTrainSegments):
                                       "or train.compile: false/segment")
         super().__init__(model, compile=False, fallback=fallback, max_graphs=max_graphs, log=log)
         self.entries: dict[tuple, _SegmentGraph] = {}
+        self.step_module = _Step(model)
         self.pool = None
 
     def clear(self) -> None:
@@ -262,14 +288,15 @@ class GraphedTrainSegments(CompiledTrainSegments):
         return True
 
     def _capture(self, key: tuple, flat: list[torch.Tensor], in_spec, want_recon: bool, batch: int) -> _SegmentGraph:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         if any(type(p).__name__ == "DTensor" for p in params):
             raise NotImplementedError("train.compile: graphs does not support FSDP-sharded parameters; "
                                       "use DDP or train.compile: false")
         dev = flat[0].device.type
         amp = (dev, torch.get_autocast_dtype(dev), torch.is_autocast_enabled(dev))
-        entry = _SegmentGraph(self.model, self.layout, in_spec, want_recon,
-                              [t.requires_grad for t in flat], params, amp)
+        entry = _SegmentGraph(self.model, self.step_module, self.layout, in_spec, want_recon,
+                              [t.requires_grad for t in flat], [n for n, _ in named], params, amp)
         t0 = time.perf_counter()
         if flat[0].is_cuda and self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
