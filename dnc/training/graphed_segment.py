@@ -16,7 +16,8 @@ activation checkpointing:
   a segment's activations);
 - backward: copy the saved inputs and the incoming output grads into static buffers, replay ONE
   graph that recomputes the forward with grad and runs ``torch.autograd.grad`` for the inputs that
-  require grad and every trainable parameter, clone the grads out. Parameters are inputs of the
+  require grad and every trainable parameter (through aliases of the parameters, whose grad
+  accumulators are made inside the capture), clone the grads out. Parameters are inputs of the
   Function, so their grads reach ``param.grad`` through autograd's own accumulation (and DDP's
   hooks, which fire once per step: the engine sums the segments' grads first).
 
