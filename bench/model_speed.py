@@ -13,6 +13,7 @@ Writes ``bench/results/model_speed_<device>.json`` and prints a markdown table.
 
 Examples:
     python bench/model_speed.py --device cpu                      # tiny preset, small lengths
+    python bench/model_speed.py --device cuda --presets small --no-infer --train-compile graphs  # training rows, CUDA graphs
     python bench/model_speed.py --device cuda --presets small,base --dtype bf16 \
         --train-lengths 2048,8192,32768 --prefill-lengths 4096,32768,131072,524288,1048576 \
         --decode-contexts 4096,32768,131072,1048576
@@ -117,12 +118,22 @@ def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) 
     return model
 
 
+def train_compile(args) -> str:
+    """What runs the DNC's training segments: off, segment or graphs (``--compile-segment`` = segment)."""
+    return "segment" if args.compile_segment else args.train_compile
+
+
 def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
     model = build(name, memory, seq_len, device, None, args.compile).train()
-    if args.compile_segment and memory:  # the DNC's whole training segment step as one graph
+    how = train_compile(args) if memory else "off"  # the baseline is one segment: nothing to capture
+    if how == "segment":  # the DNC's whole training segment step as one torch.compile graph
         from dnc.parallel import compile_segments
 
         compile_segments(model, mode=args.compile_mode)
+    elif how == "graphs":  # the same step as CUDA graphs (captured in the first warm-up step)
+        from dnc.parallel import graph_segments
+
+        graph_segments(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     b = max(1, args.tokens_per_step // seq_len)
     x = torch.randint(0, 256, (b, seq_len), device=device)
@@ -145,7 +156,7 @@ def bench_train(name, seq_len, memory, args, device, dtype) -> dict:
     attended = seq_len / 2 if not memory else (cfg.segment_len / 2 + cfg.kv_window
                                                + cfg.bank_slots * len(cfg.memory_layer_ids) / cfg.n_layers)
     tps = b * seq_len / sec
-    out = {"tokens_per_s": tps, "step_s": sec, "batch": b, "peak_mb": peak_mb(device)}
+    out = {"tokens_per_s": tps, "step_s": sec, "batch": b, "peak_mb": peak_mb(device), "train_compile": how}
     if device.type == "cuda":
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
         if peak:
@@ -264,6 +275,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-segment", action="store_true",
                    help="torch.compile the DNC's whole training segment step (train.compile: segment); "
                         "the baseline is one segment and stays as it is")
+    p.add_argument("--train-compile", default="off", choices=["off", "segment", "graphs"],
+                   help="the DNC's training segment step: off (eager, the default), segment (torch.compile, "
+                        "= --compile-segment) or graphs (CUDA graphs, recomputed in backward: train.compile: graphs)")
     p.add_argument("--compile-mode", default=None, help="--compile-segment: torch.compile mode, e.g. "
                    "max-autotune-no-cudagraphs")
     p.add_argument("--compile-infer", action="store_true",
@@ -338,7 +352,9 @@ def _fmt(v, spec="{:,.0f}"):
 
 def markdown(results: dict) -> str:
     rows = results["rows"]
-    lines = [f"Device: {results['device']}, torch {results['torch']}, {results['dtype']}, commit {results['commit']}", ""]
+    how = {r.get("train_compile") for r in rows if r["kind"] == "train" and r["model"] == "dnc"} - {None, "off"}
+    lines = [f"Device: {results['device']}, torch {results['torch']}, {results['dtype']}, commit {results['commit']}"
+             + (f"; DNC training segments: {', '.join(sorted(how))}" if how else ""), ""]
     lines += ["| preset | length | DNC train tok/s | base train tok/s | ratio | DNC MFU | base MFU | DNC peak MB | base peak MB |",
               "|---|---|---|---|---|---|---|---|---|"]
     get = lambda kind, model, pr, L: next((r for r in rows if r["kind"] == kind and r["model"] == model  # noqa: E731

@@ -1,21 +1,27 @@
-"""Recompiles of the compiled training segment step (``train.compile: segment``) through curriculum
-stage changes, and what they cost: the real :class:`dnc.training.Trainer` loop (curriculum batches,
-corpus batches, evaluation and promotion) with every stage cut to ``--stage-steps`` steps, so a short
-run crosses every stage change the full run makes (the batch size changes per stage: small, 512-token
+"""Recompiles of the compiled training segment step (``train.compile: segment``), or captures of its
+CUDA graphs (``train.compile: graphs``), through curriculum stage changes, and what they cost: the
+real :class:`dnc.training.Trainer` loop (curriculum batches, corpus batches, evaluation and
+promotion) with every stage cut to ``--stage-steps`` steps, so a short run crosses every stage
+change the full run makes (the batch size changes per stage: small, 512-token
 segments, 65,536 batch tokens: 128, 32, 16, 8, 8, 8 rows; corpus batches 8 x 8k).
 
 Modes, each from the same seed, in one process (``torch._dynamo.reset()`` between them):
   off      eager (the reference for tokens/s);
   static   one graph per batch size (``train.compile_dynamic_batch: false``, sessions 8-14);
-  dynamic  the batch dim marked dynamic: one graph for every batch size >= 2 (the default).
+  dynamic  the batch dim marked dynamic: one graph for every batch size >= 2 (the default);
+  graphs   CUDA graphs of the same step, no torch.compile (``train.compile: graphs``): one pair of
+           graphs (forward, recomputing backward) per batch size, captured rather than compiled
+           (on a CPU: the same recompute with plain calls, for a smoke run).
 
-Per mode: graphs compiled and at which step/batch, seconds of the calls that compiled, steps, the
+Per mode: graphs compiled (or captured) and at which step/batch, their seconds, steps, the
 steady tokens/s (steps that compiled nothing, evaluation time excluded) and the loss of every step.
 
     python bench/train_loop_gap_compile.py --config configs/train/small.yaml \\
         --set curriculum_dir=configs/ablations/time_boxed_stdlib --stage-steps 20          # GPU
     python bench/train_loop_gap_compile.py --config configs/train/small.yaml --preset tiny \\
         --set batch_tokens=1024 --set max_len=1024 --backend aot_eager --stage-steps 3      # CPU
+    python bench/train_loop_gap_compile.py --config configs/train/small.yaml \\
+        --set curriculum_dir=configs/ablations/time_boxed_stdlib --stage-steps 20 --modes off,graphs  # GPU
 
 Writes ``bench/results/train_loop_gap_compile_<tag>.json`` (provenance of bench/common.py) and
 prints a table.
@@ -39,11 +45,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from common import HelpFormatter, device_tag, md_table, parse_pairs, provenance, write_json  # noqa: E402
 
-from dnc.parallel import compile_segments  # noqa: E402
+from dnc.parallel import compile_segments, graph_segments  # noqa: E402
 from dnc.training import TrainConfig, Trainer, corpus_windows, model_config_for  # noqa: E402
 from dnc.training.config import resolve_path  # noqa: E402
 
-MODES = ("off", "static", "dynamic")
+MODES = ("off", "static", "dynamic", "graphs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +93,9 @@ def run_mode(mode: str, cfg: TrainConfig, mcfg, args, device: torch.device, corp
     trainer = Trainer(cfg, mcfg, run_name=f"compile-{mode}", device=device, progress=False,
                       corpus_batches=corpus_windows(corpus, cfg.max_len, cfg.batch_size, seed=cfg.seed)
                       if cfg.corpus_ratio > 0 else None)
-    if mode != "off":  # as Trainer does for train.compile: segment, with this script's backend
+    if mode == "graphs":  # as Trainer does for train.compile: graphs
+        graph_segments(trainer.model)
+    elif mode != "off":  # as Trainer does for train.compile: segment, with this script's backend
         compile_segments(trainer.model, backend=args.backend, mode=cfg.compile_mode, dynamic_batch=mode == "dynamic")
     runner = trainer.model.step_runner if mode != "off" else None
     shapes: list[tuple[int, int]] = []
@@ -163,14 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         result["modes"][mode] = run_mode(mode, cfg, mcfg, args, device, corpus)
     rows = []
     base = result["modes"].get("off", {}).get("steady_tokens_per_s")
+    off_losses = [s["loss"] for s in result["modes"].get("off", {}).get("steps", [])]
     for mode, r in result["modes"].items():
         tps = r["steady_tokens_per_s"]
+        # the same seed and batches: a mode that computes the same maths tracks eager's losses
+        diffs = [abs(s["loss"] - o) for s, o in zip(r["steps"], off_losses) if s["loss"] is not None and o is not None]
+        r["max_loss_diff_vs_off"] = max(diffs) if diffs else None
         rows.append([mode, str(len(r["steps"])), ",".join(map(str, r["batch_sizes"])), str(len(r["graphs"])),
                      f"{r['compile_s']:.1f}", f"{r['compiled_segments']}/{r['eager_segments']}",
                      f"{tps / 1e3:.1f}k" if tps else "-", f"{tps / base:.2f}x" if (tps and base) else "-",
+                     "-" if r["max_loss_diff_vs_off"] is None else f"{r['max_loss_diff_vs_off']:.2g}",
                      f"{r['wall_s']:.1f}"])
-    table = md_table(["mode", "steps", "batch sizes", "graphs", "compile s", "segments compiled/eager",
-                      "steady tokens/s", "vs off", "wall s"], rows)
+    table = md_table(["mode", "steps", "batch sizes", "graphs", "compile/capture s", "segments graphed/eager",
+                      "steady tokens/s", "vs off", "max loss diff vs off", "wall s"], rows)
     result["markdown"] = "\n".join(table)
     print("\n".join(table))
     for mode, r in result["modes"].items():

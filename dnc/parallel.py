@@ -1,5 +1,5 @@
 """Parallelism applied to a model from outside it: FSDP2 per block, bf16 DDP gradient reduction,
-``torch.compile`` of the blocks or of the whole training segment step, and the helpers that see
+``torch.compile`` of the blocks or of the whole training segment step, CUDA graphs of that step, and the helpers that see
 through these wrappers. No Ray here."""
 
 from __future__ import annotations
@@ -60,6 +60,22 @@ def compile_segments(model: nn.Module, *, backend: str = "inductor", mode: str |
     m = unwrap(model)
     m.step_runner = CompiledTrainSegments(m, backend=backend, mode=mode, compile=compile, fallback=m.step_runner,
                                           dynamic_batch=dynamic_batch)
+    return model
+
+
+def graph_segments(model: nn.Module, *, max_graphs: int = 8) -> nn.Module:
+    """Capture the model's whole training segment step as CUDA graphs (``TrainConfig.compile:
+    graphs``): each whole segment of a training forward replays a no-grad forward graph, and its
+    backward one graph that recomputes the segment with grad
+    (:class:`dnc.training.graphed_segment.GraphedTrainSegments`, installed as the model's step
+    runner over the one it replaces). One pair of graphs per batch size (and autocast dtype), each
+    captured in about the time of two eager segments, none compiled; past ``max_graphs`` new
+    shapes run eagerly with a warning. Without CUDA the same recompute runs with plain calls (what
+    the CPU tests compare with eager). Not with FSDP; apply before DDP wrapping. Returns the model."""
+    from dnc.training.graphed_segment import GraphedTrainSegments
+
+    m = unwrap(model)
+    m.step_runner = GraphedTrainSegments(m, fallback=m.step_runner, max_graphs=max_graphs)
     return model
 
 

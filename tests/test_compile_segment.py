@@ -153,7 +153,8 @@ def test_segment_step_has_no_graph_break_fresh_or_full():
 
 
 def test_train_config_compile_values():
-    """``train.compile`` takes false, true/blocks or segment; anything else is refused by name."""
+    """``train.compile`` takes false, true/blocks, segment or graphs (tests/test_graphed_segment.py);
+    anything else is refused by name."""
     from dnc.config import ConfigError
     from dnc.training import TrainConfig
 
@@ -161,7 +162,7 @@ def test_train_config_compile_values():
     assert TrainConfig(compile=True).compile_target == "blocks"
     assert TrainConfig(compile="segment").compile_target == "segment"
     with pytest.raises(ConfigError, match="compile"):
-        TrainConfig(compile="graphs")
+        TrainConfig(compile="inductor")
 
 
 def test_trainer_installs_the_segment_runner():

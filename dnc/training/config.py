@@ -55,13 +55,16 @@ class TrainConfig:
     """Longest training sequence in tokens; curriculum lengths above it are clamped."""
     bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU, which trains in float32)."""
-    compile: bool | Literal["blocks", "segment"] = False
+    compile: bool | Literal["blocks", "segment", "graphs"] = False
     """What ``torch.compile`` captures: ``false`` nothing (eager, the default); ``blocks`` (or
     ``true``) each transformer block, the segment loop staying eager; ``segment`` the whole training
     segment step (blocks, memory reads and the bank's write/compress/evict) as one graph over
     fixed-capacity banks, reused by every segment of every step (``dnc.training.compiled_segment``:
     ~1,000 ops per segment become one launch sequence; needs bank capacities that are multiples of
-    what each level receives, as the presets' are)."""
+    what each level receives, as the presets' are); ``graphs`` the same step as CUDA graphs, no
+    ``torch.compile`` (``dnc.training.graphed_segment``: a no-grad forward graph per segment and
+    one backward graph that recomputes it with grad; one pair per batch size, each captured in
+    about two eager segments' time rather than a compile's minutes; not with FSDP or dropout)."""
     compile_mode: str | None = None
     """``torch.compile`` mode of ``compile: segment`` (None = the default; e.g.
     ``max-autotune-no-cudagraphs``)."""
@@ -156,13 +159,13 @@ class TrainConfig:
         need(self.plateau_threshold >= 0, "plateau_threshold must be >= 0")
         need(0 < self.plateau_min_scale <= 1, "plateau_min_scale must be in (0, 1]")
         need(self.fail_at_step is None or self.fail_at_step >= 1, "fail_at_step must be >= 1")
-        need(self.compile in (False, True, "blocks", "segment"),
-             f"compile must be false, true/blocks or segment, got {self.compile!r}")
+        need(self.compile in (False, True, "blocks", "segment", "graphs"),
+             f"compile must be false, true/blocks, segment or graphs, got {self.compile!r}")
         need(self.fail_mode in ("exit", "raise"), f"fail_mode must be exit|raise, got {self.fail_mode!r}")
 
     @property
     def compile_target(self) -> str | None:
-        """What ``compile`` captures: None, ``"blocks"`` or ``"segment"``."""
+        """What ``compile`` captures: None, ``"blocks"``, ``"segment"`` or ``"graphs"``."""
         return None if self.compile is False else ("blocks" if self.compile is True else self.compile)
 
     @property

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dnc.config import DNCConfig
-from dnc.parallel import compile_blocks, compile_segments, is_fsdp, unwrap
+from dnc.parallel import compile_blocks, compile_segments, graph_segments, is_fsdp, unwrap
 from dnc.training.checkpoint import (TrainState, capture_rng, fs_and_path, full_model_state,
                                      full_optimizer_state, has_optimizer_state, latest_checkpoint,
                                      load_optimizer_state, load_weights_from, read_optimizer_state,
@@ -95,6 +95,8 @@ class Trainer:
             compile_blocks(model)
         elif cfg.compile_target == "segment":
             compile_segments(model, mode=cfg.compile_mode, dynamic_batch=cfg.compile_dynamic_batch)
+        elif cfg.compile_target == "graphs":
+            graph_segments(model)
         self.model = parallelize(model) if parallelize else model
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg)
