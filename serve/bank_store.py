@@ -2,7 +2,9 @@
 
 Layout under one shard's root (``<storage>/shard-<i>/``)::
 
-    sessions/<state_id>.snap      latest snapshot of a session: one record (header JSON + bank bytes)
+    sessions/<name>.snap          latest snapshot of a session: one record (header JSON + bank bytes);
+                                  <name> is the state_id, plus ".<mask>" when it has capitals
+                                  (``snapshot_name``: ids are case-sensitive, some filesystems are not)
     wal/<epoch>.log               local disk: append-only log of records, fsync'd per record
     wal/<epoch>/<n>.rec           object stores (s3://, gs://, memory://): one object per record
 
@@ -185,6 +187,33 @@ def unpack_record(data: bytes) -> tuple[dict[str, Any], bytes | None]:
     return header, payload
 
 
+# --------------------------------------------------------------------------- snapshot names
+def snapshot_name(sid: str) -> str:
+    """The file name (without ``.snap``) of ``sid``'s snapshot: the id itself when it has no capital
+    letter, else the id and a hex mask of where its capitals are (``"Chat"`` -> ``"Chat.1"``).
+
+    State ids are case-sensitive (``[A-Za-z0-9_-]``), but a storage directory may not be: macOS and
+    Windows disks fold case, so ``Chat.snap`` and ``chat.snap`` were one file. The second session's
+    snapshot replaced the first's, which then loaded as damaged (or vanished at a restart). A name
+    with its mask differs from every other id's name even with case folded, and gives the id back
+    (:func:`snapshot_sid`). Ids without capitals (server-made ones, ``s-<hex>``) keep the old name."""
+    mask = sum(1 << i for i, c in enumerate(sid) if "A" <= c <= "Z")
+    return f"{sid}.{mask:x}" if mask else sid
+
+
+def snapshot_sid(name: str) -> str:
+    """The state id of a snapshot file name (without ``.snap``): :func:`snapshot_name` inverted. A
+    name without a mask is the id as it is (old names of ids with capitals included)."""
+    if "." not in name:
+        return name
+    stem, mask = name.split(".", 1)
+    try:
+        bits = int(mask, 16)
+    except ValueError:
+        return name
+    return "".join(c.upper() if bits >> i & 1 else c.lower() for i, c in enumerate(stem))
+
+
 # --------------------------------------------------------------------------- store
 class BankStore:
     """Snapshot + WAL storage for one shard under ``uri`` (a local path or any fsspec URI)."""
@@ -204,13 +233,40 @@ class BankStore:
         self._roll = False
         self._n = 0
         self.wal_bytes = 0
+        self._legacy: set[str] = set()  # ids with capitals whose snapshot still has its old name
 
     # ---- snapshots ----------------------------------------------------------------------
     def _snap_path(self, sid: str) -> str:
+        """Where ``sid``'s snapshot is: its old name (``<sid>.snap``) while that file is still its
+        (see ``list_snapshots``), else :func:`snapshot_name`'s."""
+        if sid in self._legacy:
+            return self._legacy_path(sid)
+        return f"{self._sessions}/{snapshot_name(sid)}.snap"
+
+    def _legacy_path(self, sid: str) -> str:
         return f"{self._sessions}/{sid}.snap"
 
     def write_snapshot(self, sid: str, header: dict[str, Any], payload: bytes | None) -> None:
-        self._write_atomic(self._snap_path(sid), pack_record(header, payload))
+        legacy = sid in self._legacy
+        self._legacy.discard(sid)
+        try:
+            self._write_atomic(self._snap_path(sid), pack_record(header, payload))
+        except BaseException:
+            if legacy:
+                self._legacy.add(sid)
+            raise
+        if legacy:  # its new name holds it now; on a disk that folds case the old name may be another
+            self._remove_legacy(sid)  # id's file (``chat.snap`` for ``Chat``): removed only if it is this one's
+
+    def _remove_legacy(self, sid: str) -> None:
+        path = self._legacy_path(sid)
+        try:
+            with self.fs.open(path, "rb") as f:
+                name = _parse_prefix(f.read(_PREFIX.size), 0)[2]["sid"]
+            if name == sid:
+                self.fs.rm(path)
+        except (OSError, RecordDamage, struct.error):
+            pass  # left behind; its header names a session that now has a newer file
 
     def read_snapshot(self, sid: str) -> tuple[dict[str, Any], bytes | None]:
         """The snapshot's header and bank, both checksummed; raises :class:`RecordDamage`."""
@@ -264,17 +320,26 @@ class BankStore:
             return None
 
     def delete_snapshot(self, sid: str) -> None:
+        if sid in self._legacy:
+            self._remove_legacy(sid)
+            self._legacy.discard(sid)
         try:
             self.fs.rm(self._snap_path(sid))
         except FileNotFoundError:
             pass
 
     def list_snapshots(self) -> list[str]:
+        """The state ids that have a snapshot. An id with capitals whose only file has the old name
+        (``<sid>.snap``, written before :func:`snapshot_name`) is read from there until its next
+        snapshot, which takes the new name."""
         try:
             names = self.fs.ls(self._sessions, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(os.path.basename(n)[:-5] for n in names if n.endswith(".snap"))
+        stems = {os.path.basename(n)[:-5] for n in names if n.endswith(".snap")}
+        sids = {snapshot_sid(n) for n in stems}
+        self._legacy = {s for s in sids if s in stems and snapshot_name(s) not in stems and snapshot_name(s) != s}
+        return sorted(sids)
 
     # ---- WAL --------------------------------------------------------------------------------
     def epochs(self) -> list[int]:

@@ -92,9 +92,36 @@ class BankClient:
             self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
-        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in self.shard_indices()))
-        out = [s for p in parts for s in p]
-        return sorted(out, key=lambda s: s["updated_at"], reverse=True)
+        """Every session of ``owner`` (None: all), newest first; 503 when a shard cannot answer."""
+        listing = await self.list_reachable(owner)
+        if listing["unreachable_shards"]:
+            raise listing["errors"][0]
+        return listing["states"]
+
+    async def list_reachable(self, owner: str | None) -> dict[str, Any]:
+        """What the shards that answer hold: ``{"states": [...] (newest first), "unreachable_shards":
+        [i, ...], "errors": [StorageUnavailable, ...]}``. A shard that cannot answer (503: its actor
+        is gone, its storage is down) is named instead of failing the whole listing: before, one
+        unreachable shard made every owner's listing, and the session quota every new session
+        checks, answer 503."""
+        from ..errors import find_api_error
+
+        idx = list(self.shard_indices())
+        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in idx),
+                                     return_exceptions=True)
+        states, down, errors = [], [], []
+        for i, p in zip(idx, parts):
+            if isinstance(p, BaseException):
+                api = find_api_error(p)
+                if api is None or api.status != 503:
+                    raise p
+                logger.warning("listing sessions without shard %d: %s", i, api.message)
+                down.append(i)
+                errors.append(api)
+            else:
+                states.extend(p)
+        states.sort(key=lambda s: s["updated_at"], reverse=True)
+        return {"states": states, "unreachable_shards": down, "errors": errors}
 
     async def stats(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.on_shard(i, "stats") for i in self.shard_indices())))

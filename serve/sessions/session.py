@@ -35,7 +35,7 @@ class Session:
     last_access: float = field(default_factory=time.monotonic)
     lease: tuple[str, float] | None = None  # (lease id, monotonic expiry)
     grant: str | None = None  # fencing token: the lease granted last; a commit under an older one is refused
-    background: str | None = None  # the lease of a background compaction, which a turn takes over
+    background: str | None = None  # the lease of a compaction (background or asked for), which a turn takes over
     cond: asyncio.Condition | None = None
     deleted: bool = False
     damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)

@@ -78,17 +78,26 @@ class StateMachineMixin:
 
     def _get(self, sid: str, owner: str | None) -> Session:
         s = self.sessions.get(sid)
-        if s is None or s.deleted or (owner is not None and s.owner and s.owner != owner):
+        if s is None or s.deleted or not self._owned(s, owner):
             raise session_not_found(sid)
         if s.damage:
             raise self._damaged(s)
         return s
 
+    @staticmethod
+    def _owned(s: Session, owner: str | None) -> bool:
+        """Whether ``owner`` may see ``s`` (None: the operator, who sees every session). A session
+        whose owner is unknown (damaged before any record naming it could be read) is nobody's:
+        before, an empty owner matched every owner, who could all see and delete it."""
+        return owner is None or s.owner == owner
+
     def _damaged(self, s: Session) -> StateDamaged:
+        how = (f"DELETE /v1/state/{s.state_id} removes it" if s.owner else
+               "its owner is unknown (no readable record names it), so no API key can see or delete it; an "
+               f"operator removes it with BankClient.call({s.state_id!r}, 'delete', None)")
         return StateDamaged(f"state {s.state_id!r} (shard {self.index}) is damaged on storage and cannot be recovered "
-                            f"as acknowledged: {s.damage}. Nothing was guessed; DELETE /v1/state/{s.state_id} "
-                            "removes it (the damaged files are kept aside for inspection)", "state_damaged",
-                            "state_id")
+                            f"as acknowledged: {s.damage}. Nothing was guessed; {how} (the damaged files are kept "
+                            "aside for inspection)", "state_damaged", "state_id")
 
     def _touch(self, s: Session) -> None:
         s.last_access = time.monotonic()
@@ -104,11 +113,11 @@ class StateMachineMixin:
         self._start_manager()
         async with self._create_lock():
             s = self.sessions.get(sid)
-            if s is not None and s.damage:
-                raise self._damaged(s)  # never silently recreated: DELETE first
             if s is not None and not s.deleted:
-                if s.owner != owner:
+                if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
                     raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
+                if s.damage:
+                    raise self._damaged(s)  # never silently recreated: DELETE first
                 return s.info(self.index)
             header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
                       "at": time.time()}
@@ -128,8 +137,7 @@ class StateMachineMixin:
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
         self._start_manager()
-        return [s.info(self.index) for s in self.sessions.values()
-                if not s.deleted and (owner is None or s.owner == owner)]
+        return [s.info(self.index) for s in self.sessions.values() if not s.deleted and self._owned(s, owner)]
 
     async def get_bank(self, sid: str, owner: str | None) -> dict[str, Any]:
         """Read-only copy of a session's content: ``{"payload": bytes|None, "turns": [...], "seq": n}``:
@@ -148,7 +156,7 @@ class StateMachineMixin:
         s = self.sessions.get(sid)
         if s is None or not s.damage:
             s = self._get(sid, owner)
-        elif owner is not None and s.owner and s.owner != owner:
+        elif not self._owned(s, owner):
             raise session_not_found(sid)
         async with s.condition():
             header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
@@ -183,12 +191,12 @@ class StateMachineMixin:
             await self.create(sid, owner)
             created = True
         s = self.sessions[sid]
-        if s.damage:
-            raise self._damaged(s)
-        if s.owner != owner:
+        if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
+        if s.damage:
+            raise self._damaged(s)
         lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
         resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
                     and s.digest_at(int(have["seq"])) == have.get("digest"))
@@ -281,11 +289,22 @@ class StateMachineMixin:
                            "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
-            if fence is not None and s.grant is not None and s.grant != fence and s.applied.get(seq) != update_id:
+            duplicate = seq <= s.seq and self._was_applied(s, seq, update_id)
+            if seq <= s.seq and not duplicate and not self._remembers(s, seq):
+                # neither "saved" nor "not saved" can be proved: say so (before the fence check, whose
+                # "not saved, retry it" would make a client send a saved turn a second time)
+                self.counters["conflicts"] += 1
+                raise Conflict(f"update seq {seq} of {sid!r} is older than the {self.cfg.max_history} updates "
+                               f"whose ids this session keeps (it is at seq {s.seq}), so it cannot be told "
+                               "apart from a retry: if this request is a retry, its first delivery was saved "
+                               "(see the session's history); otherwise another update took that seq. Nothing "
+                               "was changed", "update_too_old", "state_id")
+            if fence is not None and s.grant is not None and s.grant != fence and not duplicate:
                 self.counters["fenced"] += 1
                 if compacted:
-                    raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in "
-                                   "the background; the compaction was not saved", "compaction_preempted", "state_id")
+                    raise Conflict(f"state {sid!r} was taken over by a turn while it was being compacted; the turn "
+                                   "went first and this compaction was not saved: ask for it again when the "
+                                   "session is idle", "compaction_preempted", "state_id")
                 raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
                                "another request; this turn was not saved, retry it", "lease_lost", "state_id")
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
@@ -299,7 +318,7 @@ class StateMachineMixin:
                 if s.deleted:
                     raise session_not_found(sid)
             if seq <= s.seq:
-                if s.applied.get(seq) == update_id:
+                if duplicate:
                     self.counters["duplicates"] += 1
                     # a retry after a lost ack (e.g. the shard restarted): the first delivery wrote the
                     # record, this one writes nothing, but its ack has the same keys as a fresh one's
@@ -319,6 +338,9 @@ class StateMachineMixin:
             if turn is not None:
                 turn.setdefault("seq", seq)
                 turn.setdefault("at", header["at"])
+                # the history keeps the update's id as long as it keeps the turn (max_history), so a
+                # retry is recognised for that long, not only for the last 32 seqs of ``applied``
+                turn["update_id"] = update_id
             record_bytes = await self._append(header, payload)
             self._apply_record(header, payload)
             self.counters["updates"] += 1
@@ -331,6 +353,19 @@ class StateMachineMixin:
         await self._enforce_budget()
         return {"seq": seq, "applied": True, "duplicate": False, "info": info, "durable_bytes": record_bytes,
                 "record": "tokens" if tokens is not None else "state"}
+
+    @staticmethod
+    def _was_applied(s: Session, seq: int, update_id: str) -> bool:
+        """Whether update ``update_id`` was applied as ``seq`` (a retry): ``applied`` holds the last
+        32 seqs' ids, the history (a turn's entry names its update) the last ``max_history`` turns."""
+        if s.applied.get(seq) == update_id:
+            return True
+        return any(h.get("seq") == seq and h.get("update_id") == update_id for h in reversed(s.history))
+
+    @staticmethod
+    def _remembers(s: Session, seq: int) -> bool:
+        """Whether the id of the update applied as ``seq`` is still known (see :meth:`_was_applied`)."""
+        return seq in s.applied or any(h.get("seq") == seq and "update_id" in h for h in s.history)
 
     # ------------------------------------------------------------------ leases
     async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None, preempt: bool = False) -> str:
