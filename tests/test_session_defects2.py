@@ -289,3 +289,27 @@ def test_a_save_too_old_to_tell_says_what_happened(tmp_path):
         assert "first delivery was saved" in e.value.message and "Nothing was changed" in e.value.message
         assert (await shard.info("s", "alice"))["seq"] == 41
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- found while looking: stats
+def test_the_metrics_every_key_reads_name_no_other_owners_session(tmp_path):
+    """/research/metrics (and /ws/research), which any API key reads, carried every shard's stats
+    whole, with its last 20 damage reports: each names a session id of any owner and what is
+    damaged where. ``owner_view_stats`` (what that view now sends) keeps the counts, drops those."""
+    from serve.sessions.client import owner_view_stats
+
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("alices-secret-project", "alice")
+        await shard.apply_update("alices-secret-project", 1, "u-1", b"alice's bank " * 100, {"tokens_seen": 1},
+                                 {"kind": "generate"})
+        assert await shard.offload("alices-secret-project")
+        shard.store.close()
+        _damage_snapshot_header(cfg, "alices-secret-project")
+        stats = await local_shard(cfg).stats()
+        assert "alices-secret-project" in repr(stats)  # the operator's view names it
+        view = owner_view_stats([stats])
+        assert "alices-secret-project" not in repr(view)  # before: in every key's /research/metrics
+        assert view[0]["damaged_sessions"] == 1 and view[0]["sessions"] == 1
+    asyncio.run(main())

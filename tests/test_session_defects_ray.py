@@ -110,6 +110,7 @@ def test_one_unreachable_shard_leaves_listing_and_new_sessions_working(ray_clust
             assert [s["state_id"] for s in listing["states"]] == [kept] and listing["unreachable_shards"] == [1]
             page = await list_states(ctx=ctx, who=Caller(header_owner="alice"), owner=None, limit=100, after=None)
             assert page["incomplete"] and page["unreachable_shards"] == [1] and page["count"] == 1
+            assert [s["shard"] for s in await client.stats()] == [0, 1]  # /model/stats still answers
             await client.call(new, "create", "alice")
             with pytest.raises(APIError) as e:  # what it can count still counts: 2 of 2
                 await ctx.check_session_quota("alice", on[0][2])
