@@ -8,6 +8,9 @@ class Ray runs as the actor) on real files, in-process. Each test failed on the 
 * ids differing only in case shared one snapshot file on a storage that folds case (macOS, Windows);
 * a retried save of a turn more than 32 updates old answered 409 instead of the duplicate ack.
 
+Found while looking for more of the kind: the metrics any key reads named other owners' damaged
+sessions; a session found damaged by a checkpoint kept every WAL epoch from then on.
+
 The unreachable-shard listing (round 2, defect 1) needs several real shard actors: it is in
 tests/test_session_defects_ray.py.
 """
@@ -312,4 +315,44 @@ def test_the_metrics_every_key_reads_name_no_other_owners_session(tmp_path):
         view = owner_view_stats([stats])
         assert "alices-secret-project" not in repr(view)  # before: in every key's /research/metrics
         assert view[0]["damaged_sessions"] == 1 and view[0]["sessions"] == 1
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- found while looking: WAL growth
+def test_a_session_found_damaged_by_a_checkpoint_does_not_keep_the_wal_forever(tmp_path):
+    """An offloaded session that took token turns (a replica held its state) is loaded by the next
+    checkpoint to be snapshotted; when its stored bank turns out damaged, the session is marked
+    damaged (a marker snapshot holding the verdict and its turns), but its snapshot seq stayed behind,
+    so every later checkpoint kept every old WAL epoch: the log grew without bound, and each restart
+    replayed all of it (the marker written at start-up already counted as the snapshot)."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        for sid in ("a", "b"):
+            await shard.create(sid, "alice")
+            await shard.apply_update(sid, 1, f"u-{sid}", f"{sid}'s bank ".encode() * 100, {"tokens_seen": 1},
+                                     {"kind": "generate"})
+            assert await shard.offload(sid)
+        s = shard.sessions["a"]
+        lease = await shard.begin_turn("a", "alice", False, {"inc": s.inc, "seq": 1, "digest": s.digest})
+        assert not lease["base"]
+        await _commit(shard, "a", lease, "resident")  # a token record; the bank stays offloaded
+        path = os.path.join(cfg.storage, "shard-0", "sessions", "a.snap")
+        with open(path, "r+b") as f:  # a byte of the stored bank flips
+            f.seek(-20, 2)
+            b = f.read(1)
+            f.seek(-20, 2)
+            f.write(bytes([b[0] ^ 0x10]))
+        await shard.checkpoint()  # finds the damage while loading "a" to snapshot it
+        assert shard.sessions["a"].damage
+        for i in range(3):
+            await _turn(shard, "b", "alice", f"b{i}")
+            await shard.checkpoint()
+        assert len(shard.store.epochs()) == 1  # before the fix: 5, one more per checkpoint
+        shard.store.close()
+        again = local_shard(cfg)
+        with pytest.raises(APIError) as e:
+            await again.info("a", "alice")
+        assert e.value.code == "state_damaged"  # the verdict outlived the WAL it was found in
+        assert _tags(await again.info("b", "alice"))[-3:] == ["b0", "b1", "b2"]
     asyncio.run(main())

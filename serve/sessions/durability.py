@@ -212,6 +212,9 @@ class DurabilityMixin:
                 try:
                     await asyncio.to_thread(self.store.quarantine_snapshot, s.state_id)
                     await asyncio.to_thread(self.store.write_snapshot, s.state_id, s.header(), None)
+                    # the marker holds the verdict and the token turns: it is the session's snapshot now
+                    # (as at start-up), else every checkpoint kept every WAL epoch for its newer turns
+                    s.snapshot_seq = max(s.snapshot_seq, s.seq)
                 except OSError as e2:
                     logger.error("shard %d: could not persist the damage of %s: %s", self.index, s.state_id, e2)
                 raise self._damaged(s) from None
