@@ -356,3 +356,41 @@ def test_a_session_found_damaged_by_a_checkpoint_does_not_keep_the_wal_forever(t
         assert e.value.code == "state_damaged"  # the verdict outlived the WAL it was found in
         assert _tags(await again.info("b", "alice"))[-3:] == ["b0", "b1", "b2"]
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- found while looking: stuck turns
+def test_a_stuck_turn_does_not_hold_its_session_forever(tmp_path):
+    """A turn's holder renews its lease every ``lease_ttl_s / 4`` for as long as its process lives
+    (``BankClient.keep_lease``). A turn whose decode hung while that process lived kept renewing: the
+    session stayed busy (503 state_busy for every other request on it) forever, though
+    ``lease_timeout_s`` was documented as the cap of a renewed lease. Renewals now stop there; a
+    request waiting for the session then gets it, and the stuck turn, if it ever ends, is refused."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank", lease_ttl_s=0.2, lease_timeout_s=0.6, lease_wait_s=0.1)
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        stuck = await shard.begin_turn("s", "alice", False)
+        renewed = []
+
+        async def keeper():  # what BankClient.keep_lease does, at ttl / 4
+            while True:
+                await asyncio.sleep(0.05)
+                ok = await shard.renew_lease("s", stuck["lease_id"])
+                renewed.append(ok)
+                if not ok:
+                    return
+        keep = asyncio.create_task(keeper())
+        await asyncio.sleep(0.3)
+        with pytest.raises(APIError) as e:  # the turn is young: the session is its own
+            await shard.begin_turn("s", "alice", False)
+        assert e.value.code == "state_busy"
+        await asyncio.wait_for(keep, 2.0)  # before the fix: renewed forever (a timeout here)
+        assert renewed[-1] is False and all(renewed[:-1])
+        await asyncio.sleep(0.3)  # the last renewal's ttl runs out
+        live = await shard.begin_turn("s", "alice", False)
+        await _commit(shard, "s", live, "live")
+        with pytest.raises(APIError) as e:
+            await _commit(shard, "s", stuck, "stuck")
+        assert e.value.code == "lease_lost"
+        assert _tags(await shard.info("s", "alice")) == ["live"]
+    asyncio.run(main())

@@ -224,11 +224,18 @@ class StateMachineMixin:
         s = self.sessions.get(sid)
         if s is None or s.deleted:
             return False
+        now = time.monotonic()
         if s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc:
-            s.grant = lease_id
+            s.grant, s.leased_at = lease_id, now
         elif s.lease is None or s.lease[0] != lease_id:
             return False
-        s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
+        elif now - s.leased_at > self.cfg.lease_timeout_s:
+            # a turn held this long is stuck (its holder alive, its decode not): renewing it forever
+            # kept the session busy (503 for every other request) for as long as that process lived.
+            # Refused, the lease lapses within lease_ttl_s; the turn may still commit unless another
+            # request leased the session meanwhile (then 409 lease_lost, as for any expired lease)
+            return False
+        s.lease = (lease_id, now + self.cfg.lease_ttl_s)
         return True
 
     async def commit_turn(self, sid: str, lease_id: str | None, seq: int, update_id: str,
@@ -386,7 +393,8 @@ class StateMachineMixin:
             if s.deleted:
                 raise session_not_found(s.state_id)
             lease_id = f"{s.inc}.{uuid.uuid4().hex}"  # see lease_incarnation
-            s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
+            s.leased_at = time.monotonic()
+            s.lease = (lease_id, s.leased_at + (ttl_s or self.cfg.lease_timeout_s))
             s.grant, s.background = lease_id, None
             return lease_id
 
