@@ -214,6 +214,14 @@ def snapshot_sid(name: str) -> str:
     return "".join(c.upper() if bits >> i & 1 else c.lower() for i, c in enumerate(stem))
 
 
+def _record_sid(data: bytes) -> str | None:
+    """The session id a snapshot file's record names (format 2: its checksummed prefix; format 1:
+    its header). Raises :class:`RecordDamage` / ``ValueError`` when it cannot be read."""
+    if data[:4] == MAGIC_V1:
+        return unpack_record(data)[0].get("sid")
+    return _parse_prefix(data, 0)[2]["sid"]
+
+
 # --------------------------------------------------------------------------- store
 class BankStore:
     """Snapshot + WAL storage for one shard under ``uri`` (a local path or any fsspec URI)."""
@@ -262,10 +270,10 @@ class BankStore:
         path = self._legacy_path(sid)
         try:
             with self.fs.open(path, "rb") as f:
-                name = _parse_prefix(f.read(_PREFIX.size), 0)[2]["sid"]
+                name = _record_sid(f.read())
             if name == sid:
                 self.fs.rm(path)
-        except (OSError, RecordDamage, struct.error):
+        except (OSError, RecordDamage, struct.error, ValueError):
             pass  # left behind; its header names a session that now has a newer file
 
     def read_snapshot(self, sid: str) -> tuple[dict[str, Any], bytes | None]:
@@ -330,8 +338,8 @@ class BankStore:
 
     def list_snapshots(self) -> list[str]:
         """The state ids that have a snapshot. An id with capitals whose only file has the old name
-        (``<sid>.snap``, written before :func:`snapshot_name`) is read from there until its next
-        snapshot, which takes the new name."""
+        (``<sid>.snap``, written before :func:`snapshot_name`) is moved to its new name here (or, when
+        storage refuses, read from the old one until its next snapshot)."""
         try:
             names = self.fs.ls(self._sessions, detail=False)
         except FileNotFoundError:
@@ -339,7 +347,25 @@ class BankStore:
         stems = {os.path.basename(n)[:-5] for n in names if n.endswith(".snap")}
         sids = {snapshot_sid(n) for n in stems}
         self._legacy = {s for s in sids if s in stems and snapshot_name(s) not in stems and snapshot_name(s) != s}
+        for sid in sorted(self._legacy):
+            self._move_legacy(sid)
         return sorted(sids)
+
+    def _move_legacy(self, sid: str) -> None:
+        """Copy an old-named snapshot (``Chat.snap``) to its new name now, not at its next snapshot:
+        on a disk that folds case, the old name is also the new name of the id in lower case
+        (``chat.snap``), whose first snapshot would overwrite it. Left as it is on a storage error
+        (read from the old name meanwhile)."""
+        try:
+            with self.fs.open(self._legacy_path(sid), "rb") as f:
+                data = f.read()
+            if _record_sid(data) != sid:
+                return  # another id's file under that name (a disk that folds case): not this one's
+            self._write_atomic(f"{self._sessions}/{snapshot_name(sid)}.snap", data)
+        except (OSError, RecordDamage, struct.error, ValueError):
+            return
+        self._legacy.discard(sid)
+        self._remove_legacy(sid)
 
     # ---- WAL --------------------------------------------------------------------------------
     def epochs(self) -> list[int]:

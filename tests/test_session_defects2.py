@@ -394,3 +394,30 @@ def test_a_stuck_turn_does_not_hold_its_session_forever(tmp_path):
         assert e.value.code == "lease_lost"
         assert _tags(await shard.info("s", "alice")) == ["live"]
     asyncio.run(main())
+
+
+def test_an_old_named_snapshot_survives_the_lower_case_id_on_a_case_folding_disk(case_folding_storage):
+    """On a disk that folds case, the old name of "Chat" (``Chat.snap``) is the new name of "chat"
+    (``chat.snap``): the first snapshot of a new "chat" would overwrite the only copy of "Chat".
+    Old names are moved to new ones when the shard starts, before anything can write there."""
+    import fsspec
+
+    async def main():
+        cfg = shard_config(case_folding_storage)
+        shard = local_shard(cfg)
+        await shard.create("Chat", "alice")
+        await shard.apply_update("Chat", 1, "u-1", b"old bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        await shard.checkpoint()
+        shard.store.close()
+        fs, root = fsspec.core.url_to_fs(cfg.shard_uri(0))
+        fs.mv(f"{root}/sessions/Chat.1.snap", f"{root}/sessions/Chat.snap")  # what the old code wrote
+        again = local_shard(cfg)
+        await again.create("chat", "alice")
+        await again.apply_update("chat", 1, "u-2", b"new bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        assert await again.offload("chat")  # writes chat.snap: the old name of "Chat" on this disk
+        await again.checkpoint()
+        again.store.close()
+        third = local_shard(cfg)
+        assert (await third.get_bank("Chat", "alice"))["payload"] == b"old bank " * 100
+        assert (await third.get_bank("chat", "alice"))["payload"] == b"new bank " * 100
+    asyncio.run(main())
