@@ -421,3 +421,21 @@ def test_an_old_named_snapshot_survives_the_lower_case_id_on_a_case_folding_disk
         assert (await third.get_bank("Chat", "alice"))["payload"] == b"old bank " * 100
         assert (await third.get_bank("chat", "alice"))["payload"] == b"new bank " * 100
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- 1. listing (in-process part)
+def test_a_listing_with_no_shard_answering_is_503_not_empty(tmp_path):
+    """The listing names shards that cannot answer instead of failing (the Ray test shows it with
+    two shards); when none answers, an empty 200 would tell the owner they have no sessions: 503."""
+    from serve.sessions import LocalBankClient
+
+    async def main():
+        root = tmp_path / "bank"
+        root.mkdir()
+        (root / "shard-0").write_text("not a directory")  # its storage cannot be opened, for real
+        client = LocalBankClient(local_shard(shard_config(root)))
+        with pytest.raises(APIError) as e:
+            await client.list_reachable("alice")
+        assert e.value.status == 503 and e.value.code == "storage_unavailable"
+        assert [s["shard"] for s in await client.stats()] == [0]  # stats still answer (its storage_error)
+    asyncio.run(main())

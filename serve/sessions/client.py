@@ -103,7 +103,8 @@ class BankClient:
         [i, ...], "errors": [StorageUnavailable, ...]}``. A shard that cannot answer (503: its actor
         is gone, its storage is down) is named instead of failing the whole listing: before, one
         unreachable shard made every owner's listing, and the session quota every new session
-        checks, answer 503."""
+        checks, answer 503. When no shard answers, that 503 is raised (an empty listing would say
+        the owner has no sessions)."""
         from ..errors import find_api_error
 
         idx = list(self.shard_indices())
@@ -120,6 +121,8 @@ class BankClient:
                 errors.append(api)
             else:
                 states.extend(p)
+        if errors and len(errors) == len(idx):
+            raise errors[0]
         states.sort(key=lambda s: s["updated_at"], reverse=True)
         return {"states": states, "unreachable_shards": down, "errors": errors}
 
