@@ -439,3 +439,31 @@ def test_a_listing_with_no_shard_answering_is_503_not_empty(tmp_path):
         assert e.value.status == 503 and e.value.code == "storage_unavailable"
         assert [s["shard"] for s in await client.stats()] == [0]  # stats still answer (its storage_error)
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- found while looking: retried deletes
+def test_a_retried_delete_is_acknowledged(tmp_path):
+    """Ray retries a shard call whose actor died before answering (``max_task_retries=-1``). A delete
+    that was durable (its WAL record written) is replayed by the restarted shard, so its retry met no
+    session and answered 404 "not found": the user was told the delete had not happened. A recent
+    delete of the same owner is now acknowledged again; another owner, or an id never created,
+    still gets 404, and an id created again is that new session."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        await _turn(shard, "s", "alice", "t")
+        assert (await shard.delete("s", "alice"))["deleted"]
+        shard.store.close()
+        again = local_shard(cfg)  # the actor restarted after the delete was durable
+        assert (await again.delete("s", "alice"))["deleted"]  # the retry; before the fix: 404
+        for sid, owner in (("s", "bob"), ("never", "alice")):
+            with pytest.raises(APIError) as e:
+                await again.delete(sid, owner)
+            assert e.value.status == 404
+        await again.create("s", "bob")  # the id is taken again: a delete is about the new session
+        with pytest.raises(APIError) as e:
+            await again.delete("s", "alice")
+        assert e.value.status == 404
+        assert (await again.info("s", "bob"))["seq"] == 0
+    asyncio.run(main())

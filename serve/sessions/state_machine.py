@@ -123,6 +123,7 @@ class StateMachineMixin:
                       "at": time.time()}
             await self._append(header, None)
             self.sessions.pop(sid, None)
+            self.deleted_recently.pop(sid, None)
             self._apply_record(header, None)
             return self.sessions[sid].info(self.index)
 
@@ -150,10 +151,27 @@ class StateMachineMixin:
         await self._enforce_budget()
         return out
 
+    DELETED_REMEMBERED = 4096
+    """Deleted ids (and owners) a shard remembers, so that a retried delete is acknowledged."""
+
+    def _remember_deleted(self, sid: str, owner: str) -> None:
+        self.deleted_recently.pop(sid, None)
+        self.deleted_recently[sid] = owner
+        while len(self.deleted_recently) > self.DELETED_REMEMBERED:
+            del self.deleted_recently[next(iter(self.deleted_recently))]
+
     async def delete(self, sid: str, owner: str | None) -> dict[str, Any]:
-        """Delete a session (also a damaged one: the way to clear it)."""
+        """Delete a session (also a damaged one: the way to clear it).
+
+        Deleting an id this owner deleted recently (since this shard's WAL last folded, or this
+        process deleted it) is acknowledged again: Ray retries a call whose actor died before it
+        answered, and the retry of a delete that was durable met a shard that had replayed it (404
+        "not found" for a delete that happened)."""
         self._start_manager()
         s = self.sessions.get(sid)
+        if (s is None or s.deleted) and sid in self.deleted_recently and (
+                owner is None or self.deleted_recently[sid] == owner):
+            return {"state_id": sid, "deleted": True}
         if s is None or not s.damage:
             s = self._get(sid, owner)
         elif not self._owned(s, owner):
@@ -165,6 +183,7 @@ class StateMachineMixin:
             self._apply_record(header, None)
             s.condition().notify_all()
         self.sessions.pop(sid, None)
+        self._remember_deleted(sid, s.owner)
         # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
         # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
         self.stale_snapshots[sid] = s.inc
