@@ -348,24 +348,29 @@ class BankStore:
         sids = {snapshot_sid(n) for n in stems}
         self._legacy = {s for s in sids if s in stems and snapshot_name(s) not in stems and snapshot_name(s) != s}
         for sid in sorted(self._legacy):
-            self._move_legacy(sid)
+            held = self._move_legacy(sid)
+            if held is not None and held != sid and held.lower() == sid.lower():
+                sids.add(held)  # a case-folding disk where the old names collided: the file is ``held``'s
         return sorted(sids)
 
-    def _move_legacy(self, sid: str) -> None:
+    def _move_legacy(self, sid: str) -> str | None:
         """Copy an old-named snapshot (``Chat.snap``) to its new name now, not at its next snapshot:
         on a disk that folds case, the old name is also the new name of the id in lower case
         (``chat.snap``), whose first snapshot would overwrite it. Left as it is on a storage error
-        (read from the old name meanwhile)."""
+        (read from the old name meanwhile). Returns the id the file holds (None: unreadable): on
+        such a disk, where the old names already collided, another case of ``sid``."""
         try:
             with self.fs.open(self._legacy_path(sid), "rb") as f:
                 data = f.read()
-            if _record_sid(data) != sid:
-                return  # another id's file under that name (a disk that folds case): not this one's
+            held = _record_sid(data)
+            if held != sid:
+                return held  # another id's file under that name (a disk that folds case): not this one's
             self._write_atomic(f"{self._sessions}/{snapshot_name(sid)}.snap", data)
         except (OSError, RecordDamage, struct.error, ValueError):
-            return
+            return None
         self._legacy.discard(sid)
         self._remove_legacy(sid)
+        return sid
 
     # ---- WAL --------------------------------------------------------------------------------
     def epochs(self) -> list[int]:

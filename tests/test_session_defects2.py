@@ -467,3 +467,29 @@ def test_a_retried_delete_is_acknowledged(tmp_path):
         assert e.value.status == 404
         assert (await again.info("s", "bob"))["seq"] == 0
     asyncio.run(main())
+
+
+def test_where_old_names_already_collided_the_surviving_session_is_found(case_folding_storage):
+    """On a disk that folds case the old names could already have collided: ``Chat.snap`` (listed
+    with the case it was made in) holding the snapshot of "chat", which overwrote it. That file was
+    listed as "Chat" only, so "chat" was never restored. Now the id the file holds is listed too;
+    "Chat", whose snapshot was overwritten, is reported damaged (nothing guessed)."""
+    import fsspec
+
+    async def main():
+        cfg = shard_config(case_folding_storage)
+        shard = local_shard(cfg)
+        await shard.create("chat", "alice")
+        await shard.apply_update("chat", 1, "u-1", b"chat's bank " * 100, {"tokens_seen": 1}, {"kind": "generate"})
+        await shard.checkpoint()
+        shard.store.close()
+        fs, root = fsspec.core.url_to_fs(cfg.shard_uri(0))
+        data = fs.cat_file(f"{root}/sessions/chat.snap")
+        fs.rm(f"{root}/sessions/chat.snap")
+        fs.pipe_file(f"{root}/sessions/Chat.snap", data)  # "Chat" made the file; "chat" overwrote it
+        again = local_shard(cfg)
+        assert (await again.get_bank("chat", "alice"))["payload"] == b"chat's bank " * 100  # before: 404
+        with pytest.raises(APIError) as e:
+            await again.info("Chat", None)
+        assert e.value.code == "state_damaged" and "holds session 'chat'" in e.value.message
+    asyncio.run(main())
