@@ -2,7 +2,9 @@
 
 Layout under one shard's root (``<storage>/shard-<i>/``)::
 
-    sessions/<state_id>.snap      latest snapshot of a session: one record (header JSON + bank bytes)
+    sessions/<name>.snap          latest snapshot of a session: one record (header JSON + bank bytes);
+                                  <name> is the state_id, plus ".<mask>" when it has capitals
+                                  (``snapshot_name``: ids are case-sensitive, some filesystems are not)
     wal/<epoch>.log               local disk: append-only log of records, fsync'd per record
     wal/<epoch>/<n>.rec           object stores (s3://, gs://, memory://): one object per record
 
@@ -185,6 +187,41 @@ def unpack_record(data: bytes) -> tuple[dict[str, Any], bytes | None]:
     return header, payload
 
 
+# --------------------------------------------------------------------------- snapshot names
+def snapshot_name(sid: str) -> str:
+    """The file name (without ``.snap``) of ``sid``'s snapshot: the id itself when it has no capital
+    letter, else the id and a hex mask of where its capitals are (``"Chat"`` -> ``"Chat.1"``).
+
+    State ids are case-sensitive (``[A-Za-z0-9_-]``), but a storage directory may not be: macOS and
+    Windows disks fold case, so ``Chat.snap`` and ``chat.snap`` were one file. The second session's
+    snapshot replaced the first's, which then loaded as damaged (or vanished at a restart). A name
+    with its mask differs from every other id's name even with case folded, and gives the id back
+    (:func:`snapshot_sid`). Ids without capitals (server-made ones, ``s-<hex>``) keep the old name."""
+    mask = sum(1 << i for i, c in enumerate(sid) if "A" <= c <= "Z")
+    return f"{sid}.{mask:x}" if mask else sid
+
+
+def snapshot_sid(name: str) -> str:
+    """The state id of a snapshot file name (without ``.snap``): :func:`snapshot_name` inverted. A
+    name without a mask is the id as it is (old names of ids with capitals included)."""
+    if "." not in name:
+        return name
+    stem, mask = name.split(".", 1)
+    try:
+        bits = int(mask, 16)
+    except ValueError:
+        return name
+    return "".join(c.upper() if bits >> i & 1 else c.lower() for i, c in enumerate(stem))
+
+
+def _record_sid(data: bytes) -> str | None:
+    """The session id a snapshot file's record names (format 2: its checksummed prefix; format 1:
+    its header). Raises :class:`RecordDamage` / ``ValueError`` when it cannot be read."""
+    if data[:4] == MAGIC_V1:
+        return unpack_record(data)[0].get("sid")
+    return _parse_prefix(data, 0)[2]["sid"]
+
+
 # --------------------------------------------------------------------------- store
 class BankStore:
     """Snapshot + WAL storage for one shard under ``uri`` (a local path or any fsspec URI)."""
@@ -204,13 +241,40 @@ class BankStore:
         self._roll = False
         self._n = 0
         self.wal_bytes = 0
+        self._legacy: set[str] = set()  # ids with capitals whose snapshot still has its old name
 
     # ---- snapshots ----------------------------------------------------------------------
     def _snap_path(self, sid: str) -> str:
+        """Where ``sid``'s snapshot is: its old name (``<sid>.snap``) while that file is still its
+        (see ``list_snapshots``), else :func:`snapshot_name`'s."""
+        if sid in self._legacy:
+            return self._legacy_path(sid)
+        return f"{self._sessions}/{snapshot_name(sid)}.snap"
+
+    def _legacy_path(self, sid: str) -> str:
         return f"{self._sessions}/{sid}.snap"
 
     def write_snapshot(self, sid: str, header: dict[str, Any], payload: bytes | None) -> None:
-        self._write_atomic(self._snap_path(sid), pack_record(header, payload))
+        legacy = sid in self._legacy
+        self._legacy.discard(sid)
+        try:
+            self._write_atomic(self._snap_path(sid), pack_record(header, payload))
+        except BaseException:
+            if legacy:
+                self._legacy.add(sid)
+            raise
+        if legacy:  # its new name holds it now; on a disk that folds case the old name may be another
+            self._remove_legacy(sid)  # id's file (``chat.snap`` for ``Chat``): removed only if it is this one's
+
+    def _remove_legacy(self, sid: str) -> None:
+        path = self._legacy_path(sid)
+        try:
+            with self.fs.open(path, "rb") as f:
+                name = _record_sid(f.read())
+            if name == sid:
+                self.fs.rm(path)
+        except (OSError, RecordDamage, struct.error, ValueError):
+            pass  # left behind; its header names a session that now has a newer file
 
     def read_snapshot(self, sid: str) -> tuple[dict[str, Any], bytes | None]:
         """The snapshot's header and bank, both checksummed; raises :class:`RecordDamage`."""
@@ -264,17 +328,49 @@ class BankStore:
             return None
 
     def delete_snapshot(self, sid: str) -> None:
+        if sid in self._legacy:
+            self._remove_legacy(sid)
+            self._legacy.discard(sid)
         try:
             self.fs.rm(self._snap_path(sid))
         except FileNotFoundError:
             pass
 
     def list_snapshots(self) -> list[str]:
+        """The state ids that have a snapshot. An id with capitals whose only file has the old name
+        (``<sid>.snap``, written before :func:`snapshot_name`) is moved to its new name here (or, when
+        storage refuses, read from the old one until its next snapshot)."""
         try:
             names = self.fs.ls(self._sessions, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(os.path.basename(n)[:-5] for n in names if n.endswith(".snap"))
+        stems = {os.path.basename(n)[:-5] for n in names if n.endswith(".snap")}
+        sids = {snapshot_sid(n) for n in stems}
+        self._legacy = {s for s in sids if s in stems and snapshot_name(s) not in stems and snapshot_name(s) != s}
+        for sid in sorted(self._legacy):
+            held = self._move_legacy(sid)
+            if held is not None and held != sid and held.lower() == sid.lower():
+                sids.add(held)  # a case-folding disk where the old names collided: the file is ``held``'s
+        return sorted(sids)
+
+    def _move_legacy(self, sid: str) -> str | None:
+        """Copy an old-named snapshot (``Chat.snap``) to its new name now, not at its next snapshot:
+        on a disk that folds case, the old name is also the new name of the id in lower case
+        (``chat.snap``), whose first snapshot would overwrite it. Left as it is on a storage error
+        (read from the old name meanwhile). Returns the id the file holds (None: unreadable): on
+        such a disk, where the old names already collided, another case of ``sid``."""
+        try:
+            with self.fs.open(self._legacy_path(sid), "rb") as f:
+                data = f.read()
+            held = _record_sid(data)
+            if held != sid:
+                return held  # another id's file under that name (a disk that folds case): not this one's
+            self._write_atomic(f"{self._sessions}/{snapshot_name(sid)}.snap", data)
+        except (OSError, RecordDamage, struct.error, ValueError):
+            return None
+        self._legacy.discard(sid)
+        self._remove_legacy(sid)
+        return sid
 
     # ---- WAL --------------------------------------------------------------------------------
     def epochs(self) -> list[int]:

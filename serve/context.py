@@ -7,6 +7,7 @@ context. Nothing here talks to a model: that is the Generator's job.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -19,6 +20,8 @@ from . import schemas as S
 from .auth import KeyRing
 from .errors import TooManyRequests, Unprocessable, find_api_error, session_not_found
 from .live import Broadcaster
+
+logger = logging.getLogger("serve.context")
 
 
 @dataclass
@@ -91,7 +94,12 @@ class ApiContext:
 
     async def check_session_quota(self, owner: str, state_id: str | None) -> None:
         """429 if creating ``state_id`` would give ``owner`` more than ``max_sessions_per_owner``
-        sessions. An existing session of the owner passes (one shard call)."""
+        sessions. An existing session of the owner passes (one shard call).
+
+        The count skips shards that cannot answer (logged): one unreachable shard must not stop
+        every owner from starting a session on the shards that work (the new session's own shard
+        answers for itself when it is created). An owner may then pass the cap by what the
+        unreachable shards hold, for as long as they are down: a soft limit, not a security one."""
         if state_id is not None:
             try:
                 await self.bank.call(state_id, "info", owner, False)
@@ -100,7 +108,11 @@ class ApiContext:
                 if find_api_error(e) is None or find_api_error(e).status != 404:
                     raise  # the shard is down or busy: that error, not a quota answer
         cap = self.limits.max_sessions_per_owner
-        sessions = await self.bank.list_sessions(owner)
+        listing = await self.bank.list_reachable(owner)
+        sessions = listing["states"]
+        if listing["unreachable_shards"]:
+            logger.warning("session quota of %s counted without shards %s (unreachable): %d sessions", owner,
+                           listing["unreachable_shards"], len(sessions))
         if len(sessions) >= cap:
             self.count("rejected/session_quota")
             raise TooManyRequests(f"this key holds {len(sessions)} sessions, the most this server allows "

@@ -170,6 +170,9 @@ class StateListResponse(BaseModel):
     count: int = Field(..., description="Sessions on this page.")
     has_more: bool = Field(False, description="More sessions follow: ask again with after=next_after.")
     next_after: str | None = None
+    incomplete: bool = Field(False, description="Some session store shards could not answer: their sessions "
+                             "are missing from this listing (they are not lost); ask again later.")
+    unreachable_shards: list[int] = Field(default_factory=list, description="The shards that could not answer.")
 
 
 class StateCreateRequest(Strict):

@@ -385,15 +385,8 @@ def test_a_turn_does_not_wait_for_a_background_compaction(tmp_path):
         await _commit(shard, "s", lease, "turn")
         bank = await shard.get_bank("s", "alice")
         assert bank["seq"] == 2 and bank["payload"] == b"the bank " * 100 and len(bank["turns"]) == 1
-        # a compaction the user asked for (POST /v1/state/{id}/compact) is not preempted: a turn waits
-        user_compaction = asyncio.create_task(shard.compact("s", "alice"))
-        started.clear()
-        while not started.is_set():
-            await asyncio.sleep(0.01)
-        with pytest.raises(APIError) as e:
-            await shard.begin_turn("s", "alice", False)
-        assert e.value.status == 503
-        assert (await user_compaction)["state"]["seq"] == 3
+        # a compaction the user asked for is taken over too (round 2):
+        # test_session_defects2.test_the_owners_turn_takes_over_from_the_compaction_they_asked_for
     asyncio.run(main())
 
 

@@ -67,3 +67,62 @@ def test_a_turn_cancelled_while_waiting_for_its_session_leaves_no_lease_behind(r
         asyncio.run(main())
     finally:
         client.kill_all()
+
+
+def test_one_unreachable_shard_leaves_listing_and_new_sessions_working(ray_cluster, tmp_path):
+    """Round 2. One shard that cannot answer (here its storage is gone for real: its directory is
+    replaced by a file and its actor restarted, so it cannot open it and answers 503) made every
+    owner's listing (GET /v1/states) and the session quota check of every new session answer 503,
+    on every shard. Now the listing holds what the reachable shards hold and names the others
+    (``incomplete``, ``unreachable_shards``); the quota is counted without them (logged); a session
+    on the unreachable shard still answers 503 itself. Once storage is back, all is listed again."""
+    import os
+    import shutil
+
+    from serve.auth import Caller
+    from serve.context import ApiContext, Limits
+    from serve.errors import APIError
+    from serve.routers.sessions import list_states
+    from serve.sessions import shard_index
+
+    ray = ray_cluster
+    root = tmp_path / "bank"
+    cfg = BankConfig(storage=str(root), num_shards=2, model={"preset": "tiny", "seed": 0},
+                     manager_interval_s=0, namespace="dnc-defects2-test")
+    client = BankClient(cfg)
+    on = {i: [f"s{k}" for k in range(40) if shard_index(f"s{k}", 2) == i] for i in (0, 1)}
+    kept, lost, new = on[0][0], on[1][0], on[0][1]
+    ctx = ApiContext(generator=None, bank=client, hub=lambda: None, limits=Limits(max_sessions_per_owner=2))
+    try:
+        async def main():
+            for sid in (kept, lost):
+                await client.call(sid, "create", "alice")
+            shard1 = str(root / "shard-1")
+            shutil.move(shard1, shard1 + ".away")
+            open(shard1, "w").close()  # storage for shard 1 is gone: a file where its directory was
+            ray.kill(ray.get_actor(cfg.actor_name(1), namespace=cfg.namespace), no_restart=False)
+            await asyncio.sleep(1.0)  # Ray restarts it; it cannot open its storage
+            with pytest.raises(APIError) as e:
+                await client.call(lost, "info", "alice", False)
+            assert e.value.status == 503
+            await ctx.check_session_quota("alice", new)  # before the fix: 503
+            listing = await client.list_reachable("alice")  # before the fix: 503 for the whole listing
+            assert [s["state_id"] for s in listing["states"]] == [kept] and listing["unreachable_shards"] == [1]
+            page = await list_states(ctx=ctx, who=Caller(header_owner="alice"), owner=None, limit=100, after=None)
+            assert page["incomplete"] and page["unreachable_shards"] == [1] and page["count"] == 1
+            assert [s["shard"] for s in await client.stats()] == [0, 1]  # /model/stats still answers
+            await client.call(new, "create", "alice")
+            with pytest.raises(APIError) as e:  # what it can count still counts: 2 of 2
+                await ctx.check_session_quota("alice", on[0][2])
+            assert e.value.status == 429
+            os.remove(shard1)
+            shutil.move(shard1 + ".away", shard1)  # storage is back: the shard starts by itself
+            for _ in range(100):
+                listing = await client.list_reachable("alice")
+                if not listing["unreachable_shards"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert sorted(s["state_id"] for s in listing["states"]) == sorted([kept, lost, new])
+        asyncio.run(main())
+    finally:
+        client.kill_all()

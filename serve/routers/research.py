@@ -21,6 +21,7 @@ from .. import schemas as S
 from ..auth import Caller, caller
 from ..context import ApiContext, get_ctx
 from ..errors import APIError, Unprocessable, describe_validation_error, find_api_error
+from ..sessions.client import owner_view_stats
 from .live import admitted_ws
 
 logger = logging.getLogger("serve.routers.research")
@@ -84,6 +85,7 @@ async def metrics_view(ctx: ApiContext, owner: str) -> dict[str, Any]:
     probe, gstats, shards, hub = await asyncio.gather(
         ctx.generator.probe.remote(), ctx.generator.stats.remote(), ctx.bank.stats(), ctx.hub().summary.remote())
     runs = {r: v for r, v in hub["runs"].items() if (v.get("last") or {}).get("owner") in (None, owner)}
+    shards = owner_view_stats(shards)  # every key reads this: no other owner's session ids
     return {"model": probe, "generator": gstats, "ingress": dict(ctx.counters), "live": ctx.live.stats(),
             "bank": {"sessions": sum(s["sessions"] for s in shards), "bytes_total": sum(s["bytes_total"] for s in shards),
                      "bytes_in_memory": sum(s["bytes_in_memory"] for s in shards), "shards": shards},

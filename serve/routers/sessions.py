@@ -23,13 +23,16 @@ async def list_states(ctx: ApiContext = Depends(get_ctx), who: Caller = Depends(
                       owner: str | None = Query(None, description="Owner when the server has no keys (X-Owner wins)."),
                       limit: int = Query(100, ge=1, le=1000, description="Sessions per page."),
                       after: str | None = Query(None, max_length=64, description="Start after this state_id.")):
-    states = sorted(await ctx.bank.list_sessions(who.owner(owner)), key=lambda s: s["state_id"])
+    listing = await ctx.bank.list_reachable(who.owner(owner))  # a shard that is down is named, not a 503
+    states = sorted(listing["states"], key=lambda s: s["state_id"])
     if after is not None:
         states = [s for s in states if s["state_id"] > after]
     page = states[:limit]
     more = len(states) > limit
+    down = listing["unreachable_shards"]
     return {"states": page, "count": len(page), "has_more": more,
-            "next_after": page[-1]["state_id"] if more else None}
+            "next_after": page[-1]["state_id"] if more else None, "incomplete": bool(down),
+            "unreachable_shards": down}
 
 
 @router.post("/v1/states", response_model=S.StateInfo, status_code=201, summary="Create an empty session")

@@ -92,12 +92,58 @@ class BankClient:
             self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
-        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in self.shard_indices()))
-        out = [s for p in parts for s in p]
-        return sorted(out, key=lambda s: s["updated_at"], reverse=True)
+        """Every session of ``owner`` (None: all), newest first; 503 when a shard cannot answer."""
+        listing = await self.list_reachable(owner)
+        if listing["unreachable_shards"]:
+            raise listing["errors"][0]
+        return listing["states"]
+
+    async def list_reachable(self, owner: str | None) -> dict[str, Any]:
+        """What the shards that answer hold: ``{"states": [...] (newest first), "unreachable_shards":
+        [i, ...], "errors": [StorageUnavailable, ...]}``. A shard that cannot answer (503: its actor
+        is gone, its storage is down) is named instead of failing the whole listing: before, one
+        unreachable shard made every owner's listing, and the session quota every new session
+        checks, answer 503. When no shard answers, that 503 is raised (an empty listing would say
+        the owner has no sessions)."""
+        from ..errors import find_api_error
+
+        idx = list(self.shard_indices())
+        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in idx),
+                                     return_exceptions=True)
+        states, down, errors = [], [], []
+        for i, p in zip(idx, parts):
+            if isinstance(p, BaseException):
+                api = find_api_error(p)
+                if api is None or api.status != 503:
+                    raise p
+                logger.warning("listing sessions without shard %d: %s", i, api.message)
+                down.append(i)
+                errors.append(api)
+            else:
+                states.extend(p)
+        if errors and len(errors) == len(idx):
+            raise errors[0]
+        states.sort(key=lambda s: s["updated_at"], reverse=True)
+        return {"states": states, "unreachable_shards": down, "errors": errors}
 
     async def stats(self) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(self.on_shard(i, "stats") for i in self.shard_indices())))
+        """Every shard's ``stats()``, in shard order. A shard that cannot answer (503) is an entry
+        ``{"shard": i, "unreachable": why, "sessions": 0, ...}``: before, it failed /model/stats and
+        /research/metrics for everyone (one unreachable shard, as with the listing)."""
+        from ..errors import find_api_error
+
+        idx = list(self.shard_indices())
+        parts = await asyncio.gather(*(self.on_shard(i, "stats") for i in idx), return_exceptions=True)
+        out = []
+        for i, p in zip(idx, parts):
+            if isinstance(p, BaseException):
+                api = find_api_error(p)
+                if api is None or api.status != 503:
+                    raise p
+                p = {"shard": i, "unreachable": api.message, "sessions": 0, "offloaded": 0, "bytes_in_memory": 0,
+                     "bytes_total": 0}
+            out.append(p)
+        return out
 
     async def ping_all(self, timeout_s: float = 5.0) -> int:
         async def one(i):
@@ -118,6 +164,18 @@ class BankClient:
             except ValueError:
                 pass
         self._handles.clear()
+
+
+OPERATOR_ONLY_STATS = ("damage_reports",)
+"""Keys of a shard's ``stats()`` that name sessions of every owner (state ids, what is damaged where):
+for operators (logs, ``<shard>/damage.jsonl``), not for an owner's view."""
+
+
+def owner_view_stats(shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shard stats without what names other owners' sessions (:data:`OPERATOR_ONLY_STATS`), for
+    views any API key reads (/research/metrics, /ws/research): they carried the last 20 damage
+    reports, each naming a session id of any owner and its damage."""
+    return [{k: v for k, v in s.items() if k not in OPERATOR_ONLY_STATS} for s in shards]
 
 
 class LocalBankClient(BankClient):

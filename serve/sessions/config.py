@@ -35,7 +35,8 @@ class BankConfig:
     checkpoint_wal_bytes: int = 64 * 2**20
     """WAL size past which the manager snapshots the sessions it holds and starts a new epoch."""
     lease_timeout_s: float = 120.0
-    """Longest lease the shard grants itself (a compaction), and the cap of a turn's renewed lease."""
+    """Longest lease the shard grants itself (a compaction), and the cap of a turn's renewed lease:
+    renewals are refused this long after the grant, so a stuck turn frees its session."""
     lease_ttl_s: float = 10.0
     """A turn's lease expires this long after it was granted or last renewed. Its holder renews it
     (``BankClient.keep_lease``) every ``lease_ttl_s / 4`` while it lives, so a turn whose generator

@@ -28,7 +28,7 @@ class DurabilityMixin:
     def _try_start(self) -> bool:
         try:
             self.store = BankStore(self.cfg.shard_uri(self.index))
-            self.sessions, self.stale_snapshots = {}, {}
+            self.sessions, self.stale_snapshots, self.deleted_recently = {}, {}, {}
             self._recover()
         except OSError as e:
             if self.store is not None:
@@ -133,6 +133,7 @@ class DurabilityMixin:
                     logger.error("shard %d: could not persist the owner of damaged %s: %s", self.index, s.state_id, e)
         for s in list(self.sessions.values()):
             if s.deleted:
+                self._remember_deleted(s.state_id, s.owner)
                 del self.sessions[s.state_id]
                 try:
                     self.store.delete_snapshot(s.state_id)
@@ -212,6 +213,9 @@ class DurabilityMixin:
                 try:
                     await asyncio.to_thread(self.store.quarantine_snapshot, s.state_id)
                     await asyncio.to_thread(self.store.write_snapshot, s.state_id, s.header(), None)
+                    # the marker holds the verdict and the token turns: it is the session's snapshot now
+                    # (as at start-up), else every checkpoint kept every WAL epoch for its newer turns
+                    s.snapshot_seq = max(s.snapshot_seq, s.seq)
                 except OSError as e2:
                     logger.error("shard %d: could not persist the damage of %s: %s", self.index, s.state_id, e2)
                 raise self._damaged(s) from None

@@ -53,19 +53,21 @@ class ManagerMixin:
         return state_to_bytes(state), before, state_meta(state), moved, merged, bytes_before
 
     async def compact(self, sid: str, owner: str | None, merge: bool = True,
-                      threshold: float | None = None, wait: bool = True,
-                      background: bool = False) -> dict[str, Any] | None:
+                      threshold: float | None = None, wait: bool = True) -> dict[str, Any] | None:
         """Compact one session now (``model.compact_state`` then ``merge_duplicates``).
 
-        ``background`` (the memory manager's): a turn arriving meanwhile takes the session over
-        instead of waiting for the CPU replay (minutes for a real model), and this compaction is then
-        refused (409 ``compaction_preempted``) rather than overwrite what the turn began from."""
+        A turn arriving meanwhile takes the session over instead of waiting for the CPU replay
+        (minutes for a real model; the compaction's lease lasts ``lease_timeout_s``), and this
+        compaction is then refused (409 ``compaction_preempted``) rather than overwrite what the turn
+        began from. That holds for a compaction the owner asked for (POST /v1/state/{id}/compact) as
+        for the memory manager's (``wait=False``): before, the owner's own next turn waited
+        ``lease_wait_s`` behind it and got 503 ``state_busy``. A turn is what the user is waiting for;
+        a compaction can be asked for again."""
         self._start_manager()
         s = self._get(sid, owner)
         threshold = self.cfg.merge_threshold if threshold is None else threshold
         lease_id = await self._acquire(s, self.cfg.lease_wait_s if wait else 0.0)
-        if background:
-            s.background = lease_id
+        s.background = lease_id  # a turn may take it over (see above)
         try:
             await self._ensure_loaded(s)
             seq = s.seq
@@ -79,7 +81,7 @@ class ManagerMixin:
             turn = {"kind": "compact", "duration_ms": (time.perf_counter() - t0) * 1e3,
                     "tokens_seen": after["tokens_seen"], "detail": {**moved, "merged": merged}}
             res = await self.apply_update(sid, seq + 1, f"compact-{uuid.uuid4().hex}", payload, after, turn,
-                                          compacted=True, inc=s.inc, fence=lease_id if background else None)
+                                          compacted=True, inc=s.inc, fence=lease_id)
         finally:
             if s.background == lease_id:
                 s.background = None
@@ -116,7 +118,7 @@ class ManagerMixin:
             if (self.cfg.auto_compact and s.compacted_seq < s.seq and s.nbytes
                     and now - s.last_access >= self.cfg.compact_idle_s and self._l0_fill(s) >= self.cfg.compact_l0_fill):
                 try:
-                    await self.compact(s.state_id, None, merge=True, wait=False, background=True)
+                    await self.compact(s.state_id, None, merge=True, wait=False)
                     done["compacted"] += 1
                 except (Busy, Conflict, NotFound, StateDamaged, StorageUnavailable):
                     pass

@@ -34,8 +34,9 @@ class Session:
     compacted_seq: int = -1
     last_access: float = field(default_factory=time.monotonic)
     lease: tuple[str, float] | None = None  # (lease id, monotonic expiry)
+    leased_at: float = 0.0  # monotonic time the lease was granted (renewals stop lease_timeout_s after)
     grant: str | None = None  # fencing token: the lease granted last; a commit under an older one is refused
-    background: str | None = None  # the lease of a background compaction, which a turn takes over
+    background: str | None = None  # the lease of a compaction (background or asked for), which a turn takes over
     cond: asyncio.Condition | None = None
     deleted: bool = False
     damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)

@@ -34,6 +34,7 @@ class SessionBankShard(StateMachineMixin, DurabilityMixin, ManagerMixin):
         self.store: BankStore | None = None
         self.sessions: dict[str, Session] = {}
         self.stale_snapshots: dict[str, str] = {}  # deleted id -> incarnation, its snapshot not removed yet
+        self.deleted_recently: dict[str, str] = {}  # deleted id -> its owner (see StateMachineMixin.delete)
         self.damage_reports: list[dict[str, Any]] = []
         self.started_at = time.time()
         self.counters = {"updates": 0, "duplicates": 0, "conflicts": 0, "compactions": 0, "merged_slots": 0,

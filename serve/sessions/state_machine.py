@@ -78,17 +78,26 @@ class StateMachineMixin:
 
     def _get(self, sid: str, owner: str | None) -> Session:
         s = self.sessions.get(sid)
-        if s is None or s.deleted or (owner is not None and s.owner and s.owner != owner):
+        if s is None or s.deleted or not self._owned(s, owner):
             raise session_not_found(sid)
         if s.damage:
             raise self._damaged(s)
         return s
 
+    @staticmethod
+    def _owned(s: Session, owner: str | None) -> bool:
+        """Whether ``owner`` may see ``s`` (None: the operator, who sees every session). A session
+        whose owner is unknown (damaged before any record naming it could be read) is nobody's:
+        before, an empty owner matched every owner, who could all see and delete it."""
+        return owner is None or s.owner == owner
+
     def _damaged(self, s: Session) -> StateDamaged:
+        how = (f"DELETE /v1/state/{s.state_id} removes it" if s.owner else
+               "its owner is unknown (no readable record names it), so no API key can see or delete it; an "
+               f"operator removes it with BankClient.call({s.state_id!r}, 'delete', None)")
         return StateDamaged(f"state {s.state_id!r} (shard {self.index}) is damaged on storage and cannot be recovered "
-                            f"as acknowledged: {s.damage}. Nothing was guessed; DELETE /v1/state/{s.state_id} "
-                            "removes it (the damaged files are kept aside for inspection)", "state_damaged",
-                            "state_id")
+                            f"as acknowledged: {s.damage}. Nothing was guessed; {how} (the damaged files are kept "
+                            "aside for inspection)", "state_damaged", "state_id")
 
     def _touch(self, s: Session) -> None:
         s.last_access = time.monotonic()
@@ -104,16 +113,17 @@ class StateMachineMixin:
         self._start_manager()
         async with self._create_lock():
             s = self.sessions.get(sid)
-            if s is not None and s.damage:
-                raise self._damaged(s)  # never silently recreated: DELETE first
             if s is not None and not s.deleted:
-                if s.owner != owner:
+                if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
                     raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
+                if s.damage:
+                    raise self._damaged(s)  # never silently recreated: DELETE first
                 return s.info(self.index)
             header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
                       "at": time.time()}
             await self._append(header, None)
             self.sessions.pop(sid, None)
+            self.deleted_recently.pop(sid, None)
             self._apply_record(header, None)
             return self.sessions[sid].info(self.index)
 
@@ -128,8 +138,7 @@ class StateMachineMixin:
 
     async def list_sessions(self, owner: str | None) -> list[dict[str, Any]]:
         self._start_manager()
-        return [s.info(self.index) for s in self.sessions.values()
-                if not s.deleted and (owner is None or s.owner == owner)]
+        return [s.info(self.index) for s in self.sessions.values() if not s.deleted and self._owned(s, owner)]
 
     async def get_bank(self, sid: str, owner: str | None) -> dict[str, Any]:
         """Read-only copy of a session's content: ``{"payload": bytes|None, "turns": [...], "seq": n}``:
@@ -142,13 +151,30 @@ class StateMachineMixin:
         await self._enforce_budget()
         return out
 
+    DELETED_REMEMBERED = 4096
+    """Deleted ids (and owners) a shard remembers, so that a retried delete is acknowledged."""
+
+    def _remember_deleted(self, sid: str, owner: str) -> None:
+        self.deleted_recently.pop(sid, None)
+        self.deleted_recently[sid] = owner
+        while len(self.deleted_recently) > self.DELETED_REMEMBERED:
+            del self.deleted_recently[next(iter(self.deleted_recently))]
+
     async def delete(self, sid: str, owner: str | None) -> dict[str, Any]:
-        """Delete a session (also a damaged one: the way to clear it)."""
+        """Delete a session (also a damaged one: the way to clear it).
+
+        Deleting an id this owner deleted recently (since this shard's WAL last folded, or this
+        process deleted it) is acknowledged again: Ray retries a call whose actor died before it
+        answered, and the retry of a delete that was durable met a shard that had replayed it (404
+        "not found" for a delete that happened)."""
         self._start_manager()
         s = self.sessions.get(sid)
+        if (s is None or s.deleted) and sid in self.deleted_recently and (
+                owner is None or self.deleted_recently[sid] == owner):
+            return {"state_id": sid, "deleted": True}
         if s is None or not s.damage:
             s = self._get(sid, owner)
-        elif owner is not None and s.owner and s.owner != owner:
+        elif not self._owned(s, owner):
             raise session_not_found(sid)
         async with s.condition():
             header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
@@ -157,6 +183,7 @@ class StateMachineMixin:
             self._apply_record(header, None)
             s.condition().notify_all()
         self.sessions.pop(sid, None)
+        self._remember_deleted(sid, s.owner)
         # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
         # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
         self.stale_snapshots[sid] = s.inc
@@ -183,12 +210,12 @@ class StateMachineMixin:
             await self.create(sid, owner)
             created = True
         s = self.sessions[sid]
-        if s.damage:
-            raise self._damaged(s)
-        if s.owner != owner:
+        if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
             if create:
                 raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
             raise session_not_found(sid)
+        if s.damage:
+            raise self._damaged(s)
         lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
         resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
                     and s.digest_at(int(have["seq"])) == have.get("digest"))
@@ -216,11 +243,18 @@ class StateMachineMixin:
         s = self.sessions.get(sid)
         if s is None or s.deleted:
             return False
+        now = time.monotonic()
         if s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc:
-            s.grant = lease_id
+            s.grant, s.leased_at = lease_id, now
         elif s.lease is None or s.lease[0] != lease_id:
             return False
-        s.lease = (lease_id, time.monotonic() + self.cfg.lease_ttl_s)
+        elif now - s.leased_at > self.cfg.lease_timeout_s:
+            # a turn held this long is stuck (its holder alive, its decode not): renewing it forever
+            # kept the session busy (503 for every other request) for as long as that process lived.
+            # Refused, the lease lapses within lease_ttl_s; the turn may still commit unless another
+            # request leased the session meanwhile (then 409 lease_lost, as for any expired lease)
+            return False
+        s.lease = (lease_id, now + self.cfg.lease_ttl_s)
         return True
 
     async def commit_turn(self, sid: str, lease_id: str | None, seq: int, update_id: str,
@@ -281,11 +315,22 @@ class StateMachineMixin:
                            "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
-            if fence is not None and s.grant is not None and s.grant != fence and s.applied.get(seq) != update_id:
+            duplicate = seq <= s.seq and self._was_applied(s, seq, update_id)
+            if seq <= s.seq and not duplicate and not self._remembers(s, seq):
+                # neither "saved" nor "not saved" can be proved: say so (before the fence check, whose
+                # "not saved, retry it" would make a client send a saved turn a second time)
+                self.counters["conflicts"] += 1
+                raise Conflict(f"update seq {seq} of {sid!r} is older than the {self.cfg.max_history} updates "
+                               f"whose ids this session keeps (it is at seq {s.seq}), so it cannot be told "
+                               "apart from a retry: if this request is a retry, its first delivery was saved "
+                               "(see the session's history); otherwise another update took that seq. Nothing "
+                               "was changed", "update_too_old", "state_id")
+            if fence is not None and s.grant is not None and s.grant != fence and not duplicate:
                 self.counters["fenced"] += 1
                 if compacted:
-                    raise Conflict(f"state {sid!r} was taken over by a request while it was being compacted in "
-                                   "the background; the compaction was not saved", "compaction_preempted", "state_id")
+                    raise Conflict(f"state {sid!r} was taken over by a turn while it was being compacted; the turn "
+                                   "went first and this compaction was not saved: ask for it again when the "
+                                   "session is idle", "compaction_preempted", "state_id")
                 raise Conflict(f"the lease of this turn on state {sid!r} expired and the state was leased to "
                                "another request; this turn was not saved, retry it", "lease_lost", "state_id")
             if seq > s.seq + 1:  # early: wait for the predecessors (ordered delivery)
@@ -299,7 +344,7 @@ class StateMachineMixin:
                 if s.deleted:
                     raise session_not_found(sid)
             if seq <= s.seq:
-                if s.applied.get(seq) == update_id:
+                if duplicate:
                     self.counters["duplicates"] += 1
                     # a retry after a lost ack (e.g. the shard restarted): the first delivery wrote the
                     # record, this one writes nothing, but its ack has the same keys as a fresh one's
@@ -319,6 +364,9 @@ class StateMachineMixin:
             if turn is not None:
                 turn.setdefault("seq", seq)
                 turn.setdefault("at", header["at"])
+                # the history keeps the update's id as long as it keeps the turn (max_history), so a
+                # retry is recognised for that long, not only for the last 32 seqs of ``applied``
+                turn["update_id"] = update_id
             record_bytes = await self._append(header, payload)
             self._apply_record(header, payload)
             self.counters["updates"] += 1
@@ -331,6 +379,19 @@ class StateMachineMixin:
         await self._enforce_budget()
         return {"seq": seq, "applied": True, "duplicate": False, "info": info, "durable_bytes": record_bytes,
                 "record": "tokens" if tokens is not None else "state"}
+
+    @staticmethod
+    def _was_applied(s: Session, seq: int, update_id: str) -> bool:
+        """Whether update ``update_id`` was applied as ``seq`` (a retry): ``applied`` holds the last
+        32 seqs' ids, the history (a turn's entry names its update) the last ``max_history`` turns."""
+        if s.applied.get(seq) == update_id:
+            return True
+        return any(h.get("seq") == seq and h.get("update_id") == update_id for h in reversed(s.history))
+
+    @staticmethod
+    def _remembers(s: Session, seq: int) -> bool:
+        """Whether the id of the update applied as ``seq`` is still known (see :meth:`_was_applied`)."""
+        return seq in s.applied or any(h.get("seq") == seq and "update_id" in h for h in s.history)
 
     # ------------------------------------------------------------------ leases
     async def _acquire(self, s: Session, wait_s: float, ttl_s: float | None = None, preempt: bool = False) -> str:
@@ -351,7 +412,8 @@ class StateMachineMixin:
             if s.deleted:
                 raise session_not_found(s.state_id)
             lease_id = f"{s.inc}.{uuid.uuid4().hex}"  # see lease_incarnation
-            s.lease = (lease_id, time.monotonic() + (ttl_s or self.cfg.lease_timeout_s))
+            s.leased_at = time.monotonic()
+            s.lease = (lease_id, s.leased_at + (ttl_s or self.cfg.lease_timeout_s))
             s.grant, s.background = lease_id, None
             return lease_id
 
