@@ -30,7 +30,7 @@ from dnc.model import DNC
 from serve.scheduler import TIMELINE_STAMPS, DecodeScheduler, _Iteration, _Job, timeline_ms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8124"))
+PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8123"))  # conftest.SERVE_PORT: one Serve for every module
 
 
 @pytest.fixture(scope="module")
