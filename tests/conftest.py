@@ -78,7 +78,7 @@ def _serve_controller_alive() -> bool:
     return True
 
 
-def serve_on(port: int) -> None:
+def serve_on(port: int = SERVE_PORT) -> None:
     """Serve running with its HTTP proxy on ``port`` (the ``ray_cluster`` fixture must be up). The
     Serve instance (controller and proxy actors) of the previous module is kept when it listens on
     ``port``: only apps come and go between modules (:func:`remove_app`), which spares a Serve start

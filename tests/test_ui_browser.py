@@ -59,7 +59,7 @@ def _wait_http(url: str, timeout: float = 300.0) -> None:  # generous: a shared 
             last = f"HTTP {r.status_code}"
         except httpx.HTTPError as e:  # not listening yet
             last = repr(e)
-        time.sleep(1)
+        time.sleep(0.25)  # a poll is one local GET: the app is used ~0.4 s sooner on average than at 1 s
     raise TimeoutError(f"{url} not ready after {timeout}s: {last}")
 
 
