@@ -135,7 +135,8 @@ def remove_app(app_args: dict, name: str) -> None:
     from serve.sessions import BankClient
 
     a = AppArgs(**app_args)
-    serve.delete(name)  # returns once the app's replicas are gone
+    if _serve_controller_alive():
+        serve.delete(name)  # returns once the app's replicas are gone (at once if it never was)
     BankClient(a.bank_config()).kill_all()
     try:
         ray.kill(ray.get_actor(a.hub_name(), namespace=a.namespace), no_restart=True)
@@ -150,8 +151,8 @@ def serve_app(app_args: dict, port: int, name: str, timeout_s: float = 180):
     from serve.app import run_app
 
     serve_on(port)
-    run_app(app_args, port, name=name, timeout_s=timeout_s)
-    try:
+    try:  # an app that failed to come up is removed too: the next module's app takes its route
+        run_app(app_args, port, name=name, timeout_s=timeout_s)
         yield f"http://127.0.0.1:{port}"
     finally:
         remove_app(app_args, name)

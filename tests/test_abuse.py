@@ -33,9 +33,10 @@ def keyed(ray_cluster):
     args = abuse.app_args(os.path.join(tmp, "storage"), abuse.write_keys_file(os.path.join(tmp, "keys"), keys),
                           max_sessions_per_owner=12, namespace="bwr-dnc-abuse-test")
     serve_on(PORT)  # Serve on PORT (kept from the previous Serve module when it listens there)
-    base = abuse.start_server(PORT, args)
-    yield base, keys, args
-    remove_app(args, "dnc-abuse")
+    try:
+        yield abuse.start_server(PORT, args), keys, args
+    finally:
+        remove_app(args, "dnc-abuse")
 
 
 def test_owner_isolation_every_endpoint_and_websocket(keyed):

@@ -39,8 +39,8 @@ def test_session_turns_stay_on_the_replica_holding_their_state(ray_cluster, tmp_
                 "generator_num_cpus": 0, "torch_threads": 1, "manager_interval_s": 0, "auto_compact": False,
                 "namespace": "dnc-routing-test"}
     serve_on(PORT)
-    base = run_app(app_args, PORT, name="dnc-routing-test", timeout_s=240)
     try:
+        base = run_app(app_args, PORT, name="dnc-routing-test", timeout_s=240)
         sessions, turns = [f"route-{i}" for i in range(6)], 4
         with httpx.Client(base_url=base, timeout=120) as c:
             for k in range(turns):

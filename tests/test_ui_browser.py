@@ -107,8 +107,8 @@ def server(request, runs_root, trained_checkpoint):
     serve_on(PORT)  # kept from the previous Serve module when it listens on PORT
     args = {"storage": str(storage), "bank_shards": 1, "namespace": "bwr-dnc-ui-test", "torch_threads": 1,
             "live_interval_s": 1.0, "checkpoint": trained_checkpoint, "runs_root": str(runs_root)}
-    serve.run(build_app(args), name="dnc-ui-test", route_prefix="/", blocking=False)
     try:
+        serve.run(build_app(args), name="dnc-ui-test", route_prefix="/", blocking=False)
         _wait_http(f"{BASE}/health")
         yield BASE
     finally:
