@@ -54,16 +54,108 @@ def ray_cluster(tmp_path_factory, request):
     ray.shutdown()
 
 
+# The port every module's Serve app listens on (one port, so that one Serve instance serves them all:
+# serve_on). Its own variable for the UI tests: DNC_UI_TEST_PORT.
+SERVE_PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8123"))
+# The modules that deploy a Serve app on the session's cluster (serve_on). They run one after another,
+# in this order (pytest_collection_modifyitems), so Serve starts once for all of them, not once each,
+# and is shut down after the last: it sits idle through no other module. test_auth first: its
+# in-process build_app test needs no Serve running (serve_off), which is then the case already.
+SERVE_MODULES = ("test_auth.py", "test_abuse.py", "test_metrics.py", "test_serve.py", "test_serve_streaming.py",
+                 "test_serve_timeline.py", "test_sessions_routing.py", "test_ui_browser.py")
+# The port of the Serve instance this session started and keeps (serve_on); None when none is kept.
+_KEPT_SERVE: dict[str, int | None] = {"port": None}
+
+
+def _serve_controller_alive() -> bool:
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def serve_on(port: int = SERVE_PORT) -> None:
+    """Serve running with its HTTP proxy on ``port`` (the ``ray_cluster`` fixture must be up). The
+    Serve instance (controller and proxy actors) of the previous module is kept when it listens on
+    ``port``: only apps come and go between modules (:func:`remove_app`), which spares a Serve start
+    and a full shutdown per module. One on another port, or one this helper did not start, is shut
+    down first, waiting until its controller is gone (a ``serve.start`` meanwhile would join the
+    dying controller)."""
+    from ray import serve
+
+    from serve.app import start_serve, wait_serve_gone
+
+    if _serve_controller_alive():
+        if _KEPT_SERVE["port"] == port:
+            return
+        serve.shutdown()
+        wait_serve_gone()
+    _KEPT_SERVE["port"] = None
+    start_serve(port)
+    _KEPT_SERVE["port"] = port
+
+
+def serve_off() -> None:
+    """No Serve running on the session's cluster (for a test whose outcome depends on that); starts
+    no Ray cluster."""
+    import ray
+
+    if not ray.is_initialized() or not _serve_controller_alive():
+        return
+    from ray import serve
+
+    from serve.app import wait_serve_gone
+
+    _KEPT_SERVE["port"] = None
+    serve.shutdown()
+    wait_serve_gone()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of the Serve modules (module fixtures have removed their apps by then),
+    the Serve that serve_on kept is shut down, so that it does not sit idle through other modules."""
+    yield
+    if _KEPT_SERVE["port"] is not None and (nextitem is None or nextitem.path.name not in SERVE_MODULES):
+        serve_off()
+
+
+def remove_app(app_args: dict, name: str) -> None:
+    """What :func:`serve.app.teardown` removes but Serve itself: the app and its detached bank shards
+    and live hub (the next module starts clean). Serve stays up for the next Serve module
+    (:func:`serve_on`; :func:`pytest_runtest_teardown` shuts it down after the last)."""
+    import ray
+    from ray import serve
+
+    from serve.app import AppArgs
+    from serve.sessions import BankClient
+
+    a = AppArgs(**app_args)
+    if _serve_controller_alive():
+        serve.delete(name)  # returns once the app's replicas are gone (at once if it never was)
+    BankClient(a.bank_config()).kill_all()
+    try:
+        ray.kill(ray.get_actor(a.hub_name(), namespace=a.namespace), no_restart=True)
+    except ValueError:
+        pass
+
+
 def serve_app(app_args: dict, port: int, name: str, timeout_s: float = 180):
     """Generator for a module-scoped fixture: deploy the real Serve app with ``app_args`` on
-    ``port`` (the ``ray_cluster`` fixture must be up), yield its base URL, tear it down after."""
-    from serve.app import run_app, teardown
+    ``port`` (the ``ray_cluster`` fixture must be up), yield its base URL, remove it after (Serve
+    stays up for the next module: :func:`serve_on`)."""
+    from serve.app import run_app
 
-    run_app(app_args, port, name=name, timeout_s=timeout_s)
-    try:
+    serve_on(port)
+    try:  # an app that failed to come up is removed too: the next module's app takes its route
+        run_app(app_args, port, name=name, timeout_s=timeout_s)
         yield f"http://127.0.0.1:{port}"
     finally:
-        teardown(app_args)
+        remove_app(app_args, name)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +175,14 @@ def tiny_config():
 
 
 def pytest_collection_modifyitems(config, items):
+    # the Serve modules together, at the place of the first, in SERVE_MODULES' order, each module's
+    # tests in their own order (a stable sort)
+    serving = [it for it in items if it.path.name in SERVE_MODULES]
+    if serving:
+        first = items.index(serving[0])
+        rest = [it for it in items if it.path.name not in SERVE_MODULES]
+        serving.sort(key=lambda it: SERVE_MODULES.index(it.path.name))
+        items[:] = rest[:first] + serving + rest[first:]
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")

@@ -26,18 +26,17 @@ PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8123"))
 
 @pytest.fixture(scope="module")
 def keyed(ray_cluster):
-    from ray import serve
-
-    from serve.app import teardown
+    from conftest import remove_app, serve_on
 
     keys = abuse.make_keys()
     tmp = tempfile.mkdtemp(prefix="dnc-abuse-test-")
     args = abuse.app_args(os.path.join(tmp, "storage"), abuse.write_keys_file(os.path.join(tmp, "keys"), keys),
                           max_sessions_per_owner=12, namespace="bwr-dnc-abuse-test")
-    serve.shutdown()  # another module's Serve may still hold its port
-    base = abuse.start_server(PORT, args)
-    yield base, keys, args
-    teardown(args)
+    serve_on(PORT)  # Serve on PORT (kept from the previous Serve module when it listens there)
+    try:
+        yield abuse.start_server(PORT, args), keys, args
+    finally:
+        remove_app(args, "dnc-abuse")
 
 
 def test_owner_isolation_every_endpoint_and_websocket(keyed):

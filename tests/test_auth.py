@@ -63,8 +63,10 @@ def test_bind_rule_and_owner_rule():
 
 
 def test_build_app_refuses_beyond_loopback_without_keys(monkeypatch, tmp_path):
+    from conftest import serve_off
     from serve.app import build_app
 
+    serve_off()  # build_app checks the host of a running Serve instead (serve.auth.serve_http_host)
     monkeypatch.delenv("DNC_API_KEYS", raising=False)
     with pytest.raises(KeyConfigError, match="refusing to serve on 0.0.0.0 without API keys") as e:
         build_app({"http_host": "0.0.0.0", "storage": str(tmp_path)})
@@ -93,19 +95,14 @@ def test_log_redaction_filter():
 # ------------------------------------------------------------------------------ the real app
 @pytest.fixture(scope="module")
 def keyed_server(ray_cluster, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import run_app, teardown
+    from conftest import serve_app
 
     tmp = tmp_path_factory.mktemp("auth")
     (tmp / "keys").write_text(f"alice:{ALICE}\nbob:{BOB}\n")
     args = {"storage": str(tmp / "storage"), "api_keys_file": str(tmp / "keys"), "max_new_tokens": 16,
             "bank_shards": 1, "live_interval_s": 0.5, "allowed_origins": ["http://allowed.example"],
             "namespace": "bwr-dnc-auth-test"}
-    serve.shutdown()  # another module's Serve may still hold its port
-    run_app(args, PORT, name="dnc-auth", timeout_s=180)
-    yield BASE
-    teardown(args)
+    yield from serve_app(args, PORT, "dnc-auth")
 
 
 def _c(key: str | None = None, **headers) -> httpx.Client:

@@ -16,7 +16,7 @@ import pytest
 
 from serve.metrics import parse_prometheus, summarize_scrape
 
-PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8126"))
+PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8123"))  # conftest.SERVE_PORT: one Serve for every module
 BASE = f"http://127.0.0.1:{PORT}"
 APP = "dnc-metrics-test"
 
@@ -114,13 +114,11 @@ def test_scheduler_reports_tokens_and_inter_token_times(tiny_config):
 # ------------------------------------------------------------------------------ real cluster
 @pytest.fixture(scope="module")
 def served(ray_cluster, tmp_path_factory):
-    from serve.app import run_app, teardown
+    from conftest import serve_app
 
     args = {"storage": str(tmp_path_factory.mktemp("metrics-storage")), "manager_interval_s": 0,
             "max_new_tokens": 64, "bank_shards": 1, "batch_wait_timeout_s": 0.0}
-    run_app(args, PORT, name=APP, timeout_s=180)
-    yield BASE
-    teardown(args)
+    yield from serve_app(args, PORT, APP)
 
 
 def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
@@ -134,7 +132,7 @@ def scrape_until(ray_cluster, ready, timeout_s: float = 90.0):
             samples = []
         if ready(samples):
             return samples
-        time.sleep(2)
+        time.sleep(0.5)  # a scrape is one local GET; the export (every ~10 s) is seen ~0.75 s sooner than at 2 s
     names = sorted({n for n, lab, _ in samples if n.startswith("ray_dnc_")})
     pytest.fail(f"metrics not exported within {timeout_s:.0f} s; dnc series seen: {names}")
 

@@ -1,6 +1,6 @@
 """The real Serve app on a real local Ray cluster, through real HTTP and WebSocket clients.
 
-One app for the module (port 8123, apart from the UI tests' 8124), on the tiny untrained model,
+One app for the module (port 8123, as every Serve module: conftest.serve_on), on the tiny untrained model,
 with a memory budget so small that every idle session is offloaded to storage (so every session
 request also exercises restore). Serve and the app's detached actors are removed at module end so
 other Ray tests get the CPUs back.

@@ -31,14 +31,16 @@ def test_rendezvous_ranking_is_stable_and_spreads_sessions():
 
 @pytest.mark.ray
 def test_session_turns_stay_on_the_replica_holding_their_state(ray_cluster, tmp_path):
-    from serve.app import run_app, teardown
+    from conftest import remove_app, serve_on
+    from serve.app import run_app
     from serve.sessions import BankClient, BankConfig
 
     app_args = {"storage": str(tmp_path / "bank"), "bank_shards": 2, "generator_replicas": 2,
                 "generator_num_cpus": 0, "torch_threads": 1, "manager_interval_s": 0, "auto_compact": False,
                 "namespace": "dnc-routing-test"}
-    base = run_app(app_args, PORT, name="dnc-routing-test", timeout_s=240)
+    serve_on(PORT)
     try:
+        base = run_app(app_args, PORT, name="dnc-routing-test", timeout_s=240)
         sessions, turns = [f"route-{i}" for i in range(6)], 4
         with httpx.Client(base_url=base, timeout=120) as c:
             for k in range(turns):
@@ -57,4 +59,4 @@ def test_session_turns_stay_on_the_replica_holding_their_state(ray_cluster, tmp_
         assert loaded == len(sessions), (loaded, resident)
         assert token_records == len(sessions) * turns
     finally:
-        teardown(app_args)
+        remove_app(app_args, "dnc-routing-test")
