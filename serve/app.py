@@ -205,6 +205,7 @@ class AppArgs(BaseModel):
 
 
 @serve.deployment(name="Ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0},  # build_app: AppArgs
+                  graceful_shutdown_wait_loop_s=0.25,  # as the Generator (serve/generator.py): no 2 s idle poll
                   logging_config={"enable_access_log": False})  # serve/access_log.py writes ours
 @serve.ingress()
 class Ingress:

@@ -231,7 +231,11 @@ MAX_ONGOING = 256  # requests a replica takes at once (default; build_app sets A
 
 
 # a session's turns go to the replica holding its state (serve/sessions/routing.py)
+# graceful_shutdown_wait_loop_s: an idle replica leaves after one poll of its ongoing requests; Ray's 2 s
+# poll made every redeploy, app delete and Ctrl-C wait 2 s per replica for nothing (busy replicas
+# still drain up to graceful_shutdown_timeout_s)
 @serve.deployment(name="Generator", max_ongoing_requests=MAX_ONGOING, ray_actor_options={"num_cpus": 1},
+                  graceful_shutdown_wait_loop_s=0.25,
                   request_router_config=RequestRouterConfig(request_router_class=SESSION_ROUTER))
 class Generator:
     def __init__(self, settings: GeneratorSettings | dict[str, Any]):
