@@ -1,5 +1,5 @@
 """A one-shard session store on local files, run in the test process (no Ray), for the storage and
-defect tests (imported by test_durability_storage and test_session_defects; pytest puts tests/ on
+defect tests (imported by test_durability_storage and test_session_defects{,2}; pytest puts tests/ on
 sys.path)."""
 
 from __future__ import annotations
@@ -21,3 +21,16 @@ def shard_config(root, **kw) -> BankConfig:
 def local_shard(cfg: BankConfig) -> SessionBankShard:
     """Shard 0 of ``cfg`` as a plain object in this process."""
     return SessionBankShard(asdict(cfg), 0)
+
+
+def turn_ids(tag: str) -> list[int]:
+    """The byte tokens of a turn tagged ``tag`` (its text names the tag, so records tell turns apart)."""
+    return list(f"{tag}: what this turn said ".encode())
+
+
+async def commit_turn(shard: SessionBankShard, sid: str, lease: dict, tag: str) -> dict:
+    """Commit one turn tagged ``tag`` under ``lease`` (from ``begin_turn``): update id ``u-<tag>``,
+    the next seq, the turn's tokens, history entry ``{"kind": "generate", "tag": tag}``."""
+    ids = turn_ids(tag)
+    return await shard.commit_tokens(sid, lease["lease_id"], lease["seq"] + 1, f"u-{tag}", ids, 8, None,
+                                     {"tokens_seen": len(ids)}, {"kind": "generate", "tag": tag})

@@ -21,17 +21,7 @@ import asyncio
 import pytest
 
 from serve.errors import APIError
-from shard_helpers import local_shard, shard_config
-
-
-def _ids(tag: str) -> list[int]:
-    return list(f"{tag}: what this turn said ".encode())
-
-
-async def _commit(shard, sid, lease, tag):
-    ids = _ids(tag)
-    return await shard.commit_tokens(sid, lease["lease_id"], lease["seq"] + 1, f"u-{tag}", ids, 8, None,
-                                     {"tokens_seen": len(ids)}, {"kind": "generate", "tag": tag})
+from shard_helpers import commit_turn, local_shard, shard_config, turn_ids
 
 
 def _tags(info) -> list[str]:
@@ -54,24 +44,24 @@ def test_a_turn_in_flight_across_delete_and_recreate_does_not_land_in_the_new_se
         shard = local_shard(cfg)
         await shard.create("s", "alice")
         for i in range(turns_before):
-            await _commit(shard, "s", await shard.begin_turn("s", "alice", False), f"old-{i}")
+            await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), f"old-{i}")
         old = await shard.begin_turn("s", "alice", False)  # in flight (decoding) ...
         await shard.delete("s", "alice")                   # ... while the session is deleted
         await shard.create("s", new_owner)
         expect = []
         for i in range(turns_before):
-            await _commit(shard, "s", await shard.begin_turn("s", new_owner, False), f"new-{i}")
+            await commit_turn(shard, "s", await shard.begin_turn("s", new_owner, False), f"new-{i}")
             expect.append(f"new-{i}")
         if turns_before:
             shard.store.close()
             shard = local_shard(cfg)
         with pytest.raises(APIError) as e:
-            await _commit(shard, "s", old, "old-turn")
+            await commit_turn(shard, "s", old, "old-turn")
         assert e.value.status in (404, 409), e.value
         info = await shard.info("s", new_owner)
         assert info["seq"] == turns_before and _tags(info) == expect
         bank = await shard.get_bank("s", new_owner)
-        assert [t["ids"] for t in bank["turns"]] == [_ids(t) for t in expect]
+        assert [t["ids"] for t in bank["turns"]] == [turn_ids(t) for t in expect]
         shard.store.close()
         again = await local_shard(cfg).info("s", new_owner)
         assert again["seq"] == turns_before and _tags(again) == expect
@@ -121,10 +111,10 @@ def test_a_torn_last_record_holding_a_record_magic_is_torn_not_damage(tmp_path, 
         cfg = shard_config(tmp_path / "bank")
         shard = local_shard(cfg)
         await shard.create("s", "alice")
-        await _commit(shard, "s", await shard.begin_turn("s", "alice", False), "kept")
+        await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), "kept")
         lease = await shard.begin_turn("s", "alice", False)
         text = f"the user wrote {magic.decode()} here " * 4
-        await shard.commit_tokens("s", lease["lease_id"], 2, "u-cut", _ids("cut") * 20, 8, None, {"tokens_seen": 9},
+        await shard.commit_tokens("s", lease["lease_id"], 2, "u-cut", turn_ids("cut") * 20, 8, None, {"tokens_seen": 9},
                                   {"kind": "generate", "tag": "cut", "prompt_preview": text})
         shard.store.close()
         log = _last_log(cfg)
@@ -137,7 +127,7 @@ def test_a_torn_last_record_holding_a_record_magic_is_torn_not_damage(tmp_path, 
         info = await again.info("s", "alice")  # before the fix: StateDamaged
         assert info["seq"] == 1 and _tags(info) == ["kept"]
         assert again.counters["damaged_records"] == 0
-        await _commit(again, "s", await again.begin_turn("s", "alice", False), "after")
+        await commit_turn(again, "s", await again.begin_turn("s", "alice", False), "after")
         assert _tags(await local_shard(cfg).info("s", "alice")) == ["kept", "after"]
     asyncio.run(main())
 
@@ -168,10 +158,10 @@ def test_a_turn_keeps_its_session_across_a_shard_restart(tmp_path):
         from serve.errors import Busy
         with pytest.raises(Busy):  # the session is the first turn's again: a second one waits
             await shard.begin_turn("s", "alice", False)
-        await _commit(shard, "s", first, "first")
+        await commit_turn(shard, "s", first, "first")
         second = await shard.begin_turn("s", "alice", False)
         assert second["seq"] == 1
-        await _commit(shard, "s", second, "second")
+        await commit_turn(shard, "s", second, "second")
         assert _tags(await shard.info("s", "alice")) == ["first", "second"]
         # a lease the session was granted to someone else since is never handed back
         stale = await shard.begin_turn("s", "alice", False)
@@ -205,7 +195,7 @@ def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
         for i in range(3):  # the replica's resident copy is current: no bank is loaded for these turns
             lease = await shard.begin_turn("s", "alice", False, have)
             assert not lease["base"]
-            ack = await _commit(shard, "s", lease, f"t{i}")
+            ack = await commit_turn(shard, "s", lease, f"t{i}")
             have = {"inc": have["inc"], "seq": ack["seq"], "digest": ack["info"]["digest"]}
         assert shard.sessions["s"].offloaded and shard.sessions["s"].snapshot_seq < shard.sessions["s"].seq
         await shard.checkpoint()
@@ -218,7 +208,7 @@ def test_checkpoint_folds_token_turns_of_an_offloaded_session(tmp_path):
         assert info["seq"] == 4 and _tags(info)[-3:] == ["t0", "t1", "t2"]
         bank = await again.get_bank("s", "alice")
         assert bank["payload"] == b"the bank " * 500 and [t["ids"] for t in bank["turns"]] == [
-            _ids(f"t{i}") for i in range(3)]
+            turn_ids(f"t{i}") for i in range(3)]
     asyncio.run(main())
 
 
@@ -382,7 +372,7 @@ def test_a_turn_does_not_wait_for_a_background_compaction(tmp_path):
         lease = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy after 0.3 s
         assert lease["seq"] == 1
         assert (await manager)["compacted"] == 0  # refused: it would overwrite what the turn began from
-        await _commit(shard, "s", lease, "turn")
+        await commit_turn(shard, "s", lease, "turn")
         bank = await shard.get_bank("s", "alice")
         assert bank["seq"] == 2 and bank["payload"] == b"the bank " * 100 and len(bank["turns"]) == 1
         # a compaction the user asked for is taken over too (round 2):
@@ -406,7 +396,7 @@ def test_a_commit_is_fenced_against_the_lease_taken_while_it_waited_to_append(tm
         cond = shard.sessions["s"].condition()
         await cond.acquire()  # the session's lock is busy a moment (as with any other call on it)
         await asyncio.sleep(0.3)  # the first lease expires: the second request queues for the lock
-        late = asyncio.create_task(_commit(shard, "s", first, "late"))
+        late = asyncio.create_task(commit_turn(shard, "s", first, "late"))
         await asyncio.sleep(0.05)  # the late commit passed its early check and queues for the lock too
         cond.release()
         lease = await second
@@ -414,6 +404,6 @@ def test_a_commit_is_fenced_against_the_lease_taken_while_it_waited_to_append(tm
         with pytest.raises(APIError) as e:
             await late  # before the fix: saved as seq 1
         assert e.value.code == "lease_lost"
-        await _commit(shard, "s", lease, "live")  # before the fix: 409 state_conflict
+        await commit_turn(shard, "s", lease, "live")  # before the fix: 409 state_conflict
         assert _tags(await shard.info("s", "alice")) == ["live"]
     asyncio.run(main())

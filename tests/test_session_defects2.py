@@ -23,21 +23,11 @@ import os
 import pytest
 
 from serve.errors import APIError
-from shard_helpers import local_shard, shard_config
-
-
-def _ids(tag: str) -> list[int]:
-    return list(f"{tag}: what this turn said ".encode())
-
-
-async def _commit(shard, sid, lease, tag):
-    ids = _ids(tag)
-    return await shard.commit_tokens(sid, lease["lease_id"], lease["seq"] + 1, f"u-{tag}", ids, 8, None,
-                                     {"tokens_seen": len(ids)}, {"kind": "generate", "tag": tag})
+from shard_helpers import commit_turn, local_shard, shard_config, turn_ids
 
 
 async def _turn(shard, sid, owner, tag):
-    return await _commit(shard, sid, await shard.begin_turn(sid, owner, False), tag)
+    return await commit_turn(shard, sid, await shard.begin_turn(sid, owner, False), tag)
 
 
 def _tags(info) -> list[str]:
@@ -80,7 +70,7 @@ def test_the_owners_turn_takes_over_from_the_compaction_they_asked_for(tmp_path)
             await compaction
         assert e.value.status == 409 and e.value.code == "compaction_preempted", e.value
         assert "not saved" in e.value.message
-        await _commit(shard, "s", lease, "turn")
+        await commit_turn(shard, "s", lease, "turn")
         bank = await shard.get_bank("s", "alice")
         assert bank["seq"] == 2 and bank["payload"] == b"the bank " * 100 and len(bank["turns"]) == 1
         started.clear()
@@ -256,19 +246,19 @@ def test_a_retried_save_older_than_32_updates_is_acknowledged_as_a_duplicate(tmp
         shard = local_shard(cfg)
         await shard.create("s", "alice")
         first = await shard.begin_turn("s", "alice", False)
-        ack = await _commit(shard, "s", first, "first")
+        ack = await commit_turn(shard, "s", first, "first")
         for i in range(40):
             await _turn(shard, "s", "alice", f"t{i}")
         if restart:
             await shard.checkpoint()
             shard.store.close()
             shard = local_shard(cfg)
-        retry = await _commit(shard, "s", first, "first")  # before the fix: 409 lease_lost
+        retry = await commit_turn(shard, "s", first, "first")  # before the fix: 409 lease_lost
         assert retry["duplicate"] and not retry["applied"] and retry["info"]["seq"] == 41
         assert ack["seq"] == 1
         # the same seq with another update id is not a retry
         with pytest.raises(APIError) as e:
-            await shard.commit_tokens("s", None, 1, "u-other", _ids("other"), 8, None, {}, {"kind": "generate"})
+            await shard.commit_tokens("s", None, 1, "u-other", turn_ids("other"), 8, None, {}, {"kind": "generate"})
         assert e.value.code == "state_conflict"
         assert _tags(await shard.info("s", "alice")).count("first") == 1
     asyncio.run(main())
@@ -283,11 +273,11 @@ def test_a_save_too_old_to_tell_says_what_happened(tmp_path):
         shard = local_shard(cfg)
         await shard.create("s", "alice")
         first = await shard.begin_turn("s", "alice", False)
-        await _commit(shard, "s", first, "first")
+        await commit_turn(shard, "s", first, "first")
         for i in range(40):
             await _turn(shard, "s", "alice", f"t{i}")
         with pytest.raises(APIError) as e:
-            await _commit(shard, "s", first, "first")
+            await commit_turn(shard, "s", first, "first")
         assert e.value.status == 409 and e.value.code == "update_too_old", e.value
         assert "first delivery was saved" in e.value.message and "Nothing was changed" in e.value.message
         assert (await shard.info("s", "alice"))["seq"] == 41
@@ -336,7 +326,7 @@ def test_a_session_found_damaged_by_a_checkpoint_does_not_keep_the_wal_forever(t
         s = shard.sessions["a"]
         lease = await shard.begin_turn("a", "alice", False, {"inc": s.inc, "seq": 1, "digest": s.digest})
         assert not lease["base"]
-        await _commit(shard, "a", lease, "resident")  # a token record; the bank stays offloaded
+        await commit_turn(shard, "a", lease, "resident")  # a token record; the bank stays offloaded
         path = os.path.join(cfg.storage, "shard-0", "sessions", "a.snap")
         with open(path, "r+b") as f:  # a byte of the stored bank flips
             f.seek(-20, 2)
@@ -388,9 +378,9 @@ def test_a_stuck_turn_does_not_hold_its_session_forever(tmp_path):
         assert renewed[-1] is False and all(renewed[:-1])
         await asyncio.sleep(0.3)  # the last renewal's ttl runs out
         live = await shard.begin_turn("s", "alice", False)
-        await _commit(shard, "s", live, "live")
+        await commit_turn(shard, "s", live, "live")
         with pytest.raises(APIError) as e:
-            await _commit(shard, "s", stuck, "stuck")
+            await commit_turn(shard, "s", stuck, "stuck")
         assert e.value.code == "lease_lost"
         assert _tags(await shard.info("s", "alice")) == ["live"]
     asyncio.run(main())

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch._dynamo
@@ -247,14 +247,19 @@ class CompiledTrainSegments:
     def _admit(self, key: tuple) -> bool:
         """Whether a steady segment of shape ``key`` goes through the compiled function: known keys
         and new ones up to ``max_graphs``; a new key past it runs uncompiled, with one warning."""
-        if not self.compile or key in self._keys:
+        return not self.compile or self._admit_bounded(key, lambda n: (
+            f"compiled training segment: {n} shape keys compiled already (max_graphs={self.max_graphs}); "
+            f"{key} runs uncompiled (slower, not wrong). Keep batch sizes >= 2 with dynamic_batch, or raise max_graphs"))
+
+    def _admit_bounded(self, key: tuple, refusal: Callable[[int], str]) -> bool:
+        """Known keys, and new ones while fewer than ``max_graphs`` are held; a new key past it is
+        refused with one warning per key (``refusal(keys held)`` is its text)."""
+        if key in self._keys:
             return True
         if len(self._keys) >= self.max_graphs:
             if key not in self._refused:
                 self._refused.add(key)
-                warnings.warn(f"compiled training segment: {len(self._keys)} shape keys compiled already "
-                              f"(max_graphs={self.max_graphs}); {key} runs uncompiled (slower, not wrong). "
-                              f"Keep batch sizes >= 2 with dynamic_batch, or raise max_graphs", stacklevel=3)
+                warnings.warn(refusal(len(self._keys)), stacklevel=4)
             return False
         self._keys.add(key)
         return True

@@ -35,7 +35,6 @@ backward recomputes with grad), so CPU tests check the recompute scheme against 
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,17 +275,9 @@ class GraphedTrainSegments(CompiledTrainSegments):
         return (shapes, in_spec[1], want_recon, cast, self.model.embed.weight.data_ptr())
 
     def _admit(self, key: tuple) -> bool:
-        if key in self._keys:
-            return True
-        if len(self._keys) >= self.max_graphs:
-            if key not in self._refused:
-                self._refused.add(key)
-                warnings.warn(f"graphed training segment: {len(self._keys)} keys captured already "
-                              f"(max_graphs={self.max_graphs}); a new one (batch {key[0][0][0][0]}) runs eagerly "
-                              f"(slower, not wrong). Raise max_graphs or use fewer batch sizes", stacklevel=3)
-            return False
-        self._keys.add(key)
-        return True
+        return self._admit_bounded(key, lambda n: (
+            f"graphed training segment: {n} keys captured already (max_graphs={self.max_graphs}); a new one "
+            f"(batch {key[0][0][0][0]}) runs eagerly (slower, not wrong). Raise max_graphs or use fewer batch sizes"))
 
     def _capture(self, key: tuple, flat: list[torch.Tensor], in_spec, want_recon: bool, batch: int) -> _SegmentGraph:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -312,4 +303,8 @@ class GraphedTrainSegments(CompiledTrainSegments):
         if self.log:
             what = "captured the training segment graphs" if entry.cuda else "prepared the recomputed segment (no CUDA)"
             print(f"[dnc.training] {what} for {rec['key']} in {seconds:.2f} s (graph {len(self.graphs)})", flush=True)
+            if not entry.cuda and len(self.graphs) == 1:
+                # without CUDA there is no launch cost to save, only the recompute: say so once
+                print("[dnc.training] train.compile: graphs needs a CUDA device to pay: on this device every "
+                      "segment is recomputed in backward (slower than train.compile: false)", flush=True)
         return entry
