@@ -96,7 +96,7 @@ ADMIT_BATCH = 8
 ADMIT_DELAY_S = 0.005
 """The shortest an arrival waits to be admitted with others while rows decode (s): small beside
 the 100 ms time-to-first-token target (bench/decode_churn.py measures both)."""
-ADMIT_SHARE = 0.0  # off until the H200 A/B (docs/serving-performance.md#session-15) shows a gain
+ADMIT_SHARE = 0.0  # off: no gain at 64 streams on an H200 (docs/serving-performance.md#session-17)
 """While rows decode, admissions are spaced so that they take at most about this share of the
 model thread (``DecodeScheduler.admit_share``; 0 = no spacing, as in session 14)."""
 ADMIT_MAX_DELAY_S = 0.025
