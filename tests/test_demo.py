@@ -71,8 +71,8 @@ def _wait_for(pred, timeout: float, what: str, proc: subprocess.Popen, log) -> N
 
 def _start_demo(tmp_path, steps: int, log_interval: int = 5) -> tuple[subprocess.Popen, object]:
     """``dnc demo`` on the tiny YAML above, its corpus a handful of standard-library files: the
-    Ray Data path is the one ``make run`` takes (``stdlib`` is ~560 files, whose read tasks
-    alone held the first training step back by ~17 s on 2 cores)."""
+    Ray Data path is the one ``make run`` takes, with 4 files to read, not ~560 (``stdlib``:
+    Ray Data's execution took 9-11 s instead of 17.5 s on 2 cores at load 4-6)."""
     import sysconfig
 
     cfg = tmp_path / "demo.yaml"
