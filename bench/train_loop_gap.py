@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-batch", choices=("dynamic", "static"), default=None,
                    help="--compile segment: one graph for every batch size, or one per size "
                         "(TrainConfig.compile_dynamic_batch; default: the config's)")
+    p.add_argument("--count-syncs", action="store_true",
+                   help="CUDA only: after the timings, run one more train_step per stage under "
+                        "torch.cuda.set_sync_debug_mode('warn') and record how many host syncs it made "
+                        "and where (the loop needs one: the per-sample losses for the curriculum)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available)")
     p.add_argument("--tag", default=None, help="result name suffix (default: gpu or cpu name)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON")
@@ -80,6 +84,29 @@ def stdlib_corpus() -> list[bytes]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_syncs(fn) -> dict:
+    """Host syncs ``fn()`` makes on CUDA (``torch.cuda.set_sync_debug_mode``): their number and the
+    innermost project frame of each (file:line, counted)."""
+    import warnings
+
+    sync(torch.device("cuda"))
+    where: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    # a warning raised from C++ carries the Python frame that called the syncing op
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        key = f"{Path(w.filename).name}:{w.lineno}"
+        where[key] = where.get(key, 0) + 1
+    return {"count": sum(where.values()), "where": dict(sorted(where.items(), key=lambda kv: -kv[1]))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                "results": results, "loop_over_step": ratio}
         if hasattr(runner, "paths"):  # the graphs' length gate: forwards per path in this stage
             out["graph_paths"] = {k: v - paths_before.get(k, 0) for k, v in runner.paths.items()}
+        if args.count_syncs and device.type == "cuda":
+            out["host_syncs"] = count_syncs(lambda: train_step(model, pre[-1][0], opt, clip=cfg.grad_clip,
+                                                               bf16=bf16, device=device))
+            print(f"{stage:16s} host syncs in one train_step: {out['host_syncs']['count']}", flush=True)
         return out
 
     stages = [measure(name) for name in names]
