@@ -161,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         plan = [bool(corpus is not None and mix.random() < cfg.corpus_ratio) for _ in range(n_total)]
         pre = [(next(corpus), None) if c else source.next_batch() for c in plan]
         shapes = [tuple(b["tokens"].shape) for b, _ in pre]
-        tokens = [int(b["tokens"].numel()) for b, _ in pre]
 
-        def timed(mode: str) -> list[float]:
-            times = []
+        def timed(mode: str) -> tuple[list[float], int]:
+            # the loop's curriculum feedback moves its task mix, so its batches can differ from the
+            # pre-drawn ones: tokens are counted from the batches each mode actually trained on
+            times, tok = [], 0
             on_device = [({k: v.to(device) for k, v in b.items()}, t) for b, t in pre] if mode == "step" else None
             gen_source = task_source(stage)
             gen_corpus = corpus_windows(corpus_texts, cfg.max_len, cfg.batch_size, seed=cfg.seed) \
@@ -184,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
                 sync(device)
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
-            return times
+                    tok += int(batch["tokens"].numel())
+            return times, tok
 
         results = {}
         runner = getattr(model, "step_runner", None)
         paths_before = dict(getattr(runner, "paths", {}))
         for mode in ("step", "step+h2d", "loop"):
-            t = timed(mode)
-            tok = sum(tokens[args.warmup:])
+            t, tok = timed(mode)
             results[mode] = {"seconds": sum(t), "median_step_s": statistics.median(t), "tokens": tok,
                              "tokens_per_s": tok / sum(t)}
             print(f"{stage:16s} {mode:9s} {tok / sum(t) / 1e3:9.1f}k tokens/s  median step "
