@@ -131,6 +131,5 @@ def training_summary(ckpt: str, run_dir: str | None, wall_s: float | None) -> di
     # where the training wall time went (TrainConfig.time_accounting): the last row's run totals
     from dnc.training.timing import time_split
 
-    timed = [r for r in rows if "time/total/wall_s" in r]
-    out["time_split"] = time_split(timed[-1]) if timed else None
+    out["time_split"] = time_split(rows)
     return out

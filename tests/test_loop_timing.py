@@ -98,10 +98,12 @@ def test_part_clock_charges_marks_and_the_rest_to_other():
     second = clock.take()
     assert second["time/step_s"] == 0.0 and second["time/eval_s"] >= 0.01
     assert second["time/total/step_s"] == first["time/step_s"]
-    split = time_split(second)
-    assert split["wall"]["seconds"] == pytest.approx(first["time/interval_s"] + second["time/interval_s"], abs=1e-6)
-    assert sum(v["seconds"] for k, v in split.items() if k != "wall") == pytest.approx(split["wall"]["seconds"], abs=1e-6)
-    assert time_split({"train/loss": 1.0}) is None
+    assert second["time/total/wall_s"] == pytest.approx(first["time/interval_s"] + second["time/interval_s"], abs=1e-6)
+    split = time_split([first, {"train/loss": 1.0}, second])
+    assert split["intervals"] == 2
+    assert split["wall"]["seconds"] == pytest.approx(second["time/total/wall_s"], abs=1e-6)
+    assert sum(split[p]["seconds"] for p in PARTS) == pytest.approx(split["wall"]["seconds"], abs=1e-6)
+    assert time_split([{"train/loss": 1.0}]) is None
 
 
 def test_fit_logs_the_split_and_accounting_changes_no_number(tmp_path):
@@ -125,7 +127,7 @@ def test_fit_logs_the_split_and_accounting_changes_no_number(tmp_path):
         assert r["time/step_s"] > 0 and r["time/data_s"] > 0 and r["time/record_s"] > 0
     assert rows[1]["time/eval_s"] > 0 and rows[0]["time/eval_s"] == 0   # evaluation at step 4 only
     assert rows[1]["time/checkpoint_s"] > 0 and rows[0]["time/checkpoint_s"] == 0
-    split = time_split(rows[-1])
-    assert split["step"]["seconds"] == pytest.approx(sum(r["time/step_s"] for r in rows), rel=1e-9)
+    split = time_split(rows)
+    assert split["step"]["seconds"] == pytest.approx(rows[-1]["time/total/step_s"], rel=1e-9)
     assert not any(k.startswith("time/") for r in runs[False] for k in r)
     assert [r["train/loss"] for r in runs[False]] == [r["train/loss"] for r in rows]

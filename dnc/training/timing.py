@@ -64,13 +64,19 @@ class PartClock:
         return out
 
 
-def time_split(metrics: dict[str, float]) -> dict[str, dict[str, float]] | None:
-    """A run's totals from its last metrics row: ``{part: {"seconds", "share"}}`` plus ``wall``
-    (None when the row has no ``time/total/*`` keys, i.e. accounting was off)."""
-    wall = metrics.get("time/total/wall_s")
-    if not wall:
+def time_split(rows: list[dict[str, float]]) -> dict[str, dict[str, float]] | None:
+    """A run's split from its metrics rows: each part's ``time/<part>_s`` summed over the rows that
+    carry one (so a resumed run's attempts all count; ``metrics.jsonl`` drops rows past a resume
+    point), as ``{part: {"seconds", "share"}}`` plus ``wall`` (the intervals' summed wall time) and
+    ``intervals``. None when no row has them (accounting was off)."""
+    timed = [r for r in rows if "time/interval_s" in r]
+    if not timed:
         return None
-    out = {k: {"seconds": float(metrics.get(f"time/total/{k}_s", 0.0)),
-               "share": float(metrics.get(f"time/total/{k}_s", 0.0)) / wall} for k in PARTS}
-    out["wall"] = {"seconds": float(wall), "share": 1.0}
+    wall = max(1e-9, sum(float(r["time/interval_s"]) for r in timed))
+    out = {}
+    for k in PARTS:
+        sec = sum(float(r.get(f"time/{k}_s", 0.0)) for r in timed)
+        out[k] = {"seconds": sec, "share": sec / wall}
+    out["wall"] = {"seconds": wall, "share": 1.0}
+    out["intervals"] = len(timed)
     return out
