@@ -8,12 +8,17 @@ once with the training config's seeds):
   step    ``train_step`` on batches generated beforehand and already on the device: the model alone;
   step+h2d  the same batches moved from host memory each step (what the loop must pay at least);
   loop    generate each batch when it is needed, move it, ``train_step``, feed the per-task losses
-          back to the curriculum (what ``Trainer.run`` does per step, minus logging/checkpoints).
+          back to the curriculum (what ``Trainer.run`` does per step, minus logging/checkpoints;
+          the feedback moves the task mix, so its batches, and tokens counted, can differ).
+Evaluation, checkpoints and logging are not here: ``TrainConfig.time_accounting`` splits a real
+run's time (``bench/long_context.py`` turns it on). A stage starts as ``curriculum_start`` would
+begin it; ``--count-syncs`` (CUDA) counts the host syncs of one ``train_step`` per stage.
 
     python bench/train_loop_gap.py --config configs/train/small.yaml --model-set segment_len=512 --steps 40
     python bench/train_loop_gap.py ... --compile segment    # the compiled segment step (train.compile)
     python bench/train_loop_gap.py ... --compile segment --compile-batch static   # a graph per batch size
     python bench/train_loop_gap.py ... --compile graphs     # CUDA graphs, gated by graphs_min_segments
+    python bench/train_loop_gap.py ... --set curriculum_dir=configs/ablations/time_boxed_stdlib --stages local,expert
 
 Writes ``bench/results/train_loop_gap_<tag>.json`` (argv, device, torch, commit) and prints a table.
 """
