@@ -46,6 +46,8 @@ def train_config(args, ds: dict[str, Any]) -> tuple[Any, dict[str, Any], str | N
         section["max_steps"] = args.max_steps
     if "max_minutes" in fields:
         section["max_minutes"] = args.train_minutes
+    if "time_accounting" in fields:
+        section["time_accounting"] = True  # the record says where the training minutes went (--set to turn off)
     section.update(parse_pairs("--set", args.overrides))
     model_overrides.update(parse_pairs("--model-set", args.model_overrides))
     return TrainConfig.from_dict(section), model_overrides, str(path) if path.exists() else None
@@ -126,4 +128,8 @@ def training_summary(ckpt: str, run_dir: str | None, wall_s: float | None) -> di
     out["last_eval_bpb"] = bpb[-1] if bpb else None
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
     out["last_train_loss"] = losses[-1] if losses else None
+    # where the training wall time went (TrainConfig.time_accounting): the last row's run totals
+    from dnc.training.timing import time_split
+
+    out["time_split"] = time_split(rows)
     return out

@@ -168,12 +168,61 @@ def test_train_config_and_trainer_install_the_graphed_runner():
     losses: dict[str, list[float]] = {}
     runners = {}
     for mode in ("graphs", False):
-        trainer = Trainer(TrainConfig(compile=mode, **common), preset("tiny"), device="cpu", progress=False)
+        # graphs_min_segments=0: these 64-token sequences are 2 segments, under the default gate
+        trainer = Trainer(TrainConfig(compile=mode, graphs_min_segments=0, **common), preset("tiny"),
+                          device="cpu", progress=False)
         runners[mode] = unwrap(trainer.model).step_runner
         trainer.run(lambda step, metrics, _ckpt, mode=mode: losses.setdefault(str(mode), []).append(metrics["train/loss"]))
     assert isinstance(runners["graphs"], GraphedTrainSegments) and runners[False] is None
     assert runners["graphs"].compiled_steps > 0 and len(losses["graphs"]) == 2
     torch.testing.assert_close(losses["graphs"], losses["False"], rtol=1e-5, atol=1e-6)
+
+
+def test_length_gate_sends_short_sequences_to_the_eager_step(capsys):
+    """``graphs_min_segments``: ``train_step`` asks the graphed runner to pick a path per forward;
+    sequences of fewer segments run the model's eager step (the runner takes no segment and says
+    so once), others go through the graphed Function; both give the eager numbers."""
+    from dnc.training import train_step
+
+    cfg, eager, graphed = _models()
+    graph_segments(graphed)
+    runner = unwrap(graphed).step_runner
+    runner.min_segments = 4
+    opt_g = torch.optim.SGD(graphed.parameters(), lr=0.0)  # lr 0: both models keep their weights
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.0)
+    for segments, path in ((2, "eager"), (3, "eager"), (4, "graphs"), (6, "graphs")):
+        x, y = _batch(cfg, segments=segments, seed=segments)
+        before = (runner.compiled_steps, runner.eager_steps)
+        got = train_step(graphed, {"tokens": x, "targets": y}, opt_g, bf16=False)
+        want = train_step(eager, {"tokens": x, "targets": y}, opt_e, bf16=False)
+        assert runner.last_path == path, segments
+        took = runner.compiled_steps - before[0]
+        assert took == (segments if path == "graphs" else 0) and runner.eager_steps == before[1]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        torch.testing.assert_close(got["sample_losses"], want["sample_losses"], rtol=1e-5, atol=1e-6)
+    assert runner.paths == {"graphs": 2, "eager": 2}
+    # a partial last segment counts as a segment: 3 whole + 11 tokens = 4 segments
+    x, y = _batch(cfg, segments=4)
+    n = 3 * cfg.segment_len + 11
+    train_step(graphed, {"tokens": x[:, :n], "targets": y[:, :n]}, opt_g, bf16=False)
+    assert runner.last_path == "graphs"
+    said = [ln for ln in capsys.readouterr().out.splitlines() if "graphs_min_segments=4" in ln]
+    assert len(said) == 1 and "(this one: 2)" in said[0]
+
+
+def test_trainer_sets_the_gate_from_the_config():
+    """The Trainer gives the runner ``TrainConfig.graphs_min_segments`` (default 32, from the H200
+    figures); with a sequence under it, training runs entirely through the eager step."""
+    from dnc.training import Trainer, TrainConfig
+
+    assert TrainConfig().graphs_min_segments == 32
+    common = dict(max_steps=1, batch_size=2, max_len=64, corpus_ratio=0.0, eval_interval=1000,
+                  checkpoint_interval=1000, log_interval=1, compile="graphs")
+    trainer = Trainer(TrainConfig(**common), preset("tiny"), device="cpu", progress=False)
+    runner = unwrap(trainer.model).step_runner
+    assert runner.min_segments == 32
+    trainer.run()
+    assert runner.paths == {"graphs": 0, "eager": 1} and runner.compiled_steps == 0
 
 
 def test_recompute_under_bf16_autocast():

@@ -74,6 +74,17 @@ class TrainConfig:
     small) instead of one static graph per batch size. Off by default: ``aot_eager`` keeps one graph,
     but inductor on CPU still specialised every batch size and took 198 s for the first (dynamic)
     compile; measure it on the GPU (``bench/train_loop_gap_compile.py``) before turning it on."""
+    graphs_min_segments: int = 32
+    """``compile: graphs`` only for sequences of at least this many segments; shorter ones run the
+    eager step (one log line says so). Default from an H200 (small preset, session 17): graphs ran
+    0.46x eager at 2k tokens B32 (4 segments of 512), 0.69x at 8k B8 (16) and 2.36x at 32k B2 (64):
+    below the crossover (somewhere in 16-64, not measured between) the recompute in backward costs
+    more than the launches it saves. 0 = graphs for every length."""
+    time_accounting: bool = False
+    """Split each log interval's wall time into data, host-to-device, step, curriculum feedback,
+    evaluation, checkpoint, logging and other (``time/<part>_s``, ``time/<part>_share`` and run
+    totals ``time/total/<part>_s``). On CUDA it synchronises at the part boundaries, which costs a
+    little overlap: off by default, on in ``bench/long_context.py``."""
     grad_checkpointing: bool = False
     """Recompute block activations in backward (sets ``DNCConfig.grad_checkpointing``)."""
     log_interval: int = 10
@@ -161,6 +172,7 @@ class TrainConfig:
         need(self.fail_at_step is None or self.fail_at_step >= 1, "fail_at_step must be >= 1")
         need(self.compile in (False, True, "blocks", "segment", "graphs"),
              f"compile must be false, true/blocks, segment or graphs, got {self.compile!r}")
+        need(self.graphs_min_segments >= 0, f"graphs_min_segments must be >= 0, got {self.graphs_min_segments}")
         need(self.fail_mode in ("exit", "raise"), f"fail_mode must be exit|raise, got {self.fail_mode!r}")
 
     @property

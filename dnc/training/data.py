@@ -33,11 +33,19 @@ class TaskSource:
                 st.validate()
         self.curriculum = Curriculum(stages, seed=cfg.seed, pad_to_multiple=pad_to_multiple)
         if cfg.curriculum_start:
-            names = [st.name for st in stages]
-            if cfg.curriculum_start not in names:
-                raise ConfigError(f"curriculum_start {cfg.curriculum_start!r} is not a stage; stages: {names}")
-            self.curriculum._enter_stage(names.index(cfg.curriculum_start), step=0)
+            self.enter_stage(cfg.curriculum_start)
         self.rng = np.random.default_rng([cfg.seed, 1 + rank])
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [st.name for st in self.curriculum.stages]
+
+    def enter_stage(self, name: str) -> None:
+        """Move to stage ``name`` as a fresh run starting there would (``curriculum_start``)."""
+        names = self.stage_names
+        if name not in names:
+            raise ConfigError(f"curriculum_start {name!r} is not a stage; stages: {names}")
+        self.curriculum._enter_stage(names.index(name), step=0)
 
     # -- batches ---------------------------------------------------------------------------------
     def batch_size(self) -> int:

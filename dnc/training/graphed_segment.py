@@ -228,9 +228,11 @@ class GraphedTrainSegments(CompiledTrainSegments):
     of parameter grads); later keys run the eager step with a warning. Counters: ``compiled_steps``
     (segments through :class:`_GraphedStep`), ``eager_steps`` (the first segment of a run with a
     carried KV window, keys past ``max_graphs``, segments without grad); ``graphs``: one dict per
-    capture (``key``, ``batch``, ``seconds`` of warm-up and capture, ``at_step``)."""
+    capture (``key``, ``batch``, ``seconds`` of warm-up and capture, ``at_step``).
 
-    def __init__(self, model, *, fallback=None, max_graphs: int = 8, log: bool = True):
+    ``min_segments``: the length gate of :meth:`select_for_length` (0 = graphs for every length)."""
+
+    def __init__(self, model, *, fallback=None, max_graphs: int = 8, log: bool = True, min_segments: int = 0):
         if model.config.dropout > 0:
             raise NotImplementedError("train.compile: graphs recomputes each segment in backward and cannot "
                                       f"replay dropout masks (dropout={model.config.dropout}); use dropout 0 "
@@ -239,6 +241,31 @@ class GraphedTrainSegments(CompiledTrainSegments):
         self.entries: dict[tuple, _SegmentGraph] = {}
         self.step_module = _Step(model)
         self.pool = None
+        self.min_segments = min_segments
+        self.active = True          # False while a gated (too short) sequence runs the eager step
+        self.paths = {"graphs": 0, "eager": 0}   # training forwards per path chosen by the gate
+        self.last_path: str | None = None
+        self._gate_said = False
+
+    def select_for_length(self, tokens: int) -> str:
+        """The length gate (``TrainConfig.graphs_min_segments``): called by ``train_step`` before
+        each training forward over ``tokens`` tokens per sequence. Sequences of fewer than
+        ``min_segments`` segments run the model's eager step (the graphs' recompute in backward
+        costs more than the launches they save there); others go through the graphs. Returns the
+        path chosen (``"graphs"`` or ``"eager"``), also counted in ``paths`` and kept in ``last_path``."""
+        segments = -(-int(tokens) // self.model.config.segment_len)
+        self.active = segments >= self.min_segments
+        path = "graphs" if self.active else "eager"
+        self.paths[path] += 1
+        self.last_path = path
+        if not self.active and not self._gate_said and self.log:
+            self._gate_said = True
+            print(f"[dnc.training] compile: graphs: sequences under graphs_min_segments={self.min_segments} "
+                  f"segments (this one: {segments}) run the eager step; longer ones the graphs", flush=True)
+        return path
+
+    def _mine(self, tokens: torch.Tensor, state) -> bool:
+        return self.active and super()._mine(tokens, state)
 
     def clear(self) -> None:
         """Drop every graph (after replacing parameter tensors: the graphs point at the old ones)."""

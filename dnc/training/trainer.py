@@ -31,7 +31,8 @@ from dnc.training.evaluate import text_bits_per_byte
 from dnc.training.exact_match import TeacherForcedScorer
 from dnc.training.metrics import MetricsLogger
 from dnc.training.optim import LRSchedule, build_optimizer
-from dnc.training.step import IGNORE_INDEX, train_step
+from dnc.training.step import IGNORE_INDEX, batch_to_device, train_step
+from dnc.training.timing import PartClock
 
 
 ReportFn = Callable[[int, dict[str, float], "str | None"], None]
@@ -97,6 +98,7 @@ class Trainer:
             compile_segments(model, mode=cfg.compile_mode, dynamic_batch=cfg.compile_dynamic_batch)
         elif cfg.compile_target == "graphs":
             graph_segments(model)
+            model.step_runner.min_segments = cfg.graphs_min_segments  # the length gate (train_step asks it)
         self.model = parallelize(model) if parallelize else model
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(cfg)
@@ -299,6 +301,11 @@ class Trainer:
         if self.step >= stop:
             return dict(self.state.last_metrics)
         bar = self._make_progress(stop)
+        # time accounting (TrainConfig.time_accounting): marks charge the time since the previous
+        # one to a part; off, they are no-ops and nothing synchronises
+        clock = PartClock(self.device) if cfg.time_accounting else None
+        mark = clock.mark if clock is not None else (lambda part: None)
+        skip = clock.skip if clock is not None else (lambda: None)
         window: dict[str, float] = {}
         pending: dict[str, float] = {}
         n_window = 0
@@ -307,6 +314,7 @@ class Trainer:
         tokens_window = 0
         while self.step < stop:
             lr = self.schedule.apply(self.optimizer, self.step)
+            skip()
             micro, task_lists = [], []
             for _ in range(cfg.grad_accum):
                 b, tasks = self._next_batch()
@@ -314,11 +322,16 @@ class Trainer:
                 task_lists.append(tasks)
             if self._dist() and is_fsdp(self.model):
                 micro = self._pad_to_common_length(micro)
+            mark("data")
+            micro = [batch_to_device(b, self.device) for b in micro]  # train_step's own move is then a no-op
+            mark("h2d")
             m = train_step(self.model, micro, self.optimizer, clip=cfg.grad_clip, bf16=cfg.bf16, device=self.device)
+            mark("step")
             self.state.step += 1
             losses = m.pop("sample_losses")
             if self.data is not None:
                 self._record_task_losses(task_lists, losses)
+                mark("record")
             for k, v in m.items():
                 if isinstance(v, (int, float)):
                     window[k] = window.get(k, 0.0) + float(v)
@@ -341,13 +354,16 @@ class Trainer:
             # stop: evaluation adapts the curriculum, so an extra one would make a stopped-and-resumed
             # run differ from an uninterrupted one.
             if self.step % cfg.eval_interval == 0 or self.step >= cfg.total_steps:
+                skip()
                 t_eval = time.time()
                 metrics.update(self.evaluate())
                 if self.schedule.plateau.update(self.state.loss_ema):
                     metrics["lr/plateau_reduced"] = 1.0
                 self._update_stage_fields()
                 t_window += time.time() - t_eval   # throughput counts training time only
+                mark("eval")
             if self.step % cfg.log_interval == 0 or is_last:
+                skip()
                 avg = {k: v / n_window for k, v in window.items() if k != "tokens"}
                 avg = self._all_mean(avg)
                 dt = max(1e-9, time.time() - t_window)
@@ -364,10 +380,17 @@ class Trainer:
                 self.state.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
                 window, n_window, tokens_window, t_window = {}, 0, 0, time.time()
                 pending = {}
+                mark("log")
                 ckpt_dir = None
                 if self.step % cfg.checkpoint_interval == 0 or is_last:
                     ckpt_dir = tempfile.mkdtemp(prefix=f"dnc-ckpt-{self.step:06d}-r{self.rank}-")
                     self.save(ckpt_dir)
+                    mark("checkpoint")
+                if clock is not None:
+                    # the interval ends here: what follows (writing this row, the report that
+                    # uploads the checkpoint) is charged to the next interval's log / checkpoint
+                    metrics.update(clock.take())
+                    self.state.last_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
                 if self.rank == 0 and self.logger is not None:
                     self.logger.log({**metrics, "stage": self.state.data.get("stage", "")}, self.step)
                     if ckpt_dir:
@@ -375,10 +398,12 @@ class Trainer:
                 if self.rank == 0 and bar is not None:
                     bar.set_postfix_str(f"loss={metrics.get('train/loss', float('nan')):.3f} "
                                         f"stage={self.state.data.get('stage', '')}")
+                mark("log")
                 if report is not None:
                     report(self.step, metrics, ckpt_dir)
                 if ckpt_dir:
                     shutil.rmtree(ckpt_dir, ignore_errors=True)
+                mark("checkpoint" if ckpt_dir else "log")
                 last = metrics
         if bar is not None:
             bar.close()
