@@ -190,6 +190,16 @@ def tables(res: dict, heading: str = "###") -> list[str]:
                   "last and best mean per stage):", ""]
             L += md_table(["model", "stage", "evals", "last step", "last mean", "best mean", "last per task"],
                           stage_rows, "llrrrrl") + [""]
+        for m in models:
+            split = (res["models"][m].get("training") or {}).get("time_split")
+            if not split:
+                continue
+            parts = [k for k, v in split.items() if isinstance(v, dict) and k != "wall"]
+            L += [f"Where {MODEL_LABEL[m]}'s training time went (`train.time_accounting`, "
+                  f"{split.get('intervals', '?')} log intervals, {split['wall']['seconds']:.0f} s in all):", ""]
+            L += md_table(["part"] + parts, [["seconds"] + [f"{split[k]['seconds']:.1f}" for k in parts],
+                                             ["share"] + [fmt_pct(split[k]["share"]) for k in parts]],
+                          "l" + "r" * len(parts)) + [""]
         notes = res.get("notes") or []
         L += [f"- {n}" for n in notes] + ([""] if notes else [])
 
