@@ -1,6 +1,11 @@
 """Profile one DNC training step and a few decode steps with torch.profiler; prints the top ops.
 
     python bench/profile_model.py --preset small --length 8192 --device cuda
+    python bench/profile_model.py --preset small --device cuda --decode-batch 64 --decode-context 4096
+
+``--decode-batch N`` profiles N rows decoding together (``BatchDecoder``, CUDA-graph steps) instead:
+the median ms per step and the kernel table (``--mass-gather off``: the read-mass rule before
+session 17, for an A/B).
 
 ``--count-ops`` instead counts the aten ops the model dispatches (a proxy for CUDA kernel launches
 that needs no GPU) per segment, for training forward+backward, no-grad prefill and single-token
@@ -319,6 +324,66 @@ def main_count(a, argv: list[str]) -> int:
     return 0
 
 
+def main_decode(a) -> int:
+    """``--decode-batch N``: N rows decode together through ``BatchDecoder`` (as the server's
+    scheduler does), each from the same ``--decode-context``-token history plus a prompt of
+    1-64 tokens, so the rows sit at different segment positions (as served streams do: the
+    read mass of a step is for the rows at a salience position). Prints the median ms per step
+    (unprofiled) and the profiler's kernel table over ``--decode-steps`` steps."""
+    from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
+
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    torch.manual_seed(0)
+    model = DNC(preset(a.preset)).to(dev).eval()
+    if cuda and a.dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    if cuda:
+        model.enable_cuda_graphs()
+    with torch.no_grad():
+        state = model.init_state(1)
+        seg = model.config.segment_len
+        x = torch.randint(0, 256, (1, a.decode_context), device=dev)
+        for i in range(0, a.decode_context, seg):
+            model(x[:, i:i + seg], state=state, last_logits_only=True, metrics=False)
+    steps = a.decode_steps
+    warm = 2 * model.config.segment_len // 64 + 4  # every mass-row count's graph captured (2 sightings each)
+    rows = [DecodeRow(torch.randint(0, 256, (1 + (7 * i) % 64,)).tolist(), state.select([0]), warm + 3 * steps + 8,
+                      SamplingParams(0.0)) for i in range(a.decode_batch)]
+    dec = BatchDecoder(model, max_batch=a.decode_batch)
+    dec.add(rows)
+    for b in dec.batches:
+        b.rb.mass_gather = a.mass_gather == "on"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warm):
+        dec.step()
+    lat = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        dec.step()
+        sync()
+        lat.append(time.perf_counter() - t)
+    lat.sort()
+    print(f"decode {a.preset} {a.dtype if cuda else 'fp32'} rows={a.decode_batch} context={a.decode_context} "
+          f"mass_gather={a.mass_gather} graphs={cuda}: median {lat[len(lat) // 2] * 1e3:.3f} ms per step over "
+          f"{steps} steps ({a.decode_batch / lat[len(lat) // 2]:,.0f} tokens/s); batches {dec.batch_sizes()}")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            dec.step()
+        sync()
+    dec.close()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"profiled {steps} steps (totals over them):")
+    print(prof.key_averages().table(sort_by=key, row_limit=a.rows, max_name_column_width=60))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -348,9 +413,21 @@ def main(argv=None) -> int:
                    help="profile: divide the preset's segment/bank sizes and width as --count-ops does (1 = as is)")
     p.add_argument("--timed", type=int, default=0,
                    help="profile: also time this many unprofiled steps after warm-up and print the median")
+    p.add_argument("--decode-batch", type=int, default=0,
+                   help="profile N rows decoding (BatchDecoder steps: CUDA-graph replays on CUDA) instead of a "
+                        "training step: the kernel table of --decode-steps steps and the median ms per step")
+    p.add_argument("--decode-context", type=int, default=4096, help="--decode-batch: tokens of history per row")
+    p.add_argument("--decode-steps", type=int, default=32,
+                   help="--decode-batch: profiled steps (32 = one salience period of small)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="--decode-batch: weights and state on CUDA")
+    p.add_argument("--mass-gather", default="on", choices=["on", "off"],
+                   help="--decode-batch: the read mass of a step for its rows at a salience position only "
+                        "(on, RaggedBatch.mass_gather) or for every row every step (off, the rule before)")
     a = p.parse_args(argv)
     if a.count_ops:
         return main_count(a, argv)
+    if a.decode_batch:
+        return main_decode(a)
     dev = torch.device(a.device)
     cfg = preset(a.preset) if a.profile_shrink == 1 else shrunk_config(a.preset, a.profile_shrink)
     if a.baseline:

@@ -60,6 +60,7 @@ BENCHMARKS: dict[str, str] = {
     "train_loop_gap": "train_loop_gap_report",
     "train_loop_gap_compile": "train_loop_gap_compile_report",
     "decode_loop_gap": "decode_loop_gap_report",
+    "decode_bytes": "decode_bytes",
     "decode_churn": "decode_churn",
     "admission_prefill": "admission_prefill",
     "durability": "durability_report",

@@ -23,9 +23,10 @@ public fields, and the model never imports this module at load time.
 :class:`dnc.ragged.RaggedBatch` (rows of any layouts, static tensors per batch bucket 1, 2, 4, ...,
 64). There the batch's own tensors are the graph's inputs and outputs: the step updates them in
 place, so a replay copies nothing but the logits out. The runner therefore owns the batches
-(``acquire(capacity)`` / ``release(batch)``, reused across decoders), one graph per batch. A batch's
-first step runs eagerly (on a side stream: the warm-up that fills cached constants), its second is
-captured and from then on it is replayed. Segment commits of single rows run eagerly outside it.
+(``acquire(capacity)`` / ``release(batch)``, reused across decoders), one graph per (batch, read-mass
+rows: ``RaggedBatch.mass_rows``, 0 or a power of two up to the capacity, so at most 8 per batch of
+64). Each pair's first step runs eagerly (on a side stream: the warm-up that fills cached constants),
+its second is captured and from then on it is replayed. Segment commits of single rows run eagerly outside it.
 Its :meth:`DecodeGraphs.prefill_step` does the same for :func:`dnc.ragged_prefill.ragged_prefill_step`
 (admissions: up to T prompt tokens per row), one graph per (batch, T) with its own static
 ``tokens [C, T]`` / ``counts [C]`` inputs, copied in before each replay.
@@ -305,8 +306,9 @@ class DecodeGraphs:
         if not self.eligible(batch):
             return ragged_decode_step(self.model, batch)
         with self._lock:
+            # mass_rows shapes the step (how many rows compute their read mass): one graph per value
             key = (id(batch), self.model.embed.weight.data_ptr(), torch.is_autocast_enabled("cuda"),
-                   torch.get_autocast_dtype("cuda"))
+                   torch.get_autocast_dtype("cuda"), batch.mass_rows())
             entry = self.graphs.get(key)
             if entry is None:
                 if key not in self.seen:

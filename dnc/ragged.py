@@ -160,6 +160,11 @@ class RaggedBatch:
         # constants the step reads (made here, not in the step: a captured graph must not allocate them)
         self.key_pos = torch.arange(self.max_len, device=dev)
         self.sample0 = torch.zeros(1, dtype=torch.long, device=dev)
+        self.row_ids = torch.arange(c, device=dev)
+        self.has_memory = any(lb.mass is not None for lb in self.layers)
+        self.mass_gather = True
+        """The read mass of a step for its rows at a salience position only (:meth:`mass_rows`);
+        False: for every row, every step, as before (A/B in ``bench/decode_bytes.py``)."""
         self.rows: list[RowMeta | None] = [None] * c
         self._level_ids = torch.zeros(self.smax, dtype=torch.long, device=dev)  # ReadView.levels (trace only)
 
@@ -167,6 +172,24 @@ class RaggedBatch:
     @property
     def n_active(self) -> int:
         return sum(r is not None for r in self.rows)
+
+    def mass_rows(self) -> int:
+        """Rows whose read mass the next :func:`ragged_decode_step` computes (host bookkeeping, no
+        device read): 0 when no occupied row is at a salience position (``seg_pos % stride ==
+        stride - 1``, one position in ``stride``), else the power of two >= those rows, or the
+        whole capacity when that is as many (or ``mass_gather`` is off). The mass reads each row's
+        whole view in float32 (small, bf16: 2 memory layers x ~20 MB a row, more than the read
+        itself), and a row keeps it one step in ``stride`` (32 for small): rows at other positions
+        dropped it (``mass * sampled``). A captured step is shaped by this count (one graph per
+        value: ``DecodeGraphs``)."""
+        if not self.has_memory:
+            return 0
+        if not self.mass_gather:
+            return self.capacity
+        n = sum(1 for m in self.rows if m is not None and m.seg_pos % self.stride == self.stride - 1)
+        if n == 0:
+            return 0
+        return min(1 << (n - 1).bit_length(), self.capacity)
 
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self.rows) if r is None]
@@ -419,6 +442,7 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)      # [C, 1, 1, Lmax]
     kv_at = batch.length.view(c, 1, 1, 1).expand(c, h, 1, dh)
     sampled = (batch.seg_pos % batch.stride == batch.stride - 1).view(c, 1)         # salience positions
+    sample, mass_idx, mass_on = _mass_rows(batch, sampled)
     write_at = batch.seg_pos.view(c, 1, 1).expand(c, 1, d)
     self_mask = self_at = None
     if batch.self_read:
@@ -446,10 +470,13 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
                 fwd_view, h_prev = (succ, prev_mask, batch.fwd_on), lb.write_prev.clone()
             if self_mask is not None:
                 lb.write_prev.copy_(mem_in)
-            m, mass, _ = blk.mem(mem_in, view, batch.sample0, cfg.mem_topk, mask=self_mask, h_prev=h_prev,
-                                 fwd_view=fwd_view)
+            m, mass, _ = blk.mem(mem_in, view, sample, cfg.mem_topk, mask=self_mask, h_prev=h_prev,
+                                 fwd_view=fwd_view, mass_rows=mass_idx)
             x = x + m
-            lb.mass.add_(mass * sampled)
+            if mass_idx is not None:  # M rows: a padding entry adds exactly +0.0 (where, not a product: no 0 * inf)
+                lb.mass.index_add_(0, mass_idx, torch.where(mass_on, mass, 0.0))
+            elif mass is not None:
+                lb.mass.add_(mass * sampled)
             lb.write_h.scatter_(1, write_at, mem_in.to(lb.write_h.dtype))
         x = x + blk.ffn(blk.ffn_norm(x))
         lb.prev_x.copy_(xn)
@@ -458,6 +485,27 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     if batch.fwd_on is not None:
         batch.fwd_on.fill_(1.0)  # every row's next token has a previous one
     return model._logits(x)[:, 0].float()
+
+
+def _mass_rows(batch: RaggedBatch, sampled: torch.Tensor):
+    """The read-mass rows of a step (see :meth:`RaggedBatch.mass_rows`): (sample positions or None,
+    row indices [M] or None, rows on [M, 1] bool or None). None, None, None: no row keeps a mass
+    this step; (sample0, None, None): every row's, kept where ``sampled`` (the rule before). Else
+    the M rows are found on the device with static shapes (no sync; capturable): the rows at a
+    salience position first, in slot order, then padding entries (row 0, off)."""
+    m = batch.mass_rows()
+    if m == 0:
+        return None, None, None
+    c = batch.capacity
+    if m >= c:
+        return batch.sample0, None, None
+    on = sampled.view(c) & (batch.active > 0)                                       # [C] (free slots never)
+    # each sampled row's rank among them; the others go to a spare entry M that is cut off
+    # (the host counted the sampled rows: at most M)
+    dest = torch.where(on, on.long().cumsum(0) - 1, m).clamp_max(m)
+    idx = torch.zeros(m + 1, dtype=torch.long, device=batch.device).scatter_(0, dest, batch.row_ids)[:m]
+    keep = torch.zeros(m + 1, dtype=torch.bool, device=batch.device).scatter_(0, dest, on)[:m]
+    return batch.sample0, idx, keep.view(m, 1)
 
 
 def successor_index(sizes: tuple[int, ...], smax: int, seg_len: int) -> torch.Tensor:

@@ -282,7 +282,8 @@ class MemoryRead(nn.Module):
 
     def forward(self, h: torch.Tensor, view: ReadView, sample: torch.Tensor | None = None, topk: int = 0,
                 trace: bool = False, self_kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                h_prev: torch.Tensor | None = None, fwd_view: tuple | None = None):
+                h_prev: torch.Tensor | None = None, fwd_view: tuple | None = None,
+                mass_rows: torch.Tensor | None = None):
         """Read the bank (and, with ``self_kv``, the segment's own writes).
 
         h: [B, T, D] normed hidden states; ``sample``: LongTensor of chunk positions whose
@@ -294,7 +295,10 @@ class MemoryRead(nn.Module):
         input of the token before ``h[:, 0]`` (None at the stream start), the query of the first
         position's forward read (``DNCConfig.forward_read``, see :meth:`forward_read`); ``fwd_view``:
         its (successor values, mask, rows on) for a view that holds the writes (``dnc.ragged``).
-        Returns (update [B, T, D], mass [B, S] or None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
+        ``mass_rows`` LongTensor [M]: compute the mass of these batch rows only (``dnc.ragged``: a
+        decode step's rows at a salience position; the mass reads every slot of a row's view in
+        float32, so computing it for rows that drop it was the step's largest avoidable read).
+        Returns (update [B, T, D], mass [B, S] ([M, S] with ``mass_rows``) or None, trace dict); the mass counts the bank's S slots only (salience is a bank statistic).
         """
         b, t, dm = h.shape
         hm = h.to(matmul_dtype(h))  # one cast for the query and router projections
@@ -328,7 +332,12 @@ class MemoryRead(nn.Module):
             with torch.no_grad():
                 qs = q if sample is None else q[:, :, sample]
                 ms = None if mask is None or sample is None else mask[:, :, sample]
-                probs = self.probs(qs, kv_k, topk, ms)                           # [B,H,Ts,S+1(+P+T)]
+                ks = kv_k
+                if mass_rows is not None:  # the same per-row ops on M rows
+                    qs, ks = qs.index_select(0, mass_rows), kv_k.index_select(0, mass_rows)
+                    if ms is not None and ms.shape[0] > 1:
+                        ms = ms.index_select(0, mass_rows)
+                probs = self.probs(qs, ks, topk, ms)                             # [B,H,Ts,S+1(+P+T)]
                 mass = probs[..., 1:s + 1].float().sum((1, 2))                    # [B,S]
                 if trace:
                     pfull = self.probs(q, kv_k, topk, mask).float()
