@@ -168,6 +168,17 @@ def client(server):
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test, then the previous count. Tiny models' CPU ops are too small
+    to split, and on a busy 2-core machine (Ray's processes, another run) a second thread makes every
+    op wait on it: a tiny forward over 8,192 tokens took 1.9 s on one thread and 25-34 s on two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_config():
     from dnc.config import preset
 

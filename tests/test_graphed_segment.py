@@ -24,14 +24,7 @@ SMALL_BANK = dict(l0_slots=32, l1_slots=16, l2_slots=8, memory_layers=(0, 1))
 SEGMENTS = 6
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # these tiny models' CPU runs are launch-bound: more threads only contend (on a shared
-    # 2-core machine one thread ran 2x faster than two)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _models(device="cpu", **overrides):

@@ -8,26 +8,20 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_gap_bench_measures_each_stage_and_counts_graph_paths(tmp_path):
+def test_gap_bench_measures_each_stage_and_counts_graph_paths(tmp_path, one_torch_thread):
     import train_loop_gap
     import train_loop_gap_report
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rc = train_loop_gap.main(["--config", "configs/train/tiny.yaml", "--steps", "1", "--warmup", "0",
-                                  "--corpus-ratio", "0", "--stages", "foundation,intermediate",
-                                  "--compile", "graphs", "--set", "batch_size=2", "--set", "max_len=128",
-                                  "--set", "graphs_min_segments=4", "--device", "cpu",
-                                  "--out", str(tmp_path), "--tag", "t"])
-    finally:
-        torch.set_num_threads(n)
+    rc = train_loop_gap.main(["--config", "configs/train/tiny.yaml", "--steps", "1", "--warmup", "0",
+                              "--corpus-ratio", "0", "--stages", "foundation,intermediate",
+                              "--compile", "graphs", "--set", "batch_size=2", "--set", "max_len=128",
+                              "--set", "graphs_min_segments=4", "--device", "cpu",
+                              "--out", str(tmp_path), "--tag", "t"])
     assert rc == 0
     res = json.loads((tmp_path / "train_loop_gap_t.json").read_text())
     assert [st["stage"] for st in res["stages"]] == ["foundation", "intermediate"]

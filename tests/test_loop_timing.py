@@ -21,12 +21,7 @@ from dnc.training.step import per_sample_loss
 from dnc.training.timing import PARTS, PartClock, time_split
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_step(model, batches, optimizer, clip):

@@ -171,25 +171,18 @@ def test_merge_duplicates_and_compaction():
         m(torch.randint(0, 256, (1, 20)), state=state)
 
 
-def test_100k_tokens_bank_stays_at_capacity_and_memory_is_flat():
-    """Stream 100,000 tokens through tiny: every level at capacity and the state's bytes constant."""
+def test_100k_tokens_bank_stays_at_capacity_and_memory_is_flat(one_torch_thread):
+    """Stream 100,000 tokens through tiny: every level at capacity and the state's bytes constant
+    (on one intra-op thread: conftest's ``one_torch_thread`` says why)."""
     torch.manual_seed(0)
     m = DNC(preset("tiny")).eval()
     state = m.init_state(1)
     sizes = []
     chunk = 4096
-    # One intra-op thread: tiny's ops on one 32-token segment are too small to split, and with
-    # two threads on a busy 2-core machine (Ray's processes, another test run) every op waits on
-    # the second: 8,192 tokens took 1.9 s with one thread and 25-34 s with two at load 5.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for i in range(0, 100_000, chunk):
-                m(torch.randint(0, 256, (1, min(chunk, 100_000 - i))), state=state, last_logits_only=True)
-                sizes.append(state.nbytes())
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        for i in range(0, 100_000, chunk):
+            m(torch.randint(0, 256, (1, min(chunk, 100_000 - i))), state=state, last_logits_only=True)
+            sizes.append(state.nbytes())
     cfg = m.config
     assert state.tokens_seen == 100_000
     assert state.banks()[0][1].sizes == [cfg.l0_slots, cfg.l1_slots, cfg.l2_slots]
