@@ -115,7 +115,7 @@ def generate(prompt: str, checkpoint: str | None = None, max_new_tokens: int = 6
 
 def demo(steps: int = 200, workers: int = 2, storage: str = "runs", name: str = "demo", port: int = 8000,
          no_serve: bool = False, serve_seconds: float | None = None,
-         train_config: str = "configs/train/tiny.yaml", corpus: list[str] | None = None) -> int:
+         train_config: str = "configs/train/tiny.yaml", corpus: list[str] | str | None = None) -> int:
     """Serve a model with the UI, train the tiny preset through Ray Train (local Ray, local storage,
     W&B offline) on the curriculum and on text (this Python's standard library) while the UI's
     training monitor follows the run live, then serve the trained checkpoint.
@@ -129,15 +129,16 @@ def demo(steps: int = 200, workers: int = 2, storage: str = "runs", name: str = 
         no_serve: Train only (no server before or after).
         serve_seconds: Seconds to serve after training before exiting; null = until Ctrl-C.
         train_config: The training YAML (model and hyperparameters) the demo starts from.
-        corpus: Text the demo trains on besides the curriculum (paths, globs or ``stdlib``);
-            null = this Python's standard library. A few files start Ray Data sooner (the tests).
+        corpus: Text the demo trains on besides the curriculum: a path, glob or ``stdlib``, or a
+            JSON list of them; null = this Python's standard library. A few files start Ray Data
+            sooner (the tests).
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     from ray_jobs.config import load_job_config
 
     job = load_job_config(config_path(train_config), {
         "train": {"max_steps": steps},
-        "run": {"name": name, "storage": storage, "num_workers": workers, "corpus": corpus or ["stdlib"],
+        "run": {"name": name, "storage": storage, "num_workers": workers, "corpus": [corpus] if isinstance(corpus, str) else (corpus or ["stdlib"]),
                 "cpus_per_worker": 0.5}})
     if no_serve:
         from ray_jobs.train import print_summary, run_training

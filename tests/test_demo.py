@@ -53,6 +53,17 @@ def test_a_bad_port_fails_in_one_line(command):
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: --port"), r.stderr
 
 
+@pytest.mark.parametrize("given, corpus", [(["--corpus", "docs/*.md"], "docs/*.md"),
+                                           (["--corpus", '["docs/*.md", "README.md"]'], ["docs/*.md", "README.md"]),
+                                           ([], None)])
+def test_demo_corpus_takes_a_path_or_a_json_list(given, corpus):
+    """``dnc demo --corpus`` as a user would type it: one path or glob, or a JSON list (a bare path
+    used to fail with jsonargparse's "Does not validate against any of the Union subtypes")."""
+    from ray_jobs.cli import command_parser
+
+    assert command_parser("demo").parse_args(given).corpus == corpus
+
+
 def _get(path: str, timeout: float = 60) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as resp:
         return json.loads(resp.read())
