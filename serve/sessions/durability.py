@@ -94,7 +94,21 @@ class DurabilityMixin:
         last_good: dict[str, list[tuple[int, str, int, str]]] = {}  # sid -> (record index, inc, seq, op)
         owners: dict[str, str] = {}  # sid -> the owner its last WAL record names
         n = 0
+        # token turns that cannot be applied: their session has no state to replay them on (its snapshot
+        # is gone), or turns before them are missing. sid -> (record number, inc, seq, what is wrong)
+        orphans: dict[str, tuple[int, str, int, str]] = {}
+        records: dict[str, list[tuple[int, str, str, int]]] = {}  # sid -> (record number, inc, op, seq), in order
         for header, payload in self.store.replay(bad_records.append):
+            sid, op, inc = header["sid"], header.get("op", "put"), header.get("inc", "")
+            records.setdefault(sid, []).append((n, inc, op, header["seq"]))
+            s = self.sessions.get(sid)
+            if op == "turn" and sid not in orphans and (s is None or (
+                    not s.damage and s.inc == inc and header["seq"] > s.seq + 1)):
+                orphans[sid] = (n, inc, header["seq"], (
+                    f"the WAL holds its token turn of seq {header['seq']} but no state to replay it on "
+                    f"(its snapshot sessions/{sid}.snap is missing)" if s is None else
+                    f"the WAL holds its token turn of seq {header['seq']} but the turns after seq {s.seq} "
+                    "before it are missing"))
             self._apply_record(header, payload)
             if header.get("owner") and header.get("op") != "delete":
                 owners[header["sid"]] = header["owner"]
@@ -122,6 +136,14 @@ class DurabilityMixin:
                                self.index, d.sid, d.seq, where, d.reason)
                 continue
             self._mark_damaged_at_start(d.sid, f"WAL record of seq {d.seq} ({where}): {d.reason}", seq=d.seq)
+        for sid, (at, inc, seq, what) in orphans.items():
+            # a later full state, a delete or a new incarnation of the id makes those turns irrelevant
+            if any(k > at and (i != inc or op != "turn") for k, i, op, _ in records[sid]):
+                continue
+            if getattr(self.sessions.get(sid), "damage", None):  # a damaged record above says why already
+                continue
+            self._report({"kind": "wal_turns", "sid": sid, "seq": seq, "reason": what})
+            self._mark_damaged_at_start(sid, what, seq=max(q for _, i, _, q in records[sid] if i == inc))
         for s in self.sessions.values():
             if s.damage and not s.owner and owners.get(s.state_id):
                 # its snapshot header (which held the owner) is unreadable: without an owner every owner
