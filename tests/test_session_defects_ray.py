@@ -126,3 +126,50 @@ def test_one_unreachable_shard_leaves_listing_and_new_sessions_working(ray_clust
         asyncio.run(main())
     finally:
         client.kill_all()
+
+
+def test_a_hung_shard_does_not_hang_listing_stats_or_new_sessions(ray_cluster, tmp_path):
+    """Session 18. A shard that is alive but does not answer (here its process is stopped for real
+    with SIGSTOP: Ray still sees it alive, so calls queue on it) hung every owner's listing, the quota
+    every new session checks and /model/stats, for as long as it hung. Now each of those waits
+    ``answer_timeout_s`` for a shard and then names it unreachable, as it does a dead one."""
+    import os
+    import signal
+    import time
+
+    from serve.context import ApiContext, Limits
+    from serve.sessions import shard_index
+
+    ray = ray_cluster
+    cfg = BankConfig(storage=str(tmp_path / "bank"), num_shards=2, model={"preset": "tiny", "seed": 0},
+                     manager_interval_s=0, namespace="dnc-defects3-test", answer_timeout_s=1.0)
+    client = BankClient(cfg)
+    on = {i: [f"s{k}" for k in range(40) if shard_index(f"s{k}", 2) == i] for i in (0, 1)}
+    kept, hung, new = on[0][0], on[1][0], on[0][1]
+    ctx = ApiContext(generator=None, bank=client, hub=lambda: None, limits=Limits(max_sessions_per_owner=3))
+    pid = None
+    try:
+        async def main():
+            nonlocal pid
+            for sid in (kept, hung):
+                await client.call(sid, "create", "alice")
+            pid = (await client.on_shard(1, "ping"))["pid"]
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            listing = await asyncio.wait_for(client.list_reachable("alice"), 30)  # before: never returned
+            assert [s["state_id"] for s in listing["states"]] == [kept] and listing["unreachable_shards"] == [1]
+            assert "did not answer within 1 s" in listing["errors"][0].message
+            await asyncio.wait_for(ctx.check_session_quota("alice", new), 30)
+            await client.call(new, "create", "alice")
+            stats = await asyncio.wait_for(client.stats(), 30)
+            assert stats[1]["unreachable"] and stats[0]["sessions"] == 2
+            assert time.monotonic() - t0 < 15
+            os.kill(pid, signal.SIGCONT)
+            pid = None
+            listing = await client.list_reachable("alice")  # answered again, nothing lost
+            assert sorted(s["state_id"] for s in listing["states"]) == sorted([kept, hung, new])
+        asyncio.run(main())
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)
+        client.kill_all()

@@ -108,7 +108,7 @@ class BankClient:
         from ..errors import find_api_error
 
         idx = list(self.shard_indices())
-        parts = await asyncio.gather(*(self.on_shard(i, "list_sessions", owner) for i in idx),
+        parts = await asyncio.gather(*(self._answer_in_time(i, "list_sessions", owner) for i in idx),
                                      return_exceptions=True)
         states, down, errors = [], [], []
         for i, p in zip(idx, parts):
@@ -133,7 +133,7 @@ class BankClient:
         from ..errors import find_api_error
 
         idx = list(self.shard_indices())
-        parts = await asyncio.gather(*(self.on_shard(i, "stats") for i in idx), return_exceptions=True)
+        parts = await asyncio.gather(*(self._answer_in_time(i, "stats") for i in idx), return_exceptions=True)
         out = []
         for i, p in zip(idx, parts):
             if isinstance(p, BaseException):
@@ -144,6 +144,15 @@ class BankClient:
                      "bytes_total": 0}
             out.append(p)
         return out
+
+    async def _answer_in_time(self, i: int, method: str, *args):
+        """:meth:`on_shard` for the calls over every shard, bounded by ``answer_timeout_s``: a shard
+        that does not answer in time counts as unreachable (503), as a dead one does."""
+        try:
+            return await asyncio.wait_for(self.on_shard(i, method, *args), self.cfg.answer_timeout_s)
+        except asyncio.TimeoutError:
+            raise StorageUnavailable(f"storage unavailable: session store shard {i} did not answer within "
+                                     f"{self.cfg.answer_timeout_s:g} s; retry later", "storage_unavailable") from None
 
     async def ping_all(self, timeout_s: float = 5.0) -> int:
         async def one(i):

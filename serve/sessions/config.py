@@ -45,6 +45,10 @@ class BankConfig:
     """How long a request waits for a busy session before answering 503."""
     queue_wait_s: float = 30.0
     """How long an out-of-order update waits for its predecessor."""
+    answer_timeout_s: float = 10.0
+    """How long a call over every shard (the session listing, the quota a new session checks, stats)
+    waits for one shard before naming it unreachable: a shard that hangs (alive, but not answering)
+    must not hang every owner's listing and every new session."""
     max_history: int = 256
     """Turns kept per session."""
     snapshot_every_turns: int = 32
