@@ -256,7 +256,7 @@ def test_evaluate_with_oracle_and_wrong_model():
 
 
 @pytest.mark.parametrize("name", ["local_first", "template_first", "local_template_first", "local_replay", "time_boxed",
-                                  "stdlib_tail", "time_boxed_stdlib"])
+                                  "stdlib_tail", "time_boxed_stdlib", "time_boxed_short"])
 def test_ablation_curricula_load_for_small(name):
     """The ablation stage dirs (issue 11) build a curriculum for small's 512-token segments."""
     d = default_stage_dir().parent / "ablations" / name
