@@ -121,6 +121,9 @@ class RaggedBatch:
     KV_ATTENTION = "masked"
     """Default :attr:`kv_attention` of new batches (the one-line switch once the H200 has measured "flex")."""
 
+    KV_BLOCK = 128
+    """Default :attr:`kv_block`."""
+
     def __init__(self, model, capacity: int, device=None, dtype=None, kv_attention: str | None = None):
         cfg = model.config
         self.capacity = c = int(capacity)
@@ -174,7 +177,7 @@ class RaggedBatch:
         each row's own length: a row reads ``ceil((length+1) / kv_block)`` blocks; see
         :func:`dnc.attention.kv_length_attention`). Set it before the batch's first step: a captured
         step keeps the choice it was captured with (``DecodeGraphs`` keys on it)."""
-        self.kv_block = 128
+        self.kv_block = self.KV_BLOCK
         """KV block of the "flex" path (tokens): flex's default sparse block; tests use smaller ones."""
         self._length_mask: LengthMask | None = None
         self.rows: list[RowMeta | None] = [None] * c
