@@ -136,13 +136,14 @@ class LengthMask:
 
     Q_BLOCK = 128  # flex's default sparse Q block: a one-token query is one block whatever its size
 
-    def __init__(self, length: torch.Tensor, max_len: int, block: int = 128, q_blocks: bool = True):
+    def __init__(self, length: torch.Tensor, max_len: int, block: int = 128, q_blocks: bool = False):
         self.length, self.max_len, self.block = length, int(max_len), int(block)
         self.n_blocks = nb = -(-self.max_len // self.block)
         c = length.shape[0]
         self.q_blocks = q_blocks
-        """Also build the transposed (Q) indices. Only a backward reads them; off saves ~6 small
-        kernels per step where the compiled forward accepts None (check on the GPU)."""
+        """Also build the transposed (Q) indices (``from_kv_blocks(compute_q_blocks=True)``): only
+        a backward reads them (inductor's flex_decoding lowering ignores them), and they cost ~30
+        more small ops per step (8 without), so a decode step leaves them out."""
         self.block_ids = torch.arange(nb, dtype=torch.int32, device=length.device)       # [NB]
         self.full_idx = self.block_ids.view(1, 1, 1, nb).expand(c, 1, 1, nb).contiguous()  # [C, 1, 1, NB]
 
