@@ -5,7 +5,8 @@ preallocated tensors, so one decode step has the same shapes whatever each row h
 
 - per layer, the KV cache ``k``/``v`` ``[C, H, Lmax, Dh]`` with ``Lmax = kv_window + segment_len``
   (the carried window plus a whole segment); row ``i`` uses positions ``0 .. length[i]-1`` and a
-  mask hides the rest;
+  mask hides the rest (``RaggedBatch.kv_attention = "flex"``: the attention reads only the KV
+  blocks up to each row's length, so its cost follows the row's length, not ``Lmax``);
 - per memory layer, the segment's *read view* of the row's bank (``MemoryRead.build_view``) padded to
   the bank's full capacity ``Smax = l0 + l1 + l2`` (+1 null slot): padding slots have zero keys and
   values and the invalid-slot bias (-1e4) in the bias channel, so their read weight is exactly 0;
@@ -463,10 +464,11 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     cos_t, sin_t = rope_table_full(batch.max_len, dh, cfg.rope_theta, x.device)
     cos = cos_t.index_select(0, batch.length).view(c, 1, 1, dh)                     # each row at its position
     sin = sin_t.index_select(0, batch.length).view(c, 1, 1, dh)
-    visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)      # [C, 1, 1, Lmax]
-    if batch.kv_attention == "flex":  # one block mask per step, shared by every layer
+    if batch.kv_attention == "masked":
+        visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)  # [C, 1, 1, Lmax]
+    elif batch.kv_attention == "flex":  # a BlockMask of each row's length, shared by every layer
         visible = batch.length_mask().block_mask()
-    elif batch.kv_attention != "masked":
+    else:
         raise ValueError(f"kv_attention must be 'masked' or 'flex', got {batch.kv_attention!r}")
     kv_at = batch.length.view(c, 1, 1, 1).expand(c, h, 1, dh)
     sampled = (batch.seg_pos % batch.stride == batch.stride - 1).view(c, 1)         # salience positions
