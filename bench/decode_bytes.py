@@ -29,7 +29,11 @@ salience period: 32 for small) and the table gives the mean per step. Segment co
 ``segment_len`` per row, eager, outside the graph) are not counted. By default the model and the
 batch live on the ``meta`` device (exact shapes, no memory: 256 rows of small would need ~13 GB).
 ``before`` = ``mass_gather`` off (every row's read mass every step, the rule before session 17),
-``after`` = on.
+``after`` = on, ``flex`` = on with ``RaggedBatch.kv_attention = "flex"`` (local attention over each
+row's own KV length: issue 14). The flex kernel is counted as one fused op that reads the query,
+each row's KV blocks up to its length (``ceil((length+1) / kv_block)`` blocks of ``--kv-block``
+keys, at most ``Lmax``; lengths from the rows' host positions, since a meta tensor holds no values)
+and the block mask, and writes the output; the ops that build the block mask count as they run.
 
     python bench/decode_bytes.py --preset small --batches 1,8,64,256
     python bench/decode_bytes.py --preset small --time-batch 64 --time-steps 8   # CPU ms per step too
@@ -65,6 +69,7 @@ for _p in (str(HERE.parent), str(HERE)):
 from common import HelpFormatter, md_table, provenance, write_result  # noqa: E402
 from dnc.config import preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
+import dnc.ragged  # noqa: E402
 from dnc.ragged import RaggedBatch, RowMeta, ragged_decode_step  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -234,6 +239,38 @@ def _meta_autocast():
         torch.is_autocast_enabled, torch.autocast = orig, orig_ac
 
 
+@contextlib.contextmanager
+def _counted_flex(counter: "_Counter", batch: RaggedBatch):
+    """``kv_length_attention`` as one counted fused op (see the module docstring), output empty."""
+    real = dnc.ragged.kv_length_attention
+
+    def attend(q, k, v, block_mask):
+        lens = [0 if m is None else m.carry_len[0] + m.seg_pos for m in batch.rows]  # the new token's position
+        blk = batch.kv_block
+        keys = sum(min(batch.max_len, -(-(n + 1) // blk) * blk) for n in lens)      # positions read, all rows
+        per_key = k.shape[1] * k.shape[3] * k.element_size()                        # one position, every head
+        reads = defaultdict(int)
+        reads[counter.labels.get(q)] += _distinct_bytes(q)
+        reads[counter.labels.get(k)] += keys * per_key
+        reads[counter.labels.get(v)] += keys * per_key
+        for t in block_mask.as_tuple()[2:]:
+            if isinstance(t, torch.Tensor):
+                reads["activations"] += _distinct_bytes(t)
+        counter.paused = True
+        try:
+            out = torch.empty_like(q)
+        finally:
+            counter.paused = False
+        counter.record("flex_attention", reads, {"activations": _distinct_bytes(out)})
+        return out
+
+    dnc.ragged.kv_length_attention = attend
+    try:
+        yield
+    finally:
+        dnc.ragged.kv_length_attention = real
+
+
 def _phases(batch: RaggedBatch, rows: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(batch.segment_len) for _ in range(rows)]
@@ -265,7 +302,8 @@ def count_steps(model, batch: RaggedBatch, phases: list[int], steps: int) -> dic
         labels = _Labels()
         _label_batch(labels, model, batch)
         counter = _Counter(labels)
-        with torch.no_grad(), counter, _Fused(counter):
+        flex = _counted_flex(counter, batch) if batch.kv_attention == "flex" else contextlib.nullcontext()
+        with torch.no_grad(), counter, _Fused(counter), flex:
             logits = ragged_decode_step(model, batch)
             n_step = len(counter.ops)
             # DecodeGraphs.step returns entry.logits.clone(); BatchDecoder copies it into rb.logits
@@ -307,7 +345,12 @@ def floor_mb(model, batch: RaggedBatch, phases: list[int]) -> dict:
     return {"weights": weights / 1e6, "kv": kv / 1e6, "bank": bank / 1e6, "total": (weights + kv + bank) / 1e6}
 
 
-def measure(name: str, batches: list[int], dtype: torch.dtype, device: str, seed: int, log) -> dict:
+MODES = {"before": (False, "masked"), "after": (True, "masked"), "flex": (True, "flex")}
+"""mode -> (mass_gather, kv_attention)."""
+
+
+def measure(name: str, batches: list[int], dtype: torch.dtype, device: str, seed: int, log,
+            modes=("before", "after", "flex"), kv_block: int = 128) -> dict:
     with torch.device(device):
         model = DNC(preset(name)).eval().to(dtype)
     stride = max(1, model.config.segment_len // 64)
@@ -317,16 +360,18 @@ def measure(name: str, batches: list[int], dtype: torch.dtype, device: str, seed
         phases = _phases(batch, b, seed)
         _occupy(batch, model, phases)
         row = {"rows": b, "floor_mb": floor_mb(model, batch, phases), "steps": stride}
-        for mode, gather in (("before", False), ("after", True)):
-            batch.mass_gather = gather
+        for mode in modes:
+            batch.mass_gather, batch.kv_attention = MODES[mode]
+            batch.kv_block = kv_block
             with _meta_autocast(), torch.no_grad():
-                ragged_decode_step(model, batch)  # uncounted: fills the cached constants (RoPE tables, ...)
+                with _counted_flex(_Counter(_Labels()), batch):  # (meta tensors: flex itself cannot run)
+                    ragged_decode_step(model, batch)  # uncounted: fills the cached constants (RoPE tables, ...)
                 row[mode] = count_steps(model, batch, phases, stride)
             log(f"{name} B={b} {mode}: {row[mode]['total_mb']:,.0f} MB/step, {row[mode]['kernels']:.0f} kernels")
         out.append(row)
         del batch
     cfg = model.config
-    return {"preset": name, "dtype": str(dtype).replace("torch.", ""), "stride": stride,
+    return {"preset": name, "dtype": str(dtype).replace("torch.", ""), "stride": stride, "kv_block": kv_block,
             "sizes": {"segment_len": cfg.segment_len, "kv_window": cfg.kv_window, "n_layers": cfg.n_layers,
                       "d_model": cfg.d_model, "n_heads": cfg.n_heads, "bank_slots": cfg.bank_slots,
                       "memory_layers": list(cfg.memory_layer_ids), "self_read": cfg.self_read,
@@ -392,7 +437,7 @@ def table(entry: dict) -> list[str]:
     out = []
     for r in entry["batches"]:
         fl = r["floor_mb"]
-        for mode in ("before", "after"):
+        for mode in [m for m in MODES if m in r]:
             m = r[mode]
             cat = {c: m["read_mb"][c] + m["write_mb"][c] for c in CATEGORIES}
             out.append([str(r["rows"]), mode, _f(m["total_mb"]), _f(cat["weights"]), _f(cat["kv"]), _f(cat["bank read"]),
@@ -412,7 +457,9 @@ def render(res: dict) -> str:
         lines += [f"**{e['preset']}**, {e['dtype']}: {s['n_layers']} layers, d {s['d_model']}, segment "
                   f"{s['segment_len']} (+ window {s['kv_window']}), bank {s['bank_slots']} slots on layers "
                   f"{s['memory_layers']}; mean of {e['stride']} steps (one salience period), rows at random "
-                  f"segment positions. MB read + written per step (1 MB = 10^6 bytes):", ""]
+                  f"segment positions. MB read + written per step (1 MB = 10^6 bytes); before / after: the "
+                  f"read mass of every row / of the sampled rows; flex: after, with local attention over each "
+                  f"row's own KV length in blocks of {e.get('kv_block', 128)} keys:", ""]
         lines += table(e) + [""]
     timing = res.get("cpu_timing") or []
     if timing:
@@ -435,6 +482,9 @@ def main(argv=None) -> int:
     p.add_argument("--time-steps", type=int, default=8, help="timed CPU steps of each mode")
     p.add_argument("--time-dtype", default="fp32", choices=["bf16", "fp32"],
                    help="--time-batch: dtype of the timed CPU model (fp32: the CPU serving dtype; bf16: the GPU's)")
+    p.add_argument("--modes", default="before,after,flex",
+                   help="what to count: before (mass_gather off), after (on), flex (on + kv_attention flex)")
+    p.add_argument("--kv-block", type=int, default=128, help="flex: KV block (tokens), RaggedBatch.kv_block")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="cpu")
     p.add_argument("--out", default=str(RESULTS))
@@ -448,7 +498,8 @@ def main(argv=None) -> int:
     res = provenance("decode_bytes", sys.argv[1:] if argv is None else argv, "cpu")
     res.update({"count_device": args.count_device, "hbm_tbps": HBM_TBPS, "entries": [], "cpu_timing": []})
     for name in args.preset or ["small"]:
-        res["entries"].append(measure(name, batches, dtype, args.count_device, args.seed, log))
+        res["entries"].append(measure(name, batches, dtype, args.count_device, args.seed, log,
+                                      [m for m in args.modes.split(",") if m], args.kv_block))
     if args.time_batch:
         for name in args.time_presets.split(","):
             res["cpu_timing"].append(time_cpu(name, args.time_batch, args.time_steps, args.seed, log,

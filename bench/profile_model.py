@@ -5,7 +5,10 @@
 
 ``--decode-batch N`` profiles N rows decoding together (``BatchDecoder``, CUDA-graph steps) instead:
 the median ms per step and the kernel table (``--mass-gather off``: the read-mass rule before
-session 17, for an A/B).
+session 17, for an A/B; ``--kv-attention flex``: local attention over each row's own KV length,
+``RaggedBatch.kv_attention``). The rows' KV lengths are printed: a ``--decode-context`` that is a
+whole number of segments puts every row near its segment's start (short KV: flex's best case);
+``small`` with ``--decode-context 5120`` puts them near the middle (the average served row).
 
 ``--count-ops`` instead counts the aten ops the model dispatches (a proxy for CUDA kernel launches
 that needs no GPU) per segment, for training forward+backward, no-grad prefill and single-token
@@ -350,10 +353,11 @@ def main_decode(a) -> int:
     warm = 2 * model.config.segment_len // 64 + 4  # every mass-row count's graph captured (2 sightings each)
     rows = [DecodeRow(torch.randint(0, 256, (1 + (7 * i) % 64,)).tolist(), state.select([0]), warm + 3 * steps + 8,
                       SamplingParams(0.0)) for i in range(a.decode_batch)]
-    dec = BatchDecoder(model, max_batch=a.decode_batch)
+    dec = BatchDecoder(model, max_batch=a.decode_batch, kv_attention=a.kv_attention)
     dec.add(rows)
     for b in dec.batches:
         b.rb.mass_gather = a.mass_gather == "on"
+        b.rb.kv_block = a.kv_block
 
     def sync():
         if cuda:
@@ -369,8 +373,11 @@ def main_decode(a) -> int:
         sync()
         lat.append(time.perf_counter() - t)
     lat.sort()
+    kv = torch.cat([b.rb.length[b.rb.active > 0] for b in dec.batches]).float()
+    print(f"KV length per row after the timed steps: mean {kv.mean():.0f}, min {kv.min():.0f}, max {kv.max():.0f} "
+          f"of Lmax {dec.batches[0].rb.max_len}")
     print(f"decode {a.preset} {a.dtype if cuda else 'fp32'} rows={a.decode_batch} context={a.decode_context} "
-          f"mass_gather={a.mass_gather} graphs={cuda}: median {lat[len(lat) // 2] * 1e3:.3f} ms per step over "
+          f"mass_gather={a.mass_gather} kv_attention={a.kv_attention} graphs={cuda}: median {lat[len(lat) // 2] * 1e3:.3f} ms per step over "
           f"{steps} steps ({a.decode_batch / lat[len(lat) // 2]:,.0f} tokens/s); batches {dec.batch_sizes()}")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
@@ -423,6 +430,10 @@ def main(argv=None) -> int:
     p.add_argument("--mass-gather", default="on", choices=["on", "off"],
                    help="--decode-batch: the read mass of a step for its rows at a salience position only "
                         "(on, RaggedBatch.mass_gather) or for every row every step (off, the rule before)")
+    p.add_argument("--kv-attention", default="masked", choices=["masked", "flex"],
+                   help="--decode-batch: local attention over every row's whole KV buffer with a mask (masked) "
+                        "or over each row's own length (flex: flex_attention, compiled on CUDA)")
+    p.add_argument("--kv-block", type=int, default=128, help="--kv-attention flex: KV block (tokens)")
     a = p.parse_args(argv)
     if a.count_ops:
         return main_count(a, argv)

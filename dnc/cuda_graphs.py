@@ -308,7 +308,7 @@ class DecodeGraphs:
         with self._lock:
             # mass_rows shapes the step (how many rows compute their read mass): one graph per value
             key = (id(batch), self.model.embed.weight.data_ptr(), torch.is_autocast_enabled("cuda"),
-                   torch.get_autocast_dtype("cuda"), batch.mass_rows())
+                   torch.get_autocast_dtype("cuda"), batch.mass_rows(), batch.kv_attention)
             entry = self.graphs.get(key)
             if entry is None:
                 if key not in self.seen:

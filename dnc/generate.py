@@ -162,8 +162,9 @@ class BatchDecoder(Admission):
     """Default ``shrink_after`` (steps): 1, see above (``bench/results/decode_churn_*``)."""
 
     def __init__(self, model, max_batch: int = 64, ragged_prefill: bool = True, prefill_tokens: int = MAX_TOKENS,
-                 shrink_after: int = SHRINK_AFTER):
+                 shrink_after: int = SHRINK_AFTER, kv_attention: str | None = None):
         self.model = model
+        self.kv_attention = kv_attention  # RaggedBatch.kv_attention of its batches (None: RaggedBatch.KV_ATTENTION)
         self.max_batch_rows = max(1, int(max_batch))  # rows in one model call at most
         self.ragged_prefill = bool(ragged_prefill)
         self.prefill_tokens = max(1, int(prefill_tokens))  # tokens per row per ragged prefill call at most
@@ -196,7 +197,9 @@ class BatchDecoder(Admission):
 
     def _new_batch(self, capacity: int) -> RaggedBatch:
         runner = self._runner()
-        return runner.acquire(capacity) if runner is not None else RaggedBatch(self.model, capacity)
+        rb = runner.acquire(capacity) if runner is not None else RaggedBatch(self.model, capacity)
+        rb.kv_attention = self.kv_attention or RaggedBatch.KV_ATTENTION
+        return rb
 
     def _free_batch(self, rb: RaggedBatch) -> None:
         runner = self._runner()

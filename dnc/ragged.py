@@ -5,7 +5,8 @@ preallocated tensors, so one decode step has the same shapes whatever each row h
 
 - per layer, the KV cache ``k``/``v`` ``[C, H, Lmax, Dh]`` with ``Lmax = kv_window + segment_len``
   (the carried window plus a whole segment); row ``i`` uses positions ``0 .. length[i]-1`` and a
-  mask hides the rest;
+  mask hides the rest (``RaggedBatch.kv_attention = "flex"``: the attention reads only the KV
+  blocks up to each row's length, so its cost follows the row's length, not ``Lmax``);
 - per memory layer, the segment's *read view* of the row's bank (``MemoryRead.build_view``) padded to
   the bank's full capacity ``Smax = l0 + l1 + l2`` (+1 null slot): padding slots have zero keys and
   values and the invalid-slot bias (-1e4) in the bias channel, so their read weight is exactly 0;
@@ -50,7 +51,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import KVCache
+from .attention import KVCache, LengthMask, kv_length_attention
 from .layers import apply_rope_full, rope_table_full
 from .memory import LEVELS, ReadView, StateBank
 from .state import DNCState, LayerState
@@ -118,7 +119,13 @@ class RaggedBatch:
     whose segment is full (``commit`` is the model's ``commit_segment``). ``tokens [C]`` is the step's
     input and ``logits [C, V]`` each row's next-token logits."""
 
-    def __init__(self, model, capacity: int, device=None, dtype=None):
+    KV_ATTENTION = "masked"
+    """Default :attr:`kv_attention` of new batches (the one-line switch once the H200 has measured "flex")."""
+
+    KV_BLOCK = 128
+    """Default :attr:`kv_block`."""
+
+    def __init__(self, model, capacity: int, device=None, dtype=None, kv_attention: str | None = None):
         cfg = model.config
         self.capacity = c = int(capacity)
         self.device = torch.device(device or model.device)
@@ -165,8 +172,26 @@ class RaggedBatch:
         self.mass_gather = True
         """The read mass of a step for its rows at a salience position only (:meth:`mass_rows`);
         False: for every row, every step, as before (A/B in ``bench/decode_bytes.py``)."""
+        self.kv_attention = kv_attention or self.KV_ATTENTION
+        """How the decode step attends over the KV cache: "masked" (SDPA over all ``Lmax`` keys with a
+        boolean mask; every row costs ``Lmax``) or "flex" (``flex_attention`` with a block mask of
+        each row's own length: a row reads ``ceil((length+1) / kv_block)`` blocks; see
+        :func:`dnc.attention.kv_length_attention`). Set it before the batch's first step: a captured
+        step keeps the choice it was captured with (``DecodeGraphs`` keys on it)."""
+        self.kv_block = self.KV_BLOCK
+        """KV block of the "flex" path (tokens): flex's default sparse block; tests use smaller ones."""
+        self._length_mask: LengthMask | None = None
         self.rows: list[RowMeta | None] = [None] * c
         self._level_ids = torch.zeros(self.smax, dtype=torch.long, device=dev)  # ReadView.levels (trace only)
+
+    def length_mask(self) -> LengthMask:
+        """The "flex" path's block-mask builder over ``length`` (made once: its constants must exist
+        before a capture, and its mask_mod stays one function object, so a compiled flex_attention
+        is not traced again per step)."""
+        lm = self._length_mask
+        if lm is None or lm.block != self.kv_block:
+            lm = self._length_mask = LengthMask(self.length, self.max_len, self.kv_block)
+        return lm
 
     # ------------------------------------------------------------------ slots
     @property
@@ -439,7 +464,12 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     cos_t, sin_t = rope_table_full(batch.max_len, dh, cfg.rope_theta, x.device)
     cos = cos_t.index_select(0, batch.length).view(c, 1, 1, dh)                     # each row at its position
     sin = sin_t.index_select(0, batch.length).view(c, 1, 1, dh)
-    visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)      # [C, 1, 1, Lmax]
+    if batch.kv_attention == "masked":
+        visible = batch.key_pos.view(1, 1, 1, -1) <= batch.length.view(c, 1, 1, 1)  # [C, 1, 1, Lmax]
+    elif batch.kv_attention == "flex":  # a BlockMask of each row's length, shared by every layer
+        visible = batch.length_mask().block_mask()
+    else:
+        raise ValueError(f"kv_attention must be 'masked' or 'flex', got {batch.kv_attention!r}")
     kv_at = batch.length.view(c, 1, 1, 1).expand(c, h, 1, dh)
     sampled = (batch.seg_pos % batch.stride == batch.stride - 1).view(c, 1)         # salience positions
     sample, mass_idx, mass_on = _mass_rows(batch, sampled)
@@ -535,7 +565,10 @@ def _attend(attn, xn: torch.Tensor, lb: LayerBuffers, cos, sin, visible, kv_at) 
     q, k = apply_rope_full(torch.stack([q, k]), cos, sin).unbind(0)
     lb.k.scatter_(2, kv_at, k.to(lb.k.dtype))
     lb.v.scatter_(2, kv_at, v.to(lb.v.dtype))
-    # one fused kernel over the static Lmax keys (the eager decode branch uses plain matmuls only
-    # because a fused kernel plans anew for every key length; here the length never changes)
-    y = F.scaled_dot_product_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), attn_mask=visible)  # [C, H, 1, Dh]
+    if isinstance(visible, torch.Tensor):
+        # one fused kernel over the static Lmax keys (the eager decode branch uses plain matmuls only
+        # because a fused kernel plans anew for every key length; here the length never changes)
+        y = F.scaled_dot_product_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), attn_mask=visible)  # [C, H, 1, Dh]
+    else:  # kv_attention="flex": a BlockMask; each row reads only its own length's blocks
+        y = kv_length_attention(q, lb.k.to(q.dtype), lb.v.to(q.dtype), visible)             # [C, H, 1, Dh]
     return attn.dropout(attn.out(y.transpose(1, 2).reshape(b, 1, d)))

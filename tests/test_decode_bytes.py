@@ -72,3 +72,28 @@ def test_a_result_is_written_and_renders(tmp_path: Path):
     # the weights are read once whatever the rows, but for one embedding row (128 bf16) per row
     extra = rows[1]["after"]["read_mb"]["weights"] - rows[0]["after"]["read_mb"]["weights"]
     assert round(extra * 1e6) == 128 * 2
+
+
+def test_flex_reads_each_rows_kv_blocks_only():
+    """kv_attention="flex": the attention reads each row's KV blocks up to its length (the new token's
+    included), not the padded cache; the rest of the step moves what the masked step moves, plus the
+    few small ops that build the block mask."""
+    model, batch = _meta_batch(4)
+    cfg = model.config
+    phases = [0, 15, 16, 100]  # visible keys 1, 16, 17, 101: blocks of 16 -> 1, 1, 2, 7
+    decode_bytes._occupy(batch, model, phases)
+    el = 2
+    got = {}
+    for mode in ("after", "flex"):
+        batch.mass_gather, batch.kv_attention = decode_bytes.MODES[mode]
+        batch.kv_block = 16
+        with decode_bytes._meta_autocast():
+            got[mode] = decode_bytes.count_steps(model, batch, phases, 1)
+    keys = 16 * (1 + 1 + 2 + 7)
+    assert got["flex"]["read_mb"]["kv"] * 1e6 == 2 * cfg.n_layers * cfg.n_heads * keys * cfg.head_dim * el
+    assert got["after"]["read_mb"]["kv"] * 1e6 == 2 * cfg.n_layers * 4 * cfg.n_heads * batch.max_len * cfg.head_dim * el
+    assert got["flex"]["write_mb"]["kv"] == got["after"]["write_mb"]["kv"]
+    assert got["flex"]["read_mb"]["bank read"] == got["after"]["read_mb"]["bank read"]
+    assert got["flex"]["read_mb"]["weights"] == got["after"]["read_mb"]["weights"]
+    # one block mask per step (8 small ops), and one flex op in place of each SDPA
+    assert got["after"]["kernels"] < got["flex"]["kernels"] <= got["after"]["kernels"] + 12
