@@ -211,8 +211,8 @@ def tiny_config():
     return preset("tiny")
 
 
-# Lanes (`make test` runs `pytest -n 2 --dist loadgroup`): xdist runs each group's tests in one worker,
-# in collection order, and hands a worker the next group when it is nearly done. Every module is a group
+# Lanes (`make test` runs `pytest -n 2 --dist loadgroup`): each group's tests run in one xdist worker,
+# in collection order, and a worker gets the next group when it is nearly done. Every module is a group
 # of its own, except the modules that must not run at once: the Serve modules share one Serve instance
 # on one port in the session's cluster (serve_on), so they are one group. Everything else may run beside
 # anything: the other modules that start things use their own fixed ports (demo 8211, serve_load 8127,
@@ -226,12 +226,29 @@ GROUP_SECONDS = {SERVE_GROUP: 300, "test_demo.py": 141, "test_ray_train.py": 130
                  "test_train.py": 39, "test_train_compile_batch.py": 38, "test_haproxy.py": 34}
 
 
-def lane_group(item) -> str:
-    """The xdist group of a test: its module's file name, or SERVE_GROUP for the Serve modules."""
-    return SERVE_GROUP if item.path.name in SERVE_MODULES else item.path.name
+def lane_group(nodeid: str) -> str:
+    """The lane group of a test id ("tests/test_x.py::test_y[p]"): its module's file name, or
+    SERVE_GROUP for the Serve modules."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return SERVE_GROUP if name in SERVE_MODULES else name
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)  # before xdist's own (a firstresult hook)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with lane_group as the groups. Not xdist_group marks: xdist 3.8.0 puts a
+    mark's group into ``item._nodeid``, which pytest 9.2 no longer reads (a node id is ``item._id``),
+    so marked tests were spread one by one and the Serve modules ran in both lanes at once."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane_group(nodeid)
+
+    return LaneScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     # the Serve modules together, at the place of the first, in SERVE_MODULES' order, each module's
     # tests in their own order (a stable sort)
@@ -241,13 +258,11 @@ def pytest_collection_modifyitems(config, items):
         rest = [it for it in items if it.path.name not in SERVE_MODULES]
         serving.sort(key=lambda it: SERVE_MODULES.index(it.path.name))
         items[:] = rest[:first] + serving + rest[first:]
-    # one xdist group per lane_group; with lanes, the longest groups first (a stable sort: each group's
-    # tests keep their order; xdist runs without --loadscope-reorder, which orders by test count)
-    if config.pluginmanager.hasplugin("xdist"):  # its mark is unknown (--strict-markers) without it
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(lane_group(item)))
+    # in lanes, the longest groups first (a stable sort: each group's tests keep their order; xdist's
+    # queue of groups follows the collection order: make test passes --no-loadscope-reorder, as the
+    # reorder would put the groups of most tests first)
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda it: -GROUP_SECONDS.get(lane_group(it), 0))
+        items.sort(key=lambda it: -GROUP_SECONDS.get(lane_group(it.nodeid), 0))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
