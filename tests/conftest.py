@@ -1,5 +1,6 @@
-"""Shared fixtures. One real local Ray cluster per test session (``ray.init(num_cpus=2)``),
-started lazily by the tests that ask for it; pure-model tests never start Ray."""
+"""Shared fixtures. One real local Ray cluster per test session (``ray.init(num_cpus=2)``; under
+``pytest -n 2`` each xdist lane is a session with its own cluster), started lazily by the tests that ask
+for it; pure-model tests never start Ray. The lanes' groups: lane_group."""
 
 from __future__ import annotations
 
