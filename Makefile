@@ -32,7 +32,8 @@ run: $(STAMP)
 
 # Two xdist lanes: most of the suite waits (Ray starts, HTTP, Serve deploys, subprocesses), so two
 # share the 2 cores well. Tests that must not run at once share a lane group (tests/conftest.py
-# lane_group, its own loadgroup scheduler); PYTEST_ARGS comes last, so PYTEST_ARGS="-n 0" runs the suite in one process.
+# lane_group, its own loadgroup scheduler); PYTEST_ARGS comes last, so PYTEST_ARGS="-n 0" runs the
+# suite in one process.
 TEST_LANES ?= 2
 test: $(STAMP) browser-deps
 	WANDB_MODE=offline $(PY) -m pytest -n $(TEST_LANES) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
