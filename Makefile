@@ -30,8 +30,13 @@ browser-deps:
 run: $(STAMP)
 	WANDB_MODE=offline $(PY) -m ray_jobs.cli demo $(RUN_ARGS)
 
+# Two xdist lanes: most of the suite waits (Ray starts, HTTP, Serve deploys, subprocesses), so two
+# share the 2 cores well. Tests that must not run at once share a lane group (tests/conftest.py
+# lane_group, its own loadgroup scheduler); PYTEST_ARGS comes last, so PYTEST_ARGS="-n 0" runs the
+# suite in one process.
+TEST_LANES ?= 2
 test: $(STAMP) browser-deps
-	WANDB_MODE=offline $(PY) -m pytest $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -n $(TEST_LANES) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -m "not slow and not browser and not ray" $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
-"""Shared fixtures. One real local Ray cluster per test session (``ray.init(num_cpus=2)``),
-started lazily by the tests that ask for it; pure-model tests never start Ray."""
+"""Shared fixtures. One real local Ray cluster per test session (``ray.init(num_cpus=2)``; under
+``pytest -n 2`` each xdist lane is a session with its own cluster), started lazily by the tests that ask
+for it; pure-model tests never start Ray. The lanes' groups: lane_group."""
 
 from __future__ import annotations
 
@@ -17,8 +18,31 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). (RAY_metrics_report_interval_ms stays Ray's 10 s
 # here: at 2 s test_metrics never saw the dnc_queue_depth and dnc_running_requests gauges exported.)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-# Keep CPU tests deterministic and light on a 2-core machine.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Keep CPU tests deterministic and light on a 2-core machine. Under `pytest -n N` (make test runs two
+# xdist lanes) each lane is its own process: N lanes share the cores, so each takes its share, not
+# two threads each (two lanes x two threads on two cores made every op wait; see one_torch_thread).
+_LANES = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _LANES))
+torch.set_num_threads(_THREADS)
+if _LANES > 1:  # and the subprocesses a lane starts (dnc demo/train/serve, bench scripts) unless they say
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+
+
+def pytest_configure(config):
+    """With xdist lanes, the controller makes Ray's auth token (~/.ray/auth_token) before the lanes
+    start, if there is none yet (a fresh HOME, as .ci/run's): the first ``ray.init`` of each lane would
+    otherwise write one at once, and a cluster started with the token the other lane overwrote turns its
+    later clients away (401)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return
+    from pathlib import Path
+
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        from ray._private.authentication.authentication_token_setup import generate_and_save_token
+
+        generate_and_save_token()  # what `ray get-auth-token --generate` does
 
 
 def pytest_addoption(parser):
@@ -39,7 +63,13 @@ def ray_cluster(tmp_path_factory, request):
 
         apply_env(request.config.getoption("--serve-proxy"))
         ray.init(
+            # "local": a new cluster of this process's own, never the machine's last `ray start` one
+            # (with None Ray joins it: a test of another xdist lane may have one running)
+            address=os.environ.get("RAY_ADDRESS") or "local",
             num_cpus=2,
+            # 2 GiB, not Ray's 30% of RAM: up to two lanes' clusters plus the subprocess clusters of
+            # the demo/haproxy/job tests share this machine's 24 GB (the tests put a few MB at most)
+            object_store_memory=2 * 1024**3,
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": {"WANDB_MODE": "offline"}},
@@ -185,6 +215,54 @@ def tiny_config():
     return preset("tiny")
 
 
+# Lanes (`make test` runs `pytest -n 2 --dist loadgroup`): each group's tests run in one xdist worker,
+# in collection order, and a worker gets the next group when it is nearly done. Every module is a group
+# of its own, except the modules that must not run at once: the Serve modules share one Serve instance
+# on one port in the session's cluster (serve_on), so they are one group. Everything else may run beside
+# anything: the other modules that start things use their own fixed ports (demo 8211, serve_load 8127,
+# haproxy 8128 and free ones), free ports and their own temp dirs (job_submit, ray_address), and every
+# Ray cluster a test starts is a new local one ("local", never the machine's last `ray start`).
+SERVE_GROUP = "serve"
+# Seconds per group at the last serial CI run (session 17; the rest took under 34 s each): groups are
+# handed out longest first, so that the long ones do not all land at the end of one lane.
+GROUP_SECONDS = {SERVE_GROUP: 300, "test_demo.py": 141, "test_ray_train.py": 130, "test_serve_load.py": 51,
+                 "test_memory_bank.py": 50, "test_job_submit.py": 45, "test_bench_long_context.py": 43,
+                 "test_train.py": 39, "test_train_compile_batch.py": 38, "test_haproxy.py": 34}
+
+
+def lane_group(nodeid: str) -> str:
+    """The lane group of a test id ("tests/test_x.py::test_y[p]"): its module's file name, or
+    SERVE_GROUP for the Serve modules."""
+    name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return SERVE_GROUP if name in SERVE_MODULES else name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own (a firstresult hook)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with lane_group as the groups. Not xdist_group marks: xdist 3.8.0 puts a
+    mark's group into ``item._nodeid``, which pytest 9.2 no longer reads (a node id is ``item._id``),
+    so marked tests were spread one by one and the Serve modules ran in both lanes at once."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LaneScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane_group(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            """xdist's, but every test of the group is sent, not the first of each id: schemathesis's
+            parametrize gives its tests one id each on pytest 9.2 (test_training_runs' fuzz test: 3
+            tests, one id), and xdist's sent that id's first index only, so 2 of the 3 never ran."""
+            scope, work_unit = self.workqueue.popitem(last=False)
+            self.assigned_work.setdefault(node, {})[scope] = work_unit
+            pending = {nodeid for nodeid, done in work_unit.items() if not done}
+            node.send_runtest_some([i for i, nodeid in enumerate(self.registered_collections[node])
+                                    if nodeid in pending])
+
+    return LaneScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     # the Serve modules together, at the place of the first, in SERVE_MODULES' order, each module's
     # tests in their own order (a stable sort)
@@ -194,6 +272,11 @@ def pytest_collection_modifyitems(config, items):
         rest = [it for it in items if it.path.name not in SERVE_MODULES]
         serving.sort(key=lambda it: SERVE_MODULES.index(it.path.name))
         items[:] = rest[:first] + serving + rest[first:]
+    # in lanes, the longest groups first (a stable sort: each group's tests keep their order; xdist's
+    # queue of groups follows the collection order: make test passes --no-loadscope-reorder, as the
+    # reorder would put the groups of most tests first)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda it: -GROUP_SECONDS.get(lane_group(it.nodeid), 0))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
