@@ -60,3 +60,22 @@ def assert_causal(model, x: torch.Tensor, positions) -> None:
             out = model(y).logits
             assert torch.equal(out[:, :j], base[:, :j]), j
             assert not torch.allclose(out[:, j:], base[:, j:]), j
+
+
+def assert_no_host_sync(model, rb, steps: int = 3) -> None:
+    """``ragged_decode_step(model, rb)`` ``steps`` times under CUDA's sync debug mode "error" (a host
+    sync raises), after one untimed step that makes the cached constants (rope table, query tail,
+    a compiled kernel): the step a decode graph captures must not synchronise with the host."""
+    import torch
+
+    from dnc.ragged import ragged_decode_step
+
+    with torch.no_grad():
+        ragged_decode_step(model, rb)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(steps):
+                ragged_decode_step(model, rb)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -14,7 +14,7 @@ from dnc.cuda_graphs import DecodeGraphs
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.ragged import RaggedBatch, ragged_decode_step
-from decode_helpers import history_state, prompt_ids
+from decode_helpers import assert_no_host_sync, history_state, prompt_ids
 
 SEG = 16
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -118,15 +118,7 @@ def test_decode_step_has_no_host_sync(self_read):
     """The step a graph captures must not synchronise with the host (sync debug mode raises)."""
     model = _model("cuda", self_read=self_read)
     rb = _batch(model, _states(model, 3), 4)
-    with torch.no_grad():
-        ragged_decode_step(model, rb)  # first call: cached constants (rope table, query tail) are made
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                ragged_decode_step(model, rb)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(model, rb)
 
 
 @pytest.mark.gpu

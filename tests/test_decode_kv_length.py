@@ -18,7 +18,7 @@ from dnc.cuda_graphs import DecodeGraphs
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams
 from dnc.model import DNC
 from dnc.ragged import RaggedBatch, bucket_for, ragged_decode_step
-from decode_helpers import history_state, prompt_ids
+from decode_helpers import assert_no_host_sync, history_state, prompt_ids
 
 SEG = 16
 # eager flex on CPU says once that it is unfused: known, and what these tests mean to run
@@ -176,12 +176,4 @@ def test_flex_step_has_no_host_sync():
     """Building the block mask and the compiled flex call do not synchronise with the host."""
     model = _model("cuda", kv_window=8)
     rb = _batch(model, _states(model, 3), 4, "flex", kv_block=16)
-    with torch.no_grad():
-        ragged_decode_step(model, rb)  # compiles flex, fills cached constants
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            for _ in range(3):
-                ragged_decode_step(model, rb)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(model, rb)
