@@ -90,6 +90,10 @@ class AppArgs(BaseModel):
                                     "iterations back to back for up to this long, handing tokens to the asyncio "
                                     "loop without waiting for it; research and health calls wait up to that long. "
                                     "0 = back to the loop after every iteration.")
+    kv_attention: Literal["masked", "flex"] = Field("masked", description="The decode step's local attention: "
+                                                    "'masked' reads every row's whole KV window, 'flex' only each "
+                                                    "row's own length (flex_attention, compiled on CUDA; equal "
+                                                    "outputs). 'masked' until an H200 run shows 'flex' faster.")
     generator_max_ongoing_requests: int = Field(
         256, ge=1, le=4096, description="Requests one Generator replica takes at once, streams included; all of "
         "them decode together (rows of the replica's scheduler). More wait in Serve's queue until one ends.")
@@ -184,7 +188,8 @@ class AppArgs(BaseModel):
             model_name=self.model_name, max_ongoing_requests=self.generator_max_ongoing_requests,
             stream_chunk_ms=self.stream_chunk_ms, stream_events_per_s=self.stream_events_per_s,
             admit_batch=self.admit_batch, admit_delay_ms=self.admit_delay_ms, admit_share=self.admit_share,
-            admit_max_delay_ms=self.admit_max_delay_ms, keep_stepping_ms=self.keep_stepping_ms)
+            admit_max_delay_ms=self.admit_max_delay_ms, keep_stepping_ms=self.keep_stepping_ms,
+            kv_attention=self.kv_attention)
 
     def hub_name(self) -> str:
         return f"dnc-live-hub-{self.bank_config().fingerprint()}"

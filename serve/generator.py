@@ -210,6 +210,9 @@ class GeneratorSettings:
     """The model thread runs decode iterations back to back for up to this long, handing tokens to
     the asyncio loop without waiting for it (0 = back to the loop after every iteration;
     ``DecodeScheduler.keep_stepping_s``)."""
+    kv_attention: str = "masked"
+    """The decode step's local attention (``RaggedBatch.kv_attention``): "masked" reads every row's
+    whole KV window, "flex" only each row's own length (flex_attention; compiled on CUDA)."""
     metrics_interval_s: float = 5.0
     """How often the replica refreshes gauges read from elsewhere (session banks in shard memory)."""
     max_ongoing_requests: int = 256
@@ -266,7 +269,8 @@ class Generator:
                                          admit_delay_s=self.settings.admit_delay_ms / 1e3,
                                          admit_share=self.settings.admit_share,
                                          admit_max_delay_s=self.settings.admit_max_delay_ms / 1e3,
-                                         keep_stepping_s=self.settings.keep_stepping_ms / 1e3)
+                                         keep_stepping_s=self.settings.keep_stepping_ms / 1e3,
+                                         kv_attention=self.settings.kv_attention)
         self._gauges: asyncio.Task | None = None
         self._hub = None
         self.started = time.time()

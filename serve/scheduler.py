@@ -132,8 +132,8 @@ class DecodeScheduler:
                  clock: Callable[[], float] = time.perf_counter, events_per_s: float = 0.0,
                  admit_batch: int = ADMIT_BATCH, admit_delay_s: float = ADMIT_DELAY_S,
                  admit_share: float = ADMIT_SHARE, admit_max_delay_s: float = ADMIT_MAX_DELAY_S,
-                 keep_stepping_s: float = 0.0):
-        self.decoder = BatchDecoder(model, max_batch)
+                 keep_stepping_s: float = 0.0, kv_attention: str | None = None):
+        self.decoder = BatchDecoder(model, max_batch, kv_attention=kv_attention)
         self.run = run
         self.chunk_s = chunk_s
         self.events_per_s = events_per_s
