@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..bank_store import BankStore, RecordDamage, digest
 from ..errors import StateDamaged, StorageUnavailable
@@ -199,8 +199,38 @@ class DurabilityMixin:
         except OSError as e:  # the evidence stays on storage: found again at the next start
             logger.error("shard %d: could not persist the damage of %s: %s", self.index, sid, e)
 
-    async def _append(self, header: dict[str, Any], payload: bytes | None) -> int:
-        """Append one record durably; returns its size in bytes."""
+    async def _append(self, header: dict[str, Any], payload: bytes | None,
+                      then: Callable[[int], None] | None = None) -> int:
+        """Append one record durably, then run ``then(size)`` (the record's effect in memory);
+        returns the record's size in bytes.
+
+        Not cancelled halfway: Serve cancels a request whose client left, and Ray every call it made,
+        this shard's too. The write runs on in its thread whatever happens to the caller, so the
+        record will be in the WAL: a cancelled caller waits (its locks held) until the record is
+        written and ``then`` ran, and is cancelled after that. Before, a cancelled update was in the
+        WAL but not in memory: the next one took the same seq, and a restart replayed the cancelled
+        update in place of the acknowledged one (and a cancelled delete came back live)."""
+        work = asyncio.ensure_future(self._append_then(header, payload, then))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            while not work.done():
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    pass
+            if not work.cancelled():
+                work.exception()  # a failed write has nobody to tell now (it was logged)
+            raise
+
+    async def _append_then(self, header: dict[str, Any], payload: bytes | None,
+                           then: Callable[[int], None] | None) -> int:
+        n = await self._append_durably(header, payload)
+        if then is not None:
+            then(n)
+        return n
+
+    async def _append_durably(self, header: dict[str, Any], payload: bytes | None) -> int:
         wal_lock, _ = self._locks()
         async with wal_lock:
             try:

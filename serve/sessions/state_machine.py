@@ -121,10 +121,11 @@ class StateMachineMixin:
                 return s.info(self.index)
             header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
                       "at": time.time()}
-            await self._append(header, None)
-            self.sessions.pop(sid, None)
-            self.deleted_recently.pop(sid, None)
-            self._apply_record(header, None)
+            def created(_: int) -> None:
+                self.sessions.pop(sid, None)
+                self.deleted_recently.pop(sid, None)
+                self._apply_record(header, None)
+            await self._append(header, None, created)
             return self.sessions[sid].info(self.index)
 
     def _create_lock(self) -> asyncio.Lock:
@@ -179,14 +180,15 @@ class StateMachineMixin:
         async with s.condition():
             header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
                       "at": time.time()}
-            await self._append(header, None)
-            self._apply_record(header, None)
-            s.condition().notify_all()
-        self.sessions.pop(sid, None)
-        self._remember_deleted(sid, s.owner)
-        # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
-        # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
-        self.stale_snapshots[sid] = s.inc
+            def deleted(_: int) -> None:
+                self._apply_record(header, None)
+                s.condition().notify_all()
+                self.sessions.pop(sid, None)
+                self._remember_deleted(sid, s.owner)
+                # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
+                # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
+                self.stale_snapshots[sid] = s.inc
+            await self._append(header, None, deleted)
         await self.remove_stale_snapshots()
         return {"state_id": sid, "deleted": True}
 
@@ -315,6 +317,12 @@ class StateMachineMixin:
                            "session); nothing was saved", "state_not_found", "state_id")
         cond = s.condition()
         async with cond:
+            if s.deleted:
+                # deleted while this update waited for the lock (the delete holds it while its record is
+                # appended, and takes a seq): before, the seq check below answered 409 update_too_old,
+                # "if this request is a retry, its first delivery was saved", of a session that is gone
+                raise NotFound(f"state {sid!r} was deleted while this request ran; nothing was saved",
+                               "state_not_found", "state_id")
             duplicate = seq <= s.seq and self._was_applied(s, seq, update_id)
             if seq <= s.seq and not duplicate and not self._remembers(s, seq):
                 # neither "saved" nor "not saved" can be proved: say so (before the fence check, whose
@@ -367,13 +375,14 @@ class StateMachineMixin:
                 # the history keeps the update's id as long as it keeps the turn (max_history), so a
                 # retry is recognised for that long, not only for the last 32 seqs of ``applied``
                 turn["update_id"] = update_id
-            record_bytes = await self._append(header, payload)
-            self._apply_record(header, payload)
-            self.counters["updates"] += 1
-            self.counters["token_records" if tokens is not None else "state_records"] += 1
-            self.counters["durable_bytes"] += record_bytes
-            self._touch(s)
-            cond.notify_all()
+            def applied(record_bytes: int) -> None:
+                self._apply_record(header, payload)
+                self.counters["updates"] += 1
+                self.counters["token_records" if tokens is not None else "state_records"] += 1
+                self.counters["durable_bytes"] += record_bytes
+                self._touch(s)
+                cond.notify_all()
+            record_bytes = await self._append(header, payload, applied)
             info = s.info(self.index)
         await self._maybe_checkpoint()
         await self._enforce_budget()

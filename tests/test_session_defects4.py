@@ -1,0 +1,133 @@
+"""Session defects of round 4 (session 19), each reproduced on the real session store: a real shard
+(the class Ray runs as the actor) on real files, in-process, or real Ray actors where Ray's own
+behaviour is the cause. Each test failed on the code before its fix.
+
+* a turn's save that met a DELETE of its session (waiting for the session's lock while the delete
+  was logged) answered 409 ``update_too_old``, "if this request is a retry, its first delivery
+  was saved", of a turn that was not saved, in a session that was gone;
+* a save cancelled while its record was being written (Serve cancels a request whose client left,
+  and Ray cancels every call that request made, the shard's included) left the record in the WAL
+  but not in the shard's memory: the next turn took the same seq, and after a restart the cancelled
+  turn replaced the acknowledged one (and a DELETE or a create cancelled so came back the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from serve.errors import APIError
+from shard_helpers import commit_turn, local_shard, shard_config
+
+
+def _tags(info) -> list[str]:
+    return [t.get("tag") for t in info["history"] if t.get("kind") == "generate"]
+
+
+async def _settle(task: asyncio.Task) -> None:
+    """Let ``task`` run until it waits on something other than the event loop (a lock, a thread)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+
+
+# --------------------------------------------------------------------------- delete vs. a save
+def test_a_save_that_meets_a_delete_is_told_the_session_is_gone(tmp_path):
+    """alice's turn is leased; she deletes the session and the turn's save arrives while the delete
+    is being logged (it holds the session's lock, and takes the next seq). The save must answer 404
+    "deleted ... nothing was saved", not 409 ``update_too_old`` (which tells a client its turn may
+    have been saved), and nothing of it may come back, live or after a restart."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), "kept")
+        lease = await shard.begin_turn("s", "alice", False)
+        deleting = asyncio.ensure_future(shard.delete("s", "alice"))
+        await _settle(deleting)  # in the middle of logging the delete, under the session's lock
+        with pytest.raises(APIError) as e:
+            await commit_turn(shard, "s", lease, "late")
+        assert (e.value.status, e.value.code) == (404, "state_not_found"), e.value
+        assert "nothing was saved" in e.value.message
+        assert await deleting == {"state_id": "s", "deleted": True}
+        assert await shard.list_sessions("alice") == []
+        shard.store.close()
+        assert await local_shard(cfg).list_sessions("alice") == []
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- cancelled writes
+@pytest.fixture
+def slow_appends():
+    """Make a shard's WAL appends take ``seconds`` (a slow disk): the write itself is real, and runs
+    on in its thread when the coroutine awaiting it is cancelled, as a real one does."""
+    def slow(shard, seconds: float):
+        real = shard.store.append
+
+        def append(header, payload):
+            time.sleep(seconds)
+            return real(header, payload)
+        shard.store.append = append
+        return lambda: setattr(shard.store, "append", real)
+    return slow
+
+
+def test_a_save_cancelled_mid_write_never_replaces_the_acknowledged_turn(tmp_path, slow_appends):
+    """A turn's save is cancelled (its request was: Ray cancels the calls of a cancelled request,
+    the shard's too) while its record is written. Before the fix the record landed in the WAL but
+    not in memory: the session stayed at its seq, the next turn was acknowledged at the same seq,
+    and a restarted shard replayed the cancelled turn instead of it (an acknowledged turn lost, one
+    nobody saw in its place). Now the cancelled save is kept whole (it is durable): the next turn
+    comes after it, live and after a restart."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        lease = await shard.begin_turn("s", "alice", False)
+        restore = slow_appends(shard, 0.3)
+        saving = asyncio.ensure_future(commit_turn(shard, "s", lease, "cancelled"))
+        await asyncio.sleep(0.1)  # the record is being written
+        saving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await saving
+        restore()
+        assert shard.sessions["s"].seq == 1  # what the WAL holds
+        ack = await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), "acknowledged")
+        assert ack["applied"] and ack["info"]["seq"] == 2
+        ack = await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), "after")
+        live = await shard.info("s", "alice")
+        assert _tags(live) == ["cancelled", "acknowledged", "after"]
+        shard.store.close()
+        again = await local_shard(cfg).info("s", "alice")
+        assert _tags(again) == _tags(live) and again["digest"] == live["digest"] == ack["info"]["digest"]
+    asyncio.run(main())
+
+
+def test_a_delete_cancelled_mid_write_stays_deleted(tmp_path, slow_appends):
+    """The same for DELETE (its client left while the delete record was written): the delete is
+    durable, so the session is gone live too, and its id can be created afresh; before, the live
+    shard kept serving it until a restart made it vanish (with every turn taken meanwhile)."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        await commit_turn(shard, "s", await shard.begin_turn("s", "alice", False), "before")
+        restore = slow_appends(shard, 0.3)
+        deleting = asyncio.ensure_future(shard.delete("s", "alice"))
+        await asyncio.sleep(0.1)
+        deleting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await deleting
+        restore()
+        assert await shard.list_sessions("alice") == []
+        with pytest.raises(APIError) as e:
+            await shard.begin_turn("s", "alice", False)
+        assert e.value.status == 404
+        await shard.delete("s", "alice")  # a retry of the delete is acknowledged
+        shard.store.close()
+        again = local_shard(cfg)
+        assert await again.list_sessions("alice") == []
+        assert (await again.create("s", "alice"))["seq"] == 0  # a fresh session under the id
+    asyncio.run(main())
