@@ -131,3 +131,56 @@ def test_a_delete_cancelled_mid_write_stays_deleted(tmp_path, slow_appends):
         assert await again.list_sessions("alice") == []
         assert (await again.create("s", "alice"))["seq"] == 0  # a fresh session under the id
     asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- cancelled turns
+def test_a_give_back_cancelled_by_ray_is_retried(tmp_path):
+    """A turn that ends uncommitted gives its lease back (``abort_turn``). Its request was cancelled
+    by Serve with ``ray.cancel``, which cancels that request's calls recursively, the give-back made
+    while it unwinds among them when it loses that race (tests/test_session_defects4_ray.py shows
+    it with real actors, where it loses some rounds; here the first give-back fails the way Ray
+    fails it, every time). That failure was ignored: the session stayed busy for ``lease_ttl_s``.
+    Now the give-back is retried, and the session is free at once."""
+    from ray.exceptions import TaskCancelledError
+
+    from serve.modeling import ModelSpec, load_model
+    from serve.sessions import LocalBankClient
+    from serve.sessions.turns import SessionTurns
+
+    class CancelledGiveBack(LocalBankClient):
+        """The real shard, but the first ``abort_turn`` fails as a call Ray cancelled does."""
+
+        failed = 0
+
+        async def on_shard(self, i, method, *args, **kwargs):
+            if method == "abort_turn" and not self.failed:
+                self.failed += 1
+                raise TaskCancelledError()
+            return await super().on_shard(i, method, *args, **kwargs)
+
+    async def run_here(fn, *args):
+        return fn(*args)
+
+    async def main():
+        shard = local_shard(shard_config(tmp_path / "bank", lease_ttl_s=30.0, lease_wait_s=0.5))
+        bank = CancelledGiveBack(shard)
+        turns = SessionTurns(load_model(ModelSpec(preset="tiny", seed=0), "cpu").model, bank, run_here)
+        turn = await turns.begin("s", "alice", True)
+        decoding = asyncio.ensure_future(asyncio.sleep(3600))
+
+        async def request():
+            try:
+                await decoding
+            finally:
+                await turns.end(turn)
+        req = asyncio.ensure_future(request())
+        await asyncio.sleep(0)
+        req.cancel()  # the client left
+        with pytest.raises(asyncio.CancelledError):
+            await req
+        assert bank.failed == 1
+        t = time.perf_counter()
+        lease = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy after 0.5 s
+        assert time.perf_counter() - t < 0.4
+        await shard.abort_turn("s", lease["lease_id"])
+    asyncio.run(main())
