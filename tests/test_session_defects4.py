@@ -8,7 +8,13 @@ behaviour is the cause. Each test failed on the code before its fix.
 * a save cancelled while its record was being written (Serve cancels a request whose client left,
   and Ray cancels every call that request made, the shard's included) left the record in the WAL
   but not in the shard's memory: the next turn took the same seq, and after a restart the cancelled
-  turn replaced the acknowledged one (and a DELETE or a create cancelled so came back the same way).
+  turn replaced the acknowledged one (and a DELETE cancelled so stayed live until a restart);
+* a snapshot write cancelled so (offloads and checkpoints run at the end of saves) went on in its
+  thread after the snapshot lock was let go: a DELETE removed the file before the write put it back,
+  and once a checkpoint folded the WAL the deleted session came back at the next restart;
+* a turn's lease give-back, made while its cancelled request unwound, was cancelled by Ray with it,
+  and the session stayed busy for ``lease_ttl_s`` (here made to fail the way Ray fails it; the Ray
+  test shows it with real actors).
 """
 
 from __future__ import annotations
@@ -183,4 +189,38 @@ def test_a_give_back_cancelled_by_ray_is_retried(tmp_path):
         lease = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy after 0.5 s
         assert time.perf_counter() - t < 0.4
         await shard.abort_turn("s", lease["lease_id"])
+    asyncio.run(main())
+
+
+def test_a_snapshot_write_cancelled_midway_cannot_bring_a_deleted_session_back(tmp_path):
+    """Offloads and checkpoints write snapshots from request paths too (a save ends by enforcing the
+    memory budget, a large WAL by a checkpoint), so Ray's cancellation reaches them. The write went
+    on in its thread, but the snapshot lock was let go at once: a DELETE of that session then
+    removed its snapshot file before the write put it back; a checkpoint folded the WAL (with the
+    delete record), and after a restart the deleted session was back. Now a cancelled snapshot
+    write is waited for under the lock, and the delete removes what it wrote."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank")
+        shard = local_shard(cfg)
+        await shard.create("x", "alice")
+        lease = await shard.begin_turn("x", "alice", False)
+        await shard.commit_turn("x", lease["lease_id"], 1, "u-x", b"x's bank " * 100, {"tokens_seen": 9},
+                                {"kind": "generate", "tag": "x"})
+        real = shard.store.write_snapshot
+
+        def slow_write(sid, header, payload):
+            time.sleep(0.3)  # a slow disk
+            return real(sid, header, payload)
+        shard.store.write_snapshot = slow_write
+        offloading = asyncio.ensure_future(shard.offload("x"))  # (what a cancelled save's budget pass runs)
+        await asyncio.sleep(0.1)
+        offloading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await offloading
+        await shard.delete("x", "alice")
+        await asyncio.sleep(0.4)  # the write's thread has ended either way
+        shard.store.write_snapshot = real
+        await shard.checkpoint()  # folds the WAL epochs once no deleted session's snapshot is left
+        shard.store.close()
+        assert await local_shard(cfg).list_sessions("alice") == []
     asyncio.run(main())

@@ -11,13 +11,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ..bank_store import BankStore, RecordDamage, digest
 from ..errors import StateDamaged, StorageUnavailable
 from .session import Session
 
 logger = logging.getLogger("serve.sessions")
+T = TypeVar("T")
+
+
+async def not_abandoned(work: Awaitable[T]) -> T:
+    """Await ``work`` (storage work: a write in a thread goes on whatever happens to its caller);
+    when the caller is cancelled, wait until the work is done (the locks the caller holds must cover
+    it), then let the cancellation go on. Ray cancels a shard call whose request was cancelled (its
+    client left), so any call may be cancelled while it writes: a write the lock no longer covers
+    raced the next one (a DELETE removed a snapshot that the write then put back)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                pass
+        if not task.cancelled():
+            task.exception()  # a failure has nobody to tell now (the work logs its own)
+        raise
+
+
+def in_thread(fn: Callable[..., T], *args) -> Awaitable[T]:
+    """``fn(*args)`` in a thread, :func:`not_abandoned`: for every storage call of a shard."""
+    return not_abandoned(asyncio.to_thread(fn, *args))
 
 
 class DurabilityMixin:
@@ -210,18 +236,7 @@ class DurabilityMixin:
         written and ``then`` ran, and is cancelled after that. Before, a cancelled update was in the
         WAL but not in memory: the next one took the same seq, and a restart replayed the cancelled
         update in place of the acknowledged one (and a cancelled delete came back live)."""
-        work = asyncio.ensure_future(self._append_then(header, payload, then))
-        try:
-            return await asyncio.shield(work)
-        except asyncio.CancelledError:
-            while not work.done():
-                try:
-                    await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    pass
-            if not work.cancelled():
-                work.exception()  # a failed write has nobody to tell now (it was logged)
-            raise
+        return await not_abandoned(self._append_then(header, payload, then))
 
     async def _append_then(self, header: dict[str, Any], payload: bytes | None,
                            then: Callable[[int], None] | None) -> int:
@@ -234,7 +249,7 @@ class DurabilityMixin:
         wal_lock, _ = self._locks()
         async with wal_lock:
             try:
-                return await asyncio.to_thread(self.store.append, header, payload)
+                return await in_thread(self.store.append, header, payload)
             except OSError as e:
                 self.counters["storage_errors"] += 1
                 logger.error("shard %d: WAL append for %s failed: %s", self.index, header.get("sid"), e)
@@ -251,7 +266,7 @@ class DurabilityMixin:
             if not s.offloaded:
                 return
             try:
-                header, payload = await asyncio.to_thread(self.store.read_snapshot, s.state_id)
+                header, payload = await in_thread(self.store.read_snapshot, s.state_id)
                 # the snapshot's full state must be the session's (token turns may have followed it)
                 base_seq = header.get("base_seq", header["seq"])
                 if base_seq != s.base_seq or digest(payload) != s.base_digest:
@@ -263,8 +278,8 @@ class DurabilityMixin:
                 logger.error("shard %d: session %s is damaged: %s", self.index, s.state_id, s.damage)
                 self._report({"kind": "snapshot", "sid": s.state_id, "reason": s.damage})
                 try:
-                    await asyncio.to_thread(self.store.quarantine_snapshot, s.state_id)
-                    await asyncio.to_thread(self.store.write_snapshot, s.state_id, s.header(), None)
+                    await in_thread(self.store.quarantine_snapshot, s.state_id)
+                    await in_thread(self.store.write_snapshot, s.state_id, s.header(), None)
                     # the marker holds the verdict and the token turns: it is the session's snapshot now
                     # (as at start-up), else every checkpoint kept every WAL epoch for its newer turns
                     s.snapshot_seq = max(s.snapshot_seq, s.seq)
@@ -292,7 +307,7 @@ class DurabilityMixin:
             if s.deleted or s.offloaded or s.damage or s.snapshot_seq >= s.seq:
                 return
             header, payload, seq = s.header(), s.payload, s.seq  # consistent: no await in between
-            await asyncio.to_thread(self.store.write_snapshot, s.state_id, header, payload)
+            await in_thread(self.store.write_snapshot, s.state_id, header, payload)
             s.snapshot_seq = max(s.snapshot_seq, seq)
 
     async def remove_stale_snapshots(self) -> bool:
@@ -305,11 +320,11 @@ class DurabilityMixin:
                 live = self.sessions.get(sid)
                 try:
                     if live is not None and live.inc != inc:
-                        header = await asyncio.to_thread(self.store.read_snapshot_header, sid)
+                        header = await in_thread(self.store.read_snapshot_header, sid)
                         if header.get("inc", "") != inc:
                             del self.stale_snapshots[sid]
                             continue
-                    await asyncio.to_thread(self.store.delete_snapshot, sid)
+                    await in_thread(self.store.delete_snapshot, sid)
                 except FileNotFoundError:
                     pass
                 except (OSError, RecordDamage, ValueError) as e:
@@ -336,7 +351,7 @@ class DurabilityMixin:
     async def _checkpoint(self) -> None:
         wal_lock, _ = self._locks()
         async with wal_lock:
-            new_epoch = await asyncio.to_thread(self.store.start_epoch)
+            new_epoch = await in_thread(self.store.start_epoch)
             # what the old epochs hold, per session (later updates land in the new epoch)
             covered = {sid: s.seq for sid, s in self.sessions.items() if not s.deleted}
         for sid in covered:
@@ -354,5 +369,5 @@ class DurabilityMixin:
         if await self.remove_stale_snapshots() and all(
                 s.deleted or s.snapshot_seq >= covered.get(sid, 0) for sid, s in list(self.sessions.items())
                 if sid in covered):
-            await asyncio.to_thread(self.store.delete_epochs_before, new_epoch)
+            await in_thread(self.store.delete_epochs_before, new_epoch)
         self.counters["checkpoints"] += 1
