@@ -140,13 +140,17 @@ def test_a_delete_cancelled_mid_write_stays_deleted(tmp_path, slow_appends):
 
 
 # --------------------------------------------------------------------------- cancelled turns
-def test_a_give_back_cancelled_by_ray_is_retried(tmp_path):
+@pytest.mark.parametrize("cancelled_twice", [False, True])
+def test_a_give_back_cancelled_by_ray_is_retried(tmp_path, cancelled_twice):
     """A turn that ends uncommitted gives its lease back (``abort_turn``). Its request was cancelled
     by Serve with ``ray.cancel``, which cancels that request's calls recursively, the give-back made
     while it unwinds among them when it loses that race (tests/test_session_defects4_ray.py shows
     it with real actors, where it loses some rounds; here the first give-back fails the way Ray
     fails it, every time). That failure was ignored: the session stayed busy for ``lease_ttl_s``.
-    Now the give-back is retried, and the session is free at once."""
+    Now the give-back is retried, and the session is free at once; also when the request is
+    cancelled a second time while its first give-back is in flight (Serve's proxy and the ingress
+    both cancel a stream whose client left): that give-back then failed after its caller was gone.
+    """
     from ray.exceptions import TaskCancelledError
 
     from serve.modeling import ModelSpec, load_model
@@ -161,6 +165,7 @@ def test_a_give_back_cancelled_by_ray_is_retried(tmp_path):
         async def on_shard(self, i, method, *args, **kwargs):
             if method == "abort_turn" and not self.failed:
                 self.failed += 1
+                await asyncio.sleep(0.1)  # in flight
                 raise TaskCancelledError()
             return await super().on_shard(i, method, *args, **kwargs)
 
@@ -182,8 +187,12 @@ def test_a_give_back_cancelled_by_ray_is_retried(tmp_path):
         req = asyncio.ensure_future(request())
         await asyncio.sleep(0)
         req.cancel()  # the client left
+        if cancelled_twice:
+            await asyncio.sleep(0.05)  # the first give-back is in flight
+            req.cancel()
         with pytest.raises(asyncio.CancelledError):
             await req
+        await asyncio.sleep(0.1)
         assert bank.failed == 1
         t = time.perf_counter()
         lease = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy after 0.5 s

@@ -121,12 +121,15 @@ class StateMachineMixin:
                 return s.info(self.index)
             header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
                       "at": time.time()}
+            info: dict[str, Any] = {}
+
             def created(_: int) -> None:
                 self.sessions.pop(sid, None)
                 self.deleted_recently.pop(sid, None)
                 self._apply_record(header, None)
+                info.update(self.sessions[sid].info(self.index))
             await self._append(header, None, created)
-            return self.sessions[sid].info(self.index)
+            return info
 
     def _create_lock(self) -> asyncio.Lock:
         if self._creating is None:  # made on the actor's event loop

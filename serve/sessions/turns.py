@@ -165,32 +165,35 @@ class SessionTurns:
     """First delay and cap (s, doubling) of the retries of a lease give-back that failed."""
 
     async def _abort(self, sid: str, lease: dict[str, Any]) -> None:
-        """Give the turn's lease back (``abort_turn``). A turn ends uncommitted mostly because its
-        request was cancelled (its client left), and Serve cancels a request with ``ray.cancel``,
-        which also cancels, recursively, the calls the request made, the give-back made while it
-        unwinds among them (often: Ray cancels the children while the request's task unwinds).
-        Before, that failure was ignored and the session stayed busy for ``lease_ttl_s``; now the
-        give-back is retried in the background until it is done or the lease has expired anyway."""
-        try:
-            await asyncio.shield(self.bank.call(sid, "abort_turn", lease["lease_id"]))
-        except Exception as e:
-            logger.info("session %s: giving the lease back failed (%s); retrying", sid, type(e).__name__)
-            task = asyncio.ensure_future(self._give_back_later(sid, lease))
-            self._orphans.add(task)  # a strong reference until it ran
-            task.add_done_callback(self._orphans.discard)
+        """Give the turn's lease back (``abort_turn``); returns after the first try. A turn ends
+        uncommitted mostly because its request was cancelled (its client left), and Serve cancels a
+        request with ``ray.cancel``, which also cancels, recursively, the calls the request made:
+        the give-back made while it unwinds among them when it loses that race (and always when the
+        request is cancelled a second time meanwhile). Before, that failure was ignored and the
+        session stayed busy for ``lease_ttl_s``; now the give-back is retried in a task of its own
+        until it is done or the lease has expired anyway."""
+        tried = asyncio.Event()
+        task = asyncio.ensure_future(self._give_back(sid, lease, tried))
+        self._orphans.add(task)  # a strong reference until it ran
+        task.add_done_callback(self._orphans.discard)
+        await tried.wait()  # a cancellation here leaves the give-back running
 
-    async def _give_back_later(self, sid: str, lease: dict[str, Any]) -> None:
+    async def _give_back(self, sid: str, lease: dict[str, Any], tried: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         until = loop.time() + float(lease.get("lease_ttl_s") or self.cfg.lease_ttl_s)
         delay, cap = self.GIVE_BACK_RETRY_S
-        while loop.time() + delay < until:
-            await asyncio.sleep(delay)
+        while True:
             try:
                 await self.bank.call(sid, "abort_turn", lease["lease_id"])
                 return
-            except Exception as e:
-                logger.warning("session %s: giving the lease back failed again (%s)", sid, type(e).__name__)
-                delay = min(cap, delay * 2)
+            except Exception as e:  # Ray's TaskCancelledError, or the shard unreachable for now
+                logger.info("session %s: giving the lease back failed (%s); retrying", sid, type(e).__name__)
+            finally:
+                tried.set()
+            if loop.time() + delay >= until:
+                return
+            await asyncio.sleep(delay)
+            delay = min(cap, delay * 2)
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, **self.resident.stats()}
