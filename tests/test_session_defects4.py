@@ -12,6 +12,8 @@ behaviour is the cause. Each test failed on the code before its fix.
 * a snapshot write cancelled so (offloads and checkpoints run at the end of saves) went on in its
   thread after the snapshot lock was let go: a DELETE removed the file before the write put it back,
   and once a checkpoint folded the WAL the deleted session came back at the next restart;
+* after a shard restart, a renewal of a turn's lease delivered after the turn's commit or give-back
+  took the session back for the finished turn (busy for ``lease_ttl_s``);
 * a turn's lease give-back, made while its cancelled request unwound, was cancelled by Ray with it,
   and the session stayed busy for ``lease_ttl_s`` (here made to fail the way Ray fails it; the Ray
   test shows it with real actors).
@@ -232,4 +234,30 @@ def test_a_snapshot_write_cancelled_midway_cannot_bring_a_deleted_session_back(t
         await shard.checkpoint()  # folds the WAL epochs once no deleted session's snapshot is left
         shard.store.close()
         assert await local_shard(cfg).list_sessions("alice") == []
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- late renewals
+@pytest.mark.parametrize("how", ["commit", "give_back"])
+def test_a_late_renewal_does_not_take_back_a_finished_turn_after_a_shard_restart(tmp_path, how):
+    """A shard that restarted knows no lease, so a renewal takes its lease back (round 1: the turn
+    in flight keeps its session). A turn's holder renews every ``lease_ttl_s / 4`` until the turn
+    ends; a renewal sent just before the turn's commit (or give-back) and delivered after it took
+    the session back for a turn that was over: it stayed busy for ``lease_ttl_s`` (the holder had
+    stopped renewing), and the user's next turn waited that long."""
+    async def main():
+        cfg = shard_config(tmp_path / "bank", lease_ttl_s=30.0, lease_wait_s=0.5)
+        shard = local_shard(cfg)
+        await shard.create("s", "alice")
+        lease = await shard.begin_turn("s", "alice", False)
+        shard.store.close()
+        shard = local_shard(cfg)  # restarted mid-turn: it forgot the lease
+        if how == "commit":
+            await commit_turn(shard, "s", lease, "t1")
+        else:
+            await shard.abort_turn("s", lease["lease_id"])
+        assert not await shard.renew_lease("s", lease["lease_id"])  # the late renewal
+        nxt = await shard.begin_turn("s", "alice", False)  # before the fix: 503 state_busy
+        await commit_turn(shard, "s", nxt, "t2")
+        assert _tags(await shard.info("s", "alice")) == (["t1", "t2"] if how == "commit" else ["t2"])
     asyncio.run(main())

@@ -37,6 +37,7 @@ class Session:
     leased_at: float = 0.0  # monotonic time the lease was granted (renewals stop lease_timeout_s after)
     grant: str | None = None  # fencing token: the lease granted last; a commit under an older one is refused
     background: str | None = None  # the lease of a compaction (background or asked for), which a turn takes over
+    ended: list[str] = field(default_factory=list)  # the last leases released (committed, given back): never taken back
     cond: asyncio.Condition | None = None
     deleted: bool = False
     damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)
@@ -45,6 +46,14 @@ class Session:
         if self.cond is None:
             self.cond = asyncio.Condition()
         return self.cond
+
+    ENDED_REMEMBERED = 8
+
+    def end_lease(self, lease_id: str) -> None:
+        """Remember that ``lease_id``'s holder is done with it (see ``renew_lease``)."""
+        if lease_id not in self.ended:
+            self.ended.append(lease_id)
+            del self.ended[:-self.ENDED_REMEMBERED]
 
     def leased(self) -> bool:
         return self.lease is not None and self.lease[1] > time.monotonic()

@@ -244,12 +244,15 @@ class StateMachineMixin:
         A shard that restarted forgot its leases (they are not durable): a renewal there takes the
         lease back when nobody leased the session since (no grant) and it is the lease's incarnation,
         so a second request waits for the turn in flight instead of overtaking it (which got that
-        turn refused at its commit, 409 ``lease_lost``)."""
+        turn refused at its commit, 409 ``lease_lost``). Never a lease whose turn already committed
+        or gave it back here (a renewal sent before that, delivered after): it took the session
+        back for a turn that was over, busy for ``lease_ttl_s``."""
         s = self.sessions.get(sid)
         if s is None or s.deleted:
             return False
         now = time.monotonic()
-        if s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc:
+        if (s.lease is None and s.grant is None and lease_incarnation(lease_id) == s.inc
+                and lease_id not in s.ended):  # a renewal delivered after its turn's commit or give-back
             s.grant, s.leased_at = lease_id, now
         elif s.lease is None or s.lease[0] != lease_id:
             return False
@@ -430,6 +433,7 @@ class StateMachineMixin:
             return lease_id
 
     def _release(self, s: Session, lease_id: str) -> None:
+        s.end_lease(lease_id)
         if s.lease is not None and s.lease[0] == lease_id:
             s.lease = None
             cond = s.condition()
