@@ -6,7 +6,8 @@ Serve's proxy, the real Generator and session shard on real files.
   with the request: tests/test_session_defects4.py, test_session_defects4_ray.py) the next turn
   waited ``lease_ttl_s`` (10 s) in some rounds (1 in 3 test runs failed here);
 * guards: a stream, or a whole request, whose client gave up while its turn waited for the session
-  (another request held it) is neither decoded for nobody nor saved; the session is free at once.
+  (another request held it) is neither decoded for nobody nor saved; the session is free at once;
+  a session deleted while its turn streams stays deleted, live and after its shard restarts.
 
 One app for the module on the shared Serve port (conftest.SERVE_MODULES: the Serve group).
 """
@@ -130,3 +131,39 @@ def test_a_stream_closed_after_its_first_tokens_is_not_saved_and_frees_its_sessi
         assert _history(client, sid) == (["t0", "cut", "t1"] if done else ["t0", "t1"])
         assert out["state"]["seq"] == (3 if done else 2)
         assert took < 5.0, (i, took)  # before the fix: lease_ttl_s (10 s) in some rounds
+
+
+def test_a_session_deleted_while_its_turn_streams_stays_deleted(client, app_args):
+    """Guard. DELETE while a turn of the session is decoding: the delete answers at once, the turn
+    ends with an in-band 404 naming the session (its save is refused: nothing of it is kept), and
+    the session does not come back, live or after its shard restarts (a real actor restart: the
+    shard replays its WAL)."""
+    import ray
+
+    from serve.app import AppArgs
+
+    sid = "deleted-midway"
+    assert client.post("/v1/generate", json=_turn(sid, "t0", 3)).status_code == 200
+    events = []
+    with httpx.stream("POST", f"http://127.0.0.1:{PORT}/v1/generate", timeout=60,
+                      json=_turn(sid, "doomed", 400, stream=True, temperature=0.0)) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:"):
+                events.append(line)
+                break
+        d = client.delete(f"/v1/state/{sid}", params={"owner": OWNER})
+        assert d.status_code == 200 and d.json()["deleted"], d.text
+        events += [line for line in lines if line.startswith("data:")]
+    last = events[-1]
+    if '"type": "done"' not in last:  # (a turn that ended before the delete was saved, then deleted)
+        assert '"type": "error"' in last and '"status": 404' in last and "state_not_found" in last, last
+    for _ in range(2):
+        assert client.get(f"/v1/state/{sid}", params={"owner": OWNER}).status_code == 404
+        r = client.post("/v1/generate", json=_turn(sid, "again", 3, create_state=False))
+        assert r.status_code == 404 and r.json()["error"]["param"] == "state_id", r.text
+        assert sid not in [s["state_id"] for s in client.get("/v1/states", params={"owner": OWNER}).json()["states"]]
+        cfg = AppArgs(**app_args).bank_config()
+        ray.kill(ray.get_actor(cfg.actor_name(0), namespace=cfg.namespace), no_restart=False)
+        time.sleep(1.0)  # Ray restarts it; it recovers from its files
