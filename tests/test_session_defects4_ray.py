@@ -27,7 +27,7 @@ def test_a_cancelled_turn_gives_its_session_back_at_once(ray_cluster, tmp_path):
     end) against a real shard actor; its call is cancelled with ``ray.cancel`` mid-turn, as Serve
     cancels a request whose client left. Within a second the session must be free again, every
     time (before the fix the give-back was itself cancelled in some rounds, and the session stayed
-    leased until the lease expired: ``lease_ttl_s``; 3 of 8 runs failed). The deterministic form is
+    leased until the lease expired: ``lease_ttl_s``; 4 of 8 runs failed). The deterministic form is
     tests/test_session_defects4.py::test_a_give_back_cancelled_by_ray_is_retried."""
     ray = ray_cluster
     cfg = BankConfig(storage=str(tmp_path / "bank"), num_shards=1, model={"preset": "tiny", "seed": 0},
