@@ -188,9 +188,12 @@ class RaggedBatch:
         """The "flex" path's block-mask builder over ``length`` (made once: its constants must exist
         before a capture, and its mask_mod stays one function object, so a compiled flex_attention
         is not traced again per step)."""
+        kb = self.kv_block
+        if isinstance(kb, bool) or not isinstance(kb, int) or kb < 1:  # (a bool is an int)
+            raise ValueError(f"kv_block must be an int >= 1 (tokens per flex KV block), got {kb!r}")
         lm = self._length_mask
-        if lm is None or lm.block != self.kv_block:
-            lm = self._length_mask = LengthMask(self.length, self.max_len, self.kv_block)
+        if lm is None or lm.block != kb:
+            lm = self._length_mask = LengthMask(self.length, self.max_len, kb)
         return lm
 
     # ------------------------------------------------------------------ slots
@@ -456,7 +459,9 @@ def ragged_decode_step(model, batch: RaggedBatch) -> torch.Tensor:
     mass of sampled positions, ``prev_x``; ``length``/``seg_pos`` += ``active``). Static shapes and
     no host synchronisation, so it can be captured as a CUDA graph. Free slots compute garbage that
     nothing reads. Returns the next-token logits ``[C, V]`` float32 (a new tensor).
-    The host side (:meth:`RaggedBatch.after_step`) must follow."""
+    The host side (:meth:`RaggedBatch.after_step`) must follow: it commits a row whose segment is
+    full, and a step over an uncommitted full row (KV length ``Lmax``) indexes the RoPE table, the KV
+    cache and ``write_h`` out of range (on CUDA a device-side assert that poisons the context)."""
     cfg = model.config
     c, h, dh = batch.capacity, cfg.n_heads, cfg.head_dim
     x = model.embed(batch.tokens).unsqueeze(1)                                      # [C, 1, D]

@@ -51,11 +51,57 @@ def test_block_mask_is_each_rows_length(max_len, block, q_blocks):
     assert torch.equal(lm.dense(), torch.arange(max_len).view(1, -1) <= lengths.view(-1, 1))
 
 
-def _states(model, n):
-    """Rows at different positions (fresh, mid-segment, past several boundaries) with next logits."""
+def _assert_mask_in_range(bm, length, max_len, block):
+    """Every index the block mask hands the kernel is in range for what it indexes: block counts in
+    [0, NB] (at most one partial block), listed block ids in [0, NB) and distinct, each listed block
+    starting inside the buffer (< Lmax) and holding only keys the row may see (full) or key
+    ``length`` itself (partial)."""
+    c, nb = length.shape[0], -(-max_len // block)
+    num, idx = bm.kv_num_blocks.view(c), bm.kv_indices.view(c, -1)
+    fnum, fidx = bm.full_kv_num_blocks.view(c), bm.full_kv_indices.view(c, -1)
+    assert idx.shape[1] == fidx.shape[1] == nb
+    assert ((num >= 0) & (num <= 1)).all() and ((fnum >= 0) & (fnum <= nb)).all() and (num + fnum <= nb).all()
+    assert ((idx >= 0) & (idx < nb)).all() and ((fidx >= 0) & (fidx < nb)).all()
+    for b, n in enumerate(length.tolist()):
+        full = fidx[b, :fnum[b]].tolist()
+        assert full == list(range((n + 1) // block)), (b, n, full)
+        part = idx[b, :num[b]].tolist()
+        assert part == ([] if (n + 1) % block == 0 else [n // block]), (b, n, part)
+        assert all(i * block < max_len for i in full + part)
+    for name in ("q_num_blocks", "full_q_num_blocks", "q_indices", "full_q_indices"):
+        t = getattr(bm, name)  # compute_q_blocks: a one-token query is one Q block (counts 0 / 1, index 0)
+        if t is not None:
+            assert ((t >= 0) & (t <= (0 if "indices" in name else 1))).all(), name
+
+
+def test_block_mask_indices_are_in_range():
+    """For every KV buffer a config allows (Lmax = kv_window + segment_len, any length from 1; here
+    1 .. 48) and blocks that divide it, do not, equal it or exceed it, at every length 0 .. Lmax-1:
+    the block mask's indices are in range (see _assert_mask_in_range). Rules out the suspects of
+    session 19's GPU assert (a partial last block, a block count rounded past the buffer)."""
+    for max_len in range(1, 49):
+        for block in (1, 3, 4, 5, 8, 16, 24, 128):
+            lengths = torch.arange(max_len)
+            bm = LengthMask(lengths, max_len, block).block_mask()
+            _assert_mask_in_range(bm, lengths, max_len, block)
+    lengths = torch.arange(24)
+    _assert_mask_in_range(LengthMask(lengths, 24, 16, q_blocks=True).block_mask(), lengths, 24, 16)
+
+
+def test_kv_block_must_be_a_positive_int():
+    model = _model()
+    rb = _batch(model, _states(model, 1), 1, "flex", kv_block=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="kv_block"):
+        ragged_decode_step(model, rb)
+
+
+def _states(model, n, history=None):
+    """Rows at different positions (fresh, mid-segment, past several boundaries) with next logits.
+    ``history[i]``: row i's tokens before its 3 prompt tokens (default ``13 i + 2``; row 0 fresh)."""
     out = []
     for i in range(n):
-        st = model.init_state(1) if i == 0 else history_state(model, 30 + i, 13 * i + 2)
+        h = (0 if i == 0 else 13 * i + 2) if history is None else history[i]
+        st = model.init_state(1) if h == 0 else history_state(model, 30 + i, h)
         with torch.no_grad():
             lg = model(torch.tensor([prompt_ids(40 + i, 3)], device=model.device), state=st,
                        last_logits_only=True, metrics=False).logits[0, -1]
@@ -170,10 +216,55 @@ def test_flex_graph_replay_equals_eager_and_masked(autocast, kv_block):
     assert runner.replays >= 38 and len(runner.graphs) == 1
 
 
+# Rows for the steps that run with no ``after_step`` between them (assert_no_host_sync: 1 + 3 steps).
+# Session 19's device-side assert (``indexSelectSmallIndex: srcIndex < srcSelectDimSize``, in
+# test_flex_step_has_no_host_sync) was not flex's: its third row (28 + 3 tokens: segment position 15,
+# KV length 23 = Lmax - 1) was one token from its segment's end, and those steps skip the commit
+# after_step would have made there, so the second step read the RoPE table at row 24 of 24
+# (``rope_table_full(Lmax).index_select(0, length)``) and would have written k/v at position 24 and
+# write_h at segment position 16; the masked step does the same (on CPU: IndexError). The block mask
+# is in range at that shape (test_block_mask_indices_are_in_range). Hence: every row has room for
+# those steps (checked by _assert_room), at the same awkward shape (Lmax 24 = kv_window 8 + 16, blocks of
+# 16: the last block partial) and lengths that reach a block edge (visible keys 16) and Lmax - 1.
+ROOM_STEPS = 4
+ROOM_HISTORY = (0, 17, 25)  # + 3 prompt tokens: KV lengths 3, 12 (.. 15) and 20 (.. 23 = Lmax - 1)
+
+
+def _assert_room(rb, steps):
+    """Every occupied row of ``rb`` can take ``steps`` tokens before its segment is full: a step
+    past it without the commit indexes the RoPE table, k/v and write_h out of range."""
+    for i, meta in enumerate(rb.rows):
+        if meta is not None:
+            assert meta.seg_pos + steps <= rb.segment_len, f"row {i} at segment position {meta.seg_pos}"
+
+
+def test_flex_steps_without_commits_equal_masked_at_block_edges(one_torch_thread):
+    """The CPU mirror of test_flex_step_has_no_host_sync: the same model (kv_window 8), rows, bucket
+    and kv_block 16, the same 4 steps with no after_step: flex equals masked every step, and the
+    block mask of every step lists only blocks that exist and hold a key the row may see. (With that
+    test's old rows, ``_states(model, 3)``, both paths raise IndexError at the second step.)"""
+    model = _model(kv_window=8)
+    states = _states(model, 3, ROOM_HISTORY)
+    rb_f = _batch(model, states, 4, "flex", kv_block=16)
+    rb_m = _batch(model, states, 4, "masked")
+    _assert_room(rb_f, ROOM_STEPS)
+    assert rb_f.max_len == 24 and rb_f.length[:3].tolist() == [3, 12, 20]
+    with torch.no_grad():
+        for t in range(ROOM_STEPS):
+            _assert_mask_in_range(rb_f.length_mask().block_mask(), rb_f.length, rb_f.max_len, 16)
+            lg_f, lg_m = ragged_decode_step(model, rb_f), ragged_decode_step(model, rb_m)
+            torch.testing.assert_close(lg_f[:3], lg_m[:3], atol=1e-5, rtol=1e-5, msg=f"step {t}")
+            rb_f.tokens.copy_(lg_m.argmax(-1))
+            rb_m.tokens.copy_(lg_m.argmax(-1))
+    assert rb_f.length[:3].tolist() == [7, 16, 24]  # the last row wrote key 23 = Lmax - 1
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_flex_step_has_no_host_sync():
-    """Building the block mask and the compiled flex call do not synchronise with the host."""
+    """Building the block mask and the compiled flex call do not synchronise with the host (Lmax 24,
+    blocks of 16; rows with room for the uncommitted steps: see ROOM_HISTORY)."""
     model = _model("cuda", kv_window=8)
-    rb = _batch(model, _states(model, 3), 4, "flex", kv_block=16)
-    assert_no_host_sync(model, rb)
+    rb = _batch(model, _states(model, 3, ROOM_HISTORY), 4, "flex", kv_block=16)
+    _assert_room(rb, ROOM_STEPS)
+    assert_no_host_sync(model, rb, steps=ROOM_STEPS - 1)
