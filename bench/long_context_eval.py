@@ -244,6 +244,14 @@ def crosses_segment(sample: task_lib.Sample, segment_len: int) -> bool:
     return start // segment_len != (start + len(sample.meta["passkey"]) - 1) // segment_len
 
 
+def fact_split_from_digits(sample: task_lib.Sample, segment_len: int) -> bool:
+    """True when a passkey's words ("the pass key is") end in an earlier segment than its first
+    digit: without a carried attention window (``kv_window``) the digits are then written with
+    no sight of the words that name them (session 20: the depth-0.25 cells of every length)."""
+    fact = sample.meta.get("fact_pos")
+    return fact is not None and fact // segment_len != sample.meta["needle_pos"] // segment_len
+
+
 def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader | TeacherReader], suite: str,
               length: int, samples: list[task_lib.Sample], extra: dict[str, Any],
               done: dict[str, tuple[list, float, int]] | None = None) -> None:
@@ -282,6 +290,8 @@ def run_cells(run: Run, models: dict[str, DNC], readers: dict[str, GreedyReader 
             # segment whose local attention never saw the first (kv_window carries some across)
             cross = [crosses_segment(x, model.config.segment_len) for x in samples]
             cell.update(boundary_n=sum(cross), boundary_correct=sum(r[0] for r, c in zip(res, cross) if c))
+            split = [fact_split_from_digits(x, model.config.segment_len) for x in samples]
+            cell.update(split_fact_n=sum(split), split_fact_correct=sum(r[0] for r, c in zip(res, split) if c))
         if suite == "mqar":
             q_right, q_total = sum(r[1] for r in res), sum(r[2] for r in res)
             cell.update(queries=q_total, query_correct=q_right, query_acc=q_right / q_total, sample_acc=cell["acc"])

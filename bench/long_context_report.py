@@ -232,6 +232,15 @@ def tables(res: dict, heading: str = "###") -> list[str]:
                 rest = sum(c["correct"] for c in cross) - right
                 L += [f"Needles whose digits cross a segment boundary: {right}/{n_cross} ({fmt_pct(right / n_cross)}); "
                       f"the others: {rest}/{rest_n}" + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
+            split = [c for c in pcells if c["model"] == m and "split_fact_n" in c]
+            n_split = sum(c["split_fact_n"] for c in split)
+            if n_split:
+                right = sum(c["split_fact_correct"] for c in split)
+                rest_n = sum(c["n"] for c in split) - n_split
+                rest = sum(c["correct"] for c in split) - right
+                L += [f"Needles whose words end in the segment before their digits: {right}/{n_split} "
+                      f"({fmt_pct(right / n_split)}); the others: {rest}/{rest_n}"
+                      + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
 
     # recall
     rcells = [c for s in RECALL_SUITES for c in _cells(res, s)]

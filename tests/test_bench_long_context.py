@@ -163,6 +163,16 @@ def test_a_needle_crosses_a_segment_when_its_digits_are_split():
     assert not lc.crosses_segment(needle(32), 32) and not lc.crosses_segment(needle(28), 64)
 
 
+def test_a_needle_is_split_from_its_words_when_they_end_in_the_segment_before():
+    sys.path.insert(0, str(BENCH))
+    import long_context_eval as lc
+
+    needle = lambda fact, pos: SimpleNamespace(meta={"fact_pos": fact, "needle_pos": pos, "passkey": "12345"})  # noqa: E731
+    assert lc.fact_split_from_digits(needle(510, 514), 512)  # "...is " in segment 0, digits in 1
+    assert not lc.fact_split_from_digits(needle(512, 530), 512) and not lc.fact_split_from_digits(needle(0, 18), 512)
+    assert not lc.fact_split_from_digits(SimpleNamespace(meta={"needle_pos": 514, "passkey": "1"}), 512)  # older samples
+
+
 def test_wordings_are_cell_dimensions_from_a_checkpoint(tmp_path):
     """--phrasings x --markers run every suite per wording from a given checkpoint; the original
     wording keeps the headline tables, the Generalisation table shows the rest with counts."""

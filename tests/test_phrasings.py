@@ -140,6 +140,8 @@ def test_needle_phrasing_puts_the_fact_at_needle_pos_and_asks_in_the_question_fr
                 assert ph.is_needle_phrasing(p, split)
                 assert text_of(s.tokens[s.meta["needle_pos"]:s.meta["needle_pos"] + 5]) == key
                 assert p.fact_text(key) in text_of(s.tokens)
+                fact = s.tokens[s.meta["fact_pos"] + int(markers):s.meta["needle_pos"] + 5]
+                assert p.fact_text(key).startswith(text_of(fact))  # fact_pos: the fact's first token
                 assert text_of(s.prompt).endswith(p.question_text())
                 # decoys: the same frame with other subjects of the split, other numbers
                 text = text_of(s.tokens[:s.answer_start])

@@ -208,7 +208,8 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
 
     ``<bos> ... <needle>the pass key is 12345. ... <query>the pass key is [12345<eos>]``.
     The question repeats the needle's own words, so the answer continues text seen before.
-    ``meta["needle_pos"]`` is the index of the passkey's first digit. Difficulty adds decoy
+    ``meta["needle_pos"]`` is the index of the passkey's first digit, ``meta["fact_pos"]`` that of
+    the fact's first token (marker or words before the digits). Difficulty adds decoy
     numbers (``"the room number is 48213."``) at random depths: ``n_decoys`` 0 -> 4 (worded:
     :data:`WORDED_MIN_DECOYS` -> 4, so the subject has to be matched).
 
@@ -266,10 +267,11 @@ def needle(rng: np.random.Generator, length: int, difficulty: float = 0.5, *,
     ins, question, key_offset = parts
     fr = [d] + list(rng.random(nd))
     b, starts = facts_then_question(rng, length, ins[: 1 + nd], fr, question, key, source=filler)
-    needle_pos = 1 + starts[0] + key_offset
+    fact_pos = 1 + starts[0]  # the fact's first token (its marker, when it has one)
+    needle_pos = fact_pos + key_offset
     extra = retrieval_meta(phrasing, markers, filler, subject=p.subject, fact=p.fact,
                             question=p.question)
     return b.build("needle", dict(
         difficulty=float(difficulty), length=int(length), depth=d, n_decoys=nd,
-        passkey=decode_ids(key), needle_pos=int(needle_pos),
+        passkey=decode_ids(key), needle_pos=int(needle_pos), fact_pos=int(fact_pos),
         distance=int(length - len(key) - 1 - needle_pos), **extra))
