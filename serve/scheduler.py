@@ -4,7 +4,9 @@
 Requests are submitted from the asyncio loop; one driver task runs *iterations* on the model
 thread: admit the waiting rows (prefill), drop the cancelled ones, then decode steps until
 ``chunk_s`` of work is done (or at once after admitting rows, so their first token goes out
-without delay, or when waiting requests are due for admission).
+without delay, or when waiting requests are due for admission, or a request was cancelled: its
+row then leaves after one step, not ``chunk_s`` of them). A request is cancelled when its consumer
+closes its iterator, or with :meth:`DecodeScheduler.stop` (its session was deleted).
 
 Arrivals are coalesced while rows are decoding: they are admitted together once ``admit_batch``
 are waiting (or as many as there is room for) or the oldest has waited ``admit_delay_s``. Under
@@ -201,6 +203,25 @@ class DecodeScheduler:
                 job.cancelled = True  # the driver drops it between steps
                 self._cancels += 1
 
+    def stop(self, row: DecodeRow) -> bool:
+        """Take ``row`` out as if its consumer had left (``finish_reason`` "cancelled", its state
+        untouched), and end its iterator from :meth:`submit` (its tokens made so far come first):
+        for a request that can no longer be answered, e.g. its session was deleted. A running row
+        leaves after the decode step under way (an iteration ends early for it), a waiting one at
+        once. False when the row is not here (not submitted yet, or done)."""
+        for job in self.waiting:
+            if job.row is row:
+                self.waiting.remove(job)
+                row.finish_reason = "cancelled"
+                job.queue.put_nowait(None)
+                return True
+        job = self.active.get(id(row))
+        if job is None or row.done or job.cancelled:
+            return False
+        job.cancelled = True  # the driver drops it between steps and ends its iterator (_hand_out)
+        self._cancels += 1
+        return True
+
     @staticmethod
     def _taken(job: _Job) -> None:
         # how long the list sat in the queue: the asyncio loop's delay, not the model's
@@ -334,6 +355,7 @@ class DecodeScheduler:
     def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow]) -> _Iteration:
         """On the model thread: drop, admit (prefill), then decode steps for up to ``chunk_s``."""
         t_start = time.perf_counter()
+        cancels = self._cancels  # one more (a request cancelled or stopped meanwhile) ends the iteration
         dec = self.decoder
         dec.drop(cancelled)
         it = _Iteration([], dec.add(admit) if admit else [])
@@ -373,8 +395,8 @@ class DecodeScheduler:
                 it.inter_token_ms.append((now - self._last_step_end) * 1e3)
             self._last_step_end = now
             it.tokens += step
-            if admit or now > t_end or self.due(now):
-                break
+            if admit or now > t_end or self.due(now) or self._cancels != cancels:
+                break  # (a cancelled row leaves at the next iteration, not after chunk_s of steps)
         it.busy_s = time.perf_counter() - t_start
         self.stats["busy_s"] += it.busy_s
         self.stats["iterations"] += 1
