@@ -6,7 +6,8 @@ code before its fix.
 
 * a turn that created its session and then failed (its decode raised; its client left) left the
   session behind, empty, listed and counted against the owner's ``max_sessions_per_owner``: a
-  client retrying under fresh ids ran out of quota with no session holding anything;
+  client retrying under fresh ids ran out of quota with no session holding anything (and one whose
+  replica died mid-turn stayed too: the memory manager now removes it once its lease expired);
 * a session deleted while its turn decoded kept that turn decoding to ``max_new_tokens`` (a batch
   row spent for nothing) before its in-band 404.
 """
@@ -133,6 +134,23 @@ def test_a_turn_waiting_for_a_failed_first_turn_creates_the_session(tmp_path):
         await commit_turn(shard, "s", lease, "second")
         await shard.abort_turn("s", lease["lease_id"])  # a late give-back after the commit: nothing happens
         assert [s["seq"] for s in await shard.list_sessions(OWNER)] == [1]
+    asyncio.run(main())
+
+
+def test_a_first_turn_whose_replica_died_leaves_no_session_after_the_manager_pass(tmp_path):
+    """A first turn whose replica died mid-decode neither commits nor gives its lease back; once the
+    lease expired, the memory manager's pass removes the empty session its turn created (and
+    nothing else: a session with an acknowledged turn stays)."""
+    from shard_helpers import commit_turn
+
+    async def main():
+        shard = local_shard(shard_config(tmp_path / "bank", lease_ttl_s=0.1))
+        await shard.begin_turn("orphan", OWNER, True)  # then its replica dies: no renewal, no give-back
+        await commit_turn(shard, "kept", await shard.begin_turn("kept", OWNER, True), "kept")
+        assert await _listed(shard) == ["kept", "orphan"]
+        await asyncio.sleep(0.15)  # the orphan's lease expires
+        assert (await shard.manage_once())["abandoned"] == 1
+        assert await _listed(shard) == ["kept"]
     asyncio.run(main())
 
 

@@ -346,10 +346,16 @@ class StateMachineMixin:
         try:
             res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc,
                                           fence=lease_id)
-        finally:
-            s = self.sessions.get(sid)
-            if s is not None and lease_id is not None:
-                self._release(s, lease_id)
+        except BaseException:
+            if lease_id is not None:  # the turn failed at its commit: as a give-back (its session may go)
+                try:
+                    await self.abort_turn(sid, lease_id)
+                except Exception:  # (storage down: the commit's own error says so; the lease went back)
+                    pass
+            raise
+        s = self.sessions.get(sid)
+        if s is not None and lease_id is not None:
+            self._release(s, lease_id)
         await self._enforce_budget()  # now that the session is idle it may be offloaded too
         return res
 
