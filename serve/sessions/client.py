@@ -88,7 +88,11 @@ class BankClient:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a shard restart: the seq check still guards the commit
-                logger.warning("could not renew the lease on %s: %s", state_id, e)
+                from ray.exceptions import TaskCancelledError
+
+                # (cancelled with the request, as Serve cancels one whose client left: not worth a warning)
+                log = logger.info if isinstance(e, TaskCancelledError) else logger.warning
+                log("could not renew the lease on %s: %s", state_id, e)
                 await asyncio.sleep(ttl_s / 4)
                 continue
             if how != "held":

@@ -10,6 +10,11 @@ A lease names the incarnation it was granted on (``<inc>.<random>``), and so doe
 under one: an update of an incarnation that was deleted meanwhile is refused (404), even once the id
 was created again (a reset, or another owner) and its seq would fit there. Leases are not durable, so
 the fencing token alone cannot tell after a shard restart.
+
+A turn's holder keeps its lease with ``hold_lease`` (renew, then wait for a delete: it stops decoding
+a turn whose session went). A session a turn created goes again when that turn ends without an
+acknowledged update (``abort_turn``, or the manager once its lease expired): it must not count
+against its owner's quota holding nothing.
 """
 
 from __future__ import annotations
