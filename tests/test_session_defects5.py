@@ -196,3 +196,44 @@ def test_a_session_deleted_mid_decode_leaves_the_batch_at_once(generator, tmp_pa
         shard.store.close()
         assert await _listed(local_shard(shard_config(root))) == []
     asyncio.run(main())
+
+
+def test_a_stopped_row_leaves_after_the_step_under_way(generator):
+    """``DecodeScheduler.stop`` (what the Generator calls when a turn's session is deleted): a
+    waiting row ends at once, untouched; a running one after the decode step under way, even in
+    an iteration of ``chunk_s`` = 1 s of steps (before, a cancelled row was dropped only when the
+    iteration ended: ~1 s of tokens made for nobody)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dnc.generate import DecodeRow, SamplingParams
+    from serve.scheduler import DecodeScheduler
+
+    pool = ThreadPoolExecutor(1)
+
+    async def run(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def main():
+        sch = DecodeScheduler(generator.lm.model, run, chunk_s=1.0, max_running=1)
+        running = DecodeRow(list(b"running: "), None, 400, SamplingParams(0.0))
+        waiting = DecodeRow(list(b"waiting: "), None, 400, SamplingParams(0.0))
+        got: list[int] = []
+
+        async def consume(row, out):
+            async for steps in sch.submit(row):
+                out += [st.token for st in steps]
+                if row is running and sch.stop(running):
+                    stopped_at.append(len(out))
+        stopped_at: list[int] = []
+        first = asyncio.ensure_future(consume(running, got))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(consume(waiting, []))
+        await asyncio.sleep(0)
+        assert sch.stop(waiting) and waiting.finish_reason == "cancelled"  # max_running 1: it waited
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert running.finish_reason == "cancelled" and not waiting.tokens
+        assert len(running.tokens) <= stopped_at[0] + 2, (stopped_at, len(running.tokens))
+        assert got == running.tokens  # every token made went out, once
+        assert not sch.active and not sch.waiting
+    asyncio.run(main())
+    pool.shutdown()
