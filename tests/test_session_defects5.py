@@ -187,8 +187,9 @@ def test_a_session_deleted_mid_decode_leaves_the_batch_at_once(generator, tmp_pa
         assert error is not None and (error.status, error.code) == (404, "state_not_found"), error
         beside = await other
         made = g.scheduler.stats["tokens"] - tokens0 - OTHER_NEW  # the doomed row's, delivered or not
-        # a few steps after the delete (events hold up to stream_chunk_ms of tokens: a handful on a CPU)
-        assert seen - after <= 16 and made - after <= 24, (after, seen, made)
+        # a few steps after the delete: 1 token here (events hold up to stream_chunk_ms of tokens, a
+        # handful on a CPU; room for a loaded CI machine); before the fix 1488 of the 1500
+        assert seen - after <= 32 and made - after <= 48, (after, seen, made)
         assert "deleted while this request ran" in error.message and "nothing was saved" in error.message
         assert beside["token_ids"] == alone["token_ids"] and beside["batch_size"] == 2
         assert not g.scheduler.active and not g.scheduler.waiting
