@@ -89,7 +89,8 @@ def test_first_turns_whose_clients_left_use_none_of_the_quota(client):
 def test_a_turn_whose_session_is_deleted_stops_decoding_at_once(client):
     """A session turn (max_new_tokens 2000) streams beside a sessionless request; the session is
     deleted after the turn's first tokens. The stream must end within a few steps of the DELETE
-    (tests/test_session_defects5.py counts the steps in process) with the in-band 404, nothing be saved, and the other request get the tokens it gets alone."""
+    (tests/test_session_defects5.py counts the steps in process) with the in-band 404, nothing be
+    saved, and the other request get the tokens it gets alone."""
     sid = "deleted-midway"
     assert client.post("/v1/generate", json=_turn(sid, 2)).status_code == 200
     other = _turn(None, 200, seed=5, temperature=0.8)
