@@ -9,7 +9,8 @@ code before its fix.
   client retrying under fresh ids ran out of quota with no session holding anything (and one whose
   replica died mid-turn stayed too: the memory manager now removes it once its lease expired);
 * a session deleted while its turn decoded kept that turn decoding to ``max_new_tokens`` (a batch
-  row spent for nothing) before its in-band 404.
+  row spent for nothing) before its in-band 404; and a row cancelled in the scheduler (its client
+  left, or its session went) decoded on to the end of the iteration under way (``chunk_s`` of steps).
 """
 
 from __future__ import annotations
