@@ -44,7 +44,7 @@ from .scheduler import DecodeScheduler, timeline_ms
 from .sessions import BankClient, BankConfig
 from .sessions.routing import ROUTER_CLASS as SESSION_ROUTER
 from .sessions.turn_log import ReplayModels
-from .sessions.turns import SessionTurns, state_of
+from .sessions.turns import SessionTurns, Turn, deleted_midway, state_of
 
 logger = logging.getLogger("serve.generator")
 
@@ -326,10 +326,13 @@ class Generator:
                        "tokens_seen": st.get("tokens_seen"), "owner": r.owner})
 
     # ------------------------------------------------------------------ decoding
-    async def _decode(self, r: GenRequest, state, t0: float) -> AsyncIterator[GenEvent]:
+    async def _decode(self, r: GenRequest, state, t0: float, turn: Turn | None = None) -> AsyncIterator[GenEvent]:
         """``TokensEvent`` s as the scheduler makes them, then the ``DoneEvent``. ``state`` (None for
         sessionless requests) is updated in place: afterwards it holds the prompt and the emitted
-        tokens (a text stop sequence ends the row right after the token that completed it)."""
+        tokens (a text stop sequence ends the row right after the token that completed it).
+        ``turn``: the session turn this decodes; when its session is deleted meanwhile the row
+        leaves the batch at once and this raises the turn's 404 (before, it decoded on to
+        ``max_new_tokens`` for an answer its commit would refuse)."""
         asm = TextAssembler(r.stop)
         deltas: list[str] = []  # text delta of every emitted token (filled on the model thread)
 
@@ -339,6 +342,12 @@ class Generator:
         row = DecodeRow(r.prompt_ids, state, r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p),
                         seed=r.seed, stop_tokens=frozenset(r.stop_ids), stop_check=stop_check, tag=r.request_id)
         ttft, batch, timing = None, 1, {}
+        if turn is not None and turn.keeper is not None:
+            def stop_when_deleted(_: asyncio.Task) -> None:
+                if turn.deleted():
+                    self.scheduler.stop(row)
+            # (a keeper already done calls back on the next loop pass, when ``submit`` below holds the row)
+            turn.keeper.add_done_callback(stop_when_deleted)
         async for steps in self.scheduler.submit(row, timing):
             if ttft is None:
                 timing["first_yield"] = time.perf_counter()
@@ -346,6 +355,9 @@ class Generator:
                 self.metrics.record_ttft(ttft * 1e3, "session" if r.state_id else "sessionless")
             batch = max([batch] + [st.batch for st in steps])
             yield TokensEvent([TokenItem(deltas[st.index], st.token, st.index) for st in steps])
+        if turn is not None and row.finish_reason == "cancelled" and turn.deleted():
+            self.counters["session_turns_deleted_midway"] += 1
+            raise deleted_midway(r.state_id)
         if row.error is not None:
             if isinstance(row.error, ValueError):
                 raise Unprocessable(str(row.error), "invalid_prompt", "prompt") from None
@@ -364,7 +376,7 @@ class Generator:
         ready = time.perf_counter()
         try:
             result = None
-            async for ev in self._decode(r, turn.state, t0):
+            async for ev in self._decode(r, turn.state, t0, turn):
                 if isinstance(ev, DoneEvent):
                     result = ev
                 else:

@@ -4,7 +4,9 @@
 Requests are submitted from the asyncio loop; one driver task runs *iterations* on the model
 thread: admit the waiting rows (prefill), drop the cancelled ones, then decode steps until
 ``chunk_s`` of work is done (or at once after admitting rows, so their first token goes out
-without delay, or when waiting requests are due for admission).
+without delay, or when waiting requests are due for admission, or a request was cancelled: its
+row then leaves after one step, not ``chunk_s`` of them). A request is cancelled when its consumer
+closes its iterator, or with :meth:`DecodeScheduler.stop` (its session was deleted).
 
 Arrivals are coalesced while rows are decoding: they are admitted together once ``admit_batch``
 are waiting (or as many as there is room for) or the oldest has waited ``admit_delay_s``. Under
@@ -201,6 +203,25 @@ class DecodeScheduler:
                 job.cancelled = True  # the driver drops it between steps
                 self._cancels += 1
 
+    def stop(self, row: DecodeRow) -> bool:
+        """Take ``row`` out as if its consumer had left (``finish_reason`` "cancelled", its state
+        untouched), and end its iterator from :meth:`submit` (its tokens made so far come first):
+        for a request that can no longer be answered, e.g. its session was deleted. A running row
+        leaves after the decode step under way (an iteration ends early for it), a waiting one at
+        once. False when the row is not here (not submitted yet, or done)."""
+        for job in self.waiting:
+            if job.row is row:
+                self.waiting.remove(job)
+                row.finish_reason = "cancelled"
+                job.queue.put_nowait(None)
+                return True
+        job = self.active.get(id(row))
+        if job is None or row.done or job.cancelled:
+            return False
+        job.cancelled = True  # the driver drops it between steps and ends its iterator (_hand_out)
+        self._cancels += 1
+        return True
+
     @staticmethod
     def _taken(job: _Job) -> None:
         # how long the list sat in the queue: the asyncio loop's delay, not the model's
@@ -217,6 +238,7 @@ class DecodeScheduler:
             admit, self.waiting = self.waiting[:room], self.waiting[room:]
             admit = [j for j in admit if not j.cancelled]
             cancelled = [j.row for j in self.active.values() if j.cancelled]
+            cancels = self._cancels  # read with ``cancelled``: a cancel after this ends the iteration early
             now = time.perf_counter()
             for job in admit:
                 self.active[id(job.row)] = job
@@ -226,9 +248,9 @@ class DecodeScheduler:
             try:
                 if self.keep_stepping_s > 0:
                     it = await self.run(self._iterate_on, [j.row for j in admit], cancelled,
-                                        asyncio.get_running_loop())
+                                        asyncio.get_running_loop(), cancels)
                 else:
-                    it = await self.run(self._iterate, [j.row for j in admit], cancelled)
+                    it = await self.run(self._iterate, [j.row for j in admit], cancelled, cancels)
                 self.stats["hop_s"] += time.perf_counter() - now - (self.stats["busy_s"] - busy0)
             except BaseException as e:  # the model thread itself broke: fail everyone running
                 for job in list(self.active.values()):
@@ -331,9 +353,12 @@ class DecodeScheduler:
             return itl[min(len(itl) - 1, int(f * len(itl)))] if itl else None
         return {"tokens_per_s": n / window_s, "inter_token_ms_p50": q(0.5), "inter_token_ms_p99": q(0.99)}
 
-    def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow]) -> _Iteration:
-        """On the model thread: drop, admit (prefill), then decode steps for up to ``chunk_s``."""
+    def _iterate(self, admit: list[DecodeRow], cancelled: list[DecodeRow], cancels: int | None = None) -> _Iteration:
+        """On the model thread: drop, admit (prefill), then decode steps for up to ``chunk_s``, or
+        until a request is cancelled beyond the ``cancels`` (a count of them) that ``cancelled``
+        accounts for (None: now): its row then leaves at the next iteration, not after ``chunk_s``."""
         t_start = time.perf_counter()
+        cancels = self._cancels if cancels is None else cancels
         dec = self.decoder
         dec.drop(cancelled)
         it = _Iteration([], dec.add(admit) if admit else [])
@@ -373,7 +398,7 @@ class DecodeScheduler:
                 it.inter_token_ms.append((now - self._last_step_end) * 1e3)
             self._last_step_end = now
             it.tokens += step
-            if admit or now > t_end or self.due(now):
+            if admit or now > t_end or self.due(now) or self._cancels != cancels:
                 break
         it.busy_s = time.perf_counter() - t_start
         self.stats["busy_s"] += it.busy_s
@@ -381,14 +406,15 @@ class DecodeScheduler:
         it.done = {id(r) for r in [st.row for st in it.tokens] + list(admit) + list(cancelled) if r.done}
         return it
 
-    def _iterate_on(self, admit: list[DecodeRow], cancelled: list[DecodeRow], loop) -> _Iteration:
+    def _iterate_on(self, admit: list[DecodeRow], cancelled: list[DecodeRow], loop,
+                    cancels: int | None = None) -> _Iteration:
         """On the model thread: :meth:`_iterate`, then more iterations while rows run, for up to
         ``keep_stepping_s``, each handed to ``loop`` as it ends (callbacks run in order, before
         the driver sees the returned last one); back early when arrivals are due or a request
         was cancelled, which only the loop can act on."""
-        cancels = self._cancels
+        cancels = self._cancels if cancels is None else cancels
         t_stop = time.perf_counter() + self.keep_stepping_s
-        it = self._iterate(admit, cancelled)
+        it = self._iterate(admit, cancelled, cancels)
         while (self.decoder.running and self._cancels == cancels and not self.due(time.perf_counter())
                and time.perf_counter() < t_stop):
             loop.call_soon_threadsafe(self._deliver, it)

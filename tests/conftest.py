@@ -93,6 +93,7 @@ SERVE_PORT = int(os.environ.get("DNC_SERVE_TEST_PORT", "8123"))
 # in-process build_app test needs no Serve running (serve_off), which is then the case already.
 SERVE_MODULES = ("test_auth.py", "test_abuse.py", "test_metrics.py", "test_serve.py", "test_serve_streaming.py",
                  "test_serve_timeline.py", "test_sessions_routing.py", "test_session_defects4_http.py",
+                 "test_session_defects5_http.py",
                  "test_ui_browser.py")
 # The port of the Serve instance this session started and keeps (serve_on); None when none is kept.
 _KEPT_SERVE: dict[str, int | None] = {"port": None}

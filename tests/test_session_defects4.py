@@ -178,6 +178,7 @@ def test_a_give_back_cancelled_by_ray_is_retried(tmp_path, cancelled_twice):
         shard = local_shard(shard_config(tmp_path / "bank", lease_ttl_s=30.0, lease_wait_s=0.5))
         bank = CancelledGiveBack(shard)
         turns = SessionTurns(load_model(ModelSpec(preset="tiny", seed=0), "cpu").model, bank, run_here)
+        await shard.create("s", "alice")  # (a session its failed turn created would go with it: defects5)
         turn = await turns.begin("s", "alice", True)
         decoding = asyncio.ensure_future(asyncio.sleep(3600))
 

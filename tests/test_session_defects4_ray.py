@@ -65,6 +65,7 @@ def test_a_cancelled_turn_gives_its_session_back_at_once(ray_cluster, tmp_path):
             waits = []
             for i in range(ROUNDS):
                 sid = f"s{i}"
+                await client.call(sid, "create", "alice")  # (one its failed turn created would go with it: defects5)
                 ref = replica.turn.remote(sid)
                 while not await replica.has_lease.remote(sid):
                     await asyncio.sleep(0.02)

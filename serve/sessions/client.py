@@ -34,7 +34,9 @@ class BankClient:
             h = actor_cls.options(
                 name=self.cfg.actor_name(i), namespace=self.cfg.namespace, get_if_exists=True,
                 lifetime="detached", max_restarts=-1, max_task_retries=-1, num_cpus=0,
-                max_concurrency=1000,
+                # every session turn in flight keeps a call waiting here (hold_lease, a long poll), and
+                # a replica runs up to max_ongoing_requests of them: room for them and the other calls
+                max_concurrency=10000,
             ).remote(asdict(self.cfg), i)
             self._handles[i] = h
         return h
@@ -73,21 +75,32 @@ class BankClient:
 
     RESOLVE_ATTEMPTS = 5
 
-    async def keep_lease(self, state_id: str, lease_id: str, ttl_s: float) -> None:
-        """Renew a turn's lease every ``ttl_s / 4`` until cancelled (run it beside the turn). If this
-        process dies the renewals stop, and the session is free again within ``ttl_s``."""
+    async def keep_lease(self, state_id: str, lease_id: str, ttl_s: float) -> str:
+        """Keep a turn's lease until cancelled (run it beside the turn): renew it every ``ttl_s / 4``,
+        waiting on the shard in between (``hold_lease``), so that the deletion of the session is
+        known at once. Returns how the lease ended when that was not the turn's own doing:
+        "deleted" (the session was deleted: nothing of the turn can be saved; stop decoding it),
+        "lost" (expired and leased elsewhere: its commit will be fenced), "ended" (released). If
+        this process dies the renewals stop, and the session is free again within ``ttl_s``."""
         while True:
-            await asyncio.sleep(ttl_s / 4)
             try:
-                if not await self.call(state_id, "renew_lease", lease_id):
-                    return  # lost (expired or released): the commit will be fenced or is done
+                how = await self.call(state_id, "hold_lease", lease_id, ttl_s / 4)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a shard restart: the seq check still guards the commit
-                logger.warning("could not renew the lease on %s: %s", state_id, e)
+                from ray.exceptions import TaskCancelledError
+
+                # (cancelled with the request, as Serve cancels one whose client left: not worth a warning)
+                log = logger.info if isinstance(e, TaskCancelledError) else logger.warning
+                log("could not renew the lease on %s: %s", state_id, e)
+                await asyncio.sleep(ttl_s / 4)
+                continue
+            if how != "held":
+                return how
 
     def start_keep_lease(self, state_id: str, lease: dict[str, Any]) -> asyncio.Task:
-        """:meth:`keep_lease` as a task for a ``begin_turn`` answer; cancel it when the turn ends."""
+        """:meth:`keep_lease` as a task for a ``begin_turn`` answer (its result: how the lease ended
+        early, see there); cancel it when the turn ends."""
         return asyncio.get_running_loop().create_task(
             self.keep_lease(state_id, lease["lease_id"], lease.get("lease_ttl_s") or self.cfg.lease_ttl_s))
 

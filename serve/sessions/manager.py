@@ -105,10 +105,16 @@ class ManagerMixin:
     async def manage_once(self) -> dict[str, int]:
         """One pass of the memory manager (also callable directly, e.g. from tests)."""
         self._ensure_started()
-        done = {"expired": 0, "compacted": 0}
+        done = {"expired": 0, "compacted": 0, "abandoned": 0}
         now_wall, now = time.time(), time.monotonic()
         for s in list(self.sessions.values()):
             if s.deleted or s.leased() or s.damage:
+                continue
+            if s.made_by is not None and s.lease is not None and s.lease[0] == s.made_by:
+                # the turn that created it let its lease expire, neither committed nor given back (its
+                # replica died): what its give-back does (abort_turn: an empty session goes)
+                await self.abort_turn(s.state_id, s.made_by)
+                done["abandoned"] += 1
                 continue
             if now_wall - s.updated_at > self.cfg.session_ttl_s and now - s.last_access > self.cfg.session_ttl_s:
                 await self.delete(s.state_id, None)

@@ -41,6 +41,8 @@ class Session:
     cond: asyncio.Condition | None = None
     deleted: bool = False
     damage: str | None = None  # why the stored session cannot be recovered as acknowledged (None = fine)
+    made_by: str | None = None  # the lease of the turn that created it, until that turn ends (not durable)
+    discarded: bool = False  # removed because the turn that created it failed (StateMachineMixin.abort_turn)
 
     def condition(self) -> asyncio.Condition:
         if self.cond is None:

@@ -10,6 +10,11 @@ A lease names the incarnation it was granted on (``<inc>.<random>``), and so doe
 under one: an update of an incarnation that was deleted meanwhile is refused (404), even once the id
 was created again (a reset, or another owner) and its seq would fit there. Leases are not durable, so
 the fencing token alone cannot tell after a shard restart.
+
+A turn's holder keeps its lease with ``hold_lease`` (renew, then wait for a delete: it stops decoding
+a turn whose session went). A session a turn created goes again when that turn ends without an
+acknowledged update (``abort_turn``, or the manager once its lease expired): it must not count
+against its owner's quota holding nothing.
 """
 
 from __future__ import annotations
@@ -110,6 +115,11 @@ class StateMachineMixin:
         Creates are serialised: two first turns of one new session racing here would otherwise both
         log a create, the live shard keep the second incarnation and replay the first (which drops
         every update of the second at the next restart)."""
+        return await self._create(sid, owner, by_turn=False)
+
+    async def _create(self, sid: str, owner: str, by_turn: bool) -> dict[str, Any]:
+        """:meth:`create`; ``by_turn``: for a turn's ``create_state`` (else the owner asked for the
+        session itself, which then stays even when the turn that created it fails: abort_turn)."""
         self._start_manager()
         async with self._create_lock():
             s = self.sessions.get(sid)
@@ -118,6 +128,8 @@ class StateMachineMixin:
                     raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
                 if s.damage:
                     raise self._damaged(s)  # never silently recreated: DELETE first
+                if not by_turn:
+                    s.made_by = None
                 return s.info(self.index)
             header = {"op": "create", "sid": sid, "inc": uuid.uuid4().hex[:12], "owner": owner, "seq": 0,
                       "at": time.time()}
@@ -181,19 +193,26 @@ class StateMachineMixin:
         elif not self._owned(s, owner):
             raise session_not_found(sid)
         async with s.condition():
-            header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1,
-                      "at": time.time()}
-            def deleted(_: int) -> None:
-                self._apply_record(header, None)
-                s.condition().notify_all()
-                self.sessions.pop(sid, None)
-                self._remember_deleted(sid, s.owner)
-                # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
-                # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
-                self.stale_snapshots[sid] = s.inc
-            await self._append(header, None, deleted)
+            await self._log_delete(s, remember=True)
         await self.remove_stale_snapshots()
         return {"state_id": sid, "deleted": True}
+
+    async def _log_delete(self, s: Session, remember: bool) -> None:
+        """Delete ``s`` durably (its WAL record), then in memory; the caller holds ``s.condition()``.
+        ``remember``: a retried delete of this id is acknowledged again (:meth:`delete`)."""
+        sid = s.state_id
+        header = {"op": "delete", "sid": sid, "inc": s.inc, "owner": s.owner, "seq": s.seq + 1, "at": time.time()}
+
+        def deleted(_: int) -> None:
+            self._apply_record(header, None)
+            s.condition().notify_all()
+            self.sessions.pop(sid, None)
+            if remember:
+                self._remember_deleted(sid, s.owner)
+            # the delete is durable now (its WAL record); the snapshot file goes too, or, when storage
+            # refuses, later (remove_stale_snapshots), and the WAL keeps the delete record until it went
+            self.stale_snapshots[sid] = s.inc
+        await self._append(header, None, deleted)
 
     # ------------------------------------------------------------------ public: turns
     async def begin_turn(self, sid: str, owner: str, create: bool, have: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -207,21 +226,30 @@ class StateMachineMixin:
         Otherwise ``base`` is True: ``payload`` is the last full state and ``turns`` every token turn
         after it (the caller drops its stale copy)."""
         self._start_manager()
-        s = self.sessions.get(sid)
-        created = False
-        if s is None or s.deleted:
-            if not create:
+        for attempt in range(2):
+            s = self.sessions.get(sid)
+            created = False
+            if s is None or s.deleted:
+                if not create:
+                    raise session_not_found(sid)
+                await self._create(sid, owner, by_turn=True)
+                created = True
+            s = self.sessions[sid]
+            if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
+                if create:
+                    raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
                 raise session_not_found(sid)
-            await self.create(sid, owner)
-            created = True
-        s = self.sessions[sid]
-        if s.owner != owner:  # before the damage: another owner's damage is none of this caller's
-            if create:
-                raise Conflict(f"state_id {sid!r} is taken; choose another id", "state_id_taken", "state_id")
-            raise session_not_found(sid)
-        if s.damage:
-            raise self._damaged(s)
-        lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
+            if s.damage:
+                raise self._damaged(s)
+            try:
+                lease_id = await self._acquire(s, self.cfg.lease_wait_s, self.cfg.lease_ttl_s, preempt=True)
+            except NotFound:
+                if create and s.discarded and attempt == 0:
+                    continue  # the turn that created it failed while this one waited (abort_turn): create it again
+                raise
+            break
+        if created:
+            s.made_by = lease_id  # a failure of this turn removes the session again (abort_turn)
         resident = (have is not None and have.get("inc") == s.inc and have.get("seq", -1) <= s.seq
                     and s.digest_at(int(have["seq"])) == have.get("digest"))
         try:
@@ -265,6 +293,38 @@ class StateMachineMixin:
         s.lease = (lease_id, now + self.cfg.lease_ttl_s)
         return True
 
+    async def hold_lease(self, sid: str, lease_id: str, watch_s: float) -> str:
+        """:meth:`renew_lease`, then wait up to ``watch_s`` for the turn's session to be deleted (a
+        long poll: its holder calls again at once, ``BankClient.keep_lease``). Returns "held"
+        (renewed, nothing happened meanwhile), "deleted" (this lease's incarnation of the session is
+        gone: the turn cannot be saved, its holder stops decoding), "ended" (the lease was released:
+        committed or given back) or "lost" (expired and leased to another request, or refused).
+
+        Why the wait: a turn whose session was deleted kept decoding to ``max_new_tokens`` (its
+        holder learned it only at the commit, 404), a batch row spent for nothing, every step of the
+        batch it shared slower; the renewals alone (every ``lease_ttl_s / 4``) would tell it seconds
+        late. The wait ends at the release too, so a finished turn leaves no call waiting here."""
+        if not await self.renew_lease(sid, lease_id):
+            s = self.sessions.get(sid)
+            gone = s is None or s.deleted or s.inc != lease_incarnation(lease_id)
+            return "deleted" if gone else ("ended" if lease_id in s.ended else "lost")
+        s = self.sessions[sid]
+        cond = s.condition()
+
+        def over() -> bool:
+            return s.deleted or s.lease is None or s.lease[0] != lease_id
+
+        async def watch() -> None:
+            async with cond:
+                await cond.wait_for(over)
+        try:
+            await asyncio.wait_for(watch(), watch_s)
+        except asyncio.TimeoutError:
+            return "held"
+        if s.deleted:
+            return "deleted"
+        return "ended" if lease_id in s.ended else "lost"
+
     async def commit_turn(self, sid: str, lease_id: str | None, seq: int, update_id: str,
                           payload: bytes, meta: dict[str, Any], turn: dict[str, Any]) -> dict[str, Any]:
         """Apply the turn's new bank as update ``seq`` and release the lease. Idempotent.
@@ -291,17 +351,48 @@ class StateMachineMixin:
         try:
             res = await self.apply_update(sid, seq, update_id, payload, meta, turn, tokens=tokens, inc=inc,
                                           fence=lease_id)
-        finally:
-            s = self.sessions.get(sid)
-            if s is not None and lease_id is not None:
-                self._release(s, lease_id)
+        except BaseException:
+            if lease_id is not None:  # the turn failed at its commit: as a give-back (its session may go)
+                try:
+                    await self.abort_turn(sid, lease_id)
+                except Exception:  # (storage down: the commit's own error says so; the lease went back)
+                    pass
+            raise
+        s = self.sessions.get(sid)
+        if s is not None and lease_id is not None:
+            self._release(s, lease_id)
         await self._enforce_budget()  # now that the session is idle it may be offloaded too
         return res
 
     async def abort_turn(self, sid: str, lease_id: str) -> None:
+        """Give back the lease of a turn that ends without a commit (it failed, or its client left).
+
+        When that turn created the session and no turn was acknowledged in it (seq 0), the session
+        is removed (a delete record, as DELETE logs it, but not remembered as the owner's delete):
+        before, it stayed, empty, listed and counted against the owner's ``max_sessions_per_owner``,
+        and a client retrying a failing first turn under fresh ids ran out of quota holding nothing.
+        A session made by ``POST /v1/states`` (no turn made it) or one a turn was acknowledged in is
+        never removed here; nor one whose creating turn's lease expired and went to another turn
+        (that turn owns the session now). Idempotent: a retried give-back finds nothing to do."""
         s = self.sessions.get(sid)
-        if s is not None:
+        if s is None:
+            return
+        try:
+            if s.made_by == lease_id and self._unused(s, lease_id):
+                async with s.condition():
+                    if self._unused(s, lease_id):
+                        await self._log_delete(s, remember=False)
+                        # set before the lock is let go: a turn that waited for the lease wakes to a
+                        # deleted session, and creates it again if it may (begin_turn)
+                        s.discarded = True
+                await self.remove_stale_snapshots()
+        finally:  # (a storage error: the lease goes back all the same)
             self._release(s, lease_id)
+
+    @staticmethod
+    def _unused(s: Session, lease_id: str) -> bool:
+        """Whether ``s`` holds no acknowledged turn and is still leased by ``lease_id``."""
+        return s.seq == 0 and not s.deleted and s.lease is not None and s.lease[0] == lease_id
 
     async def apply_update(self, sid: str, seq: int, update_id: str, payload: bytes | None,
                            meta: dict[str, Any], turn: dict[str, Any] | None = None,

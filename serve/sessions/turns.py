@@ -13,7 +13,10 @@ or rebuilt from the shard's last full state and token turns), and commit what th
   another dtype (before the server's dtype changed) replay in theirs (:class:`.turn_log.ReplayModels`),
   and the state is then cast to the serving dtype, as it would be loaded from a full state.
 * :meth:`SessionTurns.end` releases the lease of a turn that was not committed and never keeps its
-  state (the decoder changed it in place).
+  state (the decoder changed it in place); a session that turn created, with no turn acknowledged
+  in it, goes with it (the shard's ``abort_turn``).
+* While a turn runs, its lease keeper (``BankClient.keep_lease``) learns at once when the session is
+  deleted: :meth:`Turn.deleted`, and the Generator takes the turn's row out of the batch.
 
 The model work runs through ``run(fn, *args)`` (the Generator's model thread); the shard calls go
 through ``bank`` (a :class:`~.client.BankClient`, or :class:`~.client.LocalBankClient` in-process).
@@ -26,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
-from ..errors import StateDamaged
+from ..errors import NotFound, StateDamaged
 from .resident import ResidentState, ResidentStates
 from .turn_log import ReplayMismatch, ReplayModels, rebuild_state, replay_turns, state_fingerprint, state_nbytes
 
@@ -43,6 +46,18 @@ class Turn:
     keeper: asyncio.Task | None = None
     source: str = "loaded"  # "resident" | "replayed" | "loaded": where the state came from
     ack: dict[str, Any] | None = field(default=None)
+
+    def deleted(self) -> bool:
+        """Whether the session was deleted while this turn ran (its lease keeper says so: the
+        shard refuses the commit, so the decode may stop; :func:`deleted_midway` is the error)."""
+        k = self.keeper
+        return k is not None and k.done() and not k.cancelled() and k.exception() is None and k.result() == "deleted"
+
+
+def deleted_midway(sid: str) -> NotFound:
+    """The in-band 404 of a turn whose session was deleted while it ran (the shard's own words)."""
+    return NotFound(f"state {sid!r} was deleted while this request ran; nothing was saved", "state_not_found",
+                    "state_id")
 
 
 def _damaged(sid: str, e: ReplayMismatch) -> StateDamaged:
