@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dnc.config import preset  # noqa: E402
+from dnc.config import DNCConfig, preset  # noqa: E402
 from dnc.generate import BatchDecoder, DecodeRow, SamplingParams  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 
@@ -99,8 +99,14 @@ def flops_per_token(model: DNC, attended: float) -> float:
     return 6 * n + 12 * cfg.n_layers * cfg.d_model * attended
 
 
+MODEL_OVERRIDES: dict = {}
+"""``--model-set`` fields applied to every preset (the DNC; its baseline keeps only what a
+one-segment Transformer has), e.g. the trained config ``segment_len=512 write_importance=50
+self_read=true`` of configs/train/small.yaml."""
+
+
 def build(name: str, memory: bool, seq_len: int, device, dtype, compile_: bool) -> DNC:
-    cfg = preset(name)
+    cfg = DNCConfig.from_dict({**preset(name).to_dict(), **MODEL_OVERRIDES})
     if not memory:
         cfg = cfg.baseline(seq_len)
     torch.manual_seed(0)
@@ -287,9 +293,20 @@ def main(argv=None) -> int:
     p.add_argument("--compare-eager", action="store_true",
                    help="also time the DNC prefill without CUDA graphs (prefill_tokens_per_s_eager)")
     p.add_argument("--no-infer", action="store_true", help="training rows only")
+    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a DNCConfig field of every preset (YAML value; repeatable), e.g. "
+                        "--model-set segment_len=512 --model-set write_importance=50 (the trained small config)")
     p.add_argument("--tag", default="", help="suffix of the result file names")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
+    from common import parse_pairs  # bench/common.py
+
+    try:
+        MODEL_OVERRIDES.update(parse_pairs("--model-set", args.model_overrides))
+        for name in (args.presets or "tiny").split(","):  # unknown fields and bad values fail here, before any timing
+            DNCConfig.from_dict({**preset(name).to_dict(), **MODEL_OVERRIDES})
+    except (ValueError, TypeError) as e:
+        p.error(f"--model-set: {e}")
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

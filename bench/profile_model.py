@@ -46,8 +46,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HelpFormatter, fmt_num, md_table, provenance, write_json  # noqa: E402
-from dnc.config import preset  # noqa: E402
+from common import HelpFormatter, fmt_num, md_table, parse_pairs, provenance, write_json  # noqa: E402
+from dnc.config import DNCConfig, preset  # noqa: E402
 from dnc.model import DNC  # noqa: E402
 from dnc.parallel import compile_segments  # noqa: E402
 
@@ -161,6 +161,11 @@ def count(fn) -> dict:
     finally:
         torch.nn.functional.rms_norm = _FusedRMSNorm.original
     return c.summary()
+
+
+def with_overrides(cfg: DNCConfig, overrides: dict) -> DNCConfig:
+    """``cfg`` with ``--model-set`` fields (validated: ConfigError naming an unknown field or bad value)."""
+    return DNCConfig.from_dict({**cfg.to_dict(), **overrides}) if overrides else cfg
 
 
 def shrunk_config(name: str, shrink: int, memory: bool = True, **overrides):
@@ -338,7 +343,7 @@ def main_decode(a) -> int:
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     torch.manual_seed(0)
-    model = DNC(preset(a.preset)).to(dev).eval()
+    model = DNC(with_overrides(preset(a.preset), a.model_overrides)).to(dev).eval()
     if cuda and a.dtype == "bf16":
         model = model.to(torch.bfloat16)
     if cuda:
@@ -434,13 +439,23 @@ def main(argv=None) -> int:
                    help="--decode-batch: local attention over every row's whole KV buffer with a mask (masked) "
                         "or over each row's own length (flex: flex_attention, compiled on CUDA)")
     p.add_argument("--kv-block", type=int, default=128, help="--kv-attention flex: KV block (tokens)")
+    p.add_argument("--model-set", dest="model_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="profile, --decode-batch: override a DNCConfig field of the preset (YAML value; "
+                        "repeatable), e.g. the trained small config: --model-set segment_len=512 "
+                        "--model-set write_importance=50 --model-set self_read=true")
     a = p.parse_args(argv)
+    try:
+        a.model_overrides = parse_pairs("--model-set", a.model_overrides)
+        with_overrides(preset(a.preset), a.model_overrides)  # a bad field fails before any work
+    except (ValueError, TypeError) as e:
+        p.error(f"--model-set: {e}")
     if a.count_ops:
         return main_count(a, argv)
     if a.decode_batch:
         return main_decode(a)
     dev = torch.device(a.device)
     cfg = preset(a.preset) if a.profile_shrink == 1 else shrunk_config(a.preset, a.profile_shrink)
+    cfg = with_overrides(cfg, a.model_overrides)
     if a.baseline:
         cfg = cfg.baseline(a.length)
     model = DNC(cfg).to(dev).train()
