@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from dnc.config import ConfigError
 from ray_jobs.parsing import UsageError
@@ -59,7 +59,7 @@ def evaluate(checkpoint: str, lengths: str = "1k,4k,16k", tasks: str | None = No
 
 def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/serve-storage",
           seconds: float | None = None, dtype: Literal["auto", "float32", "bfloat16"] = "auto",
-          proxy: Literal["python", "haproxy"] | None = None) -> int:
+          proxy: Literal["python", "haproxy"] | None = None, app: dict[str, Any] | None = None) -> int:
     """Serve a checkpoint (or an untrained tiny model) with Ray Serve: HTTP/WebSocket API and the UI.
 
     Args:
@@ -70,10 +70,12 @@ def serve(checkpoint: str | None = None, port: int = 8000, storage: str = "runs/
         dtype: Serving dtype of the weights and session states: auto = bfloat16 on CUDA, float32 on the CPU.
         proxy: What takes HTTP: Ray's Python proxy, or HAProxy (C, Ray 2.60; HTTP only) in front of the ingress;
             null = Ray's default (python), or the mode a RAY_ADDRESS cluster was started with.
+        app: More app arguments (the fields of serve/config.yaml's args, serve.app.AppArgs) as a YAML or JSON
+            mapping, e.g. '{kv_attention: flex, max_batch_size: 32, generator_replicas: 2}'.
     """
     from ray_jobs.serving import serve_forever
 
-    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage, dtype, proxy)
+    serve_forever(resolve_checkpoint_arg(checkpoint), port, seconds, storage, dtype, proxy, app)
     return 0
 
 

@@ -111,14 +111,34 @@ def stop(args: dict[str, Any]) -> None:
         ray.shutdown()
 
 
-def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
-                  dtype: str = "auto", proxy: str | None = None) -> None:
-    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``, behind
-    ``proxy`` (``python`` | ``haproxy``: set in this process's environment by ``checked_app``, before
-    :func:`start` starts the local cluster that reads it)."""
-    args: dict[str, Any] = {"storage": storage, "dtype": dtype, "proxy": proxy}
+FLAG_ARGS = {"checkpoint": "--checkpoint", "storage": "--storage", "dtype": "--dtype", "proxy": "--proxy"}
+"""App arguments ``dnc serve`` takes as flags of their own: given in ``--app`` too they are refused, so a
+flag's default never silently overrides the mapping's value."""
+
+
+def serve_app_args(checkpoint: str | None, storage: str, dtype: str, proxy: str | None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The app arguments of ``dnc serve``: its flags plus ``--app``'s mapping (:class:`serve.app.AppArgs`
+    fields, validated by :func:`checked_app`)."""
+    if extra is not None and not isinstance(extra, dict):
+        raise UsageError(f"--app takes a mapping of app arguments, e.g. '{{kv_attention: flex}}'; got {extra!r}")
+    extra = dict(extra or {})
+    clash = sorted(k for k in extra if k in FLAG_ARGS)
+    if clash:
+        raise UsageError(f"--app: {', '.join(clash)} set by flags of their own: use "
+                         f"{', '.join(FLAG_ARGS[k] for k in clash)} instead")
+    args: dict[str, Any] = {**extra, "storage": storage, "dtype": dtype, "proxy": proxy}
     if checkpoint:
         args["checkpoint"] = checkpoint
+    return args
+
+
+def serve_forever(checkpoint: str | None, port: int, seconds: float | None, storage: str,
+                  dtype: str = "auto", proxy: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    """``dnc serve``: one app from ``checkpoint`` (None: an untrained tiny model) in ``dtype``, behind
+    ``proxy`` (``python`` | ``haproxy``: set in this process's environment by ``checked_app``, before
+    :func:`start` starts the local cluster that reads it), with ``extra`` app arguments (``--app``)."""
+    args = serve_app_args(checkpoint, storage, dtype, proxy, extra)
     check_port(port)
     app = checked_app(args)
     try:

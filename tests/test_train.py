@@ -356,6 +356,8 @@ def test_dnc_argument_errors_fail_fast_with_one_line(tmp_path):
 
     for args, what in ((["generate", "--prompt", "hi", "--checkpoint", str(tmp_path / "nope")], "nope"),
                        (["serve", "--checkpoint", str(tmp_path / "nope")], "nope"),
+                       (["serve", "--app", "{kv_attenton: flex}"], "kv_attenton"),
+                       (["serve", "--app", "{storage: elsewhere}"], "use --storage instead"),
                        (["train", "--config", str(ROOT / "configs/train/tiny.yaml"), "--train.lr", "-1"], "lr"),
                        (["train", "--train.bogus", "1"], "bogus"),
                        (["evaluate", "--checkpoint", str(tmp_path / "nope")], "nope")):
@@ -372,3 +374,18 @@ def test_dnc_generate_takes_a_run_directory(tmp_path):
     fit(tiny_train(total_steps=2), preset("tiny"), run_dir=str(run), progress=False)
     out = _dnc("generate", "--prompt", "def ", "--checkpoint", str(run), "--max_new_tokens", "4")
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_dnc_serve_app_mapping_reaches_the_app_arguments():
+    """``dnc serve --app '{...}'``: AppArgs fields beside the flags, validated before anything starts."""
+    from ray_jobs.parsing import UsageError
+    from ray_jobs.serving import checked_app, serve_app_args
+
+    args = serve_app_args(None, "runs/x", "auto", None, {"kv_attention": "flex", "max_batch_size": 32})
+    assert args == {"kv_attention": "flex", "max_batch_size": 32, "storage": "runs/x", "dtype": "auto", "proxy": None}
+    checked_app(args)  # a valid app (no Ray needed to build it)
+    with pytest.raises(UsageError, match="max_batch_size"):
+        checked_app(serve_app_args(None, "runs/x", "auto", None, {"max_batch_size": 0}))
+    with pytest.raises(UsageError, match="mapping"):
+        serve_app_args(None, "runs/x", "auto", None, [1, 2])
+
