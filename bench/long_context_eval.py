@@ -354,11 +354,14 @@ def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
     for ph, mk in ds["variants"]:
         for L in ds["passkey_lengths"]:
             cells = []
+            t0 = time.time()
             for di, d in enumerate(ds["depths"]):
                 seed = variant_seed([args.seed, SUITE_SEED["passkey"], L, di], ph, mk)
                 Ls, samples = draw_samples("needle", seed, L, args.n, 0.0, depth=d, n_decoys=args.decoys,
                                            **variant_kwargs(ph, mk))
                 cells.append((Ls, samples, {"depth": d, **variant_extra(ph, mk)}))
+            # the long cells' time is not all reading: say what drawing their haystacks took
+            log(f"passkey {fmt_len(L)} phrasing={ph}: drew {sum(len(c[1]) for c in cells)} samples in {time.time() - t0:.1f}s")
             run_cell_group(run, models, readers, "passkey", cells)  # every depth of a length in one batch
     run.render("passkey")
 
@@ -408,7 +411,8 @@ def evaluate(run: Run, models: dict[str, DNC], args, held_out: bytes) -> None:
         if cell["status"] == "oom":
             free_memory(device)
         cell["seconds"] = time.time() - t0
-        log(f"bits per byte {name} at {fmt_len(ctx)}: {cell['bpb'] if cell['bpb'] is None else round(cell['bpb'], 4)}")
+        log(f"bits per byte {name} at {fmt_len(ctx)}: {cell['bpb'] if cell['bpb'] is None else round(cell['bpb'], 4)} "
+            f"in {cell['seconds']:.1f}s")
         run.add(cell)
 
 
