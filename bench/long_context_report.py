@@ -98,6 +98,20 @@ def _cells(res: dict, suite: str, model: str | None = None, *, every_variant: bo
             and (every_variant or is_base_cell(c))]
 
 
+def _subset_line(cells: list[dict[str, Any]], key: str, what: str) -> list[str]:
+    """One line, "<what>: right/n (pct); the others: right/n (pct).", for the passkey samples a cell
+    counts under ``<key>_n`` / ``<key>_correct``; nothing when no cell has such samples."""
+    cells = [c for c in cells if f"{key}_n" in c]
+    n = sum(c[f"{key}_n"] for c in cells)
+    if not n:
+        return []
+    right = sum(c[f"{key}_correct"] for c in cells)
+    rest_n = sum(c["n"] for c in cells) - n
+    rest = sum(c["correct"] for c in cells) - right
+    return [f"{what}: {right}/{n} ({fmt_pct(right / n)}); the others: {rest}/{rest_n}"
+            + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
+
+
 def passkey_by_length(res: dict, model: str) -> dict[int, dict[str, Any]]:
     """``{length: {"acc": mean over depths or None, "complete": every depth evaluated}}``."""
     out: dict[int, dict[str, Any]] = {}
@@ -224,23 +238,9 @@ def tables(res: dict, heading: str = "###") -> list[str]:
             rows.append(["**all**"] + [fmt_pct(bl[Ln]["acc"]) if Ln in bl else "" for Ln in lengths])
             L += [f"{MODEL_LABEL[m]}:", ""]
             L += md_table(["depth"] + [fmt_len(x) for x in lengths], rows) + [""]
-            cross = [c for c in pcells if c["model"] == m and "boundary_n" in c]
-            n_cross = sum(c["boundary_n"] for c in cross)
-            if n_cross:
-                right = sum(c["boundary_correct"] for c in cross)
-                rest_n = sum(c["n"] for c in cross) - n_cross
-                rest = sum(c["correct"] for c in cross) - right
-                L += [f"Needles whose digits cross a segment boundary: {right}/{n_cross} ({fmt_pct(right / n_cross)}); "
-                      f"the others: {rest}/{rest_n}" + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
-            split = [c for c in pcells if c["model"] == m and "split_fact_n" in c]
-            n_split = sum(c["split_fact_n"] for c in split)
-            if n_split:
-                right = sum(c["split_fact_correct"] for c in split)
-                rest_n = sum(c["n"] for c in split) - n_split
-                rest = sum(c["correct"] for c in split) - right
-                L += [f"Needles whose words end in the segment before their digits: {right}/{n_split} "
-                      f"({fmt_pct(right / n_split)}); the others: {rest}/{rest_n}"
-                      + (f" ({fmt_pct(rest / rest_n)})." if rest_n else "."), ""]
+            for key, what in (("boundary", "Needles whose digits cross a segment boundary"),
+                              ("split_fact", "Needles whose words end in the segment before their digits")):
+                L += _subset_line([c for c in pcells if c["model"] == m], key, what)
 
     # recall
     rcells = [c for s in RECALL_SUITES for c in _cells(res, s)]
