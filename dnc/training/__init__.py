@@ -21,7 +21,6 @@ from dnc.training.evaluate import evaluate, greedy_predict_fn, task_accuracy, te
 from dnc.training.exact_match import TeacherForcedScorer
 from dnc.training.metrics import MetricsLogger, read_metrics
 from dnc.training.optim import LRSchedule, PlateauDetector, build_optimizer
-from dnc.training.portable import PortableError, pack, unpack
 from dnc.training.step import IGNORE_INDEX, autocast_ctx, per_sample_loss, train_step
 from dnc.training.trainer import InjectedFault, ReportFn, Trainer, fit
 
@@ -36,3 +35,14 @@ __all__ = [
     "pack", "unpack", "PortableError",
     "Trainer", "fit", "ReportFn", "InjectedFault",
 ]
+
+
+def __getattr__(name: str):
+    # portable's names load on first use, not at package import: `python -m dnc.training.portable`
+    # (the README's pack/unpack command) would otherwise find the module already imported by this
+    # package and print runpy's "found in sys.modules" RuntimeWarning on every call.
+    if name in ("pack", "unpack", "PortableError"):
+        from dnc.training import portable
+
+        return getattr(portable, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
