@@ -302,6 +302,7 @@ def main(argv=None) -> int:
     from common import parse_pairs  # bench/common.py
 
     try:
+        MODEL_OVERRIDES.clear()  # this run's alone (main may run more than once in a process)
         MODEL_OVERRIDES.update(parse_pairs("--model-set", args.model_overrides))
         for name in (args.presets or "tiny").split(","):  # unknown fields and bad values fail here, before any timing
             DNCConfig.from_dict({**preset(name).to_dict(), **MODEL_OVERRIDES})

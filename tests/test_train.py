@@ -357,7 +357,6 @@ def test_dnc_argument_errors_fail_fast_with_one_line(tmp_path):
     for args, what in ((["generate", "--prompt", "hi", "--checkpoint", str(tmp_path / "nope")], "nope"),
                        (["serve", "--checkpoint", str(tmp_path / "nope")], "nope"),
                        (["serve", "--app", "{kv_attenton: flex}"], "kv_attenton"),
-                       (["serve", "--app", "{storage: elsewhere}"], "use --storage instead"),
                        (["train", "--config", str(ROOT / "configs/train/tiny.yaml"), "--train.lr", "-1"], "lr"),
                        (["train", "--train.bogus", "1"], "bogus"),
                        (["evaluate", "--checkpoint", str(tmp_path / "nope")], "nope")):
@@ -388,4 +387,6 @@ def test_dnc_serve_app_mapping_reaches_the_app_arguments():
         checked_app(serve_app_args(None, "runs/x", "auto", None, {"max_batch_size": 0}))
     with pytest.raises(UsageError, match="mapping"):
         serve_app_args(None, "runs/x", "auto", None, [1, 2])
+    with pytest.raises(UsageError, match="use --storage instead"):
+        serve_app_args(None, "runs/x", "auto", None, {"storage": "elsewhere"})
 
